@@ -1,0 +1,192 @@
+"""bench.py: training images/s three ways, in one run.
+
+    (a) usual: torchvision DataLoader (PIL transforms: pad-4 random crop, flip, ToTensor,
+        Normalize; worker processes, pinned memory), eager fp32 model;
+    (b) ours:  common.GpuLoader (uint8 data on the GPU, augmentation there) feeding
+        common.make_train_step (bf16 autocast, channels_last, the step as one CUDA graph);
+    (c) ceiling: the same step as (b) on one random batch already on the GPU (model only).
+
+Command (the README's table):
+    python bench.py --config resnet56:128 --config resnet56:512 --config vgg16:128 --out results/bench.json
+
+The images are CIFAR-10's when --data-dir holds them (any pickle copy), else random uint8
+images of the same shape: the throughput does not depend on the pixel values.
+"""
+
+import argparse
+import os
+import platform
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import common
+
+BACKBONES = {
+    "resnet20": lambda: common.CifarResNet(3, 10),
+    "resnet56": lambda: common.CifarResNet(9, 10),
+    "resnet110": lambda: common.CifarResNet(18, 10),
+    "vgg16": lambda: common.VGG(16, 10),
+    "preact164": lambda: common.PreActResNetCifar(164, 10),
+    "densenet100": lambda: common.DenseNetBC(100, 12, 10),
+}
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", action="append", default=None, help="backbone:batch, e.g. resnet56:128 (repeatable)")
+    p.add_argument("--steps", type=int, default=200, help="timed steps per measurement")
+    p.add_argument("--warmup", type=int, default=30, help="untimed steps first")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader workers for (a)")
+    p.add_argument("--data-dir", default="./data")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--modes", default="usual,ours,ceiling")
+    p.add_argument("--out", default="results/bench.json")
+    args = p.parse_args(argv)
+    args.config = args.config or ["resnet56:128", "resnet56:512", "vgg16:128"]
+    return args
+
+
+class PILDataset(torch.utils.data.Dataset):
+    """CIFAR the usual way: uint8 HWC arrays turned into PIL images and transformed per item."""
+
+    def __init__(self, images_hwc, labels, transform):
+        self.images, self.labels, self.transform = images_hwc, labels, transform
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
+
+
+def load_images(data_dir):
+    try:
+        train, _, _ = common.load_cifar10(data_dir)
+        return train.images, train.labels, "CIFAR-10 (pickles under --data-dir)"
+    except SystemExit:
+        g = torch.Generator().manual_seed(0)
+        images = torch.randint(0, 256, (50000, 3, 32, 32), dtype=torch.uint8, generator=g)
+        return images, torch.randint(0, 10, (50000,), generator=g), "random uint8 32x32 images"
+
+
+def time_steps(run_step, steps, warmup, device):
+    for _ in range(warmup):
+        run_step()
+    torch.cuda.synchronize(device) if device.type == "cuda" else None
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        run_step()
+    torch.cuda.synchronize(device) if device.type == "cuda" else None
+    return time.perf_counter() - t0
+
+
+def bench_usual(name, batch, images, labels, args, device):
+    import torchvision.transforms as T
+
+    mean, std = common.channel_stats(images)
+    transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
+    ds = PILDataset(images.permute(0, 2, 3, 1).numpy(), labels.numpy(), transform)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, drop_last=True, num_workers=args.workers,
+                                         pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
+    model = BACKBONES[name]().to(device)
+    opt = common.make_sgd(model.parameters(), 0.1)
+    batches = iter(loader)
+
+    def run_step():
+        nonlocal batches
+        try:
+            x, y = next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            x, y = next(batches)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        loss.item()  # the usual loop logs the loss every step
+
+    seconds = time_steps(run_step, args.steps, args.warmup, device)
+    return args.steps * batch / seconds
+
+
+def bench_ours(name, batch, images, labels, args, device, ceiling=False):
+    mean, std = common.channel_stats(images)
+    model = common.to_device_model(BACKBONES[name](), device)
+    opt = common.make_sgd(model.parameters(), 0.1)
+    step = common.make_train_step(model, common.cross_entropy_loss, opt, device=device, cuda_graph=True)
+    loader = common.GpuLoader(images, labels, batch, device=device, mean=mean, std=std, train=True, crop_pad=4, flip=True)
+    total = torch.zeros((), device=device)
+    if ceiling:
+        x = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
+        y = torch.randint(0, 10, (batch,), device=device)
+
+        def run_step():
+            nonlocal total
+            total = total + step(x, y)["loss"]
+    else:
+        batches = iter(loader)
+
+        def run_step():
+            nonlocal batches, total
+            try:
+                x, y = next(batches)
+            except StopIteration:
+                batches = iter(loader)
+                x, y = next(batches)
+            total = total + step(x, y)["loss"]  # accumulated on the device, read once
+
+    seconds = time_steps(run_step, args.steps, args.warmup, device)
+    if not torch.isfinite(total):
+        common.fail(f"bench {name}: non-finite loss")
+    return args.steps * batch / seconds
+
+
+def main(argv=None):
+    args = get_args(argv)
+    common.seed_everything(0)
+    device = common.get_device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    images, labels, source = load_images(args.data_dir)
+    modes = args.modes.split(",")
+    rows = []
+    for config in args.config:
+        name, batch = config.split(":")
+        batch = int(batch)
+        if name not in BACKBONES:
+            common.fail(f"unknown backbone {name!r}; choose from {', '.join(BACKBONES)}")
+        row = {"backbone": name, "batch": batch}
+        for mode in modes:
+            if mode == "usual":
+                row["usual"] = bench_usual(name, batch, images, labels, args, device)
+            elif mode == "ours":
+                row["ours"] = bench_ours(name, batch, images, labels, args, device)
+            elif mode == "ceiling":
+                row["ceiling"] = bench_ours(name, batch, images, labels, args, device, ceiling=True)
+            print(f"{name} batch {batch} {mode}: {row[mode]:.0f} images/s", flush=True)
+        if "usual" in row and "ours" in row:
+            row["ours_over_usual"] = row["ours"] / row["usual"]
+        if "ceiling" in row and "ours" in row:
+            row["ours_over_ceiling"] = row["ours"] / row["ceiling"]
+        rows.append(row)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    result = {"device": device_name, "torch": torch.__version__, "images": source, "steps": args.steps,
+              "warmup": args.warmup, "workers": args.workers, "rows": rows}
+    common.write_json(args.out, result)
+    print(f"\n{device_name}, torch {torch.__version__}, {source}; images/s over {args.steps} steps")
+    print(f"{'backbone':<12}{'batch':>6}{'usual':>10}{'ours':>10}{'ceiling':>10}{'ours/usual':>12}{'ours/ceil':>11}")
+    for r in rows:
+        cells = [f"{r.get(k, float('nan')):>10.0f}" for k in ("usual", "ours", "ceiling")]
+        print(f"{r['backbone']:<12}{r['batch']:>6}{''.join(cells)}{r.get('ours_over_usual', float('nan')):>12.2f}"
+              f"{r.get('ours_over_ceiling', float('nan')):>11.2f}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
