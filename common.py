@@ -477,7 +477,7 @@ def load_folder(data_dir, image_size=None):
     The cache key covers every file's path, size and mtime and the image size, so a changed
     folder is decoded again."""
     import torchvision
-    from torchvision.io import ImageReadMode, decode_image, read_file
+    from PIL import Image
 
     root = Path(data_dir)
     files = _folder_files(root)
@@ -502,7 +502,8 @@ def load_folder(data_dir, image_size=None):
             images = []
             for c, p in files[part]:
                 try:
-                    img = decode_image(read_file(str(p)), mode=ImageReadMode.RGB)
+                    with Image.open(p) as im:
+                        img = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).contiguous()
                 except Exception as e:
                     fail(f"cannot decode image {p}: {e}")
                 if image_size and tuple(img.shape[1:]) != (image_size, image_size):
