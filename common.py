@@ -668,7 +668,7 @@ class GpuLoader:
     tensors; batches are (images, labels) in the same structure."""
 
     def __init__(self, images, labels, batch_size, *, device, mean, std, train=False, crop_pad=0, fill=0,
-                 flip=False, seed=0, drop_last=None, max_batches=None, channels_last=True):
+                 flip=False, seed=0, drop_last=None, max_batches=None, channels_last=None):
         self.device = torch.device(device)
         self.images = images.to(self.device)
         self.single = isinstance(labels, torch.Tensor)
@@ -676,7 +676,9 @@ class GpuLoader:
         self.batch_size, self.train = batch_size, train
         self.crop_pad, self.fill, self.flip = crop_pad, fill, flip
         self.drop_last = train if drop_last is None else drop_last
-        self.max_batches, self.channels_last = max_batches, channels_last
+        # channels_last helps the GPU's convolutions and slows the CPU's batch norm.
+        self.channels_last = self.device.type == "cuda" if channels_last is None else channels_last
+        self.max_batches = max_batches
         scale = 255.0 * torch.tensor(std, device=self.device).view(1, -1, 1, 1)
         self.mean = 255.0 * torch.tensor(mean, device=self.device).view(1, -1, 1, 1)
         self.inv_std = 1.0 / scale

@@ -121,7 +121,7 @@ def make_loader(images, **kw):
 def test_loader_normalises_and_permutes():
     images = torch.randint(0, 256, (20, 3, 8, 8), dtype=torch.uint8)
     loader = common.GpuLoader(images, torch.arange(20), 8, device="cpu", mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
-                              train=True, seed=0)
+                              train=True, seed=0, channels_last=True)
     batches = list(loader)
     assert len(batches) == 2  # drop_last for training
     seen = torch.cat([y for _, y in batches])

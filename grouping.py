@@ -1,0 +1,305 @@
+"""HierNet's class grouping from a confusion probability matrix (Tempfli & Sandor, section 4).
+
+The confusion probability matrix (CPM) of a trained backbone on the validation split holds in
+row i the average softmax vector of the images of true class i. The proximity of two classes
+is CPM[a][b] + CPM[b][a]; the proximity of two groups is the average over all class pairs
+across them. Starting from singletons, the closest pair of groups is merged while the merged
+size stays within g_max and the proximity exceeds p_min. Applied again inside every group it
+builds deeper trees (`--depth`).
+
+Command line (either a saved CPM or a hiernet.py run directory, whose backbone is evaluated on
+the validation half of the test set):
+
+    python grouping.py --cpm runs/hiernet-x/cpm.npy --names runs/hiernet-x/class_names.json
+    python grouping.py --run-dir runs/hiernet-x --p-min 0.0075 --g-max 50 --depth 2
+
+Output: a tree JSON (class indices and names) and a readable printout (`--out`, default
+stdout only).
+
+Paper vs ours:
+- The paper only says that the algorithm is "applied recursively on the created groups" for
+  deeper trees. Run again inside a group with the same g_max and p_min it would rebuild that
+  same group (every merge inside it already passed both tests), so a deeper level needs
+  tighter limits. `--g-max` and `--p-min` take one value per level; a level without its own
+  g_max uses half the size of the group being split (the paper's reason for g_max 50 with 100
+  classes: no group holds more than half the classes), a level without its own p_min reuses
+  the last one. A group is split only when that yields 2 or more subgroups that are not all
+  singletons; otherwise it stays a leaf group.
+- Ties between equally close pairs go to the pair of lowest group indices (the paper says
+  nothing); groups are listed by their smallest class index, classes ascending.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import common
+
+
+def get_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--cpm", help="a saved confusion probability matrix (.npy, C x C)")
+    source.add_argument(
+        "--run-dir", help="a hiernet.py run directory: its backbone is evaluated on the validation split"
+    )
+    parser.add_argument("--names", help="JSON list of class names for --cpm (default: class0, class1, ...)")
+    parser.add_argument("--g-max", type=int, nargs="+", default=[50], help="largest group size, per level")
+    parser.add_argument(
+        "--p-min", type=float, nargs="+", default=[0.0075], help="proximity a merge must exceed, per level"
+    )
+    parser.add_argument("--depth", type=int, default=1, help="levels of groups (1: root -> groups -> classes)")
+    parser.add_argument("--out", help="write the tree JSON here (and the printout beside it, .txt)")
+    parser.add_argument("--device", default="auto", help="for --run-dir: where to evaluate the backbone")
+    args = parser.parse_args(argv)
+    if args.depth < 1:
+        parser.error(f"--depth must be at least 1, got {args.depth}")
+    if any(g < 1 for g in args.g_max):
+        parser.error(f"--g-max must be at least 1, got {args.g_max}")
+    if any(p < 0 for p in args.p_min):
+        parser.error(f"--p-min must not be negative, got {args.p_min}")
+    if len(args.g_max) > args.depth or len(args.p_min) > args.depth:
+        parser.error(f"--g-max / --p-min take at most one value per level (--depth {args.depth})")
+    return args
+
+
+def group_proximity(cpm, group_a, group_b):
+    """Average of CPM[a][b] + CPM[b][a] over all pairs (a in group_a, b in group_b)."""
+    cpm = np.asarray(cpm, dtype=np.float64)
+    block = cpm[np.ix_(group_a, group_b)] + cpm[np.ix_(group_b, group_a)].T
+    return float(block.mean())
+
+
+def group_classes(cpm, classes=None, g_max=50, p_min=0.0075):
+    """Agglomerative grouping of `classes` (default all) by the paper's rule.
+
+    Keeps, for every pair of groups, the sum of pairwise proximities, so a merge is a row and
+    column addition; the average is that sum over |G1| |G2|. Returns a list of groups (sorted
+    lists of class indices), sorted by their smallest class."""
+    cpm = np.asarray(cpm, dtype=np.float64)
+    classes = list(range(len(cpm))) if classes is None else [int(c) for c in classes]
+    symmetric = cpm + cpm.T
+    pair_sum = symmetric[np.ix_(classes, classes)].copy()
+    groups = [[c] for c in classes]
+    while len(groups) > 1:
+        sizes = np.array([len(g) for g in groups], dtype=np.float64)
+        proximity = pair_sum / np.outer(sizes, sizes)
+        allowed = (sizes[:, None] + sizes[None, :] <= g_max) & (proximity > p_min)
+        np.fill_diagonal(allowed, False)
+        if not allowed.any():
+            break
+        i, j = np.unravel_index(np.argmax(np.where(allowed, proximity, -np.inf)), proximity.shape)
+        i, j = min(i, j), max(i, j)
+        pair_sum[i, :] += pair_sum[j, :]
+        pair_sum[:, i] += pair_sum[:, j]
+        pair_sum = np.delete(np.delete(pair_sum, j, 0), j, 1)
+        groups[i] = groups[i] + groups[j]
+        del groups[j]
+    return sorted((sorted(g) for g in groups), key=lambda g: g[0])
+
+
+def build_tree(cpm, depth=1, g_max=(50,), p_min=(0.0075,), classes=None):
+    """The grouping applied `depth` times, top down.
+
+    A tree is a list of children; a child is a leaf group (a list of class indices) or a
+    subtree (a list of lists). Level l uses g_max[l] (else half the size of the group being
+    split) and p_min[l] (else the last p_min given)."""
+    g_max, p_min = list(np.atleast_1d(g_max)), list(np.atleast_1d(p_min))
+    groups = group_classes(cpm, classes, g_max[0], p_min[0])
+    return [_split_group(cpm, g, 1, depth, g_max, p_min) for g in groups]
+
+
+def _split_group(cpm, group, level, depth, g_max, p_min):
+    if level >= depth or len(group) < 3:
+        return group
+    limit = int(g_max[level]) if level < len(g_max) else len(group) // 2
+    sub = group_classes(cpm, group, limit, p_min[min(level, len(p_min) - 1)])
+    if len(sub) < 2 or len(sub) == len(group):  # no split, or only singletons: keep one leaf group
+        return group
+    return [_split_group(cpm, g, level + 1, depth, g_max, p_min) for g in sub]
+
+
+def is_leaf_group(node):
+    return all(isinstance(c, (int, np.integer)) for c in node)
+
+
+def tree_leaves(tree):
+    """Class indices in tree order (depth first, left to right)."""
+    if is_leaf_group(tree):
+        return [int(c) for c in tree]
+    return [c for child in tree for c in tree_leaves(child)]
+
+
+def tree_depth(tree):
+    """Levels of groups: 1 for root -> groups -> classes."""
+    if is_leaf_group(tree):
+        return 0
+    return 1 + max(tree_depth(child) for child in tree)
+
+
+def validate_tree(tree, num_classes, source="tree"):
+    """Every class exactly once, no empty group, at least one level of groups."""
+    if not isinstance(tree, list) or not tree:
+        common.fail(f"{source}: a tree must be a non-empty list of groups")
+
+    def walk(node):
+        if not isinstance(node, list) or not node:
+            common.fail(f"{source}: every group must be a non-empty list, got {node!r}")
+        kinds = {isinstance(c, (int, np.integer)) for c in node}
+        if len(kinds) > 1:
+            common.fail(f"{source}: a group mixes classes and subgroups: {node!r}")
+        if not kinds.pop():
+            for child in node:
+                walk(child)
+
+    walk(tree)
+    if is_leaf_group(tree):
+        common.fail(f"{source}: the top level must list groups, not classes")
+    leaves = tree_leaves(tree)
+    if sorted(leaves) != list(range(num_classes)):
+        missing = sorted(set(range(num_classes)) - set(leaves))
+        extra = sorted(c for c in set(leaves) if leaves.count(c) > 1 or not 0 <= c < num_classes)
+        common.fail(
+            f"{source}: every class 0..{num_classes - 1} must appear once; missing {missing[:5]}, "
+            f"repeated or unknown {extra[:5]}"
+        )
+    return tree
+
+
+def named_tree(tree, names):
+    if is_leaf_group(tree):
+        return [names[c] for c in tree]
+    return [named_tree(child, names) for child in tree]
+
+
+def tree_text(tree, names):
+    """A readable printout: one line per group, indented by level."""
+    lines = [f"root: {len(tree_leaves(tree))} classes, {len(tree)} groups"]
+
+    def walk(node, label, indent):
+        if is_leaf_group(node):
+            lines.append(f"{indent}{label} ({len(node)}): {', '.join(names[c] for c in node)}")
+            return
+        lines.append(f"{indent}{label} ({len(tree_leaves(node))} classes, {len(node)} subgroups)")
+        for i, child in enumerate(node):
+            walk(child, f"{label}.{i + 1}", indent + "  ")
+
+    for i, child in enumerate(tree):
+        walk(child, f"GROUP {i + 1}", "  ")
+    return "\n".join(lines) + "\n"
+
+
+def tree_dot(tree, names):
+    """The tree in Graphviz dot: root, group nodes, class leaves."""
+    lines = ["digraph hiernet {", "  rankdir=LR;", "  node [shape=box, fontsize=10];", '  root [label="root"];']
+
+    def walk(node, node_id, parent_id, label):
+        lines.append(f'  {node_id} [label="{label}", shape=ellipse];')
+        lines.append(f"  {parent_id} -> {node_id};")
+        if is_leaf_group(node):
+            for c in node:
+                lines.append(f'  c{c} [label="{names[c]}"];')
+                lines.append(f"  {node_id} -> c{c};")
+        else:
+            for i, child in enumerate(node):
+                walk(child, f"{node_id}_{i + 1}", node_id, f"{label}.{i + 1}")
+
+    for i, child in enumerate(tree):
+        walk(child, f"g{i + 1}", "root", f"G{i + 1}")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def tree_json(tree, names, **settings):
+    return {
+        **settings,
+        "depth": tree_depth(tree),
+        "tree": tree,
+        "named_tree": named_tree(tree, names),
+        "groups": [tree_leaves(child) for child in tree],
+        "class_names": list(names),
+    }
+
+
+def load_tree(path, num_classes):
+    """A tree JSON written by this script (or a bare nested list), validated."""
+    path = Path(path)
+    if not path.is_file():
+        common.fail(f"--groups {path}: file not found")
+    try:
+        obj = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        common.fail(f"--groups {path}: not valid JSON ({e})")
+    tree = obj["tree"] if isinstance(obj, dict) and "tree" in obj else obj
+    return validate_tree(tree, num_classes, source=str(path))
+
+
+@torch.no_grad()
+def confusion_probability_matrix(forward, loader, num_classes, *, device, dtype="bf16"):
+    """CPM[i][j]: the average softmax probability of class j over the images of true class i."""
+    logits, labels = common.predict(forward, loader, device=device, dtype=dtype)
+    probs = logits.double().softmax(1)
+    sums = torch.zeros(num_classes, num_classes, dtype=torch.float64).index_add_(0, labels, probs)
+    counts = torch.bincount(labels, minlength=num_classes).clamp(min=1).double()
+    return (sums / counts[:, None]).numpy()
+
+
+def cpm_from_run(run_dir, device_name="auto"):
+    """Evaluate a hiernet.py run's backbone on its validation split; returns (cpm, names)."""
+    run_dir = Path(run_dir)
+    saved = run_dir / "args.json"
+    ckpt = run_dir / "backbone" / "checkpoint.pt"
+    if not saved.is_file():
+        common.fail(f"--run-dir {run_dir}: no args.json; not a hiernet.py run directory")
+    if not ckpt.is_file():
+        common.fail(f"--run-dir {run_dir}: no backbone/checkpoint.pt (the backbone stage has not run)")
+    args = argparse.Namespace(**json.loads(saved.read_text()))
+    device = common.get_device(device_name)
+    data = common.load_data(args)
+    val_idx, _ = common.split_half(data.test.labels.numpy(), args.seed)
+    val = data.test.subset(val_idx)
+    model = common.CifarResNet(args.n, data.num_classes, elu=args.elu, in_channels=data.train.images.shape[1])
+    model.load_state_dict(common.load_checkpoint(ckpt)["model"])
+    model = common.to_device_model(model, device).eval()
+    loader = common.GpuLoader(
+        val.images, val.labels, 500, device=device, mean=data.mean, std=data.std, channels_last=device.type == "cuda"
+    )
+    return confusion_probability_matrix(model, loader, data.num_classes, device=device), data.class_names
+
+
+def main(argv=None):
+    args = get_args(argv)
+    if args.cpm:
+        path = Path(args.cpm)
+        if not path.is_file():
+            common.fail(f"--cpm {path}: file not found")
+        cpm = np.load(path)
+        if cpm.ndim != 2 or cpm.shape[0] != cpm.shape[1]:
+            common.fail(f"--cpm {path}: expected a square C x C matrix, got shape {cpm.shape}")
+        names = [f"class{i}" for i in range(len(cpm))]
+        if args.names:
+            names = json.loads(Path(args.names).read_text())
+            if len(names) != len(cpm):
+                common.fail(f"--names {args.names}: {len(names)} names for a {len(cpm)}-class CPM")
+    else:
+        cpm, names = cpm_from_run(args.run_dir, args.device)
+    tree = build_tree(cpm, args.depth, args.g_max, args.p_min)
+    text = tree_text(tree, names)
+    sys.stdout.write(text)
+    if args.out:
+        out = Path(args.out)
+        common.write_json(out, tree_json(tree, names, g_max=args.g_max, p_min=args.p_min))
+        common.atomic_write_bytes(out.with_suffix(".txt"), text.encode())
+        common.atomic_write_bytes(out.with_suffix(".dot"), tree_dot(tree, names).encode())
+        print(f"wrote {out}, {out.with_suffix('.txt')} and {out.with_suffix('.dot')}")
+    return tree
+
+
+if __name__ == "__main__":
+    main()

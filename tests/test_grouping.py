@@ -1,0 +1,157 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import grouping
+
+
+def planted_cpm(blocks, n, within=0.05, across=0.002, seed=0):
+    """A CPM whose classes are confused within planted blocks, with noise, rows summing to 1."""
+    rng = np.random.default_rng(seed)
+    cpm = np.full((n, n), across) + rng.uniform(0, across / 4, (n, n))
+    for block in blocks:
+        cpm[np.ix_(block, block)] = within + rng.uniform(0, within / 10, (len(block), len(block)))
+    np.fill_diagonal(cpm, 0)
+    np.fill_diagonal(cpm, 1 - cpm.sum(1))
+    return cpm
+
+
+def shuffled_blocks(sizes, seed=0):
+    perm = np.random.default_rng(seed).permutation(sum(sizes))
+    blocks, start = [], 0
+    for s in sizes:
+        blocks.append(sorted(perm[start : start + s].tolist()))
+        start += s
+    return blocks
+
+
+def reference_grouping(cpm, g_max, p_min):
+    """The paper's rule written out with explicit loops, averages recomputed from scratch."""
+    n = len(cpm)
+    groups = [[c] for c in range(n)]
+    while True:
+        best, best_pair = -1.0, None
+        for i in range(len(groups)):
+            for j in range(i + 1, len(groups)):
+                if len(groups[i]) + len(groups[j]) > g_max:
+                    continue
+                total = 0.0
+                for a in groups[i]:
+                    for b in groups[j]:
+                        total += cpm[a][b] + cpm[b][a]
+                proximity = total / (len(groups[i]) * len(groups[j]))
+                if proximity > p_min and proximity > best:
+                    best, best_pair = proximity, (i, j)
+        if best_pair is None:
+            break
+        i, j = best_pair
+        groups[i] = groups[i] + groups[j]
+        del groups[j]
+    return sorted((sorted(g) for g in groups), key=lambda g: g[0])
+
+
+def test_planted_blocks_are_recovered():
+    blocks = shuffled_blocks([4, 3, 5, 2])
+    cpm = planted_cpm(blocks, 14)
+    groups = grouping.group_classes(cpm, g_max=50, p_min=0.0075)
+    assert sorted(groups) == sorted(blocks)
+
+
+def test_g_max_is_respected():
+    blocks = shuffled_blocks([6, 5], seed=1)
+    cpm = planted_cpm(blocks, 11, seed=1)
+    groups = grouping.group_classes(cpm, g_max=3, p_min=0.0075)
+    assert max(len(g) for g in groups) <= 3
+    assert sorted(c for g in groups for c in g) == list(range(11))
+    for g in groups:  # the limit splits blocks, it never mixes them
+        assert any(set(g) <= set(b) for b in blocks)
+    assert len(groups) < 11  # merges still happened
+
+
+def test_p_min_is_respected():
+    blocks = shuffled_blocks([4, 4], seed=2)
+    cpm = planted_cpm(blocks, 8, within=0.05, seed=2)
+    # Within-block proximity is about 2 x 0.05; a p_min above it allows no merge at all.
+    assert grouping.group_classes(cpm, g_max=50, p_min=0.2) == [[c] for c in range(8)]
+    # On a random CPM, the grouping stops only when no pair that fits under g_max is closer than p_min.
+    rng = np.random.default_rng(3)
+    cpm = rng.dirichlet(np.full(12, 0.3), size=12)
+    groups = grouping.group_classes(cpm, g_max=4, p_min=0.05)
+    for i in range(len(groups)):
+        for j in range(i + 1, len(groups)):
+            if len(groups[i]) + len(groups[j]) <= 4:
+                assert grouping.group_proximity(cpm, groups[i], groups[j]) <= 0.05
+
+
+@pytest.mark.parametrize("seed,g_max,p_min", [(0, 50, 0.01), (1, 4, 0.02), (2, 3, 0.0)])
+def test_matches_a_brute_force_reference(seed, g_max, p_min):
+    cpm = np.random.default_rng(seed).dirichlet(np.full(15, 0.5), size=15)
+    assert grouping.group_classes(cpm, g_max=g_max, p_min=p_min) == reference_grouping(cpm, g_max, p_min)
+
+
+def test_recursive_grouping_gives_a_valid_tree():
+    # Three super-blocks, each made of two tight sub-blocks of three classes.
+    rng = np.random.default_rng(4)
+    perm = rng.permutation(18)
+    sub_blocks = [sorted(perm[i : i + 3].tolist()) for i in range(0, 18, 3)]
+    cpm = np.full((18, 18), 0.001)
+    for k in range(0, 6, 2):
+        super_block = sub_blocks[k] + sub_blocks[k + 1]
+        cpm[np.ix_(super_block, super_block)] = 0.02
+    for block in sub_blocks:
+        cpm[np.ix_(block, block)] = 0.08
+    np.fill_diagonal(cpm, 0)
+    np.fill_diagonal(cpm, 1 - cpm.sum(1))
+
+    tree = grouping.build_tree(cpm, depth=2, g_max=[50], p_min=[0.0075])
+    grouping.validate_tree(tree, 18)
+    assert grouping.tree_depth(tree) == 2
+    assert sorted(grouping.tree_leaves(tree)) == list(range(18))
+    assert len(tree) == 3
+    for child in tree:
+        assert sorted(sorted(g) for g in child) in [sorted([sub_blocks[k], sub_blocks[k + 1]]) for k in (0, 2, 4)]
+    # Depth 1 on the same CPM stops at the super-blocks; explicit second-level limits apply.
+    assert grouping.tree_depth(grouping.build_tree(cpm, depth=1)) == 1
+    tree = grouping.build_tree(cpm, depth=2, g_max=[50, 2], p_min=[0.0075])
+    for child in tree:
+        if not grouping.is_leaf_group(child):
+            assert all(len(g) <= 2 for g in child)
+
+
+def test_validate_tree_rejects_a_missing_class():
+    with pytest.raises(SystemExit, match="must appear once"):
+        grouping.validate_tree([[0, 1], [3]], 4)
+    with pytest.raises(SystemExit, match="mixes"):
+        grouping.validate_tree([[0, [1, 2]], [3]], 4)
+
+
+def test_confusion_probability_matrix_against_a_loop():
+    torch.manual_seed(0)
+    logits = torch.randn(40, 5) * 2
+    labels = torch.arange(40) % 5
+    loader = [(logits[i : i + 16], labels[i : i + 16]) for i in range(0, 40, 16)]
+    cpm = grouping.confusion_probability_matrix(lambda x: x, loader, 5, device="cpu")
+    probs = logits.double().softmax(1)
+    for i in range(5):
+        rows = [probs[k] for k in range(40) if labels[k] == i]
+        np.testing.assert_allclose(cpm[i], (sum(rows) / len(rows)).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(cpm.sum(1), 1.0, rtol=1e-9)
+
+
+def test_command_line_writes_tree_files(tmp_path, capsys):
+    blocks = shuffled_blocks([3, 3, 2], seed=5)
+    cpm = planted_cpm(blocks, 8, seed=5)
+    np.save(tmp_path / "cpm.npy", cpm)
+    names = [f"c{i}" for i in range(8)]
+    (tmp_path / "names.json").write_text(json.dumps(names))
+    out = tmp_path / "tree.json"
+    grouping.main(["--cpm", str(tmp_path / "cpm.npy"), "--names", str(tmp_path / "names.json"), "--out", str(out)])
+    obj = json.loads(out.read_text())
+    assert sorted(obj["groups"]) == sorted(blocks)
+    assert obj["named_tree"][0] == [names[c] for c in obj["tree"][0]]
+    assert "GROUP 1" in (tmp_path / "tree.txt").read_text()
+    assert "digraph" in (tmp_path / "tree.dot").read_text()
+    assert "GROUP 3" in capsys.readouterr().out
+    assert grouping.load_tree(out, 8) == obj["tree"]
