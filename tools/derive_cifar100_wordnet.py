@@ -49,6 +49,13 @@ WNIDS = """07739125 02512752 09827683 02131653 02363005 02818832 02206856 021644
 SENSE_FIXES = {
     "skunk": ("02445715", "note's 07476495 is 'shutout, skunk' (a defeat, under abstraction>event); "
                           "use the animal 02445715 'skunk, polecat, wood_pussy'"),
+    "trout": ("02537085", "note's 07794452 is trout the food ('flesh of ... fishes', under food>solid>matter); "
+                          "CIFAR-100's trout are live fish (superclass 'fish'): use the fish 02537085 (whole>object)"),
+    "dolphin": ("02068974", "note's 02581957 is the dolphinfish (mahimahi); CIFAR-100's dolphin is the toothed whale "
+                            "(superclass 'aquatic mammals'): use 02068974 (same whole>object chain, so no label changes)"),
+    "sweet_pepper": ("07720615", "note's 12901264 is the pepper shrub (whole>object); CIFAR-100's images are the "
+                                 "vegetable, like apple/orange/pear of the same superclass 'fruit and vegetables', which "
+                                 "use the food sense: use 07720615 sweet_pepper the vegetable (food>solid>matter)"),
 }
 
 # Classes whose hypernym paths give different (12, 6, 2) chains: the chosen chain and why.

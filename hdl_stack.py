@@ -1,0 +1,834 @@
+"""Hierarchical Deep Loss (HDL): per-level linear stacks plus a center loss on a ResNet-18.
+
+Paper: "Learn class hierarchy using convolutional neural networks" (the HDL stack paper,
+../shared/papers/hdl_stack.txt). A ResNet-18 keeps its fine classifier; after its pooled
+features it gets one small linear stack per level of the class hierarchy (FC, ReLU, FC to the
+level's classes), each with a cross-entropy loss, and a center loss on the pooled features:
+
+    L = lambda0 * L_center + sum_l lambda_l * CE_l          (eq. 4-5, all lambdas 1)
+    L_center = mean_i || x_i - c_{y_i} ||^2                   (eq. 1), class centres updated per epoch
+
+Reproduces: experiment 2 / Table 4 (the shapes dataset: shape, fill colour and outline colour
+all at 100%) and experiment 6 / Table 3 (CIFAR-100 with three WordNet levels of 12, 6 and 2
+categories, baseline ResNet-18 vs HDL). CIFAR-100 is not available on the machines here; the
+code path is complete (the WordNet table ships below) and CIFAR-10 (JPEG q75 copy, fine 10 plus
+its built-in vehicles / animals level) stands in for a real-image run.
+
+Commands:
+    python hdl_stack.py --out-dir runs/hdl_shapes             # shapes, 64x64, 20k / 6k, baseline + HDL, 20 epochs
+    python hdl_stack.py --dataset cifar100 --data-dir data    # experiment 6 (800 epochs, lr 0.001), Table 3 row 1
+    python hdl_stack.py --dataset cifar100 --data-dir data --arch preact_resnet18   # Table 3 row 2
+    python hdl_stack.py --dataset cifar10 --data-dir data --epochs 30   # CIFAR-10 JPEG copy, scaled down
+
+Outputs in the run directory: args.json, metrics.jsonl (per epoch, per-level losses), metrics.json
+(every reported number), table3.md (Table 3 layout: baseline / HDL fine error and the per-level
+errors, next to the paper's; per-level accuracies in the Table 4 layout; hierarchy-violation
+rates), levels.json (the class-to-level maps used).
+
+Paper vs ours (ambiguities and deviations):
+- Stack input: the issue and Fig. 1 put every level's stack on the pooled features (parallel
+  stacks); the introduction speaks of a cascade ("the output of layer l-1 is the input of layer
+  l"). We use parallel stacks on the pooled features.
+- Stack widths: experiment 6 gives CIFAR-100's stacks as FC 100 then 12, FC 10 then 6, FC 4 then
+  2, ReLU only on the hidden layers. Section 4.1 gives the other datasets one FC layer per level
+  (no hidden layer), so shapes uses single linear layers. CIFAR-10's one extra level (2 classes)
+  uses CIFAR-100's 2-class stack (FC 4 then 2). `--stack-hidden` overrides.
+- The HDL model keeps the baseline's fine classifier (512 -> fine classes) with its own
+  cross-entropy (weight `--lambda-fine`, 1): Table 3 reports HDL's fine (100-class) error.
+- Shapes: the heads answer the paper's three questions, Table 4's order: 1L fill colour (6),
+  2L outline colour (6), 3L shape (2), plus the 72 fine classes (shape x fill x outline). The
+  images are rendered at 64x64 by common.make_shapes (the paper renders 128x128 and rescales to 64).
+  Fill and outline are independent attributes, not a tree, so every (shape, fill, outline)
+  combination exists and the "levels only" violation rate is 0 by construction there.
+- CIFAR-100's WordNet levels: the paper names the 12 / 6 / 2 categories but not the mapping. The
+  table below was derived by tools/derive_cifar100_wordnet.py (WordNet 3.0 hypernym paths of each
+  class synset; decisions listed above the table). 86 of 100 classes fall under "whole", 99 under
+  "physical entity"; 4 of the 12 level-1 categories (arrangement, substance, part, location) get
+  no class. The heads keep the paper's widths 12 / 6 / 2 anyway.
+- Center loss: eq. 1 sums over the mini-batch, as eq. 3 does for cross-entropy; we take both as
+  batch means (same ratio between the terms; Adam is insensitive to the overall scale). Centres
+  are those of the fine classes, start at zero, and after each epoch become the mean pooled
+  feature of the class over that epoch's training batches (accumulated during the epoch, so no
+  extra pass; `--center-alpha` < 1 moves them only part of the way). The paper says only "update
+  all class centers after each training epoch".
+- Training: Adam (no weight decay), lr 0.001 (experiment 6; Table 4 shows shapes at 100% for
+  0.005, 0.001 and 0.01), batch 64, constant lr. Epochs: 800 for CIFAR (experiment 6); shapes'
+  epoch count is not given ("high accuracy starting from the first ten epochs"): 20.
+- Data: no normalisation (pixels scaled to [0, 1]) and, for shapes, no augmentation (section 4.1);
+  CIFAR gets random crop (pad 4) and horizontal flip (experiment 6).
+- Backbone: ResNet-18 with the ImageNet stem the paper describes (7x7 stride 2, BN, ReLU, 3x3
+  max-pool) also on 32x32 CIFAR images (the paper does not say otherwise; `--stem cifar` gives the
+  3x3 stem). PreAct ResNet-101 / 152 of Table 3 are not included.
+- No validation split (the paper has none); nothing is selected: the last epoch is evaluated on
+  the test set once. `--val-per-class N` holds N training images per class out for per-epoch logs.
+- Baseline and HDL are trained in one run from the same seed (same backbone initialisation).
+- lambda0 = 1 (the paper's) makes the center loss dominate early: at initialisation it is ~10^2
+  (512-dimensional pooled features) against ~4 for the cross-entropies, so the first few hundred
+  steps mostly shrink the features and HDL's cross-entropies fall far more slowly than the
+  baseline's (seen in small CPU runs). `--lambda-center` changes it; the default stays the paper's.
+- Reported extras: per-level errors of the baseline obtained by summing its fine probabilities
+  per category, and hierarchy-violation rates (see `violation_rates`).
+- Not reproduced: VQA-Med, Animals Taxonomy8 and ImageNet (experiments 1, 3-5): no data here.
+"""
+
+import argparse
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+# Table 3 (error rates %, CIFAR-100): baseline, HDL fine, 1L (12), 2L (6), 3L (2).
+PAPER_TABLE3 = {
+    "resnet18": (35.70, 35.70, 12.23, 11.43, 1.20),
+    "preact_resnet18": (27.40, 27.40, 9.68, 9.18, 1.0),
+}
+# Table 4: shapes at 100% on every level (fill 6, outline 6, shape 2) for every learning rate.
+PAPER_SHAPES_ACCURACY = {"fill": 100.0, "outline": 100.0, "shape": 100.0}
+
+CIFAR100_CLASSES = """apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus butterfly
+camel can castle caterpillar cattle chair chimpanzee clock cloud cockroach couch crab crocodile cup dinosaur
+dolphin elephant flatfish forest fox girl hamster house kangaroo keyboard lamp lawn_mower leopard lion lizard
+lobster man maple_tree motorcycle mountain mouse mushroom oak_tree orange orchid otter palm_tree pear
+pickup_truck pine_tree plain plate poppy porcupine possum rabbit raccoon ray road rocket rose sea seal shark
+shrew skunk skyscraper snail snake spider squirrel streetcar sunflower sweet_pepper table tank telephone
+television tiger tractor train trout tulip turtle wardrobe whale willow_tree wolf woman worm""".split()
+
+# The paper's WordNet categories of experiment 6, in the paper's order (head outputs follow it).
+LEVEL12_NAMES = [
+    "whole",
+    "person",
+    "phenomenon",
+    "body of water",
+    "arrangement",
+    "substance",
+    "solid",
+    "geological formation",
+    "part",
+    "collection",
+    "location",
+    "land",
+]
+LEVEL6_NAMES = ["object", "causal agent", "process", "thing", "group", "matter"]
+LEVEL2_NAMES = ["physical entity", "abstraction"]
+
+# CIFAR-100 class -> (12-, 6-, 2-level category). Derived offline by tools/derive_cifar100_wordnet.py
+# from WordNet 3.0's data.noun: each class's synset (the Neural-Backed Decision Trees list, see
+# ../shared/notes/cifar100_wordnet.md) is followed up every hypernym path to `entity`; per level the
+# first ancestor that is one of the paper's categories (the synsets at depth 1, 2, 3 under `entity`
+# with those names) is taken. Decisions where paths disagree or the listed sense is wrong:
+# - baby, boy, girl, man, woman: person has two hypernyms (causal_agent, organism); the causal_agent
+#   path is the one that puts person at the paper's depth: person > causal agent.
+# - apple, orange, pear: the listed synsets are the edible fruits: food > solid > matter.
+# - sweet_pepper: listed as the pepper shrub; CIFAR-100's images are the vegetable, as for apple,
+#   orange, pear of the same superclass: the vegetable sense 07720615 (solid > matter).
+# - trout: listed as the food (fish flesh); CIFAR-100's trout are live fish: 02537085 (whole > object).
+# - skunk: listed as 'shutout' (a defeat); the animal 02445715. dolphin: listed as the dolphinfish;
+#   the toothed whale 02068974 (same chain either way).
+# check_wordnet_table() verifies coverage and the parent chain; tests/test_hdl_stack.py runs it.
+CIFAR100_WORDNET = [  # (fine_name, level12, level6, level2)  # wnid lemma
+    ("apple", "solid", "matter", "physical entity"),  # n07739125 apple
+    ("aquarium_fish", "whole", "object", "physical entity"),  # n02512752 fingerling
+    ("baby", "person", "causal agent", "physical entity"),  # n09827683 baby
+    ("bear", "whole", "object", "physical entity"),  # n02131653 bear
+    ("beaver", "whole", "object", "physical entity"),  # n02363005 beaver
+    ("bed", "whole", "object", "physical entity"),  # n02818832 bed
+    ("bee", "whole", "object", "physical entity"),  # n02206856 bee
+    ("beetle", "whole", "object", "physical entity"),  # n02164464 beetle
+    ("bicycle", "whole", "object", "physical entity"),  # n02834778 bicycle
+    ("bottle", "whole", "object", "physical entity"),  # n02876657 bottle
+    ("bowl", "whole", "object", "physical entity"),  # n02881193 bowl
+    ("boy", "person", "causal agent", "physical entity"),  # n10285313 male_child
+    ("bridge", "whole", "object", "physical entity"),  # n02898711 bridge
+    ("bus", "whole", "object", "physical entity"),  # n02924116 bus
+    ("butterfly", "whole", "object", "physical entity"),  # n02274259 butterfly
+    ("camel", "whole", "object", "physical entity"),  # n02437136 camel
+    ("can", "whole", "object", "physical entity"),  # n02946921 can
+    ("castle", "whole", "object", "physical entity"),  # n02980441 castle
+    ("caterpillar", "whole", "object", "physical entity"),  # n02309337 caterpillar
+    ("cattle", "whole", "object", "physical entity"),  # n02402425 cattle
+    ("chair", "whole", "object", "physical entity"),  # n03001627 chair
+    ("chimpanzee", "whole", "object", "physical entity"),  # n02481823 chimpanzee
+    ("clock", "whole", "object", "physical entity"),  # n03046257 clock
+    ("cloud", "phenomenon", "process", "physical entity"),  # n11439690 cloud
+    ("cockroach", "whole", "object", "physical entity"),  # n02233338 cockroach
+    ("couch", "whole", "object", "physical entity"),  # n04256520 sofa
+    ("crab", "whole", "object", "physical entity"),  # n01976957 crab
+    ("crocodile", "whole", "object", "physical entity"),  # n01697178 crocodile
+    ("cup", "whole", "object", "physical entity"),  # n03147509 cup
+    ("dinosaur", "whole", "object", "physical entity"),  # n01699831 dinosaur
+    ("dolphin", "whole", "object", "physical entity"),  # n02068974 dolphin
+    ("elephant", "whole", "object", "physical entity"),  # n02503517 elephant
+    ("flatfish", "whole", "object", "physical entity"),  # n02657368 flatfish
+    ("forest", "collection", "group", "abstraction"),  # n08438533 forest
+    ("fox", "whole", "object", "physical entity"),  # n02118333 fox
+    ("girl", "person", "causal agent", "physical entity"),  # n10129825 girl
+    ("hamster", "whole", "object", "physical entity"),  # n02342885 hamster
+    ("house", "whole", "object", "physical entity"),  # n03544360 house
+    ("kangaroo", "whole", "object", "physical entity"),  # n01877134 kangaroo
+    ("keyboard", "whole", "object", "physical entity"),  # n03614007 keyboard
+    ("lamp", "whole", "object", "physical entity"),  # n03636248 lamp
+    ("lawn_mower", "whole", "object", "physical entity"),  # n03649909 lawn_mower
+    ("leopard", "whole", "object", "physical entity"),  # n02128385 leopard
+    ("lion", "whole", "object", "physical entity"),  # n02129165 lion
+    ("lizard", "whole", "object", "physical entity"),  # n01674464 lizard
+    ("lobster", "whole", "object", "physical entity"),  # n01982650 lobster
+    ("man", "person", "causal agent", "physical entity"),  # n10287213 man
+    ("maple_tree", "whole", "object", "physical entity"),  # n12752205 maple
+    ("motorcycle", "whole", "object", "physical entity"),  # n03790512 motorcycle
+    ("mountain", "geological formation", "object", "physical entity"),  # n09359803 mountain
+    ("mouse", "whole", "object", "physical entity"),  # n02330245 mouse
+    ("mushroom", "whole", "object", "physical entity"),  # n13001041 mushroom
+    ("oak_tree", "whole", "object", "physical entity"),  # n12268246 oak
+    ("orange", "solid", "matter", "physical entity"),  # n07747607 orange
+    ("orchid", "whole", "object", "physical entity"),  # n12041446 orchid
+    ("otter", "whole", "object", "physical entity"),  # n02444819 otter
+    ("palm_tree", "whole", "object", "physical entity"),  # n12582231 palm
+    ("pear", "solid", "matter", "physical entity"),  # n07767847 pear
+    ("pickup_truck", "whole", "object", "physical entity"),  # n03930630 pickup
+    ("pine_tree", "whole", "object", "physical entity"),  # n11608250 pine
+    ("plain", "land", "object", "physical entity"),  # n09393605 plain
+    ("plate", "whole", "object", "physical entity"),  # n03959485 plate
+    ("poppy", "whole", "object", "physical entity"),  # n11900569 poppy
+    ("porcupine", "whole", "object", "physical entity"),  # n02346627 porcupine
+    ("possum", "whole", "object", "physical entity"),  # n01874928 opossum
+    ("rabbit", "whole", "object", "physical entity"),  # n02324045 rabbit
+    ("raccoon", "whole", "object", "physical entity"),  # n02508021 raccoon
+    ("ray", "whole", "object", "physical entity"),  # n01495701 ray
+    ("road", "whole", "object", "physical entity"),  # n04096066 road
+    ("rocket", "whole", "object", "physical entity"),  # n04099429 rocket
+    ("rose", "whole", "object", "physical entity"),  # n12620196 rose
+    ("sea", "body of water", "thing", "physical entity"),  # n09426788 sea
+    ("seal", "whole", "object", "physical entity"),  # n02076196 seal
+    ("shark", "whole", "object", "physical entity"),  # n01482330 shark
+    ("shrew", "whole", "object", "physical entity"),  # n01891633 shrew
+    ("skunk", "whole", "object", "physical entity"),  # n02445715 skunk
+    ("skyscraper", "whole", "object", "physical entity"),  # n04233124 skyscraper
+    ("snail", "whole", "object", "physical entity"),  # n01944390 snail
+    ("snake", "whole", "object", "physical entity"),  # n01726692 snake
+    ("spider", "whole", "object", "physical entity"),  # n01772222 spider
+    ("squirrel", "whole", "object", "physical entity"),  # n02355227 squirrel
+    ("streetcar", "whole", "object", "physical entity"),  # n04335435 streetcar
+    ("sunflower", "whole", "object", "physical entity"),  # n11978233 sunflower
+    ("sweet_pepper", "solid", "matter", "physical entity"),  # n07720615 sweet_pepper
+    ("table", "whole", "object", "physical entity"),  # n04379243 table
+    ("tank", "whole", "object", "physical entity"),  # n04389033 tank
+    ("telephone", "whole", "object", "physical entity"),  # n04401088 telephone
+    ("television", "whole", "object", "physical entity"),  # n06277280 television
+    ("tiger", "whole", "object", "physical entity"),  # n02129604 tiger
+    ("tractor", "whole", "object", "physical entity"),  # n04465501 tractor
+    ("train", "whole", "object", "physical entity"),  # n04468005 train
+    ("trout", "whole", "object", "physical entity"),  # n02537085 trout
+    ("tulip", "whole", "object", "physical entity"),  # n12454159 tulip
+    ("turtle", "whole", "object", "physical entity"),  # n01662784 turtle
+    ("wardrobe", "whole", "object", "physical entity"),  # n04550184 wardrobe
+    ("whale", "whole", "object", "physical entity"),  # n02062744 whale
+    ("willow_tree", "whole", "object", "physical entity"),  # n12724942 willow
+    ("wolf", "whole", "object", "physical entity"),  # n02114100 wolf
+    ("woman", "person", "causal agent", "physical entity"),  # n10787470 woman
+    ("worm", "whole", "object", "physical entity"),  # n01922303 worm
+]
+
+
+def check_wordnet_table(table=None, class_names=CIFAR100_CLASSES):
+    """Check the class table; returns the three parent arrays (12-, 6-, 2-level index per class).
+
+    Every class appears exactly once, every category is one of its level's names, every 12-level
+    category has one 6-level parent and every 6-level category one 2-level parent. Raises
+    ValueError with the first problem."""
+    table = CIFAR100_WORDNET if table is None else table
+    names = [row[0] for row in table]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"classes listed more than once: {duplicates}")
+    missing, unknown = sorted(set(class_names) - set(names)), sorted(set(names) - set(class_names))
+    if missing or unknown:
+        raise ValueError(f"table does not match the classes: missing {missing}, unknown {unknown}")
+    level_names = (LEVEL12_NAMES, LEVEL6_NAMES, LEVEL2_NAMES)
+    for row in table:
+        if len(row) != 4:
+            raise ValueError(f"row {row!r}: expected (class, level12, level6, level2)")
+        for category, allowed in zip(row[1:], level_names):
+            if category not in allowed:
+                raise ValueError(f"row {row!r}: {category!r} is not one of {allowed}")
+    for child, parent in ((1, 2), (2, 3)):
+        parents = {}
+        for row in table:
+            parents.setdefault(row[child], set()).add(row[parent])
+        bad = {c: sorted(p) for c, p in parents.items() if len(p) > 1}
+        if bad:
+            raise ValueError(f"inconsistent parent chain: {bad}")
+    by_name = {row[0]: row for row in table}
+    return [
+        np.array([names_l.index(by_name[c][1 + l]) for c in class_names], dtype=np.int64)
+        for l, names_l in enumerate(level_names)
+    ]
+
+
+def get_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    # epochs=None: resolved per dataset in main (shapes 20, otherwise experiment 6's 800).
+    common.add_common_args(parser, epochs=None, batch_size=64, lr=0.001, dataset="shapes")
+    g = parser.add_argument_group("hdl_stack")
+    g.add_argument(
+        "--method",
+        default="both",
+        choices=("both", "baseline", "hdl"),
+        help="train the baseline ResNet, the HDL model, or both (Table 3 needs both)",
+    )
+    g.add_argument("--arch", default="resnet18", choices=("resnet18", "preact_resnet18"))
+    g.add_argument(
+        "--stem",
+        default="imagenet",
+        choices=("imagenet", "cifar"),
+        help="ResNet-18 stem: the paper's 7x7/2 + max-pool, or a 3x3/1 convolution",
+    )
+    g.add_argument(
+        "--stack-hidden",
+        default="auto",
+        help="hidden width of each level's stack, finest level first, e.g. '100,10,4'; 'none' for "
+        "one linear layer per level; auto: cifar100 100,10,4, cifar10 4, otherwise none",
+    )
+    g.add_argument("--lambda-center", type=float, default=1.0, help="lambda0, the center-loss weight")
+    g.add_argument("--lambda-fine", type=float, default=1.0, help="weight of the fine classifier's cross-entropy")
+    g.add_argument(
+        "--lambda-levels",
+        type=float,
+        nargs="+",
+        default=[1.0],
+        help="weights of the levels' cross-entropies, finest level first (one value: all levels)",
+    )
+    g.add_argument(
+        "--center-alpha",
+        type=float,
+        default=1.0,
+        help="per-epoch centre update c <- c + alpha (epoch mean - c); 1 replaces c by the epoch mean",
+    )
+    g.add_argument(
+        "--augment",
+        default="auto",
+        choices=("auto", "none", "crop-flip"),
+        help="auto: random crop (pad 4) + flip on CIFAR (experiment 6), none on shapes (section 4.1)",
+    )
+    g.add_argument("--normalize", action="store_true", help="normalise by the channel mean / std (the paper does not)")
+    g.add_argument(
+        "--val-per-class",
+        type=int,
+        default=0,
+        help="hold out this many training images per fine class for per-epoch logs (0: none, as the paper)",
+    )
+    g.add_argument("--eval-batch-size", type=int, default=500)
+    args = common.parse_args(parser, argv)
+    if args.epochs is not None and args.epochs < 1:
+        parser.error("--epochs must be at least 1")
+    if args.batch_size < 1 or args.eval_batch_size < 1:
+        parser.error("batch sizes must be at least 1")
+    if args.lr <= 0:
+        parser.error("--lr must be positive")
+    if not 0 < args.center_alpha <= 1:
+        parser.error("--center-alpha must be in (0, 1]")
+    if min([args.lambda_center, args.lambda_fine] + args.lambda_levels) < 0:
+        parser.error("loss weights must be non-negative")
+    if args.val_per_class < 0:
+        parser.error("--val-per-class must be non-negative")
+    return args
+
+
+# ---------------------------------------------------------------------------------------
+# Modules
+# ---------------------------------------------------------------------------------------
+
+
+class LevelStack(nn.Sequential):
+    """One hierarchy level's stack: [FC hidden, ReLU,] FC to the level's classes (no activation)."""
+
+    def __init__(self, in_features, num_classes, hidden=None):
+        layers = (
+            [nn.Linear(in_features, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, num_classes)]
+            if hidden
+            else [nn.Linear(in_features, num_classes)]
+        )
+        super().__init__(*layers)
+
+
+class HDLNet(nn.Module):
+    """A backbone with its fine classifier, one LevelStack per level, and the class centres.
+
+    forward(x) -> (pooled features, fine logits, [level logits, finest level first]). The centres
+    (one per fine class, in the pooled-feature space) are buffers, so they are checkpointed with
+    the model; center_sum / center_count accumulate the current epoch's features."""
+
+    def __init__(self, backbone, num_fine, level_sizes=(), hidden_sizes=None):
+        super().__init__()
+        self.backbone = backbone
+        dim = backbone.head.fc.in_features
+        hidden_sizes = hidden_sizes or [None] * len(level_sizes)
+        self.stacks = nn.ModuleList(LevelStack(dim, n, h) for n, h in zip(level_sizes, hidden_sizes))
+        self.register_buffer("centers", torch.zeros(num_fine, dim))
+        self.register_buffer("center_sum", torch.zeros(num_fine, dim))
+        self.register_buffer("center_count", torch.zeros(num_fine))
+
+    def forward(self, x):
+        features = self.backbone.features(x)
+        return features, self.backbone.head.fc(features), [stack(features) for stack in self.stacks]
+
+    @torch.no_grad()
+    def accumulate_centers(self, features, labels):
+        """Add a batch's features to the epoch's per-class sums (in place, so a CUDA graph can replay it)."""
+        self.center_sum.index_add_(0, labels, features.detach().float())
+        self.center_count.index_add_(0, labels, torch.ones_like(labels, dtype=self.center_count.dtype))
+
+    @torch.no_grad()
+    def update_centers(self, alpha=1.0):
+        """End of epoch: move each seen class's centre to (alpha of the way to) its epoch mean; reset the sums."""
+        seen = (self.center_count > 0)[:, None]
+        mean = self.center_sum / self.center_count.clamp(min=1)[:, None]
+        self.centers.copy_(torch.where(seen, self.centers + alpha * (mean - self.centers), self.centers))
+        self.center_sum.zero_()
+        self.center_count.zero_()
+
+
+# ---------------------------------------------------------------------------------------
+# The method
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Level:
+    """One hierarchy level the model predicts: names of its classes and each fine class's class."""
+
+    name: str
+    class_names: list
+    parent: np.ndarray  # int64, one entry per fine class
+
+    @property
+    def num_classes(self):
+        return len(self.class_names)
+
+    def labels(self, fine_labels):
+        return torch.as_tensor(self.parent)[fine_labels]
+
+
+def make_levels(data, args):
+    """The levels the heads predict, finest first (Table 3's 1L, 2L, 3L order)."""
+    fine_names = data.class_names
+    if data.name == "shapes" and not args.hierarchy:
+        # The paper's three questions, Table 4's order. common.make_shapes numbers fine classes as
+        # shape * 36 + fill * 6 + outline; the per-image labels must agree with that.
+        fine = np.arange(len(fine_names))
+        levels = [
+            Level("fill", list(common.FILL_COLOURS), (fine // 6) % 6),
+            Level("outline", list(common.OUTLINE_COLOURS), fine % 6),
+            Level("shape", list(common.SHAPE_NAMES), fine // 36),
+        ]
+        for split in (data.train, data.test):
+            for level in levels:
+                if not torch.equal(level.labels(split.labels), split.extra[level.name]):
+                    common.fail(f"shapes: the '{level.name}' labels disagree with the fine-class numbering")
+        return levels
+    if data.name == "cifar100" and not args.hierarchy:
+        try:
+            parents = check_wordnet_table(class_names=fine_names)
+        except ValueError as e:
+            common.fail(f"CIFAR-100 WordNet table: {e}")
+        return [
+            Level(name, names, parent)
+            for name, names, parent in zip(
+                ("category12", "category6", "category2"), (LEVEL12_NAMES, LEVEL6_NAMES, LEVEL2_NAMES), parents
+            )
+        ]
+    h = data.hierarchy
+    if h.n_levels < 2:
+        common.fail(f"--dataset {data.name} has no class hierarchy; pass --hierarchy FILE.json")
+    return [
+        Level(h.level_names[l], h.class_names[l], np.asarray(h.parents[l])) for l in reversed(range(h.n_levels - 1))
+    ]
+
+
+def stack_hidden_sizes(spec, args, levels):
+    """Hidden width of each level's stack (None: a single linear layer); see --stack-hidden."""
+    if spec == "auto":  # experiment 6's widths on CIFAR; a --hierarchy file gets single layers
+        spec = "none" if args.hierarchy else {"cifar100": "100,10,4", "cifar10": "4"}.get(args.dataset, "none")
+    if spec == "none":
+        return [None] * len(levels)
+    try:
+        sizes = [int(s) for s in spec.split(",")]
+    except ValueError:
+        common.fail(f"--stack-hidden {spec!r}: expected 'auto', 'none' or comma-separated integers")
+    if len(sizes) != len(levels) or min(sizes) < 1:
+        common.fail(
+            f"--stack-hidden {spec!r}: need {len(levels)} positive widths, one per level "
+            f"({', '.join(l.name for l in levels)})"
+        )
+    return sizes
+
+
+def level_weights(args, levels):
+    weights = args.lambda_levels
+    if len(weights) == 1:
+        return weights * len(levels)
+    if len(weights) != len(levels):
+        common.fail(
+            f"--lambda-levels: got {len(weights)} weights for {len(levels)} levels "
+            f"({', '.join(l.name for l in levels)})"
+        )
+    return list(weights)
+
+
+def center_loss(features, labels, centers):
+    """Eq. 1 as a batch mean: mean_i ||x_i - c_{y_i}||^2 (centres are constants here)."""
+    return ((features.float() - centers[labels]) ** 2).sum(1).mean()
+
+
+def hdl_loss(features, fine_logits, level_logits, labels, centers, lambda_center, lambda_fine, lambda_levels):
+    """Eq. 5 plus the fine classifier: (total, {part: value}) with
+    total = lambda_center * center + lambda_fine * CE_fine + sum_l lambda_levels[l] * CE_l."""
+    fine_labels, *level_labels = labels
+    parts = {
+        "center": center_loss(features, fine_labels, centers),
+        "ce_fine": F.cross_entropy(fine_logits.float(), fine_labels),
+    }
+    total = lambda_center * parts["center"] + lambda_fine * parts["ce_fine"]
+    for l, (logits, y, weight) in enumerate(zip(level_logits, level_labels, lambda_levels)):
+        parts[f"ce_{l + 1}L"] = F.cross_entropy(logits.float(), y)
+        total = total + weight * parts[f"ce_{l + 1}L"]
+    return total, parts
+
+
+def make_hdl_loss_fn(lambda_center, lambda_fine, lambda_levels):
+    def loss_fn(model, x, y):
+        features, fine_logits, level_logits = model(x)
+        model.accumulate_centers(features, y[0])
+        total, parts = hdl_loss(
+            features, fine_logits, level_logits, y, model.centers, lambda_center, lambda_fine, lambda_levels
+        )
+        stats = dict(parts)
+        stats["correct"] = (fine_logits.argmax(1) == y[0]).sum()
+        for l, (logits, labels) in enumerate(zip(level_logits, y[1:])):
+            stats[f"correct_{l + 1}L"] = (logits.argmax(1) == labels).sum()
+        return total, stats
+
+    return loss_fn
+
+
+def baseline_loss_fn(model, x, y):
+    """The plain ResNet-18: cross-entropy on the fine classes only."""
+    _, fine_logits, _ = model(x)
+    loss = F.cross_entropy(fine_logits.float(), y[0])
+    return loss, {"correct": (fine_logits.argmax(1) == y[0]).sum()}
+
+
+def summed_level_scores(fine_logits, parent, num_classes):
+    """A level's scores from a fine classifier: the fine probabilities summed per category."""
+    probs = fine_logits.float().softmax(1)
+    return torch.zeros(len(probs), num_classes).index_add_(1, torch.as_tensor(parent), probs)
+
+
+def violation_rates(fine_pred, level_preds, levels):
+    """How often one image's predictions contradict the hierarchy (fractions in [0, 1]).
+
+    with_fine: some level head disagrees with the category of the predicted fine class.
+    levels_only: no fine class has exactly the predicted combination of level categories (e.g.
+    'person' at 12 categories with 'object' at 6)."""
+    fine_pred = torch.as_tensor(fine_pred)
+    if not levels:
+        return {"with_fine": 0.0, "levels_only": 0.0}
+    disagree = torch.zeros(len(fine_pred), dtype=torch.bool)
+    for pred, level in zip(level_preds, levels):
+        disagree |= torch.as_tensor(pred) != level.labels(fine_pred)
+    # Encode each combination of level classes as one integer (mixed radix); the fine classes'
+    # combinations are the valid ones.
+    code_pred, code_valid, radix = 0, 0, 1
+    for pred, level in zip(level_preds, levels):
+        code_pred = code_pred + radix * torch.as_tensor(pred).long()
+        code_valid = code_valid + radix * torch.as_tensor(level.parent)
+        radix *= level.num_classes
+    invalid = ~torch.isin(torch.as_tensor(code_pred), torch.as_tensor(code_valid))
+    return {"with_fine": disagree.float().mean().item(), "levels_only": invalid.float().mean().item()}
+
+
+def level_results(fine_logits, level_logits, fine_labels, levels):
+    """Every reported error (%): fine, each head, each level from summed fine probabilities; violations."""
+    result = {
+        "fine_error": 100.0 - common.accuracy(fine_logits, fine_labels),
+        "level_error": {},
+        "summed_fine_level_error": {},
+    }
+    for level, logits in zip(levels, level_logits):
+        result["level_error"][level.name] = 100.0 - common.accuracy(logits, level.labels(fine_labels))
+    for level in levels:
+        scores = summed_level_scores(fine_logits, level.parent, level.num_classes)
+        result["summed_fine_level_error"][level.name] = 100.0 - common.accuracy(scores, level.labels(fine_labels))
+    if level_logits:
+        rates = violation_rates(fine_logits.argmax(1), [l.argmax(1) for l in level_logits], levels)
+        result["violation_rate"] = {k: 100.0 * v for k, v in rates.items()}
+    else:
+        result.pop("level_error")
+    return result
+
+
+def build_model(args, num_fine, levels, hidden_sizes, device, with_stacks):
+    torch.manual_seed(args.seed)  # the baseline and HDL start from the same backbone weights
+    backbone = common.ResNet18(num_fine, stem=args.stem, preact=args.arch == "preact_resnet18")
+    model = HDLNet(
+        backbone,
+        num_fine,
+        [l.num_classes for l in levels] if with_stacks else [],
+        hidden_sizes if with_stacks else None,
+    )
+    return common.to_device_model(model, device)
+
+
+def level_label_tuple(split, levels):
+    return (split.labels,) + tuple(level.labels(split.labels) for level in levels)
+
+
+def make_predict_forward(model):
+    def forward(x):
+        _, fine_logits, level_logits = model(x)
+        return (fine_logits, *level_logits)
+
+    return forward
+
+
+def run_stage(name, args, model, loss_fn, train_loader, loaders, levels, run_dir, device, with_stacks):
+    """Train one model with common.fit (checkpointed, resumable); return its test results."""
+    optimizer = common.make_adam(model.parameters(), args.lr, device=device)
+    step = common.make_train_step(
+        model, loss_fn, optimizer, device=device, dtype=args.dtype, cuda_graph=args.cuda_graph
+    )
+
+    def on_epoch_end(epoch, record):
+        if with_stacks:
+            model.update_centers(args.center_alpha)
+        for key in [k for k in record if k.startswith("correct_")]:  # fit logs counts per batch: to accuracy
+            record[f"train_acc_{key[len('correct_') :]}"] = 100.0 * record.pop(key) / train_loader.batch_size
+
+    evaluate = None
+    if loaders["val"] is not None:
+
+        def evaluate(epoch):
+            outputs, labels = common.predict(
+                make_predict_forward(model), loaders["val"], device=device, dtype=args.dtype
+            )
+            fine_logits, *level_logits = outputs
+            res = level_results(fine_logits, level_logits if with_stacks else [], labels[0], levels)
+            record = {"val_fine_acc": 100.0 - res["fine_error"]}
+            record.update({f"val_acc_{k}": 100.0 - v for k, v in res.get("level_error", {}).items()})
+            return record
+
+    history = common.fit(
+        run_dir / name,
+        model,
+        optimizer,
+        step,
+        train_loader,
+        epochs=args.epochs,
+        lr_at=lambda s: args.lr,
+        evaluate=evaluate,
+        log_path=run_dir / "metrics.jsonl",
+        stage=name,
+        on_epoch_end=on_epoch_end,
+    )
+    outputs, labels = common.predict(make_predict_forward(model), loaders["test"], device=device, dtype=args.dtype)
+    fine_logits, *level_logits = outputs
+    result = level_results(fine_logits, level_logits if with_stacks else [], labels[0], levels)
+    result["train_seconds"] = round(sum(r["seconds"] for r in history), 2)
+    result["final_train_loss"] = history[-1]["loss"] if history else None
+    return result
+
+
+def fmt(value):
+    return "-" if value is None else f"{value:.2f}"
+
+
+def write_tables(path, args, levels, results):
+    """table3.md: Table 3's layout (errors %), Table 4's (accuracies %), and the violation rates."""
+    base, hdl = results.get("baseline"), results.get("hdl")
+    level_cols = [f"{i + 1}L {l.name} ({l.num_classes} cls)" for i, l in enumerate(levels)]
+    lines = [
+        f"# HDL stack: {args.dataset}, {args.arch}, {args.epochs} epochs, lr {args.lr}, batch {args.batch_size}",
+        "",
+        "## Error rates (%), Table 3 layout",
+        "",
+        "| Model | Baseline | HDL | " + " | ".join(level_cols) + " |",
+        "|---" * (3 + len(levels)) + "|",
+    ]
+    row = [fmt(base["fine_error"]) if base else "-", fmt(hdl["fine_error"]) if hdl else "-"]
+    row += [fmt(hdl["level_error"][l.name]) if hdl else "-" for l in levels]
+    lines.append(f"| {args.arch} (ours) | " + " | ".join(row) + " |")
+    if args.dataset == "cifar100" and not args.hierarchy and args.arch in PAPER_TABLE3:
+        lines.append(f"| {args.arch} (paper) | " + " | ".join(fmt(v) for v in PAPER_TABLE3[args.arch]) + " |")
+    if args.dataset == "shapes" and not args.hierarchy:
+        lines.append(
+            "| ResNet-18 (paper, Table 4) | - | - | "
+            + " | ".join(fmt(100.0 - PAPER_SHAPES_ACCURACY[l.name]) for l in levels)
+            + " |"
+        )
+    lines += [
+        "",
+        "Per-level errors of the baseline, from its fine probabilities summed per category "
+        "(no level heads), and of HDL the same way:",
+        "",
+        "| Model | " + " | ".join(level_cols) + " |",
+        "|---" * (1 + len(levels)) + "|",
+    ]
+    for name, res in (("baseline (summed fine)", base), ("HDL (summed fine)", hdl)):
+        if res:
+            lines.append(
+                f"| {name} | " + " | ".join(fmt(res["summed_fine_level_error"][l.name]) for l in levels) + " |"
+            )
+    if hdl:
+        lines += [
+            "",
+            "## Accuracy (%) per level, Table 4 layout",
+            "",
+            "| Dataset | " + " | ".join(f"{i + 1}L" for i in range(len(levels))) + " | fine |",
+            "|---" * (2 + len(levels)) + "|",
+            f"| {args.dataset} | "
+            + " | ".join(f"{100 - hdl['level_error'][l.name]:.2f}% ({l.num_classes})" for l in levels)
+            + f" | {100 - hdl['fine_error']:.2f}% |",
+            "",
+            "## Hierarchy violations of HDL (% of test images)",
+            "",
+            f"- a level head disagrees with the category of the predicted fine class: "
+            f"{hdl['violation_rate']['with_fine']:.2f}",
+            f"- the level heads' categories fit no fine class together: {hdl['violation_rate']['levels_only']:.2f}",
+        ]
+    path.write_text("\n".join(lines) + "\n")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    if args.epochs is None:
+        args.epochs = 20 if args.dataset == "shapes" else 800
+    run_dir, device = common.setup(args, "hdl_stack")
+    data = common.load_data(args)
+    levels = make_levels(data, args)
+    hidden_sizes = stack_hidden_sizes(args.stack_hidden, args, levels)
+    lambda_levels = level_weights(args, levels)
+    num_fine = data.num_classes
+    common.write_json(
+        run_dir / "levels.json",
+        {
+            "fine": data.class_names,
+            "stack_hidden": hidden_sizes,
+            "levels": [
+                {
+                    "name": l.name,
+                    "class_names": l.class_names,
+                    "parent": l.parent.tolist(),
+                    "fine_classes_per_category": np.bincount(l.parent, minlength=l.num_classes).tolist(),
+                }
+                for l in levels
+            ],
+        },
+    )
+
+    train = data.train
+    val_loader = None
+    if args.val_per_class:
+        val_idx, train_idx = common.stratified_split(train.labels.numpy(), args.val_per_class, args.seed)
+        val, train = train.subset(val_idx), train.subset(train_idx)
+    augment = (
+        args.augment if args.augment != "auto" else ("crop-flip" if args.dataset in ("cifar10", "cifar100") else "none")
+    )
+    mean, std = (data.mean, data.std) if args.normalize else ((0.0,) * 3, (1.0,) * 3)  # 1/255 scaling only
+    max_batches = 2 if args.dry_run else None
+    channels = train.images.shape[1]
+    if channels != 3:
+        common.fail(f"--dataset {args.dataset}: ResNet-18 here takes 3-channel images, got {channels}")
+    train_loader = common.GpuLoader(
+        train.images,
+        level_label_tuple(train, levels),
+        args.batch_size,
+        device=device,
+        mean=mean,
+        std=std,
+        train=True,
+        crop_pad=4 if augment == "crop-flip" else 0,
+        flip=augment == "crop-flip",
+        seed=args.seed,
+        max_batches=max_batches,
+    )
+    eval_kw = dict(device=device, mean=mean, std=std, max_batches=max_batches)
+    if args.val_per_class:
+        val_loader = common.GpuLoader(val.images, level_label_tuple(val, levels), args.eval_batch_size, **eval_kw)
+    test_loader = common.GpuLoader(
+        data.test.images, level_label_tuple(data.test, levels), args.eval_batch_size, **eval_kw
+    )
+    loaders = {"val": val_loader, "test": test_loader}
+    print(
+        f"[hdl_stack] {args.dataset}: {len(train)} train / {len(data.test)} test, {num_fine} fine classes; levels "
+        + ", ".join(f"{i + 1}L {l.name} ({l.num_classes})" for i, l in enumerate(levels))
+        + f"; stack hidden {hidden_sizes}; {args.arch} ({args.stem} stem) on {device}",
+        flush=True,
+    )
+
+    results = {}
+    if args.method in ("both", "baseline"):
+        model = build_model(args, num_fine, levels, hidden_sizes, device, with_stacks=False)
+        results["baseline"] = run_stage(
+            "baseline", args, model, baseline_loss_fn, train_loader, loaders, levels, run_dir, device, with_stacks=False
+        )
+        train_loader.generator.manual_seed(args.seed)  # HDL sees the baseline's batch order
+    if args.method in ("both", "hdl"):
+        model = build_model(args, num_fine, levels, hidden_sizes, device, with_stacks=True)
+        results["hdl"] = run_stage(
+            "hdl",
+            args,
+            model,
+            make_hdl_loss_fn(args.lambda_center, args.lambda_fine, lambda_levels),
+            train_loader,
+            loaders,
+            levels,
+            run_dir,
+            device,
+            with_stacks=True,
+        )
+        results["hdl"]["parameters"] = common.count_params(model)
+        results["hdl"]["stack_parameters"] = common.count_params(model.stacks)
+
+    table = write_tables(run_dir / "table3.md", args, levels, results)
+    paper = None
+    if args.dataset == "cifar100" and not args.hierarchy:
+        paper = dict(
+            zip(
+                ("baseline_error", "hdl_fine_error", "1L_error", "2L_error", "3L_error"),
+                PAPER_TABLE3.get(args.arch, ()),
+            )
+        )
+    elif args.dataset == "shapes" and not args.hierarchy:
+        paper = {"level_accuracy": PAPER_SHAPES_ACCURACY}
+    common.write_json(
+        run_dir / "metrics.json",
+        {
+            "dataset": args.dataset,
+            "arch": args.arch,
+            "stem": args.stem,
+            "epochs": args.epochs,
+            "lr": args.lr,
+            "batch_size": args.batch_size,
+            "train_size": len(train),
+            "test_size": len(data.test),
+            "levels": [
+                {"level": f"{i + 1}L", "name": l.name, "num_classes": l.num_classes} for i, l in enumerate(levels)
+            ],
+            "stack_hidden": hidden_sizes,
+            "lambdas": {"center": args.lambda_center, "fine": args.lambda_fine, "levels": lambda_levels},
+            **results,
+            "paper": paper,
+        },
+    )
+    print(table, flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,283 @@
+"""Tests for hdl_stack.py: center loss and its per-epoch update, head shapes, the CIFAR-100 WordNet
+table, the total loss, violation rates, and a smoke run on tiny shapes data."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import common
+import hdl_stack
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_hdl(num_fine=8, level_sizes=(4, 2), hidden=(5, 3)):
+    backbone = common.CifarResNet(n=1, num_classes=num_fine)
+    return hdl_stack.HDLNet(backbone, num_fine, list(level_sizes), list(hidden))
+
+
+def test_center_loss_matches_direct_sum():
+    g = torch.Generator().manual_seed(0)
+    features, centers = torch.randn(10, 7, generator=g), torch.randn(4, 7, generator=g)
+    labels = torch.randint(0, 4, (10,), generator=g)
+    direct = 0.0
+    for i in range(10):  # eq. 1, divided by the batch size
+        for d in range(7):
+            direct += (features[i, d].item() - centers[labels[i], d].item()) ** 2
+    assert hdl_stack.center_loss(features, labels, centers).item() == pytest.approx(direct / 10, rel=1e-5)
+    # Features exactly at their centres cost nothing.
+    assert hdl_stack.center_loss(centers[labels], labels, centers).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_center_update_is_the_epoch_mean_per_class():
+    model = tiny_hdl(num_fine=5)
+    dim = model.centers.shape[1]
+    g = torch.Generator().manual_seed(1)
+    old = torch.randn(5, dim, generator=g)
+    model.centers.copy_(old)
+    batches = [(torch.randn(6, dim, generator=g), torch.tensor([0, 1, 1, 2, 0, 0])) for _ in range(3)]
+    for feats, labels in batches:
+        model.accumulate_centers(feats, labels)
+    model.update_centers(alpha=1.0)
+    all_feats = torch.cat([f for f, _ in batches])
+    all_labels = torch.cat([l for _, l in batches])
+    for c in range(5):
+        rows = [all_feats[i] for i in range(len(all_labels)) if all_labels[i] == c]
+        expected = torch.stack(rows).mean(0) if rows else old[c]  # classes 3, 4 unseen: unchanged
+        assert torch.allclose(model.centers[c], expected, atol=1e-5), c
+    assert model.center_sum.abs().sum() == 0 and model.center_count.sum() == 0  # reset for the next epoch
+    # alpha < 1 moves a centre only part of the way; an epoch without class 1 leaves it alone.
+    before = model.centers.clone()
+    feats = torch.randn(2, dim, generator=g)
+    model.accumulate_centers(feats, torch.tensor([0, 0]))
+    model.update_centers(alpha=0.5)
+    assert torch.allclose(model.centers[0], before[0] + 0.5 * (feats.mean(0) - before[0]), atol=1e-5)
+    assert torch.equal(model.centers[1], before[1])
+
+
+def test_training_step_accumulates_centers_and_fit_updates_them(tmp_path):
+    torch.manual_seed(0)
+    model = tiny_hdl(num_fine=3, level_sizes=(2,), hidden=(None,))
+    x = torch.rand(12, 3, 8, 8)
+    fine = torch.tensor([0, 1, 2] * 4)
+    coarse = torch.tensor([0, 0, 1] * 4)
+    loss_fn = hdl_stack.make_hdl_loss_fn(1.0, 1.0, [1.0])
+    model.train()
+    loss_fn(model, x, (fine, coarse))
+    assert model.center_count.tolist() == [4.0, 4.0, 4.0]
+    with torch.no_grad():
+        feats = model.backbone.features(x)  # same batch, same BN batch statistics
+    for c in range(3):
+        assert torch.allclose(model.center_sum[c], feats[fine == c].sum(0), atol=1e-4)
+
+
+def test_head_shapes_follow_the_paper_stacks():
+    levels = [
+        hdl_stack.Level(n, [str(i) for i in range(k)], np.zeros(100, dtype=np.int64))
+        for n, k in (("category12", 12), ("category6", 6), ("category2", 2))
+    ]
+    args = hdl_stack.get_args(["--dataset", "cifar100"])
+    hidden = hdl_stack.stack_hidden_sizes("auto", args, levels)
+    assert hidden == [100, 10, 4]  # experiment 6: FC 100 then 12, FC 10 then 6, FC 4 then 2
+    model = hdl_stack.HDLNet(common.ResNet18(100), 100, [12, 6, 2], hidden)
+    for stack, (h, n) in zip(model.stacks, ((100, 12), (10, 6), (4, 2))):
+        linears = [m for m in stack if isinstance(m, torch.nn.Linear)]
+        assert [(l.in_features, l.out_features) for l in linears] == [(512, h), (h, n)]
+        assert isinstance(stack[1], torch.nn.ReLU) and isinstance(stack[-1], torch.nn.Linear)  # no ReLU on outputs
+    model.eval()
+    features, fine, level_logits = model(torch.rand(2, 3, 32, 32))
+    assert features.shape == (2, 512) and fine.shape == (2, 100)
+    assert [tuple(l.shape) for l in level_logits] == [(2, 12), (2, 6), (2, 2)]
+    # Shapes (section 4.1): one linear layer per level.
+    single = hdl_stack.HDLNet(common.ResNet18(72), 72, [6, 6, 2], [None, None, None])
+    assert all(len(s) == 1 for s in single.stacks)
+
+
+def test_wordnet_table_covers_cifar100_once_with_a_consistent_chain():
+    table = hdl_stack.CIFAR100_WORDNET
+    names = [row[0] for row in table]
+    assert len(names) == 100 and sorted(names) == sorted(hdl_stack.CIFAR100_CLASSES) and len(set(names)) == 100
+    p12, p6, p2 = hdl_stack.check_wordnet_table()
+    assert len(p12) == len(p6) == len(p2) == 100
+    # Independent chain check: every 12-category has one 6-parent, every 6-category one 2-parent.
+    for child, parent in ((p12, p6), (p6, p2)):
+        for c in np.unique(child):
+            assert len(np.unique(parent[child == c])) == 1
+    # Indices point at the right names.
+    i = hdl_stack.CIFAR100_CLASSES.index("man")
+    assert (hdl_stack.LEVEL12_NAMES[p12[i]], hdl_stack.LEVEL6_NAMES[p6[i]], hdl_stack.LEVEL2_NAMES[p2[i]]) == (
+        "person",
+        "causal agent",
+        "physical entity",
+    )
+    # The check catches broken tables.
+    bad_chain = [row if row[0] != "bear" else ("bear", "whole", "matter", "physical entity") for row in table]
+    with pytest.raises(ValueError, match="inconsistent parent chain"):
+        hdl_stack.check_wordnet_table(bad_chain)
+    with pytest.raises(ValueError, match="more than once"):
+        hdl_stack.check_wordnet_table(table + [table[0]])
+    with pytest.raises(ValueError, match="missing"):
+        hdl_stack.check_wordnet_table(table[1:])
+    with pytest.raises(ValueError, match="not one of"):
+        hdl_stack.check_wordnet_table([("apple", "fruit", "matter", "physical entity")] + table[1:])
+
+
+def test_wordnet_table_matches_the_derivation_tool_output():
+    text = (ROOT / "tools" / "cifar100_wordnet_table.txt").read_text()
+    namespace = {}
+    exec("\n".join(line for line in text.splitlines() if not line.startswith("#")), namespace)
+    assert namespace["CIFAR100_WORDNET"] == hdl_stack.CIFAR100_WORDNET
+    assert namespace["LEVEL12_NAMES"] == hdl_stack.LEVEL12_NAMES and namespace["LEVEL6_NAMES"] == hdl_stack.LEVEL6_NAMES
+
+
+def test_total_loss_is_the_weighted_sum_of_its_parts():
+    g = torch.Generator().manual_seed(2)
+    n, dim = 9, 6
+    features, centers = torch.randn(n, dim, generator=g), torch.randn(5, dim, generator=g)
+    fine_logits = torch.randn(n, 5, generator=g)
+    level_logits = [torch.randn(n, 3, generator=g), torch.randn(n, 2, generator=g)]
+    labels = (
+        torch.randint(0, 5, (n,), generator=g),
+        torch.randint(0, 3, (n,), generator=g),
+        torch.randint(0, 2, (n,), generator=g),
+    )
+    total, parts = hdl_stack.hdl_loss(features, fine_logits, level_logits, labels, centers, 0.3, 0.7, [0.5, 2.0])
+
+    def ce(logits, y):  # -log softmax by hand, averaged over the batch
+        return sum(-(logits[i, y[i]] - torch.log(torch.exp(logits[i]).sum())) for i in range(len(y))) / len(y)
+
+    expected = {
+        "center": sum(((features[i] - centers[labels[0][i]]) ** 2).sum() for i in range(n)) / n,
+        "ce_fine": ce(fine_logits, labels[0]),
+        "ce_1L": ce(level_logits[0], labels[1]),
+        "ce_2L": ce(level_logits[1], labels[2]),
+    }
+    assert set(parts) == set(expected)
+    for k in expected:
+        assert parts[k].item() == pytest.approx(expected[k].item(), rel=1e-5), k
+    weighted = 0.3 * expected["center"] + 0.7 * expected["ce_fine"] + 0.5 * expected["ce_1L"] + 2.0 * expected["ce_2L"]
+    assert total.item() == pytest.approx(weighted.item(), rel=1e-5)
+
+
+def test_loss_fn_total_matches_model_outputs():
+    torch.manual_seed(3)
+    model = tiny_hdl(num_fine=4, level_sizes=(2,), hidden=(3,)).eval()  # eval: deterministic BN
+    x, fine, coarse = torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 3]), torch.tensor([0, 0, 1, 1])
+    model.centers.normal_()
+    centers = model.centers.clone()
+    loss, stats = hdl_stack.make_hdl_loss_fn(1.0, 1.0, [1.0])(model, x, (fine, coarse))
+    feats, fine_logits, (coarse_logits,) = model(x)
+    expected = (
+        hdl_stack.center_loss(feats, fine, centers)
+        + F.cross_entropy(fine_logits, fine)
+        + F.cross_entropy(coarse_logits, coarse)
+    )
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert stats["correct"].item() == (fine_logits.argmax(1) == fine).sum().item()
+
+
+def test_summed_level_scores_are_probabilities_grouped_by_parent():
+    g = torch.Generator().manual_seed(4)
+    logits, parent = torch.randn(6, 5, generator=g), np.array([1, 0, 1, 2, 0])
+    scores = hdl_stack.summed_level_scores(logits, parent, 3)
+    assert torch.allclose(scores.sum(1), torch.ones(6), atol=1e-6)
+    probs = logits.softmax(1)
+    for c in range(3):
+        assert torch.allclose(scores[:, c], sum(probs[:, f] for f in range(5) if parent[f] == c), atol=1e-6)
+
+
+def test_violation_rates_against_explicit_loops():
+    # 6 fine classes; level A (3 classes) and level B (2 classes), a tree: A -> B.
+    a = hdl_stack.Level("A", ["a0", "a1", "a2"], np.array([0, 0, 1, 1, 2, 2]))
+    b = hdl_stack.Level("B", ["b0", "b1"], np.array([0, 0, 0, 0, 1, 1]))
+    g = torch.Generator().manual_seed(5)
+    fine = torch.randint(0, 6, (200,), generator=g)
+    pa, pb = torch.randint(0, 3, (200,), generator=g), torch.randint(0, 2, (200,), generator=g)
+    rates = hdl_stack.violation_rates(fine, [pa, pb], [a, b])
+    valid = {(a.parent[f], b.parent[f]) for f in range(6)}
+    with_fine = sum(int(pa[i] != a.parent[fine[i]] or pb[i] != b.parent[fine[i]]) for i in range(200)) / 200
+    levels_only = sum(int((pa[i].item(), pb[i].item()) not in valid) for i in range(200)) / 200
+    assert rates["with_fine"] == pytest.approx(with_fine) and rates["levels_only"] == pytest.approx(levels_only)
+    assert 0 < levels_only < with_fine < 1
+    # Predictions that follow the predicted fine class never violate.
+    clean = hdl_stack.violation_rates(fine, [a.labels(fine), b.labels(fine)], [a, b])
+    assert clean == {"with_fine": 0.0, "levels_only": 0.0}
+
+
+def test_shapes_levels_are_the_three_questions():
+    args = hdl_stack.get_args(["--train-size", "80", "--test-size", "40", "--image-size", "16"])
+    data = common.load_data(args)
+    levels = hdl_stack.make_levels(data, args)  # fails if the per-image labels disagree
+    assert [(l.name, l.num_classes) for l in levels] == [("fill", 6), ("outline", 6), ("shape", 2)]
+    assert np.array_equal(levels[2].parent, data.hierarchy.parents[0])  # shape = the hierarchy's top level
+    assert torch.equal(levels[0].labels(data.train.labels), data.train.extra["fill"])
+
+
+def test_smoke_tiny_shapes_baseline_and_hdl(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = [
+        "--device",
+        "cpu",
+        "--train-size",
+        "96",
+        "--test-size",
+        "48",
+        "--image-size",
+        "16",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "48",
+        "--out-dir",
+        str(out),
+    ]
+    results = hdl_stack.main(argv)
+    for name in ("args.json", "metrics.jsonl", "metrics.json", "table3.md", "levels.json"):
+        assert (out / name).is_file(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [l["num_classes"] for l in metrics["levels"]] == [6, 6, 2]
+    for level in ("fill", "outline", "shape"):
+        assert 0 <= metrics["hdl"]["level_error"][level] <= 100
+        assert 0 <= metrics["baseline"]["summed_fine_level_error"][level] <= 100
+    assert 0 <= metrics["hdl"]["violation_rate"]["with_fine"] <= 100
+    assert metrics["paper"]["level_accuracy"] == {"fill": 100.0, "outline": 100.0, "shape": 100.0}
+    records = common.read_jsonl(out / "metrics.jsonl")
+    assert [(r["stage"], r["epoch"]) for r in records] == [("baseline", 1), ("hdl", 1)]
+    assert all(np.isfinite(r["loss"]) for r in records) and "ce_3L" in records[-1] and "center" in records[-1]
+    table = (out / "table3.md").read_text()
+    assert "1L fill (6 cls)" in table and "3L shape (2 cls)" in table
+    ckpt = common.load_checkpoint(out / "hdl" / "checkpoint.pt")
+    assert ckpt["model"]["centers"].abs().sum() > 0  # the per-epoch update ran
+    assert ckpt["model"]["center_count"].sum() == 0
+    # Resume: both stages are complete, so nothing trains again and the numbers are the same.
+    again = hdl_stack.main(["--resume", str(out)])
+    assert again["hdl"]["level_error"] == results["hdl"]["level_error"]
+    assert len(common.read_jsonl(out / "metrics.jsonl")) == 2
+
+
+def test_bad_flags_fail_with_one_line(tmp_path):
+    base = ["--device", "cpu", "--train-size", "40", "--test-size", "20", "--image-size", "16", "--force"]
+    with pytest.raises(SystemExit, match="--lambda-levels"):
+        hdl_stack.main(base + ["--out-dir", str(tmp_path / "a"), "--lambda-levels", "1", "2"])
+    with pytest.raises(SystemExit, match="--stack-hidden"):
+        hdl_stack.main(base + ["--out-dir", str(tmp_path / "b"), "--stack-hidden", "4,2"])
+    with pytest.raises(SystemExit):
+        hdl_stack.get_args(["--center-alpha", "0"])
+
+
+def test_cifar100_levels_come_from_the_wordnet_table():
+    names = hdl_stack.CIFAR100_CLASSES
+    hierarchy = common.Hierarchy(["fine"], [names], [np.arange(100)])
+    split = common.Split(torch.zeros(2, 3, 32, 32, dtype=torch.uint8), torch.tensor([0, 1]))
+    data = common.Data("cifar100", split, split, hierarchy, (0.0,) * 3, (1.0,) * 3)
+    args = hdl_stack.get_args(["--dataset", "cifar100"])
+    levels = hdl_stack.make_levels(data, args)
+    assert [(l.name, l.num_classes) for l in levels] == [("category12", 12), ("category6", 6), ("category2", 2)]
+    rows = {row[0]: row for row in hdl_stack.CIFAR100_WORDNET}
+    for f in (0, 23, 33, 91):  # apple, cloud, forest, trout
+        for level, column in zip(levels, (1, 2, 3)):
+            assert level.class_names[level.parent[f]] == rows[names[f]][column]

@@ -1,0 +1,277 @@
+"""Tests of latent_string.py: string decoding and the exact-match lookup, the prefix tree, Eq. 5
+against a direct computation, the frozen extractor, Table I parameter counts, a planted-code
+recovery, and a smoke run on tiny shapes data (with resume)."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import common
+import latent_string as ls
+
+
+def test_bits_to_int_and_code_strings():
+    bits = torch.tensor([[0, 0, 0], [0, 1, 1], [1, 0, 1], [1, 1, 1]])
+    expected = [int("".join(map(str, row)), 2) for row in bits.tolist()]
+    assert ls.bits_to_int(bits).tolist() == expected
+    assert [ls.code_string(r) for r in bits] == ["000", "011", "101", "111"]
+
+
+def test_lookup_exact_match_rule_duplicates_and_unknown_strings():
+    # Classes 0..3; classes 2 and 3 share the string 10 (a duplicate), 11 belongs to no class.
+    code_bits = torch.tensor([[0, 0], [0, 1], [1, 0], [1, 0]])
+    assert ls.duplicate_groups(code_bits) == [[2, 3]]
+    table = ls.lookup_table(code_bits)
+    assert table.tolist() == [0, 1, ls.AMBIGUOUS, ls.NO_MATCH]
+    pred = torch.tensor([[0, 0], [0, 0], [1, 0], [1, 0], [1, 1], [0, 1]])
+    labels = torch.tensor([0, 1, 2, 3, 3, 1])
+    m = ls.string_metrics(pred, labels, code_bits)
+    # The same numbers with explicit loops.
+    exact = [all(int(pred[n, i]) == int(code_bits[labels[n], i]) for i in range(2)) for n in range(len(labels))]
+    assert m["exact_match_acc"] == pytest.approx(100 * sum(exact) / len(exact))  # 0, 2, 3, 5 -> 4/6
+    assert m["exact_match_acc"] == pytest.approx(100 * 4 / 6)
+    assert m["lookup_acc"] == pytest.approx(100 * 2 / 6)  # the shared string 10 never counts under lookup
+    assert m["ambiguous_rate"] == pytest.approx(100 * 2 / 6)
+    assert m["no_match_rate"] == pytest.approx(100 * 1 / 6)
+    per_bit = [100 * sum(int(pred[n, i]) == int(code_bits[labels[n], i]) for n in range(6)) / 6 for i in range(2)]
+    assert m["per_bit_acc"] == pytest.approx(per_bit)
+    assert m["prefix_acc"][0] == pytest.approx(per_bit[0])
+    assert m["prefix_acc"][1] == pytest.approx(m["exact_match_acc"])
+
+
+def test_prefix_tree_of_a_known_code():
+    code_bits = torch.tensor([[0, 0], [0, 1], [1, 1], [1, 1]])
+    expected = "\n".join(
+        [
+            "(root)",
+            "├── 0",
+            "│   ├── 00  cat",
+            "│   └── 01  dog",
+            "└── 1",
+            "    └── 11  car, truck   <-- DUPLICATE: one string, several classes",
+        ]
+    )
+    assert ls.prefix_tree(code_bits, ["cat", "dog", "car", "truck"]) == expected
+
+
+def test_hierarchy_prefix_agreement_on_a_code_that_follows_the_hierarchy():
+    hierarchy = common.hierarchy_from_json({"a": ["w", "x"], "b": ["y", "z"]}, ["w", "x", "y", "z"])
+    code_bits = torch.tensor([[0, 0], [0, 1], [1, 0], [1, 1]])
+    result = ls.hierarchy_prefix_agreement(code_bits, hierarchy)["coarse"]
+    assert result == {"same_parent_mean_lcp": 1.0, "different_parent_mean_lcp": 0.0}
+
+
+def test_class2str_gives_one_distribution_per_bit_and_random_code_is_one_to_one():
+    class2str = ls.Class2Str(num_classes=6, hidden=32, bits=3)
+    q = class2str(torch.eye(6))
+    assert q.shape == (6, 3, 2)
+    assert torch.allclose(q.sum(-1), torch.ones(6, 3))
+    codes = ls.random_code(20, 5, seed=3)
+    assert codes.shape == (20, 5) and set(codes.unique().tolist()) <= {0, 1}
+    assert ls.duplicate_groups(codes) == []
+    fixed = ls.FixedCode(codes)(torch.eye(20))
+    assert torch.equal(fixed.argmax(-1), codes)
+
+
+def test_eq5_loss_against_a_direct_computation():
+    torch.manual_seed(0)
+    C, D, L, B = 5, 7, 3, 4
+    stage = ls.make_lh_stage(D, C, L, (6, 4), 9)
+    feats, labels = torch.randn(B, D), torch.tensor([0, 3, 4, 3])
+    alpha, beta, gamma, delta, mu = 0.7, 1.3, 0.2, 0.01, 0.8
+    loss, stats = ls.eq5_loss(stage, feats, labels, alpha=alpha, beta=beta, gamma=gamma, delta=delta, mu=mu)
+
+    # Direct: run the LSTM cells step by step, one sample at a time, and sum with loops.
+    total = 0.0
+    for n in range(B):
+        x = feats[n : n + 1]
+        state = [(torch.zeros(1, 6), torch.zeros(1, 6)), (torch.zeros(1, 4), torch.zeros(1, 4))]
+        p = []
+        for _ in range(L):
+            h = x
+            for k, cell in enumerate(stage.classifier.cells):
+                state[k] = cell(h, state[k])
+                h = state[k][0]
+            p.append(F.softmax(stage.classifier.out(h), -1)[0])
+        one_hot = F.one_hot(labels[n : n + 1], C).float()
+        q = stage.class2str(one_hot)[0]  # L x 2
+        l_prime = F.softmax(stage.str2class(q[None]), -1)[0]
+        h_label = -math.log(l_prime[labels[n]].item())
+        structured = sum(
+            mu ** (i + 1) * -sum(q[i, b].item() * math.log(p[i][b].item()) for b in range(2)) for i in range(L)
+        )
+        bias = sum(q[i, 0].item() ** 2 + q[i, 1].item() ** 2 for i in range(L))
+        total += alpha * h_label + beta * structured - gamma * bias
+    l2 = sum((w**2).sum().item() for name, w in stage.named_parameters() if "bias" not in name)
+    direct = total / B + delta * l2
+    assert loss.item() == pytest.approx(direct, rel=1e-5)
+    assert stats["l2"].item() == pytest.approx(l2, rel=1e-6)
+
+
+def test_frozen_feature_extractor_gets_no_gradient():
+    torch.manual_seed(0)
+    base = ls.freeze(common.LeNetMNIST(num_classes=4, in_channels=1))
+    stage = ls.make_lh_stage(3136, 4, 2, (5,), 8)
+    x, y = torch.randn(3, 1, 28, 28), torch.tensor([0, 1, 3])
+    loss, _ = ls.eq5_loss(stage, base.features(x), y, alpha=1, beta=1, gamma=0.1, delta=1e-4, mu=0.8)
+    loss.backward()
+    assert all(p.grad is None and not p.requires_grad for p in base.parameters())
+    assert not base.training
+    for module in (stage.classifier, stage.class2str, stage.str2class):
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+
+
+def lstm_params(sizes):
+    """PyTorch LSTM layer: 4 gates x (input + hidden weights + two biases); then FC hidden -> 2."""
+    total = sum(4 * h * (i + h) + 8 * h for i, h in zip(sizes[:-1], sizes[1:]))
+    return total + sizes[-1] * 2 + 2
+
+
+@pytest.mark.parametrize(
+    "dataset,in_features,num_classes", [("mnist", 3136, 10), ("cifar10", 512, 10), ("cifar100", 512, 100)]
+)
+def test_classifier_parameter_counts_from_table1(dataset, in_features, num_classes):
+    hidden, code_hidden = ls.default_lh_sizes(dataset, num_classes)
+    bits = ls.default_bits(num_classes)
+    stage = ls.make_lh_stage(in_features, num_classes, bits, hidden, code_hidden)
+    assert common.count_params(stage.classifier) == lstm_params((in_features,) + hidden)
+    # Class2Str C - hidden - 2L and Str2Class 2L - hidden - C.
+    assert (
+        common.count_params(stage.class2str)
+        == num_classes * code_hidden + code_hidden + code_hidden * 2 * bits + 2 * bits
+    )
+    assert (
+        common.count_params(stage.str2class)
+        == 2 * bits * code_hidden + code_hidden + code_hidden * num_classes + num_classes
+    )
+    if dataset == "mnist":  # FC 3136-500-10
+        fc = common.count_params(common.LeNetMNIST(10).head)
+        assert fc == 3136 * 500 + 500 + 500 * 10 + 10
+    else:  # FC 512-1024-1024-C
+        fc = common.count_params(common.VGG(16, num_classes, hidden=(1024, 1024)).head)
+        assert fc == 512 * 1024 + 1024 + 1024 * 1024 + 1024 + 1024 * num_classes + num_classes
+    lh = common.count_params(stage.classifier)
+    h = ls.reduced_fc_hidden(lh, in_features, num_classes)
+    reduced = common.count_params(ls.ReducedFC(in_features, num_classes, h))
+    per_unit = in_features + 1 + num_classes
+    assert abs(reduced - lh) <= per_unit / 2 + 1  # the closest width to the LH budget
+    assert lh < fc
+
+
+def test_planted_codes_are_learnt_distinct_and_predicted():
+    """Well-separated class clusters: Eq. 5 must give distinct strings that the LH classifier
+    predicts, with a high exact-match accuracy that the lookup rule confirms."""
+    torch.manual_seed(0)
+    C, D, bits = 6, 16, 4
+    centres = 3 * torch.randn(C, D)
+    y = torch.randint(0, C, (1200,))
+    x = centres[y] + 0.3 * torch.randn(len(y), D)
+    stage = ls.make_lh_stage(D, C, bits, (8,), 32)
+    opt = torch.optim.Adam(stage.parameters(), 1e-2)
+    loader = ls.FeatureLoader(x[:1000], y[:1000], 100, device="cpu", train=True)
+    for _ in range(15):
+        for fx, fy in loader:
+            opt.zero_grad()
+            loss, _ = ls.eq5_loss(stage, fx, fy, alpha=10, beta=1, gamma=0.1, delta=1e-4, mu=0.8)
+            loss.backward()
+            opt.step()
+    codes = ls.class_code_bits(stage.class2str, C, "cpu")
+    assert ls.duplicate_groups(codes) == []
+    with torch.no_grad():
+        pred_bits = stage.classifier(x[1000:]).argmax(-1)
+    m = ls.string_metrics(pred_bits, y[1000:], codes)
+    assert m["exact_match_acc"] > 90 and m["lookup_acc"] == pytest.approx(m["exact_match_acc"])
+
+
+def test_bad_inputs_fail_cleanly(tmp_path):
+    with pytest.raises(SystemExit):
+        ls.get_args(["--bits", "0"])
+    with pytest.raises(SystemExit):
+        ls.get_args(["--bits-sweep", "3,x"])
+    with pytest.raises(SystemExit, match="28x28"):
+        ls.main(
+            [
+                "--backbone",
+                "lenet",
+                "--image-size",
+                "32",
+                "--train-size",
+                "100",
+                "--test-size",
+                "50",
+                "--device",
+                "cpu",
+                "--out-dir",
+                str(tmp_path / "bad"),
+            ]
+        )
+
+
+def test_smoke_tiny_shapes_and_resume(tmp_path):
+    out = tmp_path / "run"
+    argv = [
+        "--train-size",
+        "300",
+        "--test-size",
+        "120",
+        "--image-size",
+        "28",
+        "--backbone",
+        "lenet",
+        "--epochs",
+        "1",
+        "--lh-epochs",
+        "2",
+        "--batch-size",
+        "64",
+        "--lh-batch-size",
+        "64",
+        "--bits-sweep",
+        "6,7",
+        "--val-per-class",
+        "1",
+        "--device",
+        "cpu",
+        "--out-dir",
+        str(out),
+    ]
+    metrics = ls.main(argv)
+    for name in (
+        "args.json",
+        "metrics.jsonl",
+        "metrics.json",
+        "table3.md",
+        "class_codes.json",
+        "prefix_tree.txt",
+        "bits_sweep.tsv",
+    ):
+        assert (out / name).is_file(), name
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["num_classes"] == 72 and saved["bits"] == 7
+    assert len(saved["codes"]) == 72 and all(len(s) == 7 for s in saved["codes"].values())
+    assert len(saved["lh"]["per_bit_acc"]) == 7
+    # Duplicates in the report are exactly the classes that share a string.
+    by_string = {}
+    for name, s in saved["codes"].items():
+        by_string.setdefault(s, []).append(name)
+    shared = sorted(sorted(v) for v in by_string.values() if len(v) > 1)
+    codes_file = json.loads((out / "class_codes.json").read_text())
+    assert sorted(sorted(g) for g in codes_file["duplicates"]) == shared
+    assert [r["bits"] for r in saved["bits_sweep"]] == [6, 7]
+    assert saved["bits_sweep"][0]["n_duplicate_groups"] >= 1  # 64 strings cannot hold 72 classes
+    tree = (out / "prefix_tree.txt").read_text()
+    assert tree.startswith("(root)") and all(name in tree for name in saved["codes"])
+    assert saved["params"]["lh_classifier"] < saved["params"]["fc_classifier"]
+    for key in ("fc_test_acc", "lh_test_acc", "reduced_fc_test_acc"):
+        assert 0 <= saved[key] <= 100
+    stages = {json.loads(line)["stage"] for line in (out / "metrics.jsonl").read_text().splitlines()}
+    assert stages == {"base", "lh", "random_code", "reduced_fc", "lh_bits6"}
+    # Resume: every stage is finished, so nothing trains again and the results are the same.
+    lines = len((out / "metrics.jsonl").read_text().splitlines())
+    again = ls.main(["--resume", str(out)])
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == lines
+    assert again["lh_test_acc"] == pytest.approx(metrics["lh_test_acc"])
+    assert again["codes"] == metrics["codes"]

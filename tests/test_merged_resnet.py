@@ -1,0 +1,282 @@
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import common
+import merged_resnet as mr
+
+TINY = [
+    "--dataset",
+    "shapes",
+    "--train-size",
+    "400",
+    "--test-size",
+    "100",
+    "--image-size",
+    "16",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "32",
+    "--device",
+    "cpu",
+    "--eval-batch-size",
+    "250",
+]
+
+
+def random_probs(n, k, generator):
+    x = torch.rand(n, k, generator=generator, dtype=torch.float64) ** 4  # peaked, like soft-max outputs
+    return (x / x.sum(1, keepdim=True)).float()
+
+
+def algorithm1_loops(p_coarse, p_fine, fine_coarse, alpha):
+    """Algorithm 1 exactly as printed in the paper, one sample at a time, in plain Python loops."""
+    adjusted_coarse = np.zeros_like(p_coarse, dtype=np.float64)
+    adjusted_fine = np.zeros_like(p_fine, dtype=np.float64)
+    for n in range(len(p_coarse)):
+        q = [
+            sum(float(p_fine[n, j]) for j in range(len(fine_coarse)) if fine_coarse[j] == i)
+            for i in range(p_coarse.shape[1])
+        ]
+        for i in range(p_coarse.shape[1]):
+            target = (float(p_coarse[n, i]) + q[i]) / 2
+            adjusted_coarse[n, i] = (1 - alpha) * float(p_coarse[n, i]) + alpha * target
+            children = [j for j in range(len(fine_coarse)) if fine_coarse[j] == i]
+            for j in children:
+                if q[i] != 0:
+                    fine_target = float(p_fine[n, j]) * target / q[i]
+                    adjusted_fine[n, j] = (1 - alpha) * float(p_fine[n, j]) + alpha * fine_target
+                else:
+                    adjusted_fine[n, j] = adjusted_coarse[n, i] / len(children)
+    return adjusted_coarse, adjusted_fine
+
+
+@pytest.fixture
+def planted():
+    """Probabilities over 4 coarse classes with 1, 2, 3 and 4 fine children (10 fine classes)."""
+    g = torch.Generator().manual_seed(0)
+    fine_coarse = np.array([0, 1, 1, 2, 2, 2, 3, 3, 3, 3])
+    return random_probs(64, 4, g), random_probs(64, 10, g), fine_coarse
+
+
+def test_adaptation_alpha0_returns_inputs(planted):
+    p_coarse, p_fine, fine_coarse = planted
+    adj_coarse, adj_fine = mr.classifier_adaptation(p_coarse, p_fine, fine_coarse, 0.0)
+    torch.testing.assert_close(adj_coarse, p_coarse, atol=1e-7, rtol=0)
+    torch.testing.assert_close(adj_fine, p_fine, atol=1e-7, rtol=0)
+
+
+def test_adaptation_alpha2_coarse_is_sum_of_fine_children(planted):
+    p_coarse, p_fine, fine_coarse = planted
+    adj_coarse, _ = mr.classifier_adaptation(p_coarse, p_fine, fine_coarse, 2.0)
+    for i in range(4):
+        children_sum = p_fine[:, fine_coarse == i].sum(1)
+        torch.testing.assert_close(adj_coarse[:, i], children_sum, atol=1e-6, rtol=0)
+    # The original coarse prediction is gone entirely: a different coarse input gives the same output.
+    other_coarse = random_probs(64, 4, torch.Generator().manual_seed(5))
+    torch.testing.assert_close(
+        mr.classifier_adaptation(other_coarse, p_fine, fine_coarse, 2.0)[0], adj_coarse, atol=1e-6, rtol=0
+    )
+
+
+def test_adaptation_alpha1_satisfies_equation1(planted):
+    p_coarse, p_fine, fine_coarse = planted
+    adj_coarse, adj_fine = mr.classifier_adaptation(p_coarse, p_fine, fine_coarse, 1.0)
+    for i in range(4):
+        torch.testing.assert_close(adj_fine[:, fine_coarse == i].sum(1), adj_coarse[:, i], atol=1e-6, rtol=0)
+    assert mr.inconsistency(p_coarse, p_fine, fine_coarse) > 0.05
+    assert mr.inconsistency(adj_coarse, adj_fine, fine_coarse) < 1e-6
+
+
+def test_adaptation_outputs_are_probability_vectors_and_match_the_printed_algorithm(planted):
+    p_coarse, p_fine, fine_coarse = planted
+    p_fine = p_fine.clone()
+    p_fine[0, fine_coarse == 2] = 0  # coarse class 2 has no fine mass: Algorithm 1's else branch
+    p_fine[0] /= p_fine[0].sum()
+    for alpha in mr.ALPHAS:
+        adj_coarse, adj_fine = mr.classifier_adaptation(p_coarse, p_fine, fine_coarse, float(alpha))
+        ref_coarse, ref_fine = algorithm1_loops(p_coarse[:8].numpy(), p_fine[:8].numpy(), fine_coarse, float(alpha))
+        np.testing.assert_allclose(adj_coarse[:8].numpy(), ref_coarse, atol=1e-6)
+        np.testing.assert_allclose(adj_fine[:8].numpy(), ref_fine, atol=1e-6)
+        assert (adj_coarse >= -1e-7).all() and (adj_fine[1:] >= -1e-7).all()
+        torch.testing.assert_close(adj_coarse.sum(1), torch.ones(64), atol=1e-5, rtol=0)
+        torch.testing.assert_close(adj_fine[1:].sum(1), torch.ones(63), atol=1e-5, rtol=0)
+
+
+def test_alpha_errors_recovers_planted_improvement():
+    """Coarse scores that are noisy but whose fine children carry the right answer: alpha = 2 fixes them."""
+    fine_coarse = np.repeat(np.arange(3), 2)
+    y_fine = torch.arange(60) % 6
+    y_coarse = torch.as_tensor(fine_coarse)[y_fine]
+    p_fine = torch.full((60, 6), 0.02).scatter_(1, y_fine[:, None], 0.9)
+    p_coarse = torch.full((60, 3), 0.3).scatter_(1, ((y_coarse + 1) % 3)[:, None], 0.4)  # always wrong
+    errors = mr.alpha_errors(p_coarse, p_fine, y_coarse, y_fine, fine_coarse)
+    assert errors.shape == (len(mr.ALPHAS), 2)
+    assert errors[0, 0] == 100.0 and errors[-1, 0] == 0.0 and (errors[:, 1] == 0.0).all()
+
+
+@pytest.mark.parametrize("backbone,depth", [("resnet", 11), ("densenet", 10)])
+def test_merge_k_shares_exactly_the_first_k_stages(backbone, depth):
+    args = mr.get_args(["--backbone", backbone, "--depth", str(depth)])
+    x = torch.randn(2, 3, 8, 8)
+    for k in range(4):
+        coarse_net, fine_net = mr.build_pair(args, 5, 12, seed=1)
+        model = mr.MergedNet(coarse_net, fine_net, k).eval()
+
+        def ids(module):
+            return {id(p) for p in module.parameters()}
+
+        assert (ids(coarse_net.stem) == ids(fine_net.stem)) == (k >= 1)
+        if k == 0:
+            assert not ids(coarse_net) & ids(fine_net)  # merge-0 shares no parameter at all
+        for i in range(3):
+            shared = [a is b for a, b in zip(coarse_net.stages[i].parameters(), fine_net.stages[i].parameters())]
+            assert all(shared) if i < k else not any(shared), (k, i)
+        assert (ids(coarse_net.head.pre) == ids(fine_net.head.pre)) == (k == 3)
+        assert not ids(coarse_net.head.fc) & ids(fine_net.head.fc)
+        assert coarse_net.head.fc.out_features == 5 and fine_net.head.fc.out_features == 12
+        shared_numel = sum(p.numel() for p in coarse_net.parameters() if id(p) in ids(fine_net))
+        assert (
+            common.count_params(model) == common.count_params(coarse_net) + common.count_params(fine_net) - shared_numel
+        )
+        # Computing the shared trunk once gives what the two networks give one by one.
+        with torch.no_grad():
+            out_coarse, out_fine = model(x)
+            torch.testing.assert_close(out_coarse, coarse_net(x))
+            torch.testing.assert_close(out_fine, fine_net(x))
+
+
+def test_regularized_incomplete_beta_closed_forms():
+    for x in (0.01, 0.3, 0.5, 0.77, 0.99):
+        assert math.isclose(mr.regularized_incomplete_beta(1, 1, x), x, rel_tol=1e-12)
+        assert math.isclose(mr.regularized_incomplete_beta(3.5, 1, x), x**3.5, rel_tol=1e-10)
+        assert math.isclose(mr.regularized_incomplete_beta(1, 2.5, x), 1 - (1 - x) ** 2.5, rel_tol=1e-10)
+        # Symmetry I_x(a, b) = 1 - I_{1-x}(b, a)
+        assert math.isclose(
+            mr.regularized_incomplete_beta(2.3, 7.1, x),
+            1 - mr.regularized_incomplete_beta(7.1, 2.3, 1 - x),
+            abs_tol=1e-12,
+        )
+
+
+def test_t_distribution_matches_table_values():
+    # Textbook critical values (two-sided 0.05 / one-sided 0.05).
+    assert abs(mr.student_t_pvalue(2.228, 10) - 0.05) < 2e-4
+    assert abs(mr.student_t_pvalue(1.812, 10, two_sided=False) - 0.05) < 2e-4
+    assert abs(mr.student_t_pvalue(2.776, 4) - 0.05) < 2e-4
+    assert abs(mr.student_t_pvalue(12.706, 1) - 0.05) < 2e-4
+    assert abs(mr.student_t_pvalue(2.576, 10**6) - 0.01) < 2e-4  # the normal limit
+    # df = 1 is the Cauchy distribution: P(T <= t) = 1/2 + atan(t) / pi.
+    for t in (-3.0, -0.4, 0.0, 1.0, 7.5):
+        assert math.isclose(mr.student_t_cdf(t, 1), 0.5 + math.atan(t) / math.pi, abs_tol=1e-12)
+    # Against the density integrated numerically.
+    for t, df in ((0.7, 3), (2.1, 7), (-1.3, 15)):
+        grid = np.linspace(-200.0, t, 400001)
+        log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+        pdf = np.exp(log_c - (df + 1) / 2 * np.log1p(grid**2 / df))
+        integral = float(np.sum((pdf[1:] + pdf[:-1]) / 2 * np.diff(grid)))
+        tail = 2 * (1 - mr.student_t_cdf(200.0, df)) / 2  # mass left of -200, by symmetry
+        assert abs(mr.student_t_cdf(t, df) - (integral + tail)) < 1e-6
+
+
+def test_paired_t_test_by_hand():
+    a = np.array([20.1, 19.8, 21.0, 20.5, 19.9])
+    b = np.array([20.9, 20.3, 21.2, 21.4, 20.1])
+    result = mr.paired_t_test(a, b)
+    d = a - b
+    t = d.mean() / math.sqrt(sum((v - d.mean()) ** 2 for v in d) / 4 / 5)
+    assert math.isclose(result["t"], t, rel_tol=1e-12) and result["df"] == 4
+    assert math.isclose(result["p"], mr.student_t_pvalue(t, 4), rel_tol=1e-12)
+    assert 0.01 < result["p"] < 0.05  # t = -3.54 with 4 degrees of freedom
+    assert math.isnan(mr.paired_t_test(a[:1], b[:1])["p"])
+    assert mr.paired_t_test(a, a)["p"] == 1.0
+
+
+def test_ensemble_sizes():
+    assert mr.ensemble_sizes(1) == [1]
+    assert mr.ensemble_sizes(4) == [1, 2, 4]
+    assert mr.ensemble_sizes(5) == [1, 2, 4, 5]
+
+
+def test_smoke_all_architectures_writes_the_tables(tmp_path):
+    out = tmp_path / "run"
+    mr.main(TINY + ["--depth", "11", "--runs", "2", "--dry-run", "--out-dir", str(out)])  # 2 batches per training
+    for name in ("args.json", "metrics.jsonl", "metrics.json", "alpha_curve.csv", "alpha_curve.txt", "summary.txt"):
+        assert (out / name).is_file(), name
+    with open(out / "alpha_curve.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(mr.ARCHITECTURES) * len(mr.ALPHAS)
+    assert {r["architecture"] for r in rows} == set(mr.ARCHITECTURES)
+    for r in rows:
+        for key in ("val_coarse_err_mean", "test_fine_err_mean", "test_coarse_err_std"):
+            assert 0.0 <= float(r[key]) <= 100.0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["n_coarse"], metrics["n_fine"], metrics["coarse_level"]) == (12, 72, "shape_fill")
+    costs = metrics["costs"]
+    assert costs["merge-0"]["parameters"] == costs["separate"]["parameters"]
+    assert (
+        costs["separate"]["parameters"]
+        > costs["merge-1"]["parameters"]
+        > costs["merge-2"]["parameters"]
+        > costs["merge-3"]["parameters"]
+    )
+    assert all(c["train_seconds"] > 0 for c in costs.values())
+    for arch in mr.ARCHITECTURES:
+        for level in ("coarse", "fine"):
+            best = metrics["best_alpha"][f"{arch}/ensemble-1/{level}"]
+            curve = np.array(metrics["curves"][f"{arch}/ensemble-1"]["val"][level])
+            assert curve.shape == (2, len(mr.ALPHAS))
+            assert math.isclose(best["val_err"], curve.mean(0).min())
+            assert best["alpha"] == mr.ALPHAS[int(np.argmin(curve.mean(0)))]
+    pairs = [t for t in metrics["t_tests"] if t["kind"] == "architectures"]
+    assert len(pairs) == 2 * 10 and all(t["df"] == 1 for t in pairs)
+    # separate and merge-0 start from the same weights and see the same batches: the summed loss
+    # trains each network exactly as its own loss does (the paper's remark on Figure 2c / 2d).
+    for split in ("val", "test"):
+        for level in ("coarse", "fine"):
+            np.testing.assert_allclose(
+                metrics["curves"]["separate/ensemble-1"][split][level],
+                metrics["curves"]["merge-0/ensemble-1"][split][level],
+                atol=1.5,
+            )
+    assert "Paired t-tests" in (out / "summary.txt").read_text()
+
+
+def test_smoke_densenet_ensemble_and_resume(tmp_path):
+    out = tmp_path / "run"
+    argv = TINY + [
+        "--backbone",
+        "densenet",
+        "--depth",
+        "10",
+        "--architectures",
+        "merge-2",
+        "--runs",
+        "1",
+        "--instances",
+        "2",
+        "--coarse-level",
+        "shape",
+        "--out-dir",
+        str(out),
+    ]
+    mr.main(argv)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_coarse"] == 2 and set(metrics["curves"]) == {"merge-2/ensemble-1", "merge-2/ensemble-2"}
+    assert "not computed" in (out / "summary.txt").read_text()
+    before = (out / "alpha_curve.csv").read_text()
+    mr.main(["--resume", str(out)])  # every stage finished: nothing retrains, same numbers
+    assert (out / "alpha_curve.csv").read_text() == before
+    assert len(common.read_jsonl(out / "metrics.jsonl")) == 2
+
+
+def test_bad_input_fails_with_one_line(tmp_path):
+    with pytest.raises(SystemExit, match="--coarse-level"):
+        mr.main(TINY + ["--depth", "11", "--coarse-level", "nope", "--out-dir", str(tmp_path / "a")])
+    with pytest.raises(SystemExit):
+        mr.get_args(["--depth", "12"])  # not 9n+2
