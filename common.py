@@ -696,7 +696,7 @@ class GpuLoader:
         return {"generator": self.generator.get_state()}
 
     def load_state_dict(self, state):
-        self.generator.set_state(state["generator"])
+        self.generator.set_state(state["generator"].cpu())  # a checkpoint mapped to the GPU holds it there
 
     def augment(self, x):
         """uint8 B x C x H x W -> normalised float32 (channels_last when asked)."""
@@ -1264,9 +1264,9 @@ def fit(stage_dir, model, optimizer, step, loader, *, epochs, lr_at, evaluate=No
         for name, obj in extra_state.items():
             obj.load_state_dict(ckpt["extra"][name])
         epoch, global_step, history = ckpt["epoch"], ckpt["step"], ckpt["history"]
-        torch.set_rng_state(ckpt["rng"]["torch"])
+        torch.set_rng_state(ckpt["rng"]["torch"].cpu())
         if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu(), device)
         np.random.set_state(ckpt["rng"]["numpy"])
         random.setstate(ckpt["rng"]["python"])
         if epoch < epochs:

@@ -309,7 +309,7 @@ class FeatureLoader:
         return {"generator": self.generator.get_state()}
 
     def load_state_dict(self, state):
-        self.generator.set_state(state["generator"])
+        self.generator.set_state(state["generator"].cpu())  # a checkpoint mapped to the GPU holds it there
 
     def __iter__(self):
         n = len(self.features)
