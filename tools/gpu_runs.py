@@ -1,0 +1,212 @@
+"""Run the recorded GPU experiments as one resumable queue (the runs behind results/).
+
+Each job is one script command with its own run directory under runs/gpu/<name>. A call runs the
+queue for at most --budget seconds, several jobs at once, and stops the jobs still running at the
+deadline (their checkpoints are written atomically after every epoch); the next call continues
+them with --resume. A finished job (metrics.json written) is skipped. Every job gets
+<name>.run.json beside it: its command, device, torch version, wall seconds per call, and how many jobs shared the GPU.
+
+    python tools/gpu_runs.py --budget 550 --parallel 4 --out $OUT           # on the GPU machine
+    python tools/gpu_runs.py --list                                         # the commands
+
+CIFAR-10 comes from the JPEG copy: put cifar10_jpeg.npz and unpack_cifar10_jpeg.py in the ignored
+data/ folder (and carry both); the first call unpacks them there. Afterwards, on this machine:
+unpack results.tar.gz, copy each finished run into results/<name>/ (without checkpoints; its
+<name>.log as train.log and <name>.run.json as run.json) and rebuild the README's tables with
+tools/results_table.py.
+
+When the MPS control daemon starts, the jobs share the GPU through it (their small kernels then
+run side by side); otherwise they time-slice. Epoch times of jobs that shared the GPU are longer
+than those of a job alone: run.json says how many ran at once.
+"""
+
+import argparse
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+C10 = ["--dataset", "cifar10", "--data-dir", "data"]
+
+# name -> argv; the longest first, since they start first.
+JOBS = {
+    # g_max 5: half of CIFAR-10's classes, the paper's reason for 50 on CIFAR-100; p_min the paper's.
+    "hiernet_cifar10_n9": ["hiernet.py", *C10, "--n", "9", "--g-max", "5"],
+    "hiernet_cifar10_n3": ["hiernet.py", *C10, "--n", "3", "--g-max", "5"],
+    "hiernet_cifar10_n3_pmin0.075": ["hiernet.py", *C10, "--n", "3", "--g-max", "5", "--p-min", "0.075"],
+    "coarse_outer_product_cifar10": ["coarse_outer_product.py", *C10, "--method", "all", "--coarse-k", "2",
+                                     "--val-per-class", "1000"],
+    "merged_resnet_cifar10": ["merged_resnet.py", *C10, "--depth", "56", "--epochs", "12", "--runs", "2",
+                              "--architectures", "separate", "merge-1", "merge-2"],
+    "latent_string_cifar10": ["latent_string.py", *C10],
+    "merged_resnet_shapes": ["merged_resnet.py", "--dataset", "shapes", "--image-size", "32", "--train-size", "10000",
+                             "--test-size", "2000", "--depth", "56", "--epochs", "15", "--runs", "2"],
+    "coarse_outer_product_shapes": ["coarse_outer_product.py", "--dataset", "shapes", "--image-size", "32",
+                                    "--method", "all", "--coarse-k", "12", "--val-per-class", "50", "--epochs", "30",
+                                    "--coarse-epochs", "15", "--pretrain-epochs", "30"],
+    "hdl_stack_cifar10": ["hdl_stack.py", *C10, "--epochs", "30"],
+    "hdl_stack_shapes": ["hdl_stack.py", "--dataset", "shapes"],
+    "hiernet_shapes": ["hiernet.py", "--dataset", "shapes", "--image-size", "32", "--n", "3", "--iterations", "8000",
+                       "--tree-from", "dataset"],
+    "latent_string_shapes": ["latent_string.py", "--dataset", "shapes", "--image-size", "32", "--epochs", "30"],
+}
+
+ROOT = Path(__file__).resolve().parent.parent
+RUNS = ROOT / "runs" / "gpu"
+
+
+def sh(cmd):
+    try:
+        return subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=60).stdout.strip()
+    except subprocess.TimeoutExpired:
+        return ""
+
+
+def start_mps():
+    """Start the MPS control daemon and check that a CUDA client works through it."""
+    env = {"CUDA_MPS_PIPE_DIRECTORY": "/tmp/mps_pipe", "CUDA_MPS_LOG_DIRECTORY": "/tmp/mps_log"}
+    for d in env.values():
+        os.makedirs(d, exist_ok=True)
+    os.environ.update(env)
+    if subprocess.run("nvidia-cuda-mps-control -d", shell=True).returncode == 0:
+        check = subprocess.run([sys.executable, "-c", "import torch; print(torch.ones(1).cuda().item())"],
+                               capture_output=True, timeout=120)
+        if check.returncode == 0:
+            return True
+        stop_mps()
+    for k in env:
+        os.environ.pop(k, None)
+    return False
+
+
+def stop_mps():
+    subprocess.run("echo quit | nvidia-cuda-mps-control", shell=True)
+
+
+def ensure_cifar10():
+    if (ROOT / "data" / "cifar-10-batches-py" / "test_batch").exists():
+        return
+    npz = ROOT / "data" / "cifar10_jpeg.npz"
+    unpack = ROOT / "data" / "unpack_cifar10_jpeg.py"  # carried beside the npz (shared/data/ has both)
+    subprocess.run([sys.executable, str(unpack), str(ROOT / "data"), "--format", "cifar", "--npz", str(npz)], check=True)
+
+
+def command(name):
+    run_dir = RUNS / name
+    if (run_dir / "args.json").exists():
+        return [sys.executable, JOBS[name][0], "--resume", str(run_dir.relative_to(ROOT))]
+    return [sys.executable, *JOBS[name], "--out-dir", str(run_dir.relative_to(ROOT))]
+
+
+def record(name, **update):
+    path = RUNS / f"{name}.run.json"
+    info = json.loads(path.read_text()) if path.exists() else {"name": name, "calls": []}
+    info.update({k: v for k, v in update.items() if k != "call"})
+    if "call" in update:
+        info["calls"].append(update["call"])
+    info["wall_seconds"] = round(sum(c["seconds"] for c in info["calls"]), 1)
+    info["finished"] = (RUNS / name / "metrics.json").exists()
+    path.write_text(json.dumps(info, indent=2) + "\n")
+
+
+def pack(out, with_checkpoints):
+    """Small files of every run into results.tar.gz; checkpoints of unfinished runs in 15 MiB parts."""
+    out.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(out / "results.tar.gz", "w:gz") as tar:
+        for path in sorted(RUNS.rglob("*")):
+            if path.is_file() and path.suffix != ".pt" and path.stat().st_size < 4 << 20:
+                tar.add(path, arcname=str(path.relative_to(RUNS)))
+    if with_checkpoints:
+        unfinished = [p.name for p in RUNS.iterdir() if p.is_dir() and not (p / "metrics.json").exists()]
+        if unfinished:
+            subprocess.run(f"tar cf - {' '.join(unfinished)} | split -b 15m -d - {out}/checkpoints.tar.part",
+                           shell=True, cwd=RUNS, check=True)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--budget", type=float, default=550, help="seconds before running jobs are stopped")
+    p.add_argument("--parallel", type=int, default=4, help="jobs at once")
+    p.add_argument("--only", nargs="+", default=None, choices=tuple(JOBS))
+    p.add_argument("--out", default=None, help="folder for results.tar.gz (and checkpoints)")
+    p.add_argument("--save-checkpoints", action="store_true", help="also pack the unfinished runs' checkpoints")
+    p.add_argument("--no-mps", action="store_true")
+    p.add_argument("--list", action="store_true")
+    a = p.parse_args(argv)
+    if a.list:
+        for name, args in JOBS.items():
+            print(f"{name}: python {shlex.join(args)}")
+        return
+    t0 = time.time()
+    os.chdir(ROOT)
+    os.environ["PYTHONUNBUFFERED"] = "1"
+    ensure_cifar10()
+    RUNS.mkdir(parents=True, exist_ok=True)
+    mps = False if a.no_mps else start_mps()
+    import torch
+
+    device = {"gpu": sh("nvidia-smi --query-gpu=name --format=csv,noheader"), "torch": torch.__version__,
+              "mps": mps}
+    print(f"device {device}", flush=True)
+    queue = [n for n in (a.only or JOBS) if not (RUNS / n / "metrics.json").exists()]
+    running = {}  # name -> (Popen, start time, log file)
+    peak = {}
+    try:
+        while queue or running:
+            while queue and len(running) < a.parallel and time.time() - t0 < a.budget - 30:
+                name = queue.pop(0)
+                cmd = command(name)
+                log = open(RUNS / f"{name}.log", "a")
+                log.write(f"\n$ {shlex.join(cmd)}\n")
+                log.flush()
+                running[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True),
+                                 time.time(), log)
+                record(name, command="python " + shlex.join(JOBS[name]), device=device)
+                print(f"{time.time() - t0:6.0f}s start {name}: {shlex.join(cmd[1:])}", flush=True)
+            for name in running:
+                peak[name] = max(peak.get(name, 0), len(running))
+            time.sleep(2)
+            over = time.time() - t0 > a.budget
+            for name, (proc, started, log) in list(running.items()):
+                if over and proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                    try:
+                        proc.wait(20)
+                    except subprocess.TimeoutExpired:
+                        os.killpg(proc.pid, signal.SIGKILL)
+                        proc.wait()
+                rc = proc.poll()
+                if rc is None:
+                    continue
+                log.close()
+                del running[name]
+                status = "done" if rc == 0 else ("stopped" if over else f"failed rc={rc}")
+                record(name, call={"seconds": round(time.time() - started, 1), "status": status,
+                                   "jobs_sharing_gpu": peak[name]})
+                print(f"{time.time() - t0:6.0f}s {status} {name}", flush=True)
+                if rc != 0 and not over:
+                    print(sh(f"tail -5 {RUNS / (name + '.log')}"), flush=True)
+            if over:
+                break
+    finally:
+        if mps:
+            stop_mps()
+        if a.out:
+            pack(Path(a.out), a.save_checkpoints)
+    print("\njob                              finished  wall_s")
+    for name in JOBS:
+        path = RUNS / f"{name}.run.json"
+        if path.exists():
+            info = json.loads(path.read_text())
+            print(f"{name:32s} {str(info['finished']):8s} {info['wall_seconds']:7.0f}")
+        else:
+            print(f"{name:32s} {'queued':8s}")
+
+
+if __name__ == "__main__":
+    main()
