@@ -1,0 +1,35 @@
+"""The README's results section is exactly what tools/results_table.py builds from results/."""
+
+import importlib.util
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_tool():
+    spec = importlib.util.spec_from_file_location("results_table", ROOT / "tools" / "results_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_readme_results_section_is_built_from_results_dir():
+    tool = load_tool()
+    readme = (ROOT / "README.md").read_text()
+    assert tool.section(ROOT / "results") in readme, "run: python tools/results_table.py --write README.md"
+
+
+def test_every_run_in_results_has_metrics_and_its_command(tmp_path):
+    for run_json in (ROOT / "results").glob("*/run.json"):
+        assert (run_json.parent / "metrics.json").exists(), run_json.parent
+        assert "python " in run_json.read_text()
+
+
+def test_write_replaces_only_the_marked_section(tmp_path):
+    tool = load_tool()
+    readme = tmp_path / "README.md"
+    readme.write_text(f"before\n{tool.START}\nold numbers\n{tool.END}\nafter\n")
+    tool.main(["--write", str(readme)])
+    text = readme.read_text()
+    assert text.startswith("before\n") and text.endswith("\nafter\n")
+    assert "old numbers" not in text and "| resnet56 | 128 |" in text
