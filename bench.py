@@ -91,8 +91,15 @@ def bench_usual(name, batch, images, labels, args, device):
     mean, std = common.channel_stats(images)
     transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
     ds = PILDataset(images.permute(0, 2, 3, 1).numpy(), labels.numpy(), transform)
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, drop_last=True, num_workers=args.workers,
-                                         pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
+    loader = torch.utils.data.DataLoader(
+        ds,
+        batch_size=batch,
+        shuffle=True,
+        drop_last=True,
+        num_workers=args.workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=args.workers > 0,
+    )
     model = BACKBONES[name]().to(device)
     opt = common.make_sgd(model.parameters(), 0.1)
     batches = iter(loader)
@@ -120,7 +127,9 @@ def bench_ours(name, batch, images, labels, args, device, ceiling=False):
     model = common.to_device_model(BACKBONES[name](), device)
     opt = common.make_sgd(model.parameters(), 0.1)
     step = common.make_train_step(model, common.cross_entropy_loss, opt, device=device, cuda_graph=True)
-    loader = common.GpuLoader(images, labels, batch, device=device, mean=mean, std=std, train=True, crop_pad=4, flip=True)
+    loader = common.GpuLoader(
+        images, labels, batch, device=device, mean=mean, std=std, train=True, crop_pad=4, flip=True
+    )
     total = torch.zeros((), device=device)
     if ceiling:
         x = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
@@ -176,15 +185,24 @@ def main(argv=None):
             row["ours_over_ceiling"] = row["ours"] / row["ceiling"]
         rows.append(row)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    result = {"device": device_name, "torch": torch.__version__, "images": source, "steps": args.steps,
-              "warmup": args.warmup, "workers": args.workers, "rows": rows}
+    result = {
+        "device": device_name,
+        "torch": torch.__version__,
+        "images": source,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "workers": args.workers,
+        "rows": rows,
+    }
     common.write_json(args.out, result)
     print(f"\n{device_name}, torch {torch.__version__}, {source}; images/s over {args.steps} steps")
     print(f"{'backbone':<12}{'batch':>6}{'usual':>10}{'ours':>10}{'ceiling':>10}{'ours/usual':>12}{'ours/ceil':>11}")
     for r in rows:
         cells = [f"{r.get(k, float('nan')):>10.0f}" for k in ("usual", "ours", "ceiling")]
-        print(f"{r['backbone']:<12}{r['batch']:>6}{''.join(cells)}{r.get('ours_over_usual', float('nan')):>12.2f}"
-              f"{r.get('ours_over_ceiling', float('nan')):>11.2f}")
+        print(
+            f"{r['backbone']:<12}{r['batch']:>6}{''.join(cells)}{r.get('ours_over_usual', float('nan')):>12.2f}"
+            f"{r.get('ours_over_ceiling', float('nan')):>11.2f}"
+        )
     return result
 
 

@@ -69,8 +69,12 @@ def add_common_args(parser, *, epochs, batch_size, lr, dataset="shapes", dataset
     g.add_argument("--force", action="store_true", help="overwrite an existing --out-dir")
     g.add_argument("--dry-run", action="store_true", help="one epoch of two batches per stage")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (no CUDA graph)")
-    g.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
-                   help="capture the whole train step in one CUDA graph")
+    g.add_argument(
+        "--cuda-graph",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="capture the whole train step in one CUDA graph",
+    )
     return parser
 
 
@@ -123,7 +127,9 @@ def setup(args, script):
         run_dir = Path(args.out_dir or f"runs/{script}-{stamp}")
         if run_dir.exists() and any(run_dir.iterdir()):
             if not args.force:
-                fail(f"{run_dir} exists and is not empty; pass --resume {run_dir} to continue it or --force to overwrite")
+                fail(
+                    f"{run_dir} exists and is not empty; pass --resume {run_dir} to continue it or --force to overwrite"
+                )
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / "args.json", vars(args))
@@ -227,8 +233,11 @@ class Hierarchy:
         return np.flatnonzero(self.parents[level] == index)
 
     def to_json(self):
-        return {"level_names": self.level_names, "class_names": self.class_names,
-                "parents": [p.tolist() for p in self.parents]}
+        return {
+            "level_names": self.level_names,
+            "class_names": self.class_names,
+            "parents": [p.tolist() for p in self.parents],
+        }
 
 
 def hierarchy_from_labels(fine_labels, coarse_labels, level_names, class_names):
@@ -244,7 +253,9 @@ def hierarchy_from_labels(fine_labels, coarse_labels, level_names, class_names):
         for f in range(n_fine):
             values = np.unique(coarse[fine_labels == f])
             if len(values) > 1:
-                fail(f"hierarchy: fine class {class_names[-1][f]!r} falls under several '{name}' classes {values.tolist()}")
+                fail(
+                    f"hierarchy: fine class {class_names[-1][f]!r} falls under several '{name}' classes {values.tolist()}"
+                )
             if len(values) == 1:
                 parent[f] = values[0]
         if (parent < 0).any():
@@ -370,8 +381,11 @@ def _try_download(kind, root):
     old = socket.getdefaulttimeout()
     socket.setdefaulttimeout(20)
     try:
-        {"cifar100": torchvision.datasets.CIFAR100, "cifar10": torchvision.datasets.CIFAR10,
-         "mnist": torchvision.datasets.MNIST}[kind](root, train=True, download=True)
+        {
+            "cifar100": torchvision.datasets.CIFAR100,
+            "cifar10": torchvision.datasets.CIFAR10,
+            "mnist": torchvision.datasets.MNIST,
+        }[kind](root, train=True, download=True)
         return True
     except Exception:
         return False
@@ -384,8 +398,10 @@ def _need(path, kind, root, what):
         return
     if os.environ.get("HIERCLS_NO_DOWNLOAD") != "1" and _try_download(kind, root) and path.exists():
         return
-    fail(f"{what} not found at {path}; download failed (offline?). Put torchvision's {what} files under "
-         f"--data-dir {root} (or run once with internet), or use --dataset shapes")
+    fail(
+        f"{what} not found at {path}; download failed (offline?). Put torchvision's {what} files under "
+        f"--data-dir {root} (or run once with internet), or use --dataset shapes"
+    )
 
 
 def load_cifar100(data_dir):
@@ -404,8 +420,9 @@ def load_cifar100(data_dir):
         splits[part] = Split(images, torch.as_tensor(np.asarray(d["fine_labels"]), dtype=torch.long))
         coarse[part] = np.asarray(d["coarse_labels"])
     fine_names, coarse_names = _names(meta["fine_label_names"]), _names(meta["coarse_label_names"])
-    hierarchy = hierarchy_from_labels(splits["train"].labels.numpy(), [coarse["train"]],
-                                      ["coarse", "fine"], [coarse_names, fine_names])
+    hierarchy = hierarchy_from_labels(
+        splits["train"].labels.numpy(), [coarse["train"]], ["coarse", "fine"], [coarse_names, fine_names]
+    )
     if not (hierarchy.parents[0][splits["test"].labels.numpy()] == coarse["test"]).all():
         fail("cifar-100-python: the test set's coarse labels disagree with the training set's")
     return splits["train"], splits["test"], hierarchy
@@ -432,7 +449,9 @@ def load_cifar10(data_dir):
             d = _unpickle(base / name)
             images.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
             labels.append(np.asarray(d["labels"]))
-        splits[part] = Split(torch.from_numpy(np.concatenate(images)), torch.as_tensor(np.concatenate(labels), dtype=torch.long))
+        splits[part] = Split(
+            torch.from_numpy(np.concatenate(images)), torch.as_tensor(np.concatenate(labels), dtype=torch.long)
+        )
     hierarchy = hierarchy_from_json(CIFAR10_HIERARCHY, names, source="built-in CIFAR-10 hierarchy")
     return splits["train"], splits["test"], hierarchy
 
@@ -464,8 +483,13 @@ def _folder_files(root):
         part_dir = root / part
         if not part_dir.is_dir():
             fail(f"image folder {part_dir} not found; expected {root}/train/<class>/* and {root}/test/<class>/*")
-        files[part] = [(c.name, p) for c in sorted(part_dir.iterdir()) if c.is_dir()
-                       for p in sorted(c.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
+        files[part] = [
+            (c.name, p)
+            for c in sorted(part_dir.iterdir())
+            if c.is_dir()
+            for p in sorted(c.iterdir())
+            if p.suffix.lower() in IMAGE_SUFFIXES
+        ]
         if not files[part]:
             fail(f"image folder {part_dir} holds no images")
     return files
@@ -521,10 +545,22 @@ def load_folder(data_dir, image_size=None):
 # The shapes dataset of the HDL paper (section 3): triangle or square, one of six fill colours,
 # one of six outline colours; 2 x 6 x 6 = 72 leaf classes.
 SHAPE_NAMES = ["triangle", "square"]
-FILL_COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (40, 60, 230),
-                "yellow": (235, 220, 40), "magenta": (210, 40, 200), "cyan": (40, 210, 220)}
-OUTLINE_COLOURS = {"white": (250, 250, 250), "orange": (255, 140, 0), "purple": (110, 30, 150),
-                   "grey": (128, 128, 128), "brown": (120, 70, 20), "pink": (255, 170, 200)}
+FILL_COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 180, 40),
+    "blue": (40, 60, 230),
+    "yellow": (235, 220, 40),
+    "magenta": (210, 40, 200),
+    "cyan": (40, 210, 220),
+}
+OUTLINE_COLOURS = {
+    "white": (250, 250, 250),
+    "orange": (255, 140, 0),
+    "purple": (110, 30, 150),
+    "grey": (128, 128, 128),
+    "brown": (120, 70, 20),
+    "pink": (255, 170, 200),
+}
 
 
 def make_shapes(n, image_size=64, seed=0, chunk=512):
@@ -577,15 +613,23 @@ def make_shapes(n, image_size=64, seed=0, chunk=512):
         img = torch.where(is_fill[:, None], fill_rgb[fill[sl]][:, :, None, None], img)
         img = torch.where(is_line[:, None], outline_rgb[outline[sl]][:, :, None, None], img)
         images[sl] = img.round().clamp(0, 255).to(torch.uint8)
-    labels = {"shape": shape, "fill": fill, "outline": outline,
-              "shape_fill": shape * 6 + fill, "fine": shape * 36 + fill * 6 + outline}
+    labels = {
+        "shape": shape,
+        "fill": fill,
+        "outline": outline,
+        "shape_fill": shape * 6 + fill,
+        "fine": shape * 36 + fill * 6 + outline,
+    }
     return images, labels
 
 
 def shapes_hierarchy():
     fills, outlines = list(FILL_COLOURS), list(OUTLINE_COLOURS)
-    names = [SHAPE_NAMES, [f"{s} {f}" for s in SHAPE_NAMES for f in fills],
-             [f"{s} {f} {o}" for s in SHAPE_NAMES for f in fills for o in outlines]]
+    names = [
+        SHAPE_NAMES,
+        [f"{s} {f}" for s in SHAPE_NAMES for f in fills],
+        [f"{s} {f} {o}" for s in SHAPE_NAMES for f in fills for o in outlines],
+    ]
     fine = np.arange(72)
     return Hierarchy(["shape", "shape_fill", "fine"], names, [fine // 36, fine // 6, fine])
 
@@ -622,7 +666,9 @@ def load_data(args):
     else:
         fail(f"unknown dataset {name!r}")
     if name not in ("shapes", "folder") and args.image_size and args.image_size != train.images.shape[-1]:
-        fail(f"--image-size {args.image_size}: {name} images are {train.images.shape[-1]} pixels; resizing is only for shapes and folder")
+        fail(
+            f"--image-size {args.image_size}: {name} images are {train.images.shape[-1]} pixels; resizing is only for shapes and folder"
+        )
     if getattr(args, "hierarchy", None):
         hierarchy = load_hierarchy_file(args.hierarchy, hierarchy.class_names[-1])
     mean, std = channel_stats(train.images)
@@ -667,8 +713,24 @@ class GpuLoader:
     own generator, so nothing in an epoch waits for the host. `labels` is a tensor or a tuple of
     tensors; batches are (images, labels) in the same structure."""
 
-    def __init__(self, images, labels, batch_size, *, device, mean, std, train=False, crop_pad=0, fill=0,
-                 flip=False, seed=0, drop_last=None, max_batches=None, channels_last=None):
+    def __init__(
+        self,
+        images,
+        labels,
+        batch_size,
+        *,
+        device,
+        mean,
+        std,
+        train=False,
+        crop_pad=0,
+        fill=0,
+        flip=False,
+        seed=0,
+        drop_last=None,
+        max_batches=None,
+        channels_last=None,
+    ):
         self.device = torch.device(device)
         self.images = images.to(self.device)
         self.single = isinstance(labels, torch.Tensor)
@@ -732,7 +794,7 @@ class GpuLoader:
         else:
             order = torch.arange(n, device=self.device)
         for i in range(len(self)):
-            idx = order[i * self.batch_size: (i + 1) * self.batch_size]
+            idx = order[i * self.batch_size : (i + 1) * self.batch_size]
             x = self.augment(self.images[idx])
             ys = tuple(l[idx] for l in self.labels)
             yield x, (ys[0] if self.single else ys)
@@ -892,8 +954,14 @@ class DenseLayer(nn.Module):
 
     def __init__(self, cin, growth):
         super().__init__()
-        self.body = nn.Sequential(nn.BatchNorm2d(cin), nn.ReLU(), nn.Conv2d(cin, 4 * growth, 1, bias=False),
-                                  nn.BatchNorm2d(4 * growth), nn.ReLU(), conv3x3(4 * growth, growth))
+        self.body = nn.Sequential(
+            nn.BatchNorm2d(cin),
+            nn.ReLU(),
+            nn.Conv2d(cin, 4 * growth, 1, bias=False),
+            nn.BatchNorm2d(4 * growth),
+            nn.ReLU(),
+            conv3x3(4 * growth, growth),
+        )
 
     def forward(self, x):
         return torch.cat([x, self.body(x)], 1)
@@ -1025,7 +1093,9 @@ class ResNet18(Backbone):
             self.stem = nn.Sequential(*layers, nn.MaxPool2d(3, 2, 1))
         elif stem == "cifar":
             layers = [conv3x3(in_channels, 64)]
-            self.stem = nn.Sequential(*layers) if preact else nn.Sequential(*layers, nn.BatchNorm2d(64), nn.ReLU(inplace=True))
+            self.stem = (
+                nn.Sequential(*layers) if preact else nn.Sequential(*layers, nn.BatchNorm2d(64), nn.ReLU(inplace=True))
+            )
         else:
             fail(f"ResNet-18 stem must be 'imagenet' or 'cifar', got {stem!r}")
         block = PreActBlock if preact else BasicBlock
@@ -1046,11 +1116,13 @@ class LeNetMNIST(Backbone):
     def __init__(self, num_classes=10, hidden=500, in_channels=1):
         super().__init__()
         self.stem = nn.Identity()
-        self.stages = nn.ModuleList([
-            nn.Sequential(nn.Conv2d(in_channels, 16, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2)),
-            nn.Sequential(nn.Conv2d(16, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2)),
-            nn.Sequential(nn.Conv2d(32, 64, 5, padding=2), nn.ReLU()),
-        ])
+        self.stages = nn.ModuleList(
+            [
+                nn.Sequential(nn.Conv2d(in_channels, 16, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2)),
+                nn.Sequential(nn.Conv2d(16, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2)),
+                nn.Sequential(nn.Conv2d(32, 64, 5, padding=2), nn.ReLU()),
+            ]
+        )
         self.head = FlattenHead(64 * 7 * 7, num_classes, hidden)
         init_weights(self)
 
@@ -1241,8 +1313,21 @@ def train_epoch(step, loader, optimizer, lr_at, start_step):
     return sums, images, n
 
 
-def fit(stage_dir, model, optimizer, step, loader, *, epochs, lr_at, evaluate=None, extra_state=None,
-        log_path=None, stage="train", on_epoch_end=None):
+def fit(
+    stage_dir,
+    model,
+    optimizer,
+    step,
+    loader,
+    *,
+    epochs,
+    lr_at,
+    evaluate=None,
+    extra_state=None,
+    log_path=None,
+    stage="train",
+    on_epoch_end=None,
+):
     """Train `epochs` epochs with a checkpoint after each; continue from stage_dir/checkpoint.pt.
 
     evaluate(epoch) -> dict of metrics (validation only); on_epoch_end(epoch, record) may change
@@ -1285,8 +1370,15 @@ def fit(stage_dir, model, optimizer, step, loader, *, epochs, lr_at, evaluate=No
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.time() - t0
-        record = {"stage": stage, "epoch": epoch + 1, "step": global_step, "lr": optimizer.param_groups[0]["lr"],
-                  **means, "seconds": round(seconds, 3), "images_per_s": round(images / max(seconds, 1e-9), 1)}
+        record = {
+            "stage": stage,
+            "epoch": epoch + 1,
+            "step": global_step,
+            "lr": optimizer.param_groups[0]["lr"],
+            **means,
+            "seconds": round(seconds, 3),
+            "images_per_s": round(images / max(seconds, 1e-9), 1),
+        }
         if evaluate is not None:
             model.eval()
             record.update(evaluate(epoch + 1))
@@ -1294,17 +1386,34 @@ def fit(stage_dir, model, optimizer, step, loader, *, epochs, lr_at, evaluate=No
             on_epoch_end(epoch + 1, record)
         epoch += 1
         history.append(record)
-        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-               "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-        save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                    "loader": loader.state_dict(), "extra": {k: v.state_dict() for k, v in extra_state.items()},
-                                    "epoch": epoch, "step": global_step, "history": history, "rng": rng})
+        rng = {
+            "torch": torch.get_rng_state(),
+            "numpy": np.random.get_state(),
+            "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        }
+        save_checkpoint(
+            ckpt_path,
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "loader": loader.state_dict(),
+                "extra": {k: v.state_dict() for k, v in extra_state.items()},
+                "epoch": epoch,
+                "step": global_step,
+                "history": history,
+                "rng": rng,
+            },
+        )
         if log_path is not None:
             append_jsonl(log_path, record)
         elapsed = time.time() - started
         eta = elapsed / (epoch - first_epoch) * (epochs - epoch)
-        shown = " ".join(f"{k} {v:.4g}" for k, v in record.items()
-                         if k not in ("stage", "epoch", "step", "seconds") and isinstance(v, (int, float)))
+        shown = " ".join(
+            f"{k} {v:.4g}"
+            for k, v in record.items()
+            if k not in ("stage", "epoch", "step", "seconds") and isinstance(v, (int, float))
+        )
         print(f"[{stage}] epoch {epoch}/{epochs} {shown} | {seconds:.1f}s ETA {format_seconds(eta)}", flush=True)
     model.eval()
     return history

@@ -25,11 +25,18 @@ def write_fake_cifar100(root, n_train=40, n_test=20):
     for part, n in (("train", n_train), ("test", n_test)):
         fine = np.arange(n) % 10
         data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
-        obj = {b"data": data, b"fine_labels": fine.tolist(), b"coarse_labels": fine_to_coarse[fine].tolist(),
-               b"filenames": [f"{i}.png".encode() for i in range(n)]}
+        obj = {
+            b"data": data,
+            b"fine_labels": fine.tolist(),
+            b"coarse_labels": fine_to_coarse[fine].tolist(),
+            b"filenames": [f"{i}.png".encode() for i in range(n)],
+        }
         (base / part).write_bytes(pickle.dumps(obj, protocol=2))
         truth[part] = (data, fine)
-    meta = {b"fine_label_names": [n.encode() for n in fine_names], b"coarse_label_names": [n.encode() for n in coarse_names]}
+    meta = {
+        b"fine_label_names": [n.encode() for n in fine_names],
+        b"coarse_label_names": [n.encode() for n in coarse_names],
+    }
     (base / "meta").write_bytes(pickle.dumps(meta, protocol=2))
     return truth, fine_names, coarse_names, fine_to_coarse
 
@@ -114,14 +121,24 @@ def test_stratified_split_balanced_disjoint_deterministic():
 
 def make_loader(images, **kw):
     labels = torch.arange(len(images))
-    return common.GpuLoader(images, labels, 8, device="cpu", mean=(0, 0, 0), std=(1 / 255, 1 / 255, 1 / 255),
-                            channels_last=False, **kw)
+    return common.GpuLoader(
+        images, labels, 8, device="cpu", mean=(0, 0, 0), std=(1 / 255, 1 / 255, 1 / 255), channels_last=False, **kw
+    )
 
 
 def test_loader_normalises_and_permutes():
     images = torch.randint(0, 256, (20, 3, 8, 8), dtype=torch.uint8)
-    loader = common.GpuLoader(images, torch.arange(20), 8, device="cpu", mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
-                              train=True, seed=0, channels_last=True)
+    loader = common.GpuLoader(
+        images,
+        torch.arange(20),
+        8,
+        device="cpu",
+        mean=(0.5, 0.5, 0.5),
+        std=(0.25, 0.25, 0.25),
+        train=True,
+        seed=0,
+        channels_last=True,
+    )
     batches = list(loader)
     assert len(batches) == 2  # drop_last for training
     seen = torch.cat([y for _, y in batches])
@@ -143,8 +160,12 @@ def test_loader_crop_and_flip_match_a_brute_force_reference():
     for x, idx in loader:
         for out, i in zip(x, idx):
             padded = F.pad(images[i].float(), (pad,) * 4, value=fill)
-            candidates = [(padded[:, dy:dy + 8, dx:dx + 8], flip) for dy in range(2 * pad + 1)
-                          for dx in range(2 * pad + 1) for flip in (False, True)]
+            candidates = [
+                (padded[:, dy : dy + 8, dx : dx + 8], flip)
+                for dy in range(2 * pad + 1)
+                for dx in range(2 * pad + 1)
+                for flip in (False, True)
+            ]
             matches = [flip for crop, flip in candidates if torch.equal(out, crop.flip(2) if flip else crop)]
             assert matches, "output is not a translated (and maybe flipped) copy of its image"
             flips += matches[0]
@@ -167,9 +188,12 @@ def test_hierarchy_from_json_nested_and_errors(tmp_path):
     h = common.hierarchy_from_json({"top1": {"m1": ["a", "b"], "m2": ["c"]}, "top2": {"m3": ["d"]}}, fine)
     assert h.n_levels == 3 and h.class_names[0] == ["top1", "top2"] and h.class_names[1] == ["m1", "m2", "m3"]
     assert h.parents[0].tolist() == [0, 0, 0, 1] and h.parents[1].tolist() == [0, 0, 1, 2]
-    for bad, word in [({"x": ["a", "b", "c"]}, "'d' is missing"), ({"x": ["a", "b", "c", "d", "a"]}, "listed twice"),
-                      ({"x": ["a", "b", "c", "d", "zebra"]}, "unknown class 'zebra'"),
-                      ({"x": ["a", "b"], "y": {"z": ["c", "d"]}}, "same depth")]:
+    for bad, word in [
+        ({"x": ["a", "b", "c"]}, "'d' is missing"),
+        ({"x": ["a", "b", "c", "d", "a"]}, "listed twice"),
+        ({"x": ["a", "b", "c", "d", "zebra"]}, "unknown class 'zebra'"),
+        ({"x": ["a", "b"], "y": {"z": ["c", "d"]}}, "same depth"),
+    ]:
         path = tmp_path / "h.json"
         path.write_text(json.dumps(bad))
         with pytest.raises(SystemExit, match=word):
@@ -192,7 +216,9 @@ def test_folder_loader_png_jpeg_and_cache(tmp_path):
         for c, suffix in (("cat", ".png"), ("dog", ".jpg")):
             (tmp_path / part / c).mkdir(parents=True)
             for i in range(3):
-                Image.fromarray(rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)).save(tmp_path / part / c / f"{i}{suffix}")
+                Image.fromarray(rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)).save(
+                    tmp_path / part / c / f"{i}{suffix}"
+                )
     train, test, h = common.load_folder(tmp_path, image_size=8)
     assert train.images.shape == (6, 3, 8, 8) and h.class_names[-1] == ["cat", "dog"]
     assert train.labels.tolist() == [0, 0, 0, 1, 1, 1]
@@ -206,20 +232,34 @@ def test_folder_loader_png_jpeg_and_cache(tmp_path):
         common.load_folder(tmp_path / "missing")
 
 
-@pytest.mark.parametrize("make,published", [
-    (lambda: common.CifarResNet(3, 10), 0.27e6), (lambda: common.CifarResNet(9, 10), 0.85e6),
-    (lambda: common.CifarResNet(18, 10), 1.7e6), (lambda: common.PreActResNetCifar(164, 10), 1.7e6),
-    (lambda: common.DenseNetBC(100, 12, 10), 0.8e6), (lambda: common.ResNet18(1000), 11.7e6)])
+@pytest.mark.parametrize(
+    "make,published",
+    [
+        (lambda: common.CifarResNet(3, 10), 0.27e6),
+        (lambda: common.CifarResNet(9, 10), 0.85e6),
+        (lambda: common.CifarResNet(18, 10), 1.7e6),
+        (lambda: common.PreActResNetCifar(164, 10), 1.7e6),
+        (lambda: common.DenseNetBC(100, 12, 10), 0.8e6),
+        (lambda: common.ResNet18(1000), 11.7e6),
+    ],
+)
 def test_parameter_counts_match_published(make, published):
     # Published counts are rounded to 2 significant digits; DenseNet-BC-100's 0.769M is "0.8M".
     assert abs(common.count_params(make()) - published) / published < 0.04
 
 
-@pytest.mark.parametrize("make,shape", [
-    (lambda: common.CifarResNet(1, 7, elu=True), (2, 3, 32, 32)), (lambda: common.PreActResNetCifar(11, 7), (2, 3, 32, 32)),
-    (lambda: common.DenseNetBC(10, 4, 7), (2, 3, 32, 32)), (lambda: common.VGG(11, 7), (2, 3, 32, 32)),
-    (lambda: common.ResNet18(7, stem="imagenet", preact=True), (2, 3, 64, 64)),
-    (lambda: common.ResNet18(7, stem="cifar"), (2, 3, 32, 32)), (lambda: common.LeNetMNIST(7), (2, 1, 28, 28))])
+@pytest.mark.parametrize(
+    "make,shape",
+    [
+        (lambda: common.CifarResNet(1, 7, elu=True), (2, 3, 32, 32)),
+        (lambda: common.PreActResNetCifar(11, 7), (2, 3, 32, 32)),
+        (lambda: common.DenseNetBC(10, 4, 7), (2, 3, 32, 32)),
+        (lambda: common.VGG(11, 7), (2, 3, 32, 32)),
+        (lambda: common.ResNet18(7, stem="imagenet", preact=True), (2, 3, 64, 64)),
+        (lambda: common.ResNet18(7, stem="cifar"), (2, 3, 32, 32)),
+        (lambda: common.LeNetMNIST(7), (2, 1, 28, 28)),
+    ],
+)
 def test_backbones_expose_stem_stages_head(make, shape):
     model = make().eval()
     x = torch.randn(shape)
@@ -250,17 +290,35 @@ def tiny_run(tmp_path, epochs, name="run", loss_fn=common.cross_entropy_loss, se
     model = common.CifarResNet(1, data.num_classes)
     opt = common.make_sgd(model.parameters(), args.lr)
     step = common.make_train_step(model, loss_fn, opt, device=device)
-    loader = common.GpuLoader(data.train.images, data.train.labels, args.batch_size, device=device, mean=data.mean,
-                              std=data.std, train=True, crop_pad=2, flip=True, seed=args.seed)
+    loader = common.GpuLoader(
+        data.train.images,
+        data.train.labels,
+        args.batch_size,
+        device=device,
+        mean=data.mean,
+        std=data.std,
+        train=True,
+        crop_pad=2,
+        flip=True,
+        seed=args.seed,
+    )
     test = common.GpuLoader(data.test.images, data.test.labels, 64, device=device, mean=data.mean, std=data.std)
 
     def evaluate(epoch):
         scores, labels = common.predict(model, test, device=device)
         return {"val_acc": common.accuracy(scores, labels)}
 
-    history = common.fit(run_dir / "train", model, opt, step, loader, epochs=args.epochs,
-                         lr_at=common.piecewise_lr([4], [args.lr, args.lr / 10]), evaluate=evaluate,
-                         log_path=run_dir / "metrics.jsonl")
+    history = common.fit(
+        run_dir / "train",
+        model,
+        opt,
+        step,
+        loader,
+        epochs=args.epochs,
+        lr_at=common.piecewise_lr([4], [args.lr, args.lr / 10]),
+        evaluate=evaluate,
+        log_path=run_dir / "metrics.jsonl",
+    )
     return history, model, run_dir
 
 
@@ -307,8 +365,17 @@ def test_shapes_small_resnet_learns_every_level_on_cpu():
     model = common.CifarResNet(1, 72)
     opt = common.make_sgd(model.parameters(), 0.05, weight_decay=5e-4)
     step = common.make_train_step(model, common.cross_entropy_loss, opt, device="cpu")
-    loader = common.GpuLoader(data.train.images, data.train.labels, 64, device="cpu", mean=data.mean, std=data.std,
-                              train=True, flip=True, seed=0)
+    loader = common.GpuLoader(
+        data.train.images,
+        data.train.labels,
+        64,
+        device="cpu",
+        mean=data.mean,
+        std=data.std,
+        train=True,
+        flip=True,
+        seed=0,
+    )
     for _ in range(3):
         common.train_epoch(step, loader, opt, lambda s: 0.05, 0)
     test = common.GpuLoader(data.test.images, data.test.labels, 250, device="cpu", mean=data.mean, std=data.std)

@@ -17,11 +17,24 @@ the noun synsets at depth 3, 2 and 1 under the root `entity`, so this script:
 
 Usage: python tools/derive_cifar100_wordnet.py [/usr/share/wordnet/data.noun] > tools/cifar100_wordnet_table.txt
 """
+
 import sys
 from collections import Counter
 
-LEVEL12 = ["whole", "person", "phenomenon", "body of water", "arrangement", "substance", "solid",
-           "geological formation", "part", "collection", "location", "land"]
+LEVEL12 = [
+    "whole",
+    "person",
+    "phenomenon",
+    "body of water",
+    "arrangement",
+    "substance",
+    "solid",
+    "geological formation",
+    "part",
+    "collection",
+    "location",
+    "land",
+]
 LEVEL6 = ["object", "causal agent", "process", "thing", "group", "matter"]
 LEVEL2 = ["physical entity", "abstraction"]
 
@@ -47,26 +60,50 @@ WNIDS = """07739125 02512752 09827683 02131653 02363005 02818832 02206856 021644
 
 # Class synsets in the note that are plainly the wrong sense and reach no 12/6-level category.
 SENSE_FIXES = {
-    "skunk": ("02445715", "note's 07476495 is 'shutout, skunk' (a defeat, under abstraction>event); "
-                          "use the animal 02445715 'skunk, polecat, wood_pussy'"),
-    "trout": ("02537085", "note's 07794452 is trout the food ('flesh of ... fishes', under food>solid>matter); "
-                          "CIFAR-100's trout are live fish (superclass 'fish'): use the fish 02537085 (whole>object)"),
-    "dolphin": ("02068974", "note's 02581957 is the dolphinfish (mahimahi); CIFAR-100's dolphin is the toothed whale "
-                            "(superclass 'aquatic mammals'): use 02068974 (same whole>object chain, so no label changes)"),
-    "sweet_pepper": ("07720615", "note's 12901264 is the pepper shrub (whole>object); CIFAR-100's images are the "
-                                 "vegetable, like apple/orange/pear of the same superclass 'fruit and vegetables', which "
-                                 "use the food sense: use 07720615 sweet_pepper the vegetable (food>solid>matter)"),
+    "skunk": (
+        "02445715",
+        "note's 07476495 is 'shutout, skunk' (a defeat, under abstraction>event); "
+        "use the animal 02445715 'skunk, polecat, wood_pussy'",
+    ),
+    "trout": (
+        "02537085",
+        "note's 07794452 is trout the food ('flesh of ... fishes', under food>solid>matter); "
+        "CIFAR-100's trout are live fish (superclass 'fish'): use the fish 02537085 (whole>object)",
+    ),
+    "dolphin": (
+        "02068974",
+        "note's 02581957 is the dolphinfish (mahimahi); CIFAR-100's dolphin is the toothed whale "
+        "(superclass 'aquatic mammals'): use 02068974 (same whole>object chain, so no label changes)",
+    ),
+    "sweet_pepper": (
+        "07720615",
+        "note's 12901264 is the pepper shrub (whole>object); CIFAR-100's images are the "
+        "vegetable, like apple/orange/pear of the same superclass 'fruit and vegetables', which "
+        "use the food sense: use 07720615 sweet_pepper the vegetable (food>solid>matter)",
+    ),
 }
 
 # Classes whose hypernym paths give different (12, 6, 2) chains: the chosen chain and why.
-_PERSON = (("person", "causal agent", "physical entity"),
-           "person's hypernyms are causal_agent and organism; only entity>physical_entity>causal_agent>person "
-           "puts person at the paper's depth (the organism path would put person under object)")
-_FRUIT = (("solid", "matter", "physical entity"),
-          "synset is the edible fruit (lexicographer file noun.food); take its food path "
-          "edible_fruit>produce>food>solid (also the shorter one) over the botanical fruit>natural_object>whole")
-OVERRIDES = {"baby": _PERSON, "boy": _PERSON, "girl": _PERSON, "man": _PERSON, "woman": _PERSON,
-             "apple": _FRUIT, "orange": _FRUIT, "pear": _FRUIT}
+_PERSON = (
+    ("person", "causal agent", "physical entity"),
+    "person's hypernyms are causal_agent and organism; only entity>physical_entity>causal_agent>person "
+    "puts person at the paper's depth (the organism path would put person under object)",
+)
+_FRUIT = (
+    ("solid", "matter", "physical entity"),
+    "synset is the edible fruit (lexicographer file noun.food); take its food path "
+    "edible_fruit>produce>food>solid (also the shorter one) over the botanical fruit>natural_object>whole",
+)
+OVERRIDES = {
+    "baby": _PERSON,
+    "boy": _PERSON,
+    "girl": _PERSON,
+    "man": _PERSON,
+    "woman": _PERSON,
+    "apple": _FRUIT,
+    "orange": _FRUIT,
+    "pear": _FRUIT,
+}
 
 
 def parse_data_noun(path):
@@ -81,8 +118,11 @@ def parse_data_noun(path):
             lemmas = [fields[4 + 2 * i].lower() for i in range(n_words)]
             i = 4 + 2 * n_words
             n_ptrs, i = int(fields[i]), i + 1
-            hypernyms = [fields[i + 4 * k + 1] for k in range(n_ptrs)
-                         if fields[i + 4 * k] in ("@", "@i") and fields[i + 4 * k + 2] == "n"]
+            hypernyms = [
+                fields[i + 4 * k + 1]
+                for k in range(n_ptrs)
+                if fields[i + 4 * k] in ("@", "@i") and fields[i + 4 * k + 2] == "n"
+            ]
             synsets[fields[0]] = (lemmas, hypernyms)
     return synsets
 
@@ -93,8 +133,7 @@ def pick_category_senses(synsets):
     levels = []
     for names in (LEVEL2, LEVEL6, LEVEL12):
         wanted = {n.replace(" ", "_"): n for n in names}
-        level = {o: wanted[l] for o, (lem, hyp) in synsets.items() for l in lem
-                 if l in wanted and parents & set(hyp)}
+        level = {o: wanted[l] for o, (lem, hyp) in synsets.items() for l in lem if l in wanted and parents & set(hyp)}
         missing = set(names) - set(level.values())
         assert not missing, f"no WordNet sense found for {missing}"
         levels.append(level)

@@ -39,20 +39,82 @@ JOBS = {
     "hiernet_cifar10_n9": ["hiernet.py", *C10, "--n", "9", "--g-max", "5"],
     "hiernet_cifar10_n3": ["hiernet.py", *C10, "--n", "3", "--g-max", "5"],
     "hiernet_cifar10_n3_pmin0.075": ["hiernet.py", *C10, "--n", "3", "--g-max", "5", "--p-min", "0.075"],
-    "coarse_outer_product_cifar10": ["coarse_outer_product.py", *C10, "--method", "all", "--coarse-k", "2",
-                                     "--val-per-class", "1000"],
-    "merged_resnet_cifar10": ["merged_resnet.py", *C10, "--depth", "56", "--epochs", "12", "--runs", "2",
-                              "--architectures", "separate", "merge-1", "merge-2"],
+    "coarse_outer_product_cifar10": [
+        "coarse_outer_product.py",
+        *C10,
+        "--method",
+        "all",
+        "--coarse-k",
+        "2",
+        "--val-per-class",
+        "1000",
+    ],
+    "merged_resnet_cifar10": [
+        "merged_resnet.py",
+        *C10,
+        "--depth",
+        "56",
+        "--epochs",
+        "12",
+        "--runs",
+        "2",
+        "--architectures",
+        "separate",
+        "merge-1",
+        "merge-2",
+    ],
     "latent_string_cifar10": ["latent_string.py", *C10],
-    "merged_resnet_shapes": ["merged_resnet.py", "--dataset", "shapes", "--image-size", "32", "--train-size", "10000",
-                             "--test-size", "2000", "--depth", "56", "--epochs", "15", "--runs", "2"],
-    "coarse_outer_product_shapes": ["coarse_outer_product.py", "--dataset", "shapes", "--image-size", "32",
-                                    "--method", "all", "--coarse-k", "12", "--val-per-class", "50", "--epochs", "30",
-                                    "--coarse-epochs", "15", "--pretrain-epochs", "30"],
+    "merged_resnet_shapes": [
+        "merged_resnet.py",
+        "--dataset",
+        "shapes",
+        "--image-size",
+        "32",
+        "--train-size",
+        "10000",
+        "--test-size",
+        "2000",
+        "--depth",
+        "56",
+        "--epochs",
+        "15",
+        "--runs",
+        "2",
+    ],
+    "coarse_outer_product_shapes": [
+        "coarse_outer_product.py",
+        "--dataset",
+        "shapes",
+        "--image-size",
+        "32",
+        "--method",
+        "all",
+        "--coarse-k",
+        "12",
+        "--val-per-class",
+        "50",
+        "--epochs",
+        "30",
+        "--coarse-epochs",
+        "15",
+        "--pretrain-epochs",
+        "30",
+    ],
     "hdl_stack_cifar10": ["hdl_stack.py", *C10, "--epochs", "30"],
     "hdl_stack_shapes": ["hdl_stack.py", "--dataset", "shapes"],
-    "hiernet_shapes": ["hiernet.py", "--dataset", "shapes", "--image-size", "32", "--n", "3", "--iterations", "8000",
-                       "--tree-from", "dataset"],
+    "hiernet_shapes": [
+        "hiernet.py",
+        "--dataset",
+        "shapes",
+        "--image-size",
+        "32",
+        "--n",
+        "3",
+        "--iterations",
+        "8000",
+        "--tree-from",
+        "dataset",
+    ],
     "latent_string_shapes": ["latent_string.py", "--dataset", "shapes", "--image-size", "32", "--epochs", "30"],
 }
 
@@ -74,8 +136,9 @@ def start_mps():
         os.makedirs(d, exist_ok=True)
     os.environ.update(env)
     if subprocess.run("nvidia-cuda-mps-control -d", shell=True).returncode == 0:
-        check = subprocess.run([sys.executable, "-c", "import torch; print(torch.ones(1).cuda().item())"],
-                               capture_output=True, timeout=120)
+        check = subprocess.run(
+            [sys.executable, "-c", "import torch; print(torch.ones(1).cuda().item())"], capture_output=True, timeout=120
+        )
         if check.returncode == 0:
             return True
         stop_mps()
@@ -93,7 +156,9 @@ def ensure_cifar10():
         return
     npz = ROOT / "data" / "cifar10_jpeg.npz"
     unpack = ROOT / "data" / "unpack_cifar10_jpeg.py"  # carried beside the npz (shared/data/ has both)
-    subprocess.run([sys.executable, str(unpack), str(ROOT / "data"), "--format", "cifar", "--npz", str(npz)], check=True)
+    subprocess.run(
+        [sys.executable, str(unpack), str(ROOT / "data"), "--format", "cifar", "--npz", str(npz)], check=True
+    )
 
 
 def command(name):
@@ -124,8 +189,12 @@ def pack(out, with_checkpoints):
     if with_checkpoints:
         unfinished = [p.name for p in RUNS.iterdir() if p.is_dir() and not (p / "metrics.json").exists()]
         if unfinished:
-            subprocess.run(f"tar cf - {' '.join(unfinished)} | split -b 15m -d - {out}/checkpoints.tar.part",
-                           shell=True, cwd=RUNS, check=True)
+            subprocess.run(
+                f"tar cf - {' '.join(unfinished)} | split -b 15m -d - {out}/checkpoints.tar.part",
+                shell=True,
+                cwd=RUNS,
+                check=True,
+            )
 
 
 def main(argv=None):
@@ -150,8 +219,7 @@ def main(argv=None):
     mps = False if a.no_mps else start_mps()
     import torch
 
-    device = {"gpu": sh("nvidia-smi --query-gpu=name --format=csv,noheader"), "torch": torch.__version__,
-              "mps": mps}
+    device = {"gpu": sh("nvidia-smi --query-gpu=name --format=csv,noheader"), "torch": torch.__version__, "mps": mps}
     print(f"device {device}", flush=True)
     queue = [n for n in (a.only or JOBS) if not (RUNS / n / "metrics.json").exists()]
     running = {}  # name -> (Popen, start time, log file)
@@ -164,8 +232,11 @@ def main(argv=None):
                 log = open(RUNS / f"{name}.log", "a")
                 log.write(f"\n$ {shlex.join(cmd)}\n")
                 log.flush()
-                running[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True),
-                                 time.time(), log)
+                running[name] = (
+                    subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True),
+                    time.time(),
+                    log,
+                )
                 record(name, command="python " + shlex.join(JOBS[name]), device=device)
                 print(f"{time.time() - t0:6.0f}s start {name}: {shlex.join(cmd[1:])}", flush=True)
             for name in running:
@@ -186,8 +257,10 @@ def main(argv=None):
                 log.close()
                 del running[name]
                 status = "done" if rc == 0 else ("stopped" if over else f"failed rc={rc}")
-                record(name, call={"seconds": round(time.time() - started, 1), "status": status,
-                                   "jobs_sharing_gpu": peak[name]})
+                record(
+                    name,
+                    call={"seconds": round(time.time() - started, 1), "status": status, "jobs_sharing_gpu": peak[name]},
+                )
                 print(f"{time.time() - t0:6.0f}s {status} {name}", flush=True)
                 if rc != 0 and not over:
                     print(sh(f"tail -5 {RUNS / (name + '.log')}"), flush=True)

@@ -44,9 +44,20 @@ def hiernet_rows(results, runs):
             out.append(row([f"`{run}`", "not run yet", "", "", "", "", "", ""]))
             continue
         tree = " / ".join(str(s) for s in m["group_sizes"])
-        out.append(row([f"`{info['command']}`", m["n_groups"], tree, f2(m["backbone_acc"]), f2(m["slow_acc"]),
-                        f2(m["fast_acc"]), f2(m["superclass_acc"]),
-                        f"{m['backbone_epoch_seconds']:.1f} / {m['hiernet_epoch_seconds']:.1f} s; {wall(info)}"]))
+        out.append(
+            row(
+                [
+                    f"`{info['command']}`",
+                    m["n_groups"],
+                    tree,
+                    f2(m["backbone_acc"]),
+                    f2(m["slow_acc"]),
+                    f2(m["fast_acc"]),
+                    f2(m["superclass_acc"]),
+                    f"{m['backbone_epoch_seconds']:.1f} / {m['hiernet_epoch_seconds']:.1f} s; {wall(info)}",
+                ]
+            )
+        )
     return out
 
 
@@ -56,42 +67,91 @@ def section(results):
     for p in sorted(results.glob("*/run.json")):
         d = json.loads(p.read_text())["device"]
         device = f"{d['gpu']}, torch {d['torch']}" + (", jobs sharing the GPU through MPS" if d.get("mps") else "")
-    lines += [f"Runs made by `python tools/gpu_runs.py` on one {device}. Wall times count the whole run; "
-              "several runs shared the GPU at once, so a run alone is faster. Each run's folder in `results/` "
-              "holds `metrics.json`, `metrics.jsonl` (per epoch), its tables, `train.log` and `run.json` "
-              "(command, device, wall time). CIFAR-10 here is the JPEG quality-75 copy of the real images, "
-              "which costs accuracy against the original files: our ResNet-20 (HierNet's n=3 backbone) reaches "
-              f"{f2(load('hiernet_cifar10_n3', results)[0]['backbone_acc'])}% on it against He et al.'s 91.25% "
-              "on the original test set.", ""]
+    lines += [
+        f"Runs made by `python tools/gpu_runs.py` on one {device}. Wall times count the whole run; "
+        "several runs shared the GPU at once, so a run alone is faster. Each run's folder in `results/` "
+        "holds `metrics.json`, `metrics.jsonl` (per epoch), its tables, `train.log` and `run.json` "
+        "(command, device, wall time). CIFAR-10 here is the JPEG quality-75 copy of the real images, "
+        "which costs accuracy against the original files: our ResNet-20 (HierNet's n=3 backbone) reaches "
+        f"{f2(load('hiernet_cifar10_n3', results)[0]['backbone_acc'])}% on it against He et al.'s 91.25% "
+        "on the original test set.",
+        "",
+    ]
 
-    lines += ["### HierNet (`hiernet.py`), accuracy % on the test half (5k images for CIFAR-10)", "",
-              row(["command", "groups", "group sizes", "backbone", "slow", "fast", "super-class",
-                   "epoch (backbone / HierNet); wall"]),
-              row(["---"] * 8)]
-    lines += hiernet_rows(results, ["hiernet_cifar10_n3", "hiernet_cifar10_n3_pmin0.075", "hiernet_cifar10_n9",
-                                    "hiernet_shapes"])
-    lines += ["", "Paper (Table 1, CIFAR-100, backbone / slow / fast): n=3 65.96 / 68.89 / 68.08, n=9 68.38 / "
-              "72.15 / 72.01; no CIFAR-10 accuracy is given. Not run yet: CIFAR-100 (not on these machines) and "
-              "CIFAR-10 n=9.", ""]
+    lines += [
+        "### HierNet (`hiernet.py`), accuracy % on the test half (5k images for CIFAR-10)",
+        "",
+        row(
+            [
+                "command",
+                "groups",
+                "group sizes",
+                "backbone",
+                "slow",
+                "fast",
+                "super-class",
+                "epoch (backbone / HierNet); wall",
+            ]
+        ),
+        row(["---"] * 8),
+    ]
+    lines += hiernet_rows(
+        results, ["hiernet_cifar10_n3", "hiernet_cifar10_n3_pmin0.075", "hiernet_cifar10_n9", "hiernet_shapes"]
+    )
+    lines += [
+        "",
+        "Paper (Table 1, CIFAR-100, backbone / slow / fast): n=3 65.96 / 68.89 / 68.08, n=9 68.38 / "
+        "72.15 / 72.01; no CIFAR-10 accuracy is given. Not run yet: CIFAR-100 (not on these machines) and "
+        "CIFAR-10 n=9.",
+        "",
+    ]
 
     m, info = load("latent_string_cifar10", results)
     s, sinfo = load("latent_string_shapes", results)
-    lines += ["### Latent hierarchy strings (`latent_string.py`), test accuracy %", "",
-              row(["command", "FC", "LH", "reduced FC", "LH random code", "LH / FC params", "wall"]),
-              row(["---"] * 7)]
+    lines += [
+        "### Latent hierarchy strings (`latent_string.py`), test accuracy %",
+        "",
+        row(["command", "FC", "LH", "reduced FC", "LH random code", "LH / FC params", "wall"]),
+        row(["---"] * 7),
+    ]
     for r, ri in ((m, info), (s, sinfo)):
         if r is not None:
-            lines.append(row([f"`{ri['command']}`", f2(r["fc_test_acc"]), f2(r["lh_test_acc"]),
-                              f2(r["reduced_fc_test_acc"]), f2(r["random_code"]["exact_match_acc"]),
-                              f"{r['params']['lh_classifier']:,} / {r['params']['fc_classifier']:,}", wall(ri)]))
-    lines += [row(["paper, original CIFAR-10 (Table III)", "90.43", "90.51", "88.4", "", "6 K / 1.58 M", ""]), "",
-              "Learnt prefix tree and codes: `results/latent_string_cifar10/prefix_tree.txt`; bits sweep: "
-              "`bits_sweep.tsv`. Not run: MNIST and CIFAR-100 (not on these machines).", ""]
+            lines.append(
+                row(
+                    [
+                        f"`{ri['command']}`",
+                        f2(r["fc_test_acc"]),
+                        f2(r["lh_test_acc"]),
+                        f2(r["reduced_fc_test_acc"]),
+                        f2(r["random_code"]["exact_match_acc"]),
+                        f"{r['params']['lh_classifier']:,} / {r['params']['fc_classifier']:,}",
+                        wall(ri),
+                    ]
+                )
+            )
+    lines += [
+        row(["paper, original CIFAR-10 (Table III)", "90.43", "90.51", "88.4", "", "6 K / 1.58 M", ""]),
+        "",
+        "Learnt prefix tree and codes: `results/latent_string_cifar10/prefix_tree.txt`; bits sweep: "
+        "`bits_sweep.tsv`. Not run: MNIST and CIFAR-100 (not on these machines).",
+        "",
+    ]
 
-    lines += ["### Merged coarse/fine networks (`merged_resnet.py`), top-1 error %, mean over runs", "",
-              row(["run", "architecture", "params", "train s", "coarse: alpha 0 -> best (alpha)",
-                   "fine: alpha 0 -> best (alpha)"]),
-              row(["---"] * 6)]
+    lines += [
+        "### Merged coarse/fine networks (`merged_resnet.py`), top-1 error %, mean over runs",
+        "",
+        row(
+            [
+                "run",
+                "architecture",
+                "params",
+                "train s",
+                "coarse: alpha 0 -> best (alpha)",
+                "fine: alpha 0 -> best (alpha)",
+            ]
+        ),
+        row(["---"] * 6),
+    ]
     for run in ("merged_resnet_cifar10", "merged_resnet_shapes"):
         m, info = load(run, results)
         if m is None:
@@ -101,60 +161,127 @@ def section(results):
             for level in ("coarse", "fine"):
                 b = m["best_alpha"][f"{arch}/ensemble-1/{level}"]
                 cells.append(f"{f2(b['test_err_alpha0_mean'])} -> {f2(b['test_err_mean'])} ({b['alpha']:.1f})")
-            lines.append(row([f"`{run}`", arch, f"{cost['parameters']:,}", f"{cost['steady_train_seconds']:.0f}",
-                              *cells]))
-    commands = [load(r, results)[1]["command"] for r in ("merged_resnet_cifar10", "merged_resnet_shapes")
-                if load(r, results)[0] is not None]
-    lines += ["", "Commands: " + "; ".join(f"`{c}`" for c in commands) + ". Alpha is chosen on a validation "
-              "split held out of the training set. The paper's runs (ResNet-164 and DenseNet-BC-100 on CIFAR-100, "
-              "164 / 300 epochs) are not run here; ours are ResNet-56 (bottleneck), 12-15 epochs, 2 runs.", ""]
+            lines.append(
+                row([f"`{run}`", arch, f"{cost['parameters']:,}", f"{cost['steady_train_seconds']:.0f}", *cells])
+            )
+    commands = [
+        load(r, results)[1]["command"]
+        for r in ("merged_resnet_cifar10", "merged_resnet_shapes")
+        if load(r, results)[0] is not None
+    ]
+    lines += [
+        "",
+        "Commands: " + "; ".join(f"`{c}`" for c in commands) + ". Alpha is chosen on a validation "
+        "split held out of the training set. The paper's runs (ResNet-164 and DenseNet-BC-100 on CIFAR-100, "
+        "164 / 300 epochs) are not run here; ours are ResNet-56 (bottleneck), 12-15 epochs, 2 runs.",
+        "",
+    ]
 
-    lines += ["### Coarse network x VGG16 by outer product (`coarse_outer_product.py`), test accuracy %", "",
-              row(["run", "baseline", "CH", "CVC", "ETE", "CH coarse net", "CVC coarse net",
-                   "ETE categories used", "wall"]),
-              row(["---"] * 9)]
+    lines += [
+        "### Coarse network x VGG16 by outer product (`coarse_outer_product.py`), test accuracy %",
+        "",
+        row(["run", "baseline", "CH", "CVC", "ETE", "CH coarse net", "CVC coarse net", "ETE categories used", "wall"]),
+        row(["---"] * 9),
+    ]
     for run in ("coarse_outer_product_cifar10", "coarse_outer_product_shapes"):
         m, info = load(run, results)
         if m is None:
             continue
         a = m["accuracy"]
         used = m["ete_coarse_usage"]["test"]["used"]
-        lines.append(row([f"`{info['command']}`", f2(a["baseline"]["test"]), f2(a["main_ch"]["test"]),
-                          f2(a["main_cvc"]["test"]), f2(a["ete"]["test"]), f2(a["coarse_ch"]["test"]),
-                          f2(a["coarse_cvc"]["test"]), f"{used} of {m['coarse_k']}", wall(info)]))
+        lines.append(
+            row(
+                [
+                    f"`{info['command']}`",
+                    f2(a["baseline"]["test"]),
+                    f2(a["main_ch"]["test"]),
+                    f2(a["main_cvc"]["test"]),
+                    f2(a["ete"]["test"]),
+                    f2(a["coarse_ch"]["test"]),
+                    f2(a["coarse_cvc"]["test"]),
+                    f"{used} of {m['coarse_k']}",
+                    wall(info),
+                ]
+            )
+        )
     p = m["paper_cifar100"] if m else None
     if p:
-        lines.append(row(["paper, CIFAR-100, K=10", p["baseline"]["test"], p["main_ch"]["test"],
-                          p["main_cvc"]["test"], p["ete"]["test"], p["coarse_ch"]["test"], p["coarse_cvc"]["test"],
-                          "1 of 10", ""]))
-    lines += ["", "Median epoch seconds of every network are in each run's `metrics.json` "
-              "(`epoch_seconds_median`); the CH categories found are in `coarse_categories.md`.", ""]
+        lines.append(
+            row(
+                [
+                    "paper, CIFAR-100, K=10",
+                    p["baseline"]["test"],
+                    p["main_ch"]["test"],
+                    p["main_cvc"]["test"],
+                    p["ete"]["test"],
+                    p["coarse_ch"]["test"],
+                    p["coarse_cvc"]["test"],
+                    "1 of 10",
+                    "",
+                ]
+            )
+        )
+    lines += [
+        "",
+        "Median epoch seconds of every network are in each run's `metrics.json` "
+        "(`epoch_seconds_median`); the CH categories found are in `coarse_categories.md`.",
+        "",
+    ]
 
-    lines += ["### Hierarchical deep loss (`hdl_stack.py`), test error %", "",
-              row(["command", "baseline fine", "HDL fine", "HDL level heads", "HDL violations", "wall"]),
-              row(["---"] * 6)]
+    lines += [
+        "### Hierarchical deep loss (`hdl_stack.py`), test error %",
+        "",
+        row(["command", "baseline fine", "HDL fine", "HDL level heads", "HDL violations", "wall"]),
+        row(["---"] * 6),
+    ]
     for run in ("hdl_stack_shapes", "hdl_stack_cifar10"):
         m, info = load(run, results)
         if m is None:
             continue
         levels = ", ".join(f"{k} {f2(v)}" for k, v in m["hdl"]["level_error"].items())
-        lines.append(row([f"`{info['command']}`", f2(m["baseline"]["fine_error"]), f2(m["hdl"]["fine_error"]),
-                          levels, f2(m["hdl"]["violation_rate"]["with_fine"]), wall(info)]))
-    lines += [row(["paper, shapes (Table 4)", "", "", "fill 0, outline 0, shape 0", "", ""]),
-              row(["paper, CIFAR-100 ResNet-18, 800 epochs (Table 3)", "35.70", "35.70", "12.23 / 11.43 / 1.20",
-                   "", ""]), ""]
+        lines.append(
+            row(
+                [
+                    f"`{info['command']}`",
+                    f2(m["baseline"]["fine_error"]),
+                    f2(m["hdl"]["fine_error"]),
+                    levels,
+                    f2(m["hdl"]["violation_rate"]["with_fine"]),
+                    wall(info),
+                ]
+            )
+        )
+    lines += [
+        row(["paper, shapes (Table 4)", "", "", "fill 0, outline 0, shape 0", "", ""]),
+        row(["paper, CIFAR-100 ResNet-18, 800 epochs (Table 3)", "35.70", "35.70", "12.23 / 11.43 / 1.20", "", ""]),
+        "",
+    ]
 
     bench = results / "bench.json"
     if bench.exists():
         b = json.loads(bench.read_text())
-        lines += [f"### Speed (`bench.py`), training images/s, {b['device']}, torch {b['torch']}", "",
-                  f"`{b['command']}`: {b['steps']} steps after {b['warmup']} warm-up steps, on {b['images']}.", "",
-                  row(["backbone", "batch", "usual loop", "ours", "model-only ceiling", "ours / usual",
-                       "ours / ceiling"]),
-                  row(["---"] * 7)]
+        lines += [
+            f"### Speed (`bench.py`), training images/s, {b['device']}, torch {b['torch']}",
+            "",
+            f"`{b['command']}`: {b['steps']} steps after {b['warmup']} warm-up steps, on {b['images']}.",
+            "",
+            row(["backbone", "batch", "usual loop", "ours", "model-only ceiling", "ours / usual", "ours / ceiling"]),
+            row(["---"] * 7),
+        ]
         for r in b["rows"]:
-            lines.append(row([r["backbone"], r["batch"], f"{r['usual']:.0f}", f"{r['ours']:.0f}",
-                              f"{r['ceiling']:.0f}", f2(r["ours_over_usual"]), f2(r["ours_over_ceiling"])]))
+            lines.append(
+                row(
+                    [
+                        r["backbone"],
+                        r["batch"],
+                        f"{r['usual']:.0f}",
+                        f"{r['ours']:.0f}",
+                        f"{r['ceiling']:.0f}",
+                        f2(r["ours_over_usual"]),
+                        f2(r["ours_over_ceiling"]),
+                    ]
+                )
+            )
         lines.append("")
     lines.append(END)
     return "\n".join(lines)
