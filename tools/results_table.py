@@ -180,8 +180,21 @@ def section(results):
     lines += [
         "### Coarse network x VGG16 by outer product (`coarse_outer_product.py`), test accuracy %",
         "",
-        row(["run", "baseline", "CH", "CVC", "ETE", "CH coarse net", "CVC coarse net", "ETE categories used", "wall"]),
-        row(["---"] * 9),
+        row(
+            [
+                "run",
+                "baseline",
+                "CH",
+                "CVC",
+                "ETE",
+                "CH coarse net",
+                "CVC coarse net",
+                "ETE categories used",
+                "epoch s (baseline / CH / ETE)",
+                "wall",
+            ]
+        ),
+        row(["---"] * 10),
     ]
     for run in ("coarse_outer_product_cifar10", "coarse_outer_product_shapes"):
         m, info = load(run, results)
@@ -200,6 +213,7 @@ def section(results):
                     f2(a["coarse_ch"]["test"]),
                     f2(a["coarse_cvc"]["test"]),
                     f"{used} of {m['coarse_k']}",
+                    " / ".join(f"{m['epoch_seconds_median'][k]:.1f}" for k in ("baseline", "main_ch", "ete")),
                     wall(info),
                 ]
             )
@@ -218,12 +232,13 @@ def section(results):
                     p["coarse_cvc"]["test"],
                     "1 of 10",
                     "",
+                    "",
                 ]
             )
         )
     lines += [
         "",
-        "Median epoch seconds of every network are in each run's `metrics.json` "
+        "Epoch seconds are medians (other jobs shared the GPU); every network's are in `metrics.json` "
         "(`epoch_seconds_median`); the CH categories found are in `coarse_categories.md`.",
         "",
     ]
