@@ -33,3 +33,14 @@ def test_write_replaces_only_the_marked_section(tmp_path):
     text = readme.read_text()
     assert text.startswith("before\n") and text.endswith("\nafter\n")
     assert "old numbers" not in text and "| resnet56 | 128 |" in text
+
+
+def test_section_builds_from_a_partial_results_dir(tmp_path):
+    import shutil
+
+    tool = load_tool()
+    shutil.copy(ROOT / "results" / "bench.json", tmp_path / "bench.json")
+    shutil.copytree(ROOT / "results" / "hdl_stack_shapes", tmp_path / "hdl_stack_shapes")
+    text = tool.section(tmp_path)
+    assert "`hiernet_cifar10_n3` | not run yet" in text
+    assert "`python hdl_stack.py --dataset shapes`" in text and "| resnet56 | 128 |" in text

@@ -63,18 +63,25 @@ def hiernet_rows(results, runs):
 
 def section(results):
     lines = [START, ""]
-    device = None
-    for p in sorted(results.glob("*/run.json")):
-        d = json.loads(p.read_text())["device"]
-        device = f"{d['gpu']}, torch {d['torch']}" + (", jobs sharing the GPU through MPS" if d.get("mps") else "")
+    devices = sorted(
+        {
+            f"{d['gpu']}, torch {d['torch']}" + (", jobs sharing the GPU through MPS" if d.get("mps") else "")
+            for d in (json.loads(p.read_text())["device"] for p in results.glob("*/run.json"))
+        }
+    )
+    backbone, _ = load("hiernet_cifar10_n3", results)
+    resnet20 = (
+        f": our ResNet-20 (HierNet's n=3 backbone) reaches {f2(backbone['backbone_acc'])}% on it against "
+        "He et al.'s 91.25% on the original test set"
+        if backbone
+        else ""
+    )
     lines += [
-        f"Runs made by `python tools/gpu_runs.py` on one {device}. Wall times count the whole run; "
+        f"Runs made by `python tools/gpu_runs.py` on one {' / '.join(devices)}. Wall times count the whole run; "
         "several runs shared the GPU at once, so a run alone is faster. Each run's folder in `results/` "
         "holds `metrics.json`, `metrics.jsonl` (per epoch), its tables, `train.log` and `run.json` "
         "(command, device, wall time). CIFAR-10 here is the JPEG quality-75 copy of the real images, "
-        "which costs accuracy against the original files: our ResNet-20 (HierNet's n=3 backbone) reaches "
-        f"{f2(load('hiernet_cifar10_n3', results)[0]['backbone_acc'])}% on it against He et al.'s 91.25% "
-        "on the original test set.",
+        f"which costs accuracy against the original files{resnet20}.",
         "",
     ]
 
@@ -164,11 +171,8 @@ def section(results):
             lines.append(
                 row([f"`{run}`", arch, f"{cost['parameters']:,}", f"{cost['steady_train_seconds']:.0f}", *cells])
             )
-    commands = [
-        load(r, results)[1]["command"]
-        for r in ("merged_resnet_cifar10", "merged_resnet_shapes")
-        if load(r, results)[0] is not None
-    ]
+    runs = [load(r, results)[1] for r in ("merged_resnet_cifar10", "merged_resnet_shapes")]
+    commands = [info["command"] for info in runs if info is not None]
     lines += [
         "",
         "Commands: " + "; ".join(f"`{c}`" for c in commands) + ". Alpha is chosen on a validation "
@@ -218,8 +222,9 @@ def section(results):
                 ]
             )
         )
-    p = m["paper_cifar100"] if m else None
-    if p:
+    paper = load("coarse_outer_product_cifar10", results)[0] or load("coarse_outer_product_shapes", results)[0]
+    if paper:
+        p = paper["paper_cifar100"]
         lines.append(
             row(
                 [
