@@ -1,6 +1,7 @@
 """The README's results section is exactly what tools/results_table.py builds from results/."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,3 +45,26 @@ def test_section_builds_from_a_partial_results_dir(tmp_path):
     text = tool.section(tmp_path)
     assert "`hiernet_cifar10_n3` | not run yet" in text
     assert "`python hdl_stack.py --dataset shapes`" in text and "| resnet56 | 128 |" in text
+
+
+def test_collect_copies_finished_runs_without_checkpoints(tmp_path):
+    spec = importlib.util.spec_from_file_location("gpu_runs", ROOT / "tools" / "gpu_runs.py")
+    gpu_runs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_runs)
+    src, results = tmp_path / "src", tmp_path / "results"
+    (src / "done" / "stage").mkdir(parents=True)
+    (src / "done" / "metrics.json").write_text("{}")
+    (src / "done" / "stage" / "checkpoint.pt").write_bytes(b"weights")
+    (src / "done" / "stage" / "stopped.json").write_text("{}")
+    (src / "done.run.json").write_text('{"name": "old", "command": "python x.py", "calls": []}')
+    (src / "done.log").write_text("epoch 1\n")
+    (src / "running").mkdir()
+    (src / "running.run.json").write_text("{}")
+    assert gpu_runs.collect(src, results) == ["done"]
+    assert sorted(p.relative_to(results).as_posix() for p in results.rglob("*") if p.is_file()) == [
+        "done/metrics.json",
+        "done/run.json",
+        "done/stage/stopped.json",
+        "done/train.log",
+    ]
+    assert json.loads((results / "done" / "run.json").read_text())["name"] == "done"

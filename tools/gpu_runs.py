@@ -9,11 +9,13 @@ them with --resume. A finished job (metrics.json written) is skipped. Every job 
     python tools/gpu_runs.py --budget 550 --parallel 4 --out $OUT           # on the GPU machine
     python tools/gpu_runs.py --list                                         # the commands
 
+    python tools/gpu_runs.py --collect DIR                                  # back here: into results/
+
 CIFAR-10 comes from the JPEG copy: put cifar10_jpeg.npz and unpack_cifar10_jpeg.py in the ignored
-data/ folder (and carry both); the first call unpacks them there. Afterwards, on this machine:
-unpack results.tar.gz, copy each finished run into results/<name>/ (without checkpoints; its
-<name>.log as train.log and <name>.run.json as run.json) and rebuild the README's tables with
-tools/results_table.py.
+data/ folder (and carry both); the first call unpacks them there. Back on this machine, unpack
+results.tar.gz into DIR; --collect copies each finished run into results/<name>/ (no checkpoints;
+<name>.log becomes train.log, <name>.run.json run.json). Then rebuild the README's tables with
+tools/results_table.py --write README.md.
 
 When the MPS control daemon starts, the jobs share the GPU through it (their small kernels then
 run side by side); otherwise they time-slice. Epoch times of jobs that shared the GPU are longer
@@ -24,6 +26,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -197,6 +200,25 @@ def pack(out, with_checkpoints):
             )
 
 
+def collect(src, results=ROOT / "results"):
+    """Copy the finished runs unpacked in src into results/<name>/; returns their names."""
+    src = Path(src)
+    names = sorted(p.parent.name for p in src.glob("*/metrics.json") if (src / f"{p.parent.name}.run.json").exists())
+    for name in names:
+        dst = results / name
+        if dst.exists():
+            shutil.rmtree(dst)
+        shutil.copytree(src / name, dst, ignore=lambda folder, files: [f for f in files if f.endswith(".pt")])
+        info = json.loads((src / f"{name}.run.json").read_text())
+        info["name"] = name  # a run renamed after it ran keeps its record's name in step
+        (dst / "run.json").write_text(json.dumps(info, indent=2) + "\n")
+        if (src / f"{name}.log").exists():
+            shutil.copy(src / f"{name}.log", dst / "train.log")
+        for stage in [d for d in dst.iterdir() if d.is_dir() and not any(d.iterdir())]:
+            stage.rmdir()  # a stage folder that held only its checkpoint
+    return names
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budget", type=float, default=550, help="seconds before running jobs are stopped")
@@ -206,7 +228,12 @@ def main(argv=None):
     p.add_argument("--save-checkpoints", action="store_true", help="also pack the unfinished runs' checkpoints")
     p.add_argument("--no-mps", action="store_true")
     p.add_argument("--list", action="store_true")
+    p.add_argument("--collect", metavar="DIR", help="copy the finished runs unpacked in DIR into results/")
     a = p.parse_args(argv)
+    if a.collect:
+        for name in collect(a.collect):
+            print(f"results/{name}")
+        return
     if a.list:
         for name, args in JOBS.items():
             print(f"{name}: python {shlex.join(args)}")
