@@ -65,7 +65,7 @@ def section(results):
     lines = [START, ""]
     devices = sorted(
         {
-            f"{d['gpu']}, torch {d['torch']}" + (", jobs sharing the GPU through MPS" if d.get("mps") else "")
+            f"{d['gpu']}, torch {d['torch']}"
             for d in (json.loads(p.read_text())["device"] for p in results.glob("*/run.json"))
         }
     )
@@ -78,7 +78,8 @@ def section(results):
     )
     lines += [
         f"Runs made by `python tools/gpu_runs.py` on one {' / '.join(devices)}. Wall times count the whole run; "
-        "several runs shared the GPU at once, so a run alone is faster. Each run's folder in `results/` "
+        "a run marked with the number of jobs that shared the GPU ran beside others (through MPS), so alone "
+        "it is faster. Each run's folder in `results/` "
         "holds `metrics.json`, `metrics.jsonl` (per epoch), its tables, `train.log` and `run.json` "
         "(command, device, wall time). CIFAR-10 here is the JPEG quality-75 copy of the real images, "
         f"which costs accuracy against the original files{resnet20}.",
@@ -102,14 +103,15 @@ def section(results):
         ),
         row(["---"] * 8),
     ]
-    lines += hiernet_rows(
-        results, ["hiernet_cifar10_n3", "hiernet_cifar10_n3_pmin0.075", "hiernet_cifar10_n9", "hiernet_shapes"]
-    )
+    hiernet_runs = ["hiernet_cifar10_n3", "hiernet_cifar10_n3_pmin0.075", "hiernet_cifar10_n9", "hiernet_shapes"]
+    lines += hiernet_rows(results, hiernet_runs)
+    missing = [f"`{run}`" for run in hiernet_runs if load(run, results)[0] is None]
     lines += [
         "",
         "Paper (Table 1, CIFAR-100, backbone / slow / fast): n=3 65.96 / 68.89 / 68.08, n=9 68.38 / "
-        "72.15 / 72.01; no CIFAR-10 accuracy is given. Not run yet: CIFAR-100 (not on these machines) and "
-        "CIFAR-10 n=9.",
+        "72.15 / 72.01; no CIFAR-10 accuracy is given. Not run: CIFAR-100 (not on these machines)"
+        + "".join(f", {run}" for run in missing)
+        + ".",
         "",
     ]
 
