@@ -197,6 +197,17 @@ def test_paired_t_test_by_hand():
     assert mr.paired_t_test(a, a)["p"] == 1.0
 
 
+def test_paired_t_test_equal_count_differences_have_no_spread():
+    # Every run one test image better: the differences agree up to float rounding only.
+    n = 5000
+    a, b = 100 * np.array([53, 60, 71]) / n, 100 * np.array([43, 50, 61]) / n
+    assert np.ptp(a - b) > 0  # the rounding the test is about
+    result = mr.paired_t_test(a, b)
+    assert result["t"] == math.inf and result["p"] == 0.0
+    assert mr.paired_t_test(b, a)["t"] == -math.inf
+    assert 0 < mr.paired_t_test(a, b + np.array([0, 0.02, -0.02]))["p"] < 1  # a real spread is tested
+
+
 def test_ensemble_sizes():
     assert mr.ensemble_sizes(1) == [1]
     assert mr.ensemble_sizes(4) == [1, 2, 4]
