@@ -325,7 +325,7 @@ def paired_t_test(a, b):
         return {"mean_diff": float(diff.mean()) if n else math.nan, "t": math.nan, "df": n - 1, "p": math.nan}
     mean, sd = diff.mean(), diff.std(ddof=1)
     # Identical differences leave no spread to test against. Errors are count / n, so "identical"
-    # means equal up to rounding: 0.2 = 53/50 - 43/50 = 60/50 - 50/50 differs in the last bit.
+    # means equal up to rounding: 53/50 - 43/50 and 60/50 - 50/50 (both 0.2) differ in the last bit.
     if sd <= 1e-9 * np.abs(diff).max():
         t = 0.0 if mean == 0 else math.copysign(math.inf, mean)
     else:

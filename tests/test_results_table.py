@@ -44,6 +44,7 @@ def test_section_builds_from_a_partial_results_dir(tmp_path):
     shutil.copytree(ROOT / "results" / "hdl_stack_shapes", tmp_path / "hdl_stack_shapes")
     text = tool.section(tmp_path)
     assert "`hiernet_cifar10_n3` | not run yet" in text
+    assert "Not run: CIFAR-100 (not on these machines), `hiernet_cifar10_n3`, `hiernet_cifar10_n3_pmin0.075`" in text
     assert "`python hdl_stack.py --dataset shapes`" in text and "| resnet56 | 128 |" in text
 
 
