@@ -106,20 +106,6 @@ ROW_NAMES = {
 }
 
 
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def nonnegative_float(text):
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
 def get_args(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -127,36 +113,41 @@ def get_args(argv=None):
     common.add_common_args(parser, epochs=80, batch_size=128, lr=0.01, dataset="shapes")
     g = parser.add_argument_group("coarse_outer_product")
     g.add_argument("--method", default="all", choices=METHODS + ("all",), help="which networks to train")
-    g.add_argument("--coarse-k", type=positive_int, default=10, help="number of coarse categories K")
+    g.add_argument("--coarse-k", type=common.positive_int, default=10, help="number of coarse categories K")
     g.add_argument(
-        "--val-per-class", type=positive_int, default=100, help="validation images per class (400/100 split)"
+        "--val-per-class", type=common.positive_int, default=100, help="validation images per class (400/100 split)"
     )
-    g.add_argument("--momentum", type=nonnegative_float, default=0.9)
-    g.add_argument("--weight-decay", type=nonnegative_float, default=1e-3, help="L2 regularisation")
-    g.add_argument("--lr-factor", type=nonnegative_float, default=0.3, help="lr factor on a validation-loss plateau")
-    g.add_argument("--lr-patience", type=positive_int, default=5, help="epochs without a lower validation loss")
-    g.add_argument("--hidden", type=positive_int, default=512, help="width of the two hidden linear layers")
-    g.add_argument("--dropout", type=nonnegative_float, default=0.5)
-    g.add_argument("--coarse-epochs", type=positive_int, default=30, help="epochs of the VGG13 coarse networks")
+    g.add_argument("--momentum", type=common.fraction, default=0.9)
+    g.add_argument("--weight-decay", type=common.nonneg_float, default=1e-3, help="L2 regularisation")
     g.add_argument(
-        "--pretrain-epochs", type=positive_int, default=80, help="at most this many epochs of the early-stopped VGG16"
+        "--lr-factor", type=common.positive_fraction, default=0.3, help="lr factor on a validation-loss plateau"
     )
-    g.add_argument("--early-stop-patience", type=positive_int, default=5)
-    g.add_argument("--recovery-epochs", type=positive_int, default=10, help="epochs of the coarse + recovery layers")
-    g.add_argument("--recovery-l1", type=nonnegative_float, default=0.005, help="L1 on the recovery layer's weights")
+    g.add_argument("--lr-patience", type=common.positive_int, default=5, help="epochs without a lower validation loss")
+    g.add_argument("--hidden", type=common.positive_int, default=512, help="width of the two hidden linear layers")
+    g.add_argument("--dropout", type=common.fraction, default=0.5)
+    g.add_argument("--coarse-epochs", type=common.positive_int, default=30, help="epochs of the VGG13 coarse networks")
     g.add_argument(
-        "--ch-restarts", type=positive_int, default=3, help="recovery-layer restarts; the most balanced is kept"
+        "--pretrain-epochs",
+        type=common.positive_int,
+        default=80,
+        help="at most this many epochs of the early-stopped VGG16",
+    )
+    g.add_argument("--early-stop-patience", type=common.positive_int, default=5)
+    g.add_argument(
+        "--recovery-epochs", type=common.positive_int, default=10, help="epochs of the coarse + recovery layers"
+    )
+    g.add_argument("--recovery-l1", type=common.nonneg_float, default=0.005, help="L1 on the recovery layer's weights")
+    g.add_argument(
+        "--ch-restarts", type=common.positive_int, default=3, help="recovery-layer restarts; the most balanced is kept"
     )
     g.add_argument("--diversity", default="none", choices=("none", "eq3", "eq4"), help="ETE diversity loss")
-    g.add_argument("--lambda1", type=nonnegative_float, default=1e-3, help="Eq. 3: weight of the Mexican hat")
-    g.add_argument("--lambda2", type=nonnegative_float, default=3e-3, help="Eq. 3: quartic coefficient of the hat")
-    g.add_argument("--lambda3", type=nonnegative_float, default=1e-4, help="Eq. 3: weight of the overlap term")
-    g.add_argument("--lambda4", type=nonnegative_float, default=1e-4, help="Eq. 4: lambda")
+    g.add_argument("--lambda1", type=common.nonneg_float, default=1e-3, help="Eq. 3: weight of the Mexican hat")
+    g.add_argument("--lambda2", type=common.nonneg_float, default=3e-3, help="Eq. 3: quartic coefficient of the hat")
+    g.add_argument("--lambda3", type=common.nonneg_float, default=1e-4, help="Eq. 3: weight of the overlap term")
+    g.add_argument("--lambda4", type=common.nonneg_float, default=1e-4, help="Eq. 4: lambda")
     args = common.parse_args(parser, argv)
     if args.coarse_k < 2:
         parser.error("--coarse-k must be at least 2")
-    if args.dropout >= 1:
-        parser.error("--dropout must be below 1")
     return args
 
 
@@ -389,9 +380,8 @@ def train_stage(ctx, name, model, loss_fn, train_loader, validate, epochs, param
     plateau = common.ReduceOnPlateau(args.lr, factor=args.lr_factor, patience=args.lr_patience)
     stopper = EarlyStopping(stage_dir, args.early_stop_patience) if early_stopping else None
     extra_state = {"plateau": plateau, **({"early_stopping": stopper} if stopper else {})}
-    step_model = torch.compile(model) if args.compile else model
     step = common.make_train_step(
-        step_model, loss_fn, optimizer, device=device, dtype=args.dtype, cuda_graph=args.cuda_graph and not args.compile
+        model, loss_fn, optimizer, device=device, dtype=args.dtype, cuda_graph=args.cuda_graph, compile=args.compile
     )
 
     def on_epoch_end(epoch, record):

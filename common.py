@@ -49,20 +49,97 @@ def fail(message):
 DATASETS = ("shapes", "cifar100", "cifar10", "mnist", "folder")
 
 
+# argparse `type=` checks: an impossible value stops at parse time with the usage and one line
+# ("argument --epochs: must be at least 1, got 0"), exit status 2, before anything is loaded.
+
+
+def _parse_number(text, kind):
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected {'an integer' if kind is int else 'a number'}, got {text!r}"
+        ) from None
+
+
+def positive_int(text):
+    """An integer >= 1 (epochs, sizes, counts)."""
+    value = _parse_number(text, int)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
+def nonneg_int(text):
+    """An integer >= 0."""
+    value = _parse_number(text, int)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {text}")
+    return value
+
+
+def seed_int(text):
+    """A seed numpy accepts: 0 <= seed < 2**32."""
+    value = _parse_number(text, int)
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must be in 0..{2**32 - 1}, got {text}")
+    return value
+
+
+def positive_float(text):
+    """A finite number > 0 (learning rates)."""
+    value = _parse_number(text, float)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def nonneg_float(text):
+    """A finite number >= 0 (loss weights, weight decay)."""
+    value = _parse_number(text, float)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def fraction(text):
+    """A number in [0, 1) (momentum, dropout)."""
+    value = _parse_number(text, float)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def positive_fraction(text):
+    """A number in (0, 1) (a held-out share, a decay factor)."""
+    value = _parse_number(text, float)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
+    return value
+
+
+def device_name(text):
+    """auto, cpu, cuda, cuda:N or mps; whether the device exists is checked by get_device."""
+    kind, _, index = text.partition(":")
+    if text in ("auto", "cpu", "cuda", "mps") or (kind == "cuda" and index.isdigit()):
+        return text
+    raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda, cuda:N or mps, got {text!r}")
+
+
 def add_common_args(parser, *, epochs, batch_size, lr, dataset="shapes", datasets=DATASETS):
     """The flags every script shares; the defaults passed in are the script's paper settings."""
     g = parser.add_argument_group("common")
     g.add_argument("--dataset", default=dataset, choices=datasets)
     g.add_argument("--data-dir", default="./data", help="root of the on-disk datasets")
     g.add_argument("--hierarchy", default=None, help="JSON {coarse: [fine, ...]} (nested for more levels)")
-    g.add_argument("--image-size", type=int, default=None, help="shapes/folder image side (shapes default 64)")
-    g.add_argument("--train-size", type=int, default=20000, help="shapes: number of training images")
-    g.add_argument("--test-size", type=int, default=6000, help="shapes: number of test images")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    g.add_argument("--epochs", type=int, default=epochs)
-    g.add_argument("--batch-size", type=int, default=batch_size)
-    g.add_argument("--lr", type=float, default=lr)
+    g.add_argument("--image-size", type=positive_int, default=None, help="shapes/folder image side (shapes default 64)")
+    g.add_argument("--train-size", type=positive_int, default=20000, help="shapes: number of training images")
+    g.add_argument("--test-size", type=positive_int, default=6000, help="shapes: number of test images")
+    g.add_argument("--seed", type=seed_int, default=0)
+    g.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    g.add_argument("--epochs", type=positive_int, default=epochs)
+    g.add_argument("--batch-size", type=positive_int, default=batch_size)
+    g.add_argument("--lr", type=positive_float, default=lr)
     g.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="autocast dtype on CUDA (CPU: fp32)")
     g.add_argument("--out-dir", default=None, help="run directory (default runs/<script>-<time>)")
     g.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR where it stopped")
@@ -104,6 +181,10 @@ def get_device(name="auto"):
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         fail(f"--device {name}: CUDA is not available here; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        fail(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        fail(f"--device {name}: MPS is not available here; use --device cpu")
     return device
 
 
@@ -327,7 +408,7 @@ def load_hierarchy_file(path, fine_names):
         fail(f"--hierarchy {path}: file not found")
     try:
         obj = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         fail(f"--hierarchy {path}: not valid JSON ({e})")
     return hierarchy_from_json(obj, fine_names, source=str(path))
 
@@ -364,10 +445,39 @@ class Data:
         return self.hierarchy.class_names[-1]
 
 
-def _unpickle(path):
-    with open(path, "rb") as f:
-        obj = pickle.load(f, encoding="bytes")
+def _unpickle(path, remedy):
+    """A CIFAR pickle as a dict with str keys; an unreadable file stops with one line.
+
+    The CIFAR format is pickle, which can run code: dataset files are trusted input."""
+    try:
+        with open(path, "rb") as f:
+            obj = pickle.load(f, encoding="bytes")
+    except Exception as e:  # a damaged pickle can fail in many ways (EOFError, UnpicklingError, ...)
+        fail(f"{path}: truncated or corrupted ({type(e).__name__}: {e}); {remedy}")
+    if not isinstance(obj, dict):
+        fail(f"{path}: not a CIFAR pickle (holds a {type(obj).__name__}, not a dict); {remedy}")
     return {(k.decode() if isinstance(k, bytes) else k): v for k, v in obj.items()}
+
+
+def _cifar_batch(path, label_counts, remedy):
+    """One CIFAR pickle: (uint8 N x 3 x 32 x 32 images, [int64 labels per key of label_counts]).
+
+    label_counts maps a label key to its number of classes; shapes and label ranges are checked."""
+    d = _unpickle(path, remedy)
+    for key in ("data", *label_counts):
+        if key not in d:
+            fail(f"{path}: no {key!r} entry; not a CIFAR batch file. {remedy}")
+    try:
+        data = np.asarray(d["data"], dtype=np.uint8)
+        labels = [np.asarray(d[key], dtype=np.int64).reshape(-1) for key in label_counts]
+    except (TypeError, ValueError) as e:
+        fail(f"{path}: unreadable ({type(e).__name__}: {e}); {remedy}")
+    for key, y in zip(label_counts, labels):
+        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(y):
+            fail(f"{path}: image array of shape {data.shape} for {len(y)} {key}, expected N x 3072; {remedy}")
+        if len(y) and not (y.min() >= 0 and y.max() < label_counts[key]):
+            fail(f"{path}: {key} outside 0..{label_counts[key] - 1}; {remedy}")
+    return data.reshape(-1, 3, 32, 32), labels
 
 
 def _names(values):
@@ -412,14 +522,16 @@ def load_cifar100(data_dir):
     for part in ("train", "test"):
         if not (base / part).exists():
             fail(f"cifar-100-python/{part} not found under {root}; the download is incomplete, fetch it again")
-    meta = _unpickle(base / "meta")
+    remedy = f"delete {base} and download it again (or unpack cifar-100-python.tar.gz again)"
+    meta = _unpickle(base / "meta", remedy)
+    if "fine_label_names" not in meta or "coarse_label_names" not in meta:
+        fail(f"{base / 'meta'}: no class names; not CIFAR-100's meta file. {remedy}")
+    fine_names, coarse_names = _names(meta["fine_label_names"]), _names(meta["coarse_label_names"])
     splits, coarse = {}, {}
     for part in ("train", "test"):
-        d = _unpickle(base / part)
-        images = torch.from_numpy(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).copy())
-        splits[part] = Split(images, torch.as_tensor(np.asarray(d["fine_labels"]), dtype=torch.long))
-        coarse[part] = np.asarray(d["coarse_labels"])
-    fine_names, coarse_names = _names(meta["fine_label_names"]), _names(meta["coarse_label_names"])
+        label_counts = {"fine_labels": len(fine_names), "coarse_labels": len(coarse_names)}
+        images, (fine, coarse[part]) = _cifar_batch(base / part, label_counts, remedy)
+        splits[part] = Split(torch.from_numpy(images.copy()), torch.from_numpy(fine))
     hierarchy = hierarchy_from_labels(
         splits["train"].labels.numpy(), [coarse["train"]], ["coarse", "fine"], [coarse_names, fine_names]
     )
@@ -439,36 +551,54 @@ def load_cifar10(data_dir):
     root = Path(data_dir)
     base = root / "cifar-10-batches-py"
     _need(base / "batches.meta", "cifar10", root, "cifar-10-batches-py")
-    names = _names(_unpickle(base / "batches.meta")["label_names"])
+    remedy = f"delete {base} and download it again (or unpack cifar-10-python.tar.gz again)"
+    meta = _unpickle(base / "batches.meta", remedy)
+    if "label_names" not in meta:
+        fail(f"{base / 'batches.meta'}: no label_names; not CIFAR-10's meta file. {remedy}")
+    names = _names(meta["label_names"])
     splits = {}
     for part, files in (("train", [f"data_batch_{i}" for i in range(1, 6)]), ("test", ["test_batch"])):
         images, labels = [], []
         for name in files:
             if not (base / name).exists():
-                fail(f"{base / name} not found; the cifar-10-batches-py folder is incomplete")
-            d = _unpickle(base / name)
-            images.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            labels.append(np.asarray(d["labels"]))
-        splits[part] = Split(
-            torch.from_numpy(np.concatenate(images)), torch.as_tensor(np.concatenate(labels), dtype=torch.long)
-        )
+                fail(f"{base / name} not found; the cifar-10-batches-py folder is incomplete: {remedy}")
+            batch_images, (batch_labels,) = _cifar_batch(base / name, {"labels": len(names)}, remedy)
+            images.append(batch_images)
+            labels.append(batch_labels)
+        splits[part] = Split(torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels)))
     hierarchy = hierarchy_from_json(CIFAR10_HIERARCHY, names, source="built-in CIFAR-10 hierarchy")
     return splits["train"], splits["test"], hierarchy
 
 
-def load_mnist(data_dir):
-    """MNIST through torchvision's on-disk format (MNIST/raw/*-ubyte)."""
-    import torchvision
+def _read_idx(path, ndim, remedy):
+    """One MNIST IDX file (magic 0 0 8 ndim, big-endian uint32 sizes, uint8 data) as an array."""
+    if not path.is_file():
+        fail(f"{path} not found; {remedy}")
+    raw = path.read_bytes()
+    header = 4 + 4 * ndim
+    if len(raw) < header or raw[:4] != bytes([0, 0, 8, ndim]):
+        fail(f"{path}: not an MNIST ubyte file of {ndim} dimension(s) (bad header); {remedy}")
+    dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    if len(raw) - header != math.prod(dims):
+        fail(f"{path}: {len(raw) - header} bytes of data for sizes {dims}; truncated or corrupted. {remedy}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
 
+
+def load_mnist(data_dir):
+    """MNIST from torchvision's on-disk layout (MNIST/raw/*-ubyte), read and checked here."""
     root = Path(data_dir)
-    _need(root / "MNIST" / "raw" / "t10k-labels-idx1-ubyte", "mnist", root, "MNIST")
+    raw = root / "MNIST" / "raw"
+    _need(raw / "t10k-labels-idx1-ubyte", "mnist", root, "MNIST")
+    remedy = f"delete {root / 'MNIST'} and download it again (or gunzip the *-ubyte.gz files again)"
     splits = {}
-    for part in ("train", "test"):
-        try:
-            ds = torchvision.datasets.MNIST(root, train=part == "train", download=False)
-        except RuntimeError as e:
-            fail(f"MNIST under {root}: {e}")
-        splits[part] = Split(ds.data.unsqueeze(1).contiguous(), ds.targets.long())
+    for part, prefix in (("train", "train"), ("test", "t10k")):
+        images = _read_idx(raw / f"{prefix}-images-idx3-ubyte", 3, remedy)
+        labels = _read_idx(raw / f"{prefix}-labels-idx1-ubyte", 1, remedy)
+        if len(images) != len(labels) or images.shape[1:] != (28, 28):
+            fail(f"{raw}: {prefix} images {images.shape} do not match {len(labels)} labels of 28 x 28 digits; {remedy}")
+        if len(labels) and labels.max() > 9:
+            fail(f"{raw / f'{prefix}-labels-idx1-ubyte'}: a label above 9; {remedy}")
+        splits[part] = Split(torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)))
     names = [str(i) for i in range(10)]
     return splits["train"], splits["test"], Hierarchy(["fine"], [names], [np.arange(10)])
 
@@ -483,15 +613,22 @@ def _folder_files(root):
         part_dir = root / part
         if not part_dir.is_dir():
             fail(f"image folder {part_dir} not found; expected {root}/train/<class>/* and {root}/test/<class>/*")
-        files[part] = [
-            (c.name, p)
+        images = {
+            c.name: [p for p in sorted(c.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
             for c in sorted(part_dir.iterdir())
             if c.is_dir()
-            for p in sorted(c.iterdir())
-            if p.suffix.lower() in IMAGE_SUFFIXES
-        ]
-        if not files[part]:
-            fail(f"image folder {part_dir} holds no images")
+        }
+        if not images:
+            fail(f"image folder {part_dir} holds no class folders")
+        # An empty class folder is an error, not skipped: dropping it would renumber the classes
+        # and silently change the class list that hierarchies, checkpoints and results refer to.
+        empty = [c for c, paths in images.items() if not paths]
+        if empty:
+            fail(
+                f"image folder {part_dir}: class folder(s) without images ({', '.join(empty[:5])}"
+                f"{', ...' if len(empty) > 5 else ''}); add images ({', '.join(sorted(IMAGE_SUFFIXES))}) or remove them"
+            )
+        files[part] = [(c, p) for c, paths in images.items() for p in paths]
     return files
 
 
@@ -529,7 +666,7 @@ def load_folder(data_dir, image_size=None):
                     with Image.open(p) as im:
                         img = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).contiguous()
                 except Exception as e:
-                    fail(f"cannot decode image {p}: {e}")
+                    fail(f"cannot decode image {p} ({e}); replace the file (re-copy or re-unpack it) or remove it")
                 if image_size and tuple(img.shape[1:]) != (image_size, image_size):
                     img = torchvision.transforms.functional.resize(img, [image_size, image_size], antialias=True)
                 images.append(img)
@@ -1230,15 +1367,20 @@ def _as_stats(out):
     return loss, {"loss": loss.detach(), **{k: v.detach() for k, v in stats.items()}}
 
 
-def make_train_step(model, loss_fn, optimizer, *, device, dtype="bf16", cuda_graph=True):
+def make_train_step(model, loss_fn, optimizer, *, device, dtype="bf16", cuda_graph=True, compile=False):
     """One optimisation step: step(x, y) -> dict of 0-dim device tensors (no host sync).
 
     loss_fn(model, x, y) returns the loss, or (loss, {name: 0-dim tensor}) for more statistics
     (sums or means over the batch). On CUDA with cuda_graph, forward, backward and optimizer
     step are captured once into one CUDA graph and replayed; the graph is captured again when
     the learning rate changes (it is baked into the graph). The returned tensors are reused by
-    the next call: accumulate them before calling again."""
+    the next call: accumulate them before calling again. With compile, loss_fn gets the
+    torch.compile'd model (same parameters) and no CUDA graph is captured: compiling (and
+    recompiling on new shapes) cannot happen inside a graph capture."""
     device = torch.device(device)
+    if compile:
+        model = torch.compile(model)
+        cuda_graph = False
 
     def eager(x, y):
         optimizer.zero_grad(set_to_none=True)

@@ -40,32 +40,86 @@ import torch
 import common
 
 
+def check_cpm(cpm, source):
+    """A CPM must be a non-empty square matrix of finite, non-negative numbers; else one line."""
+    cpm = np.asarray(cpm)
+    if cpm.ndim != 2 or cpm.shape[0] != cpm.shape[1] or cpm.size == 0:
+        return f"{source}: expected a square C x C matrix with C >= 1, got shape {cpm.shape}"
+    if not np.issubdtype(cpm.dtype, np.number) or np.issubdtype(cpm.dtype, np.complexfloating):
+        return f"{source}: expected real numbers, got dtype {cpm.dtype}"
+    if not np.isfinite(cpm).all():
+        return f"{source}: NaN or infinite entries ({int((~np.isfinite(cpm)).sum())} of {cpm.size})"
+    if (cpm < 0).any():
+        return f"{source}: negative entries ({int((cpm < 0).sum())} of {cpm.size}); a CPM holds average probabilities"
+    return None
+
+
+def cpm_file(text):
+    """argparse type of --cpm: a readable .npy holding a valid CPM (the path is returned)."""
+    path = Path(text)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{text}: file not found")
+    try:
+        cpm = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise argparse.ArgumentTypeError(
+            f"{text}: not a readable .npy file ({type(e).__name__}); save the matrix with numpy.save"
+        ) from None
+    problem = check_cpm(cpm, text)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return text
+
+
+def names_file(text):
+    """argparse type of --names: a JSON list of class-name strings (the path is returned)."""
+    try:
+        names = json.loads(Path(text).read_text())
+    except (OSError, ValueError) as e:
+        raise argparse.ArgumentTypeError(f"{text}: unreadable JSON ({type(e).__name__}: {e})") from None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise argparse.ArgumentTypeError(f"{text}: expected a JSON list of class names (strings)")
+    return text
+
+
 def get_args(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--cpm", help="a saved confusion probability matrix (.npy, C x C)")
+    source.add_argument("--cpm", type=cpm_file, help="a saved confusion probability matrix (.npy, C x C)")
     source.add_argument(
         "--run-dir", help="a hiernet.py run directory: its backbone is evaluated on the validation split"
     )
-    parser.add_argument("--names", help="JSON list of class names for --cpm (default: class0, class1, ...)")
-    parser.add_argument("--g-max", type=int, nargs="+", default=[50], help="largest group size, per level")
     parser.add_argument(
-        "--p-min", type=float, nargs="+", default=[0.0075], help="proximity a merge must exceed, per level"
+        "--names", type=names_file, help="JSON list of class names for --cpm (default: class0, class1, ...)"
     )
-    parser.add_argument("--depth", type=int, default=1, help="levels of groups (1: root -> groups -> classes)")
+    parser.add_argument(
+        "--g-max", type=common.positive_int, nargs="+", default=[50], help="largest group size, per level"
+    )
+    parser.add_argument(
+        "--p-min",
+        type=common.nonneg_float,
+        nargs="+",
+        default=[0.0075],
+        help="proximity a merge must exceed, per level",
+    )
+    parser.add_argument(
+        "--depth", type=common.positive_int, default=1, help="levels of groups (1: root -> groups -> classes)"
+    )
     parser.add_argument("--out", help="write the tree JSON here (and the printout beside it, .txt)")
-    parser.add_argument("--device", default="auto", help="for --run-dir: where to evaluate the backbone")
+    parser.add_argument(
+        "--device", type=common.device_name, default="auto", help="for --run-dir: where to evaluate the backbone"
+    )
     args = parser.parse_args(argv)
-    if args.depth < 1:
-        parser.error(f"--depth must be at least 1, got {args.depth}")
-    if any(g < 1 for g in args.g_max):
-        parser.error(f"--g-max must be at least 1, got {args.g_max}")
-    if any(p < 0 for p in args.p_min):
-        parser.error(f"--p-min must not be negative, got {args.p_min}")
     if len(args.g_max) > args.depth or len(args.p_min) > args.depth:
         parser.error(f"--g-max / --p-min take at most one value per level (--depth {args.depth})")
+    if args.out and Path(args.out).suffix.lower() in (".txt", ".dot"):
+        parser.error(
+            f"--out {args.out}: names the tree JSON; the .txt and .dot printouts go beside it (use e.g. tree.json)"
+        )
+    if args.out and Path(args.out).is_dir():
+        parser.error(f"--out {args.out}: is a directory; give a file name such as {Path(args.out) / 'tree.json'}")
     return args
 
 
@@ -234,7 +288,7 @@ def load_tree(path, num_classes):
         common.fail(f"--groups {path}: file not found")
     try:
         obj = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         common.fail(f"--groups {path}: not valid JSON ({e})")
     tree = obj["tree"] if isinstance(obj, dict) and "tree" in obj else obj
     return validate_tree(tree, num_classes, source=str(path))

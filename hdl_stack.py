@@ -294,18 +294,20 @@ def get_args(argv=None):
         help="hidden width of each level's stack, finest level first, e.g. '100,10,4'; 'none' for "
         "one linear layer per level; auto: cifar100 100,10,4, cifar10 4, otherwise none",
     )
-    g.add_argument("--lambda-center", type=float, default=1.0, help="lambda0, the center-loss weight")
-    g.add_argument("--lambda-fine", type=float, default=1.0, help="weight of the fine classifier's cross-entropy")
+    g.add_argument("--lambda-center", type=common.nonneg_float, default=1.0, help="lambda0, the center-loss weight")
+    g.add_argument(
+        "--lambda-fine", type=common.nonneg_float, default=1.0, help="weight of the fine classifier's cross-entropy"
+    )
     g.add_argument(
         "--lambda-levels",
-        type=float,
+        type=common.nonneg_float,
         nargs="+",
         default=[1.0],
         help="weights of the levels' cross-entropies, finest level first (one value: all levels)",
     )
     g.add_argument(
         "--center-alpha",
-        type=float,
+        type=common.positive_float,
         default=1.0,
         help="per-epoch centre update c <- c + alpha (epoch mean - c); 1 replaces c by the epoch mean",
     )
@@ -318,24 +320,14 @@ def get_args(argv=None):
     g.add_argument("--normalize", action="store_true", help="normalise by the channel mean / std (the paper does not)")
     g.add_argument(
         "--val-per-class",
-        type=int,
+        type=common.nonneg_int,
         default=0,
         help="hold out this many training images per fine class for per-epoch logs (0: none, as the paper)",
     )
-    g.add_argument("--eval-batch-size", type=int, default=500)
+    g.add_argument("--eval-batch-size", type=common.positive_int, default=500)
     args = common.parse_args(parser, argv)
-    if args.epochs is not None and args.epochs < 1:
-        parser.error("--epochs must be at least 1")
-    if args.batch_size < 1 or args.eval_batch_size < 1:
-        parser.error("batch sizes must be at least 1")
-    if args.lr <= 0:
-        parser.error("--lr must be positive")
     if not 0 < args.center_alpha <= 1:
         parser.error("--center-alpha must be in (0, 1]")
-    if min([args.lambda_center, args.lambda_fine] + args.lambda_levels) < 0:
-        parser.error("loss weights must be non-negative")
-    if args.val_per_class < 0:
-        parser.error("--val-per-class must be non-negative")
     return args
 
 
@@ -600,7 +592,7 @@ def run_stage(name, args, model, loss_fn, train_loader, loaders, levels, run_dir
     """Train one model with common.fit (checkpointed, resumable); return its test results."""
     optimizer = common.make_adam(model.parameters(), args.lr, device=device)
     step = common.make_train_step(
-        model, loss_fn, optimizer, device=device, dtype=args.dtype, cuda_graph=args.cuda_graph
+        model, loss_fn, optimizer, device=device, dtype=args.dtype, cuda_graph=args.cuda_graph, compile=args.compile
     )
 
     def on_epoch_end(epoch, record):

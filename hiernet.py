@@ -121,50 +121,61 @@ def get_args(argv=None):
     )
     common.add_common_args(parser, epochs=None, batch_size=128, lr=0.1, dataset="cifar100")
     g = parser.add_argument_group("hiernet")
-    g.add_argument("--n", type=int, default=3, help="CIFAR ResNet size: 6n+2 layers, 3n residual blocks")
+    g.add_argument(
+        "--n", type=common.positive_int, default=3, help="CIFAR ResNet size: 6n+2 layers, 3n residual blocks"
+    )
     g.add_argument("--elu", action="store_true", help="the ELU ResNet of Shah et al. (Table 2)")
     g.add_argument(
         "--split",
-        type=int,
+        type=common.positive_int,
         nargs="+",
         default=None,
         help="residual blocks before each level's nodes (default: the paper's, per n)",
     )
     g.add_argument(
         "--extra-blocks",
-        type=int,
+        type=common.nonneg_int,
         nargs="+",
         default=None,
         help="extra blocks of each level's node classifier (default: the paper's, per n)",
     )
-    g.add_argument("--depth", type=int, default=1, help="levels of groups (1: root -> groups -> classes)")
-    g.add_argument("--g-max", type=int, nargs="+", default=[50], help="largest group (per level; grouping.py)")
+    g.add_argument(
+        "--depth", type=common.positive_int, default=1, help="levels of groups (1: root -> groups -> classes)"
+    )
+    g.add_argument(
+        "--g-max", type=common.positive_int, nargs="+", default=[50], help="largest group (per level; grouping.py)"
+    )
     g.add_argument(
         "--p-min",
-        type=float,
+        type=common.nonneg_float,
         nargs="+",
         default=None,
         help="proximity a merge must exceed (per level; default 0.0075, 0.005 with --elu)",
     )
     g.add_argument(
         "--iterations",
-        type=int,
+        type=common.positive_int,
         default=None,
         help="run length in iterations (default 64000; 78000 with --schedule code)",
     )
-    g.add_argument("--backbone-iterations", type=int, default=None, help="backbone run length (default --iterations)")
+    g.add_argument(
+        "--backbone-iterations",
+        type=common.positive_int,
+        default=None,
+        help="backbone run length (default --iterations)",
+    )
     g.add_argument(
         "--schedule",
         default="paper",
         choices=tuple(SCHEDULES),
         help="paper: the text's schedule, coupled wd 1e-4; code: the authors' code's",
     )
-    g.add_argument("--weight-decay", type=float, default=1e-4, help="coupled L2 of --schedule paper")
-    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--weight-decay", type=common.nonneg_float, default=1e-4, help="coupled L2 of --schedule paper")
+    g.add_argument("--momentum", type=common.fraction, default=0.9)
     g.add_argument(
         "--backbone-ckpt", default=None, help="a trained backbone (fit checkpoint or state dict): skip stage 1"
     )
-    g.add_argument("--cpm", default=None, help="a saved CPM (.npy): skip stage 2")
+    g.add_argument("--cpm", type=grouping.cpm_file, default=None, help="a saved CPM (.npy): skip stage 2")
     g.add_argument("--groups", default=None, help="a tree JSON from grouping.py: skip stages 2-3")
     g.add_argument(
         "--tree-from",
@@ -172,14 +183,10 @@ def get_args(argv=None):
         choices=("cpm", "dataset"),
         help="cpm: the paper's grouping; dataset: the dataset's own hierarchy",
     )
-    g.add_argument("--eval-batch-size", type=int, default=1000)
+    g.add_argument("--eval-batch-size", type=common.positive_int, default=1000)
     args = common.parse_args(parser, argv)
 
     blocks = 3 * args.n
-    if args.n < 1:
-        parser.error(f"--n must be at least 1, got {args.n}")
-    if args.depth < 1:
-        parser.error(f"--depth must be at least 1, got {args.depth}")
     defaults = PAPER_SETTINGS[args.elu].get(args.n)
     if args.split is None:
         if defaults is None or args.depth > 1:
@@ -211,10 +218,6 @@ def get_args(argv=None):
         args.p_min = [PAPER_P_MIN[args.elu]]
     if len(args.g_max) > args.depth or len(args.p_min) > args.depth:
         parser.error(f"--g-max / --p-min take at most one value per level (--depth {args.depth})")
-    for name in ("iterations", "backbone_iterations", "epochs"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     return args
 
 
@@ -435,7 +438,13 @@ def train_backbone(args, data, train_loader, val_loader, run_dir, device):
     optimizer = make_optimizer(args, backbone)
     epochs, lr_at = make_schedule(args, len(train_loader), args.backbone_iterations or args.iterations)
     step = common.make_train_step(
-        backbone, common.cross_entropy_loss, optimizer, device=device, dtype=args.dtype, cuda_graph=args.cuda_graph
+        backbone,
+        common.cross_entropy_loss,
+        optimizer,
+        device=device,
+        dtype=args.dtype,
+        cuda_graph=args.cuda_graph,
+        compile=args.compile,
     )
 
     def evaluate(epoch):
@@ -577,7 +586,13 @@ def main(argv=None):
     optimizer = make_optimizer(args, model)
     epochs, lr_at = make_schedule(args, len(train_loader), args.iterations)
     step = common.make_train_step(
-        model, hiernet_loss, optimizer, device=device, dtype=args.dtype, cuda_graph=args.cuda_graph
+        model,
+        hiernet_loss,
+        optimizer,
+        device=device,
+        dtype=args.dtype,
+        cuda_graph=args.cuda_graph,
+        compile=args.compile,
     )
 
     def evaluate(epoch):

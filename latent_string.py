@@ -141,43 +141,40 @@ def get_args(argv=None):
         choices=("auto", "vgg16", "lenet"),
         help="auto: LeNet for MNIST, the CIFAR VGG16 variant otherwise (Table I)",
     )
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--weight-decay", type=float, default=5e-4)
-    g.add_argument("--dropout", type=float, default=0.5, help="VGG FC dropout")
+    g.add_argument("--momentum", type=common.fraction, default=0.9)
+    g.add_argument("--weight-decay", type=common.nonneg_float, default=5e-4)
+    g.add_argument("--dropout", type=common.fraction, default=0.5, help="VGG FC dropout")
     g.add_argument(
         "--augment",
         action=argparse.BooleanOptionalAction,
         default=True,
         help="pad-4 crop + flip for colour images (MNIST is never augmented)",
     )
-    g.add_argument("--val-per-class", type=int, default=0, help="hold out N training images per class (0: none)")
+    g.add_argument(
+        "--val-per-class", type=common.nonneg_int, default=0, help="hold out N training images per class (0: none)"
+    )
     g = parser.add_argument_group("LH classifier, Class2Str, Str2Class (stage 2, Eq. 5)")
-    g.add_argument("--bits", type=int, default=None, help="string length L (default ceil(log2 C))")
+    g.add_argument("--bits", type=common.positive_int, default=None, help="string length L (default ceil(log2 C))")
     g.add_argument("--lstm-hidden", default=None, help="comma list of LSTM layer sizes (default from Table I)")
-    g.add_argument("--code-hidden", type=int, default=None, help="Class2Str / Str2Class hidden width (Table I)")
-    g.add_argument("--alpha", type=float, default=10.0, help="weight of H(l, l') (Str2Class)")
-    g.add_argument("--beta", type=float, default=1.0, help="weight of sum mu^i H(p_i, q_i)")
-    g.add_argument("--gamma", type=float, default=0.1, help="weight of the bias regulariser (Eq. 3)")
-    g.add_argument("--delta", type=float, default=1e-4, help="weight of L2(W)")
-    g.add_argument("--mu", type=float, default=0.8, help="decay of the per-bit weights mu^i (Eq. 4)")
-    g.add_argument("--lh-epochs", type=int, default=50)
-    g.add_argument("--lh-lr", type=float, default=1e-3, help="Adam learning rate")
-    g.add_argument("--lh-batch-size", type=int, default=128)
+    g.add_argument(
+        "--code-hidden", type=common.positive_int, default=None, help="Class2Str / Str2Class hidden width (Table I)"
+    )
+    g.add_argument("--alpha", type=common.nonneg_float, default=10.0, help="weight of H(l, l') (Str2Class)")
+    g.add_argument("--beta", type=common.nonneg_float, default=1.0, help="weight of sum mu^i H(p_i, q_i)")
+    g.add_argument("--gamma", type=common.nonneg_float, default=0.1, help="weight of the bias regulariser (Eq. 3)")
+    g.add_argument("--delta", type=common.nonneg_float, default=1e-4, help="weight of L2(W)")
+    g.add_argument("--mu", type=common.positive_float, default=0.8, help="decay of the per-bit weights mu^i (Eq. 4)")
+    g.add_argument("--lh-epochs", type=common.positive_int, default=50)
+    g.add_argument("--lh-lr", type=common.positive_float, default=1e-3, help="Adam learning rate")
+    g.add_argument("--lh-batch-size", type=common.positive_int, default=128)
     g.add_argument(
         "--bits-sweep", default="auto", help="comma list of L for the Fig. 8 sweep; 'auto': L0-1 .. L0+2; 'none': skip"
     )
     args = common.parse_args(parser, argv)
-    for name in ("lh_epochs", "lh_batch_size"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.bits is not None and not 1 <= args.bits <= 20:
         parser.error("--bits must be between 1 and 20")
     if not 0 < args.mu <= 1:
         parser.error("--mu must be in (0, 1]")
-    if args.val_per_class < 0:
-        parser.error("--val-per-class must be >= 0")
-    if min(args.alpha, args.beta, args.gamma, args.delta) < 0:
-        parser.error("--alpha, --beta, --gamma and --delta must be >= 0")
     try:
         args.lstm_hidden_sizes = parse_int_list(args.lstm_hidden) if args.lstm_hidden else None
         if args.bits_sweep in ("auto", "none"):
@@ -543,6 +540,7 @@ def train_lh_stage(name, stage, cached, args, run_dir, device):
         device=device,
         dtype="fp32",
         cuda_graph=args.cuda_graph,
+        compile=args.compile,
     )
 
     def evaluate(epoch):
@@ -614,7 +612,7 @@ def train_reduced_fc(hidden, cached, in_features, num_classes, args, run_dir, de
     )
     optimizer = common.make_adam(model.parameters(), args.lh_lr, device=device)
     step = common.make_train_step(
-        model, reduced_fc_loss, optimizer, device=device, dtype="fp32", cuda_graph=args.cuda_graph
+        model, reduced_fc_loss, optimizer, device=device, dtype="fp32", cuda_graph=args.cuda_graph, compile=args.compile
     )
 
     def evaluate(epoch):
@@ -660,7 +658,13 @@ def train_base(base, data, train_split, val_split, args, run_dir, device):
     total = args.epochs * len(loader)
     lr_at = common.piecewise_lr([total // 2, total * 3 // 4], [args.lr, args.lr / 10, args.lr / 100])
     step = common.make_train_step(
-        base, common.cross_entropy_loss, optimizer, device=device, dtype=args.dtype, cuda_graph=args.cuda_graph
+        base,
+        common.cross_entropy_loss,
+        optimizer,
+        device=device,
+        dtype=args.dtype,
+        cuda_graph=args.cuda_graph,
+        compile=args.compile,
     )
     evaluate = None
     if val_split is not None:

@@ -90,13 +90,6 @@ BACKBONE_DEFAULTS = {  # each backbone's own CIFAR protocol
 }
 
 
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
 def get_args(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -110,21 +103,28 @@ def get_args(argv=None):
         choices=tuple(BACKBONE_DEFAULTS),
         help="resnet: pre-activation bottleneck ResNet (depth 9n+2, 164); densenet: DenseNet-BC (100, k=12)",
     )
-    g.add_argument("--depth", type=int, default=None, help="backbone depth (default 164 / 100; small for tests)")
-    g.add_argument("--growth", type=positive_int, default=12, help="DenseNet-BC growth rate")
+    g.add_argument(
+        "--depth", type=common.positive_int, default=None, help="backbone depth (default 164 / 100; small for tests)"
+    )
+    g.add_argument("--growth", type=common.positive_int, default=12, help="DenseNet-BC growth rate")
     g.add_argument("--architectures", nargs="+", default=list(ARCHITECTURES), choices=ARCHITECTURES)
     g.add_argument(
         "--coarse-level",
         default=None,
         help="hierarchy level used as 'coarse' (default: the one just above the fine classes)",
     )
-    g.add_argument("--runs", type=positive_int, default=5, help="independent repeats (mean +- std, t-tests)")
-    g.add_argument("--instances", type=positive_int, default=1, help="instances per run averaged into an ensemble")
+    g.add_argument("--runs", type=common.positive_int, default=5, help="independent repeats (mean +- std, t-tests)")
     g.add_argument(
-        "--val-fraction", type=float, default=0.1, help="share of each training class held out to pick alpha"
+        "--instances", type=common.positive_int, default=1, help="instances per run averaged into an ensemble"
     )
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--weight-decay", type=float, default=1e-4)
+    g.add_argument(
+        "--val-fraction",
+        type=common.positive_fraction,
+        default=0.1,
+        help="share of each training class held out to pick alpha",
+    )
+    g.add_argument("--momentum", type=common.fraction, default=0.9)
+    g.add_argument("--weight-decay", type=common.nonneg_float, default=1e-4)
     g.add_argument(
         "--nesterov",
         action=argparse.BooleanOptionalAction,
@@ -133,20 +133,18 @@ def get_args(argv=None):
     )
     g.add_argument(
         "--warmup-iters",
-        type=int,
+        type=common.nonneg_int,
         default=None,
         help="iterations at lr/10 first, capped at 1%% of training (default: ResNet 400, DenseNet 0)",
     )
-    g.add_argument("--ttest-alpha", type=float, default=1.0, help="alpha at which architectures are t-tested")
-    g.add_argument("--eval-batch-size", type=positive_int, default=500)
+    g.add_argument(
+        "--ttest-alpha", type=common.nonneg_float, default=1.0, help="alpha at which architectures are t-tested"
+    )
+    g.add_argument("--eval-batch-size", type=common.positive_int, default=500)
     args = common.parse_args(parser, argv)
     for key, value in BACKBONE_DEFAULTS[args.backbone].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if not 0.0 < args.val_fraction < 1.0:
-        parser.error(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
-    if args.epochs < 1 or args.batch_size < 1:
-        parser.error("--epochs and --batch-size must be positive")
     if args.backbone == "resnet" and (args.depth < 11 or (args.depth - 2) % 9):
         parser.error(f"--depth for the bottleneck ResNet must be 9n+2 >= 11 (e.g. 11, 29, 56, 164), got {args.depth}")
     if args.backbone == "densenet" and (args.depth < 10 or (args.depth - 4) % 6):
@@ -391,7 +389,7 @@ def train_stage(args, run_dir, device, stage, model, loss_fn, images, labels, se
         model.parameters(), args.lr, momentum=args.momentum, weight_decay=args.weight_decay, nesterov=args.nesterov
     )
     step = common.make_train_step(
-        model, loss_fn, optimizer, device=device, dtype=args.dtype, cuda_graph=args.cuda_graph
+        model, loss_fn, optimizer, device=device, dtype=args.dtype, cuda_graph=args.cuda_graph, compile=args.compile
     )
     history = common.fit(
         run_dir / stage,
