@@ -37,11 +37,13 @@ BACKBONES = {
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", action="append", default=None, help="backbone:batch, e.g. resnet56:128 (repeatable)")
-    p.add_argument("--steps", type=int, default=200, help="timed steps per measurement")
-    p.add_argument("--warmup", type=int, default=30, help="untimed steps first")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader workers for (a)")
+    p.add_argument("--steps", type=common.positive_int, default=200, help="timed steps per measurement")
+    p.add_argument("--warmup", type=common.nonneg_int, default=30, help="untimed steps first")
+    p.add_argument(
+        "--workers", type=common.nonneg_int, default=min(8, os.cpu_count() or 1), help="DataLoader workers for (a)"
+    )
     p.add_argument("--data-dir", default="./data")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", type=common.device_name, default="auto")
     p.add_argument("--modes", default="usual,ours,ceiling")
     p.add_argument("--out", default="results/bench.json")
     args = p.parse_args(argv)

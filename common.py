@@ -466,7 +466,7 @@ def _cifar_batch(path, label_counts, remedy):
     d = _unpickle(path, remedy)
     for key in ("data", *label_counts):
         if key not in d:
-            fail(f"{path}: no {key!r} entry; not a CIFAR batch file. {remedy}")
+            fail(f"{path}: no {key!r} entry; not a CIFAR batch file; {remedy}")
     try:
         data = np.asarray(d["data"], dtype=np.uint8)
         labels = [np.asarray(d[key], dtype=np.int64).reshape(-1) for key in label_counts]
@@ -525,7 +525,7 @@ def load_cifar100(data_dir):
     remedy = f"delete {base} and download it again (or unpack cifar-100-python.tar.gz again)"
     meta = _unpickle(base / "meta", remedy)
     if "fine_label_names" not in meta or "coarse_label_names" not in meta:
-        fail(f"{base / 'meta'}: no class names; not CIFAR-100's meta file. {remedy}")
+        fail(f"{base / 'meta'}: no class names; not CIFAR-100's meta file; {remedy}")
     fine_names, coarse_names = _names(meta["fine_label_names"]), _names(meta["coarse_label_names"])
     splits, coarse = {}, {}
     for part in ("train", "test"):
@@ -554,7 +554,7 @@ def load_cifar10(data_dir):
     remedy = f"delete {base} and download it again (or unpack cifar-10-python.tar.gz again)"
     meta = _unpickle(base / "batches.meta", remedy)
     if "label_names" not in meta:
-        fail(f"{base / 'batches.meta'}: no label_names; not CIFAR-10's meta file. {remedy}")
+        fail(f"{base / 'batches.meta'}: no label_names; not CIFAR-10's meta file; {remedy}")
     names = _names(meta["label_names"])
     splits = {}
     for part, files in (("train", [f"data_batch_{i}" for i in range(1, 6)]), ("test", ["test_batch"])):
@@ -580,7 +580,7 @@ def _read_idx(path, ndim, remedy):
         fail(f"{path}: not an MNIST ubyte file of {ndim} dimension(s) (bad header); {remedy}")
     dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
     if len(raw) - header != math.prod(dims):
-        fail(f"{path}: {len(raw) - header} bytes of data for sizes {dims}; truncated or corrupted. {remedy}")
+        fail(f"{path}: {len(raw) - header} bytes of data for sizes {dims}: truncated or corrupted; {remedy}")
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import common
 
@@ -43,10 +44,14 @@ def _truncate(path, keep=0.5):
 
 
 def _cifar_batch(n, label_keys):
+    """Random images of every class in turn (first label key); the other keys: label // 5."""
     rng = np.random.default_rng(0)
     batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8)}
-    for key, classes in label_keys.items():
-        batch[key] = rng.integers(0, classes, n).tolist()
+    first, *coarser = label_keys
+    fine = rng.permutation(np.arange(n) % label_keys[first])
+    batch[first] = fine.tolist()
+    for key in coarser:
+        batch[key] = (fine // 5).tolist()
     return batch
 
 
@@ -69,7 +74,7 @@ def _cifar100(tmp):
         },
     )
     for part in ("train", "test"):
-        _pickle(base / part, _cifar_batch(40, {b"fine_labels": 100, b"coarse_labels": 20}))
+        _pickle(base / part, _cifar_batch(200, {b"fine_labels": 100, b"coarse_labels": 20}))
     return base
 
 
@@ -79,7 +84,7 @@ def cifar100_truncated(tmp):
 
 def cifar100_wrong_shape(tmp):
     base = _cifar100(tmp)
-    batch = _cifar_batch(40, {b"fine_labels": 100, b"coarse_labels": 20})
+    batch = _cifar_batch(200, {b"fine_labels": 100, b"coarse_labels": 20})
     batch[b"data"] = batch[b"data"][:, :1000]  # a valid pickle of the wrong content
     _pickle(base / "train", batch)
 
@@ -446,6 +451,27 @@ def test_the_acceptance_count():
         "latent_string.py",
         "hdl_stack.py",
     }
+
+
+def test_the_writers_make_files_that_load(tmp_path):
+    """The damaged files above differ from loadable ones only by the damage."""
+    cifar100 = tmp_path / "c100"
+    train, test, hierarchy = common.load_cifar100(_cifar100(cifar100).parent)
+    assert len(train) == len(test) == 200 and hierarchy.num_classes(0) == 20
+    batch = pickle.loads((cifar100 / "data" / "cifar-100-python" / "train").read_bytes())
+    assert np.array_equal(train.images.reshape(200, -1).numpy(), batch[b"data"])
+    assert train.labels.tolist() == batch[b"fine_labels"]
+    # MNIST: the reader here against torchvision's own reader of the same files.
+    torchvision = pytest.importorskip("torchvision")
+    mnist = tmp_path / "mnist"
+    _mnist(mnist)
+    train, test, _ = common.load_mnist(mnist / "data")
+    reference = torchvision.datasets.MNIST(mnist / "data", train=True, download=False)
+    assert torch.equal(train.images[:, 0], reference.data) and torch.equal(train.labels, reference.targets)
+    assert len(test) == 20
+    folder = _folder(tmp_path / "folder")
+    train, test, hierarchy = common.load_folder(folder)
+    assert hierarchy.class_names[-1] == ["cat", "dog"] and len(train) == len(test) == 4
 
 
 # ---------------------------------------------------------------------------------------
