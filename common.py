@@ -1492,9 +1492,9 @@ def shared_ancestors(hierarchy):
 def hierarchical_metrics(scores, labels, hierarchy, level_preds=None):
     """Flat and hierarchical measures of fine-class scores; a JSON-ready dict.
 
-    scores: N x C logits or log-probabilities (argmax and top-k do not care; the level
-    accuracies soft-max them, as `level_accuracies` does, so pass log-probabilities rather than
-    probabilities). labels: N fine labels. level_preds: optional {level name: N labels predicted
+    scores: N x C logits, log-probabilities or probabilities. Argmax and top-k do not care; for the
+    level accuracies, rows that are all non-negative and sum to 1 are taken as probabilities as they
+    are, anything else is soft-maxed (as `level_accuracies` does). labels: N fine labels. level_preds: optional {level name: N labels predicted
     at that level by the model's own level heads}.
 
     top1, top5, level_acc ({level: %}, coarse scores = summed fine probabilities): in %.
@@ -1515,6 +1515,7 @@ def hierarchical_metrics(scores, labels, hierarchy, level_preds=None):
         fail(f"hierarchical_metrics: scores of shape {tuple(scores.shape)}, expected N x {n_classes}")
     if len(labels) != len(scores) or len(labels) == 0:
         fail(f"hierarchical_metrics: {len(labels)} labels for {len(scores)} score rows (need as many, at least one)")
+    is_probabilities = bool((scores >= 0).all()) and torch.allclose(scores.sum(1), torch.ones(len(scores)), atol=1e-3)
     heights = lca_heights(hierarchy).float()
     pred = scores.argmax(1)
     top = scores.topk(min(5, n_classes), 1).indices
@@ -1526,7 +1527,8 @@ def hierarchical_metrics(scores, labels, hierarchy, level_preds=None):
     result = {
         "top1": accuracy(scores, labels),
         "top5": topk_accuracy(scores, labels, 5),
-        "level_acc": level_accuracies(scores, labels, hierarchy),
+        # log turns probabilities into log-probabilities, which level_accuracies' softmax maps back.
+        "level_acc": level_accuracies(scores.log() if is_probabilities else scores, labels, hierarchy),
         "mistake_severity": heights[pred[mistakes], labels[mistakes]].mean().item() if mistakes.any() else None,
         "hdist@1": heights[pred, labels].mean().item(),
         "hdist@5": heights[top, labels[:, None]].mean().item(),
