@@ -1494,8 +1494,9 @@ def hierarchical_metrics(scores, labels, hierarchy, level_preds=None):
 
     scores: N x C logits, log-probabilities or probabilities. Argmax and top-k do not care; for the
     level accuracies, rows that are all non-negative and sum to 1 are taken as probabilities as they
-    are, anything else is soft-maxed (as `level_accuracies` does). labels: N fine labels. level_preds: optional {level name: N labels predicted
-    at that level by the model's own level heads}.
+    are, anything else is soft-maxed (as `level_accuracies` does). labels: N fine labels.
+    level_preds: optional {level name: N labels predicted at that level by the model's own level
+    heads}. Tensors (any device) or arrays; the measures are computed on the CPU.
 
     top1, top5, level_acc ({level: %}, coarse scores = summed fine probabilities): in %.
     mistake_severity: mean LCA height of predicted and true class over the top-1 mistakes only
@@ -1508,8 +1509,8 @@ def hierarchical_metrics(scores, labels, hierarchy, level_preds=None):
       members, so the three are equal; they are kept apart to stay the measures as defined.
     consistency (only with level_preds): % of images whose given level predictions all equal the
       ancestors, at those levels, of the top-1 fine prediction."""
-    scores = torch.as_tensor(scores).float()
-    labels = torch.as_tensor(labels).long().reshape(-1)
+    scores = torch.as_tensor(scores).float().cpu()
+    labels = torch.as_tensor(labels).long().reshape(-1).cpu()
     n_classes = hierarchy.num_classes()
     if scores.ndim != 2 or scores.shape[1] != n_classes:
         fail(f"hierarchical_metrics: scores of shape {tuple(scores.shape)}, expected N x {n_classes}")
@@ -1543,7 +1544,7 @@ def hierarchical_metrics(scores, labels, hierarchy, level_preds=None):
         for name, level_pred in level_preds.items():
             if name not in hierarchy.level_names:
                 fail(f"hierarchical_metrics: level {name!r} not in the hierarchy's levels {hierarchy.level_names}")
-            level_pred = torch.as_tensor(level_pred).long().reshape(-1)
+            level_pred = torch.as_tensor(level_pred).long().reshape(-1).cpu()
             if len(level_pred) != len(labels):
                 fail(f"hierarchical_metrics: {len(level_pred)} '{name}' predictions for {len(labels)} images")
             agree &= level_pred == hierarchy.labels(name, pred)
