@@ -1492,10 +1492,11 @@ def shared_ancestors(hierarchy):
 def hierarchical_metrics(scores, labels, hierarchy, level_preds=None):
     """Flat and hierarchical measures of fine-class scores; a JSON-ready dict.
 
-    scores: N x C logits or log-probabilities (argmax and top-k do not care; the level
-    accuracies soft-max them, as `level_accuracies` does, so pass log-probabilities rather than
-    probabilities). labels: N fine labels. level_preds: optional {level name: N labels predicted
-    at that level by the model's own level heads}.
+    scores: N x C logits, log-probabilities or probabilities. Argmax and top-k do not care; for the
+    level accuracies, rows that are all non-negative and sum to 1 are taken as probabilities as they
+    are, anything else is soft-maxed (as `level_accuracies` does). labels: N fine labels.
+    level_preds: optional {level name: N labels predicted at that level by the model's own level
+    heads}. Tensors (any device) or arrays; the measures are computed on the CPU.
 
     top1, top5, level_acc ({level: %}, coarse scores = summed fine probabilities): in %.
     mistake_severity: mean LCA height of predicted and true class over the top-1 mistakes only
@@ -1508,13 +1509,14 @@ def hierarchical_metrics(scores, labels, hierarchy, level_preds=None):
       members, so the three are equal; they are kept apart to stay the measures as defined.
     consistency (only with level_preds): % of images whose given level predictions all equal the
       ancestors, at those levels, of the top-1 fine prediction."""
-    scores = torch.as_tensor(scores).float()
-    labels = torch.as_tensor(labels).long().reshape(-1)
+    scores = torch.as_tensor(scores).float().cpu()
+    labels = torch.as_tensor(labels).long().reshape(-1).cpu()
     n_classes = hierarchy.num_classes()
     if scores.ndim != 2 or scores.shape[1] != n_classes:
         fail(f"hierarchical_metrics: scores of shape {tuple(scores.shape)}, expected N x {n_classes}")
     if len(labels) != len(scores) or len(labels) == 0:
         fail(f"hierarchical_metrics: {len(labels)} labels for {len(scores)} score rows (need as many, at least one)")
+    is_probabilities = bool((scores >= 0).all()) and torch.allclose(scores.sum(1), torch.ones(len(scores)), atol=1e-3)
     heights = lca_heights(hierarchy).float()
     pred = scores.argmax(1)
     top = scores.topk(min(5, n_classes), 1).indices
@@ -1526,7 +1528,8 @@ def hierarchical_metrics(scores, labels, hierarchy, level_preds=None):
     result = {
         "top1": accuracy(scores, labels),
         "top5": topk_accuracy(scores, labels, 5),
-        "level_acc": level_accuracies(scores, labels, hierarchy),
+        # log turns probabilities into log-probabilities, which level_accuracies' softmax maps back.
+        "level_acc": level_accuracies(scores.log() if is_probabilities else scores, labels, hierarchy),
         "mistake_severity": heights[pred[mistakes], labels[mistakes]].mean().item() if mistakes.any() else None,
         "hdist@1": heights[pred, labels].mean().item(),
         "hdist@5": heights[top, labels[:, None]].mean().item(),
@@ -1541,7 +1544,7 @@ def hierarchical_metrics(scores, labels, hierarchy, level_preds=None):
         for name, level_pred in level_preds.items():
             if name not in hierarchy.level_names:
                 fail(f"hierarchical_metrics: level {name!r} not in the hierarchy's levels {hierarchy.level_names}")
-            level_pred = torch.as_tensor(level_pred).long().reshape(-1)
+            level_pred = torch.as_tensor(level_pred).long().reshape(-1).cpu()
             if len(level_pred) != len(labels):
                 fail(f"hierarchical_metrics: {len(level_pred)} '{name}' predictions for {len(labels)} images")
             agree &= level_pred == hierarchy.labels(name, pred)

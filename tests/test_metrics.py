@@ -195,3 +195,20 @@ def test_bad_input_fails_with_one_line():
         common.hierarchical_metrics(scores[:, :5], labels, tree)
     with pytest.raises(SystemExit, match="labels for"):
         common.hierarchical_metrics(scores, labels[:3], tree)
+
+
+def test_probabilities_logits_and_log_probabilities_agree():
+    rng = np.random.default_rng(5)
+    logits = torch.as_tensor(rng.normal(size=(30, 8)) * 2, dtype=torch.float32)
+    labels = torch.as_tensor(rng.integers(0, 8, 30))
+    level_preds = {"mid": torch.as_tensor(MID)[logits.argmax(1)]}
+    from_logits = common.hierarchical_metrics(logits, labels, hand_tree(), level_preds)
+    for scores in (logits.softmax(1), logits.log_softmax(1)):
+        other = common.hierarchical_metrics(scores, labels, hand_tree(), level_preds)
+        assert other.keys() == from_logits.keys()
+        for key, value in from_logits.items():
+            assert other[key] == pytest.approx(value), key
+    # Probabilities soft-maxed once more would flatten the coarse sums and change the hand case's answer.
+    probs, labels = hand_case()
+    m = common.hierarchical_metrics(probs.exp(), labels, hand_tree())
+    assert m["level_acc"] == pytest.approx({"top": 80.0, "mid": 60.0, "fine": 40.0})
