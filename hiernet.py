@@ -1060,6 +1060,34 @@ def dataset_tree(hierarchy, levels, classes):
     return [dataset_tree(hierarchy, levels[1:], g) for g in groups]
 
 
+def hierarchical_report(data, top_groups, group_of, backbone_logits, labels, out):
+    """common.hierarchical_metrics of backbone, slow and fast under two hierarchies: "groups",
+    the found top-level groups over the classes (the tree the model was built on), and, when
+    the dataset has coarse levels (CIFAR-100's 20 superclasses, shapes'), "dataset". The
+    super-class node's decision is the "group" level prediction of slow and fast (level_preds).
+    Fast predicts one class, no scores: its scores are slow's log p with the fast class moved
+    to the top, so top-1 is fast's and the rest follow slow's order."""
+    groups = common.Hierarchy(
+        ["group", "fine"],
+        [[f"group{g + 1}" for g in range(len(top_groups))], list(data.class_names)],
+        [np.asarray(group_of), np.arange(data.num_classes)],
+    )
+    log_p = out["log_p"]
+    fast_scores = log_p.clone()
+    rows = torch.arange(len(log_p))
+    fast_scores[rows, out["fast"]] = log_p.max(1).values + 1.0
+    forms = {"backbone": (backbone_logits, None), "slow": (log_p, out["super"]), "fast": (fast_scores, out["super"])}
+    report = {"groups": {}}
+    for name, (scores, super_pred) in forms.items():
+        level_preds = None if super_pred is None else {"group": super_pred.numpy()}
+        report["groups"][name] = common.hierarchical_metrics(scores, labels, groups, level_preds=level_preds)
+    if data.hierarchy.n_levels > 1:
+        report["dataset"] = {
+            name: common.hierarchical_metrics(scores, labels, data.hierarchy) for name, (scores, _) in forms.items()
+        }
+    return report
+
+
 def measure_inference(args, backbone, model, x, device):
     """Images/s at the evaluation batch and latency at batch 1 of the backbone, slow and fast
     (both fast forms: only the routed branch per image, and every branch then select)."""
@@ -1233,6 +1261,7 @@ def main(argv=None):
     if data.hierarchy.n_levels > 1:
         metrics["level_acc_backbone"] = common.level_accuracies(backbone_logits, labels, data.hierarchy)
         metrics["level_acc_slow"] = common.level_accuracies(out["log_p"], labels, data.hierarchy)
+    metrics["hierarchical"] = hierarchical_report(data, top_groups, group_of, backbone_logits, labels, out)
     last = {k: v for k, v in (hiernet_history[-1] if hiernet_history else {}).items() if k.startswith("val_")}
     metrics.update(last)
     for name, history in (("backbone", backbone_history), ("hiernet", hiernet_history), ("control", control_history)):

@@ -369,6 +369,13 @@ def test_full_pipeline_on_tiny_shapes(tmp_path):
     by_stage = {s: [(r["step"], r["lr"]) for r in records if r["stage"] == s] for s in ("hiernet", "control")}
     assert by_stage["control"] == by_stage["hiernet"] and saved["control_iterations"] == saved["hiernet_iterations"]
     assert 0 <= saved["control_acc"] <= 100
+    keys = {"top1", "top5", "level_acc", "mistake_severity", "hdist@1", "hdist@5", "hprecision", "hrecall", "hf1"}
+    for hierarchy in ("groups", "dataset"):  # the found groups; shapes' own levels
+        for form in ("backbone", "slow", "fast"):
+            assert keys <= saved["hierarchical"][hierarchy][form].keys()
+    assert saved["hierarchical"]["groups"]["slow"]["top1"] == pytest.approx(saved["slow_acc"])
+    assert saved["hierarchical"]["groups"]["fast"]["top1"] == pytest.approx(saved["fast_acc"])
+    assert "consistency" in saved["hierarchical"]["groups"]["slow"]
     for form in ("backbone", "slow", "fast", "fast_sorted", "fast_all"):
         assert saved[f"{form}_images_per_s"] > 0 and saved[f"{form}_latency_ms_batch1"] > 0
 
