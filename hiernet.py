@@ -173,7 +173,8 @@ def get_args(argv=None):
         help="cpm: the paper's grouping; dataset: the dataset's own hierarchy",
     )
     g.add_argument("--eval-batch-size", type=int, default=1000)
-    args = common.parse_args(parser, argv)
+    # No run length grows on resume: the tree and HierNet are built from the trained backbone.
+    args = common.parse_args(parser, argv, script="hiernet", resume_longer=())
 
     blocks = 3 * args.n
     if args.n < 1:
@@ -481,7 +482,7 @@ def make_tree(args, data, backbone, val_loader, run_dir, device):
         cpm = grouping.confusion_probability_matrix(
             backbone, val_loader, data.num_classes, device=device, dtype=args.dtype
         )
-    np.save(run_dir / "cpm.npy", cpm)
+    common.write_npy(run_dir / "cpm.npy", cpm)
     return grouping.build_tree(cpm, args.depth, args.g_max, args.p_min)
 
 
