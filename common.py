@@ -144,7 +144,7 @@ def parse_args(parser, argv=None, *, script=None, resume_longer=("epochs",)):
     if not args.resume:
         return args
     if args.force:
-        parser.error("--resume continues a run and --force starts one over; give one of them")
+        fail("--resume continues a run and --force starts one over; give one of them")
     saved = read_run_args(args.resume)
     if script is not None:
         check_run_script(saved, script, args.resume)

@@ -259,7 +259,9 @@ def cpm_from_run(run_dir, device_name="auto"):
         common.fail(f"--run-dir {run_dir}: no args.json; not a hiernet.py run directory")
     if not ckpt.is_file():
         common.fail(f"--run-dir {run_dir}: no backbone/checkpoint.pt (the backbone stage has not run)")
-    args = argparse.Namespace(**json.loads(saved.read_text()))
+    settings = common.read_run_args(run_dir, "--run-dir")
+    common.check_run_script(settings, "hiernet", run_dir, "--run-dir")
+    args = argparse.Namespace(**common.run_settings(settings))
     device = common.get_device(device_name)
     data = common.load_data(args)
     val_idx, _ = common.split_half(data.test.labels.numpy(), args.seed)
