@@ -103,8 +103,11 @@ def read_run_args(run_dir, flag="--resume"):
 def run_settings(saved):
     """The settings a run continues with: args.json's flags with its recorded overrides applied."""
     settings = {k: v for k, v in saved.items() if k not in ("script", "overrides")}
-    for override in saved.get("overrides", []):
-        settings.update({k: change["to"] for k, change in override["changes"].items()})
+    try:
+        for override in saved.get("overrides", []):
+            settings.update({k: change["to"] for k, change in override["changes"].items()})
+    except (AttributeError, KeyError, TypeError):
+        fail("args.json: its overrides list is damaged; each entry is {time, changes: {flag: {from, to}}}")
     return settings
 
 
