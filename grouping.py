@@ -278,10 +278,12 @@ def cpm_from_run(run_dir, device_name="auto"):
         common.fail(f"--run-dir {run_dir}: no args.json; not a hiernet.py run directory")
     if not ckpt.is_file():
         common.fail(f"--run-dir {run_dir}: no backbone/checkpoint.pt (the backbone stage has not run)")
+    settings = common.read_run_args(run_dir, "--run-dir")
+    common.check_run_script(settings, "hiernet", run_dir, "--run-dir")
+    args = argparse.Namespace(**common.run_settings(settings))
+    args.test_halves = getattr(args, "test_halves", "seeded")  # runs before the authors' halves used seeded ones
     import hiernet  # the run's backbone and halves (hiernet imports this module: imported here, when used)
 
-    args = argparse.Namespace(**json.loads(saved.read_text()))
-    args.test_halves = getattr(args, "test_halves", "seeded")  # runs before the authors' halves used seeded ones
     device = common.get_device(device_name)
     data = common.load_data(args)
     val_idx, _ = hiernet.test_halves(args, data.test.labels.numpy())

@@ -323,7 +323,7 @@ def get_args(argv=None):
         help="hold out this many training images per fine class for per-epoch logs (0: none, as the paper)",
     )
     g.add_argument("--eval-batch-size", type=int, default=500)
-    args = common.parse_args(parser, argv)
+    args = common.parse_args(parser, argv, script="hdl_stack")
     if args.epochs is not None and args.epochs < 1:
         parser.error("--epochs must be at least 1")
     if args.batch_size < 1 or args.eval_batch_size < 1:

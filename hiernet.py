@@ -282,7 +282,8 @@ def get_args(argv=None):
         choices=("sorted", "all"),
         help="fast evaluation: only each image's routed branch (sorted) or every branch, then select",
     )
-    args = common.parse_args(parser, argv)
+    # No run length grows on resume: the tree and HierNet are built from the trained backbone.
+    args = common.parse_args(parser, argv, script="hiernet", resume_longer=())
     if args.test_halves is None:
         args.test_halves = "authors" if args.dataset == "cifar100" else "seeded"
     if args.test_halves == "authors" and args.dataset != "cifar100":
@@ -1091,7 +1092,7 @@ def make_tree(args, data, backbone, val_loader, run_dir, device):
             cpm = grouping.confusion_probability_matrix(
                 backbone, val_loader, data.num_classes, device=device, dtype="fp32"
             )
-    np.save(run_dir / "cpm.npy", cpm)
+    common.write_npy(run_dir / "cpm.npy", cpm)
     return grouping.build_tree(cpm, args.depth, args.g_max, args.p_min)
 
 

@@ -166,7 +166,8 @@ def get_args(argv=None):
     g.add_argument(
         "--bits-sweep", default="auto", help="comma list of L for the Fig. 8 sweep; 'auto': L0-1 .. L0+2; 'none': skip"
     )
-    args = common.parse_args(parser, argv)
+    # A resume may lengthen the LH stages, not the base model: they are trained on its features.
+    args = common.parse_args(parser, argv, script="latent_string", resume_longer=("lh_epochs",))
     for name in ("lh_epochs", "lh_batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
