@@ -163,7 +163,7 @@ def test_run_dir_uses_the_runs_own_g_max_and_p_min(tmp_path):
 
     argv = ["--dataset", "shapes", "--train-size", "64", "--test-size", "1600", "--image-size", "8", "--n", "1"]
     args = hiernet.get_args([*argv, "--split", "1", "--extra-blocks", "0", "--g-max", "3", "--p-min", "0.0"])
-    common.write_json(tmp_path / "args.json", vars(args))
+    common.write_json(tmp_path / "args.json", {**vars(args), "script": "hiernet"})
     torch.manual_seed(0)
     backbone = hiernet.make_backbone(args, 72)
     common.save_checkpoint(tmp_path / "backbone" / "checkpoint.pt", {"model": backbone.state_dict()})

@@ -35,9 +35,13 @@ import time
 from pathlib import Path
 
 C10 = ["--dataset", "cifar10", "--data-dir", "data"]
+C100 = ["--dataset", "cifar100", "--data-dir", "data"]  # real CIFAR-100 (official split), unpacked into data/
 
 # name -> argv; the longest first, since they start first.
 JOBS = {
+    # HierNet on its own data, the paper's settings (Table 1); n = 3 also runs the training-length control.
+    "hiernet_cifar100_n9": ["hiernet.py", *C100, "--n", "9"],
+    "hiernet_cifar100_n3": ["hiernet.py", *C100, "--n", "3", "--control"],
     # g_max 5: half of CIFAR-10's classes, the paper's reason for 50 on CIFAR-100; p_min the paper's.
     "hiernet_cifar10_n9": ["hiernet.py", *C10, "--n", "9", "--g-max", "5"],
     "hiernet_cifar10_n3": ["hiernet.py", *C10, "--n", "3", "--g-max", "5"],
@@ -220,7 +224,9 @@ def collect(src, results=ROOT / "results"):
         dst = results / name
         if dst.exists():
             shutil.rmtree(dst)
-        shutil.copytree(src / name, dst, ignore=lambda folder, files: [f for f in files if f.endswith(".pt")])
+        shutil.copytree(
+            src / name, dst, ignore=lambda folder, files: [f for f in files if f.endswith(".pt") or f == ".lock"]
+        )
         info = json.loads((src / f"{name}.run.json").read_text())
         info["name"] = name  # a run renamed after it ran keeps its record's name in step
         (dst / "run.json").write_text(json.dumps(info, indent=2) + "\n")
