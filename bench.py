@@ -9,11 +9,19 @@
 Command (the README's table):
     python bench.py --config resnet56:128 --config resnet56:512 --config vgg16:128 --out results/bench.json
 
+HierNet (`--hiernet`): training images/s of hiernet.py's model, per-branch modules vs the
+batched form, with 8 and 20 equal-as-possible groups of 100 classes at n = 9 (split 16, 5
+extra blocks: the paper's n = 9 settings), random 32x32 batches of 128, one CUDA graph per step:
+    python bench.py --hiernet --out results/bench_hiernet.json
+CPU smoke: python bench.py --hiernet --hiernet-n 1 --hiernet-split 1 --hiernet-extra 1 \
+    --image-size 8 --batch 8 --steps 2 --warmup 1 --device cpu --out /tmp/bench_hiernet.json
+
 The images are CIFAR-10's when --data-dir holds them (any pickle copy), else random uint8
 images of the same shape: the throughput does not depend on the pixel values.
 """
 
 import argparse
+import copy
 import os
 import platform
 import time
@@ -45,8 +53,17 @@ def get_args(argv=None):
     p.add_argument("--data-dir", default="./data")
     p.add_argument("--device", type=common.device_name, default="auto")
     p.add_argument("--modes", default="usual,ours,ceiling")
-    p.add_argument("--out", default="results/bench.json")
+    p.add_argument("--out", default=None, help="default results/bench.json (results/bench_hiernet.json with --hiernet)")
+    h = p.add_argument_group("hiernet")
+    h.add_argument("--hiernet", action="store_true", help="HierNet training images/s, per-branch vs batched")
+    h.add_argument("--hiernet-n", type=common.positive_int, default=9, help="CIFAR ResNet size of the HierNet")
+    h.add_argument("--hiernet-split", type=common.positive_int, default=16, help="residual blocks in the trunk")
+    h.add_argument("--hiernet-extra", type=common.nonneg_int, default=5, help="extra blocks of the super-class node")
+    h.add_argument("--groups", type=common.positive_int, nargs="+", default=[8, 20], help="group counts (100 classes)")
+    h.add_argument("--batch", type=common.positive_int, default=128, help="training batch")
+    h.add_argument("--image-size", type=common.positive_int, default=32)
     args = p.parse_args(argv)
+    args.out = args.out or ("results/bench_hiernet.json" if args.hiernet else "results/bench.json")
     args.config = args.config or ["resnet56:128", "resnet56:512", "vgg16:128"]
     return args
 
@@ -158,12 +175,92 @@ def bench_ours(name, batch, images, labels, args, device, ceiling=False):
     return args.steps * batch / seconds
 
 
+def bench_hiernet_step(model, args, device):
+    """Training images/s of one HierNet form: hiernet.py's loss and step on one random batch."""
+    import hiernet
+
+    model = common.to_device_model(model, device).train()
+    opt = common.make_sgd(model.parameters(), 0.1)
+    step = common.make_train_step(model, hiernet.hiernet_loss, opt, device=device, cuda_graph=device.type == "cuda")
+    x = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device)
+    if device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 100, (args.batch,), device=device)
+    total = torch.zeros((), device=device)
+
+    def run_step():
+        nonlocal total
+        total = total + step(x, y)["loss"]
+
+    seconds = time_steps(run_step, args.steps, args.warmup, device)
+    if not torch.isfinite(total):
+        common.fail("bench hiernet: non-finite loss")
+    return args.steps * args.batch / seconds
+
+
+def bench_hiernet(args, device):
+    """Per-branch vs batched HierNet training images/s, and the backbone's, per group count."""
+    import hiernet
+
+    n_blocks = 3 * args.hiernet_n
+    if not 1 <= args.hiernet_split < n_blocks or not 0 <= args.hiernet_extra <= n_blocks - args.hiernet_split:
+        common.fail(
+            f"--hiernet-split {args.hiernet_split} / --hiernet-extra {args.hiernet_extra} do not fit n={args.hiernet_n}"
+        )
+    backbone = common.CifarResNet(args.hiernet_n, 100)
+    rows = [{"model": "backbone", "groups": 0, "images_per_s": None}]
+    common.seed_everything(0)
+    bb = common.to_device_model(copy.deepcopy(backbone), device).train()
+    opt = common.make_sgd(bb.parameters(), 0.1)
+    step = common.make_train_step(bb, common.cross_entropy_loss, opt, device=device, cuda_graph=device.type == "cuda")
+    x = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device)
+    if device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 100, (args.batch,), device=device)
+    rows[0]["images_per_s"] = args.steps * args.batch / time_steps(lambda: step(x, y), args.steps, args.warmup, device)
+    print(f"backbone n={args.hiernet_n}: {rows[0]['images_per_s']:.0f} images/s", flush=True)
+    for groups in args.groups:
+        tree = [g.tolist() for g in np.array_split(np.random.default_rng(0).permutation(100), groups)]
+        split, extra = [args.hiernet_split], [args.hiernet_extra]
+        row = {"model": "hiernet", "groups": groups, "group_sizes": [len(g) for g in tree]}
+        row["per_branch"] = bench_hiernet_step(hiernet.build_per_branch(backbone, tree, split, extra), args, device)
+        row["batched"] = bench_hiernet_step(hiernet.build_hiernet(backbone, tree, split, extra), args, device)
+        row["batched_over_per_branch"] = row["batched"] / row["per_branch"]
+        # Seconds per CIFAR epoch (390 steps of 128 images) at this rate.
+        row["batched_epoch_s"] = 390 * 128 / row["batched"]
+        row["per_branch_epoch_s"] = 390 * 128 / row["per_branch"]
+        print(
+            f"hiernet {groups} groups: per-branch {row['per_branch']:.0f}, batched {row['batched']:.0f} images/s "
+            f"({row['batched_over_per_branch']:.2f}x; epoch {row['per_branch_epoch_s']:.1f} s -> "
+            f"{row['batched_epoch_s']:.1f} s)",
+            flush=True,
+        )
+        rows.append(row)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    result = {
+        "device": device_name,
+        "torch": torch.__version__,
+        "n": args.hiernet_n,
+        "split": args.hiernet_split,
+        "extra_blocks": args.hiernet_extra,
+        "batch": args.batch,
+        "image_size": args.image_size,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "rows": rows,
+    }
+    common.write_json(args.out, result)
+    return result
+
+
 def main(argv=None):
     args = get_args(argv)
     common.seed_everything(0)
     device = common.get_device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    if args.hiernet:
+        return bench_hiernet(args, device)
     images, labels, source = load_images(args.data_dir)
     modes = args.modes.split(",")
     rows = []

@@ -145,7 +145,9 @@ def get_args(argv=None):
     g.add_argument("--lambda2", type=common.nonneg_float, default=3e-3, help="Eq. 3: quartic coefficient of the hat")
     g.add_argument("--lambda3", type=common.nonneg_float, default=1e-4, help="Eq. 3: weight of the overlap term")
     g.add_argument("--lambda4", type=common.nonneg_float, default=1e-4, help="Eq. 4: lambda")
-    args = common.parse_args(parser, argv)
+    # A resume may lengthen --epochs (stages nothing builds on), not the coarse, pre-training or
+    # recovery stages that later stages are trained from.
+    args = common.parse_args(parser, argv, script="coarse_outer_product")
     if args.coarse_k < 2:
         parser.error("--coarse-k must be at least 2")
     return args

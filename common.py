@@ -15,7 +15,9 @@ Every script imports this file; a script's method lives in the script.
 """
 
 import argparse
+import atexit
 import datetime
+import fcntl
 import hashlib
 import io
 import json
@@ -155,17 +157,101 @@ def add_common_args(parser, *, epochs, batch_size, lr, dataset="shapes", dataset
     return parser
 
 
-def parse_args(parser, argv=None):
-    """Parse argv; with --resume DIR, the run's saved args.json fills every flag not given."""
+# Flags a resume may change: where and how fast the same arithmetic runs. --dtype is not among
+# them (bf16 and fp32 are different experiments); --data-dir is, except for --dataset folder,
+# where the folder is the dataset. Run lengths that may grow are each script's resume_longer.
+RESUME_SAFE = ("device", "cuda_graph", "compile")
+
+
+def read_run_args(run_dir, flag="--resume"):
+    """A run directory's args.json as a dict (one line on failure)."""
+    path = Path(run_dir) / "args.json"
+    if not path.is_file():
+        fail(f"{flag} {run_dir}: no args.json there; not a run directory")
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        fail(f"{flag} {run_dir}: args.json is unreadable ({e}); the run directory is damaged")
+    if not isinstance(saved, dict):
+        fail(f"{flag} {run_dir}: args.json holds no settings object; the run directory is damaged")
+    return saved
+
+
+def run_settings(saved):
+    """The settings a run continues with: args.json's flags with its recorded overrides applied."""
+    settings = {k: v for k, v in saved.items() if k not in ("script", "overrides")}
+    try:
+        for override in saved.get("overrides", []):
+            settings.update({k: change["to"] for k, change in override["changes"].items()})
+    except (AttributeError, KeyError, TypeError):
+        fail("args.json: its overrides list is damaged; each entry is {time, changes: {flag: {from, to}}}")
+    return settings
+
+
+def check_run_script(saved, script, run_dir, flag="--resume"):
+    """Fail unless args.json says the run directory was written by `script`."""
+    owner = saved.get("script")
+    if owner is None:
+        fail(
+            f"{flag} {run_dir}: its args.json names no script (written before run directories recorded "
+            f'theirs); add "script": "{script}" to it if it is a {script} run'
+        )
+    if owner != script:
+        fail(f"{flag} {run_dir}: a {owner} run, not a {script} run")
+
+
+def _plain(obj):
+    """obj as JSON would give it back: numpy and tensor values to Python ones, tuples to lists."""
+    return json.loads(json.dumps(obj, default=_json_default))
+
+
+def _given_flags(parser, argv):
+    """{dest: value} of the flags given on the command line (not from defaults)."""
+    unset = object()
+    ns = argparse.Namespace(**{a.dest: unset for a in parser._actions if a.dest != argparse.SUPPRESS})
+    parser.parse_args(argv, namespace=ns)
+    return {k: v for k, v in vars(ns).items() if v is not unset}
+
+
+def parse_args(parser, argv=None, *, script=None, resume_longer=("epochs",)):
+    """Parse argv; with --resume DIR, the run's saved settings fill every flag not given.
+
+    A resume continues the same experiment: DIR must be a run of `script`, and a flag that
+    differs from the run's value is refused (one line naming it) unless it is in RESUME_SAFE,
+    --data-dir (not for --dataset folder), or a run length in `resume_longer` that grows. What
+    a script may lengthen is its choice: stages that later stages build on are not extended."""
     args = parser.parse_args(argv)
-    if args.resume:
-        saved = Path(args.resume) / "args.json"
-        if not saved.is_file():
-            fail(f"--resume {args.resume}: no args.json there; not a run directory")
-        known = {a.dest for a in parser._actions}
-        parser.set_defaults(**{k: v for k, v in json.loads(saved.read_text()).items() if k in known})
-        args = parser.parse_args(argv)
-    return args
+    if not args.resume:
+        return args
+    if args.force:
+        fail("--resume continues a run and --force starts one over; give one of them")
+    saved = read_run_args(args.resume)
+    if script is not None:
+        check_run_script(saved, script, args.resume)
+    settings = run_settings(saved)
+    defaults = {a.dest: a.default for a in parser._actions}
+    options = {a.dest: a.option_strings[-1] for a in parser._actions if a.option_strings}
+    allowed = set(RESUME_SAFE) | {"resume"} | ({"data_dir"} if settings.get("dataset") != "folder" else set())
+    longer = () if settings.get("dry_run") else tuple(resume_longer)
+    changed, shorter = [], []
+    for dest, value in _given_flags(parser, argv).items():
+        old = settings.get(dest, defaults.get(dest))
+        if dest in allowed or _plain(value) == _plain(old):
+            continue
+        grows = isinstance(value, int) and isinstance(old, int) and not isinstance(value, bool)
+        if dest in longer and grows and value > old:
+            continue
+        (shorter if dest in longer and grows else changed).append(f"{options.get(dest, dest)} {value} (run: {old})")
+    if changed or shorter:
+        lengths = ", ".join(options.get(d, d) for d in longer) or "no run length"
+        fail(
+            f"--resume {args.resume}: {'; '.join(changed + shorter)} would change the experiment; a resume may "
+            f"change {', '.join(options[d] for d in RESUME_SAFE)} and --data-dir, and lengthen {lengths}"
+            + (" (this is a --dry-run directory)" if settings.get("dry_run") else "")
+        )
+    known = {a.dest for a in parser._actions}
+    parser.set_defaults(**{k: v for k, v in settings.items() if k in known})
+    return parser.parse_args(argv)
 
 
 def seed_everything(seed):
@@ -188,11 +274,35 @@ def get_device(name="auto"):
     return device
 
 
-def setup(args, script):
-    """Seed, pick the device, make (or reopen) the run directory and save args.json.
+# This process's run: its directory, the lock files it holds, the directories it created, and
+# the args.json (and replacement of an old run) that wait for the run's first written file.
+_RUN = {"dir": None, "pending": None, "locks": {}, "created": []}
 
-    Returns (run_dir, device). A run directory that exists and is not empty is only reused
-    with --resume (continue) or --force (start over)."""
+
+def setup(args, script):
+    """Seed, pick the device, and open the run directory: new, resumed or replaced.
+
+    Returns (run_dir, device). Nothing on disk changes before the run writes its first file
+    (a checkpoint, a JSON, a log line): until then inputs may still fail, and a run that fails
+    on them leaves an existing run intact. At that first write, args.json is saved (with a
+    "script" key naming `script`), and a run directory being replaced is renamed aside and
+    removed.
+
+    - A new run gets --out-dir, or runs/<script>-<time> (a counter suffix when taken). An
+      existing non-empty directory is reused only when it is a run of this script without any
+      checkpoint (a run that failed early), replaced with --force only when it is a run of this
+      script (its args.json says so), and refused otherwise.
+    - --resume DIR continues the run (parse_args has checked the flags). Overrides are recorded
+      in args.json's "overrides" list ({time, changes: {flag: {from, to}}}); args.json's own
+      values stay the run's original ones. A longer --epochs (or a script's other lengths):
+      learning-rate schedules are computed by each script from the run length, so the schedule
+      is the one of the new length from the first step; epochs already run keep the learning
+      rates they had, and the rest follow the new schedule from the step reached. A
+      --dry-run directory resumes as a dry run: it cannot become a real run.
+    - A lock on DIR/.lock (held for the process's life) refuses a second process on the same run.
+    - Stale temp files of killed writes are removed when the directory is opened."""
+    _release_run()
+    sys.excepthook = _excepthook
     if args.dry_run:
         args.epochs = 1
     seed_everything(args.seed)
@@ -203,23 +313,189 @@ def setup(args, script):
         torch.backends.cudnn.allow_tf32 = True
     if args.resume:
         run_dir = Path(args.resume)
+        saved = read_run_args(run_dir)
+        check_run_script(saved, script, run_dir)
+        _lock(run_dir)
+        _remove_stale_temps(run_dir)
+        settings = run_settings(saved)
+        if settings.get("dry_run"):
+            print(f"[{script}] {run_dir} is a --dry-run directory: it resumes as a dry run", flush=True)
+        current = _plain(vars(args))
+        changes = {
+            k: {"from": settings[k], "to": v}
+            for k, v in current.items()
+            if k != "resume" and k in settings and _plain(settings[k]) != v
+        }
+        if changes:
+            when = datetime.datetime.now().isoformat(timespec="seconds")
+            saved = {**saved, "overrides": saved.get("overrides", []) + [{"time": when, "changes": changes}]}
+            _RUN["pending"] = {"dir": run_dir, "args": saved, "replace": False}
     else:
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        run_dir = Path(args.out_dir or f"runs/{script}-{stamp}")
-        if run_dir.exists() and any(run_dir.iterdir()):
-            if not args.force:
-                fail(
-                    f"{run_dir} exists and is not empty; pass --resume {run_dir} to continue it or --force to overwrite"
-                )
-            shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(run_dir / "args.json", vars(args))
+        run_dir = Path(args.out_dir) if args.out_dir else _new_default_dir(script)
+        replace = _check_out_dir(run_dir, script, args.force)
+        if not replace:
+            if not run_dir.exists():
+                _RUN["created"].append(run_dir)
+            try:
+                run_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                fail(f"cannot create the run directory {run_dir}: {e.strerror or e}")
+        _lock(run_dir)
+        _remove_stale_temps(run_dir)
+        _RUN["pending"] = {"dir": run_dir, "args": {"script": script, **_plain(vars(args))}, "replace": replace}
+    _RUN["dir"] = run_dir
     return run_dir, device
+
+
+def _new_default_dir(script):
+    """runs/<script>-<time>, created exclusively: jobs started in the same second get -2, -3, ..."""
+    stamp = _timestamp()
+    for i in range(1, 1000):
+        run_dir = Path("runs") / (f"{script}-{stamp}" if i == 1 else f"{script}-{stamp}-{i}")
+        try:
+            run_dir.mkdir(parents=True)
+        except FileExistsError:
+            continue
+        except OSError as e:
+            fail(f"cannot create the run directory {run_dir}: {e.strerror or e}")
+        _RUN["created"].append(run_dir)
+        return run_dir
+    fail(f"runs/{script}-{stamp}: a thousand run directories in one second; pass --out-dir")
+
+
+def _timestamp():
+    return datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def _run_contents(run_dir):
+    """What a directory holds besides our lock file and temp files."""
+    return [p for p in run_dir.iterdir() if p.name != ".lock" and not p.name.endswith(".tmp")]
+
+
+def _check_out_dir(run_dir, script, force):
+    """True when run_dir holds a run to be replaced at the first write; fails when it may not be."""
+    if not run_dir.exists():
+        return False
+    if not run_dir.is_dir():
+        fail(f"--out-dir {run_dir} is a file, not a directory")
+    if not _run_contents(run_dir):
+        return False
+    here = Path.cwd().resolve()
+    if run_dir.resolve() in (here, *here.parents):
+        fail(f"--out-dir {run_dir} is the working directory or holds it; choose a new directory")
+    try:
+        saved = json.loads((run_dir / "args.json").read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        saved = None
+    owner = saved.get("script") if isinstance(saved, dict) else None
+    if owner == script and not any(run_dir.rglob("checkpoint.pt")):
+        return True  # a run of this script that failed before its first checkpoint: nothing to lose
+    if not force:
+        fail(f"{run_dir} exists and is not empty; pass --resume {run_dir} to continue it or --force to replace it")
+    if saved is None:
+        fail(f"--force {run_dir}: not a run directory (no readable args.json); refusing to delete it")
+    if owner is None:
+        fail(
+            f"--force {run_dir}: its args.json names no script (written before run directories recorded "
+            "theirs); refusing to delete it; remove it yourself if it is to go"
+        )
+    if owner != script:
+        fail(f"--force {run_dir}: a {owner} run, not a {script} run; refusing to replace it")
+    return True
+
+
+def _lock(run_dir):
+    """Hold an exclusive lock on run_dir/.lock for this process's life (one line when taken)."""
+    key = str(Path(run_dir).resolve())
+    if key in _RUN["locks"]:
+        return
+    path = Path(run_dir) / ".lock"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+    except OSError as e:
+        fail(f"cannot write in {run_dir}: {e.strerror or e}")
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        other = os.read(fd, 32).decode(errors="replace").strip()
+        os.close(fd)
+        fail(f"{run_dir} is in use by another process{f' (pid {other})' if other else ''}; wait until it ends")
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _RUN["locks"][key] = fd
+
+
+def _release_run():
+    """Forget the previous run of this process (several runs in one process, as in tests)."""
+    for fd in _RUN["locks"].values():
+        os.close(fd)
+    _RUN.update(dir=None, pending=None, locks={})
+
+
+def _remove_stale_temps(run_dir):
+    """Temp files of writes killed half-way (checkpoints, JSON); we hold the lock, so none is live."""
+    for tmp in Path(run_dir).rglob("*.tmp"):
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+
+
+def _claim(path):
+    """Before the run's first write under its directory: replace the old run, save args.json."""
+    pending = _RUN["pending"]
+    if pending is None:
+        return
+    run_dir = pending["dir"]
+    try:
+        Path(path).resolve().relative_to(run_dir.resolve())
+    except ValueError:
+        return
+    _RUN["pending"] = None
+    try:
+        if pending["replace"]:
+            aside = run_dir.with_name(f"{run_dir.name}.replaced-{os.getpid()}")
+            os.replace(run_dir, aside)
+            run_dir.mkdir()
+            old_lock = _RUN["locks"].pop(str(run_dir.resolve()))
+            _lock(run_dir)
+            shutil.rmtree(aside)
+            os.close(old_lock)
+        _atomic_write(run_dir / "args.json", _json_bytes(pending["args"]))
+    except OSError as e:
+        fail(f"cannot write {e.filename or run_dir}: {e.strerror or e}")
+
+
+@atexit.register
+def _remove_unused_run_dirs():
+    """A run directory this process created and never wrote to does not outlive it."""
+    for run_dir in _RUN["created"]:
+        try:
+            if run_dir.is_dir() and not _run_contents(run_dir):
+                for p in run_dir.iterdir():
+                    p.unlink()
+                run_dir.rmdir()
+        except OSError:
+            pass
+
+
+def _excepthook(kind, value, tb):
+    """One line, not a traceback, for Ctrl-C and for file-system errors on a named path."""
+    if issubclass(kind, KeyboardInterrupt):
+        print("interrupted", file=sys.stderr)
+    elif issubclass(kind, OSError) and value.filename:
+        print(f"error: {value.filename}: {value.strerror or value}", file=sys.stderr)
+    else:
+        sys.__excepthook__(kind, value, tb)
 
 
 def write_json(path, obj):
     """Write JSON atomically: a reader sees the old file or the new one, never half of one."""
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, default=_json_default) + "\n").encode())
+    atomic_write_bytes(path, _json_bytes(obj))
+
+
+def _json_bytes(obj):
+    return (json.dumps(obj, indent=2, default=_json_default) + "\n").encode()
 
 
 def _json_default(o):
@@ -236,12 +512,20 @@ def _json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
-def atomic_write_bytes(path, data):
+def _umask():
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _atomic_write(path, data):
+    """Write through a temp file and a rename; the file gets the usual mode (0666 less the umask)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -251,19 +535,52 @@ def atomic_write_bytes(path, data):
         raise
 
 
+def atomic_write_bytes(path, data):
+    """Write a file atomically: a reader sees the old file or the new one, never half of one.
+
+    A file-system error (read-only, full disk) is one line naming the path."""
+    _claim(path)
+    try:
+        _atomic_write(path, data)
+    except OSError as e:
+        fail(f"cannot write {path}: {e.strerror or e}")
+
+
+def write_npy(path, array):
+    """np.save, atomically."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(array))
+    atomic_write_bytes(path, buffer.getvalue())
+
+
 def save_checkpoint(path, state):
+    """torch.save, atomically. Keep `state` to tensors and plain values: it is read back with
+    weights_only=True."""
     buffer = io.BytesIO()
     torch.save(state, buffer)
     atomic_write_bytes(path, buffer.getvalue())
 
 
 def load_checkpoint(path, device="cpu"):
-    return torch.load(path, map_location=device, weights_only=False)
+    """torch.load with weights_only=True: tensors and plain values only, never code from the file.
+    A missing, truncated or foreign file is one line."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        reason = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        fail(
+            f"cannot load the checkpoint {path}: {reason[:200]} (a truncated or damaged file, or one with "
+            "more than tensors and plain values in it)"
+        )
 
 
 def append_jsonl(path, record):
-    with open(path, "a") as f:
-        f.write(json.dumps(record, default=_json_default) + "\n")
+    _claim(path)
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record, default=_json_default) + "\n")
+    except OSError as e:
+        fail(f"cannot write {path}: {e.strerror or e}")
 
 
 def read_jsonl(path):
@@ -652,11 +969,8 @@ def load_folder(data_dir, image_size=None):
             st = p.stat()
             key.update(f"{p.relative_to(root)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     cache = root / f".cache-{image_size or 'native'}-{key.hexdigest()[:16]}.pt"
-    if cache.exists():
-        obj = torch.load(cache, weights_only=False)
-    else:
-        for old in root.glob(f".cache-{image_size or 'native'}-*.pt"):
-            old.unlink()
+    obj = _read_folder_cache(cache, len(files["train"]), len(files["test"]))
+    if obj is None:
         index = {c: i for i, c in enumerate(class_names)}
         obj = {"class_names": class_names}
         for part in ("train", "test"):
@@ -674,9 +988,47 @@ def load_folder(data_dir, image_size=None):
             if len(shapes) > 1:
                 fail(f"{root}/{part}: images differ in size {sorted(shapes)[:3]}...; pass --image-size to resize them")
             obj[part] = (torch.stack(images), torch.tensor([index[c] for c, _ in files[part]]))
-        torch.save(obj, cache)
+        _write_folder_cache(cache, obj, f".cache-{image_size or 'native'}-")
     train, test = (Split(*obj[part]) for part in ("train", "test"))
     return train, test, Hierarchy(["fine"], [obj["class_names"]], [np.arange(len(obj["class_names"]))])
+
+
+def _read_folder_cache(cache, n_train, n_test):
+    """The decoded folder, or None when there is no cache or it is unreadable (then it is rebuilt).
+
+    Read with weights_only=True: a planted file cannot run code, it only fails to load."""
+    if not cache.exists():
+        return None
+    try:
+        obj = torch.load(cache, map_location="cpu", weights_only=True)
+        names = obj["class_names"]
+        for part, n in (("train", n_train), ("test", n_test)):
+            images, labels = obj[part]
+            if images.dtype != torch.uint8 or images.ndim != 4 or len(images) != n or labels.shape != (n,):
+                raise ValueError(f"its {part} split does not match the folder")
+            if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < len(names):
+                raise ValueError(f"its {part} labels are out of range")
+        return obj
+    except Exception as e:
+        reason = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        print(f"warning: the image cache {cache} is unreadable ({reason[:120]}); decoding the images again")
+        return None
+
+
+def _write_folder_cache(cache, obj, prefix):
+    """Replace the folder's caches by this one, atomically; a read-only or full folder only warns."""
+    for old in cache.parent.glob(prefix + "*"):
+        try:
+            if old.suffix == ".pt" or time.time() - old.stat().st_mtime > 3600:  # or a killed write's temp
+                old.unlink()
+        except OSError:
+            pass
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    try:
+        _atomic_write(cache, buffer.getvalue())
+    except OSError as e:
+        print(f"warning: cannot write the image cache {cache} ({e.strerror or e}); decoding without a cache")
 
 
 # The shapes dataset of the HDL paper (section 3): triangle or square, one of six fill colours,
@@ -1455,6 +1807,47 @@ def train_epoch(step, loader, optimizer, lr_at, start_step):
     return sums, images, n
 
 
+def get_rng_state(device):
+    """Every generator's state as tensors and plain lists (weights_only-safe in a checkpoint)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, next_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
+        "python": [version, list(internal), next_gauss],
+    }
+
+
+def set_rng_state(rng, device):
+    torch.set_rng_state(rng["torch"].cpu())
+    if device.type == "cuda" and rng.get("cuda") is not None:
+        torch.cuda.set_rng_state(rng["cuda"].cpu(), device)
+    n = rng["numpy"]
+    np.random.set_state((n["kind"], n["keys"].cpu().numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    version, internal, next_gauss = rng["python"]
+    random.setstate((version, tuple(internal), next_gauss))
+
+
+def _weights_only_safe(obj):
+    """numpy values in a state dict as tensors and Python numbers (weights_only=True reads them)."""
+    if isinstance(obj, dict):
+        return {k: _weights_only_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_weights_only_safe(v) for v in obj)
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj.copy())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
 def fit(
     stage_dir,
     model,
@@ -1476,9 +1869,15 @@ def fit(
     state (e.g. a plateau schedule, class centres); extra_state maps names to objects with
     state_dict()/load_state_dict() saved in the checkpoint. Every epoch appends one line to
     log_path (metrics.jsonl) and prints one progress line with ETA. A non-finite loss stops the
-    run with an error; the last good checkpoint stays. Returns the list of epoch records."""
+    run with an error; the last good checkpoint stays. Ctrl-C stops with one line naming the last
+    checkpoint and exit status 130. Checkpoints hold tensors and plain values only (RNG states
+    included), so they load with weights_only=True. Returns the list of epoch records."""
     stage_dir = Path(stage_dir)
-    stage_dir.mkdir(parents=True, exist_ok=True)
+    _claim(stage_dir)
+    try:
+        stage_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        fail(f"cannot create {stage_dir}: {e.strerror or e}")
     ckpt_path = stage_dir / "checkpoint.pt"
     extra_state = extra_state or {}
     device = next(model.parameters()).device
@@ -1491,72 +1890,73 @@ def fit(
         for name, obj in extra_state.items():
             obj.load_state_dict(ckpt["extra"][name])
         epoch, global_step, history = ckpt["epoch"], ckpt["step"], ckpt["history"]
-        torch.set_rng_state(ckpt["rng"]["torch"].cpu())
-        if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu(), device)
-        np.random.set_state(ckpt["rng"]["numpy"])
-        random.setstate(ckpt["rng"]["python"])
+        set_rng_state(ckpt["rng"], device)
         if epoch < epochs:
             print(f"[{stage}] resuming from {ckpt_path} at epoch {epoch}/{epochs}", flush=True)
     started = time.time()
     first_epoch = epoch
-    while epoch < epochs:
-        model.train()
-        t0 = time.time()
-        sums, images, global_step = train_epoch(step, loader, optimizer, lr_at, global_step)
-        means = {k: v.item() / len(loader) for k, v in sums.items() if k != "correct"}  # one sync per epoch
-        if "correct" in sums:
-            means["train_acc"] = 100.0 * sums["correct"].item() / max(images, 1)
-        if not all(math.isfinite(v) for v in means.values()):
-            fail(f"[{stage}] non-finite loss in epoch {epoch + 1} ({means}); the last good checkpoint is {ckpt_path}")
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds = time.time() - t0
-        record = {
-            "stage": stage,
-            "epoch": epoch + 1,
-            "step": global_step,
-            "lr": optimizer.param_groups[0]["lr"],
-            **means,
-            "seconds": round(seconds, 3),
-            "images_per_s": round(images / max(seconds, 1e-9), 1),
-        }
-        if evaluate is not None:
-            model.eval()
-            record.update(evaluate(epoch + 1))
-        if on_epoch_end is not None:
-            on_epoch_end(epoch + 1, record)
-        epoch += 1
-        history.append(record)
-        rng = {
-            "torch": torch.get_rng_state(),
-            "numpy": np.random.get_state(),
-            "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-        }
-        save_checkpoint(
-            ckpt_path,
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "loader": loader.state_dict(),
-                "extra": {k: v.state_dict() for k, v in extra_state.items()},
-                "epoch": epoch,
+    try:
+        while epoch < epochs:
+            model.train()
+            t0 = time.time()
+            sums, images, global_step = train_epoch(step, loader, optimizer, lr_at, global_step)
+            means = {k: v.item() / len(loader) for k, v in sums.items() if k != "correct"}  # one sync per epoch
+            if "correct" in sums:
+                means["train_acc"] = 100.0 * sums["correct"].item() / max(images, 1)
+            if not all(math.isfinite(v) for v in means.values()):
+                where = (
+                    f"the last good checkpoint is {ckpt_path}"
+                    if ckpt_path.exists()
+                    else "no checkpoint was written yet"
+                )
+                fail(f"[{stage}] non-finite loss in epoch {epoch + 1} ({means}); {where}")
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds = time.time() - t0
+            record = {
+                "stage": stage,
+                "epoch": epoch + 1,
                 "step": global_step,
-                "history": history,
-                "rng": rng,
-            },
-        )
-        if log_path is not None:
-            append_jsonl(log_path, record)
-        elapsed = time.time() - started
-        eta = elapsed / (epoch - first_epoch) * (epochs - epoch)
-        shown = " ".join(
-            f"{k} {v:.4g}"
-            for k, v in record.items()
-            if k not in ("stage", "epoch", "step", "seconds") and isinstance(v, (int, float))
-        )
-        print(f"[{stage}] epoch {epoch}/{epochs} {shown} | {seconds:.1f}s ETA {format_seconds(eta)}", flush=True)
+                "lr": optimizer.param_groups[0]["lr"],
+                **means,
+                "seconds": round(seconds, 3),
+                "images_per_s": round(images / max(seconds, 1e-9), 1),
+            }
+            if evaluate is not None:
+                model.eval()
+                record.update(evaluate(epoch + 1))
+            if on_epoch_end is not None:
+                on_epoch_end(epoch + 1, record)
+            epoch += 1
+            history.append(record)
+            save_checkpoint(
+                ckpt_path,
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "loader": loader.state_dict(),
+                    "extra": {k: _weights_only_safe(v.state_dict()) for k, v in extra_state.items()},
+                    "epoch": epoch,
+                    "step": global_step,
+                    "history": _plain(history),
+                    "rng": get_rng_state(device),
+                },
+            )
+            if log_path is not None:
+                append_jsonl(log_path, record)
+            elapsed = time.time() - started
+            eta = elapsed / (epoch - first_epoch) * (epochs - epoch)
+            shown = " ".join(
+                f"{k} {v:.4g}"
+                for k, v in record.items()
+                if k not in ("stage", "epoch", "step", "seconds") and isinstance(v, (int, float))
+            )
+            print(f"[{stage}] epoch {epoch}/{epochs} {shown} | {seconds:.1f}s ETA {format_seconds(eta)}", flush=True)
+    except KeyboardInterrupt:
+        where = f"the last checkpoint is {ckpt_path}" if ckpt_path.exists() else "no checkpoint was written yet"
+        again = f"; continue with --resume {_RUN['dir']}" if _RUN["dir"] is not None and ckpt_path.exists() else ""
+        print(f"[{stage}] interrupted in epoch {epoch + 1}; {where}{again}", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
     model.eval()
     return history
 
@@ -1607,6 +2007,105 @@ def level_accuracies(fine_scores, labels, hierarchy):
         coarse = torch.zeros(len(probs), hierarchy.num_classes(level)).index_add_(1, parent, probs)
         result[name] = accuracy(coarse, parent[labels])
     return result
+
+
+def lca_heights(hierarchy):
+    """C x C int64 tensor: height of the lowest common ancestor of fine classes a and b.
+
+    Fine classes (leaves) sit at height 0 and an implicit root above the coarsest level at
+    height n_levels; two classes that first differ below k shared levels meet at height
+    n_levels - k (so 0 when a == b, n_levels when they differ already at level 0)."""
+    parents = torch.as_tensor(np.stack(hierarchy.parents))  # L x C
+    same = parents[:, :, None] == parents[:, None, :]  # L x C x C
+    shared_levels = same.long().cumprod(0).sum(0)  # leading levels, coarsest first, in common
+    return hierarchy.n_levels - shared_levels
+
+
+def shared_ancestors(hierarchy):
+    """C x C int64 tensor: size of the intersection of the two classes' ancestor sets.
+
+    A class's set holds its class at every level (itself included, the root excluded), so every
+    set has n_levels members."""
+    parents = torch.as_tensor(np.stack(hierarchy.parents))
+    return (parents[:, :, None] == parents[:, None, :]).long().sum(0)
+
+
+@torch.no_grad()
+def hierarchical_metrics(scores, labels, hierarchy, level_preds=None):
+    """Flat and hierarchical measures of fine-class scores; a JSON-ready dict.
+
+    scores: N x C logits, log-probabilities or probabilities. Argmax and top-k do not care; for the
+    level accuracies, rows that are all non-negative and sum to 1 are taken as probabilities as they
+    are, anything else is soft-maxed (as `level_accuracies` does). labels: N fine labels.
+    level_preds: optional {level name: N labels predicted at that level by the model's own level
+    heads}. Tensors (any device) or arrays; the measures are computed on the CPU.
+
+    top1, top5, level_acc ({level: %}, coarse scores = summed fine probabilities): in %.
+    mistake_severity: mean LCA height of predicted and true class over the top-1 mistakes only
+      (Bertinetto et al. 2020); None when there is no mistake (None, not NaN, to stay valid JSON).
+    hdist@1, hdist@5: mean LCA height between the true class and each of the k top-scored
+      classes, over all images (k capped at C).
+    hprecision, hrecall, hf1: each class augmented with its ancestors (root excluded), summed
+      intersections over summed set sizes, micro-averaged over images (Kosmopoulos et al. 2015),
+      in %. With one leaf label per image and every leaf at full depth both sets have n_levels
+      members, so the three are equal; they are kept apart to stay the measures as defined.
+    consistency (only with level_preds): % of images whose given level predictions all equal the
+      ancestors, at those levels, of the top-1 fine prediction."""
+    scores = torch.as_tensor(scores).float().cpu()
+    labels = torch.as_tensor(labels).long().reshape(-1).cpu()
+    n_classes = hierarchy.num_classes()
+    if scores.ndim != 2 or scores.shape[1] != n_classes:
+        fail(f"hierarchical_metrics: scores of shape {tuple(scores.shape)}, expected N x {n_classes}")
+    if len(labels) != len(scores) or len(labels) == 0:
+        fail(f"hierarchical_metrics: {len(labels)} labels for {len(scores)} score rows (need as many, at least one)")
+    is_probabilities = bool((scores >= 0).all()) and torch.allclose(scores.sum(1), torch.ones(len(scores)), atol=1e-3)
+    heights = lca_heights(hierarchy).float()
+    pred = scores.argmax(1)
+    top = scores.topk(min(5, n_classes), 1).indices
+    mistakes = pred != labels
+    overlap = shared_ancestors(hierarchy)[pred, labels].sum().item()
+    set_size = hierarchy.n_levels * len(labels)  # every class's ancestor set has n_levels members
+    hprecision = 100.0 * overlap / set_size  # summed |pred set|
+    hrecall = 100.0 * overlap / set_size  # summed |true set|
+    result = {
+        "top1": accuracy(scores, labels),
+        "top5": topk_accuracy(scores, labels, 5),
+        # log turns probabilities into log-probabilities, which level_accuracies' softmax maps back.
+        "level_acc": level_accuracies(scores.log() if is_probabilities else scores, labels, hierarchy),
+        "mistake_severity": heights[pred[mistakes], labels[mistakes]].mean().item() if mistakes.any() else None,
+        "hdist@1": heights[pred, labels].mean().item(),
+        "hdist@5": heights[top, labels[:, None]].mean().item(),
+        "hprecision": hprecision,
+        "hrecall": hrecall,
+        "hf1": 2 * hprecision * hrecall / (hprecision + hrecall) if hprecision + hrecall > 0 else 0.0,
+    }
+    if level_preds is not None:
+        if not level_preds:
+            fail("hierarchical_metrics: level_preds is empty; pass None when the model has no level heads")
+        agree = torch.ones(len(labels), dtype=torch.bool)
+        for name, level_pred in level_preds.items():
+            if name not in hierarchy.level_names:
+                fail(f"hierarchical_metrics: level {name!r} not in the hierarchy's levels {hierarchy.level_names}")
+            level_pred = torch.as_tensor(level_pred).long().reshape(-1).cpu()
+            if len(level_pred) != len(labels):
+                fail(f"hierarchical_metrics: {len(level_pred)} '{name}' predictions for {len(labels)} images")
+            agree &= level_pred == hierarchy.labels(name, pred)
+        result["consistency"] = 100.0 * agree.float().mean().item()
+    return result
+
+
+def format_hierarchical_metrics(m):
+    """One line for logs: top-1/5, level accuracies, severity, hdist@k, hP/hR/hF, consistency."""
+    levels = " ".join(f"{name} {acc:.2f}" for name, acc in m["level_acc"].items())
+    severity = "-" if m["mistake_severity"] is None else f"{m['mistake_severity']:.3f}"
+    line = (
+        f"top1 {m['top1']:.2f} top5 {m['top5']:.2f} | levels {levels} | severity {severity}"
+        f" hdist@1 {m['hdist@1']:.3f} hdist@5 {m['hdist@5']:.3f}"
+        f" | hP {m['hprecision']:.2f} hR {m['hrecall']:.2f} hF1 {m['hf1']:.2f}"
+    )
+    if "consistency" in m:
+        line += f" | consistency {m['consistency']:.2f}"
+    return line
 
 
 @torch.no_grad()

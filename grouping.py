@@ -13,6 +13,9 @@ the validation half of the test set):
     python grouping.py --cpm runs/hiernet-x/cpm.npy --names runs/hiernet-x/class_names.json
     python grouping.py --run-dir runs/hiernet-x --p-min 0.0075 --g-max 50 --depth 2
 
+With --run-dir, --g-max, --p-min and --depth not given are the run's own (its args.json);
+otherwise they default to the paper's 50, 0.0075 and 1.
+
 Output: a tree JSON (class indices and names) and a readable printout (`--out`, default
 stdout only).
 
@@ -95,23 +98,35 @@ def get_args(argv=None):
         "--names", type=names_file, help="JSON list of class names for --cpm (default: class0, class1, ...)"
     )
     parser.add_argument(
-        "--g-max", type=common.positive_int, nargs="+", default=[50], help="largest group size, per level"
+        "--g-max",
+        type=common.positive_int,
+        nargs="+",
+        default=None,
+        help="largest group size, per level (default 50, or the run's)",
     )
     parser.add_argument(
         "--p-min",
         type=common.nonneg_float,
         nargs="+",
-        default=[0.0075],
-        help="proximity a merge must exceed, per level",
+        default=None,
+        help="proximity a merge must exceed, per level (default 0.0075, or the run's)",
     )
     parser.add_argument(
-        "--depth", type=common.positive_int, default=1, help="levels of groups (1: root -> groups -> classes)"
+        "--depth",
+        type=common.positive_int,
+        default=None,
+        help="levels of groups (1: root -> groups -> classes; default 1, or the run's)",
     )
     parser.add_argument("--out", help="write the tree JSON here (and the printout beside it, .txt)")
     parser.add_argument(
         "--device", type=common.device_name, default="auto", help="for --run-dir: where to evaluate the backbone"
     )
     args = parser.parse_args(argv)
+    saved = Path(args.run_dir) / "args.json" if args.run_dir else None
+    run = json.loads(saved.read_text()) if saved is not None and saved.is_file() else {}
+    for name, default in (("g_max", [50]), ("p_min", [0.0075]), ("depth", 1)):
+        if getattr(args, name) is None:
+            setattr(args, name, run.get(name, default))
     if len(args.g_max) > args.depth or len(args.p_min) > args.depth:
         parser.error(f"--g-max / --p-min take at most one value per level (--depth {args.depth})")
     if args.out and Path(args.out).suffix.lower() in (".txt", ".dot"):
@@ -313,18 +328,27 @@ def cpm_from_run(run_dir, device_name="auto"):
         common.fail(f"--run-dir {run_dir}: no args.json; not a hiernet.py run directory")
     if not ckpt.is_file():
         common.fail(f"--run-dir {run_dir}: no backbone/checkpoint.pt (the backbone stage has not run)")
-    args = argparse.Namespace(**json.loads(saved.read_text()))
+    settings = common.read_run_args(run_dir, "--run-dir")
+    common.check_run_script(settings, "hiernet", run_dir, "--run-dir")
+    args = argparse.Namespace(**common.run_settings(settings))
+    args.test_halves = getattr(args, "test_halves", "seeded")  # runs before the authors' halves used seeded ones
+    import hiernet  # the run's backbone and halves (hiernet imports this module: imported here, when used)
+
     device = common.get_device(device_name)
     data = common.load_data(args)
-    val_idx, _ = common.split_half(data.test.labels.numpy(), args.seed)
+    val_idx, _ = hiernet.test_halves(args, data.test.labels.numpy())
+    if len(val_idx) == 0:
+        common.fail(f"--run-dir {run_dir}: the test set has a class with fewer than 2 images; no validation half")
     val = data.test.subset(val_idx)
-    model = common.CifarResNet(args.n, data.num_classes, elu=args.elu, in_channels=data.train.images.shape[1])
+    model = hiernet.make_backbone(args, data.num_classes, data.train.images.shape[1])
     model.load_state_dict(common.load_checkpoint(ckpt)["model"])
     model = common.to_device_model(model, device).eval()
     loader = common.GpuLoader(
         val.images, val.labels, 500, device=device, mean=data.mean, std=data.std, channels_last=device.type == "cuda"
     )
-    return confusion_probability_matrix(model, loader, data.num_classes, device=device), data.class_names
+    with hiernet.exact_fp32():
+        cpm = confusion_probability_matrix(model, loader, data.num_classes, device=device, dtype="fp32")
+    return cpm, data.class_names
 
 
 def main(argv=None):

@@ -325,7 +325,7 @@ def get_args(argv=None):
         help="hold out this many training images per fine class for per-epoch logs (0: none, as the paper)",
     )
     g.add_argument("--eval-batch-size", type=common.positive_int, default=500)
-    args = common.parse_args(parser, argv)
+    args = common.parse_args(parser, argv, script="hdl_stack")
     if not 0 < args.center_alpha <= 1:
         parser.error("--center-alpha must be in (0, 1]")
     return args

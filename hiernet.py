@@ -42,24 +42,68 @@ Paper vs ours:
   0.9 without Nesterov in both. The same schedule trains the backbone and the HierNet (the
   paper: "the same configuration as the baseline model"); `--backbone-iterations` shortens
   the backbone's alone.
-- Split: CIFAR's test set is halved per class with `common.split_half` (seeded): 5k validation
-  for the CPM, the grouping and per-epoch monitoring, 5k test evaluated once at the end. The
-  same for shapes' test set. Nothing is selected on the test half (no early stopping: the last
-  epoch is evaluated).
+- Split: the test set is halved per class, 5k validation for the CPM, the grouping and per-epoch
+  monitoring, 5k test evaluated once at the end. For CIFAR-100 the default (`--test-halves
+  authors`) is the authors' own halves (their public code's ds_split_cifar100.json, shipped
+  here as the 10000-bit mask AUTHORS_TEST_HALF_CIFAR100), so the test half is theirs; on load
+  they must give 50 + 50 images per class, which catches a test set in another order. (16
+  hand-added test images of the unpacked copy keep a provisional order inside their class, so
+  at most those may differ from the authors' images.) Other datasets, and `--test-halves
+  seeded`, use `common.split_half` (seeded per class). Nothing is selected on the test half
+  (no early stopping: the last epoch is evaluated).
 - Labels are not rewritten in the dataset: the model keeps the permutation `order` (tree
   position -> class) and trains on `rank[label]`, which is the paper's reordering; its
   outputs are mapped back to the dataset's class indices for every reported number.
+- Backbone schedule: the backbone warms up at lr/10 only for n = 18 (section 5.4: He et al.'s
+  schedule, where only ResNet-110 warms up; "all HierNets use a similar schedule to the n = 18
+  ResNet"); HierNet always warms up. The default follows the paper; `--backbone-warmup always`
+  warms up every backbone (this code's earlier behaviour).
+- `--elu`: the ELU ResNet of Shah et al. By default (`--elu-head`, following the authors' code)
+  an ELU follows the last residual block before pooling, in the backbone and in every leaf
+  (their ELU blocks end without an activation, so without it the classifier sees the raw
+  residual sum); `--no-elu-head` pools the block output directly. The super-class node's
+  classifier pools its extra blocks' output directly (the authors' code's leaves only).
+- Shortcuts: option A (subsample + zero channels) by default, the paper's reference ResNet (He
+  et al.'s CIFAR networks, which the paper says it follows); `--shortcut B` uses the authors'
+  code's 1x1 convolution + BN where the shape changes.
 - Weight transfer: trunk, the super-class node's extra blocks (blocks split..split+extra-1)
   and every branch's blocks are deep copies of the trained backbone's modules (BatchNorm
-  statistics included); a leaf FC takes the backbone FC's rows of its classes. The super-class
+  statistics included); a leaf FC takes the backbone FC's rows of its classes (ours: every
+  root-to-leaf path then starts as exactly the backbone); `--leaf-init fresh` leaves the leaf
+  FCs at PyTorch's default init (the authors' transfer stops at pooling); `--no-transfer`
+  builds the HierNet from a freshly initialised backbone (the authors' header: transfer is
+  worth about 1.6 points at n = 5). The super-class
   FC (and every inner node's FC) is new, PyTorch's default init: its input is the features
   after split+extra blocks, which the backbone FC was never trained on. The paper's optional
   pre-training of the super-class node alone (in the authors' code) is not done.
 - Loss: log p(leaf) = log_softmax(node logits)[child] summed along the path + log_softmax(leaf
   logits), then NLL; equal to the paper's cross-entropy on the product of softmaxes, stable.
 - Slow forward runs every branch on the whole batch (training and slow evaluation: every
-  branch's BatchNorm sees all images, as in the paper's Keras model); fast evaluation groups
-  the images by the node's decision and runs each branch on its own images only.
+  branch's BatchNorm sees all images, as in the paper's Keras model). The branches of a level
+  run as one computation (class `HierNet`): weights stacked per level, grouped convolutions
+  (groups = branches), one BatchNorm over all branch channels (statistics per branch, as
+  before), one einsum for the node and leaf classifiers. Leaf groups of unequal size share one
+  FC padded to the largest group; the padded outputs are -inf, so they get zero probability
+  and zero gradient and the padded weights stay zero (`hiernet_params` counts without them).
+  `PerBranchHierNet` (one module per branch) is the readable reference the tests compare to.
+  Checkpoints of the earlier per-branch form are refused with a one-line message.
+- Fast evaluation (`--fast-mode`): "sorted" (default) sorts the images by their routed path
+  at each level and runs each path's slice of the stacked weights on its own images only, one
+  host sync per level (the counts): Algorithm 1's cost, about the backbone's plus the node
+  classifiers; "all" runs every branch batched and picks each image's routed outputs (no host
+  sync, slow's cost). Both give the same predictions; metrics.json has the images/s at the
+  evaluation batch and the batch-1 latency of both, the backbone's and slow's.
+- The CPM and every reported accuracy (per-epoch validation, test) are computed in fp32 with
+  TF32 off (bf16 logits shift proximities by up to 0.007, the size of p_min); training and the
+  images/s figures use `--dtype` (bf16 autocast on CUDA).
+- `--control` (not in the paper): HierNet trains `--iterations` more after the backbone's, so
+  the plain backbone is also trained on from its trained weights for the same iterations on
+  HierNet's schedule (same image order and augmentation); `control_acc` stands beside
+  HierNet's accuracies, separating the tree's gain from that of training longer.
+- metrics.json's "hierarchical": common.hierarchical_metrics of backbone, slow and fast under
+  the found groups ("groups": group -> class, the super-class node's decision as the group
+  prediction) and, when the dataset has coarse levels (CIFAR-100's 20 superclasses), under the
+  dataset's hierarchy ("dataset"). Fast has no scores: slow's log p with the fast class first.
 - Deeper trees (`--depth D`) are supported: `--split` and `--extra-blocks` then take one value
   per level (split points increasing); a level-l group's edge runs from split[l-1] to split[l]
   when it has subgroups and to the backbone's end when its children are classes. The paper
@@ -75,7 +119,10 @@ Paper vs ours:
 """
 
 import argparse
+import base64
+import contextlib
 import copy
+import itertools
 import math
 from pathlib import Path
 
@@ -111,6 +158,29 @@ PAPER_TABLE = {
         18: (72.93, 74.37, 74.15),
     },
 }
+# The HierNet authors' validation / test halves of the CIFAR-100 test set (their public code,
+# github.com/levtempfli/HierNet, ds_split_cifar100.json: ids test_NNNNN = official test index NNNNN,
+# 50 + 50 images per class): bit i (numpy packbits order) is 1 when official test image i is in
+# their test half, 0 when in their validation half; 10000 bits, base64.
+AUTHORS_TEST_HALF_CIFAR100 = (
+    "cjfR8zozObvPYTrWCdcYuMGuuvKSxIazV/GSwqpRIQys3bHTVC5BgRy/U2vrtuX3x3Tvju3lYVhV/MHkNh6AzhFWmnTD3m7KxWV/"
+    "sqF6S+Y3jhort15n7Sc4odXG50lhUvB3eblYYmD8myV95QQdNnEMU2EkVdACgktvFXCzwL7AmH6Pcxa/p03HRg7ac2lQBQ1rUoJ8"
+    "a91m0u9fzITyOd2qrhP6O6hQQgtQsA8v/zNMZ50PRY7xl8+pGcCFW5YEEcqGVLRDBSgWKSqPudUMqwzlgzc1FtLmnpWyI3AeDI6v"
+    "omt/wSSLd4TMi0PWv/kYjG/klQ6UbX2hJu7nhiD8gi5iYrnSTbgejppTIjyn3jR12EpWWaEX+VwHxlbVZhXJzvrSKho1w5t/7yIA"
+    "fNHlGxIW+WyZ3sjgPR8VfbUS5SFLiNBfpyOcGEeX5EMh2Fls7WwmRWIdaG5VTTgB7TDjwGfEfc+qJPyVHhK+xdbjES++HEjMZax8"
+    "I6s7vkjKMeyTVGvGfsj/nGEVkb6sVyL7USRp24mR8nZWjZc3RbQPgagtIHMP3Eaq5RQ0GbJvC4CMWYUKqWc0GwXCfxya8xI/3auG"
+    "KoXP+YLh5Rfa03okjo/lBAG+dxkgD6XVhQ5tRgQeUueneKqEKOycm6SGMfY5EuGCKrrFUqLfxEJjKfqBpvUtw2YF2rdYpaRJAVhr"
+    "OuF9c+zi6zQui6H99aXgcMvWgtDKx4nc1VRZLnCbWdyFlRtjSkG5S4KukkDlaBRcT07VonkPnNWghuT0SbZV4CJzeFILlGk+1rsj"
+    "Vu/FD8FSxYt2sz5l1u18WPN5WQLpYbDF+GVslOYm121rzj1677WxTAdH4kMwoe8H6Qc/hysaez8UaTvxk2DjT20zGgLxA1Fmp0a9"
+    "Q10KESH6K3RZxYdXwpE5FtaMMtHob/ZaVGovtBi2LgmZEahPuDxmgxH9PT3RPpRsz2UlGWYqkwfZvuXg9SeLSrpNqhyj1gj6hMR6"
+    "bRrzELpCYZKZF2BRA2fwmWCAc/bGRwW+RSDKQlo2e2z37mD9ft2Nz9tCKfV205u9ipll38Ey4qLPy5kjY0tp+XEH+YqW5w39F6rH"
+    "up/kWsds6u6iKrds8/6fysMSYVik7HZQnw+CvzHXRB6+bQbmI7R+hQGH1NajFZKLpZbPqJAfBiCwvrYFgfZGiYYzzRgW5ZPB5exR"
+    "/fB/N0zftoey2T7H+nLJ7EkiM9DV/SsyGPwckBV2Hi/YcTvswnJeINX+7TFsaJhu60lOhsjiANVrRi6x/EaNjAAyDDRJhH1Xtebl"
+    "/lQZUYwxIYn+bFK8ITDTbIm101uLOkXibLAVZA5Lr3zy8oE2I8l+QiqZW0aQIh5VtVqifdD4/+UCKjTdNJVZDg2T7WrhFkpHO9xV"
+    "9KAchP7lGB+zcSDrhv7ezt6QnFeu+exarpK07Mkh8ZsDaMR/OFx0zymUL/FDj97pznNtp1CvJ4B42AMq00gjI98kORU8rUsg9Mg7"
+    "6GGLGxcX8FQ9HvWC5ikeY5D356DLbE6AM7KAxjbr2NVc23+wmbASrrpjJSzIp1uzzv8blCZ0Gg5rCvgSwO6jRFL8RYsFxSVctFdc"
+    "tSTTBeD387EVDq5oF8ARbSj78W1govaoTaLG6tOCtU+n452Ia7pRBploOD4CCJ89qDs="
+)
 # Iteration schedules at batch 128: (nominal run length, lr boundaries).
 SCHEDULES = {"paper": (64000, (2000, 32000, 48000)), "code": (78000, (2000, 34000, 50000))}
 
@@ -184,7 +254,53 @@ def get_args(argv=None):
         help="cpm: the paper's grouping; dataset: the dataset's own hierarchy",
     )
     g.add_argument("--eval-batch-size", type=common.positive_int, default=1000)
-    args = common.parse_args(parser, argv)
+    g.add_argument(
+        "--elu-head",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="with --elu: an ELU after the last residual block, before pooling (the authors' code)",
+    )
+    g.add_argument(
+        "--backbone-warmup",
+        default="paper",
+        choices=("paper", "always"),
+        help="paper: the backbone warms up at lr/10 only for n = 18 (section 5.4); always: every n",
+    )
+    g.add_argument(
+        "--shortcut", default="A", choices=("A", "B"), help="A: zero padding (He et al.); B: 1x1 conv + BN (authors)"
+    )
+    g.add_argument(
+        "--leaf-init",
+        default="backbone",
+        choices=("backbone", "fresh"),
+        help="leaf FCs: the backbone FC's rows of their classes, or fresh (the authors' transfer stops at pooling)",
+    )
+    g.add_argument("--no-transfer", action="store_true", help="HierNet from fresh weights, not the trained backbone")
+    g.add_argument(
+        "--test-halves",
+        default=None,
+        choices=("authors", "seeded"),
+        help="validation / test halves of the test set: the authors' (default for cifar100) or seeded per class",
+    )
+    g.add_argument(
+        "--control",
+        action="store_true",
+        help="also train the plain backbone for HierNet's extra iterations on the same schedule",
+    )
+    g.add_argument(
+        "--fast-mode",
+        default="sorted",
+        choices=("sorted", "all"),
+        help="fast evaluation: only each image's routed branch (sorted) or every branch, then select",
+    )
+    # No run length grows on resume: the tree and HierNet are built from the trained backbone.
+    args = common.parse_args(parser, argv, script="hiernet", resume_longer=())
+    if args.test_halves is None:
+        args.test_halves = "authors" if args.dataset == "cifar100" else "seeded"
+    if args.test_halves == "authors" and args.dataset != "cifar100":
+        parser.error(
+            f"--test-halves authors: the authors' halves are CIFAR-100's; --dataset {args.dataset} needs seeded"
+        )
 
     blocks = 3 * args.n
     defaults = PAPER_SETTINGS[args.elu].get(args.n)
@@ -222,16 +338,83 @@ def get_args(argv=None):
 
 
 # ---------------------------------------------------------------------------------------
+# The backbone and the data halves
+# ---------------------------------------------------------------------------------------
+
+
+def make_backbone(args, num_classes, in_channels=3):
+    """`CifarResNet(--n, --elu)` with the authors' details asked for: the ELU before pooling
+    (`--elu --elu-head`) and option-B shortcuts (`--shortcut B`). Reads settings missing from an
+    older run's args.json as that run's behaviour (no ELU head, option A)."""
+    backbone = common.CifarResNet(args.n, num_classes, elu=args.elu, in_channels=in_channels)
+    if args.elu and getattr(args, "elu_head", False):
+        backbone.head.pre = nn.ELU()
+    if getattr(args, "shortcut", "A") == "B":
+        for block in backbone.blocks:
+            if isinstance(block.shortcut, common.ShortcutA):
+                cin, cout = block.conv1.in_channels, block.conv1.out_channels
+                block.shortcut = nn.Sequential(
+                    nn.Conv2d(cin, cout, 1, block.shortcut.stride, bias=False), nn.BatchNorm2d(cout)
+                )
+        common.init_weights(backbone.stages)
+    return backbone
+
+
+def authors_test_mask():
+    """The authors' CIFAR-100 test half as a boolean mask over the official test indices."""
+    bits = np.unpackbits(np.frombuffer(base64.b64decode(AUTHORS_TEST_HALF_CIFAR100), dtype=np.uint8))
+    return bits[:10000].astype(bool)
+
+
+def test_halves(args, labels):
+    """(validation indices, test indices) of the test set: the authors' halves (checked: 50 +
+    50 per class with these labels, which catches a test set in another order) or seeded."""
+    labels = np.asarray(labels)
+    if args.test_halves == "authors":
+        mask = authors_test_mask()
+        ok = len(labels) == len(mask)
+        if ok:
+            counts = [np.bincount(labels[m], minlength=100) for m in (~mask, mask)]
+            ok = all((c == 50).all() for c in counts)
+        if not ok:
+            common.fail(
+                "--test-halves authors: the authors' halves do not give 50 + 50 images per class with this "
+                "test set; it is not CIFAR-100's in the official order (unpack it with the tool in the data "
+                "README or torchvision's files), or pass --test-halves seeded"
+            )
+        return np.flatnonzero(~mask), np.flatnonzero(mask)
+    return common.split_half(labels, args.seed)
+
+
+@contextlib.contextmanager
+def exact_fp32():
+    """fp32 without TF32 on CUDA: the CPM and every reported accuracy (bf16 logits shift the
+    proximities by up to 0.007, the size of p_min)."""
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+def predict_fp32(forward, loader, device):
+    with exact_fp32():
+        return common.predict(forward, loader, device=device, dtype="fp32")
+
+
+# ---------------------------------------------------------------------------------------
 # The model
 # ---------------------------------------------------------------------------------------
 
 
 class TreeNode(nn.Module):
-    """One node of the tree with its incoming edge.
+    """One node of the per-branch tree (the readable reference form) with its incoming edge.
 
     edge: the residual blocks from the parent's features to this node's; classifier: extra
     blocks (section 3.3) -> GAP -> FC over the children. A leaf group's children are classes
-    (its FC outputs them); an inner node's children are TreeNodes."""
+    (its FC outputs them; its `extra` is the backbone head's activation before pooling, the ELU
+    of the authors' ELU ResNet or nothing); an inner node's children are TreeNodes."""
 
     def __init__(self, edge, extra, fc, branches=None, classes=None):
         super().__init__()
@@ -282,13 +465,13 @@ class TreeNode(nn.Module):
         """[(classes, pooled features, logits)] of every leaf group: its root-to-leaf path."""
         h = self.edge(x)
         if self.is_leaf_group:
-            pooled = torch.flatten(F.adaptive_avg_pool2d(h, 1), 1)
+            pooled = torch.flatten(F.adaptive_avg_pool2d(self.extra(h), 1), 1)
             return [(self.classes, pooled, self.fc(pooled))]
         return [out for branch in self.branches for out in branch.leaf_group_outputs(h)]
 
 
-class HierNet(nn.Module):
-    """The tree of TreeNodes; the top node's edge is the stem and the shared trunk.
+class PerBranchHierNet(nn.Module):
+    """The tree of TreeNodes, one module per branch: the readable reference of `HierNet`.
 
     forward(x) is the slow evaluation: log p over the classes in tree order. `order[t]` is the
     dataset class at tree position t, `rank[c]` the tree position of class c."""
@@ -319,35 +502,412 @@ def channels_after(backbone, k):
     return backbone.blocks[k - 1].bn2.num_features if k else backbone.stem[1].num_features
 
 
-def build_node(subtree, backbone, splits, extras, level, start, prefix=()):
+def build_node(subtree, backbone, splits, extras, level, start, prefix=(), leaf_init="backbone"):
     """Copy the backbone's modules into the node for `subtree` at `level` whose edge starts
     after block `start`."""
     blocks = backbone.blocks
     if grouping.is_leaf_group(subtree):
         edge = nn.Sequential(*prefix, *copy.deepcopy(blocks[start:]))
-        fc = nn.Linear(backbone.head.fc.in_features, len(subtree))
-        with torch.no_grad():  # the backbone FC rows of this group's classes
-            fc.weight.copy_(backbone.head.fc.weight[subtree])
-            fc.bias.copy_(backbone.head.fc.bias[subtree])
-        return TreeNode(edge, nn.Sequential(), fc, classes=subtree)
+        fc = nn.Linear(backbone.head.fc.in_features, len(subtree))  # fresh: PyTorch default init
+        if leaf_init == "backbone":
+            with torch.no_grad():  # the backbone FC rows of this group's classes
+                fc.weight.copy_(backbone.head.fc.weight[subtree])
+                fc.bias.copy_(backbone.head.fc.bias[subtree])
+        return TreeNode(edge, copy.deepcopy(backbone.head.pre), fc, classes=subtree)
     end = splits[level]
     edge = nn.Sequential(*prefix, *copy.deepcopy(blocks[start:end]))
     extra = nn.Sequential(*copy.deepcopy(blocks[end : end + extras[level]]))
     fc = nn.Linear(channels_after(backbone, end + extras[level]), len(subtree))  # new: PyTorch default init
-    branches = [build_node(child, backbone, splits, extras, level + 1, end) for child in subtree]
+    branches = [build_node(child, backbone, splits, extras, level + 1, end, leaf_init=leaf_init) for child in subtree]
     return TreeNode(edge, extra, fc, branches=branches)
 
 
-def build_hiernet(backbone, tree, splits, extras):
-    """HierNet with every root-to-leaf path a copy of the backbone (section 5.4: transfer)."""
+def build_per_branch(backbone, tree, splits, extras, leaf_init="backbone"):
+    """The per-branch HierNet with every root-to-leaf path a copy of the backbone (section 5.4:
+    transfer); `leaf_init="fresh"` leaves the leaf FCs at PyTorch's default init."""
     if grouping.tree_depth(tree) > len(splits):
         common.fail(
             f"the tree has {grouping.tree_depth(tree)} levels of groups but --split gives {len(splits)}; "
             f"pass --depth {grouping.tree_depth(tree)} and one --split per level"
         )
     backbone = copy.deepcopy(backbone).cpu().float()
-    root = build_node(tree, backbone, splits, extras, 0, 0, prefix=[copy.deepcopy(backbone.stem)])
-    return HierNet(root, backbone.head.fc.out_features)
+    root = build_node(tree, backbone, splits, extras, 0, 0, prefix=[copy.deepcopy(backbone.stem)], leaf_init=leaf_init)
+    return PerBranchHierNet(root, backbone.head.fc.out_features)
+
+
+def build_hiernet(backbone, tree, splits, extras, leaf_init="backbone"):
+    """The batched HierNet, built from the per-branch one (same weights, same function)."""
+    reference = build_per_branch(backbone, tree, splits, extras, leaf_init)
+    depth = grouping.tree_depth(tree)
+    bounds = list(splits[:depth]) + [len(backbone.blocks)]
+    return HierNet(reference, [b - a for a, b in itertools.pairwise(bounds)])
+
+
+# ---------------------------------------------------------------------------------------
+# The batched model: every branch of a tree level in one computation
+# ---------------------------------------------------------------------------------------
+
+
+def stacked_conv(convs, shared_input=False):
+    """G convolutions as one: a grouped convolution (groups = G) over G x C input channels, or,
+    when every branch reads the same input (`shared_input`), one convolution with G x C' outputs.
+    The weight is the per-branch weights stacked along the output channels in both cases."""
+    c, g = convs[0], len(convs)
+    conv = nn.Conv2d(
+        c.in_channels * (1 if shared_input else g),
+        c.out_channels * g,
+        c.kernel_size,
+        c.stride,
+        c.padding,
+        groups=1 if shared_input else g,
+        bias=False,
+    )
+    with torch.no_grad():
+        conv.weight.copy_(torch.cat([m.weight for m in convs]))
+    return conv
+
+
+def stacked_bn(bns):
+    """G BatchNorms as one over G x C channels: the statistics stay per branch and channel."""
+    bn = nn.BatchNorm2d(sum(b.num_features for b in bns), eps=bns[0].eps, momentum=bns[0].momentum)
+    with torch.no_grad():
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            getattr(bn, name).copy_(torch.cat([getattr(b, name) for b in bns]))
+        bn.num_batches_tracked.copy_(bns[0].num_batches_tracked)
+    return bn
+
+
+def conv_one(conv, x, g, groups):
+    """Branch g's part of a stacked convolution on that branch's input alone."""
+    n = conv.out_channels // groups
+    return F.conv2d(x, conv.weight[g * n : (g + 1) * n], None, conv.stride, conv.padding)
+
+
+def bn_one(bn, x, g, groups):
+    """Branch g's part of a stacked BatchNorm, with running statistics (evaluation only)."""
+    n = bn.num_features // groups
+    s = slice(g * n, (g + 1) * n)
+    return F.batch_norm(x, bn.running_mean[s], bn.running_var[s], bn.weight[s], bn.bias[s], False, 0.0, bn.eps)
+
+
+class GroupedBlock(nn.Module):
+    """G copies of a `common.CifarBasicBlock` (one per branch, same shapes) as one module.
+
+    Input B x (G cin) x H x W (branch g's channels at g cin ... (g+1) cin), or B x cin x H x W
+    with `shared_input` (every branch reads the same features, e.g. the trunk's); output
+    B x (G cout) x H'. `forward_one(x, g)` runs branch g alone (evaluation)."""
+
+    def __init__(self, blocks, shared_input=False):
+        super().__init__()
+        b0 = blocks[0]
+        self.groups, self.shared_input, self.elu = len(blocks), shared_input, b0.elu
+        self.cin, self.cout = b0.conv1.in_channels, b0.conv1.out_channels
+        self.conv1 = stacked_conv([b.conv1 for b in blocks], shared_input)
+        self.conv2 = stacked_conv([b.conv2 for b in blocks])
+        self.bn1 = None if self.elu else stacked_bn([b.bn1 for b in blocks])
+        self.bn2 = stacked_bn([b.bn2 for b in blocks])
+        sc = b0.shortcut
+        if isinstance(sc, nn.Sequential):  # option B: 1x1 convolution + BN
+            self.stride, self.pad = sc[0].stride[0], 0
+            self.shortcut = nn.Sequential(
+                stacked_conv([b.shortcut[0] for b in blocks], shared_input), stacked_bn([b.shortcut[1] for b in blocks])
+            )
+        else:  # option A (subsample, zero channels) or identity
+            self.stride, self.pad = (sc.stride, sc.extra) if isinstance(sc, common.ShortcutA) else (1, 0)
+            self.shortcut = None
+
+    def residual(self, x):
+        if self.elu:
+            return self.bn2(self.conv2(F.elu(self.conv1(x))))
+        return self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+
+    def forward(self, x):
+        out = self.residual(x)
+        if self.shortcut is not None:
+            out = out + self.shortcut(x)
+        elif self.shared_input or self.stride > 1 or self.pad:
+            # Option A per branch: subsample, pad each branch's channels; a shared input broadcasts.
+            s = x[:, :, :: self.stride, :: self.stride] if self.stride > 1 else x
+            B, _, H, W = out.shape
+            s = s.reshape(B, 1 if self.shared_input else self.groups, self.cin, H, W)
+            if self.pad:
+                s = F.pad(s, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
+            out = (out.reshape(B, self.groups, self.cout, H, W) + s).reshape(B, self.groups * self.cout, H, W)
+        else:
+            out = out + x
+        return out if self.elu else F.relu(out)
+
+    def forward_one(self, x, g):
+        G = self.groups
+        out = conv_one(self.conv1, x, g, G)
+        out = F.elu(out) if self.elu else F.relu(bn_one(self.bn1, out, g, G))
+        out = bn_one(self.bn2, conv_one(self.conv2, out, g, G), g, G)
+        if self.shortcut is not None:
+            s = bn_one(self.shortcut[1], conv_one(self.shortcut[0], x, g, G), g, G)
+        else:
+            s = x[:, :, :: self.stride, :: self.stride] if self.stride > 1 else x
+            if self.pad:
+                s = F.pad(s, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
+        out = out + s
+        return out if self.elu else F.relu(out)
+
+
+class GroupedStage(nn.Sequential):
+    """Consecutive GroupedBlocks: the same blocks of G branches (empty: the identity)."""
+
+    def __init__(self, block_lists, shared_input=False):
+        # block_lists[g] = branch g's blocks, all of the same length and shapes.
+        super().__init__(*[GroupedBlock(list(b), shared_input and i == 0) for i, b in enumerate(zip(*block_lists))])
+
+    def forward_one(self, x, g):
+        for block in self:
+            x = block.forward_one(x, g)
+        return x
+
+
+class StackedLinear(nn.Module):
+    """N linear layers over the same input size, with K_1..K_N outputs, as one N x K x C weight
+    (K = the largest K_i). Input B x N x C, output B x N x K logits; a layer's padded outputs
+    are -inf (zero probability, zero gradient), so a softmax over K is the softmax over K_i."""
+
+    def __init__(self, linears):
+        super().__init__()
+        self.sizes = [m.out_features for m in linears]
+        n, k, c = len(linears), max(self.sizes), linears[0].in_features
+        self.weight = nn.Parameter(torch.zeros(n, k, c))
+        self.bias = nn.Parameter(torch.zeros(n, k))
+        pad = torch.full((n, k), -math.inf)
+        with torch.no_grad():
+            for i, m in enumerate(linears):
+                self.weight[i, : m.out_features] = m.weight
+                self.bias[i, : m.out_features] = m.bias
+                pad[i, : m.out_features] = 0.0
+        self.register_buffer("pad", pad, persistent=False)
+
+    def forward(self, x):
+        return torch.einsum("bnc,nkc->bnk", x, self.weight) + self.bias + self.pad
+
+    def forward_one(self, x, i):
+        """Layer i alone on B x C: B x K_i."""
+        k = self.sizes[i]
+        return F.linear(x, self.weight[i, :k], self.bias[i, :k])
+
+
+def pool_groups(h, groups):
+    """B x (G C) x H x W -> B x G x C (global average pooling per branch)."""
+    return torch.flatten(F.adaptive_avg_pool2d(h, 1), 1).view(len(h), groups, -1)
+
+
+def gather_groups(h, index, groups):
+    """B x (G C) x H x W -> B x (len(index) C) x H x W: the branches `index`, in that order."""
+    B, GC, H, W = h.shape
+    if h.is_contiguous(memory_format=torch.channels_last) and not h.is_contiguous():
+        y = h.permute(0, 2, 3, 1).reshape(B, H, W, groups, GC // groups).index_select(3, index)
+        return y.reshape(B, H, W, -1).permute(0, 3, 1, 2)
+    return h.reshape(B, groups, GC // groups, H, W).index_select(1, index).reshape(B, -1, H, W)
+
+
+class HierNet(nn.Module):
+    """HierNet with the branches of each tree level run as one computation.
+
+    The tree is cut at the split points into segments: segment l (l = 1..D) holds the blocks
+    from split l-1 to split l (the last to the backbone's end) of every path alive at level l,
+    P_l: the level-l nodes, and the leaf groups of upper levels continued (their edge is cut
+    into the same segments, which changes nothing: a composition of the same blocks). Segment l
+    is one GroupedStage over P_l (groups = |P_l|), reading the trunk at l = 1 and its parents'
+    features (gathered) below. The inner nodes of level l classify with one GroupedStage of
+    extra blocks and one StackedLinear; every leaf group of P_D with one StackedLinear (padded
+    to the largest group, padding at -inf). Same weights and function as the per-branch
+    `PerBranchHierNet` it is built from (tests/test_hiernet.py checks logits and gradients).
+
+    forward(x): log p over the classes in tree order (slow). route(x): fast evaluation
+    (Algorithm 1), `fast_mode` "sorted" (only the routed branch per image; one host sync per
+    level) or "all" (every branch batched, then per-image selection; no host sync)."""
+
+    def __init__(self, reference, segment_lengths, fast_mode="sorted"):
+        super().__init__()
+        root, depth = reference.root, len(segment_lengths)
+        self.depth, self.fast_mode = depth, fast_mode
+        self.register_buffer("order", reference.order.clone(), persistent=False)
+        self.register_buffer("rank", reference.rank.clone(), persistent=False)
+        self.trunk = copy.deepcopy(root.edge)
+        # A path: its node, parent path index, blocks of the current segment, blocks left, decisions so far.
+        level = [{"node": root, "parent": 0, "blocks": [], "rest": [], "decisions": []}]
+        self.paths, route_tables = [level], []
+        for l in range(depth):
+            inner = [i for i, p in enumerate(level) if not p["node"].is_leaf_group]
+            nxt, child_path, cont = [], [], [-1] * len(level)
+            for i, p in enumerate(level):
+                if i in inner:  # one path per child, its edge's first segment
+                    node_i = inner.index(i)
+                    children = [
+                        (child, list(child.edge), p["decisions"] + [(l, node_i, j)])
+                        for j, child in enumerate(p["node"].branches)
+                    ]
+                else:  # a leaf group's edge continues into this segment
+                    children = [(p["node"], p["rest"], p["decisions"])]
+                first = len(nxt)
+                for node, blocks, decisions in children:
+                    n = segment_lengths[l]
+                    nxt.append(
+                        {"node": node, "parent": i, "blocks": blocks[:n], "rest": blocks[n:], "decisions": decisions}
+                    )
+                if i in inner:
+                    child_path.append(list(range(first, len(nxt))))
+                else:
+                    cont[i] = first
+            nodes = [level[i]["node"] for i in inner]
+            if l == 0 and (len(nodes) != 1 or root.is_leaf_group):
+                raise ValueError("the tree's top level must list groups")
+            extra = GroupedStage([list(n.extra) for n in nodes])
+            self.register_module(f"node_extra{l}", extra)
+            self.register_module(f"node_fc{l}", StackedLinear([n.fc for n in nodes]))
+            segment = GroupedStage([p["blocks"] for p in nxt], shared_input=l == 0)
+            self.register_module(f"segment{l + 1}", segment)
+            width = max(len(c) for c in child_path)
+            self.register_buffer(
+                f"child_path{l}",
+                torch.tensor([c + [0] * (width - len(c)) for c in child_path], dtype=torch.long),
+                persistent=False,
+            )
+            node_of = [-1] * len(level)
+            for k, i in enumerate(inner):
+                node_of[i] = k
+            self.register_buffer(f"path_node{l}", torch.tensor(node_of, dtype=torch.long), persistent=False)
+            route_tables.append((node_of, cont))
+            self.register_buffer(f"cont{l}", torch.tensor(cont, dtype=torch.long), persistent=False)
+            self.register_buffer(f"inner_paths{l}", torch.tensor(inner, dtype=torch.long), persistent=False)
+            self.register_buffer(
+                f"parents{l + 1}", torch.tensor([p["parent"] for p in nxt], dtype=torch.long), persistent=False
+            )
+            level = nxt
+            self.paths.append(level)
+        if any(p["rest"] or not p["node"].is_leaf_group for p in level):
+            raise ValueError("segment lengths do not match the tree's edges")
+        self.leaf_pre = copy.deepcopy(level[0]["node"].extra)  # the backbone head's activation before pooling
+        self.leaf_fc = StackedLinear([p["node"].fc for p in level])
+        sizes = [len(p["node"].classes) for p in level]
+        if [c for p in level for c in p["node"].classes] != reference.root.classes:
+            raise ValueError("leaf groups are not in tree order")
+        offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).tolist()
+        self.register_buffer("leaf_offset", torch.tensor(offsets, dtype=torch.long), persistent=False)
+        # Per tree position: its entry in the flattened leaf log-probs, and in each level's
+        # flattened node log-probs with one zero column appended (no decision at that level).
+        k_leaf = self.leaf_fc.weight.shape[1]
+        leaf_index, node_index = [], [[] for _ in range(depth)]
+        for p_i, p in enumerate(level):
+            for k in range(sizes[p_i]):
+                leaf_index.append(p_i * k_leaf + k)
+                taken = {l: (n, j) for l, n, j in p["decisions"]}
+                for l in range(depth):
+                    fc = getattr(self, f"node_fc{l}")
+                    n_nodes, width = fc.weight.shape[:2]
+                    n, j = taken.get(l, (n_nodes, 0))
+                    node_index[l].append(n * width + j)
+        self.register_buffer("leaf_index", torch.tensor(leaf_index, dtype=torch.long), persistent=False)
+        for l in range(depth):
+            self.register_buffer(f"node_index{l}", torch.tensor(node_index[l], dtype=torch.long), persistent=False)
+        # Host-side copies of the routing tables for the sorted fast path.
+        self.route_tables = [(node_of, cont) for node_of, cont in route_tables]
+        self.leaf_offsets = offsets
+        # Level l's segment reads its parents' features in order, one each: no gather needed.
+        self.read_in_order = [
+            [p["parent"] for p in self.paths[l + 1]] == list(range(len(self.paths[l]))) for l in range(depth)
+        ]
+        self.paths = [[{k: v for k, v in p.items() if k in ("parent", "decisions")} for p in lv] for lv in self.paths]
+
+    def level_outputs(self, x):
+        """Every branch on the whole batch: ([B x N_l x M_l node logits per level], B x L x K leaf logits)."""
+        h = self.trunk(x)
+        node_logits, feats, n_paths = [], h, 1
+        for l in range(self.depth):
+            fc = getattr(self, f"node_fc{l}")
+            n_nodes = fc.weight.shape[0]
+            node_in = feats
+            if l > 0 and n_nodes != n_paths:
+                node_in = gather_groups(feats, getattr(self, f"inner_paths{l}"), n_paths)
+            node_logits.append(fc(pool_groups(getattr(self, f"node_extra{l}")(node_in), n_nodes)))
+            parents = getattr(self, f"parents{l + 1}")
+            seg_in = feats
+            if l > 0 and not self.read_in_order[l]:
+                seg_in = gather_groups(feats, parents, n_paths)
+            feats, n_paths = getattr(self, f"segment{l + 1}")(seg_in), len(parents)
+        leaf_logits = self.leaf_fc(pool_groups(self.leaf_pre(feats), n_paths))
+        return node_logits, leaf_logits
+
+    def log_probs(self, node_logits, leaf_logits):
+        """log p of every class (tree order): the leaf's log-softmax plus its ancestors' decisions."""
+        total = F.log_softmax(leaf_logits.float(), 2).flatten(1).index_select(1, self.leaf_index)
+        for l, logits in enumerate(node_logits):
+            lp = F.log_softmax(logits.float(), 2).flatten(1)
+            lp = torch.cat([lp, lp.new_zeros(len(lp), 1)], 1)
+            total = total + lp.index_select(1, getattr(self, f"node_index{l}"))
+        return total
+
+    def forward(self, x):
+        return self.log_probs(*self.level_outputs(x))
+
+    def outputs(self, x):
+        """(log p in tree order, the super-class node's logits)."""
+        node_logits, leaf_logits = self.level_outputs(x)
+        return self.log_probs(node_logits, leaf_logits), node_logits[0][:, 0]
+
+    def route(self, x):
+        """Fast evaluation: the predicted tree position per image."""
+        return self.route_sorted(x) if self.fast_mode == "sorted" else self.route_all(x)
+
+    def route_all(self, x):
+        """Algorithm 1's decisions read from every branch's outputs (no host sync)."""
+        node_logits, leaf_logits = self.level_outputs(x)
+        rows = torch.arange(len(x), device=x.device)
+        path = torch.zeros(len(x), dtype=torch.long, device=x.device)
+        for l in range(self.depth):
+            node = getattr(self, f"path_node{l}")[path]
+            safe = node.clamp(min=0)
+            choice = node_logits[l][rows, safe].argmax(1)
+            path = torch.where(
+                node >= 0, getattr(self, f"child_path{l}")[safe, choice], getattr(self, f"cont{l}")[path]
+            )
+        return self.leaf_offset[path] + leaf_logits[rows, path].argmax(1)
+
+    def route_sorted(self, x):
+        """Algorithm 1 computing only the routed branch of each image: per level, the images are
+        sorted by their path and each path's blocks run on its own images (one host sync per
+        level, for the counts). Evaluation mode only (BatchNorm's running statistics)."""
+        h = self.trunk(x)
+        logits = self.node_fc0(pool_groups(self.node_extra0(h), 1))[:, 0]
+        nxt = self.child_path0[0][logits.argmax(1)]
+        image = torch.arange(len(x), device=x.device)
+        for l in range(1, self.depth + 1):
+            by_path = torch.argsort(nxt, stable=True)
+            counts = torch.bincount(nxt, minlength=len(self.paths[l])).tolist()  # the host sync of this level
+            h, image = h[by_path], image[by_path]
+            segment, outs, decisions, start = getattr(self, f"segment{l}"), [], [], 0
+            for p, count in enumerate(counts):
+                if not count:
+                    continue
+                hp = segment.forward_one(h[start : start + count], p)
+                start += count
+                if l == self.depth:
+                    pooled = torch.flatten(F.adaptive_avg_pool2d(self.leaf_pre(hp), 1), 1)
+                    decisions.append(self.leaf_fc.forward_one(pooled, p).argmax(1) + self.leaf_offsets[p])
+                    continue
+                path_node, cont = self.route_tables[l]
+                node = path_node[p]
+                if node >= 0:
+                    extra = getattr(self, f"node_extra{l}").forward_one(hp, node)
+                    pooled = torch.flatten(F.adaptive_avg_pool2d(extra, 1), 1)
+                    choice = getattr(self, f"node_fc{l}").forward_one(pooled, node).argmax(1)
+                    decisions.append(getattr(self, f"child_path{l}")[node][choice])
+                else:
+                    decisions.append(torch.full((count,), cont[p], dtype=torch.long, device=x.device))
+                outs.append(hp)
+            nxt = torch.cat(decisions)
+            if l < self.depth:
+                h = torch.cat(outs)
+        out = torch.empty_like(nxt)
+        out[image] = nxt
+        return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -379,8 +939,9 @@ def make_optimizer(args, model):
     return common.make_sgd(model.parameters(), args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
 
 
-def make_schedule(args, steps_per_epoch, iterations):
-    """(epochs, lr_at): the paper's iteration schedule scaled to the run length."""
+def make_schedule(args, steps_per_epoch, iterations, warmup=True):
+    """(epochs, lr_at): the paper's iteration schedule scaled to the run length; without
+    warm-up the first segment runs at the peak lr."""
     nominal, boundaries = SCHEDULES[args.schedule]
     if args.epochs:
         epochs, total = args.epochs, args.epochs * steps_per_epoch
@@ -388,8 +949,18 @@ def make_schedule(args, steps_per_epoch, iterations):
         total = iterations or nominal
         epochs = math.ceil(total / steps_per_epoch)
     scale = total / nominal
-    values = [args.lr / 10, args.lr, args.lr / 10, args.lr / 100]
+    values = [args.lr / 10 if warmup else args.lr, args.lr, args.lr / 10, args.lr / 100]
     return epochs, common.piecewise_lr([max(1, round(b * scale)) for b in boundaries], values)
+
+
+def stage_schedule(args, steps_per_epoch, stage):
+    """(epochs, lr_at) of a stage. The backbone warms up only for n = 18 unless
+    --backbone-warmup always (section 5.4: He et al.'s ResNets; "all HierNets use a similar
+    schedule to the n = 18 ResNet"); HierNet and the control run the HierNet schedule."""
+    if stage == "backbone":
+        warmup = args.backbone_warmup == "always" or args.n == 18
+        return make_schedule(args, steps_per_epoch, args.backbone_iterations or args.iterations, warmup)
+    return make_schedule(args, steps_per_epoch, args.iterations)
 
 
 def hiernet_loss(model, x, y):
@@ -398,11 +969,11 @@ def hiernet_loss(model, x, y):
     return F.nll_loss(log_p, y), {"correct": (log_p.argmax(1) == y).sum()}
 
 
-def evaluate_hiernet(model, loader, group_of, *, device, dtype):
+def evaluate_hiernet(model, loader, group_of, *, device):
     """Slow, fast and super-class predictions in dataset class indices, plus log p (dataset
-    class order) and the labels."""
-    (log_p, super_logits), labels = common.predict(model.outputs, loader, device=device, dtype=dtype)
-    routed, _ = common.predict(model.route, loader, device=device, dtype=dtype)
+    class order) and the labels; in fp32."""
+    (log_p, super_logits), labels = predict_fp32(model.outputs, loader, device)
+    routed, _ = predict_fp32(model.route, loader, device)
     order = model.order.cpu()
     log_p_classes = log_p[:, model.rank.cpu()]  # columns back in dataset order
     return {
@@ -420,7 +991,7 @@ def percent(mask):
 
 
 def train_backbone(args, data, train_loader, val_loader, run_dir, device):
-    backbone = common.CifarResNet(args.n, data.num_classes, elu=args.elu, in_channels=data.train.images.shape[1])
+    backbone = make_backbone(args, data.num_classes, data.train.images.shape[1])
     backbone = common.to_device_model(backbone, device)
     if args.backbone_ckpt:
         path = Path(args.backbone_ckpt)
@@ -432,11 +1003,11 @@ def train_backbone(args, data, train_loader, val_loader, run_dir, device):
         except RuntimeError as e:
             common.fail(
                 f"--backbone-ckpt {path}: does not fit CifarResNet(n={args.n}, elu={args.elu}, "
-                f"{data.num_classes} classes): {str(e).splitlines()[0]}"
+                f"shortcut {args.shortcut}, {data.num_classes} classes): {str(e).splitlines()[0]}"
             )
         return backbone.eval(), []
     optimizer = make_optimizer(args, backbone)
-    epochs, lr_at = make_schedule(args, len(train_loader), args.backbone_iterations or args.iterations)
+    epochs, lr_at = stage_schedule(args, len(train_loader), "backbone")
     step = common.make_train_step(
         backbone,
         common.cross_entropy_loss,
@@ -448,7 +1019,7 @@ def train_backbone(args, data, train_loader, val_loader, run_dir, device):
     )
 
     def evaluate(epoch):
-        logits, labels = common.predict(backbone, val_loader, device=device, dtype=args.dtype)
+        logits, labels = predict_fp32(backbone, val_loader, device)
         return {"val_acc": common.accuracy(logits, labels)}
 
     history = common.fit(
@@ -464,6 +1035,45 @@ def train_backbone(args, data, train_loader, val_loader, run_dir, device):
         stage="backbone",
     )
     return backbone.eval(), history
+
+
+def train_control(args, backbone, train_loader, val_loader, run_dir, device):
+    """The training-length control: the trained backbone continued for HierNet's iterations on
+    HierNet's schedule (a fresh optimizer, as HierNet's), so that the gain of the tree is
+    separated from the gain of training longer."""
+    control = copy.deepcopy(backbone)
+    optimizer = make_optimizer(args, control)
+    epochs, lr_at = stage_schedule(args, len(train_loader), "control")
+    step = common.make_train_step(
+        control, common.cross_entropy_loss, optimizer, device=device, dtype=args.dtype, cuda_graph=args.cuda_graph
+    )
+
+    def evaluate(epoch):
+        logits, labels = predict_fp32(control, val_loader, device)
+        return {"val_acc": common.accuracy(logits, labels)}
+
+    history = common.fit(
+        run_dir / "control",
+        control,
+        optimizer,
+        step,
+        train_loader,
+        epochs=epochs,
+        lr_at=lr_at,
+        evaluate=evaluate,
+        log_path=run_dir / "metrics.jsonl",
+        stage="control",
+    )
+    return control.eval(), history
+
+
+def refuse_per_branch_checkpoint(path):
+    """Checkpoints of the earlier per-branch HierNet (keys root.*) do not fit the batched model."""
+    if path.is_file() and any(k.startswith("root.") for k in common.load_checkpoint(path)["model"]):
+        common.fail(
+            f"{path} holds the per-branch HierNet of an earlier version, which the batched model cannot "
+            "resume; start a new run (reuse its backbone with --backbone-ckpt and its tree with --groups)"
+        )
 
 
 def make_tree(args, data, backbone, val_loader, run_dir, device):
@@ -487,10 +1097,11 @@ def make_tree(args, data, backbone, val_loader, run_dir, device):
         if cpm.shape != (data.num_classes, data.num_classes):
             common.fail(f"--cpm {args.cpm}: shape {cpm.shape}, expected {data.num_classes} x {data.num_classes}")
     else:
-        cpm = grouping.confusion_probability_matrix(
-            backbone, val_loader, data.num_classes, device=device, dtype=args.dtype
-        )
-    np.save(run_dir / "cpm.npy", cpm)
+        with exact_fp32():
+            cpm = grouping.confusion_probability_matrix(
+                backbone, val_loader, data.num_classes, device=device, dtype="fp32"
+            )
+    common.write_npy(run_dir / "cpm.npy", cpm)
     return grouping.build_tree(cpm, args.depth, args.g_max, args.p_min)
 
 
@@ -503,12 +1114,61 @@ def dataset_tree(hierarchy, levels, classes):
     return [dataset_tree(hierarchy, levels[1:], g) for g in groups]
 
 
+def hierarchical_report(data, top_groups, group_of, backbone_logits, labels, out):
+    """common.hierarchical_metrics of backbone, slow and fast under two hierarchies: "groups",
+    the found top-level groups over the classes (the tree the model was built on), and, when
+    the dataset has coarse levels (CIFAR-100's 20 superclasses, shapes'), "dataset". The
+    super-class node's decision is the "group" level prediction of slow and fast (level_preds).
+    Fast predicts one class, no scores: its scores are slow's log p with the fast class moved
+    to the top, so top-1 is fast's and the rest follow slow's order."""
+    groups = common.Hierarchy(
+        ["group", "fine"],
+        [[f"group{g + 1}" for g in range(len(top_groups))], list(data.class_names)],
+        [np.asarray(group_of), np.arange(data.num_classes)],
+    )
+    log_p = out["log_p"]
+    fast_scores = log_p.clone()
+    rows = torch.arange(len(log_p))
+    fast_scores[rows, out["fast"]] = log_p.max(1).values + 1.0
+    forms = {"backbone": (backbone_logits, None), "slow": (log_p, out["super"]), "fast": (fast_scores, out["super"])}
+    report = {"groups": {}}
+    for name, (scores, super_pred) in forms.items():
+        level_preds = None if super_pred is None else {"group": super_pred.numpy()}
+        report["groups"][name] = common.hierarchical_metrics(scores, labels, groups, level_preds=level_preds)
+    if data.hierarchy.n_levels > 1:
+        report["dataset"] = {
+            name: common.hierarchical_metrics(scores, labels, data.hierarchy) for name, (scores, _) in forms.items()
+        }
+    return report
+
+
+def measure_inference(args, backbone, model, x, device):
+    """Images/s at the evaluation batch and latency at batch 1 of the backbone, slow and fast
+    (both fast forms: only the routed branch per image, and every branch then select)."""
+    timing = {"iters": 20, "warmup": 5}
+    if device.type != "cuda":  # a rough CPU figure only; keeps CPU runs and tests short
+        x, timing = x[:32], {"iters": 1, "warmup": 1}
+    forms = {
+        "backbone": backbone,
+        "slow": model,
+        "fast": model.route,
+        "fast_sorted": model.route_sorted,
+        "fast_all": model.route_all,
+    }
+    out = {"throughput_batch": len(x), "fast_mode": model.fast_mode}
+    for name, forward in forms.items():
+        out[f"{name}_images_per_s"] = common.measure_throughput(forward, x, device=device, dtype=args.dtype, **timing)
+        per_s = common.measure_throughput(forward, x[:1], device=device, dtype=args.dtype, **timing)
+        out[f"{name}_latency_ms_batch1"] = 1000.0 / per_s
+    return out
+
+
 def main(argv=None):
     args = get_args(argv)
     run_dir, device = common.setup(args, "hiernet")
     max_batches = 2 if args.dry_run else None
     data = common.load_data(args)
-    val_idx, test_idx = common.split_half(data.test.labels.numpy(), args.seed)
+    val_idx, test_idx = test_halves(args, data.test.labels.numpy())
     if len(val_idx) == 0:
         common.fail(
             f"the test set ({len(data.test)} images) has a class with fewer than 2 images; "
@@ -518,7 +1178,7 @@ def main(argv=None):
     size = data.train.images.shape[-1]
     print(
         f"[hiernet] {data.name}: {len(data.train)} train, {len(val)} validation, {len(test)} test, "
-        f"{data.num_classes} classes, {size}px",
+        f"{data.num_classes} classes, {size}px, {args.test_halves} test halves",
         flush=True,
     )
 
@@ -541,8 +1201,12 @@ def main(argv=None):
 
     val_loader, test_loader = loader(val), loader(test)
 
-    # 1. Backbone.
+    # 1. Backbone (and, with --control, the backbone trained on for HierNet's iterations).
     backbone, backbone_history = train_backbone(args, data, loader(data.train, train=True), val_loader, run_dir, device)
+    control, control_history = None, []
+    if args.control:  # the same image order and augmentation as HierNet's loader (seed 1)
+        control_loader = loader(data.train, train=True, seed=1)
+        control, control_history = train_control(args, backbone, control_loader, val_loader, run_dir, device)
 
     # 2-3. CPM and grouping.
     tree = make_tree(args, data, backbone, val_loader, run_dir, device)
@@ -561,7 +1225,7 @@ def main(argv=None):
             "(lower --g-max or raise --p-min)",
             flush=True,
         )
-    if len(tree) > 16:  # e.g. a near-perfect backbone on easy data: few confusions, many singletons
+    if len(tree) > 32:  # e.g. a near-perfect backbone on easy data: few confusions, many singletons
         print(
             f"[hiernet] warning: {len(tree)} groups; every branch runs on every image in training, so the cost "
             "grows with the group count (lower --p-min)",
@@ -572,11 +1236,17 @@ def main(argv=None):
     for g, classes in enumerate(top_groups):
         group_of[classes] = g
 
-    # 4. HierNet from the backbone's weights.
-    model = common.to_device_model(build_hiernet(backbone, tree, args.split, args.extra_blocks), device)
+    # 4. HierNet from the backbone's weights (--no-transfer: from a fresh backbone).
+    source = make_backbone(args, data.num_classes, data.train.images.shape[1]) if args.no_transfer else backbone
+    reference = build_per_branch(source, tree, args.split, args.extra_blocks, args.leaf_init)
+    hiernet_params = common.count_params(reference)  # the batched form adds only the leaf FCs' zero padding
+    bounds = list(args.split[: grouping.tree_depth(tree)]) + [len(source.blocks)]
+    model = HierNet(reference, [b - a for a, b in itertools.pairwise(bounds)], fast_mode=args.fast_mode)
+    model = common.to_device_model(model, device)
+    del reference
     print(
         f"[hiernet] backbone {common.count_params(backbone) / 1e6:.3f}M parameters, HierNet "
-        f"{common.count_params(model) / 1e6:.3f}M, {len(tree)} groups",
+        f"{hiernet_params / 1e6:.3f}M, {len(tree)} groups",
         flush=True,
     )
 
@@ -584,7 +1254,7 @@ def main(argv=None):
     rank = model.rank.cpu()
     train_loader = loader(data.train, labels=rank[data.train.labels], train=True, seed=1)
     optimizer = make_optimizer(args, model)
-    epochs, lr_at = make_schedule(args, len(train_loader), args.iterations)
+    epochs, lr_at = stage_schedule(args, len(train_loader), "hiernet")
     step = common.make_train_step(
         model,
         hiernet_loss,
@@ -594,9 +1264,10 @@ def main(argv=None):
         cuda_graph=args.cuda_graph,
         compile=args.compile,
     )
+    refuse_per_branch_checkpoint(run_dir / "hiernet" / "checkpoint.pt")
 
     def evaluate(epoch):
-        out = evaluate_hiernet(model, val_loader, group_of, device=device, dtype=args.dtype)
+        out = evaluate_hiernet(model, val_loader, group_of, device=device)
         return {
             "val_slow_acc": percent(out["slow"] == out["labels"]),
             "val_fast_acc": percent(out["fast"] == out["labels"]),
@@ -617,13 +1288,18 @@ def main(argv=None):
     )
 
     # 6. Evaluation on the test half, once.
-    backbone_logits, labels = common.predict(backbone, test_loader, device=device, dtype=args.dtype)
-    out = evaluate_hiernet(model, test_loader, group_of, device=device, dtype=args.dtype)
+    backbone_logits, labels = predict_fp32(backbone, test_loader, device)
+    out = evaluate_hiernet(model, test_loader, group_of, device=device)
     backbone_pred = backbone_logits.argmax(1)
     metrics = {
         "dataset": data.name,
         "n": args.n,
         "elu": args.elu,
+        "elu_head": args.elu and args.elu_head,
+        "shortcut": args.shortcut,
+        "transfer": not args.no_transfer,
+        "leaf_init": args.leaf_init,
+        "test_halves": args.test_halves,
         "split": args.split,
         "extra_blocks": args.extra_blocks,
         "depth": grouping.tree_depth(tree),
@@ -637,29 +1313,25 @@ def main(argv=None):
         "backbone_superclass_acc": percent(torch.as_tensor(group_of)[backbone_pred] == out["super_true"]),
         "fast_equals_slow": percent(out["fast"] == out["slow"]),
     }
+    if control is not None:
+        control_logits, _ = predict_fp32(control, test_loader, device)
+        metrics["control_acc"] = percent(control_logits.argmax(1) == labels)
+        metrics["control_iterations"] = control_history[-1]["step"] if control_history else 0
+        metrics["hiernet_iterations"] = hiernet_history[-1]["step"] if hiernet_history else 0
     if data.hierarchy.n_levels > 1:
         metrics["level_acc_backbone"] = common.level_accuracies(backbone_logits, labels, data.hierarchy)
         metrics["level_acc_slow"] = common.level_accuracies(out["log_p"], labels, data.hierarchy)
+    metrics["hierarchical"] = hierarchical_report(data, top_groups, group_of, backbone_logits, labels, out)
     last = {k: v for k, v in (hiernet_history[-1] if hiernet_history else {}).items() if k.startswith("val_")}
     metrics.update(last)
-    for name, history in (("backbone", backbone_history), ("hiernet", hiernet_history)):
+    for name, history in (("backbone", backbone_history), ("hiernet", hiernet_history), ("control", control_history)):
         seconds = [r["seconds"] for r in history[1:] or history]  # the first epoch includes graph capture
         if seconds:
             metrics[f"{name}_epoch_seconds"] = float(np.median(seconds))
             metrics[f"{name}_epochs"] = len(history)
     metrics["backbone_params"] = common.count_params(backbone)
-    metrics["hiernet_params"] = common.count_params(model)
-
-    # Images/s: one batch of test images through each form of inference.
-    x = next(iter(test_loader))[0]
-    timing = {"iters": 20, "warmup": 5}
-    if device.type != "cuda":  # a rough CPU figure only; keeps CPU runs and tests short
-        x, timing = x[:64], {"iters": 2, "warmup": 1}
-    for name, forward in (("backbone", backbone), ("slow", model), ("fast", model.route)):
-        metrics[f"{name}_images_per_s"] = common.measure_throughput(
-            forward, x, device=device, dtype=args.dtype, **timing
-        )
-    metrics["throughput_batch"] = len(x)
+    metrics["hiernet_params"] = hiernet_params
+    metrics.update(measure_inference(args, backbone, model, next(iter(test_loader))[0], device))
     if data.name == "cifar100" and args.n in PAPER_TABLE[args.elu]:
         metrics["paper_table"] = dict(zip(("backbone_acc", "slow_acc", "fast_acc"), PAPER_TABLE[args.elu][args.n]))
 
@@ -693,7 +1365,9 @@ def main(argv=None):
         f"[hiernet] test: backbone {metrics['backbone_acc']:.2f}  slow {metrics['slow_acc']:.2f}  "
         f"fast {metrics['fast_acc']:.2f}  super-class {metrics['superclass_acc']:.2f} | images/s backbone "
         f"{metrics['backbone_images_per_s']:.0f} slow {metrics['slow_images_per_s']:.0f} fast "
-        f"{metrics['fast_images_per_s']:.0f} | {run_dir}",
+        f"{metrics['fast_images_per_s']:.0f}"
+        + (f" | control (backbone trained as long) {metrics['control_acc']:.2f}" if control is not None else "")
+        + f" | {run_dir}",
         flush=True,
     )
     return metrics

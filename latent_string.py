@@ -170,7 +170,8 @@ def get_args(argv=None):
     g.add_argument(
         "--bits-sweep", default="auto", help="comma list of L for the Fig. 8 sweep; 'auto': L0-1 .. L0+2; 'none': skip"
     )
-    args = common.parse_args(parser, argv)
+    # A resume may lengthen the LH stages, not the base model: they are trained on its features.
+    args = common.parse_args(parser, argv, script="latent_string", resume_longer=("lh_epochs",))
     if args.bits is not None and not 1 <= args.bits <= 20:
         parser.error("--bits must be between 1 and 20")
     if not 0 < args.mu <= 1:

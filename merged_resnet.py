@@ -141,7 +141,7 @@ def get_args(argv=None):
         "--ttest-alpha", type=common.nonneg_float, default=1.0, help="alpha at which architectures are t-tested"
     )
     g.add_argument("--eval-batch-size", type=common.positive_int, default=500)
-    args = common.parse_args(parser, argv)
+    args = common.parse_args(parser, argv, script="merged_resnet")
     for key, value in BACKBONE_DEFAULTS[args.backbone].items():
         if getattr(args, key) is None:
             setattr(args, key, value)

@@ -338,7 +338,8 @@ def test_existing_run_dir_needs_resume_or_force(tmp_path):
     parser = argparse.ArgumentParser()
     common.add_common_args(parser, epochs=1, batch_size=8, lr=0.1)
     argv = ["--out-dir", str(tmp_path / "r"), "--device", "cpu"]
-    common.setup(common.parse_args(parser, argv), "x")
+    run_dir, _ = common.setup(common.parse_args(parser, argv), "x")
+    common.save_checkpoint(run_dir / "train" / "checkpoint.pt", {"epoch": 1})  # a run that trained
     with pytest.raises(SystemExit, match="--resume"):
         common.setup(common.parse_args(parser, argv), "x")
     run_dir, _ = common.setup(common.parse_args(parser, argv + ["--force"]), "x")

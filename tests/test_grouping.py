@@ -155,3 +155,25 @@ def test_command_line_writes_tree_files(tmp_path, capsys):
     assert "digraph" in (tmp_path / "tree.dot").read_text()
     assert "GROUP 3" in capsys.readouterr().out
     assert grouping.load_tree(out, 8) == obj["tree"]
+
+
+def test_run_dir_uses_the_runs_own_g_max_and_p_min(tmp_path):
+    import common
+    import hiernet
+
+    argv = ["--dataset", "shapes", "--train-size", "64", "--test-size", "1600", "--image-size", "8", "--n", "1"]
+    args = hiernet.get_args([*argv, "--split", "1", "--extra-blocks", "0", "--g-max", "3", "--p-min", "0.0"])
+    common.write_json(tmp_path / "args.json", {**vars(args), "script": "hiernet"})
+    torch.manual_seed(0)
+    backbone = hiernet.make_backbone(args, 72)
+    common.save_checkpoint(tmp_path / "backbone" / "checkpoint.pt", {"model": backbone.state_dict()})
+    assert (
+        grouping.get_args(["--run-dir", str(tmp_path)]).g_max,
+        grouping.get_args(["--run-dir", str(tmp_path)]).p_min,
+    ) == ([3], [0.0])
+    given = grouping.get_args(["--run-dir", str(tmp_path), "--g-max", "7", "--p-min", "0.5"])
+    assert (given.g_max, given.p_min, given.depth) == ([7], [0.5], 1)
+    assert grouping.get_args(["--cpm", "x.npy"]).g_max == [50]
+    tree = grouping.main(["--run-dir", str(tmp_path), "--device", "cpu"])
+    sizes = [len(g) for g in tree]
+    assert max(sizes) <= 3 and max(sizes) > 1  # the run's g_max, and p_min 0 lets every pair merge

@@ -1,4 +1,7 @@
+import argparse
+import copy
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,12 +13,16 @@ import hiernet
 
 # 10 classes; a depth-2 tree: group 1 has two subgroups, group 2 is a leaf group.
 TREE = [[[3, 7], [0, 5, 9]], [1, 2, 4, 6, 8]]
+# Depth 1, unequal group sizes.
+FLAT_TREE = [[3, 7], [0, 5, 9], [1, 2, 4, 6, 8]]
+SHARED_SPLIT = Path("/work/shared/data/hiernet_ds_split_cifar100.json")
 
 
-def random_backbone(n=1, num_classes=10, seed=0):
+def random_backbone(n=1, num_classes=10, seed=0, elu=False, shortcut="A"):
     """A CifarResNet with random BatchNorm statistics and affine parameters (as after training)."""
     torch.manual_seed(seed)
-    backbone = common.CifarResNet(n, num_classes)
+    args = argparse.Namespace(n=n, elu=elu, elu_head=True, shortcut=shortcut)
+    backbone = hiernet.make_backbone(args, num_classes)
     for m in backbone.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-0.5, 0.5)
@@ -26,13 +33,19 @@ def random_backbone(n=1, num_classes=10, seed=0):
     return backbone.eval()
 
 
-def make_model(tree=TREE, splits=(1, 2), extras=(1, 1), fc_scale=5.0):
-    backbone = random_backbone()
-    model = hiernet.build_hiernet(backbone, tree, list(splits), list(extras)).eval()
-    for m in model.modules():  # larger random FCs so the node softmaxes are far from uniform
+def make_model(tree=TREE, splits=(1, 2), extras=(1, 1), fc_scale=5.0, **backbone_kwargs):
+    """(backbone, per-branch reference, batched HierNet with the same weights)."""
+    backbone = random_backbone(**backbone_kwargs)
+    reference = hiernet.build_per_branch(backbone, tree, list(splits), list(extras)).eval()
+    for m in reference.modules():  # larger random FCs so the node softmaxes are far from uniform
         if isinstance(m, torch.nn.Linear):
             m.weight.data.mul_(fc_scale)
-    return backbone, model
+    return backbone, reference, batched_from(reference, tree, splits, len(backbone.blocks))
+
+
+def batched_from(reference, tree, splits, n_blocks):
+    bounds = list(splits[: grouping.tree_depth(tree)]) + [n_blocks]
+    return hiernet.HierNet(reference, [b - a for a, b in zip(bounds, bounds[1:])]).eval()
 
 
 def brute_force_probs(model, x):
@@ -54,9 +67,10 @@ def brute_force_probs(model, x):
 
 @torch.no_grad()
 def test_leaf_probabilities_sum_to_one_and_equal_the_product_of_node_softmaxes():
-    _, model = make_model()
+    _, model, batched = make_model()
     x = torch.randn(6, 3, 16, 16)
     log_p = model(x)
+    torch.testing.assert_close(batched(x), log_p, rtol=1e-5, atol=1e-5)
     assert log_p.shape == (6, 10)
     torch.testing.assert_close(log_p.exp().sum(1), torch.ones(6))
     reference = brute_force_probs(model, x)  # dataset class order
@@ -71,7 +85,7 @@ def test_leaf_probabilities_sum_to_one_and_equal_the_product_of_node_softmaxes()
 
 @torch.no_grad()
 def test_fast_routing_picks_the_slow_class_when_every_node_is_confident():
-    _, model = make_model(fc_scale=200.0)  # near one-hot softmaxes at every node
+    _, model, _ = make_model(fc_scale=200.0)  # near one-hot softmaxes at every node
     x = torch.randn(64, 3, 16, 16)
 
     def centre(node, h):  # shift each node's biases so that its decisions vary across the batch
@@ -95,7 +109,7 @@ def test_fast_routing_picks_the_slow_class_when_every_node_is_confident():
 
 @torch.no_grad()
 def test_weight_transfer_reproduces_the_backbone_on_every_path():
-    backbone, model = make_model(fc_scale=1.0)
+    backbone, model, batched = make_model(fc_scale=1.0)
     x = torch.randn(5, 3, 16, 16)
     features, logits = backbone.features(x), backbone(x)
     outputs = model.root.leaf_group_outputs(x)
@@ -109,6 +123,145 @@ def test_weight_transfer_reproduces_the_backbone_on_every_path():
         torch.testing.assert_close(a, b, msg=k)
     # Copies, not shared modules: training a branch leaves the backbone alone.
     assert all(p.data_ptr() != q.data_ptr() for p in model.parameters() for q in backbone.parameters())
+    # The batched model's leaf logits: every path is the backbone too (tree-ordered classes).
+    _, leaf_logits = batched.level_outputs(x)
+    for p, offset in enumerate(batched.leaf_offsets):
+        classes = batched.order[offset : offset + batched.leaf_fc.sizes[p]]
+        torch.testing.assert_close(leaf_logits[:, p, : len(classes)], logits[:, classes], rtol=1e-5, atol=1e-5)
+
+
+def leaf_groups(tree):
+    return [tree] if grouping.is_leaf_group(tree) else [g for child in tree for g in leaf_groups(child)]
+
+
+def centre_biases(model, x):
+    """Shift each per-branch node's FC bias so that its decisions vary across the batch."""
+
+    def walk(node, h):
+        h = node.edge(h)
+        node.fc.bias -= node.classify(h).mean(0)
+        for branch in node.branches or []:
+            walk(branch, h)
+
+    with torch.no_grad():
+        walk(model.root, x)
+
+
+@pytest.mark.parametrize(
+    "tree,splits,extras,kwargs",
+    [
+        (FLAT_TREE, (1,), (1,), {}),
+        (TREE, (1, 2), (1, 1), {}),
+        (TREE, (1, 2), (0, 1), {"elu": True, "shortcut": "B"}),
+        ([[[3, 7], [0, 5, 9]], [[1, 2], [4, 6, 8]]], (2, 4), (1, 0), {"n": 2, "shortcut": "B"}),
+    ],
+)
+def test_batched_model_gives_the_per_branch_logits_and_gradients(tree, splits, extras, kwargs):
+    """Training mode (batch statistics), fp32: the same log p and, parameter by parameter, the
+    same gradients as the per-branch reference; the reference's gradients are stacked into a
+    batched model of the same tree, which puts them where the batched parameters are."""
+    _, reference, batched = make_model(tree, splits, extras, **kwargs)
+    n_blocks = 3 * kwargs.get("n", 1)
+    reference.train(), batched.train()
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
+    loss_ref, _ = hiernet.hiernet_loss(reference, x, reference.rank[y])
+    loss, _ = hiernet.hiernet_loss(batched, x, batched.rank[y])
+    torch.testing.assert_close(batched(x), reference(x), rtol=1e-5, atol=1e-5)
+    loss_ref.backward(), loss.backward()
+    grads = copy.deepcopy(reference)
+    with torch.no_grad():
+        for p, q in zip(grads.parameters(), reference.parameters()):
+            p.copy_(q.grad)
+    stacked = batched_from(grads, tree, splits, n_blocks)
+    expected = dict(stacked.named_parameters())
+    for name, p in batched.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-5, atol=1e-5, msg=name)
+    # The padded leaf outputs carry no probability.
+    assert bool(batched.leaf_fc.pad.isinf().any()) == (len({len(g) for g in leaf_groups(tree)}) > 1)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("tree,splits", [(FLAT_TREE, (1,)), (TREE, (1, 2))])
+def test_fast_evaluation_equals_algorithm_1_image_by_image(tree, splits):
+    _, reference, _ = make_model(tree, splits, (1, 1)[: len(splits)], fc_scale=20.0)
+    x = torch.randn(48, 3, 16, 16)
+    centre_biases(reference, x)
+    batched = batched_from(reference, tree, splits, 3)
+    one_by_one = torch.cat([reference.route(x[i : i + 1]) for i in range(len(x))])  # Algorithm 1, per image
+    assert len(set(one_by_one.tolist())) > 3  # the routing is not trivial
+    assert torch.equal(batched.route_sorted(x), one_by_one)
+    assert torch.equal(batched.route_all(x), one_by_one)
+    assert torch.equal(batched.route_sorted(x[:1]), one_by_one[:1])  # batch 1
+
+
+@torch.no_grad()
+def test_elu_head_applies_an_elu_before_pooling_in_the_backbone_and_every_leaf():
+    args = hiernet.get_args(["--n", "3", "--elu"])
+    assert isinstance(hiernet.make_backbone(args, 10).head.pre, torch.nn.ELU)
+    args = hiernet.get_args(["--n", "3", "--elu", "--no-elu-head"])
+    assert isinstance(hiernet.make_backbone(args, 10).head.pre, torch.nn.Identity)
+    backbone, reference, batched = make_model(FLAT_TREE, (1,), (1,), fc_scale=1.0, elu=True)
+    x = torch.randn(5, 3, 16, 16)
+    stem_and_blocks = torch.nn.Sequential(backbone.stem, *backbone.blocks)
+    pooled = torch.nn.functional.elu(stem_and_blocks(x)).mean((2, 3))
+    torch.testing.assert_close(backbone.features(x), pooled)
+    logits = backbone(x)
+    _, leaf_logits = batched.level_outputs(x)
+    for p, offset in enumerate(batched.leaf_offsets):
+        classes = batched.order[offset : offset + batched.leaf_fc.sizes[p]]
+        torch.testing.assert_close(leaf_logits[:, p, : len(classes)], logits[:, classes], rtol=1e-5, atol=1e-5)
+    assert all(isinstance(b.extra, torch.nn.ELU) for b in reference.root.branches)
+
+
+def test_leaf_init_fresh_and_old_checkpoints(tmp_path):
+    backbone = random_backbone()
+    fresh = hiernet.build_per_branch(backbone, FLAT_TREE, [1], [1], leaf_init="fresh")
+    copied = hiernet.build_per_branch(backbone, FLAT_TREE, [1], [1])
+    w = backbone.head.fc.weight[FLAT_TREE[0]]
+    assert torch.equal(copied.root.branches[0].fc.weight, w)
+    assert not torch.allclose(fresh.root.branches[0].fc.weight, w)
+    common.save_checkpoint(tmp_path / "checkpoint.pt", {"model": copied.state_dict()})
+    with pytest.raises(SystemExit, match="per-branch HierNet"):
+        hiernet.refuse_per_branch_checkpoint(tmp_path / "checkpoint.pt")
+    batched = batched_from(copied, FLAT_TREE, (1,), 3)
+    common.save_checkpoint(tmp_path / "new.pt", {"model": batched.state_dict()})
+    hiernet.refuse_per_branch_checkpoint(tmp_path / "new.pt")  # the batched form passes
+
+
+def test_backbone_warms_up_for_n_18_only_and_the_control_runs_hiernets_schedule():
+    steps = [0, 100, 124, 125, 2000, 3000, 3999]
+    for n, warm in ((3, False), (18, True)):
+        args = hiernet.get_args(["--n", str(n), "--iterations", "4000"])
+        _, backbone_lr = hiernet.stage_schedule(args, 390, "backbone")
+        assert (backbone_lr(0) == 0.01) == warm and backbone_lr(125) == 0.1
+        e1, hiernet_lr = hiernet.stage_schedule(args, 390, "hiernet")
+        e2, control_lr = hiernet.stage_schedule(args, 390, "control")
+        assert e1 == e2 and [hiernet_lr(s) for s in steps] == [control_lr(s) for s in steps]
+        assert hiernet_lr(0) == 0.01
+    args = hiernet.get_args(["--n", "3", "--backbone-warmup", "always"])
+    assert hiernet.stage_schedule(args, 390, "backbone")[1](0) == 0.01
+
+
+def test_authors_test_halves_decode_and_are_checked(capsys):
+    mask = hiernet.authors_test_mask()
+    assert mask.shape == (10000,) and mask.sum() == 5000
+    if SHARED_SPLIT.is_file():  # the authors' file: ids test_NNNNN are official test indices
+        split = json.loads(SHARED_SPLIT.read_text())
+        assert set(np.flatnonzero(mask)) == {int(s[5:]) for s in split["test"]}
+        assert set(np.flatnonzero(~mask)) == {int(s[5:]) for s in split["val"]}
+    args = argparse.Namespace(test_halves="authors", seed=0)
+    labels = np.zeros(10000, dtype=np.int64)  # labels with 50 + 50 per class under the mask
+    labels[mask] = np.arange(5000) % 100
+    labels[~mask] = np.arange(5000) % 100
+    val, test = hiernet.test_halves(args, labels)
+    assert np.array_equal(test, np.flatnonzero(mask)) and len(val) == 5000
+    with pytest.raises(SystemExit, match="50 \\+ 50"):  # the same labels in another order
+        hiernet.test_halves(args, np.sort(labels))
+    assert hiernet.get_args(["--dataset", "cifar100"]).test_halves == "authors"
+    assert hiernet.get_args(["--dataset", "shapes"]).test_halves == "seeded"
+    with pytest.raises(SystemExit):
+        hiernet.get_args(["--dataset", "shapes", "--test-halves", "authors"])
+    assert "CIFAR-100's" in capsys.readouterr().err
 
 
 def test_split_out_of_range_is_an_argparse_error(capsys):
@@ -176,6 +329,7 @@ def test_full_pipeline_on_tiny_shapes(tmp_path):
             "64",
             "--g-max",
             "20",
+            "--control",
             "--device",
             "cpu",
             "--out-dir",
@@ -209,8 +363,21 @@ def test_full_pipeline_on_tiny_shapes(tmp_path):
     assert sum(g["images"] for g in per_group) == saved["test_images"]
     cpm = np.load(out / "cpm.npy")
     np.testing.assert_allclose(cpm.sum(1)[cpm.sum(1) > 0], 1.0, rtol=1e-5)
-    stages = {json.loads(line)["stage"] for line in (out / "metrics.jsonl").read_text().splitlines()}
-    assert stages == {"backbone", "hiernet"}
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {r["stage"] for r in records} == {"backbone", "hiernet", "control"}
+    # The control: the backbone trained on for as many iterations as HierNet, on the same schedule.
+    by_stage = {s: [(r["step"], r["lr"]) for r in records if r["stage"] == s] for s in ("hiernet", "control")}
+    assert by_stage["control"] == by_stage["hiernet"] and saved["control_iterations"] == saved["hiernet_iterations"]
+    assert 0 <= saved["control_acc"] <= 100
+    keys = {"top1", "top5", "level_acc", "mistake_severity", "hdist@1", "hdist@5", "hprecision", "hrecall", "hf1"}
+    for hierarchy in ("groups", "dataset"):  # the found groups; shapes' own levels
+        for form in ("backbone", "slow", "fast"):
+            assert keys <= saved["hierarchical"][hierarchy][form].keys()
+    assert saved["hierarchical"]["groups"]["slow"]["top1"] == pytest.approx(saved["slow_acc"])
+    assert saved["hierarchical"]["groups"]["fast"]["top1"] == pytest.approx(saved["fast_acc"])
+    assert "consistency" in saved["hierarchical"]["groups"]["slow"]
+    for form in ("backbone", "slow", "fast", "fast_sorted", "fast_all"):
+        assert saved[f"{form}_images_per_s"] > 0 and saved[f"{form}_latency_ms_batch1"] > 0
 
 
 def test_depth_two_tree_from_the_dataset_runs(tmp_path):

@@ -35,9 +35,13 @@ import time
 from pathlib import Path
 
 C10 = ["--dataset", "cifar10", "--data-dir", "data"]
+C100 = ["--dataset", "cifar100", "--data-dir", "data"]  # real CIFAR-100 (official split), unpacked into data/
 
 # name -> argv; the longest first, since they start first.
 JOBS = {
+    # HierNet on its own data, the paper's settings (Table 1); n = 3 also runs the training-length control.
+    "hiernet_cifar100_n9": ["hiernet.py", *C100, "--n", "9"],
+    "hiernet_cifar100_n3": ["hiernet.py", *C100, "--n", "3", "--control"],
     # g_max 5: half of CIFAR-10's classes, the paper's reason for 50 on CIFAR-100; p_min the paper's.
     "hiernet_cifar10_n9": ["hiernet.py", *C10, "--n", "9", "--g-max", "5"],
     "hiernet_cifar10_n3": ["hiernet.py", *C10, "--n", "3", "--g-max", "5"],
@@ -122,7 +126,7 @@ JOBS = {
 }
 
 ROOT = Path(__file__).resolve().parent.parent
-RUNS = ROOT / "runs" / "gpu"
+RUNS = ROOT / "runs" / "gpu"  # --runs-dir moves it (on the GPU machine: outside the checkout)
 
 
 def sh(cmd):
@@ -154,10 +158,22 @@ def stop_mps():
     subprocess.run("echo quit | nvidia-cuda-mps-control", shell=True)
 
 
+def link_data(data_root):
+    """Link each dataset folder of data_root (e.g. /root/data, unpacked there) into ROOT/data."""
+    (ROOT / "data").mkdir(exist_ok=True)
+    for name in ("cifar-100-python", "cifar-10-batches-py", "MNIST"):
+        src, dst = Path(data_root) / name, ROOT / "data" / name
+        if src.is_dir() and not dst.exists():
+            dst.symlink_to(src.resolve(), target_is_directory=True)
+            print(f"data/{name} -> {src}", flush=True)
+
+
 def ensure_cifar10():
+    npz = ROOT / "data" / "cifar10_jpeg.npz"
+    if not npz.exists():
+        return  # the CIFAR-10 jobs then fail with the loader's own message
     if (ROOT / "data" / "cifar-10-batches-py" / "test_batch").exists():
         return
-    npz = ROOT / "data" / "cifar10_jpeg.npz"
     unpack = ROOT / "data" / "unpack_cifar10_jpeg.py"  # carried beside the npz (shared/data/ has both)
     subprocess.run(
         [sys.executable, str(unpack), str(ROOT / "data"), "--format", "cifar", "--npz", str(npz)], check=True
@@ -167,8 +183,8 @@ def ensure_cifar10():
 def command(name):
     run_dir = RUNS / name
     if (run_dir / "args.json").exists():
-        return [sys.executable, JOBS[name][0], "--resume", str(run_dir.relative_to(ROOT))]
-    return [sys.executable, *JOBS[name], "--out-dir", str(run_dir.relative_to(ROOT))]
+        return [sys.executable, JOBS[name][0], "--resume", str(run_dir)]
+    return [sys.executable, *JOBS[name], "--out-dir", str(run_dir)]
 
 
 def record(name, **update):
@@ -208,7 +224,9 @@ def collect(src, results=ROOT / "results"):
         dst = results / name
         if dst.exists():
             shutil.rmtree(dst)
-        shutil.copytree(src / name, dst, ignore=lambda folder, files: [f for f in files if f.endswith(".pt")])
+        shutil.copytree(
+            src / name, dst, ignore=lambda folder, files: [f for f in files if f.endswith(".pt") or f == ".lock"]
+        )
         info = json.loads((src / f"{name}.run.json").read_text())
         info["name"] = name  # a run renamed after it ran keeps its record's name in step
         (dst / "run.json").write_text(json.dumps(info, indent=2) + "\n")
@@ -229,7 +247,12 @@ def main(argv=None):
     p.add_argument("--no-mps", action="store_true")
     p.add_argument("--list", action="store_true")
     p.add_argument("--collect", metavar="DIR", help="copy the finished runs unpacked in DIR into results/")
+    p.add_argument("--runs-dir", default=None, help="where the jobs' run directories live (default runs/gpu)")
+    p.add_argument("--data-root", default=None, help="link the datasets unpacked in this folder into data/")
     a = p.parse_args(argv)
+    global RUNS
+    if a.runs_dir:
+        RUNS = Path(a.runs_dir).resolve()
     if a.collect:
         for name in collect(a.collect):
             print(f"results/{name}")
@@ -241,6 +264,8 @@ def main(argv=None):
     t0 = time.time()
     os.chdir(ROOT)
     os.environ["PYTHONUNBUFFERED"] = "1"
+    if a.data_root:
+        link_data(a.data_root)
     ensure_cifar10()
     RUNS.mkdir(parents=True, exist_ok=True)
     mps = False if a.no_mps else start_mps()
