@@ -1045,7 +1045,13 @@ def train_control(args, backbone, train_loader, val_loader, run_dir, device):
     optimizer = make_optimizer(args, control)
     epochs, lr_at = stage_schedule(args, len(train_loader), "control")
     step = common.make_train_step(
-        control, common.cross_entropy_loss, optimizer, device=device, dtype=args.dtype, cuda_graph=args.cuda_graph
+        control,
+        common.cross_entropy_loss,
+        optimizer,
+        device=device,
+        dtype=args.dtype,
+        cuda_graph=args.cuda_graph,
+        compile=args.compile,
     )
 
     def evaluate(epoch):
