@@ -173,7 +173,8 @@ def test_run_dir_uses_the_runs_own_g_max_and_p_min(tmp_path):
     ) == ([3], [0.0])
     given = grouping.get_args(["--run-dir", str(tmp_path), "--g-max", "7", "--p-min", "0.5"])
     assert (given.g_max, given.p_min, given.depth) == ([7], [0.5], 1)
-    assert grouping.get_args(["--cpm", "x.npy"]).g_max == [50]
+    np.save(tmp_path / "cpm.npy", np.eye(4))  # --cpm is read and checked while parsing
+    assert grouping.get_args(["--cpm", str(tmp_path / "cpm.npy")]).g_max == [50]
     tree = grouping.main(["--run-dir", str(tmp_path), "--device", "cpu"])
     sizes = [len(g) for g in tree]
     assert max(sizes) <= 3 and max(sizes) > 1  # the run's g_max, and p_min 0 lets every pair merge
