@@ -385,7 +385,7 @@ def run_case(case, tmp):
     argv = [a.replace("{tmp}", str(tmp)) for a in case.argv]
     if case.script != "grouping.py":
         argv += ["--out-dir", str(tmp / "run")]
-    env = dict(os.environ, HIERCLS_NO_DOWNLOAD="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env = dict(os.environ, HIERCLS_NO_DOWNLOAD="1", OMP_NUM_THREADS="1")
     result = subprocess.run(
         [sys.executable, case.script, *argv],
         cwd=ROOT,
