@@ -295,6 +295,8 @@ def test_smoke_tiny_shapes_and_resume(tmp_path):
         "64",
         "--bits-sweep",
         "6,7",
+        "--hidden-sweep",
+        "20,40",
         "--val-per-class",
         "1",
         "--device",
@@ -311,6 +313,7 @@ def test_smoke_tiny_shapes_and_resume(tmp_path):
         "class_codes.json",
         "prefix_tree.txt",
         "bits_sweep.tsv",
+        "hidden_sweep.tsv",
     ):
         assert (out / name).is_file(), name
     saved = json.loads((out / "metrics.json").read_text())
@@ -331,8 +334,30 @@ def test_smoke_tiny_shapes_and_resume(tmp_path):
     assert saved["params"]["lh_classifier"] < saved["params"]["fc_classifier"]
     for key in ("fc_test_acc", "lh_test_acc", "reduced_fc_test_acc"):
         assert 0 <= saved[key] <= 100
+    # The repair step leaves no shared string when 2^L >= C (here 128 >= 72).
+    assert saved["duplicate_class_names"] == [] and saved["lh"]["duplicate_strings"] == []
+    assert saved["lh"]["lookup_acc"] == pytest.approx(saved["lh"]["exact_match_acc"])
+    assert [r["hidden"] for r in saved["hidden_sweep"]] == [20, 40]
+    assert (
+        saved["hidden_sweep"][0]["lh_params"]
+        < saved["hidden_sweep"][1]["lh_params"]
+        == saved["params"]["lh_classifier"]
+    )
+    for row in saved["bits_sweep"] + saved["hidden_sweep"]:
+        assert {"exact_match_acc", "lookup_acc", "val_lookup_acc", "n_duplicate_groups"} <= set(row)
+    for key in ("eager_fc_images_per_s", "eager_lh_images_per_s", "eager_fc_batch1_ms", "eager_lh_batch1_ms"):
+        assert saved["throughput"][key] > 0
+    for model in ("fc", "lh", "reduced_fc", "random_code"):
+        hm = saved["hierarchical_metrics"][model]
+        for key in ("top1", "top5", "level_acc", "mistake_severity", "hdist@1", "hdist@5", "hf1"):
+            assert key in hm, (model, key)
+        assert set(hm["level_acc"]) == {"shape", "shape_fill", "fine"}
+    assert saved["hierarchical_metrics"]["fc"]["top1"] == pytest.approx(saved["fc_test_acc"])
+    for level in saved["hierarchy_prefix_agreement"].values():
+        assert 0 <= level["same_parent_mean_lcp"] <= 7
     stages = {json.loads(line)["stage"] for line in (out / "metrics.jsonl").read_text().splitlines()}
-    assert stages == {"base", "lh", "random_code", "reduced_fc", "lh_bits6"}
+    repaired = {"lh_repaired"} if "before_repair" in saved["lh"] else set()
+    assert stages == {"base", "lh", "random_code", "reduced_fc", "lh_bits6", "lh_hidden20"} | repaired
     # Resume: every stage is finished, so nothing trains again and the results are the same.
     lines = len((out / "metrics.jsonl").read_text().splitlines())
     again = ls.main(["--resume", str(out)])
