@@ -297,6 +297,8 @@ def test_smoke_tiny_shapes_and_resume(tmp_path):
         "6,7",
         "--hidden-sweep",
         "20,40",
+        "--repair-epochs",
+        "2",
         "--val-per-class",
         "1",
         "--device",
@@ -356,8 +358,10 @@ def test_smoke_tiny_shapes_and_resume(tmp_path):
     for level in saved["hierarchy_prefix_agreement"].values():
         assert 0 <= level["same_parent_mean_lcp"] <= 7
     stages = {json.loads(line)["stage"] for line in (out / "metrics.jsonl").read_text().splitlines()}
-    repaired = {"lh_repaired"} if "before_repair" in saved["lh"] else set()
-    assert stages == {"base", "lh", "random_code", "reduced_fc", "lh_bits6", "lh_hidden20"} | repaired
+    repaired = {s for s in stages if s.endswith("_repaired")}
+    assert ("lh_repaired" in repaired) == ("before_repair" in saved["lh"])
+    assert repaired <= {"lh_repaired", "lh_hidden20_repaired"}  # never the fixed random code, nor L = 6 < log2 72
+    assert stages - repaired == {"base", "lh", "random_code", "reduced_fc", "lh_bits6", "lh_hidden20"}
     # Resume: every stage is finished, so nothing trains again and the results are the same.
     lines = len((out / "metrics.jsonl").read_text().splitlines())
     again = ls.main(["--resume", str(out)])
