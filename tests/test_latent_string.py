@@ -76,15 +76,27 @@ def test_class2str_gives_one_distribution_per_bit_and_random_code_is_one_to_one(
     assert torch.equal(fixed.argmax(-1), codes)
 
 
+def lstm_cell_copy(lstm):
+    """An nn.LSTMCell with the weights of a one-layer nn.LSTM (an independent implementation)."""
+    cell = torch.nn.LSTMCell(lstm.input_size, lstm.hidden_size)
+    with torch.no_grad():
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            getattr(cell, name).copy_(getattr(lstm, name + "_l0"))
+    return cell
+
+
 def test_eq5_loss_against_a_direct_computation():
     torch.manual_seed(0)
     C, D, L, B = 5, 7, 3, 4
     stage = ls.make_lh_stage(D, C, L, (6, 4), 9)
     feats, labels = torch.randn(B, D), torch.tensor([0, 3, 4, 3])
     alpha, beta, gamma, delta, mu = 0.7, 1.3, 0.2, 0.01, 0.8
-    loss, stats = ls.eq5_loss(stage, feats, labels, alpha=alpha, beta=beta, gamma=gamma, delta=delta, mu=mu)
+    loss, stats = ls.eq5_loss(
+        stage, feats, labels, alpha=alpha, beta=beta, gamma=gamma, delta=delta, mu=mu, code_input="soft"
+    )
 
-    # Direct: run the LSTM cells step by step, one sample at a time, and sum with loops.
+    # Direct: nn.LSTMCell copies of the fused layers run step by step, one sample at a time, loops.
+    cells = [lstm_cell_copy(m) for m in stage.classifier.layers]
     total = 0.0
     for n in range(B):
         x = feats[n : n + 1]
@@ -92,7 +104,7 @@ def test_eq5_loss_against_a_direct_computation():
         p = []
         for _ in range(L):
             h = x
-            for k, cell in enumerate(stage.classifier.cells):
+            for k, cell in enumerate(cells):
                 state[k] = cell(h, state[k])
                 h = state[k][0]
             p.append(F.softmax(stage.classifier.out(h), -1)[0])
@@ -109,6 +121,58 @@ def test_eq5_loss_against_a_direct_computation():
     direct = total / B + delta * l2
     assert loss.item() == pytest.approx(direct, rel=1e-5)
     assert stats["l2"].item() == pytest.approx(l2, rel=1e-6)
+
+
+def test_hard_code_input_is_the_argmax_string_with_a_straight_through_gradient():
+    torch.manual_seed(0)
+    C, D, L = 5, 7, 3
+    stage = ls.make_lh_stage(D, C, L, (6,), 9)
+    feats, labels = torch.randn(4, D), torch.tensor([0, 3, 4, 3])
+    _, stats = ls.eq5_loss(stage, feats, labels, alpha=1, beta=1, gamma=0.1, delta=0, mu=0.8, code_input="hard")
+    q = stage.class2str(F.one_hot(labels, C).float())
+    expected = F.cross_entropy(stage.str2class(F.one_hot(q.argmax(-1), 2).float()), labels)
+    assert stats["label_ce"].item() == pytest.approx(expected.item(), rel=1e-6)
+    stage.zero_grad()
+    loss, _ = ls.eq5_loss(stage, feats, labels, alpha=1, beta=0, gamma=0, delta=0, mu=0.8, code_input="hard")
+    loss.backward()  # only H(l, l'): Class2Str gets a gradient through the straight-through estimator
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in stage.class2str.parameters())
+
+
+@pytest.mark.parametrize("input_proj,hidden", [(False, (7, 5)), (True, (6, 6)), (True, (4,))])
+def test_fused_lstm_gives_the_strings_of_the_step_loop(input_proj, hidden):
+    torch.manual_seed(1)
+    clf = ls.LHClassifier(12, hidden, bits=6, input_proj=input_proj)
+    x = torch.randn(33, 12)
+    with torch.no_grad():
+        fused, steps = clf(x), clf.forward_steps(x)
+        cells = [lstm_cell_copy(m) for m in clf.layers]  # a third, independent implementation
+        h0 = clf.proj(x) if input_proj else x
+        state = [(torch.zeros(33, c.hidden_size), torch.zeros(33, c.hidden_size)) for c in cells]
+        ref = []
+        for _ in range(6):
+            h = h0
+            for k, cell in enumerate(cells):
+                state[k] = cell(h, state[k])
+                h = state[k][0]
+            ref.append(clf.out(h))
+        ref = torch.stack(ref, 1).log_softmax(-1)
+    assert fused.shape == (33, 6, 2)
+    assert torch.allclose(fused, steps, atol=1e-5) and torch.allclose(fused, ref, atol=1e-5)
+    assert torch.equal(fused.argmax(-1), steps.argmax(-1)) and torch.equal(fused.argmax(-1), ref.argmax(-1))
+
+
+def test_repair_code_makes_a_planted_code_one_to_one_and_keeps_subtrees():
+    code_bits = torch.tensor([[0, 0, 0], [0, 0, 0], [0, 0, 1], [0, 1, 0], [0, 1, 0], [0, 1, 0]])
+    confidence = torch.tensor([0.9, 0.6, 0.99, 0.95, 0.7, 0.8])
+    q = torch.stack([confidence, 1 - confidence], -1)[:, None, :].expand(6, 3, 2)
+    repaired, moves = ls.repair_code(code_bits, q)
+    # The most confident class of each group keeps its string; 5 (0.8) moves first to 011 (common
+    # prefix 01), then 4 to 110 (no common prefix left; one bit away), then 1 to 100 (one bit away).
+    assert [ls.code_string(r) for r in repaired] == ["000", "100", "001", "010", "110", "011"]
+    assert moves == [(5, "010", "011"), (4, "010", "110"), (1, "000", "100")]
+    assert ls.duplicate_groups(repaired) == []
+    with pytest.raises(ValueError):
+        ls.repair_code(torch.zeros(5, 2, dtype=torch.long), torch.rand(5, 2, 2))
 
 
 def test_frozen_feature_extractor_gets_no_gradient():
@@ -231,6 +295,10 @@ def test_smoke_tiny_shapes_and_resume(tmp_path):
         "64",
         "--bits-sweep",
         "6,7",
+        "--hidden-sweep",
+        "20,40",
+        "--repair-epochs",
+        "2",
         "--val-per-class",
         "1",
         "--device",
@@ -247,6 +315,7 @@ def test_smoke_tiny_shapes_and_resume(tmp_path):
         "class_codes.json",
         "prefix_tree.txt",
         "bits_sweep.tsv",
+        "hidden_sweep.tsv",
     ):
         assert (out / name).is_file(), name
     saved = json.loads((out / "metrics.json").read_text())
@@ -267,8 +336,32 @@ def test_smoke_tiny_shapes_and_resume(tmp_path):
     assert saved["params"]["lh_classifier"] < saved["params"]["fc_classifier"]
     for key in ("fc_test_acc", "lh_test_acc", "reduced_fc_test_acc"):
         assert 0 <= saved[key] <= 100
+    # The repair step leaves no shared string when 2^L >= C (here 128 >= 72).
+    assert saved["duplicate_class_names"] == [] and saved["lh"]["duplicate_strings"] == []
+    assert saved["lh"]["lookup_acc"] == pytest.approx(saved["lh"]["exact_match_acc"])
+    assert [r["hidden"] for r in saved["hidden_sweep"]] == [20, 40]
+    assert (
+        saved["hidden_sweep"][0]["lh_params"]
+        < saved["hidden_sweep"][1]["lh_params"]
+        == saved["params"]["lh_classifier"]
+    )
+    for row in saved["bits_sweep"] + saved["hidden_sweep"]:
+        assert {"exact_match_acc", "lookup_acc", "val_lookup_acc", "n_duplicate_groups"} <= set(row)
+    for key in ("eager_fc_images_per_s", "eager_lh_images_per_s", "eager_fc_batch1_ms", "eager_lh_batch1_ms"):
+        assert saved["throughput"][key] > 0
+    for model in ("fc", "lh", "reduced_fc", "random_code"):
+        hm = saved["hierarchical_metrics"][model]
+        for key in ("top1", "top5", "level_acc", "mistake_severity", "hdist@1", "hdist@5", "hf1"):
+            assert key in hm, (model, key)
+        assert set(hm["level_acc"]) == {"shape", "shape_fill", "fine"}
+    assert saved["hierarchical_metrics"]["fc"]["top1"] == pytest.approx(saved["fc_test_acc"])
+    for level in saved["hierarchy_prefix_agreement"].values():
+        assert 0 <= level["same_parent_mean_lcp"] <= 7
     stages = {json.loads(line)["stage"] for line in (out / "metrics.jsonl").read_text().splitlines()}
-    assert stages == {"base", "lh", "random_code", "reduced_fc", "lh_bits6"}
+    repaired = {s for s in stages if s.endswith("_repaired")}
+    assert ("lh_repaired" in repaired) == ("before_repair" in saved["lh"])
+    assert repaired <= {"lh_repaired", "lh_hidden20_repaired"}  # never the fixed random code, nor L = 6 < log2 72
+    assert stages - repaired == {"base", "lh", "random_code", "reduced_fc", "lh_bits6", "lh_hidden20"}
     # Resume: every stage is finished, so nothing trains again and the results are the same.
     lines = len((out / "metrics.jsonl").read_text().splitlines())
     again = ls.main(["--resume", str(out)])
