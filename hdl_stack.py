@@ -72,7 +72,9 @@ Paper vs ours (ambiguities and deviations):
 """
 
 import argparse
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -304,10 +306,38 @@ def get_args(argv=None):
         help="weights of the levels' cross-entropies, finest level first (one value: all levels)",
     )
     g.add_argument(
+        "--heads",
+        default="cascade",
+        choices=("cascade", "parallel"),
+        help="cascade: each level's stack reads the previous level's output (the paper's); parallel: "
+        "every stack reads the pooled features",
+    )
+    g.add_argument(
+        "--fine-head",
+        default="auto",
+        choices=("auto", "on", "off"),
+        help="keep the backbone's fine classifier in the HDL model; auto: off on shapes (section 4.1: "
+        "the level layers replace the output layer), on otherwise (Table 3 reports HDL's fine error)",
+    )
+    g.add_argument(
+        "--center-update",
+        default="epoch",
+        choices=("epoch", "wen", "sgd"),
+        help="how the centres move: epoch (the paper: after each epoch, to the epoch's class means), "
+        "wen (Wen et al. 2016: every batch, rate alpha), sgd (every batch, an SGD step of rate alpha)",
+    )
+    g.add_argument(
+        "--center-features",
+        default="raw",
+        choices=("raw", "normalized"),
+        help="the center loss on the pooled features as they are (the paper's) or L2-normalised",
+    )
+    g.add_argument(
         "--center-alpha",
         type=float,
-        default=1.0,
-        help="per-epoch centre update c <- c + alpha (epoch mean - c); 1 replaces c by the epoch mean",
+        default=None,
+        help="centre update rate; epoch: c <- c + alpha (epoch mean - c) (default 1: the epoch mean); "
+        "wen: Wen et al.'s alpha (default 0.5, their value); sgd: the SGD rate (default 0.5)",
     )
     g.add_argument(
         "--augment",
@@ -317,10 +347,19 @@ def get_args(argv=None):
     )
     g.add_argument("--normalize", action="store_true", help="normalise by the channel mean / std (the paper does not)")
     g.add_argument(
-        "--val-per-class",
-        type=int,
-        default=0,
-        help="hold out this many training images per fine class for per-epoch logs (0: none, as the paper)",
+        "--val-fraction",
+        type=float,
+        default=0.0,
+        help="hold this fraction of each fine class's training images out as a validation split; every "
+        "reported number is then on it (the test set is not touched) and it is evaluated every epoch "
+        "(0: none, as the paper)",
+    )
+    g.add_argument(
+        "--sweep-table",
+        default=None,
+        metavar="DIR",
+        help="train nothing: read the validation runs in DIR/*/ and write DIR/sweep.md and DIR/sweep.json "
+        "(lambda0 x center-loss variant -> validation errors)",
     )
     g.add_argument("--eval-batch-size", type=int, default=500)
     args = common.parse_args(parser, argv)
@@ -330,12 +369,16 @@ def get_args(argv=None):
         parser.error("batch sizes must be at least 1")
     if args.lr <= 0:
         parser.error("--lr must be positive")
-    if not 0 < args.center_alpha <= 1:
+    if args.center_alpha is None:
+        args.center_alpha = 1.0 if args.center_update == "epoch" else 0.5
+    if args.center_update == "sgd" and not args.center_alpha > 0:
+        parser.error("--center-alpha must be positive")
+    if args.center_update != "sgd" and not 0 < args.center_alpha <= 1:
         parser.error("--center-alpha must be in (0, 1]")
     if min([args.lambda_center, args.lambda_fine] + args.lambda_levels) < 0:
         parser.error("loss weights must be non-negative")
-    if args.val_per_class < 0:
-        parser.error("--val-per-class must be non-negative")
+    if not 0 <= args.val_fraction < 1:
+        parser.error("--val-fraction must be in [0, 1)")
     return args
 
 
@@ -357,25 +400,50 @@ class LevelStack(nn.Sequential):
 
 
 class HDLNet(nn.Module):
-    """A backbone with its fine classifier, one LevelStack per level, and the class centres.
+    """A backbone, its optional fine classifier, one LevelStack per level, and the class centres.
 
-    forward(x) -> (pooled features, fine logits, [level logits, finest level first]). The centres
-    (one per fine class, in the pooled-feature space) are buffers, so they are checkpointed with
-    the model; center_sum / center_count accumulate the current epoch's features."""
+    heads='cascade' (the paper's): the stacks form a chain, finest level first; the first stack
+    reads the fine logits (or the pooled features when there is no fine classifier) and every
+    later stack reads the previous level's logits. heads='parallel': every stack and the fine
+    classifier read the pooled features.
 
-    def __init__(self, backbone, num_fine, level_sizes=(), hidden_sizes=None):
+    forward(x) -> (pooled features, fine logits or None, [level logits, finest level first]).
+    The centres (one per fine class, in the center-loss feature space) are buffers, so they are
+    checkpointed with the model; center_sum / center_count accumulate an epoch's features for
+    the per-epoch update."""
+
+    def __init__(self, backbone, num_fine, level_sizes=(), hidden_sizes=None, heads="cascade", fine_head=True):
         super().__init__()
-        self.backbone = backbone
+        if heads not in ("cascade", "parallel"):
+            raise ValueError(f"heads must be 'cascade' or 'parallel', got {heads!r}")
+        if not fine_head and not level_sizes:
+            raise ValueError("a model without a fine classifier needs level heads")
+        self.backbone, self.heads, self.fine_head = backbone, heads, fine_head
         dim = backbone.head.fc.in_features
+        if not fine_head:
+            backbone.head.fc = nn.Identity()  # section 4.1: the level layers replace the output layer
         hidden_sizes = hidden_sizes or [None] * len(level_sizes)
-        self.stacks = nn.ModuleList(LevelStack(dim, n, h) for n, h in zip(level_sizes, hidden_sizes))
+        if heads == "cascade":
+            inputs = [num_fine if fine_head else dim] + list(level_sizes[:-1])
+        else:
+            inputs = [dim] * len(level_sizes)
+        self.stacks = nn.ModuleList(LevelStack(i, n, h) for i, n, h in zip(inputs, level_sizes, hidden_sizes))
         self.register_buffer("centers", torch.zeros(num_fine, dim))
         self.register_buffer("center_sum", torch.zeros(num_fine, dim))
         self.register_buffer("center_count", torch.zeros(num_fine))
 
     def forward(self, x):
         features = self.backbone.features(x)
-        return features, self.backbone.head.fc(features), [stack(features) for stack in self.stacks]
+        fine_logits = self.backbone.head.fc(features) if self.fine_head else None
+        level_logits = []
+        if self.heads == "cascade":
+            h = fine_logits if self.fine_head else features
+            for stack in self.stacks:
+                h = stack(h)
+                level_logits.append(h)
+        else:
+            level_logits = [stack(features) for stack in self.stacks]
+        return features, fine_logits, level_logits
 
     @torch.no_grad()
     def accumulate_centers(self, features, labels):
@@ -391,6 +459,25 @@ class HDLNet(nn.Module):
         self.centers.copy_(torch.where(seen, self.centers + alpha * (mean - self.centers), self.centers))
         self.center_sum.zero_()
         self.center_count.zero_()
+
+    @torch.no_grad()
+    def batch_update_centers(self, features, labels, alpha, rule):
+        """Per-batch centre update, in place (CUDA-graph safe).
+
+        rule='wen' (Wen et al. 2016, eq. 4): c_j <- c_j - alpha * sum_{i: y_i = j} (c_j - x_i) / (1 + n_j),
+        n_j the batch's images of class j. rule='sgd': one SGD step of rate alpha on the centres of
+        mean_i 1/2 ||x_i - c_{y_i}||^2 (gradient w.r.t. c_j: sum_{i: y_i = j} (c_j - x_i) / batch size),
+        what the centres get as learned parameters with a separate SGD, free of lambda0."""
+        diff = torch.zeros_like(self.centers).index_add_(0, labels, self.centers[labels] - features.detach().float())
+        if rule == "wen":
+            count = torch.zeros_like(self.center_count).index_add_(
+                0, labels, torch.ones_like(labels, dtype=self.center_count.dtype)
+            )
+            self.centers.sub_(alpha * diff / (1.0 + count)[:, None])
+        elif rule == "sgd":
+            self.centers.sub_(alpha * diff / len(labels))
+        else:
+            raise ValueError(f"unknown centre update rule {rule!r}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -480,35 +567,55 @@ def level_weights(args, levels):
     return list(weights)
 
 
+def center_space(features, kind="raw"):
+    """The features the center loss sees: the pooled features as they are (the paper's), or L2-normalised."""
+    features = features.float()
+    return F.normalize(features, dim=1) if kind == "normalized" else features
+
+
 def center_loss(features, labels, centers):
-    """Eq. 1 as a batch mean: mean_i ||x_i - c_{y_i}||^2 (centres are constants here)."""
+    """Eq. 1 as a batch mean: mean_i ||x_i - c_{y_i}||^2 (centres are constants here). Wen et al.'s
+    1/2 sum_i ||x_i - c_{y_i}||^2 with weight lambda is this with lambda0 = lambda / 2 (and a batch mean)."""
     return ((features.float() - centers[labels]) ** 2).sum(1).mean()
 
 
 def hdl_loss(features, fine_logits, level_logits, labels, centers, lambda_center, lambda_fine, lambda_levels):
     """Eq. 5 plus the fine classifier: (total, {part: value}) with
-    total = lambda_center * center + lambda_fine * CE_fine + sum_l lambda_levels[l] * CE_l."""
+    total = lambda_center * center + lambda_fine * CE_fine + sum_l lambda_levels[l] * CE_l.
+    fine_logits None (no fine classifier): no CE_fine term."""
     fine_labels, *level_labels = labels
-    parts = {
-        "center": center_loss(features, fine_labels, centers),
-        "ce_fine": F.cross_entropy(fine_logits.float(), fine_labels),
-    }
-    total = lambda_center * parts["center"] + lambda_fine * parts["ce_fine"]
+    parts = {"center": center_loss(features, fine_labels, centers)}
+    total = lambda_center * parts["center"]
+    if fine_logits is not None:
+        parts["ce_fine"] = F.cross_entropy(fine_logits.float(), fine_labels)
+        total = total + lambda_fine * parts["ce_fine"]
     for l, (logits, y, weight) in enumerate(zip(level_logits, level_labels, lambda_levels)):
         parts[f"ce_{l + 1}L"] = F.cross_entropy(logits.float(), y)
         total = total + weight * parts[f"ce_{l + 1}L"]
     return total, parts
 
 
-def make_hdl_loss_fn(lambda_center, lambda_fine, lambda_levels):
+def make_hdl_loss_fn(
+    lambda_center, lambda_fine, lambda_levels, center_update="epoch", center_alpha=1.0, center_features="raw"
+):
+    """loss_fn(model, x, y) for common.make_train_step. The loss uses the centres as they are before
+    this batch; then the centres move: 'epoch' accumulates the batch for the end-of-epoch update,
+    'wen' / 'sgd' update them now (HDLNet.batch_update_centers)."""
+
     def loss_fn(model, x, y):
         features, fine_logits, level_logits = model(x)
-        model.accumulate_centers(features, y[0])
+        space = center_space(features, center_features)
         total, parts = hdl_loss(
-            features, fine_logits, level_logits, y, model.centers, lambda_center, lambda_fine, lambda_levels
+            space, fine_logits, level_logits, y, model.centers, lambda_center, lambda_fine, lambda_levels
         )
+        if center_update == "epoch":
+            model.accumulate_centers(space, y[0])
+        else:
+            model.batch_update_centers(space, y[0], center_alpha, center_update)
         stats = dict(parts)
-        stats["correct"] = (fine_logits.argmax(1) == y[0]).sum()
+        stats["feature_norm"] = features.detach().float().norm(dim=1).mean()  # watches the features shrink
+        if fine_logits is not None:
+            stats["correct"] = (fine_logits.argmax(1) == y[0]).sum()
         for l, (logits, labels) in enumerate(zip(level_logits, y[1:])):
             stats[f"correct_{l + 1}L"] = (logits.argmax(1) == labels).sum()
         return total, stats
@@ -527,6 +634,33 @@ def summed_level_scores(fine_logits, parent, num_classes):
     """A level's scores from a fine classifier: the fine probabilities summed per category."""
     probs = fine_logits.float().softmax(1)
     return torch.zeros(len(probs), num_classes).index_add_(1, torch.as_tensor(parent), probs)
+
+
+def fine_scores_from_levels(level_logits, levels):
+    """Fine-class scores of a model without a fine classifier: log p(fine) = sum over levels of the
+    level head's log-probability of the fine class's category (the heads taken as independent).
+    On shapes, where fill, outline and shape name the fine class, its argmax is the heads' argmaxes."""
+    scores = 0
+    for logits, level in zip(level_logits, levels):
+        parent = torch.as_tensor(level.parent, device=logits.device)
+        scores = scores + logits.float().log_softmax(1)[:, parent]
+    return scores
+
+
+def levels_identify_fine_classes(levels):
+    """True when no two fine classes share all their level categories (needed without a fine classifier)."""
+    codes = {tuple(int(level.parent[f]) for level in levels) for f in range(len(levels[0].parent))}
+    return len(codes) == len(levels[0].parent)
+
+
+def majority_errors(train_labels, eval_labels, names):
+    """Error (%) of always guessing a level's largest category, the category taken from the training
+    labels and scored on the evaluation labels; one entry per name (fine first, then the levels)."""
+    result = {}
+    for name, train, evaluated in zip(names, train_labels, eval_labels):
+        largest = torch.bincount(torch.as_tensor(train)).argmax()
+        result[name] = 100.0 * (torch.as_tensor(evaluated) != largest).float().mean().item()
+    return result
 
 
 def violation_rates(fine_pred, level_preds, levels):
@@ -580,6 +714,8 @@ def build_model(args, num_fine, levels, hidden_sizes, device, with_stacks):
         num_fine,
         [l.num_classes for l in levels] if with_stacks else [],
         hidden_sizes if with_stacks else None,
+        heads=args.heads,
+        fine_head=args.fine_head == "on" if with_stacks else True,
     )
     return common.to_device_model(model, device)
 
@@ -588,33 +724,38 @@ def level_label_tuple(split, levels):
     return (split.labels,) + tuple(level.labels(split.labels) for level in levels)
 
 
-def make_predict_forward(model):
+def make_predict_forward(model, levels):
+    """forward(x) -> (fine scores, *level logits); fine scores from the levels when there is no fine classifier."""
+
     def forward(x):
         _, fine_logits, level_logits = model(x)
+        if fine_logits is None:
+            fine_logits = fine_scores_from_levels(level_logits, levels)
         return (fine_logits, *level_logits)
 
     return forward
 
 
 def run_stage(name, args, model, loss_fn, train_loader, loaders, levels, run_dir, device, with_stacks):
-    """Train one model with common.fit (checkpointed, resumable); return its test results."""
+    """Train one model with common.fit (checkpointed, resumable); return its results on loaders["final"]
+    (the validation split with --val-fraction, else the test set), and the outputs behind them."""
     optimizer = common.make_adam(model.parameters(), args.lr, device=device)
     step = common.make_train_step(
         model, loss_fn, optimizer, device=device, dtype=args.dtype, cuda_graph=args.cuda_graph
     )
 
     def on_epoch_end(epoch, record):
-        if with_stacks:
+        if with_stacks and args.center_update == "epoch":
             model.update_centers(args.center_alpha)
         for key in [k for k in record if k.startswith("correct_")]:  # fit logs counts per batch: to accuracy
             record[f"train_acc_{key[len('correct_') :]}"] = 100.0 * record.pop(key) / train_loader.batch_size
 
     evaluate = None
-    if loaders["val"] is not None:
+    if loaders["epoch"] is not None:
 
         def evaluate(epoch):
             outputs, labels = common.predict(
-                make_predict_forward(model), loaders["val"], device=device, dtype=args.dtype
+                make_predict_forward(model, levels), loaders["epoch"], device=device, dtype=args.dtype
             )
             fine_logits, *level_logits = outputs
             res = level_results(fine_logits, level_logits if with_stacks else [], labels[0], levels)
@@ -635,11 +776,14 @@ def run_stage(name, args, model, loss_fn, train_loader, loaders, levels, run_dir
         stage=name,
         on_epoch_end=on_epoch_end,
     )
-    outputs, labels = common.predict(make_predict_forward(model), loaders["test"], device=device, dtype=args.dtype)
+    outputs, labels = common.predict(
+        make_predict_forward(model, levels), loaders["final"], device=device, dtype=args.dtype
+    )
     fine_logits, *level_logits = outputs
     result = level_results(fine_logits, level_logits if with_stacks else [], labels[0], levels)
     result["train_seconds"] = round(sum(r["seconds"] for r in history), 2)
     result["final_train_loss"] = history[-1]["loss"] if history else None
+    result["final_train_acc"] = {k: v for k, v in history[-1].items() if k.startswith("train_acc")} if history else {}
     return result
 
 
@@ -647,14 +791,20 @@ def fmt(value):
     return "-" if value is None else f"{value:.2f}"
 
 
-def write_tables(path, args, levels, results):
-    """table3.md: Table 3's layout (errors %), Table 4's (accuracies %), and the violation rates."""
+def write_tables(path, args, levels, results, majority, eval_split="test"):
+    """table3.md: Table 3's layout (errors %), Table 4's (accuracies %), each with the majority-category
+    row, and the violation rates."""
     base, hdl = results.get("baseline"), results.get("hdl")
     level_cols = [f"{i + 1}L {l.name} ({l.num_classes} cls)" for i, l in enumerate(levels)]
+    head_note = "" if args.fine_head == "on" else " (HDL's fine: the level heads' joint argmax; no fine classifier)"
     lines = [
         f"# HDL stack: {args.dataset}, {args.arch}, {args.epochs} epochs, lr {args.lr}, batch {args.batch_size}",
         "",
-        "## Error rates (%), Table 3 layout",
+        f"Evaluated on the {eval_split} split. HDL: {args.heads} heads, fine classifier {args.fine_head}, "
+        f"lambda0 {args.lambda_center}, centres updated '{args.center_update}' (alpha {args.center_alpha}) "
+        f"on {args.center_features} features.",
+        "",
+        f"## Error rates (%), Table 3 layout{head_note}",
         "",
         "| Model | Baseline | HDL | " + " | ".join(level_cols) + " |",
         "|---" * (3 + len(levels)) + "|",
@@ -662,6 +812,11 @@ def write_tables(path, args, levels, results):
     row = [fmt(base["fine_error"]) if base else "-", fmt(hdl["fine_error"]) if hdl else "-"]
     row += [fmt(hdl["level_error"][l.name]) if hdl else "-" for l in levels]
     lines.append(f"| {args.arch} (ours) | " + " | ".join(row) + " |")
+    lines.append(
+        "| majority category (largest in train) | "
+        + " | ".join([fmt(majority["fine"])] * 2 + [fmt(majority[l.name]) for l in levels])
+        + " |"
+    )
     if args.dataset == "cifar100" and not args.hierarchy and args.arch in PAPER_TABLE3:
         lines.append(f"| {args.arch} (paper) | " + " | ".join(fmt(v) for v in PAPER_TABLE3[args.arch]) + " |")
     if args.dataset == "shapes" and not args.hierarchy:
@@ -672,8 +827,7 @@ def write_tables(path, args, levels, results):
         )
     lines += [
         "",
-        "Per-level errors of the baseline, from its fine probabilities summed per category "
-        "(no level heads), and of HDL the same way:",
+        "Per-level errors from the fine scores summed per category (the baseline has no level heads):",
         "",
         "| Model | " + " | ".join(level_cols) + " |",
         "|---" * (1 + len(levels)) + "|",
@@ -683,6 +837,7 @@ def write_tables(path, args, levels, results):
             lines.append(
                 f"| {name} | " + " | ".join(fmt(res["summed_fine_level_error"][l.name]) for l in levels) + " |"
             )
+    lines.append("| majority category | " + " | ".join(fmt(majority[l.name]) for l in levels) + " |")
     if hdl:
         lines += [
             "",
@@ -690,11 +845,22 @@ def write_tables(path, args, levels, results):
             "",
             "| Dataset | " + " | ".join(f"{i + 1}L" for i in range(len(levels))) + " | fine |",
             "|---" * (2 + len(levels)) + "|",
-            f"| {args.dataset} | "
+            f"| {args.dataset}, lr {args.lr} (ours) | "
             + " | ".join(f"{100 - hdl['level_error'][l.name]:.2f}% ({l.num_classes})" for l in levels)
             + f" | {100 - hdl['fine_error']:.2f}% |",
+            "| majority category | "
+            + " | ".join(f"{100 - majority[l.name]:.2f}% ({l.num_classes})" for l in levels)
+            + f" | {100 - majority['fine']:.2f}% |",
+        ]
+        if args.dataset == "shapes" and not args.hierarchy:
+            lines.append(
+                "| Shapes (paper, every lr) | "
+                + " | ".join(f"{PAPER_SHAPES_ACCURACY[l.name]:.0f}% ({l.num_classes})" for l in levels)
+                + " | - |"
+            )
+        lines += [
             "",
-            "## Hierarchy violations of HDL (% of test images)",
+            f"## Hierarchy violations of HDL (% of {eval_split} images)",
             "",
             f"- a level head disagrees with the category of the predicted fine class: "
             f"{hdl['violation_rate']['with_fine']:.2f}",
@@ -704,13 +870,94 @@ def write_tables(path, args, levels, results):
     return "\n".join(lines)
 
 
+def validation_split(labels, fraction, seed):
+    """Hold out round(fraction * n_c) training images of every class c (seeded); returns (val, train) index arrays."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    val = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        val.append(rng.permutation(idx)[: round(fraction * len(idx))])
+    val = np.sort(np.concatenate(val))
+    if len(val) == 0:
+        common.fail(f"--val-fraction {fraction}: the validation split would be empty")
+    return val, np.setdiff1d(np.arange(len(labels)), val)
+
+
+def write_sweep_table(sweep_dir):
+    """Collect the validation runs under sweep_dir into sweep.md / sweep.json: one row per run
+    (center-loss variant, lambda0) with HDL's validation fine and level errors."""
+    sweep_dir = Path(sweep_dir)
+    rows = []
+    for metrics_path in sorted(sweep_dir.glob("*/metrics.json")):
+        m = json.loads(metrics_path.read_text())
+        if m.get("eval_split") != "val":
+            common.fail(f"{metrics_path}: evaluated on the test set; the sweep takes --val-fraction runs only")
+        if "hdl" not in m:
+            continue
+        c = m["hdl_config"]
+        rows.append(
+            {
+                "run": metrics_path.parent.name,
+                "variant": f"{c['heads']}/{c['center_update']}/{c['center_features']}/a{c['center_alpha']:g}",
+                "lambda0": c["lambda_center"],
+                "epochs": m["epochs"],
+                "val_fine_error": m["hdl"]["fine_error"],
+                "val_level_error": m["hdl"]["level_error"],
+                "baseline_val_fine_error": m.get("baseline", {}).get("fine_error"),
+                "train_acc": m["hdl"].get("final_train_acc", {}).get("train_acc"),
+                "majority_error": m["majority_error"],
+            }
+        )
+    if not rows:
+        common.fail(f"--sweep-table {sweep_dir}: no run directories with metrics.json in it")
+    rows.sort(key=lambda r: (r["variant"], r["lambda0"]))
+    level_names = list(rows[0]["val_level_error"])
+    majority = rows[0]["majority_error"]
+    lines = [
+        f"# lambda0 sweep, validation errors (%), {len(rows)} runs",
+        "",
+        "| variant (heads/update/features/alpha) | lambda0 | epochs | fine | "
+        + " | ".join(level_names)
+        + " | train acc | run |",
+        "|---" * (6 + len(level_names)) + "|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['variant']} | {r['lambda0']:g} | {r['epochs']} | {fmt(r['val_fine_error'])} | "
+            + " | ".join(fmt(r["val_level_error"].get(n)) for n in level_names)
+            + f" | {fmt(r['train_acc'])} | {r['run']} |"
+        )
+    lines.append(
+        "| majority category | | | "
+        + fmt(majority["fine"])
+        + " | "
+        + " | ".join(fmt(majority.get(n)) for n in level_names)
+        + " | | |"
+    )
+    baselines = sorted({r["baseline_val_fine_error"] for r in rows if r["baseline_val_fine_error"] is not None})
+    if baselines:
+        lines += ["", "Baseline validation fine error: " + ", ".join(fmt(b) for b in baselines)]
+    text = "\n".join(lines) + "\n"
+    (sweep_dir / "sweep.md").write_text(text)
+    common.write_json(sweep_dir / "sweep.json", rows)
+    return text
+
+
 def main(argv=None):
     args = get_args(argv)
+    if args.sweep_table:
+        print(write_sweep_table(args.sweep_table), flush=True)
+        return None
     if args.epochs is None:
         args.epochs = 20 if args.dataset == "shapes" else 800
+    if args.fine_head == "auto":
+        args.fine_head = "off" if args.dataset == "shapes" and not args.hierarchy else "on"
     run_dir, device = common.setup(args, "hdl_stack")
     data = common.load_data(args)
     levels = make_levels(data, args)
+    if args.fine_head == "off" and not levels_identify_fine_classes(levels):
+        common.fail("--fine-head off: the levels do not tell every fine class apart; use --fine-head on")
     hidden_sizes = stack_hidden_sizes(args.stack_hidden, args, levels)
     lambda_levels = level_weights(args, levels)
     num_fine = data.num_classes
@@ -731,11 +978,11 @@ def main(argv=None):
         },
     )
 
-    train = data.train
-    val_loader = None
-    if args.val_per_class:
-        val_idx, train_idx = common.stratified_split(train.labels.numpy(), args.val_per_class, args.seed)
-        val, train = train.subset(val_idx), train.subset(train_idx)
+    # 1. Data: the training split (minus a validation split with --val-fraction), the split evaluated.
+    train, evaluated, eval_split = data.train, data.test, "test"
+    if args.val_fraction:
+        val_idx, train_idx = validation_split(train.labels.numpy(), args.val_fraction, args.seed)
+        evaluated, train, eval_split = train.subset(val_idx), train.subset(train_idx), "val"
     augment = (
         args.augment if args.augment != "auto" else ("crop-flip" if args.dataset in ("cifar10", "cifar100") else "none")
     )
@@ -757,20 +1004,27 @@ def main(argv=None):
         seed=args.seed,
         max_batches=max_batches,
     )
-    eval_kw = dict(device=device, mean=mean, std=std, max_batches=max_batches)
-    if args.val_per_class:
-        val_loader = common.GpuLoader(val.images, level_label_tuple(val, levels), args.eval_batch_size, **eval_kw)
-    test_loader = common.GpuLoader(
-        data.test.images, level_label_tuple(data.test, levels), args.eval_batch_size, **eval_kw
+    eval_loader = common.GpuLoader(
+        evaluated.images,
+        level_label_tuple(evaluated, levels),
+        args.eval_batch_size,
+        device=device,
+        mean=mean,
+        std=std,
+        max_batches=max_batches,
     )
-    loaders = {"val": val_loader, "test": test_loader}
+    loaders = {"epoch": eval_loader if eval_split == "val" else None, "final": eval_loader}
+    names = ["fine"] + [l.name for l in levels]
+    majority = majority_errors(level_label_tuple(train, levels), level_label_tuple(evaluated, levels), names)
     print(
-        f"[hdl_stack] {args.dataset}: {len(train)} train / {len(data.test)} test, {num_fine} fine classes; levels "
+        f"[hdl_stack] {args.dataset}: {len(train)} train / {len(evaluated)} {eval_split}, {num_fine} fine classes; "
         + ", ".join(f"{i + 1}L {l.name} ({l.num_classes})" for i, l in enumerate(levels))
-        + f"; stack hidden {hidden_sizes}; {args.arch} ({args.stem} stem) on {device}",
+        + f"; stack hidden {hidden_sizes}, {args.heads} heads, fine classifier {args.fine_head}; "
+        f"{args.arch} ({args.stem} stem) on {device}",
         flush=True,
     )
 
+    # 2. The baseline ResNet: its fine classifier alone.
     results = {}
     if args.method in ("both", "baseline"):
         model = build_model(args, num_fine, levels, hidden_sizes, device, with_stacks=False)
@@ -778,24 +1032,25 @@ def main(argv=None):
             "baseline", args, model, baseline_loss_fn, train_loader, loaders, levels, run_dir, device, with_stacks=False
         )
         train_loader.generator.manual_seed(args.seed)  # HDL sees the baseline's batch order
+    # 3. HDL: the level stacks, their cross-entropies and the center loss (eq. 5).
     if args.method in ("both", "hdl"):
         model = build_model(args, num_fine, levels, hidden_sizes, device, with_stacks=True)
+        loss_fn = make_hdl_loss_fn(
+            args.lambda_center,
+            args.lambda_fine,
+            lambda_levels,
+            center_update=args.center_update,
+            center_alpha=args.center_alpha,
+            center_features=args.center_features,
+        )
         results["hdl"] = run_stage(
-            "hdl",
-            args,
-            model,
-            make_hdl_loss_fn(args.lambda_center, args.lambda_fine, lambda_levels),
-            train_loader,
-            loaders,
-            levels,
-            run_dir,
-            device,
-            with_stacks=True,
+            "hdl", args, model, loss_fn, train_loader, loaders, levels, run_dir, device, with_stacks=True
         )
         results["hdl"]["parameters"] = common.count_params(model)
         results["hdl"]["stack_parameters"] = common.count_params(model.stacks)
 
-    table = write_tables(run_dir / "table3.md", args, levels, results)
+    # 4. Tables 3 and 4 with the majority-category errors; metrics.json.
+    table = write_tables(run_dir / "table3.md", args, levels, results, majority, eval_split)
     paper = None
     if args.dataset == "cifar100" and not args.hierarchy:
         paper = dict(
@@ -816,12 +1071,23 @@ def main(argv=None):
             "lr": args.lr,
             "batch_size": args.batch_size,
             "train_size": len(train),
+            "eval_split": eval_split,
+            "eval_size": len(evaluated),
             "test_size": len(data.test),
             "levels": [
                 {"level": f"{i + 1}L", "name": l.name, "num_classes": l.num_classes} for i, l in enumerate(levels)
             ],
             "stack_hidden": hidden_sizes,
             "lambdas": {"center": args.lambda_center, "fine": args.lambda_fine, "levels": lambda_levels},
+            "hdl_config": {
+                "heads": args.heads,
+                "fine_head": args.fine_head,
+                "center_update": args.center_update,
+                "center_alpha": args.center_alpha,
+                "center_features": args.center_features,
+                "lambda_center": args.lambda_center,
+            },
+            "majority_error": majority,
             **results,
             "paper": paper,
         },
