@@ -687,6 +687,38 @@ def levels_identify_fine_classes(levels):
     return len(codes) == len(levels[0].parent)
 
 
+def levels_nest(levels):
+    """True when every level's category has one parent category in the next (coarser) level."""
+    for finer, coarser in zip(levels, levels[1:]):
+        for c in np.unique(finer.parent):
+            if len(np.unique(coarser.parent[finer.parent == c])) > 1:
+                return False
+    return True
+
+
+def metrics_hierarchy(levels, hierarchy):
+    """(tree for common.hierarchical_metrics, {level head: the tree level it predicts}).
+
+    Levels that nest (CIFAR-100's WordNet 12 / 6 / 2) form the tree themselves, every head
+    checked. Otherwise (shapes: fill and outline are not nested) the dataset's own tree is used
+    and only the heads with one of its levels (shapes: the shape head) are checked."""
+    if levels and levels_nest(levels):
+        ordered = list(reversed(levels))  # coarsest first
+        num_fine = len(levels[0].parent)
+        tree = common.Hierarchy(
+            [l.name for l in ordered] + ["fine"],
+            [l.class_names for l in ordered] + [list(range(num_fine))],
+            [np.asarray(l.parent) for l in ordered] + [np.arange(num_fine)],
+        )
+        return tree, {l.name: l.name for l in levels}
+    checked = {}
+    for level in levels:
+        for name, parent in zip(hierarchy.level_names[:-1], hierarchy.parents[:-1]):
+            if np.array_equal(np.asarray(parent), level.parent):
+                checked[level.name] = name
+    return hierarchy, checked
+
+
 def majority_errors(train_labels, eval_labels, names):
     """Error (%) of always guessing a level's largest category, the category taken from the training
     labels and scored on the evaluation labels; one entry per name (fine first, then the levels)."""
@@ -770,7 +802,7 @@ def make_predict_forward(model, levels):
     return forward
 
 
-def run_stage(name, args, model, loss_fn, train_loader, loaders, levels, run_dir, device, with_stacks):
+def run_stage(name, args, model, loss_fn, train_loader, loaders, levels, run_dir, device, with_stacks, tree=None):
     """Train one model with common.fit (checkpointed, resumable); return its results on loaders["final"]
     (the validation split with --val-fraction, else the test set), and the outputs behind them."""
     optimizer = common.make_adam(model.parameters(), args.lr, device=device)
@@ -815,6 +847,12 @@ def run_stage(name, args, model, loss_fn, train_loader, loaders, levels, run_dir
     )
     fine_logits, *level_logits = outputs
     result = level_results(fine_logits, level_logits if with_stacks else [], labels[0], levels)
+    if tree is not None:  # tree = (hierarchy, {head: tree level}); the heads give the consistency rate
+        hierarchy, head_map = tree
+        by_name = dict(zip([l.name for l in levels], level_logits))
+        level_preds = {head_map[n]: by_name[n].argmax(1) for n in head_map} if with_stacks and head_map else None
+        scores = fine_logits.float().log_softmax(1)
+        result["hierarchical"] = common.hierarchical_metrics(scores, labels[0], hierarchy, level_preds)
     result["train_seconds"] = round(sum(r["seconds"] for r in history), 2)
     result["final_train_loss"] = history[-1]["loss"] if history else None
     result["final_train_acc"] = {k: v for k, v in history[-1].items() if k.startswith("train_acc")} if history else {}
@@ -900,6 +938,15 @@ def write_tables(path, args, levels, results, majority, eval_split="test"):
             f"{hdl['violation_rate']['with_fine']:.2f}",
             f"- the level heads' categories fit no fine class together: {hdl['violation_rate']['levels_only']:.2f}",
         ]
+        if "hierarchical" in hdl and "consistency" in hdl["hierarchical"]:
+            lines.append(
+                f"- consistency (common.hierarchical_metrics: every checked head agrees with the fine "
+                f"prediction's ancestor): {hdl['hierarchical']['consistency']:.2f}"
+            )
+    measured = [(n, r["hierarchical"]) for n, r in (("baseline", base), ("HDL", hdl)) if r and "hierarchical" in r]
+    if measured:
+        lines += ["", f"## Hierarchical measures ({eval_split})", ""]
+        lines += [f"- {n}: {common.format_hierarchical_metrics(m)}" for n, m in measured]
     path.write_text("\n".join(lines) + "\n")
     return "\n".join(lines)
 
@@ -1066,12 +1113,24 @@ def main(argv=None):
         flush=True,
     )
 
+    tree = metrics_hierarchy(levels, data.hierarchy)
+
     # 2. The baseline ResNet: its fine classifier alone.
     results = {}
     if args.method in ("both", "baseline"):
         model = build_model(args, num_fine, levels, hidden_sizes, device, with_stacks=False)
         results["baseline"] = run_stage(
-            "baseline", args, model, baseline_loss_fn, train_loader, loaders, levels, run_dir, device, with_stacks=False
+            "baseline",
+            args,
+            model,
+            baseline_loss_fn,
+            train_loader,
+            loaders,
+            levels,
+            run_dir,
+            device,
+            with_stacks=False,
+            tree=tree,
         )
         train_loader.generator.manual_seed(args.seed)  # HDL sees the baseline's batch order
     # 3. HDL: the level stacks, their cross-entropies and the center loss (eq. 5).
@@ -1086,7 +1145,7 @@ def main(argv=None):
             center_features=args.center_features,
         )
         results["hdl"] = run_stage(
-            "hdl", args, model, loss_fn, train_loader, loaders, levels, run_dir, device, with_stacks=True
+            "hdl", args, model, loss_fn, train_loader, loaders, levels, run_dir, device, with_stacks=True, tree=tree
         )
         results["hdl"]["parameters"] = common.count_params(model)
         results["hdl"]["stack_parameters"] = common.count_params(model.stacks)
@@ -1130,6 +1189,7 @@ def main(argv=None):
                 "lambda_center": args.lambda_center,
             },
             "majority_error": majority,
+            "hierarchical_tree": {"levels": tree[0].level_names, "heads_checked": tree[1]},
             **results,
             "paper": paper,
         },

@@ -200,6 +200,25 @@ def test_loss_fn_variants_use_old_centres_then_move_them():
             assert not torch.allclose(model.centers, before)
 
 
+def test_metrics_hierarchy_from_nested_levels_or_the_dataset_tree():
+    a = hdl_stack.Level("A", ["a0", "a1", "a2"], np.array([0, 0, 1, 1, 2, 2]))
+    b = hdl_stack.Level("B", ["b0", "b1"], np.array([0, 0, 0, 0, 1, 1]))
+    tree, heads = hdl_stack.metrics_hierarchy([a, b], None)  # nested: the levels are the tree
+    assert tree.level_names == ["B", "A", "fine"] and heads == {"A": "A", "B": "B"}
+    assert np.array_equal(tree.parents[0], b.parent) and np.array_equal(tree.parents[-1], np.arange(6))
+    # Perfect predictions: consistency 100; a head that contradicts the fine prediction lowers it.
+    scores = torch.eye(6)[[0, 2, 4, 5]] * 5
+    labels = torch.tensor([0, 2, 4, 5])
+    m = common.hierarchical_metrics(scores, labels, tree, {"A": a.labels(labels), "B": torch.tensor([0, 1, 1, 1])})
+    assert m["consistency"] == pytest.approx(75.0)
+    # Not nested (shapes-like attributes): the dataset's tree, with the heads that are levels of it.
+    c = hdl_stack.Level("C", ["c0", "c1"], np.array([0, 1, 0, 1, 0, 1]))
+    assert not hdl_stack.levels_nest([a, c])
+    data_tree = common.Hierarchy(["B", "fine"], [["b0", "b1"], list(range(6))], [b.parent, np.arange(6)])
+    tree, heads = hdl_stack.metrics_hierarchy([a, c, b], data_tree)
+    assert tree is data_tree and heads == {"B": "B"}
+
+
 def test_majority_errors_by_hand():
     # Train: fine labels 0,0,1,2,2,2 (largest 2); level labels 0,0,0,1,1,1 (tie: bincount argmax takes 0).
     train = (torch.tensor([0, 0, 1, 2, 2, 2]), torch.tensor([0, 0, 0, 1, 1, 1]))
@@ -387,6 +406,11 @@ def test_smoke_tiny_shapes_baseline_and_hdl(tmp_path, capsys):
     assert metrics["hdl_config"]["fine_head"] == "off"  # shapes: the level layers replace the output layer
     assert set(metrics["majority_error"]) == {"fine", "fill", "outline", "shape"}
     assert all(0 < v <= 100 for v in metrics["majority_error"].values())
+    keys = {"top1", "top5", "level_acc", "mistake_severity", "hdist@1", "hdist@5", "hprecision", "hrecall", "hf1"}
+    assert keys <= set(metrics["baseline"]["hierarchical"]) and "consistency" not in metrics["baseline"]["hierarchical"]
+    assert keys | {"consistency"} <= set(metrics["hdl"]["hierarchical"])
+    assert metrics["hdl"]["hierarchical"]["top1"] == pytest.approx(100 - metrics["hdl"]["fine_error"], abs=1e-4)
+    assert metrics["hierarchical_tree"]["heads_checked"] == {"shape": "shape"}
     records = common.read_jsonl(out / "metrics.jsonl")
     assert [(r["stage"], r["epoch"]) for r in records] == [("baseline", 1), ("hdl", 1)]
     assert all(np.isfinite(r["loss"]) for r in records) and "ce_3L" in records[-1] and "center" in records[-1]
@@ -419,7 +443,8 @@ def test_validation_runs_and_the_sweep_table(tmp_path):
     ]
     assert "majority category" in (tmp_path / "sweep" / "sweep.md").read_text()
     # A run evaluated on the test set is refused: nothing is selected on test.
-    hdl_stack.main(base[:-2] + ["--out-dir", str(tmp_path / "sweep" / "c")])
+    (tmp_path / "sweep" / "c").mkdir()
+    (tmp_path / "sweep" / "c" / "metrics.json").write_text(json.dumps(dict(metrics, eval_split="test")))
     with pytest.raises(SystemExit, match="test set"):
         hdl_stack.main(["--sweep-table", str(tmp_path / "sweep")])
 
