@@ -1,78 +1,117 @@
-"""Hierarchical Deep Loss (HDL): per-level linear stacks plus a center loss on a ResNet-18.
+"""Hierarchical Deep Loss (HDL): a cascade of per-level linear layers plus a center loss on a ResNet-18.
 
 Paper: "Learn class hierarchy using convolutional neural networks" (the HDL stack paper,
-../shared/papers/hdl_stack.txt). A ResNet-18 keeps its fine classifier; after its pooled
-features it gets one small linear stack per level of the class hierarchy (FC, ReLU, FC to the
-level's classes), each with a cross-entropy loss, and a center loss on the pooled features:
+../shared/papers/hdl_stack.txt). After a ResNet-18's pooled features come one linear stack per
+level of the class hierarchy, finest level first, each with a cross-entropy loss, and a center
+loss on the pooled features:
 
     L = lambda0 * L_center + sum_l lambda_l * CE_l          (eq. 4-5, all lambdas 1)
     L_center = mean_i || x_i - c_{y_i} ||^2                   (eq. 1), class centres updated per epoch
 
-Reproduces: experiment 2 / Table 4 (the shapes dataset: shape, fill colour and outline colour
-all at 100%) and experiment 6 / Table 3 (CIFAR-100 with three WordNet levels of 12, 6 and 2
-categories, baseline ResNet-18 vs HDL). CIFAR-100 is not available on the machines here; the
-code path is complete (the WordNet table ships below) and CIFAR-10 (JPEG q75 copy, fine 10 plus
-its built-in vehicles / animals level) stands in for a real-image run.
+Topology (--heads, default cascade): the stacks form a chain, each level's stack fed by the
+previous level's output. The paper says so twice in its introduction: "we have a cascade of fully
+connected linear layers each one with softmax plus cross-entropy, where the output of a layer l-1
+is the input of layer l" and "in our approach the input per layer is the output of the previous
+layer"; experiment 6 puts the stack "after the final output layer of the baseline model", so on
+CIFAR-100 the chain starts from the fine classifier's 100 outputs: fine FC 512->100, then linear1
+(FC 100, ReLU, FC 12), linear2 (FC 10, ReLU, FC 6), linear3 (FC 4, ReLU, FC 2). On shapes
+(section 4.1: "we add three fully connected linear layer, where each layer corresponding to the
+total number of concepts", Fig. 1: the output layer "is replaced by N fully connected layers") the
+chain is 512 -> 6 fill -> 6 outline -> 2 shape, with no fine classifier. --heads parallel (every
+stack on the pooled features, plus the fine classifier there) is the reading of Fig. 1 alone.
+
+Reproduces: experiment 2 / Table 4 (the shapes dataset: fill colour, outline colour and shape all
+at 100%) and experiment 6 / Table 3 (CIFAR-100 with three WordNet levels of 12, 6 and 2
+categories, baseline ResNet-18 vs HDL; CIFAR-100 via --data-dir, see ../shared/data/README.md).
 
 Commands:
     python hdl_stack.py --out-dir runs/hdl_shapes             # shapes, 64x64, 20k / 6k, baseline + HDL, 20 epochs
     python hdl_stack.py --dataset cifar100 --data-dir data    # experiment 6 (800 epochs, lr 0.001), Table 3 row 1
     python hdl_stack.py --dataset cifar100 --data-dir data --arch preact_resnet18   # Table 3 row 2
-    python hdl_stack.py --dataset cifar10 --data-dir data --epochs 30   # CIFAR-10 JPEG copy, scaled down
+    python hdl_stack.py --dataset cifar100 --data-dir data --method hdl --val-fraction 0.1 --epochs 40 \\
+        --lambda-center 0.01 --center-update wen --out-dir runs/sweep/wen_0.01   # one cell of a lambda0 sweep
+    python hdl_stack.py --sweep-table runs/sweep               # its table: runs/sweep/sweep.md, sweep.json
 
-Outputs in the run directory: args.json, metrics.jsonl (per epoch, per-level losses), metrics.json
-(every reported number), table3.md (Table 3 layout: baseline / HDL fine error and the per-level
-errors, next to the paper's; per-level accuracies in the Table 4 layout; hierarchy-violation
-rates), levels.json (the class-to-level maps used).
+Outputs in the run directory: args.json, metrics.jsonl (per epoch: per-level losses, train
+accuracies, the mean feature norm; validation accuracies with --val-fraction), metrics.json (every
+reported number, the majority-category errors, the HDL configuration), table3.md (Table 3 layout:
+baseline / HDL fine error and the per-level errors with the majority-category row and the paper's
+row; Table 4 layout: per-level accuracies; hierarchy-violation rates), levels.json (the
+class-to-level maps used).
+
+Center loss variants (the paper's text is the default; see "Paper vs ours"):
+    --center-update epoch   centres become the epoch's class means after each epoch (the paper:
+                            "compute the Center Loss function on each training mini-batch and
+                            update all class centers after each training epoch")
+    --center-update wen     Wen et al. 2016 (the paper's [17]): every batch,
+                            c_j <- c_j - alpha * sum_{y_i = j} (c_j - x_i) / (1 + n_j), alpha 0.5
+    --center-update sgd     every batch, one SGD step of rate alpha on the centres (centres as
+                            parameters with their own SGD, the usual PyTorch centre-loss practice)
+    --center-features raw | normalized   the pooled features as they are, or L2-normalised
+    --lambda-center         lambda0 (paper: 1). Wen et al. weight 1/2 sum ||x - c||^2 by lambda =
+                            0.003-0.01; with our batch mean of ||x - c||^2 that is lambda0 = lambda / 2.
 
 Paper vs ours (ambiguities and deviations):
-- Stack input: the issue and Fig. 1 put every level's stack on the pooled features (parallel
-  stacks); the introduction speaks of a cascade ("the output of layer l-1 is the input of layer
-  l"). We use parallel stacks on the pooled features.
-- Stack widths: experiment 6 gives CIFAR-100's stacks as FC 100 then 12, FC 10 then 6, FC 4 then
-  2, ReLU only on the hidden layers. Section 4.1 gives the other datasets one FC layer per level
-  (no hidden layer), so shapes uses single linear layers. CIFAR-10's one extra level (2 classes)
-  uses CIFAR-100's 2-class stack (FC 4 then 2). `--stack-hidden` overrides.
-- The HDL model keeps the baseline's fine classifier (512 -> fine classes) with its own
-  cross-entropy (weight `--lambda-fine`, 1): Table 3 reports HDL's fine (100-class) error.
+- Cascade details: the paper does not say whether the fine classifier's logits pass a ReLU before
+  linear1 (it lists ReLU "except for the layers of size 12, 6, 2"); no activation follows any layer
+  that carries a cross-entropy here (fine, 12, 6, 2), ReLU follows the hidden 100, 10, 4. Another
+  reading of "linear1 contains two fully connected layers of size 100, 12" makes its 100 the fine
+  classifier itself; we keep experiment 6's stated widths as hidden layers of each linear_i.
+- Stack widths: experiment 6 gives CIFAR-100's stacks; section 4.1 gives the other datasets one FC
+  layer per level (no hidden layer), so shapes uses single linear layers. CIFAR-10's one extra
+  level (2 classes) uses CIFAR-100's 2-class stack (FC 4 then 2). `--stack-hidden` overrides.
+- Fine classifier (--fine-head auto): kept on CIFAR (Table 3 reports HDL's 100-class error),
+  removed on shapes (section 4.1). Without it, HDL's fine prediction is the level heads' joint
+  argmax (sum of their log-probabilities), which on shapes is (fill, outline, shape) itself.
 - Shapes: the heads answer the paper's three questions, Table 4's order: 1L fill colour (6),
-  2L outline colour (6), 3L shape (2), plus the 72 fine classes (shape x fill x outline). The
-  images are rendered at 64x64 by common.make_shapes (the paper renders 128x128 and rescales to 64).
-  Fill and outline are independent attributes, not a tree, so every (shape, fill, outline)
-  combination exists and the "levels only" violation rate is 0 by construction there.
+  2L outline colour (6), 3L shape (2); 72 fine classes (shape x fill x outline). The images are
+  rendered at 64x64 by common.make_shapes (the paper renders 128x128 and rescales to 64). Fill and
+  outline are independent attributes, not a tree, so every (shape, fill, outline) combination
+  exists and the "levels only" violation rate is 0 by construction there. No augmentation and no
+  normalisation (section 4.1: "We do not apply any preprocessing of images as data augmentation,
+  rotation or normalization"), as the paper.
 - CIFAR-100's WordNet levels: the paper names the 12 / 6 / 2 categories but not the mapping. The
   table below was derived by tools/derive_cifar100_wordnet.py (WordNet 3.0 hypernym paths of each
-  class synset; decisions listed above the table). 86 of 100 classes fall under "whole", 99 under
-  "physical entity"; 4 of the 12 level-1 categories (arrangement, substance, part, location) get
-  no class. The heads keep the paper's widths 12 / 6 / 2 anyway.
+  class synset; decisions listed above the table). 86 of 100 classes fall under "whole", 88 under
+  "object", 99 under "physical entity"; 4 of the 12 level-1 categories (arrangement, substance,
+  part, location) get no class. The heads keep the paper's widths 12 / 6 / 2 anyway. Always
+  guessing the largest category is therefore already right for ~86 / 88 / 99% of the images:
+  every table prints that majority-category error (largest category of the training labels,
+  scored on the evaluated labels) next to the level errors.
 - Center loss: eq. 1 sums over the mini-batch, as eq. 3 does for cross-entropy; we take both as
   batch means (same ratio between the terms; Adam is insensitive to the overall scale). Centres
-  are those of the fine classes, start at zero, and after each epoch become the mean pooled
-  feature of the class over that epoch's training batches (accumulated during the epoch, so no
-  extra pass; `--center-alpha` < 1 moves them only part of the way). The paper says only "update
-  all class centers after each training epoch".
+  are those of the fine classes, in the pooled-feature space, and start at zero. The paper
+  applies it "after the adaptive pooling layer" on unnormalised features with lambda0 = 1 and
+  moves the centres once per epoch; Wen et al. move them every batch and weight the loss 100 to
+  1000 times less. With the paper's setting the center term starts at ~10 (CIFAR-100) to
+  ~800 (64-pixel shapes) on the 512 raw features against ~4 for the cross-entropies, the
+  features shrink towards the zero centres and HDL stalls for the first epochs. A small CPU
+  check (shapes at 32 px, 800 training images, 3 epochs, batch 32, validation on 200 held-out
+  images): with the paper's setting the fill head's train accuracy is 23-24% after 3 epochs
+  (chance 17%), cascade or parallel; with normalised features (lambda0 1, per-epoch update) or
+  Wen's update with lambda0 0.005 it is 95%. The defaults stay the paper's; the variants above
+  are flags.
 - Training: Adam (no weight decay), lr 0.001 (experiment 6; Table 4 shows shapes at 100% for
   0.005, 0.001 and 0.01), batch 64, constant lr. Epochs: 800 for CIFAR (experiment 6); shapes'
   epoch count is not given ("high accuracy starting from the first ten epochs"): 20.
-- Data: no normalisation (pixels scaled to [0, 1]) and, for shapes, no augmentation (section 4.1);
-  CIFAR gets random crop (pad 4) and horizontal flip (experiment 6).
+- Data: no normalisation (pixels scaled to [0, 1]); CIFAR gets random crop (pad 4) and horizontal
+  flip (experiment 6), shapes nothing (section 4.1).
 - Backbone: ResNet-18 with the ImageNet stem the paper describes (7x7 stride 2, BN, ReLU, 3x3
   max-pool) also on 32x32 CIFAR images (the paper does not say otherwise; `--stem cifar` gives the
   3x3 stem). PreAct ResNet-101 / 152 of Table 3 are not included.
-- No validation split (the paper has none); nothing is selected: the last epoch is evaluated on
-  the test set once. `--val-per-class N` holds N training images per class out for per-epoch logs.
+- Validation: the paper has none; nothing is selected: the last epoch is evaluated on the test set
+  once. `--val-fraction F` holds F of each class's training images out; the run then reports on
+  that split only (and logs it every epoch), for choosing lambda0 and the variant without test.
 - Baseline and HDL are trained in one run from the same seed (same backbone initialisation).
-- lambda0 = 1 (the paper's) makes the center loss dominate early: at initialisation it is ~10^2
-  (512-dimensional pooled features) against ~4 for the cross-entropies, so the first few hundred
-  steps mostly shrink the features and HDL's cross-entropies fall far more slowly than the
-  baseline's (seen in small CPU runs). `--lambda-center` changes it; the default stays the paper's.
 - Reported extras: per-level errors of the baseline obtained by summing its fine probabilities
-  per category, and hierarchy-violation rates (see `violation_rates`).
+  per category, majority-category errors, and hierarchy-violation rates (see `violation_rates`).
 - Not reproduced: VQA-Med, Animals Taxonomy8 and ImageNet (experiments 1, 3-5): no data here.
 """
 
 import argparse
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -306,10 +345,38 @@ def get_args(argv=None):
         help="weights of the levels' cross-entropies, finest level first (one value: all levels)",
     )
     g.add_argument(
+        "--heads",
+        default="cascade",
+        choices=("cascade", "parallel"),
+        help="cascade: each level's stack reads the previous level's output (the paper's); parallel: "
+        "every stack reads the pooled features",
+    )
+    g.add_argument(
+        "--fine-head",
+        default="auto",
+        choices=("auto", "on", "off"),
+        help="keep the backbone's fine classifier in the HDL model; auto: off on shapes (section 4.1: "
+        "the level layers replace the output layer), on otherwise (Table 3 reports HDL's fine error)",
+    )
+    g.add_argument(
+        "--center-update",
+        default="epoch",
+        choices=("epoch", "wen", "sgd"),
+        help="how the centres move: epoch (the paper: after each epoch, to the epoch's class means), "
+        "wen (Wen et al. 2016: every batch, rate alpha), sgd (every batch, an SGD step of rate alpha)",
+    )
+    g.add_argument(
+        "--center-features",
+        default="raw",
+        choices=("raw", "normalized"),
+        help="the center loss on the pooled features as they are (the paper's) or L2-normalised",
+    )
+    g.add_argument(
         "--center-alpha",
         type=common.positive_float,
-        default=1.0,
-        help="per-epoch centre update c <- c + alpha (epoch mean - c); 1 replaces c by the epoch mean",
+        default=None,
+        help="centre update rate; epoch: c <- c + alpha (epoch mean - c) (default 1: the epoch mean); "
+        "wen: Wen et al.'s alpha (default 0.5, their value); sgd: the SGD rate (default 0.5)",
     )
     g.add_argument(
         "--augment",
@@ -319,15 +386,32 @@ def get_args(argv=None):
     )
     g.add_argument("--normalize", action="store_true", help="normalise by the channel mean / std (the paper does not)")
     g.add_argument(
-        "--val-per-class",
-        type=common.nonneg_int,
-        default=0,
-        help="hold out this many training images per fine class for per-epoch logs (0: none, as the paper)",
+        "--val-fraction",
+        type=common.fraction,
+        default=0.0,
+        help="hold this fraction of each fine class's training images out as a validation split; every "
+        "reported number is then on it (the test set is not touched) and it is evaluated every epoch "
+        "(0: none, as the paper)",
+    )
+    g.add_argument(
+        "--sweep-table",
+        default=None,
+        metavar="DIR",
+        help="train nothing: read the validation runs in DIR/*/ and write DIR/sweep.md and DIR/sweep.json "
+        "(lambda0 x center-loss variant -> validation errors)",
     )
     g.add_argument("--eval-batch-size", type=common.positive_int, default=500)
     args = common.parse_args(parser, argv, script="hdl_stack")
-    if not 0 < args.center_alpha <= 1:
+    if args.center_alpha is None:
+        args.center_alpha = 1.0 if args.center_update == "epoch" else 0.5
+    if args.center_update == "sgd" and not args.center_alpha > 0:
+        parser.error("--center-alpha must be positive")
+    if args.center_update != "sgd" and not 0 < args.center_alpha <= 1:
         parser.error("--center-alpha must be in (0, 1]")
+    if min([args.lambda_center, args.lambda_fine] + args.lambda_levels) < 0:
+        parser.error("loss weights must be non-negative")
+    if not 0 <= args.val_fraction < 1:
+        parser.error("--val-fraction must be in [0, 1)")
     return args
 
 
@@ -349,25 +433,50 @@ class LevelStack(nn.Sequential):
 
 
 class HDLNet(nn.Module):
-    """A backbone with its fine classifier, one LevelStack per level, and the class centres.
+    """A backbone, its optional fine classifier, one LevelStack per level, and the class centres.
 
-    forward(x) -> (pooled features, fine logits, [level logits, finest level first]). The centres
-    (one per fine class, in the pooled-feature space) are buffers, so they are checkpointed with
-    the model; center_sum / center_count accumulate the current epoch's features."""
+    heads='cascade' (the paper's): the stacks form a chain, finest level first; the first stack
+    reads the fine logits (or the pooled features when there is no fine classifier) and every
+    later stack reads the previous level's logits. heads='parallel': every stack and the fine
+    classifier read the pooled features.
 
-    def __init__(self, backbone, num_fine, level_sizes=(), hidden_sizes=None):
+    forward(x) -> (pooled features, fine logits or None, [level logits, finest level first]).
+    The centres (one per fine class, in the center-loss feature space) are buffers, so they are
+    checkpointed with the model; center_sum / center_count accumulate an epoch's features for
+    the per-epoch update."""
+
+    def __init__(self, backbone, num_fine, level_sizes=(), hidden_sizes=None, heads="cascade", fine_head=True):
         super().__init__()
-        self.backbone = backbone
+        if heads not in ("cascade", "parallel"):
+            raise ValueError(f"heads must be 'cascade' or 'parallel', got {heads!r}")
+        if not fine_head and not level_sizes:
+            raise ValueError("a model without a fine classifier needs level heads")
+        self.backbone, self.heads, self.fine_head = backbone, heads, fine_head
         dim = backbone.head.fc.in_features
+        if not fine_head:
+            backbone.head.fc = nn.Identity()  # section 4.1: the level layers replace the output layer
         hidden_sizes = hidden_sizes or [None] * len(level_sizes)
-        self.stacks = nn.ModuleList(LevelStack(dim, n, h) for n, h in zip(level_sizes, hidden_sizes))
+        if heads == "cascade":
+            inputs = [num_fine if fine_head else dim] + list(level_sizes[:-1])
+        else:
+            inputs = [dim] * len(level_sizes)
+        self.stacks = nn.ModuleList(LevelStack(i, n, h) for i, n, h in zip(inputs, level_sizes, hidden_sizes))
         self.register_buffer("centers", torch.zeros(num_fine, dim))
         self.register_buffer("center_sum", torch.zeros(num_fine, dim))
         self.register_buffer("center_count", torch.zeros(num_fine))
 
     def forward(self, x):
         features = self.backbone.features(x)
-        return features, self.backbone.head.fc(features), [stack(features) for stack in self.stacks]
+        fine_logits = self.backbone.head.fc(features) if self.fine_head else None
+        level_logits = []
+        if self.heads == "cascade":
+            h = fine_logits if self.fine_head else features
+            for stack in self.stacks:
+                h = stack(h)
+                level_logits.append(h)
+        else:
+            level_logits = [stack(features) for stack in self.stacks]
+        return features, fine_logits, level_logits
 
     @torch.no_grad()
     def accumulate_centers(self, features, labels):
@@ -383,6 +492,25 @@ class HDLNet(nn.Module):
         self.centers.copy_(torch.where(seen, self.centers + alpha * (mean - self.centers), self.centers))
         self.center_sum.zero_()
         self.center_count.zero_()
+
+    @torch.no_grad()
+    def batch_update_centers(self, features, labels, alpha, rule):
+        """Per-batch centre update, in place (CUDA-graph safe).
+
+        rule='wen' (Wen et al. 2016, eq. 4): c_j <- c_j - alpha * sum_{i: y_i = j} (c_j - x_i) / (1 + n_j),
+        n_j the batch's images of class j. rule='sgd': one SGD step of rate alpha on the centres of
+        mean_i 1/2 ||x_i - c_{y_i}||^2 (gradient w.r.t. c_j: sum_{i: y_i = j} (c_j - x_i) / batch size),
+        what the centres get as learned parameters with a separate SGD, free of lambda0."""
+        diff = torch.zeros_like(self.centers).index_add_(0, labels, self.centers[labels] - features.detach().float())
+        if rule == "wen":
+            count = torch.zeros_like(self.center_count).index_add_(
+                0, labels, torch.ones_like(labels, dtype=self.center_count.dtype)
+            )
+            self.centers.sub_(alpha * diff / (1.0 + count)[:, None])
+        elif rule == "sgd":
+            self.centers.sub_(alpha * diff / len(labels))
+        else:
+            raise ValueError(f"unknown centre update rule {rule!r}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -472,35 +600,55 @@ def level_weights(args, levels):
     return list(weights)
 
 
+def center_space(features, kind="raw"):
+    """The features the center loss sees: the pooled features as they are (the paper's), or L2-normalised."""
+    features = features.float()
+    return F.normalize(features, dim=1) if kind == "normalized" else features
+
+
 def center_loss(features, labels, centers):
-    """Eq. 1 as a batch mean: mean_i ||x_i - c_{y_i}||^2 (centres are constants here)."""
+    """Eq. 1 as a batch mean: mean_i ||x_i - c_{y_i}||^2 (centres are constants here). Wen et al.'s
+    1/2 sum_i ||x_i - c_{y_i}||^2 with weight lambda is this with lambda0 = lambda / 2 (and a batch mean)."""
     return ((features.float() - centers[labels]) ** 2).sum(1).mean()
 
 
 def hdl_loss(features, fine_logits, level_logits, labels, centers, lambda_center, lambda_fine, lambda_levels):
     """Eq. 5 plus the fine classifier: (total, {part: value}) with
-    total = lambda_center * center + lambda_fine * CE_fine + sum_l lambda_levels[l] * CE_l."""
+    total = lambda_center * center + lambda_fine * CE_fine + sum_l lambda_levels[l] * CE_l.
+    fine_logits None (no fine classifier): no CE_fine term."""
     fine_labels, *level_labels = labels
-    parts = {
-        "center": center_loss(features, fine_labels, centers),
-        "ce_fine": F.cross_entropy(fine_logits.float(), fine_labels),
-    }
-    total = lambda_center * parts["center"] + lambda_fine * parts["ce_fine"]
+    parts = {"center": center_loss(features, fine_labels, centers)}
+    total = lambda_center * parts["center"]
+    if fine_logits is not None:
+        parts["ce_fine"] = F.cross_entropy(fine_logits.float(), fine_labels)
+        total = total + lambda_fine * parts["ce_fine"]
     for l, (logits, y, weight) in enumerate(zip(level_logits, level_labels, lambda_levels)):
         parts[f"ce_{l + 1}L"] = F.cross_entropy(logits.float(), y)
         total = total + weight * parts[f"ce_{l + 1}L"]
     return total, parts
 
 
-def make_hdl_loss_fn(lambda_center, lambda_fine, lambda_levels):
+def make_hdl_loss_fn(
+    lambda_center, lambda_fine, lambda_levels, center_update="epoch", center_alpha=1.0, center_features="raw"
+):
+    """loss_fn(model, x, y) for common.make_train_step. The loss uses the centres as they are before
+    this batch; then the centres move: 'epoch' accumulates the batch for the end-of-epoch update,
+    'wen' / 'sgd' update them now (HDLNet.batch_update_centers)."""
+
     def loss_fn(model, x, y):
         features, fine_logits, level_logits = model(x)
-        model.accumulate_centers(features, y[0])
+        space = center_space(features, center_features)
         total, parts = hdl_loss(
-            features, fine_logits, level_logits, y, model.centers, lambda_center, lambda_fine, lambda_levels
+            space, fine_logits, level_logits, y, model.centers, lambda_center, lambda_fine, lambda_levels
         )
+        if center_update == "epoch":
+            model.accumulate_centers(space, y[0])
+        else:
+            model.batch_update_centers(space, y[0], center_alpha, center_update)
         stats = dict(parts)
-        stats["correct"] = (fine_logits.argmax(1) == y[0]).sum()
+        stats["feature_norm"] = features.detach().float().norm(dim=1).mean()  # watches the features shrink
+        if fine_logits is not None:
+            stats["correct"] = (fine_logits.argmax(1) == y[0]).sum()
         for l, (logits, labels) in enumerate(zip(level_logits, y[1:])):
             stats[f"correct_{l + 1}L"] = (logits.argmax(1) == labels).sum()
         return total, stats
@@ -519,6 +667,65 @@ def summed_level_scores(fine_logits, parent, num_classes):
     """A level's scores from a fine classifier: the fine probabilities summed per category."""
     probs = fine_logits.float().softmax(1)
     return torch.zeros(len(probs), num_classes).index_add_(1, torch.as_tensor(parent), probs)
+
+
+def fine_scores_from_levels(level_logits, levels):
+    """Fine-class scores of a model without a fine classifier: log p(fine) = sum over levels of the
+    level head's log-probability of the fine class's category (the heads taken as independent).
+    On shapes, where fill, outline and shape name the fine class, its argmax is the heads' argmaxes."""
+    scores = 0
+    for logits, level in zip(level_logits, levels):
+        parent = torch.as_tensor(level.parent, device=logits.device)
+        scores = scores + logits.float().log_softmax(1)[:, parent]
+    return scores
+
+
+def levels_identify_fine_classes(levels):
+    """True when no two fine classes share all their level categories (needed without a fine classifier)."""
+    codes = {tuple(int(level.parent[f]) for level in levels) for f in range(len(levels[0].parent))}
+    return len(codes) == len(levels[0].parent)
+
+
+def levels_nest(levels):
+    """True when every level's category has one parent category in the next (coarser) level."""
+    for finer, coarser in zip(levels, levels[1:]):
+        for c in np.unique(finer.parent):
+            if len(np.unique(coarser.parent[finer.parent == c])) > 1:
+                return False
+    return True
+
+
+def metrics_hierarchy(levels, hierarchy):
+    """(tree for common.hierarchical_metrics, {level head: the tree level it predicts}).
+
+    Levels that nest (CIFAR-100's WordNet 12 / 6 / 2) form the tree themselves, every head
+    checked. Otherwise (shapes: fill and outline are not nested) the dataset's own tree is used
+    and only the heads with one of its levels (shapes: the shape head) are checked."""
+    if levels and levels_nest(levels):
+        ordered = list(reversed(levels))  # coarsest first
+        num_fine = len(levels[0].parent)
+        tree = common.Hierarchy(
+            [l.name for l in ordered] + ["fine"],
+            [l.class_names for l in ordered] + [list(range(num_fine))],
+            [np.asarray(l.parent) for l in ordered] + [np.arange(num_fine)],
+        )
+        return tree, {l.name: l.name for l in levels}
+    checked = {}
+    for level in levels:
+        for name, parent in zip(hierarchy.level_names[:-1], hierarchy.parents[:-1]):
+            if np.array_equal(np.asarray(parent), level.parent):
+                checked[level.name] = name
+    return hierarchy, checked
+
+
+def majority_errors(train_labels, eval_labels, names):
+    """Error (%) of always guessing a level's largest category, the category taken from the training
+    labels and scored on the evaluation labels; one entry per name (fine first, then the levels)."""
+    result = {}
+    for name, train, evaluated in zip(names, train_labels, eval_labels):
+        largest = torch.bincount(torch.as_tensor(train)).argmax()
+        result[name] = 100.0 * (torch.as_tensor(evaluated) != largest).float().mean().item()
+    return result
 
 
 def violation_rates(fine_pred, level_preds, levels):
@@ -572,6 +779,8 @@ def build_model(args, num_fine, levels, hidden_sizes, device, with_stacks):
         num_fine,
         [l.num_classes for l in levels] if with_stacks else [],
         hidden_sizes if with_stacks else None,
+        heads=args.heads,
+        fine_head=args.fine_head == "on" if with_stacks else True,
     )
     return common.to_device_model(model, device)
 
@@ -580,33 +789,38 @@ def level_label_tuple(split, levels):
     return (split.labels,) + tuple(level.labels(split.labels) for level in levels)
 
 
-def make_predict_forward(model):
+def make_predict_forward(model, levels):
+    """forward(x) -> (fine scores, *level logits); fine scores from the levels when there is no fine classifier."""
+
     def forward(x):
         _, fine_logits, level_logits = model(x)
+        if fine_logits is None:
+            fine_logits = fine_scores_from_levels(level_logits, levels)
         return (fine_logits, *level_logits)
 
     return forward
 
 
-def run_stage(name, args, model, loss_fn, train_loader, loaders, levels, run_dir, device, with_stacks):
-    """Train one model with common.fit (checkpointed, resumable); return its test results."""
+def run_stage(name, args, model, loss_fn, train_loader, loaders, levels, run_dir, device, with_stacks, tree=None):
+    """Train one model with common.fit (checkpointed, resumable); return its results on loaders["final"]
+    (the validation split with --val-fraction, else the test set), and the outputs behind them."""
     optimizer = common.make_adam(model.parameters(), args.lr, device=device)
     step = common.make_train_step(
         model, loss_fn, optimizer, device=device, dtype=args.dtype, cuda_graph=args.cuda_graph, compile=args.compile
     )
 
     def on_epoch_end(epoch, record):
-        if with_stacks:
+        if with_stacks and args.center_update == "epoch":
             model.update_centers(args.center_alpha)
         for key in [k for k in record if k.startswith("correct_")]:  # fit logs counts per batch: to accuracy
             record[f"train_acc_{key[len('correct_') :]}"] = 100.0 * record.pop(key) / train_loader.batch_size
 
     evaluate = None
-    if loaders["val"] is not None:
+    if loaders["epoch"] is not None:
 
         def evaluate(epoch):
             outputs, labels = common.predict(
-                make_predict_forward(model), loaders["val"], device=device, dtype=args.dtype
+                make_predict_forward(model, levels), loaders["epoch"], device=device, dtype=args.dtype
             )
             fine_logits, *level_logits = outputs
             res = level_results(fine_logits, level_logits if with_stacks else [], labels[0], levels)
@@ -627,11 +841,20 @@ def run_stage(name, args, model, loss_fn, train_loader, loaders, levels, run_dir
         stage=name,
         on_epoch_end=on_epoch_end,
     )
-    outputs, labels = common.predict(make_predict_forward(model), loaders["test"], device=device, dtype=args.dtype)
+    outputs, labels = common.predict(
+        make_predict_forward(model, levels), loaders["final"], device=device, dtype=args.dtype
+    )
     fine_logits, *level_logits = outputs
     result = level_results(fine_logits, level_logits if with_stacks else [], labels[0], levels)
+    if tree is not None:  # tree = (hierarchy, {head: tree level}); the heads give the consistency rate
+        hierarchy, head_map = tree
+        by_name = dict(zip([l.name for l in levels], level_logits))
+        level_preds = {head_map[n]: by_name[n].argmax(1) for n in head_map} if with_stacks and head_map else None
+        scores = fine_logits.float().log_softmax(1)
+        result["hierarchical"] = common.hierarchical_metrics(scores, labels[0], hierarchy, level_preds)
     result["train_seconds"] = round(sum(r["seconds"] for r in history), 2)
     result["final_train_loss"] = history[-1]["loss"] if history else None
+    result["final_train_acc"] = {k: v for k, v in history[-1].items() if k.startswith("train_acc")} if history else {}
     return result
 
 
@@ -639,14 +862,20 @@ def fmt(value):
     return "-" if value is None else f"{value:.2f}"
 
 
-def write_tables(path, args, levels, results):
-    """table3.md: Table 3's layout (errors %), Table 4's (accuracies %), and the violation rates."""
+def write_tables(path, args, levels, results, majority, eval_split="test"):
+    """table3.md: Table 3's layout (errors %), Table 4's (accuracies %), each with the majority-category
+    row, and the violation rates."""
     base, hdl = results.get("baseline"), results.get("hdl")
     level_cols = [f"{i + 1}L {l.name} ({l.num_classes} cls)" for i, l in enumerate(levels)]
+    head_note = "" if args.fine_head == "on" else " (HDL's fine: the level heads' joint argmax; no fine classifier)"
     lines = [
         f"# HDL stack: {args.dataset}, {args.arch}, {args.epochs} epochs, lr {args.lr}, batch {args.batch_size}",
         "",
-        "## Error rates (%), Table 3 layout",
+        f"Evaluated on the {eval_split} split. HDL: {args.heads} heads, fine classifier {args.fine_head}, "
+        f"lambda0 {args.lambda_center}, centres updated '{args.center_update}' (alpha {args.center_alpha}) "
+        f"on {args.center_features} features.",
+        "",
+        f"## Error rates (%), Table 3 layout{head_note}",
         "",
         "| Model | Baseline | HDL | " + " | ".join(level_cols) + " |",
         "|---" * (3 + len(levels)) + "|",
@@ -654,6 +883,11 @@ def write_tables(path, args, levels, results):
     row = [fmt(base["fine_error"]) if base else "-", fmt(hdl["fine_error"]) if hdl else "-"]
     row += [fmt(hdl["level_error"][l.name]) if hdl else "-" for l in levels]
     lines.append(f"| {args.arch} (ours) | " + " | ".join(row) + " |")
+    lines.append(
+        "| majority category (largest in train) | "
+        + " | ".join([fmt(majority["fine"])] * 2 + [fmt(majority[l.name]) for l in levels])
+        + " |"
+    )
     if args.dataset == "cifar100" and not args.hierarchy and args.arch in PAPER_TABLE3:
         lines.append(f"| {args.arch} (paper) | " + " | ".join(fmt(v) for v in PAPER_TABLE3[args.arch]) + " |")
     if args.dataset == "shapes" and not args.hierarchy:
@@ -664,8 +898,7 @@ def write_tables(path, args, levels, results):
         )
     lines += [
         "",
-        "Per-level errors of the baseline, from its fine probabilities summed per category "
-        "(no level heads), and of HDL the same way:",
+        "Per-level errors from the fine scores summed per category (the baseline has no level heads):",
         "",
         "| Model | " + " | ".join(level_cols) + " |",
         "|---" * (1 + len(levels)) + "|",
@@ -675,6 +908,7 @@ def write_tables(path, args, levels, results):
             lines.append(
                 f"| {name} | " + " | ".join(fmt(res["summed_fine_level_error"][l.name]) for l in levels) + " |"
             )
+    lines.append("| majority category | " + " | ".join(fmt(majority[l.name]) for l in levels) + " |")
     if hdl:
         lines += [
             "",
@@ -682,27 +916,136 @@ def write_tables(path, args, levels, results):
             "",
             "| Dataset | " + " | ".join(f"{i + 1}L" for i in range(len(levels))) + " | fine |",
             "|---" * (2 + len(levels)) + "|",
-            f"| {args.dataset} | "
+            f"| {args.dataset}, lr {args.lr} (ours) | "
             + " | ".join(f"{100 - hdl['level_error'][l.name]:.2f}% ({l.num_classes})" for l in levels)
             + f" | {100 - hdl['fine_error']:.2f}% |",
+            "| majority category | "
+            + " | ".join(f"{100 - majority[l.name]:.2f}% ({l.num_classes})" for l in levels)
+            + f" | {100 - majority['fine']:.2f}% |",
+        ]
+        if args.dataset == "shapes" and not args.hierarchy:
+            lines.append(
+                "| Shapes (paper, every lr) | "
+                + " | ".join(f"{PAPER_SHAPES_ACCURACY[l.name]:.0f}% ({l.num_classes})" for l in levels)
+                + " | - |"
+            )
+        lines += [
             "",
-            "## Hierarchy violations of HDL (% of test images)",
+            f"## Hierarchy violations of HDL (% of {eval_split} images)",
             "",
             f"- a level head disagrees with the category of the predicted fine class: "
             f"{hdl['violation_rate']['with_fine']:.2f}",
             f"- the level heads' categories fit no fine class together: {hdl['violation_rate']['levels_only']:.2f}",
         ]
+        if "hierarchical" in hdl and "consistency" in hdl["hierarchical"]:
+            lines.append(
+                f"- consistency (common.hierarchical_metrics: every checked head agrees with the fine "
+                f"prediction's ancestor): {hdl['hierarchical']['consistency']:.2f}"
+            )
+    measured = [(n, r["hierarchical"]) for n, r in (("baseline", base), ("HDL", hdl)) if r and "hierarchical" in r]
+    if measured:
+        lines += ["", f"## Hierarchical measures ({eval_split})", ""]
+        lines += [f"- {n}: {common.format_hierarchical_metrics(m)}" for n, m in measured]
     path.write_text("\n".join(lines) + "\n")
     return "\n".join(lines)
 
 
+def validation_split(labels, fraction, seed):
+    """Hold out round(fraction * n_c) training images of every class c (seeded); returns (val, train) index arrays."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    val = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        val.append(rng.permutation(idx)[: round(fraction * len(idx))])
+    val = np.sort(np.concatenate(val))
+    if len(val) == 0:
+        common.fail(f"--val-fraction {fraction}: the validation split would be empty")
+    return val, np.setdiff1d(np.arange(len(labels)), val)
+
+
+def write_sweep_table(sweep_dir):
+    """Collect the validation runs under sweep_dir into sweep.md / sweep.json: one row per run
+    (center-loss variant, lambda0) with HDL's validation fine and level errors."""
+    sweep_dir = Path(sweep_dir)
+    rows, baseline_runs = [], []
+    for metrics_path in sorted(sweep_dir.glob("*/metrics.json")):
+        m = json.loads(metrics_path.read_text())
+        if m.get("eval_split") != "val":
+            common.fail(f"{metrics_path}: evaluated on the test set; the sweep takes --val-fraction runs only")
+        if "hdl" not in m:  # a baseline-only run: its error goes under the table
+            if "baseline" in m:
+                baseline_runs.append((metrics_path.parent.name, m["epochs"], m["baseline"]["fine_error"]))
+            continue
+        c = m["hdl_config"]
+        rows.append(
+            {
+                "run": metrics_path.parent.name,
+                "variant": f"{c['heads']}/{c['center_update']}/{c['center_features']}/a{c['center_alpha']:g}",
+                "lambda0": c["lambda_center"],
+                "epochs": m["epochs"],
+                "val_fine_error": m["hdl"]["fine_error"],
+                "val_level_error": m["hdl"]["level_error"],
+                "baseline_val_fine_error": m.get("baseline", {}).get("fine_error"),
+                "train_acc": m["hdl"].get("final_train_acc", {}).get("train_acc"),
+                "majority_error": m["majority_error"],
+            }
+        )
+    if not rows:
+        common.fail(f"--sweep-table {sweep_dir}: no run directories with metrics.json in it")
+    rows.sort(key=lambda r: (r["variant"], r["lambda0"]))
+    level_names = list(rows[0]["val_level_error"])
+    majority = rows[0]["majority_error"]
+    lines = [
+        f"# lambda0 sweep, validation errors (%), {len(rows)} runs",
+        "",
+        "| variant (heads/update/features/alpha) | lambda0 | epochs | fine | "
+        + " | ".join(level_names)
+        + " | train acc | run |",
+        "|---" * (6 + len(level_names)) + "|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['variant']} | {r['lambda0']:g} | {r['epochs']} | {fmt(r['val_fine_error'])} | "
+            + " | ".join(fmt(r["val_level_error"].get(n)) for n in level_names)
+            + f" | {fmt(r['train_acc'])} | {r['run']} |"
+        )
+    lines.append(
+        "| majority category | | | "
+        + fmt(majority["fine"])
+        + " | "
+        + " | ".join(fmt(majority.get(n)) for n in level_names)
+        + " | | |"
+    )
+    baseline_runs += [
+        (r["run"], r["epochs"], r["baseline_val_fine_error"]) for r in rows if r["baseline_val_fine_error"]
+    ]
+    if baseline_runs:
+        lines += [
+            "",
+            "Baseline validation fine error: "
+            + ", ".join(f"{fmt(e)} ({run}, {n} epochs)" for run, n, e in baseline_runs),
+        ]
+    text = "\n".join(lines) + "\n"
+    (sweep_dir / "sweep.md").write_text(text)
+    common.write_json(sweep_dir / "sweep.json", rows)
+    return text
+
+
 def main(argv=None):
     args = get_args(argv)
+    if args.sweep_table:
+        print(write_sweep_table(args.sweep_table), flush=True)
+        return None
     if args.epochs is None:
         args.epochs = 20 if args.dataset == "shapes" else 800
+    if args.fine_head == "auto":
+        args.fine_head = "off" if args.dataset == "shapes" and not args.hierarchy else "on"
     run_dir, device = common.setup(args, "hdl_stack")
     data = common.load_data(args)
     levels = make_levels(data, args)
+    if args.fine_head == "off" and not levels_identify_fine_classes(levels):
+        common.fail("--fine-head off: the levels do not tell every fine class apart; use --fine-head on")
     hidden_sizes = stack_hidden_sizes(args.stack_hidden, args, levels)
     lambda_levels = level_weights(args, levels)
     num_fine = data.num_classes
@@ -723,11 +1066,11 @@ def main(argv=None):
         },
     )
 
-    train = data.train
-    val_loader = None
-    if args.val_per_class:
-        val_idx, train_idx = common.stratified_split(train.labels.numpy(), args.val_per_class, args.seed)
-        val, train = train.subset(val_idx), train.subset(train_idx)
+    # 1. Data: the training split (minus a validation split with --val-fraction), the split evaluated.
+    train, evaluated, eval_split = data.train, data.test, "test"
+    if args.val_fraction:
+        val_idx, train_idx = validation_split(train.labels.numpy(), args.val_fraction, args.seed)
+        evaluated, train, eval_split = train.subset(val_idx), train.subset(train_idx), "val"
     augment = (
         args.augment if args.augment != "auto" else ("crop-flip" if args.dataset in ("cifar10", "cifar100") else "none")
     )
@@ -749,45 +1092,65 @@ def main(argv=None):
         seed=args.seed,
         max_batches=max_batches,
     )
-    eval_kw = dict(device=device, mean=mean, std=std, max_batches=max_batches)
-    if args.val_per_class:
-        val_loader = common.GpuLoader(val.images, level_label_tuple(val, levels), args.eval_batch_size, **eval_kw)
-    test_loader = common.GpuLoader(
-        data.test.images, level_label_tuple(data.test, levels), args.eval_batch_size, **eval_kw
+    eval_loader = common.GpuLoader(
+        evaluated.images,
+        level_label_tuple(evaluated, levels),
+        args.eval_batch_size,
+        device=device,
+        mean=mean,
+        std=std,
+        max_batches=max_batches,
     )
-    loaders = {"val": val_loader, "test": test_loader}
+    loaders = {"epoch": eval_loader if eval_split == "val" else None, "final": eval_loader}
+    names = ["fine"] + [l.name for l in levels]
+    majority = majority_errors(level_label_tuple(train, levels), level_label_tuple(evaluated, levels), names)
     print(
-        f"[hdl_stack] {args.dataset}: {len(train)} train / {len(data.test)} test, {num_fine} fine classes; levels "
+        f"[hdl_stack] {args.dataset}: {len(train)} train / {len(evaluated)} {eval_split}, {num_fine} fine classes; "
         + ", ".join(f"{i + 1}L {l.name} ({l.num_classes})" for i, l in enumerate(levels))
-        + f"; stack hidden {hidden_sizes}; {args.arch} ({args.stem} stem) on {device}",
+        + f"; stack hidden {hidden_sizes}, {args.heads} heads, fine classifier {args.fine_head}; "
+        f"{args.arch} ({args.stem} stem) on {device}",
         flush=True,
     )
 
+    tree = metrics_hierarchy(levels, data.hierarchy)
+
+    # 2. The baseline ResNet: its fine classifier alone.
     results = {}
     if args.method in ("both", "baseline"):
         model = build_model(args, num_fine, levels, hidden_sizes, device, with_stacks=False)
         results["baseline"] = run_stage(
-            "baseline", args, model, baseline_loss_fn, train_loader, loaders, levels, run_dir, device, with_stacks=False
-        )
-        train_loader.generator.manual_seed(args.seed)  # HDL sees the baseline's batch order
-    if args.method in ("both", "hdl"):
-        model = build_model(args, num_fine, levels, hidden_sizes, device, with_stacks=True)
-        results["hdl"] = run_stage(
-            "hdl",
+            "baseline",
             args,
             model,
-            make_hdl_loss_fn(args.lambda_center, args.lambda_fine, lambda_levels),
+            baseline_loss_fn,
             train_loader,
             loaders,
             levels,
             run_dir,
             device,
-            with_stacks=True,
+            with_stacks=False,
+            tree=tree,
+        )
+        train_loader.generator.manual_seed(args.seed)  # HDL sees the baseline's batch order
+    # 3. HDL: the level stacks, their cross-entropies and the center loss (eq. 5).
+    if args.method in ("both", "hdl"):
+        model = build_model(args, num_fine, levels, hidden_sizes, device, with_stacks=True)
+        loss_fn = make_hdl_loss_fn(
+            args.lambda_center,
+            args.lambda_fine,
+            lambda_levels,
+            center_update=args.center_update,
+            center_alpha=args.center_alpha,
+            center_features=args.center_features,
+        )
+        results["hdl"] = run_stage(
+            "hdl", args, model, loss_fn, train_loader, loaders, levels, run_dir, device, with_stacks=True, tree=tree
         )
         results["hdl"]["parameters"] = common.count_params(model)
         results["hdl"]["stack_parameters"] = common.count_params(model.stacks)
 
-    table = write_tables(run_dir / "table3.md", args, levels, results)
+    # 4. Tables 3 and 4 with the majority-category errors; metrics.json.
+    table = write_tables(run_dir / "table3.md", args, levels, results, majority, eval_split)
     paper = None
     if args.dataset == "cifar100" and not args.hierarchy:
         paper = dict(
@@ -808,12 +1171,24 @@ def main(argv=None):
             "lr": args.lr,
             "batch_size": args.batch_size,
             "train_size": len(train),
+            "eval_split": eval_split,
+            "eval_size": len(evaluated),
             "test_size": len(data.test),
             "levels": [
                 {"level": f"{i + 1}L", "name": l.name, "num_classes": l.num_classes} for i, l in enumerate(levels)
             ],
             "stack_hidden": hidden_sizes,
             "lambdas": {"center": args.lambda_center, "fine": args.lambda_fine, "levels": lambda_levels},
+            "hdl_config": {
+                "heads": args.heads,
+                "fine_head": args.fine_head,
+                "center_update": args.center_update,
+                "center_alpha": args.center_alpha,
+                "center_features": args.center_features,
+                "lambda_center": args.lambda_center,
+            },
+            "majority_error": majority,
+            "hierarchical_tree": {"levels": tree[0].level_names, "heads_checked": tree[1]},
             **results,
             "paper": paper,
         },

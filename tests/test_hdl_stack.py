@@ -81,20 +81,177 @@ def test_head_shapes_follow_the_paper_stacks():
         for n, k in (("category12", 12), ("category6", 6), ("category2", 2))
     ]
     args = hdl_stack.get_args(["--dataset", "cifar100"])
+    assert args.heads == "cascade"  # the paper's topology is the default
     hidden = hdl_stack.stack_hidden_sizes("auto", args, levels)
     assert hidden == [100, 10, 4]  # experiment 6: FC 100 then 12, FC 10 then 6, FC 4 then 2
-    model = hdl_stack.HDLNet(common.ResNet18(100), 100, [12, 6, 2], hidden)
-    for stack, (h, n) in zip(model.stacks, ((100, 12), (10, 6), (4, 2))):
-        linears = [m for m in stack if isinstance(m, torch.nn.Linear)]
-        assert [(l.in_features, l.out_features) for l in linears] == [(512, h), (h, n)]
-        assert isinstance(stack[1], torch.nn.ReLU) and isinstance(stack[-1], torch.nn.Linear)  # no ReLU on outputs
-    model.eval()
-    features, fine, level_logits = model(torch.rand(2, 3, 32, 32))
-    assert features.shape == (2, 512) and fine.shape == (2, 100)
-    assert [tuple(l.shape) for l in level_logits] == [(2, 12), (2, 6), (2, 2)]
-    # Shapes (section 4.1): one linear layer per level.
-    single = hdl_stack.HDLNet(common.ResNet18(72), 72, [6, 6, 2], [None, None, None])
+    # Cascade: linear1 reads the fine classifier's 100 outputs, linear2 linear1's 12, linear3 linear2's 6.
+    cascade = hdl_stack.HDLNet(common.ResNet18(100), 100, [12, 6, 2], hidden, heads="cascade")
+    # Parallel: every stack reads the 512 pooled features.
+    parallel = hdl_stack.HDLNet(common.ResNet18(100), 100, [12, 6, 2], hidden, heads="parallel")
+    for model, inputs in ((cascade, (100, 12, 6)), (parallel, (512, 512, 512))):
+        for stack, i, (h, n) in zip(model.stacks, inputs, ((100, 12), (10, 6), (4, 2))):
+            linears = [m for m in stack if isinstance(m, torch.nn.Linear)]
+            assert [(l.in_features, l.out_features) for l in linears] == [(i, h), (h, n)]
+            assert isinstance(stack[1], torch.nn.ReLU) and isinstance(stack[-1], torch.nn.Linear)  # no ReLU on outputs
+        model.eval()
+        features, fine, level_logits = model(torch.rand(2, 3, 32, 32))
+        assert features.shape == (2, 512) and fine.shape == (2, 100)
+        assert [tuple(l.shape) for l in level_logits] == [(2, 12), (2, 6), (2, 2)]
+    # The cascade's level logits are the stacks applied in a chain to the fine logits.
+    x = torch.rand(2, 3, 32, 32)
+    features, fine, (l1, l2, l3) = cascade(x)
+    assert torch.allclose(l1, cascade.stacks[0](fine), atol=1e-6)
+    assert torch.allclose(l3, cascade.stacks[2](cascade.stacks[1](l1)), atol=1e-6)
+    # Shapes (section 4.1): one linear layer per level, replacing the output layer: 512 -> 6 -> 6 -> 2.
+    single = hdl_stack.HDLNet(common.ResNet18(72), 72, [6, 6, 2], [None, None, None], fine_head=False)
+    assert [(s[0].in_features, s[0].out_features) for s in single.stacks] == [(512, 6), (6, 6), (6, 2)]
     assert all(len(s) == 1 for s in single.stacks)
+    single.eval()
+    _, fine, level_logits = single(torch.rand(2, 3, 32, 32))
+    assert fine is None and [tuple(l.shape) for l in level_logits] == [(2, 6), (2, 6), (2, 2)]
+    assert sum(p.numel() for p in single.backbone.head.parameters()) == 0  # no fine classifier left
+    with pytest.raises(ValueError, match="heads"):
+        hdl_stack.HDLNet(common.ResNet18(72), 72, [6], heads="tree")
+
+
+def test_cascade_passes_gradients_down_the_chain_and_parallel_does_not():
+    torch.manual_seed(6)
+    x = torch.rand(4, 3, 8, 8)
+    for heads, reaches in (("cascade", True), ("parallel", False)):
+        model = tiny_hdl(num_fine=8, level_sizes=(4, 3, 2), hidden=(5, None, 3))
+        model = hdl_stack.HDLNet(model.backbone, 8, [4, 3, 2], [5, None, 3], heads=heads)
+        _, fine, levels = model(x)
+        levels[-1].sum().backward()  # only the coarsest level's output
+        first, fine_fc = model.stacks[0][0].weight.grad, model.backbone.head.fc.weight.grad
+        if reaches:  # 3L's loss trains 2L's and 1L's layers and the fine classifier before them
+            assert first is not None and first.abs().sum() > 0
+            assert fine_fc is not None and fine_fc.abs().sum() > 0
+        else:
+            assert first is None and fine_fc is None
+        assert model.backbone.stem[0].weight.grad.abs().sum() > 0
+    # Without a fine classifier the first level's layer reads the pooled features; the fine loss of the
+    # model with one still reaches the backbone through the fine classifier.
+    model = hdl_stack.HDLNet(common.CifarResNet(n=1, num_classes=8), 8, [4, 2], heads="cascade")
+    _, fine, _ = model(x)
+    F.cross_entropy(fine, torch.tensor([0, 1, 2, 3])).backward()
+    assert model.backbone.stem[0].weight.grad.abs().sum() > 0 and model.stacks[0][0].weight.grad is None
+
+
+def test_wen_update_moves_centres_by_alpha_times_the_damped_mean_difference():
+    model = tiny_hdl(num_fine=4)
+    dim = model.centers.shape[1]
+    g = torch.Generator().manual_seed(7)
+    old = torch.randn(4, dim, generator=g)
+    model.centers.copy_(old)
+    feats, labels = torch.randn(5, dim, generator=g), torch.tensor([0, 0, 0, 2, 2])
+    model.batch_update_centers(feats, labels, 0.5, "wen")
+    for c in range(4):  # Wen et al. eq. 4: delta_c = sum_{y_i = c} (c - x_i) / (1 + n_c); c <- c - alpha delta_c
+        rows = [i for i in range(5) if labels[i] == c]
+        delta = sum((old[c] - feats[i] for i in rows), torch.zeros(dim)) / (1 + len(rows))
+        assert torch.allclose(model.centers[c], old[c] - 0.5 * delta, atol=1e-6), c
+    # Unseen classes stay put; a class of n images moves by alpha * n / (1 + n) of its mean difference.
+    assert torch.equal(model.centers[1], old[1]) and torch.equal(model.centers[3], old[3])
+    mean_diff = feats[:3].mean(0) - old[0]
+    assert torch.allclose(model.centers[0] - old[0], 0.5 * 3 / 4 * mean_diff, atol=1e-6)
+
+
+def test_sgd_update_is_an_sgd_step_on_the_centres():
+    model = tiny_hdl(num_fine=4)
+    dim = model.centers.shape[1]
+    g = torch.Generator().manual_seed(8)
+    model.centers.copy_(torch.randn(4, dim, generator=g))
+    feats, labels = torch.randn(6, dim, generator=g), torch.tensor([0, 1, 1, 3, 3, 3])
+    # Reference: the centres as a parameter, torch's SGD on mean_i 1/2 ||x_i - c_{y_i}||^2.
+    centers = torch.nn.Parameter(model.centers.clone())
+    opt = torch.optim.SGD([centers], lr=0.3)
+    (0.5 * ((feats - centers[labels]) ** 2).sum(1).mean()).backward()
+    opt.step()
+    model.batch_update_centers(feats, labels, 0.3, "sgd")
+    assert torch.allclose(model.centers, centers.detach(), atol=1e-6)
+    with pytest.raises(ValueError, match="rule"):
+        model.batch_update_centers(feats, labels, 0.3, "adam")
+
+
+def test_loss_fn_variants_use_old_centres_then_move_them():
+    torch.manual_seed(9)
+    x, fine, coarse = torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 1, 3]), torch.tensor([0, 0, 0, 1])
+    for update, features_kind in (("wen", "raw"), ("sgd", "normalized"), ("epoch", "normalized")):
+        model = tiny_hdl(num_fine=4, level_sizes=(2,), hidden=(3,)).eval()  # eval: deterministic BN
+        model.centers.normal_()
+        before = model.centers.clone()
+        loss_fn = hdl_stack.make_hdl_loss_fn(
+            0.2, 1.0, [1.0], center_update=update, center_alpha=0.5, center_features=features_kind
+        )
+        loss, stats = loss_fn(model, x, (fine, coarse))
+        feats, _, _ = model(x)
+        space = feats / feats.norm(dim=1, keepdim=True) if features_kind == "normalized" else feats
+        expected = sum(((space[i] - before[fine[i]]) ** 2).sum() for i in range(4)) / 4
+        assert stats["center"].item() == pytest.approx(expected.item(), rel=1e-5), update
+        if features_kind == "normalized":
+            assert torch.allclose(space.norm(dim=1), torch.ones(4), atol=1e-5)
+        reference = hdl_stack.HDLNet(model.backbone, 4, [2], [3])
+        reference.centers.copy_(before)
+        if update == "epoch":  # nothing moves before the end of the epoch; the batch is accumulated
+            assert torch.equal(model.centers, before)
+            assert torch.allclose(model.center_sum[1], space[1:3].sum(0).detach(), atol=1e-5)
+        else:
+            reference.batch_update_centers(space.detach(), fine, 0.5, update)
+            assert torch.allclose(model.centers, reference.centers, atol=1e-5)
+            assert not torch.allclose(model.centers, before)
+
+
+def test_metrics_hierarchy_from_nested_levels_or_the_dataset_tree():
+    a = hdl_stack.Level("A", ["a0", "a1", "a2"], np.array([0, 0, 1, 1, 2, 2]))
+    b = hdl_stack.Level("B", ["b0", "b1"], np.array([0, 0, 0, 0, 1, 1]))
+    tree, heads = hdl_stack.metrics_hierarchy([a, b], None)  # nested: the levels are the tree
+    assert tree.level_names == ["B", "A", "fine"] and heads == {"A": "A", "B": "B"}
+    assert np.array_equal(tree.parents[0], b.parent) and np.array_equal(tree.parents[-1], np.arange(6))
+    # Perfect predictions: consistency 100; a head that contradicts the fine prediction lowers it.
+    scores = torch.eye(6)[[0, 2, 4, 5]] * 5
+    labels = torch.tensor([0, 2, 4, 5])
+    m = common.hierarchical_metrics(scores, labels, tree, {"A": a.labels(labels), "B": torch.tensor([0, 1, 1, 1])})
+    assert m["consistency"] == pytest.approx(75.0)
+    # Not nested (shapes-like attributes): the dataset's tree, with the heads that are levels of it.
+    c = hdl_stack.Level("C", ["c0", "c1"], np.array([0, 1, 0, 1, 0, 1]))
+    assert not hdl_stack.levels_nest([a, c])
+    data_tree = common.Hierarchy(["B", "fine"], [["b0", "b1"], list(range(6))], [b.parent, np.arange(6)])
+    tree, heads = hdl_stack.metrics_hierarchy([a, c, b], data_tree)
+    assert tree is data_tree and heads == {"B": "B"}
+
+
+def test_majority_errors_by_hand():
+    # Train: fine labels 0,0,1,2,2,2 (largest 2); level labels 0,0,0,1,1,1 (tie: bincount argmax takes 0).
+    train = (torch.tensor([0, 0, 1, 2, 2, 2]), torch.tensor([0, 0, 0, 1, 1, 1]))
+    evaluated = (torch.tensor([2, 2, 0, 1]), torch.tensor([1, 1, 0, 0]))
+    errors = hdl_stack.majority_errors(train, evaluated, ["fine", "coarse"])
+    assert errors == {"fine": pytest.approx(50.0), "coarse": pytest.approx(50.0)}
+    # The category comes from train, not from the evaluated labels: evaluated all 1 -> 100% error.
+    errors = hdl_stack.majority_errors((torch.tensor([0, 0, 1]),), (torch.tensor([1, 1, 1, 1]),), ["fine"])
+    assert errors == {"fine": pytest.approx(100.0)}
+
+
+def test_validation_split_is_held_out_of_train_per_class():
+    labels = np.array([0] * 10 + [1] * 20 + [2] * 3)
+    val, train = hdl_stack.validation_split(labels, 0.2, seed=0)
+    assert len(np.intersect1d(val, train)) == 0 and len(val) + len(train) == len(labels)
+    assert np.bincount(labels[val]).tolist() == [2, 4, 1]  # round(0.2 * n_c) per class
+    again, _ = hdl_stack.validation_split(labels, 0.2, seed=0)
+    assert np.array_equal(val, again)
+    with pytest.raises(SystemExit, match="empty"):
+        hdl_stack.validation_split(np.array([0, 1]), 0.1, seed=0)
+
+
+def test_fine_scores_from_levels_pick_the_heads_combination():
+    a = hdl_stack.Level("A", ["a0", "a1", "a2"], np.array([0, 0, 1, 1, 2, 2]))
+    b = hdl_stack.Level("B", ["b0", "b1"], np.array([0, 1, 0, 1, 0, 1]))
+    assert hdl_stack.levels_identify_fine_classes([a, b])
+    assert not hdl_stack.levels_identify_fine_classes([a])
+    g = torch.Generator().manual_seed(10)
+    la, lb = torch.randn(7, 3, generator=g), torch.randn(7, 2, generator=g)
+    scores = hdl_stack.fine_scores_from_levels([la, lb], [a, b])
+    pred = scores.argmax(1)
+    assert torch.equal(a.labels(pred), la.argmax(1)) and torch.equal(b.labels(pred), lb.argmax(1))
+    assert torch.allclose(scores.exp().sum(1), torch.ones(7), atol=1e-5)  # a distribution over the 6 classes
 
 
 def test_wordnet_table_covers_cifar100_once_with_a_consistent_chain():
@@ -245,11 +402,21 @@ def test_smoke_tiny_shapes_baseline_and_hdl(tmp_path, capsys):
         assert 0 <= metrics["baseline"]["summed_fine_level_error"][level] <= 100
     assert 0 <= metrics["hdl"]["violation_rate"]["with_fine"] <= 100
     assert metrics["paper"]["level_accuracy"] == {"fill": 100.0, "outline": 100.0, "shape": 100.0}
+    assert metrics["eval_split"] == "test" and metrics["hdl_config"]["heads"] == "cascade"
+    assert metrics["hdl_config"]["fine_head"] == "off"  # shapes: the level layers replace the output layer
+    assert set(metrics["majority_error"]) == {"fine", "fill", "outline", "shape"}
+    assert all(0 < v <= 100 for v in metrics["majority_error"].values())
+    keys = {"top1", "top5", "level_acc", "mistake_severity", "hdist@1", "hdist@5", "hprecision", "hrecall", "hf1"}
+    assert keys <= set(metrics["baseline"]["hierarchical"]) and "consistency" not in metrics["baseline"]["hierarchical"]
+    assert keys | {"consistency"} <= set(metrics["hdl"]["hierarchical"])
+    assert metrics["hdl"]["hierarchical"]["top1"] == pytest.approx(100 - metrics["hdl"]["fine_error"], abs=1e-4)
+    assert metrics["hierarchical_tree"]["heads_checked"] == {"shape": "shape"}
     records = common.read_jsonl(out / "metrics.jsonl")
     assert [(r["stage"], r["epoch"]) for r in records] == [("baseline", 1), ("hdl", 1)]
     assert all(np.isfinite(r["loss"]) for r in records) and "ce_3L" in records[-1] and "center" in records[-1]
     table = (out / "table3.md").read_text()
     assert "1L fill (6 cls)" in table and "3L shape (2 cls)" in table
+    assert "majority category" in table and "Table 4 layout" in table and "violations" in table
     ckpt = common.load_checkpoint(out / "hdl" / "checkpoint.pt")
     assert ckpt["model"]["centers"].abs().sum() > 0  # the per-epoch update ran
     assert ckpt["model"]["center_count"].sum() == 0
@@ -257,6 +424,29 @@ def test_smoke_tiny_shapes_baseline_and_hdl(tmp_path, capsys):
     again = hdl_stack.main(["--resume", str(out)])
     assert again["hdl"]["level_error"] == results["hdl"]["level_error"]
     assert len(common.read_jsonl(out / "metrics.jsonl")) == 2
+
+
+def test_validation_runs_and_the_sweep_table(tmp_path):
+    base = ["--device", "cpu", "--train-size", "96", "--test-size", "48", "--image-size", "16", "--epochs", "1"]
+    base += ["--batch-size", "32", "--method", "hdl", "--val-fraction", "0.25"]
+    for name, extra in (("a", ["--lambda-center", "0.01", "--center-update", "wen"]), ("b", ["--heads", "parallel"])):
+        hdl_stack.main(base + ["--out-dir", str(tmp_path / "sweep" / name)] + extra)
+    metrics = json.loads((tmp_path / "sweep" / "a" / "metrics.json").read_text())
+    assert metrics["eval_split"] == "val" and metrics["eval_size"] + metrics["train_size"] == 96
+    records = common.read_jsonl(tmp_path / "sweep" / "a" / "metrics.jsonl")
+    assert "val_fine_acc" in records[0] and "val_acc_outline" in records[0]  # validation every epoch
+    hdl_stack.main(["--sweep-table", str(tmp_path / "sweep")])
+    rows = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert sorted((r["variant"], r["lambda0"]) for r in rows) == [
+        ("cascade/wen/raw/a0.5", 0.01),
+        ("parallel/epoch/raw/a1", 1.0),
+    ]
+    assert "majority category" in (tmp_path / "sweep" / "sweep.md").read_text()
+    # A run evaluated on the test set is refused: nothing is selected on test.
+    (tmp_path / "sweep" / "c").mkdir()
+    (tmp_path / "sweep" / "c" / "metrics.json").write_text(json.dumps(dict(metrics, eval_split="test")))
+    with pytest.raises(SystemExit, match="test set"):
+        hdl_stack.main(["--sweep-table", str(tmp_path / "sweep")])
 
 
 def test_bad_flags_fail_with_one_line(tmp_path):
@@ -267,6 +457,17 @@ def test_bad_flags_fail_with_one_line(tmp_path):
         hdl_stack.main(base + ["--out-dir", str(tmp_path / "b"), "--stack-hidden", "4,2"])
     with pytest.raises(SystemExit):
         hdl_stack.get_args(["--center-alpha", "0"])
+    with pytest.raises(SystemExit):
+        hdl_stack.get_args(["--center-update", "wen", "--center-alpha", "1.5"])
+    with pytest.raises(SystemExit):
+        hdl_stack.get_args(["--val-fraction", "1"])
+    assert hdl_stack.get_args(["--center-update", "wen"]).center_alpha == 0.5
+    assert hdl_stack.get_args(["--center-update", "sgd", "--center-alpha", "2"]).center_alpha == 2.0
+    with pytest.raises(SystemExit, match="--fine-head off"):  # shapes' first level alone does not name the class
+        hierarchy = tmp_path / "by_shape.json"  # one level (shape) above the 72 classes
+        fine = common.shapes_hierarchy().class_names[-1]
+        hierarchy.write_text(json.dumps({"triangle": fine[:36], "square": fine[36:]}))
+        hdl_stack.main(base + ["--out-dir", str(tmp_path / "c"), "--fine-head", "off", "--hierarchy", str(hierarchy)])
 
 
 def test_cifar100_levels_come_from_the_wordnet_table():
