@@ -496,7 +496,14 @@ def degenerate_check(name, counts, what):
     used = int((counts > 0).sum())
     if used == len(counts):
         return None
-    entry = {"used": used, "of": len(counts), "empty": len(counts) - used, "single": used <= 1, "counts": what}
+    entry = {
+        "used": used,
+        "of": len(counts),
+        "empty": len(counts) - used,
+        "single": used <= 1,
+        "per_category": counts.tolist(),
+        "unit": what,
+    }
     kind = "all in one category" if used <= 1 else f"{len(counts) - used} empty"
     print(
         f"warning: {name}: degenerate coarse categories, {used} of {len(counts)} used ({kind}; {what} per category "
@@ -1146,7 +1153,7 @@ def tables_text(metrics, class_names):
     if metrics["degenerate"]:
         lines += ["Degenerate coarse categories (empty, or all in one):", ""]
         for key, d in metrics["degenerate"].items():
-            lines.append(f"- {key}: {d['used']} of {d['of']} used; {d['counts']} per category")
+            lines.append(f"- {key}: {d['used']} of {d['of']} used; {d['unit']} per category {d['per_category']}")
         lines.append("")
     hier = metrics["hierarchical"]
     if hier:
