@@ -19,56 +19,95 @@ What it reproduces (Tables I-VII, Fig. 1-4):
       that has a roughly balanced fine label distribution";
   CVC (Table V-VI): the same network, each image gets the neuron it activates most;
   ETE (Table VII, Fig. 4): shared VGG16 convolutions, the three VGG13 linear layers with a softmax
-      as the coarse head, trained end to end with no hierarchy, optionally with the diversity
-      losses of Eq. 3 (Mexican hat plus overlap) or Eq. 4 (lambda sum_{i!=j} o_i^T o_j).
-      We report how many coarse categories are actually used (the paper saw all images in one).
+      as the coarse head, trained end to end with no hierarchy (--diversity none), and with the
+      diversity losses of Eq. 3 (Mexican hat plus overlap) or Eq. 4 (lambda sum_{i!=j} o_i^T o_j).
+      The paper gives no weights for Eq. 3 / 4: we train one ETE network per --diversity-scales
+      factor and keep, on the validation split only, the most accurate one among those whose
+      coarse head still uses at least two categories (each with >= 1% of the validation images).
 - protocol: per-channel zero mean / unit std, random flip and pad-4 crop, a seeded per-run
   stratified train/validation split (400/100 per class on CIFAR-100), SGD momentum 0.9, lr 0.01
   times 0.3 when the validation loss has not decreased for 5 consecutive epochs, L2 1e-3.
 
-Outputs in the run directory: metrics.json (every number), accuracy_table.md (train/val/test of
-every network, next to the paper's CIFAR-100 numbers), coarse_categories.md (the CH categories with
-class names like Table II, the CVC categories by their most frequent labels, balance of every
-restart), coarse_accuracy_per_category.md (Fig. 3: the coarse network's accuracy per category),
-and the ETE coarse-category usage (in metrics.json and accuracy_table.md).
+Degenerate categories: when CH or CVC leaves a coarse category empty (no fine label, no training
+image) or uses a single one, or an ETE coarse head sends the training images to one category or
+leaves one empty, one warning line is printed and metrics.json gets an entry under "degenerate"
+(the tables mark it too): a coarse network that classifies into one category reports 100% and
+means nothing.
+
+Outputs in the run directory (rebuilt after every call from every finished stage found there, so a
+run made in several calls, e.g. one --method per call with --resume, ends with one set of tables):
+tables.md (Tables I-VII and Fig. 3 in the paper's layout, ours beside the paper's CIFAR-100
+numbers, the ETE diversity sweep), metrics.json (every number; "hierarchical" holds
+common.hierarchical_metrics of every fine network on the test split against the dataset's
+hierarchy, e.g. CIFAR-100's 20 superclasses), accuracy_table.md (one compact table),
+coarse_categories.md (the CH categories with class names like Table II, every restart's balance,
+the CVC categories by their most frequent labels), coarse_accuracy_per_category.md (Fig. 3).
+Every stage (a network's training, the category construction) leaves <stage>/result.json when it
+is finished; --resume skips finished stages and continues an unfinished one from its last epoch.
 
 Command (the paper's settings, CIFAR-100 under --data-dir):
     python coarse_outer_product.py --dataset cifar100 --data-dir data --method all
+One method per call, in one run directory (each call fits in about 10 minutes on an H100):
+    python coarse_outer_product.py --dataset cifar100 --data-dir data --method baseline --out-dir runs/cop100
+    python coarse_outer_product.py --resume runs/cop100 --method ch      # then cvc (reuses CH's VGG16), ete
+    python coarse_outer_product.py --resume runs/cop100 --method ete --diversity eq4
 Smoke run:
     python coarse_outer_product.py --dry-run --image-size 32 --train-size 600 --test-size 200 --val-per-class 2 --device cpu
 
-Paper vs ours (ambiguities and deviations):
-- Epochs: the paper stops after 81 (baseline), 66 (CH), 76 (CVC), 67 (ETE) and 31/32 (coarse
-  networks) epochs without saying why; we train --epochs 80 for the fine networks and
-  --coarse-epochs 30 for the coarse networks and report the last epoch's weights.
-- "Early stopping" of the VGG16 used to build CH/CVC: stop when the validation loss has not
-  decreased for --early-stop-patience 5 epochs (at most --pretrain-epochs 80) and keep the weights
-  of the best validation loss. The paper gives no patience.
+Paper vs ours (ambiguities and deviations), the settings that move absolute accuracy first:
+- Weight decay (--wd-convention keras, default): "L2 regularization is set to 0.001" is read as
+  Keras' kernel_regularizer=l2(0.001) on every convolution and linear layer, which adds
+  0.001 * sum(w^2) to the loss: gradient 2e-3 * w, i.e. PyTorch weight_decay=2e-3 on the weight
+  matrices, none on biases and batch-norm parameters (Keras leaves them unregularised). Why Keras:
+  the report speaks Keras: a per-layer "L1 regularization with coefficient 0.005 for the weights of
+  the recovery layer" (Keras' kernel_regularizer=l1; PyTorch has no per-layer L1), "a
+  fully-connected layer of 10 neurons with relu activation", "activation for the last coarse
+  classification layer has been chosen to be softmax", early stopping as a ready-made rule, and
+  the lr "multiplied by a factor of 0.3" after a "patience" of 5 (Keras' ReduceLROnPlateau).
+  --wd-convention pytorch: SGD weight_decay=0.001 on every parameter (half the Keras gradient).
+  Not copied from Keras: its batch-norm momentum 0.99 / eps 1e-3 (PyTorch 0.1 / 1e-5 here) and
+  its SGD velocity that keeps the old lr's scale for a while after an lr drop.
+- Epochs and stopping rule per table: the paper reports "after 81 epochs" (Table I, baseline),
+  31 (Table III, CH coarse VGG13), 66 (Table IV, CH composite), 32 (Table V, CVC coarse VGG13),
+  76 (Table VI, CVC composite) and 67 (Table VII, ETE), and says "early stopping" only for the
+  VGG16 that builds CH/CVC (67.77% train / 62.50% validation, far below the baseline's 94.37% /
+  69.03%, so the baseline was not stopped by that rule). Default (--stopping fixed): every
+  network trains exactly its table's epoch count and reports its last epoch; only the CH/CVC
+  VGG16 early-stops (validation loss, --early-stop-patience 5, at most --pretrain-epochs 81, best
+  weights kept). --stopping early: every network early-stops that way, its table's count as the
+  maximum. --epochs N / --coarse-epochs N replace the table counts of all fine / coarse networks.
+- Normalisation statistics: per-channel mean and std over all images of the training split (the
+  40,000 images the networks train on; the validation split, like everything we select on, is
+  not used for anything fitted), computed exactly in float64 over the whole split.
+- CH rule, "the neuron that gets activated the most by the 500 images of this label"
+  (--ch-rule sum, default): sum the ReLU coarse-layer activations over the label's training
+  images and take the largest neuron; the amount of activation a neuron receives from the images
+  is the plain reading of "activated the most by the images". --ch-rule vote: every image votes
+  for its most activated neuron (argmax of the coarse layer, the same as of its softmax), an
+  image whose coarse layer is all zero abstains (its softmax is flat), the label goes to the
+  neuron with most votes. The paper uses all 500 training images of a label; we use the label's
+  400 training-split images, so the validation split stays unused.
 - The recovery layers' training length (--recovery-epochs 10), the number of restarts to pick a
   balanced hierarchy from (--ch-restarts 3) and the balance measure (normalised entropy of the
   number of fine labels per coarse category) are ours; the paper picks "roughly balanced" by hand.
   The restart picked by CH balance is used for CVC too (the paper uses "the same network").
-- "Activated the most by the images of this label": we sum the coarse-layer activations over the
-  label's images and take the largest neuron. The coarse layer's activations are taken on the
-  training split (400 per class), not on train+validation, so the validation set stays unused.
 - CVC coarse labels of the validation and test images come from the same frozen network (needed to
   report the coarse network's validation/test accuracy as Table V does).
 - Classification layers: dropout, linear 512, ReLU, dropout, linear 512, ReLU, linear (the
   CIFAR VGG of the paper's base code; "two dropout layers before the linear layers"); dropout 0.5.
   The coarse networks use the same three layers with K outputs. Batch size 128 (not given).
-- Pad-4 crop pads with black (0) before normalisation, as torchvision's RandomCrop does; the
-  channel statistics are those of the whole training set (train + validation).
-- Eq. 3 / Eq. 4 lambdas are not given in the paper; defaults: lambda1 1e-3, lambda2 3e-3
+- Pad-4 crop pads with black (0) before normalisation, as torchvision's RandomCrop does.
+- Eq. 3 / Eq. 4 lambdas are not given in the paper; base values: lambda1 1e-3, lambda2 3e-3
   (the Mexican hat's minimum ||sigma_c||^2 = 1/(2 lambda2) ~ 167, about (128/10)^2, i.e. a
   batch of 128 spread evenly over 10 confident categories), lambda3 1e-4, lambda4 1e-4 (Eq. 4 is a
-  sum over ~16k pairs for a batch of 128). The losses act on the softmax outputs of the coarse
-  head, per mini-batch, summed (not averaged) as written. Default --diversity none is Table VII.
+  sum over ~16k pairs for a batch of 128). --diversity-scales multiplies lambda1 and lambda3
+  (Eq. 3; lambda2 sets the hat's shape and stays) or lambda4 (Eq. 4); default 0.1 1 10. The losses
+  act on the softmax outputs of the coarse head, per mini-batch, summed (not averaged) as written.
 - Train accuracy is measured in evaluation mode on the un-augmented training split.
 - Non-CIFAR-100 data: --coarse-k sets K (10 as the paper). We use K=12 on shapes (72 classes; the
   number of its shape x fill classes) and K=2 on CIFAR-10 (5 fine classes per coarse category, and
   the built-in vehicles/animals split to compare with); coarse_categories.md gives the purity of
   the CH categories against the dataset's built-in levels.
-- Not done: CIFAR-100 is not available offline here; its loader is common.load_cifar100.
 """
 
 import argparse
@@ -84,6 +123,7 @@ from torch import nn
 import common
 
 METHODS = ("baseline", "ch", "cvc", "ete")
+DIVERSITY_LOSSES = ("none", "eq3", "eq4")
 
 # The paper's CIFAR-100 accuracies (train, validation, test), Tables I, III-VII and the text.
 PAPER_ACCURACY = {
@@ -94,7 +134,11 @@ PAPER_ACCURACY = {
     "coarse_cvc": (81.92, 77.72, 77.61),
     "main_cvc": (85.01, 67.22, 65.71),
     "ete": (92.56, 68.94, 68.42),
+    "ete_eq3": (None, None, None),  # the paper reports no numbers for the diversity losses
+    "ete_eq4": (None, None, None),
 }
+# The paper's epoch counts: Table I (81), III (31), IV (66), V (32), VI (76), VII (67).
+PAPER_EPOCHS = {"baseline": 81, "coarse_ch": 31, "main_ch": 66, "coarse_cvc": 32, "main_cvc": 76, "ete": 67}
 ROW_NAMES = {
     "baseline": "VGG16 baseline",
     "pretrain": "VGG16 early-stopped (builds CH/CVC)",
@@ -103,6 +147,8 @@ ROW_NAMES = {
     "coarse_cvc": "CVC coarse network (VGG13)",
     "main_cvc": "CVC outer-product network",
     "ete": "ETE end-to-end network",
+    "ete_eq3": "ETE + Eq. 3 diversity loss (weight chosen on validation)",
+    "ete_eq4": "ETE + Eq. 4 diversity loss (weight chosen on validation)",
 }
 
 
@@ -110,7 +156,7 @@ def get_args(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    common.add_common_args(parser, epochs=80, batch_size=128, lr=0.01, dataset="shapes")
+    common.add_common_args(parser, epochs=None, batch_size=128, lr=0.01, dataset="shapes")
     g = parser.add_argument_group("coarse_outer_product")
     g.add_argument("--method", default="all", choices=METHODS + ("all",), help="which networks to train")
     g.add_argument("--coarse-k", type=common.positive_int, default=10, help="number of coarse categories K")
@@ -118,18 +164,38 @@ def get_args(argv=None):
         "--val-per-class", type=common.positive_int, default=100, help="validation images per class (400/100 split)"
     )
     g.add_argument("--momentum", type=common.fraction, default=0.9)
-    g.add_argument("--weight-decay", type=common.nonneg_float, default=1e-3, help="L2 regularisation")
+    g.add_argument("--weight-decay", type=common.nonneg_float, default=1e-3, help="L2 regularisation coefficient")
+    g.add_argument(
+        "--wd-convention",
+        default="keras",
+        choices=("keras", "pytorch"),
+        help="keras: + wd * sum(w^2) of conv/linear weights in the loss (gradient 2 wd w); "
+        "pytorch: SGD weight_decay=wd on every parameter",
+    )
     g.add_argument(
         "--lr-factor", type=common.positive_fraction, default=0.3, help="lr factor on a validation-loss plateau"
     )
     g.add_argument("--lr-patience", type=common.positive_int, default=5, help="epochs without a lower validation loss")
     g.add_argument("--hidden", type=common.positive_int, default=512, help="width of the two hidden linear layers")
     g.add_argument("--dropout", type=common.fraction, default=0.5)
-    g.add_argument("--coarse-epochs", type=common.positive_int, default=30, help="epochs of the VGG13 coarse networks")
+    g.add_argument(
+        "--stopping",
+        default="fixed",
+        choices=("fixed", "early"),
+        help="fixed: each network trains its table's epoch count; early: early stopping on the validation "
+        "loss for every network (the count is the maximum)",
+    )
+    g.add_argument(
+        "--coarse-epochs",
+        type=common.positive_int,
+        default=None,
+        help="epochs of both VGG13 coarse networks (default: the paper's 31 for CH, 32 for CVC); "
+        "--epochs likewise replaces the fine networks' 81 / 66 / 76 / 67",
+    )
     g.add_argument(
         "--pretrain-epochs",
         type=common.positive_int,
-        default=80,
+        default=81,
         help="at most this many epochs of the early-stopped VGG16",
     )
     g.add_argument("--early-stop-patience", type=common.positive_int, default=5)
@@ -140,7 +206,27 @@ def get_args(argv=None):
     g.add_argument(
         "--ch-restarts", type=common.positive_int, default=3, help="recovery-layer restarts; the most balanced is kept"
     )
-    g.add_argument("--diversity", default="none", choices=("none", "eq3", "eq4"), help="ETE diversity loss")
+    g.add_argument(
+        "--ch-rule",
+        default="sum",
+        choices=("sum", "vote"),
+        help="CH: a label's category is the neuron with the largest summed activation (sum) or most per-image wins (vote)",
+    )
+    g.add_argument(
+        "--diversity",
+        nargs="+",
+        default=list(DIVERSITY_LOSSES),
+        choices=DIVERSITY_LOSSES,
+        help="ETE networks to train: without a diversity loss (Table VII), with Eq. 3, with Eq. 4",
+    )
+    g.add_argument(
+        "--diversity-scales",
+        nargs="+",
+        type=common.positive_float,
+        default=[0.1, 1.0, 10.0],
+        help="Eq. 3 / Eq. 4: one ETE network per factor on the lambdas; the best on validation that keeps "
+        ">= 2 categories is kept",
+    )
     g.add_argument("--lambda1", type=common.nonneg_float, default=1e-3, help="Eq. 3: weight of the Mexican hat")
     g.add_argument("--lambda2", type=common.nonneg_float, default=3e-3, help="Eq. 3: quartic coefficient of the hat")
     g.add_argument("--lambda3", type=common.nonneg_float, default=1e-4, help="Eq. 3: weight of the overlap term")
@@ -151,6 +237,15 @@ def get_args(argv=None):
     if args.coarse_k < 2:
         parser.error("--coarse-k must be at least 2")
     return args
+
+
+def stage_epochs(args, name):
+    """Epochs of a network: the paper's count for its table unless --epochs / --coarse-epochs replace it."""
+    if name.startswith("coarse_"):
+        return args.coarse_epochs or PAPER_EPOCHS[name]
+    if name == "pretrain":
+        return args.pretrain_epochs
+    return args.epochs or PAPER_EPOCHS["ete" if name.startswith("ete") else name]
 
 
 # ---------------------------------------------------------------------------------------
@@ -267,12 +362,25 @@ class CoarseProjectionNet(nn.Module):
 # ---------------------------------------------------------------------------------------
 
 
-def ch_assignment(activations, labels, num_classes):
-    """CH: fine label f -> the coarse neuron with the largest activation summed over f's images.
+def ch_assignment(activations, labels, num_classes, rule="sum"):
+    """CH: fine label f -> the coarse neuron its images activate the most.
 
-    activations: N x K coarse-layer outputs; labels: N fine labels. Returns num_classes labels."""
-    totals = torch.zeros(num_classes, activations.shape[1], dtype=activations.dtype)
-    totals.index_add_(0, labels.long(), activations)
+    activations: N x K coarse-layer (ReLU) outputs; labels: N fine labels. rule "sum": the neuron
+    with the largest activation summed over f's images; rule "vote": the neuron that is the
+    argmax (of the activations, hence of their softmax) for most of f's images, images whose
+    activations are all zero abstaining (flat softmax). Ties go to the lowest neuron.
+    Returns num_classes coarse labels."""
+    labels = labels.long()
+    totals = torch.zeros(num_classes, activations.shape[1], dtype=torch.float64)
+    if rule == "sum":
+        totals.index_add_(0, labels, activations.double())
+    elif rule == "vote":
+        voting = activations.max(1).values > 0
+        winners = activations.argmax(1)
+        ones = torch.ones(int(voting.sum()), dtype=torch.float64)
+        totals.index_put_((labels[voting], winners[voting]), ones, accumulate=True)
+    else:
+        raise ValueError(f"unknown CH rule {rule!r}")
     return totals.argmax(1)
 
 
@@ -301,6 +409,50 @@ def diversity_eq4(o, lam):
     return lam * ((total**2).sum() - (o**2).sum())
 
 
+def diversity_lambdas(args, loss, scale):
+    """The lambdas of one ETE run: the base lambdas times the sweep factor (lambda2 shapes the hat)."""
+    if loss == "eq3":
+        return {"lambda1": args.lambda1 * scale, "lambda2": args.lambda2, "lambda3": args.lambda3 * scale}
+    if loss == "eq4":
+        return {"lambda4": args.lambda4 * scale}
+    return {}
+
+
+def whole_set_channel_stats(images, chunk=4096):
+    """Per-channel mean and std (in [0, 1] units) of every image of a uint8 N x C x H x W set,
+    accumulated in float64 chunk by chunk (exact, and no N x C x H x W float copy)."""
+    total = torch.zeros(images.shape[1], dtype=torch.float64)
+    total_sq = torch.zeros_like(total)
+    for start in range(0, len(images), chunk):
+        x = images[start : start + chunk].double() / 255
+        total += x.sum((0, 2, 3))
+        total_sq += (x**2).sum((0, 2, 3))
+    count = len(images) * images.shape[2] * images.shape[3]
+    mean = total / count
+    var = (total_sq / count - mean**2).clamp(min=0) * count / max(count - 1, 1)  # unbiased, as torch.std
+    return tuple(mean.tolist()), tuple(var.sqrt().clamp(min=1e-3).tolist())
+
+
+def sgd_param_groups(params, weight_decay, convention):
+    """SGD parameter groups for the L2 convention.
+
+    keras: kernel_regularizer=l2(wd) adds wd * sum(w^2) of every convolution and linear weight to
+    the loss, whose gradient is 2 wd w: weight_decay 2 wd on the weight matrices (ndim > 1), none on
+    biases and batch-norm parameters. pytorch: weight_decay wd on every parameter."""
+    params = list(params)
+    if convention == "pytorch":
+        return [{"params": params, "weight_decay": weight_decay}]
+    if convention != "keras":
+        raise ValueError(f"unknown weight-decay convention {convention!r}")
+    kernels = [p for p in params if p.ndim > 1]
+    others = [p for p in params if p.ndim <= 1]
+    return [
+        g
+        for g in ({"params": kernels, "weight_decay": 2 * weight_decay}, {"params": others, "weight_decay": 0.0})
+        if g["params"]
+    ]
+
+
 def normalised_entropy(counts):
     """1 for equal counts, 0 when everything sits in one category."""
     counts = np.asarray(counts, dtype=np.float64)
@@ -321,6 +473,30 @@ def balance_report(counts):
     }
 
 
+def degenerate_check(name, counts, what):
+    """None when every coarse category holds something; else one warning line and the entry for
+    metrics.json's "degenerate" (empty categories, or all in one: a 100% coarse accuracy that means nothing)."""
+    counts = np.asarray(counts)
+    used = int((counts > 0).sum())
+    if used == len(counts):
+        return None
+    entry = {
+        "used": used,
+        "of": len(counts),
+        "empty": len(counts) - used,
+        "single": used <= 1,
+        "per_category": counts.tolist(),
+        "unit": what,
+    }
+    kind = "all in one category" if used <= 1 else f"{len(counts) - used} empty"
+    print(
+        f"warning: {name}: degenerate coarse categories, {used} of {len(counts)} used ({kind}; {what} per category "
+        f"{counts.tolist()})",
+        flush=True,
+    )
+    return entry
+
+
 def purity(assignment, parents):
     """Share of fine classes whose coarse category's majority built-in parent is their own parent."""
     assignment, parents = np.asarray(assignment), np.asarray(parents)
@@ -328,6 +504,21 @@ def purity(assignment, parents):
     for c in np.unique(assignment):
         agree += np.bincount(parents[assignment == c]).max()
     return float(agree / len(assignment))
+
+
+def matching_level(assignment, hierarchy):
+    """The dataset level whose partition of the fine classes is exactly `assignment`'s, as
+    (level name, coarse category -> level class array), or None."""
+    assignment = np.asarray(assignment)
+    for level in range(hierarchy.n_levels - 1):
+        parents = np.asarray(hierarchy.parents[level])
+        same_category = assignment[:, None] == assignment[None, :]
+        same_parent = parents[:, None] == parents[None, :]
+        if np.array_equal(same_category, same_parent):
+            to_level = np.full(int(assignment.max()) + 1, -1)
+            to_level[assignment] = parents
+            return hierarchy.level_names[level], to_level
+    return None
 
 
 def per_category_accuracy(logits, targets, k):
@@ -369,17 +560,43 @@ class EarlyStopping:
         self.best, self.best_epoch, self.bad = state["best"], state["best_epoch"], state["bad"]
 
 
+def finished_stage(ctx, name, model=None):
+    """A finished stage's result (and its final weights loaded into `model`), or None."""
+    stage_dir = ctx["run_dir"] / name
+    path = stage_dir / "result.json"
+    if not path.is_file():
+        return None
+    if model is not None:
+        model.load_state_dict(common.load_checkpoint(stage_dir / "final.pt", ctx["device"]))
+        model.eval()
+    print(f"[{name}] finished before; using its result", flush=True)
+    return json.loads(path.read_text())
+
+
+def finish_stage(ctx, name, result, model=None):
+    """Mark a stage finished: its final weights (for the stages downstream) and its result."""
+    stage_dir = ctx["run_dir"] / name
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    if model is not None:
+        common.save_checkpoint(stage_dir / "final.pt", model.state_dict())
+    common.write_json(stage_dir / "result.json", result)
+    return result
+
+
 def train_stage(ctx, name, model, loss_fn, train_loader, validate, epochs, params=None, early_stopping=False):
-    """One training stage through common.fit: SGD momentum, L2, lr x factor on a validation-loss
-    plateau (checkpointed with the stage), optional early stopping with the best weights restored.
+    """One training stage through common.fit: SGD momentum, L2 (--wd-convention), lr x factor on a
+    validation-loss plateau (checkpointed with the stage), optional early stopping with the best
+    weights restored; continues an interrupted stage from its last epoch.
 
     validate() -> {"val_loss": ..., ...}. Returns (model, {"epochs": ..., "best_epoch": ...})."""
     args, run_dir, device = ctx["args"], ctx["run_dir"], ctx["device"]
     stage_dir = run_dir / name
     log_path = run_dir / "metrics.jsonl"
     params = list(model.parameters()) if params is None else list(params)
-    optimizer = common.make_sgd(params, args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    groups = sgd_param_groups(params, args.weight_decay, args.wd_convention)
+    optimizer = common.make_sgd(groups, args.lr, momentum=args.momentum, weight_decay=0.0)
     plateau = common.ReduceOnPlateau(args.lr, factor=args.lr_factor, patience=args.lr_patience)
+    early_stopping = early_stopping or args.stopping == "early"
     stopper = EarlyStopping(stage_dir, args.early_stop_patience) if early_stopping else None
     extra_state = {"plateau": plateau, **({"early_stopping": stopper} if stopper else {})}
     step = common.make_train_step(
@@ -433,6 +650,7 @@ def train_stage(ctx, name, model, loss_fn, train_loader, validate, epochs, param
     model.eval()
     records = [r for r in common.read_jsonl(log_path) if r.get("stage") == name]
     info.setdefault("epochs", max((r["epoch"] for r in records), default=0))
+    info["max_epochs"] = epochs
     seconds = [r["seconds"] for r in records]
     if seconds:
         info["epoch_seconds_median"] = float(np.median(seconds))
@@ -468,14 +686,27 @@ def split_accuracies(ctx, forward, targets):
     return {split: loss_and_accuracy(ctx, forward, split, targets[split])[1] for split in ("train", "val", "test")}
 
 
+def hierarchical_metrics_on_test(ctx, forward, level_preds_fn=None):
+    """common.hierarchical_metrics of a fine network on the test split, against the dataset's
+    hierarchy; level_preds_fn(index) gives the coarse network's own level predictions when its
+    categories are a level of that hierarchy."""
+    logits, index = run_outputs(ctx, forward, "test")
+    level_preds = level_preds_fn(index) if level_preds_fn is not None else None
+    return common.hierarchical_metrics(logits, ctx["fine"]["test"][index], ctx["hierarchy"], level_preds=level_preds)
+
+
 def classification_loss(model, x, y):
     return common.cross_entropy_loss(model, x, y)
 
 
-def train_fine_network(ctx, name, model, params=None, epochs=None, early_stopping=False):
-    """Train a fine classifier (baseline, early-stopped VGG16, or an outer-product net)."""
+def train_fine_network(ctx, name, model, params=None, early_stopping=False, keep_weights=False, level_preds_fn=None):
+    """Train a fine classifier (baseline, early-stopped VGG16, or an outer-product net), or reuse
+    the finished stage. Returns (model, result)."""
     fine = ctx["fine"]
     model = common.to_device_model(model, ctx["device"])
+    cached = finished_stage(ctx, name, model if keep_weights else None)
+    if cached is not None:
+        return model, cached
     loader = ctx["train_loader"](fine["train"])
     model, info = train_stage(
         ctx,
@@ -484,18 +715,24 @@ def train_fine_network(ctx, name, model, params=None, epochs=None, early_stoppin
         classification_loss,
         loader,
         validator(ctx, model, fine),
-        epochs or ctx["args"].epochs,
+        stage_epochs(ctx["args"], name),
         params=params,
         early_stopping=early_stopping,
     )
-    return model, {**info, **split_accuracies(ctx, model, fine)}
+    info.update(split_accuracies(ctx, model, fine))
+    info["hierarchical"] = hierarchical_metrics_on_test(ctx, model, level_preds_fn)
+    return model, finish_stage(ctx, name, info, model if keep_weights else None)
 
 
 def train_recovery_layers(ctx, pretrained, restart):
     """Fig. 2: train the batch norm, coarse layer and recovery layer on the frozen VGG16."""
     args, fine = ctx["args"], ctx["fine"]
+    name = f"recovery_{restart}"
     torch.manual_seed(args.seed * 1000 + restart)  # each restart its own initialisation
     net = common.to_device_model(CoarseProjectionNet(pretrained, ctx["num_classes"], args.coarse_k), ctx["device"])
+    cached = finished_stage(ctx, name, net)
+    if cached is not None:
+        return net, cached
     trainable = [p for n, p in net.named_parameters() if not n.startswith("vgg.")]
 
     def loss_fn(model, x, y):
@@ -506,7 +743,7 @@ def train_recovery_layers(ctx, pretrained, restart):
 
     net, info = train_stage(
         ctx,
-        f"recovery_{restart}",
+        name,
         net,
         loss_fn,
         ctx["train_loader"](fine["train"]),
@@ -514,17 +751,23 @@ def train_recovery_layers(ctx, pretrained, restart):
         args.recovery_epochs,
         params=trainable,
     )
-    return net, info
+    return net, finish_stage(ctx, name, info, net)
 
 
 def build_coarse_categories(ctx, pretrained):
-    """CH label hierarchy and CVC per-image categories from the most balanced restart."""
+    """CH label hierarchy and CVC per-image categories from the most balanced restart.
+
+    Returns (hierarchy tensor, {split: per-image CVC tensor}, report); cached in categories/."""
     args = ctx["args"]
+    cached = finished_stage(ctx, "categories")
+    if cached is not None:
+        cvc = {split: torch.tensor(v) for split, v in cached.pop("cvc").items()}
+        return torch.tensor(cached.pop("assignment")), cvc, cached
     restarts = []
     for r in range(args.ch_restarts):
         net, info = train_recovery_layers(ctx, pretrained, r)
         activations, index = run_outputs(ctx, net.coarse_activations, "train_full")
-        hierarchy = ch_assignment(activations, ctx["fine"]["train"][index], ctx["num_classes"])
+        hierarchy = ch_assignment(activations, ctx["fine"]["train"][index], ctx["num_classes"], args.ch_rule)
         balance = balance_report(np.bincount(hierarchy.numpy(), minlength=args.coarse_k))
         restarts.append({"restart": r, "net": net, "hierarchy": hierarchy, "balance": balance, "info": info})
         print(
@@ -541,38 +784,59 @@ def build_coarse_categories(ctx, pretrained):
         labels[index] = cvc_assignment(activations)
         cvc[split] = labels
     report = {
+        "ch_rule": args.ch_rule,
         "chosen_restart": chosen["restart"],
         "restarts": [
             {"restart": r["restart"], **r["balance"], "hierarchy": r["hierarchy"].tolist(), "training": r["info"]}
             for r in restarts
         ],
     }
+    result = {"assignment": chosen["hierarchy"].tolist(), "cvc": {s: v.tolist() for s, v in cvc.items()}, **report}
+    finish_stage(ctx, "categories", result)
     return chosen["hierarchy"], cvc, report
 
 
-def train_coarse_then_main(ctx, kind, coarse_targets):
-    """Train the VGG13 coarse network on the coarse labels, freeze it, train the outer-product net."""
+def train_coarse_then_main(ctx, kind, coarse_targets, level=None):
+    """Train the VGG13 coarse network on the coarse labels, freeze it, train the outer-product net.
+
+    level: (level name, coarse category -> level class) when the categories are a level of the
+    dataset's hierarchy; the coarse network's predictions are then the composite's level predictions."""
     args = ctx["args"]
     k = args.coarse_k
+    name = f"coarse_{kind}"
     coarse_net = common.to_device_model(make_vgg(13, k, hidden=args.hidden, dropout=args.dropout), ctx["device"])
-    coarse_net, coarse_info = train_stage(
-        ctx,
-        f"coarse_{kind}",
-        coarse_net,
-        classification_loss,
-        ctx["train_loader"](coarse_targets["train"]),
-        validator(ctx, coarse_net, coarse_targets),
-        args.coarse_epochs,
-    )
-    coarse_info.update(split_accuracies(ctx, coarse_net, coarse_targets))
-    per_category = {}
-    for split in ("val", "test"):
-        logits, index = run_outputs(ctx, coarse_net, split)
-        per_category[split] = per_category_accuracy(logits, coarse_targets[split][index], k)
+    coarse_info = finished_stage(ctx, name, coarse_net)
+    if coarse_info is None:
+        coarse_net, coarse_info = train_stage(
+            ctx,
+            name,
+            coarse_net,
+            classification_loss,
+            ctx["train_loader"](coarse_targets["train"]),
+            validator(ctx, coarse_net, coarse_targets),
+            stage_epochs(args, name),
+        )
+        coarse_info.update(split_accuracies(ctx, coarse_net, coarse_targets))
+        coarse_info["per_category"] = {}
+        for split in ("val", "test"):
+            logits, index = run_outputs(ctx, coarse_net, split)
+            coarse_info["per_category"][split] = per_category_accuracy(logits, coarse_targets[split][index], k)
+        finish_stage(ctx, name, coarse_info, coarse_net)
+    level_preds_fn = None
+    if level is not None:
+        level_name, to_level = level
+
+        def level_preds_fn(index):
+            coarse_logits, coarse_index = run_outputs(ctx, coarse_net, "test")
+            assert torch.equal(coarse_index, index)
+            return {level_name: torch.as_tensor(to_level)[coarse_logits.argmax(1)]}
+
     main_net = make_vgg(16, ctx["num_classes"], k * 512, args.hidden, args.dropout)
     composite = OuterProductNet(coarse_net, main_net)
-    composite, main_info = train_fine_network(ctx, f"main_{kind}", composite, params=main_net.parameters())
-    return coarse_info, main_info, per_category
+    _, main_info = train_fine_network(
+        ctx, f"main_{kind}", composite, params=main_net.parameters(), level_preds_fn=level_preds_fn
+    )
+    return coarse_info, main_info
 
 
 def coarse_usage(ctx, model, split):
@@ -588,8 +852,18 @@ def coarse_usage(ctx, model, split):
     }
 
 
-def train_end_to_end(ctx):
+def ete_stage_name(loss, scale):
+    return "ete" if loss == "none" else f"ete_{loss}_x{scale:g}"
+
+
+def train_end_to_end(ctx, loss, scale=None):
+    """One ETE network (Fig. 4) with diversity loss `loss` at the base lambdas times `scale`."""
     args, fine = ctx["args"], ctx["fine"]
+    name = ete_stage_name(loss, scale)
+    cached = finished_stage(ctx, name)
+    if cached is not None:
+        return cached
+    lambdas = diversity_lambdas(args, loss, scale)
     model = common.to_device_model(
         EndToEndNet(ctx["num_classes"], args.coarse_k, args.hidden, args.dropout), ctx["device"]
     )
@@ -598,10 +872,10 @@ def train_end_to_end(ctx):
         logits, coarse = model.forward_with_coarse(x)
         ce = F.cross_entropy(logits.float(), y)
         with torch.autocast(ce.device.type, enabled=False):  # batch sums of up to B^2 terms: keep fp32
-            if args.diversity == "eq3":
-                diversity = diversity_eq3(coarse.float(), args.lambda1, args.lambda2, args.lambda3)
-            elif args.diversity == "eq4":
-                diversity = diversity_eq4(coarse.float(), args.lambda4)
+            if loss == "eq3":
+                diversity = diversity_eq3(coarse.float(), lambdas["lambda1"], lambdas["lambda2"], lambdas["lambda3"])
+            elif loss == "eq4":
+                diversity = diversity_eq4(coarse.float(), lambdas["lambda4"])
             else:
                 diversity = torch.zeros((), device=ce.device)
         return ce + diversity, {"correct": (logits.argmax(1) == y).sum(), "diversity": diversity}
@@ -616,22 +890,121 @@ def train_end_to_end(ctx):
             "val_coarse_used": used,
         }
 
-    model, info = train_stage(ctx, "ete", model, loss_fn, ctx["train_loader"](fine["train"]), validate, args.epochs)
+    model, info = train_stage(
+        ctx, name, model, loss_fn, ctx["train_loader"](fine["train"]), validate, stage_epochs(args, name)
+    )
     info.update(split_accuracies(ctx, model, fine))
-    usage = {split: coarse_usage(ctx, model, split) for split in ("train", "val", "test")}
-    return info, usage
+    info["hierarchical"] = hierarchical_metrics_on_test(ctx, model)
+    info["diversity"] = {"loss": loss, "scale": scale, **lambdas}
+    info["usage"] = {split: coarse_usage(ctx, model, split) for split in ("train", "val", "test")}
+    return finish_stage(ctx, name, info)
+
+
+def select_on_validation(runs):
+    """Among ETE runs of one diversity loss, the most accurate on validation whose coarse head keeps
+    at least two categories alive (>= 1% of the validation images each); None if none does."""
+    alive = [r for r in runs if r["usage"]["val"]["used_over_1pct"] >= 2]
+    return max(alive, key=lambda r: r["val"]) if alive else None
 
 
 # ---------------------------------------------------------------------------------------
-# Reports
+# Results of the finished stages, and the reports
 # ---------------------------------------------------------------------------------------
+
+
+def read_result(run_dir, name):
+    path = run_dir / name / "result.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def collect_results(run_dir, dataset, k, class_names):
+    """metrics.json's content from every finished stage of the run directory (whichever calls made them)."""
+    rows, sweep, degenerate = {}, {}, {}
+    for key in ("baseline", "pretrain", "coarse_ch", "main_ch", "coarse_cvc", "main_cvc", "ete"):
+        result = read_result(run_dir, key)
+        if result is not None:
+            rows[key] = result
+    for loss in ("eq3", "eq4"):
+        runs = [json.loads(p.read_text()) for p in run_dir.glob(f"ete_{loss}_x*/result.json")]
+        if not runs:
+            continue
+        runs.sort(key=lambda r: r["diversity"]["scale"])
+        selected = select_on_validation(runs)
+        sweep[loss] = {
+            "selected_scale": None if selected is None else selected["diversity"]["scale"],
+            "runs": [
+                {
+                    **r["diversity"],
+                    **{s: r[s] for s in ("train", "val", "test")},
+                    "val_used_over_1pct": r["usage"]["val"]["used_over_1pct"],
+                    "train_used": r["usage"]["train"]["used"],
+                }
+                for r in runs
+            ],
+        }
+        if selected is None:
+            print(f"warning: ETE {loss}: no diversity weight keeps two categories alive on validation", flush=True)
+        else:
+            rows[f"ete_{loss}"] = selected
+    metrics = {"dataset": dataset, "coarse_k": k}
+    categories = read_result(run_dir, "categories")
+    if categories is not None:
+        assignment = np.asarray(categories["assignment"])
+        metrics["ch_hierarchy"] = {
+            **{key: v for key, v in categories.items() if key != "cvc"},
+            "categories": {str(c + 1): [class_names[f] for f in np.flatnonzero(assignment == c)] for c in range(k)},
+        }
+        metrics["cvc_categories"] = {
+            split: balance_report(np.bincount(v, minlength=k)) for split, v in categories["cvc"].items()
+        }
+        degenerate["ch"] = degenerate_check("CH", np.bincount(assignment, minlength=k), "fine labels")
+        degenerate["cvc"] = degenerate_check("CVC", metrics["cvc_categories"]["train"]["counts"], "training images")
+    ete_runs = {key: rows[key] for key in ("ete",) if key in rows}
+    for p in sorted(run_dir.glob("ete_eq*_x*/result.json")):
+        ete_runs[p.parent.name] = json.loads(p.read_text())
+    for key, r in ete_runs.items():
+        degenerate[key] = degenerate_check(f"ETE {key}", r["usage"]["train"]["counts"], "training images")
+    degenerate = {key: v for key, v in degenerate.items() if v is not None}
+    for key, row in rows.items():
+        kind = "ch" if key.endswith("_ch") else "cvc" if key.endswith("_cvc") else None
+        if key.startswith("ete"):
+            kind = ete_stage_name(row["diversity"]["loss"], row["diversity"]["scale"])
+        row["degenerate"] = kind in degenerate
+
+    nested = ("hierarchical", "usage", "per_category")
+    metrics["accuracy"] = {key: {n: v for n, v in row.items() if n not in nested} for key, row in rows.items()}
+    metrics["hierarchical"] = {key: row["hierarchical"] for key, row in rows.items() if "hierarchical" in row}
+    metrics["coarse_per_category_accuracy"] = {
+        key.split("_")[1]: row["per_category"] for key, row in rows.items() if "per_category" in row
+    }
+    if "ete" in rows:
+        metrics["ete_coarse_usage"] = rows["ete"]["usage"]
+    metrics["ete_usage"] = {key: r["usage"] for key, r in ete_runs.items()}
+    metrics["ete_sweep"] = sweep
+    metrics["degenerate"] = degenerate
+    metrics["epoch_seconds_median"] = {key: v.get("epoch_seconds_median") for key, v in rows.items()}
+    metrics["paper_cifar100"] = {key: dict(zip(("train", "val", "test"), v)) for key, v in PAPER_ACCURACY.items()}
+    metrics["paper_epochs"] = PAPER_EPOCHS
+    return metrics
 
 
 def fmt(value):
     return "-" if value is None else f"{value:.2f}"
 
 
-def accuracy_table(rows, dataset, ete_usage, diversity):
+def degenerate_note(key, metrics):
+    kind = "ch" if key.endswith("_ch") else "cvc" if key.endswith("_cvc") else None
+    if key.startswith("ete"):
+        d = metrics["accuracy"][key]["diversity"]
+        kind = ete_stage_name(d["loss"], d["scale"])
+    entry = metrics["degenerate"].get(kind)
+    if entry is None:
+        return ""
+    return f" **degenerate: {entry['used']} of {entry['of']} coarse categories used**"
+
+
+def accuracy_table(metrics):
+    rows, dataset = metrics["accuracy"], metrics["dataset"]
     lines = [
         f"# Accuracy (%) on {dataset}" + (" (JPEG q75 copy)" if dataset == "cifar10" else ""),
         "",
@@ -640,59 +1013,191 @@ def accuracy_table(rows, dataset, ete_usage, diversity):
     ]
     for key, info in rows.items():
         paper = " / ".join(fmt(v) for v in PAPER_ACCURACY[key])
-        name = ROW_NAMES[key] + (f" (diversity {diversity})" if key == "ete" else "")
+        name = ROW_NAMES[key]
+        if key.startswith("ete_eq"):
+            name += f" (x{info['diversity']['scale']:g})"
         epochs = f"{info.get('epochs', '-')}" + (f" (best {info['best_epoch']})" if "best_epoch" in info else "")
         lines.append(
-            f"| {name} | {epochs} | {fmt(info['train'])} | {fmt(info['val'])} | {fmt(info['test'])} | {paper} |"
+            f"| {name}{degenerate_note(key, metrics)} | {epochs} | {fmt(info['train'])} | {fmt(info['val'])} "
+            f"| {fmt(info['test'])} | {paper} |"
         )
-    if ete_usage:
+    if metrics.get("ete_usage"):
         lines += ["", "ETE coarse categories actually used (argmax of the coarse softmax):", ""]
-        for split, u in ete_usage.items():
-            lines.append(
-                f"- {split}: {u['used']} used ({u['used_over_1pct']} with >= 1% of the images), "
-                f"counts {u['counts']}, mean max probability {u['mean_max_prob']:.3f}"
-            )
+        for key, usage in metrics["ete_usage"].items():
+            for split, u in usage.items():
+                lines.append(
+                    f"- {key}, {split}: {u['used']} used ({u['used_over_1pct']} with >= 1% of the images), "
+                    f"counts {u['counts']}, mean max probability {u['mean_max_prob']:.3f}"
+                )
     return "\n".join(lines) + "\n"
 
 
-def categories_text(ctx, hierarchy, cvc, report):
-    names, k = ctx["class_names"], ctx["args"].coarse_k
-    lines = []
-    if hierarchy is not None:
+def three_split_table(title, key, metrics, paper_epochs):
+    """One of Tables I, III-VII: train / validation / test, ours beside the paper's."""
+    info = metrics["accuracy"].get(key)
+    if info is None:
+        return [f"## {title}", "", "(not run)", ""]
+    paper = PAPER_ACCURACY[key]
+    epochs = f"{info.get('epochs', '-')}" + (f", best epoch {info['best_epoch']}" if "best_epoch" in info else "")
+    lines = [
+        f"## {title}{degenerate_note(key, metrics)}",
+        "",
+        "| Dataset | ours | paper (CIFAR-100) |",
+        "|---|---|---|",
+    ]
+    for name, split, p in zip(("Trainset", "Validation set", "Test set"), ("train", "val", "test"), paper):
+        lines.append(f"| {name} | {fmt(info[split])} | {fmt(p)} |")
+    lines += ["", f"Epochs: ours {epochs}; paper {paper_epochs}.", ""]
+    return lines
+
+
+def tables_text(metrics, class_names):
+    """Tables I-VII and Fig. 3 in the paper's layout, ours beside the paper's CIFAR-100 numbers."""
+    k = metrics["coarse_k"]
+    lines = [f"# Tables I-VII on {metrics['dataset']}, K = {k} (paper: CIFAR-100, K = 10)", ""]
+    lines += three_split_table("Table I. VGG16 baseline", "baseline", metrics, 81)
+    lines += three_split_table(
+        "Section IV.B text. Early-stopped VGG16 that builds CH / CVC", "pretrain", metrics, "not given"
+    )
+    lines += ["## Table II. CH category hierarchy", ""]
+    ch = metrics.get("ch_hierarchy")
+    if ch is None:
+        lines += ["(not run)", ""]
+    else:
+        note = " **degenerate**" if "ch" in metrics["degenerate"] else ""
         lines += [
-            "# CH category hierarchy (like Table II)",
+            (
+                f"Rule: --ch-rule {ch['ch_rule']}; restart {ch['chosen_restart']} of {len(ch['restarts'])} kept "
+                f"(most balanced on the training split){note}."
+            ),
             "",
-            f"Restart {report['chosen_restart']} of {len(report['restarts'])} kept (most balanced on the training split).",
-            "",
-            "| coarse category | fine labels | names |",
-            "|---|---|---|",
+            "| Category | fine labels |",
+            "|---|---|",
         ]
         for c in range(k):
-            members = [names[f] for f in np.flatnonzero(hierarchy.numpy() == c)]
-            lines.append(f"| {c + 1} | {len(members)} | {', '.join(members) or '(empty)'} |")
-        lines += ["", "| restart | labels per category | normalised entropy | empty |", "|---|---|---|---|"]
-        for r in report["restarts"]:
-            lines.append(f"| {r['restart']} | {r['counts']} | {r['normalised_entropy']:.3f} | {r['empty']} |")
-        if report.get("purity"):
-            lines += [
-                "",
-                "Purity against the dataset's built-in levels (share of fine labels whose category's "
-                "majority parent is their own): " + ", ".join(f"{lvl} {p:.2f}" for lvl, p in report["purity"].items()),
-            ]
-    if cvc is not None:
+            members = ch["categories"][str(c + 1)]
+            lines.append(f"| {c + 1} ({len(members)}) | {', '.join(members) or '(empty)'} |")
+        lines.append("")
+    lines += three_split_table("Table III. CH coarse network (VGG13)", "coarse_ch", metrics, 31)
+    lines += ["## Fig. 3. Coarse network accuracy per coarse category (%)", ""]
+    per_category = metrics["coarse_per_category_accuracy"]
+    if not per_category:
+        lines += ["(not run)", ""]
+    for kind, splits in per_category.items():
+        lines += [
+            f"{kind.upper()}:",
+            "",
+            "| split | " + " | ".join(str(c + 1) for c in range(k)) + " |",
+            "|---|" + "---|" * k,
+        ]
+        for split, accs in splits.items():
+            lines.append(f"| {split} | " + " | ".join(fmt(a) for a in accs) + " |")
+        lines.append("")
+    lines += three_split_table("Table IV. CH outer-product network", "main_ch", metrics, 66)
+    lines += three_split_table("Table V. CVC coarse network (VGG13)", "coarse_cvc", metrics, 32)
+    lines += three_split_table("Table VI. CVC outer-product network", "main_cvc", metrics, 76)
+    lines += three_split_table("Table VII. ETE end-to-end network, no diversity loss", "ete", metrics, 67)
+    for loss, eq in (("eq3", "Eq. 3"), ("eq4", "Eq. 4")):
+        sweep = metrics["ete_sweep"].get(loss)
+        if sweep is None:
+            continue
+        chosen = sweep["selected_scale"]
+        lines += three_split_table(
+            f"Table VII with the {eq} diversity loss (x{chosen:g}, chosen on validation)"
+            if chosen is not None
+            else f"Table VII with the {eq} diversity loss: no weight keeps two categories alive",
+            f"ete_{loss}",
+            metrics,
+            "67 (no numbers reported)",
+        )
+        lines += [
+            (
+                f"{eq} sweep (selection: highest validation accuracy among runs with >= 2 categories holding "
+                ">= 1% of the validation images; the test column is not used to select):"
+            ),
+            "",
+            "| factor | lambdas | categories used (train) | alive on validation | train | validation | test |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in sweep["runs"]:
+            lambdas = ", ".join(f"{n} {r[n]:.3g}" for n in ("lambda1", "lambda2", "lambda3", "lambda4") if n in r)
+            mark = " (chosen)" if r["scale"] == chosen else ""
+            lines.append(
+                f"| {r['scale']:g}{mark} | {lambdas} | {r['train_used']} of {k} | {r['val_used_over_1pct']} "
+                f"| {fmt(r['train'])} | {fmt(r['val'])} | {fmt(r['test'])} |"
+            )
+        lines.append("")
+    if metrics["ete_usage"]:
+        lines += ["ETE coarse categories used on the test split (argmax of the coarse softmax):", ""]
+        for key, usage in metrics["ete_usage"].items():
+            u = usage["test"]
+            lines.append(f"- {key}: {u['used']} of {k}, counts {u['counts']}")
+        lines.append("")
+    if metrics["degenerate"]:
+        lines += ["Degenerate coarse categories (empty, or all in one):", ""]
+        for key, d in metrics["degenerate"].items():
+            lines.append(f"- {key}: {d['used']} of {d['of']} used; {d['unit']} per category {d['per_category']}")
+        lines.append("")
+    hier = metrics["hierarchical"]
+    if hier:
+        names = [
+            n
+            for n in ("top1", "top5", "mistake_severity", "hdist@1", "hdist@5", "hf1")
+            if any(n in h for h in hier.values())
+        ]
+        lines += [
+            "## Hierarchical metrics on the test split (the dataset's own hierarchy)",
+            "",
+            "| network | " + " | ".join(names) + " | level accuracy |",
+            "|---|" + "---|" * (len(names) + 1),
+        ]
+        for key, h in hier.items():
+            levels = ", ".join(f"{n} {v:.2f}" for n, v in h.get("level_acc", {}).items())
+            lines.append(f"| {ROW_NAMES[key]} | " + " | ".join(fmt(h.get(n)) for n in names) + f" | {levels} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def categories_text(categories, class_names, k, train_fine, purity_by_level):
+    """The CH categories (Table II) with every restart's balance, and the CVC categories."""
+    names = class_names
+    hierarchy = np.asarray(categories["assignment"])
+    lines = [
+        "# CH category hierarchy (like Table II)",
+        "",
+        (
+            f"Rule --ch-rule {categories['ch_rule']}; restart {categories['chosen_restart']} of "
+            f"{len(categories['restarts'])} kept (most balanced on the training split)."
+        ),
+        "",
+        "| coarse category | fine labels | names |",
+        "|---|---|---|",
+    ]
+    for c in range(k):
+        members = [names[f] for f in np.flatnonzero(hierarchy == c)]
+        lines.append(f"| {c + 1} | {len(members)} | {', '.join(members) or '(empty)'} |")
+    lines += ["", "| restart | labels per category | normalised entropy | empty |", "|---|---|---|---|"]
+    for r in categories["restarts"]:
+        lines.append(f"| {r['restart']} | {r['counts']} | {r['normalised_entropy']:.3f} | {r['empty']} |")
+    if purity_by_level:
         lines += [
             "",
-            "# CVC coarse visual categories (per image, training split)",
-            "",
-            "| coarse category | images | most frequent fine labels (images) |",
-            "|---|---|---|",
+            "Purity against the dataset's built-in levels (share of fine labels whose category's "
+            "majority parent is their own): " + ", ".join(f"{lvl} {p:.2f}" for lvl, p in purity_by_level.items()),
         ]
-        train_fine = ctx["fine"]["train"]
-        for c in range(k):
-            members = train_fine[cvc["train"] == c]
-            counts = np.bincount(members.numpy(), minlength=len(names))
-            top = [f"{names[f]} ({counts[f]})" for f in np.argsort(-counts)[:5] if counts[f] > 0]
-            lines.append(f"| {c + 1} | {len(members)} | {', '.join(top) or '(empty)'} |")
+    lines += [
+        "",
+        "# CVC coarse visual categories (per image, training split)",
+        "",
+        "| coarse category | images | most frequent fine labels (images) |",
+        "|---|---|---|",
+    ]
+    cvc_train = torch.as_tensor(categories["cvc"]["train"])
+    for c in range(k):
+        members = train_fine[cvc_train == c]
+        counts = np.bincount(members.numpy(), minlength=len(names))
+        top = [f"{names[f]} ({counts[f]})" for f in np.argsort(-counts)[:5] if counts[f] > 0]
+        lines.append(f"| {c + 1} | {len(members)} | {', '.join(top) or '(empty)'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -723,15 +1228,17 @@ def main(argv=None):
     if args.dry_run:
         args.coarse_epochs = args.pretrain_epochs = args.recovery_epochs = 1
     methods = METHODS if args.method == "all" else (args.method,)
+
+    # 1. Data: the per-run, seeded, class-balanced train/validation split (400/100 per class on
+    #    CIFAR-100), normalised with the statistics of the whole training split.
     data = common.load_data(args)
     if data.train.images.shape[-1] < 32:
         common.fail(f"VGG's five max-pools need images of at least 32 pixels; got {data.train.images.shape[-1]}")
     if args.coarse_k > data.num_classes:
         common.fail(f"--coarse-k {args.coarse_k} is more than the {data.num_classes} fine classes")
-
-    # The per-run, seeded, class-balanced train/validation split (400/100 per class on CIFAR-100).
     val_idx, train_idx = common.stratified_split(data.train.labels.numpy(), args.val_per_class, seed=args.seed)
     splits = {"train": data.train.subset(train_idx), "val": data.train.subset(val_idx), "test": data.test}
+    mean, std = whole_set_channel_stats(splits["train"].images)
     max_batches = 2 if args.dry_run else None
 
     def train_loader(labels):
@@ -740,8 +1247,8 @@ def main(argv=None):
             labels,
             args.batch_size,
             device=device,
-            mean=data.mean,
-            std=data.std,
+            mean=mean,
+            std=std,
             train=True,
             crop_pad=4,
             flip=True,
@@ -753,13 +1260,13 @@ def main(argv=None):
     for name, split in splits.items():
         labels = (split.labels, torch.arange(len(split)))  # the index maps outputs back to images
         eval_loaders[name] = common.GpuLoader(
-            split.images, labels, args.batch_size, device=device, mean=data.mean, std=data.std, max_batches=max_batches
+            split.images, labels, args.batch_size, device=device, mean=mean, std=std, max_batches=max_batches
         )
         # CH/CVC need the coarse activations of every image, so "_full" is never truncated by --dry-run.
         eval_loaders[name + "_full"] = eval_loaders[name]
         if max_batches is not None:
             eval_loaders[name + "_full"] = common.GpuLoader(
-                split.images, labels, args.batch_size, device=device, mean=data.mean, std=data.std
+                split.images, labels, args.batch_size, device=device, mean=mean, std=std
             )
     ctx = {
         "args": args,
@@ -770,70 +1277,75 @@ def main(argv=None):
         "fine": {name: s.labels for name, s in splits.items()},
         "num_classes": data.num_classes,
         "class_names": data.class_names,
+        "hierarchy": data.hierarchy,
     }
     print(
         f"{data.name}: {len(splits['train'])} train / {len(splits['val'])} validation / {len(splits['test'])} test "
-        f"images, {data.num_classes} classes, K={args.coarse_k}, methods {', '.join(methods)}",
+        f"images, {data.num_classes} classes, K={args.coarse_k}, methods {', '.join(methods)}; "
+        f"L2 {args.weight_decay} ({args.wd_convention}), stopping {args.stopping}, CH rule {args.ch_rule}",
         flush=True,
     )
 
-    rows, per_category, metrics = {}, {}, {"dataset": data.name, "methods": list(methods), "coarse_k": args.coarse_k}
-    hierarchy = cvc = ete_usage = None
-    report = {}
+    # 2. Table I: the VGG16 baseline.
     if "baseline" in methods:
-        _, rows["baseline"] = train_fine_network(
-            ctx, "baseline", make_vgg(16, data.num_classes, 512, args.hidden, args.dropout)
-        )
+        train_fine_network(ctx, "baseline", make_vgg(16, data.num_classes, 512, args.hidden, args.dropout))
+
+    # 3. Fig. 2: an early-stopped VGG16, coarse + recovery layers, the CH hierarchy and CVC categories.
+    purity_by_level = {}
     if "ch" in methods or "cvc" in methods:
-        pretrained, rows["pretrain"] = train_fine_network(
+        pretrained, _ = train_fine_network(
             ctx,
             "pretrain",
             make_vgg(16, data.num_classes, 512, args.hidden, args.dropout),
-            epochs=args.pretrain_epochs,
             early_stopping=True,
+            keep_weights=True,
         )
-        hierarchy, cvc, report = build_coarse_categories(ctx, pretrained)
-        if data.hierarchy.n_levels > 1:
-            report["purity"] = {
-                data.hierarchy.level_names[l]: purity(hierarchy.numpy(), data.hierarchy.parents[l])
-                for l in range(data.hierarchy.n_levels - 1)
-            }
-        metrics["ch_hierarchy"] = {
-            "assignment": hierarchy.tolist(),
-            **report,
-            "categories": {
-                str(c + 1): [data.class_names[f] for f in np.flatnonzero(hierarchy.numpy() == c)]
-                for c in range(args.coarse_k)
-            },
+        hierarchy, cvc, _ = build_coarse_categories(ctx, pretrained)
+        purity_by_level = {
+            data.hierarchy.level_names[l]: purity(hierarchy.numpy(), data.hierarchy.parents[l])
+            for l in range(data.hierarchy.n_levels - 1)
         }
-        metrics["cvc_categories"] = {
-            split: balance_report(np.bincount(v.numpy(), minlength=args.coarse_k)) for split, v in cvc.items()
-        }
+
+        # 4. Tables III-VI: the VGG13 coarse network on the CH / CVC categories, then the composite.
         for kind in ("ch", "cvc"):
             if kind not in methods:
                 continue
-            targets = {s: torch.as_tensor(hierarchy)[y] for s, y in ctx["fine"].items()} if kind == "ch" else cvc
-            rows[f"coarse_{kind}"], rows[f"main_{kind}"], per_category[kind] = train_coarse_then_main(
-                ctx, kind, targets
-            )
-    if "ete" in methods:
-        rows["ete"], ete_usage = train_end_to_end(ctx)
-        metrics["ete_coarse_usage"] = ete_usage
+            if kind == "ch":
+                targets = {s: hierarchy[y] for s, y in ctx["fine"].items()}
+                level = matching_level(hierarchy.numpy(), data.hierarchy)
+            else:
+                targets, level = cvc, None  # per-image categories are never a level of a label hierarchy
+            train_coarse_then_main(ctx, kind, targets, level)
 
-    metrics["accuracy"] = rows
-    metrics["coarse_per_category_accuracy"] = per_category
-    metrics["epoch_seconds_median"] = {k: v.get("epoch_seconds_median") for k, v in rows.items()}
-    metrics["paper_cifar100"] = {k: dict(zip(("train", "val", "test"), v)) for k, v in PAPER_ACCURACY.items()}
+    # 5. Table VII: ETE without a diversity loss, and the Eq. 3 / Eq. 4 sweeps over the weight.
+    if "ete" in methods:
+        for loss in args.diversity:
+            for scale in [None] if loss == "none" else args.diversity_scales:
+                train_end_to_end(ctx, loss, scale)
+
+    # 6. Reports from every finished stage of the run directory.
+    metrics = collect_results(run_dir, data.name, args.coarse_k, data.class_names)
+    metrics["methods"] = list(methods)
+    metrics["settings"] = {
+        "wd_convention": args.wd_convention,
+        "weight_decay": args.weight_decay,
+        "stopping": args.stopping,
+        "ch_rule": args.ch_rule,
+        "normalisation": {"mean": mean, "std": std, "images": len(splits["train"])},
+    }
     common.write_json(run_dir / "metrics.json", metrics)
-    table = accuracy_table(rows, data.name, ete_usage, args.diversity)
+    table = accuracy_table(metrics)
     common.atomic_write_bytes(run_dir / "accuracy_table.md", table.encode())
-    if hierarchy is not None:
-        text = categories_text(ctx, hierarchy if "ch" in methods else None, cvc if "cvc" in methods else None, report)
+    common.atomic_write_bytes(run_dir / "tables.md", tables_text(metrics, data.class_names).encode())
+    categories = read_result(run_dir, "categories")
+    if categories is not None:
+        text = categories_text(categories, data.class_names, args.coarse_k, ctx["fine"]["train"], purity_by_level)
         common.atomic_write_bytes(run_dir / "coarse_categories.md", text.encode())
-    if per_category:
-        common.atomic_write_bytes(run_dir / "coarse_accuracy_per_category.md", per_category_text(per_category).encode())
+    if metrics["coarse_per_category_accuracy"]:
+        text = per_category_text(metrics["coarse_per_category_accuracy"])
+        common.atomic_write_bytes(run_dir / "coarse_accuracy_per_category.md", text.encode())
     print(table)
-    for key, info in rows.items():
+    for key, info in metrics["accuracy"].items():
         if "epoch_seconds_median" in info:
             print(
                 f"{key}: {info['epochs']} epochs, median {info['epoch_seconds_median']:.2f} s/epoch "

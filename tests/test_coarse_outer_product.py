@@ -1,6 +1,7 @@
 """Tests for coarse_outer_product.py: the outer-product layer, CH / CVC assignment, the diversity
 losses of Eq. 3 and Eq. 4, the frozen coarse network, and smoke runs of every method."""
 
+import copy
 import json
 
 import numpy as np
@@ -51,6 +52,95 @@ def test_cvc_assignment_is_per_image_whatever_the_label():
     activations = torch.tensor([[0.1, 2.0, 0.0], [3.0, 0.2, 0.1], [0.0, 0.0, 0.5], [0.0, 1.0, 0.9]])
     # images 0 and 1 share a label but fall into different categories
     np.testing.assert_array_equal(cop.cvc_assignment(activations).numpy(), [1, 0, 2, 1])
+
+
+def test_ch_rules_sum_and_vote_on_hand_built_activations():
+    # label 0: one image strongly on neuron 0, two weakly on neuron 1 -> sum picks 0 (5 > 2), vote picks 1 (2 > 1)
+    # label 1: two images on neuron 2, one all-zero image that abstains from the vote (it would favour neuron 0)
+    activations = torch.tensor(
+        [[5.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.4], [0.0, 0.0, 0.3], [0.0, 0.0, 0.0]]
+    )
+    labels = torch.tensor([0, 0, 0, 1, 1, 1])
+    np.testing.assert_array_equal(cop.ch_assignment(activations, labels, 2, "sum").numpy(), [0, 2])
+    np.testing.assert_array_equal(cop.ch_assignment(activations, labels, 2, "vote").numpy(), [1, 2])
+    # a label whose summed activation and vote agree gets the same neuron under both rules
+    agree = torch.tensor([[0.0, 3.0], [0.5, 2.0]])
+    for rule in ("sum", "vote"):
+        assert cop.ch_assignment(agree, torch.tensor([0, 0]), 1, rule).tolist() == [1]
+
+
+def test_keras_weight_decay_step_equals_the_gradient_of_the_l2_penalty():
+    torch.manual_seed(7)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3), torch.nn.Linear(3, 2))
+    reference = copy.deepcopy(net)
+    x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+    wd, lr = 1e-3, 0.1
+    # ours: the data loss only, the L2 in the optimizer's parameter groups (keras convention)
+    optimizer = torch.optim.SGD(cop.sgd_param_groups(net.parameters(), wd, "keras"), lr=lr, momentum=0.9)
+    F.cross_entropy(net(x), y).backward()
+    optimizer.step()
+    # reference: Keras' kernel_regularizer=l2(wd), i.e. + wd * sum(w^2) of the weight matrices in the loss
+    plain = torch.optim.SGD(reference.parameters(), lr=lr, momentum=0.9)
+    penalty = wd * sum((m.weight**2).sum() for m in reference if isinstance(m, torch.nn.Linear))
+    (F.cross_entropy(reference(x), y) + penalty).backward()
+    plain.step()
+    for ours, ref in zip(net.parameters(), reference.parameters()):
+        torch.testing.assert_close(ours, ref)
+    # the pytorch convention decays every parameter by wd (half the Keras gradient on the weights)
+    groups = cop.sgd_param_groups(net.parameters(), wd, "pytorch")
+    assert len(groups) == 1 and groups[0]["weight_decay"] == wd and len(groups[0]["params"]) == 6
+    keras = cop.sgd_param_groups(net.parameters(), wd, "keras")
+    assert [len(g["params"]) for g in keras] == [2, 4] and [g["weight_decay"] for g in keras] == [2 * wd, 0.0]
+
+
+def test_whole_set_channel_statistics():
+    # 12,000 images whose last 2,000 are much brighter in channel 0: the first 10k would miss them
+    gen = torch.Generator().manual_seed(8)
+    images = torch.randint(0, 100, (12000, 3, 4, 4), dtype=torch.uint8, generator=gen)
+    images[10000:, 0] += 150
+    mean, std = cop.whole_set_channel_stats(images, chunk=1000)
+    x = images.double() / 255
+    np.testing.assert_allclose(mean, x.mean((0, 2, 3)).numpy(), rtol=1e-9)
+    np.testing.assert_allclose(std, x.transpose(0, 1).reshape(3, -1).std(1).numpy(), rtol=1e-7)
+    first_10k, _ = common.channel_stats(images)
+    assert mean[0] > first_10k[0] + 0.05
+
+
+def test_degenerate_categories_warn_once(capsys):
+    assert cop.degenerate_check("CH", [3, 4, 5], "fine labels") is None
+    assert capsys.readouterr().out == ""
+    collapsed = cop.ch_assignment(torch.tensor([[1.0, 0.0, 0.0]] * 6), torch.arange(6), 6)  # every label to 0
+    entry = cop.degenerate_check("CH", np.bincount(collapsed.numpy(), minlength=3), "fine labels")
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: CH: degenerate")
+    assert entry["single"] and entry["used"] == 1 and entry["empty"] == 2
+    entry = cop.degenerate_check("CVC", [5, 0, 7], "training images")
+    assert not entry["single"] and entry["empty"] == 1
+
+
+def test_selection_on_validation_keeps_two_categories_alive():
+    def run(scale, val, test, alive):
+        return {"diversity": {"scale": scale}, "val": val, "test": test, "usage": {"val": {"used_over_1pct": alive}}}
+
+    runs = [run(0.1, 70.0, 90.0, 1), run(1.0, 65.0, 60.0, 3), run(10.0, 66.0, 50.0, 2)]
+    assert cop.select_on_validation(runs)["diversity"]["scale"] == 10.0  # not the collapsed one, not by test
+    assert cop.select_on_validation(runs[:1]) is None
+
+
+def test_matching_level_finds_a_partition_up_to_relabelling():
+    hierarchy = common.Hierarchy(["coarse", "fine"], [["a", "b"], list("wxyz")], [np.array([0, 0, 1, 1]), np.arange(4)])
+    level, to_level = cop.matching_level(np.array([1, 1, 0, 0]), hierarchy)
+    assert level == "coarse" and to_level.tolist() == [1, 0]
+    assert cop.matching_level(np.array([0, 1, 0, 1]), hierarchy) is None
+
+
+def test_epochs_follow_the_paper_per_table():
+    args = cop.get_args([])
+    counts = {n: cop.stage_epochs(args, n) for n in ("baseline", "coarse_ch", "main_ch", "coarse_cvc", "main_cvc")}
+    assert counts == {"baseline": 81, "coarse_ch": 31, "main_ch": 66, "coarse_cvc": 32, "main_cvc": 76}
+    assert cop.stage_epochs(args, "ete_eq4_x10") == 67 and args.stopping == "fixed"
+    args = cop.get_args(["--epochs", "5", "--coarse-epochs", "3"])
+    assert cop.stage_epochs(args, "main_cvc") == 5 and cop.stage_epochs(args, "coarse_ch") == 3
 
 
 def eq3_by_loops(o, lambda1, lambda2, lambda3):
@@ -176,10 +266,24 @@ def test_early_stopping_keeps_the_best_weights(tmp_path):
     assert torch.equal(best["weight"], torch.ones(1, 2))
 
 
+HIERARCHICAL_KEYS = {
+    "top1",
+    "top5",
+    "level_acc",
+    "mistake_severity",
+    "hdist@1",
+    "hdist@5",
+    "hprecision",
+    "hrecall",
+    "hf1",
+}
+
+
 @pytest.mark.parametrize("method", ["baseline", "ch", "cvc", "ete"])
 def test_smoke_each_method(tiny_vgg, tmp_path, method):
     out = tmp_path / method
-    metrics = cop.main(TINY + ["--method", method, "--out-dir", str(out), "--diversity", "eq3", "--dry-run"])
+    flags = ["--method", method, "--out-dir", str(out), "--diversity", "none", "eq3", "--diversity-scales", "30"]
+    metrics = cop.main(TINY + flags + ["--dry-run"])
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["accuracy"].keys() == metrics["accuracy"].keys()
     expected_rows = {
@@ -188,32 +292,59 @@ def test_smoke_each_method(tiny_vgg, tmp_path, method):
         "cvc": {"pretrain", "coarse_cvc", "main_cvc"},
         "ete": {"ete"},
     }[method]
-    assert set(saved["accuracy"]) == expected_rows
+    assert expected_rows <= set(saved["accuracy"]) <= expected_rows | {"ete_eq3"}
     for row in saved["accuracy"].values():
         assert all(0.0 <= row[s] <= 100.0 for s in ("train", "val", "test"))
         assert row["epoch_seconds_median"] > 0
+    fine_rows = expected_rows - {"coarse_ch", "coarse_cvc"}
+    assert set(saved["hierarchical"]) >= fine_rows
+    for h in saved["hierarchical"].values():  # common.hierarchical_metrics against the shapes levels
+        assert HIERARCHICAL_KEYS <= set(h) and set(h["level_acc"]) == set(common.shapes_hierarchy().level_names)
+    tables = (out / "tables.md").read_text()
+    for title in ("Table I.", "Table II.", "Table III.", "Table IV.", "Table V.", "Table VI.", "Table VII.", "Fig. 3."):
+        assert title in tables
     assert (out / "accuracy_table.md").is_file() and (out / "metrics.jsonl").is_file()
+    assert isinstance(saved["degenerate"], dict)
     if method in ("ch", "cvc"):
         text = (out / "coarse_categories.md").read_text()
-        assert ("CH category hierarchy" in text) == (method == "ch")
+        assert "CH category hierarchy" in text and "CVC coarse visual categories" in text
         per_category = saved["coarse_per_category_accuracy"][method]["test"]
         assert len(per_category) == 4
         assignment = saved["ch_hierarchy"]["assignment"]
         assert len(assignment) == 72 and set(assignment) <= set(range(4))
         assert len(saved["ch_hierarchy"]["restarts"]) == 2
+        # a collapsed or partly empty assignment is flagged in metrics.json and in the tables
+        counts = np.bincount(assignment, minlength=4)
+        assert ("ch" in saved["degenerate"]) == bool((counts == 0).any())
     if method == "ete":
         usage = saved["ete_coarse_usage"]["test"]
         assert 1 <= usage["used"] <= 4 and sum(usage["counts"]) > 0
+        sweep = saved["ete_sweep"]["eq3"]
+        assert [r["scale"] for r in sweep["runs"]] == [30.0]
+        assert sweep["runs"][0]["lambda1"] == pytest.approx(30 * 1e-3) and sweep["runs"][0]["lambda2"] == 3e-3
+        for key, usage in saved["ete_usage"].items():  # every collapsed ETE network is flagged
+            assert (key in saved["degenerate"]) == (usage["train"]["used"] < 4)
+            if key in saved["degenerate"]:
+                assert "degenerate" in tables
 
 
-def test_smoke_all_methods_then_resume(tiny_vgg, tmp_path):
+def test_smoke_one_method_per_call_then_all_then_resume(tiny_vgg, tmp_path):
     out = tmp_path / "all"
-    first = cop.main(TINY + ["--out-dir", str(out), "--diversity", "eq4", "--ch-restarts", "1", "--dry-run"])
-    assert set(first["accuracy"]) == {"baseline", "pretrain", "coarse_ch", "main_ch", "coarse_cvc", "main_cvc", "ete"}
-    for name in ("accuracy_table.md", "coarse_categories.md", "coarse_accuracy_per_category.md"):
+    flags = ["--diversity", "none", "eq4", "--diversity-scales", "1", "--ch-restarts", "1", "--dry-run"]
+    cop.main(TINY + ["--out-dir", str(out), "--method", "ch"] + flags)
+
+    def pretrain_lines():
+        return [line for line in (out / "metrics.jsonl").read_text().splitlines() if '"pretrain"' in line]
+
+    before = pretrain_lines()
+    # the next call in the same run directory reuses CH's early-stopped VGG16 and categories for CVC
+    first = cop.main(["--resume", str(out), "--method", "all"])
+    assert pretrain_lines() == before
+    assert {"baseline", "pretrain", "coarse_ch", "main_ch", "coarse_cvc", "main_cvc", "ete"} <= set(first["accuracy"])
+    for name in ("tables.md", "accuracy_table.md", "coarse_categories.md", "coarse_accuracy_per_category.md"):
         assert (out / name).is_file()
     lines = len((out / "metrics.jsonl").read_text().splitlines())
-    again = cop.main(["--resume", str(out)])  # every stage is finished: nothing is trained again
+    again = cop.main(["--resume", str(out), "--method", "all"])  # every stage is finished: nothing runs again
     assert len((out / "metrics.jsonl").read_text().splitlines()) == lines
     for key, row in first["accuracy"].items():
         assert again["accuracy"][key]["test"] == pytest.approx(row["test"])
