@@ -349,13 +349,6 @@ def alpha_errors(p_coarse, p_fine, y_coarse, y_fine, fine_to_coarse, alphas=ALPH
     return errors
 
 
-def inconsistency(p_coarse, p_fine, fine_to_coarse):
-    """Mean over samples of sum_i |P(c_i) - sum_{s(j)=i} P(f_j)| / 2 (0 = Equation 1 holds; Figure 1)."""
-    parent = torch.as_tensor(fine_to_coarse, dtype=torch.long)
-    q_coarse = torch.zeros_like(p_coarse).index_add_(1, parent, p_fine)
-    return 0.5 * (p_coarse - q_coarse).abs().sum(1).mean().item()
-
-
 def regularized_incomplete_beta(a, b, x):
     """I_x(a, b), by the continued fraction of Numerical Recipes (section 6.4), modified Lentz."""
     if x <= 0.0:
