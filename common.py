@@ -1467,6 +1467,102 @@ def level_accuracies(fine_scores, labels, hierarchy):
     return result
 
 
+def lca_heights(hierarchy):
+    """C x C int64 tensor: height of the lowest common ancestor of fine classes a and b.
+
+    Fine classes (leaves) sit at height 0 and an implicit root above the coarsest level at
+    height n_levels; two classes that first differ below k shared levels meet at height
+    n_levels - k (so 0 when a == b, n_levels when they differ already at level 0)."""
+    parents = torch.as_tensor(np.stack(hierarchy.parents))  # L x C
+    same = parents[:, :, None] == parents[:, None, :]  # L x C x C
+    shared_levels = same.long().cumprod(0).sum(0)  # leading levels, coarsest first, in common
+    return hierarchy.n_levels - shared_levels
+
+
+def shared_ancestors(hierarchy):
+    """C x C int64 tensor: size of the intersection of the two classes' ancestor sets.
+
+    A class's set holds its class at every level (itself included, the root excluded), so every
+    set has n_levels members."""
+    parents = torch.as_tensor(np.stack(hierarchy.parents))
+    return (parents[:, :, None] == parents[:, None, :]).long().sum(0)
+
+
+@torch.no_grad()
+def hierarchical_metrics(scores, labels, hierarchy, level_preds=None):
+    """Flat and hierarchical measures of fine-class scores; a JSON-ready dict.
+
+    scores: N x C logits or log-probabilities (argmax and top-k do not care; the level
+    accuracies soft-max them, as `level_accuracies` does, so pass log-probabilities rather than
+    probabilities). labels: N fine labels. level_preds: optional {level name: N labels predicted
+    at that level by the model's own level heads}.
+
+    top1, top5, level_acc ({level: %}, coarse scores = summed fine probabilities): in %.
+    mistake_severity: mean LCA height of predicted and true class over the top-1 mistakes only
+      (Bertinetto et al. 2020); None when there is no mistake (None, not NaN, to stay valid JSON).
+    hdist@1, hdist@5: mean LCA height between the true class and each of the k top-scored
+      classes, over all images (k capped at C).
+    hprecision, hrecall, hf1: each class augmented with its ancestors (root excluded), summed
+      intersections over summed set sizes, micro-averaged over images (Kosmopoulos et al. 2015),
+      in %. With one leaf label per image and every leaf at full depth both sets have n_levels
+      members, so the three are equal; they are kept apart to stay the measures as defined.
+    consistency (only with level_preds): % of images whose given level predictions all equal the
+      ancestors, at those levels, of the top-1 fine prediction."""
+    scores = torch.as_tensor(scores).float()
+    labels = torch.as_tensor(labels).long().reshape(-1)
+    n_classes = hierarchy.num_classes()
+    if scores.ndim != 2 or scores.shape[1] != n_classes:
+        fail(f"hierarchical_metrics: scores of shape {tuple(scores.shape)}, expected N x {n_classes}")
+    if len(labels) != len(scores) or len(labels) == 0:
+        fail(f"hierarchical_metrics: {len(labels)} labels for {len(scores)} score rows (need as many, at least one)")
+    heights = lca_heights(hierarchy).float()
+    pred = scores.argmax(1)
+    top = scores.topk(min(5, n_classes), 1).indices
+    mistakes = pred != labels
+    overlap = shared_ancestors(hierarchy)[pred, labels].sum().item()
+    set_size = hierarchy.n_levels * len(labels)  # every class's ancestor set has n_levels members
+    hprecision = 100.0 * overlap / set_size  # summed |pred set|
+    hrecall = 100.0 * overlap / set_size  # summed |true set|
+    result = {
+        "top1": accuracy(scores, labels),
+        "top5": topk_accuracy(scores, labels, 5),
+        "level_acc": level_accuracies(scores, labels, hierarchy),
+        "mistake_severity": heights[pred[mistakes], labels[mistakes]].mean().item() if mistakes.any() else None,
+        "hdist@1": heights[pred, labels].mean().item(),
+        "hdist@5": heights[top, labels[:, None]].mean().item(),
+        "hprecision": hprecision,
+        "hrecall": hrecall,
+        "hf1": 2 * hprecision * hrecall / (hprecision + hrecall) if hprecision + hrecall > 0 else 0.0,
+    }
+    if level_preds is not None:
+        if not level_preds:
+            fail("hierarchical_metrics: level_preds is empty; pass None when the model has no level heads")
+        agree = torch.ones(len(labels), dtype=torch.bool)
+        for name, level_pred in level_preds.items():
+            if name not in hierarchy.level_names:
+                fail(f"hierarchical_metrics: level {name!r} not in the hierarchy's levels {hierarchy.level_names}")
+            level_pred = torch.as_tensor(level_pred).long().reshape(-1)
+            if len(level_pred) != len(labels):
+                fail(f"hierarchical_metrics: {len(level_pred)} '{name}' predictions for {len(labels)} images")
+            agree &= level_pred == hierarchy.labels(name, pred)
+        result["consistency"] = 100.0 * agree.float().mean().item()
+    return result
+
+
+def format_hierarchical_metrics(m):
+    """One line for logs: top-1/5, level accuracies, severity, hdist@k, hP/hR/hF, consistency."""
+    levels = " ".join(f"{name} {acc:.2f}" for name, acc in m["level_acc"].items())
+    severity = "-" if m["mistake_severity"] is None else f"{m['mistake_severity']:.3f}"
+    line = (
+        f"top1 {m['top1']:.2f} top5 {m['top5']:.2f} | levels {levels} | severity {severity}"
+        f" hdist@1 {m['hdist@1']:.3f} hdist@5 {m['hdist@5']:.3f}"
+        f" | hP {m['hprecision']:.2f} hR {m['hrecall']:.2f} hF1 {m['hf1']:.2f}"
+    )
+    if "consistency" in m:
+        line += f" | consistency {m['consistency']:.2f}"
+    return line
+
+
 @torch.no_grad()
 def measure_throughput(forward, x, *, device, dtype="bf16", iters=20, warmup=5):
     """Inference images/s of forward on the batch x (device-synchronised wall clock)."""

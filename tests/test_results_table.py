@@ -69,3 +69,53 @@ def test_collect_copies_finished_runs_without_checkpoints(tmp_path):
         "done/train.log",
     ]
     assert json.loads((results / "done" / "run.json").read_text())["name"] == "done"
+
+
+def test_severity_column_only_where_a_run_carries_it(tmp_path):
+    import shutil
+
+    tool = load_tool()
+    for run in ("hdl_stack_shapes", "hdl_stack_cifar10", "merged_resnet_shapes", "coarse_outer_product_shapes"):
+        shutil.copytree(ROOT / "results" / run, tmp_path / run)
+    before = tool.section(tmp_path)
+    assert tool.SEVERITY_HEADER not in before
+    # A newer hdl_stack_shapes run: a hierarchical_metrics dict per model, and one with no mistakes.
+    path = tmp_path / "hdl_stack_shapes" / "metrics.json"
+    m = json.loads(path.read_text())
+    m["baseline"]["hierarchical"] = {"top1": 99.0, "mistake_severity": 1.5}
+    m["hdl"]["hierarchical"] = {"top1": 100.0, "mistake_severity": None}
+    path.write_text(json.dumps(m))
+    # A newer merged run: per architecture, at alpha 0 and at the chosen alpha.
+    path = tmp_path / "merged_resnet_shapes" / "metrics.json"
+    m = json.loads(path.read_text())
+    archs = list(m["costs"])
+    m["hierarchical_metrics"] = {
+        a: {"alpha": 0.5, "at_alpha0": {"mistake_severity": 1.0 + i}, "at_alpha": {"mistake_severity": 0.25 + i}}
+        for i, a in enumerate(archs)
+    }
+    path.write_text(json.dumps(m))
+    after = tool.section(tmp_path)
+
+    hdl = after.split("### Hierarchical deep loss")[1].split("\n\n")[1].splitlines()
+    assert hdl[0].endswith(f"| wall | {tool.SEVERITY_HEADER} |") and hdl[1] == "| --- " * 7 + "|"
+    shapes_row = next(line for line in hdl if "--dataset shapes" in line)
+    cifar_row = next(line for line in hdl if "--dataset cifar10" in line)
+    assert shapes_row.endswith("| baseline 1.50, hdl - |")
+    assert cifar_row.endswith(" |  |")  # the older run: blank
+    assert all(line.count("|") == 8 for line in hdl)
+    merged = after.split("### Merged coarse/fine")[1].split("\n\n")[1].splitlines()
+    for i, a in enumerate(archs):
+        line = next(line for line in merged if f"| {a} |" in line)
+        assert line.endswith(f"| at_alpha0 {1.0 + i:.2f}, at_alpha {0.25 + i:.2f} |")
+    # Tables without any severity stay as they were.
+    part = "### Coarse network x VGG16"
+    assert after.split(part)[1].split("###")[0] == before.split(part)[1].split("###")[0]
+
+
+def test_severity_cell_names_by_the_distinguishing_keys():
+    tool = load_tool()
+    assert tool.severity_cell({"acc": 90.0}) == ""
+    assert tool.severity_cell({"hierarchical": {"mistake_severity": 2.0}}) == "2.00"
+    m = {"hierarchical": {"backbone": {"mistake_severity": 2.0}, "slow": {"mistake_severity": 1.25}}}
+    assert tool.severity_cell(m) == "backbone 2.00, slow 1.25"
+    assert tool.severity_cell(m, within="slow") == "1.25"

@@ -122,7 +122,7 @@ JOBS = {
 }
 
 ROOT = Path(__file__).resolve().parent.parent
-RUNS = ROOT / "runs" / "gpu"
+RUNS = ROOT / "runs" / "gpu"  # --runs-dir moves it (on the GPU machine: outside the checkout)
 
 
 def sh(cmd):
@@ -154,10 +154,22 @@ def stop_mps():
     subprocess.run("echo quit | nvidia-cuda-mps-control", shell=True)
 
 
+def link_data(data_root):
+    """Link each dataset folder of data_root (e.g. /root/data, unpacked there) into ROOT/data."""
+    (ROOT / "data").mkdir(exist_ok=True)
+    for name in ("cifar-100-python", "cifar-10-batches-py", "MNIST"):
+        src, dst = Path(data_root) / name, ROOT / "data" / name
+        if src.is_dir() and not dst.exists():
+            dst.symlink_to(src.resolve(), target_is_directory=True)
+            print(f"data/{name} -> {src}", flush=True)
+
+
 def ensure_cifar10():
+    npz = ROOT / "data" / "cifar10_jpeg.npz"
+    if not npz.exists():
+        return  # the CIFAR-10 jobs then fail with the loader's own message
     if (ROOT / "data" / "cifar-10-batches-py" / "test_batch").exists():
         return
-    npz = ROOT / "data" / "cifar10_jpeg.npz"
     unpack = ROOT / "data" / "unpack_cifar10_jpeg.py"  # carried beside the npz (shared/data/ has both)
     subprocess.run(
         [sys.executable, str(unpack), str(ROOT / "data"), "--format", "cifar", "--npz", str(npz)], check=True
@@ -167,8 +179,8 @@ def ensure_cifar10():
 def command(name):
     run_dir = RUNS / name
     if (run_dir / "args.json").exists():
-        return [sys.executable, JOBS[name][0], "--resume", str(run_dir.relative_to(ROOT))]
-    return [sys.executable, *JOBS[name], "--out-dir", str(run_dir.relative_to(ROOT))]
+        return [sys.executable, JOBS[name][0], "--resume", str(run_dir)]
+    return [sys.executable, *JOBS[name], "--out-dir", str(run_dir)]
 
 
 def record(name, **update):
@@ -229,7 +241,12 @@ def main(argv=None):
     p.add_argument("--no-mps", action="store_true")
     p.add_argument("--list", action="store_true")
     p.add_argument("--collect", metavar="DIR", help="copy the finished runs unpacked in DIR into results/")
+    p.add_argument("--runs-dir", default=None, help="where the jobs' run directories live (default runs/gpu)")
+    p.add_argument("--data-root", default=None, help="link the datasets unpacked in this folder into data/")
     a = p.parse_args(argv)
+    global RUNS
+    if a.runs_dir:
+        RUNS = Path(a.runs_dir).resolve()
     if a.collect:
         for name in collect(a.collect):
             print(f"results/{name}")
@@ -241,6 +258,8 @@ def main(argv=None):
     t0 = time.time()
     os.chdir(ROOT)
     os.environ["PYTHONUNBUFFERED"] = "1"
+    if a.data_root:
+        link_data(a.data_root)
     ensure_cifar10()
     RUNS.mkdir(parents=True, exist_ok=True)
     mps = False if a.no_mps else start_mps()

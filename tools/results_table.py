@@ -36,27 +36,72 @@ def row(cells):
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
+def severities(m, within=None):
+    """Every mistake severity in a run's metrics (common.hierarchical_metrics dicts, wherever the
+    script put them) as [(key path, value)], in file order; `within`: only paths through that key."""
+    found = []
+
+    def walk(node, path):
+        if "mistake_severity" in node:
+            found.append((path, node["mistake_severity"]))
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, path + (key,))
+
+    walk(m, ())
+    return [(path, value) for path, value in found if within is None or within in path]
+
+
+def severity_cell(m, within=None):
+    """'baseline 1.52, hdl 1.31': each severity named by the keys that set its path apart from the
+    others' (the bare value when there is one); blank for a run without any (older runs)."""
+    found = severities(m, within)
+    if not found:
+        return ""
+    paths = [path for path, _ in found]
+    shortest = min(len(path) for path in paths)
+    head = next((i for i in range(shortest) if len({path[i] for path in paths}) > 1), shortest)
+    tail = next((i for i in range(shortest - head) if len({path[-1 - i] for path in paths}) > 1), shortest - head)
+    cells = []
+    for path, value in found:
+        name = "/".join(path[head : len(path) - tail])
+        number = "-" if value is None else f2(value)  # None: no mistakes at all
+        cells.append(f"{name} {number}" if name else number)
+    return ", ".join(cells)
+
+
+SEVERITY_HEADER = "mistake severity"
+
+
+def with_severity(header, body):
+    """Table lines; the last cell of each body row is its severity cell, kept as a last column only
+    when some row has one (so tables of runs from before the measure are unchanged)."""
+    keep = any(cells[-1] for cells in body)
+    if keep:
+        header = header + [SEVERITY_HEADER]
+    return [row(header), row(["---"] * len(header))] + [row(cells if keep else cells[:-1]) for cells in body]
+
+
 def hiernet_rows(results, runs):
     out = []
     for run in runs:
         m, info = load(run, results)
         if m is None:
-            out.append(row([f"`{run}`", "not run yet", "", "", "", "", "", ""]))
+            out.append([f"`{run}`", "not run yet", "", "", "", "", "", "", ""])
             continue
         tree = " / ".join(str(s) for s in m["group_sizes"])
         out.append(
-            row(
-                [
-                    f"`{info['command']}`",
-                    m["n_groups"],
-                    tree,
-                    f2(m["backbone_acc"]),
-                    f2(m["slow_acc"]),
-                    f2(m["fast_acc"]),
-                    f2(m["superclass_acc"]),
-                    f"{m['backbone_epoch_seconds']:.1f} / {m['hiernet_epoch_seconds']:.1f} s; {wall(info)}",
-                ]
-            )
+            [
+                f"`{info['command']}`",
+                m["n_groups"],
+                tree,
+                f2(m["backbone_acc"]),
+                f2(m["slow_acc"]),
+                f2(m["fast_acc"]),
+                f2(m["superclass_acc"]),
+                f"{m['backbone_epoch_seconds']:.1f} / {m['hiernet_epoch_seconds']:.1f} s; {wall(info)}",
+                severity_cell(m),
+            ]
         )
     return out
 
@@ -89,22 +134,21 @@ def section(results):
     lines += [
         "### HierNet (`hiernet.py`), accuracy % on the test half (5k images for CIFAR-10)",
         "",
-        row(
-            [
-                "command",
-                "groups",
-                "group sizes",
-                "backbone",
-                "slow",
-                "fast",
-                "super-class",
-                "epoch (backbone / HierNet); wall",
-            ]
-        ),
-        row(["---"] * 8),
     ]
     hiernet_runs = ["hiernet_cifar10_n3", "hiernet_cifar10_n3_pmin0.075", "hiernet_cifar10_n9", "hiernet_shapes"]
-    lines += hiernet_rows(results, hiernet_runs)
+    lines += with_severity(
+        [
+            "command",
+            "groups",
+            "group sizes",
+            "backbone",
+            "slow",
+            "fast",
+            "super-class",
+            "epoch (backbone / HierNet); wall",
+        ],
+        hiernet_rows(results, hiernet_runs),
+    )
     missing = [f"`{run}`" for run in hiernet_runs if load(run, results)[0] is None]
     lines += [
         "",
@@ -120,26 +164,25 @@ def section(results):
     lines += [
         "### Latent hierarchy strings (`latent_string.py`), test accuracy %",
         "",
-        row(["command", "FC", "LH", "reduced FC", "LH random code", "LH / FC params", "wall"]),
-        row(["---"] * 7),
     ]
+    body = []
     for r, ri in ((m, info), (s, sinfo)):
         if r is not None:
-            lines.append(
-                row(
-                    [
-                        f"`{ri['command']}`",
-                        f2(r["fc_test_acc"]),
-                        f2(r["lh_test_acc"]),
-                        f2(r["reduced_fc_test_acc"]),
-                        f2(r["random_code"]["exact_match_acc"]),
-                        f"{r['params']['lh_classifier']:,} / {r['params']['fc_classifier']:,}",
-                        wall(ri),
-                    ]
-                )
+            body.append(
+                [
+                    f"`{ri['command']}`",
+                    f2(r["fc_test_acc"]),
+                    f2(r["lh_test_acc"]),
+                    f2(r["reduced_fc_test_acc"]),
+                    f2(r["random_code"]["exact_match_acc"]),
+                    f"{r['params']['lh_classifier']:,} / {r['params']['fc_classifier']:,}",
+                    wall(ri),
+                    severity_cell(r),
+                ]
             )
+    body.append(["paper, original CIFAR-10 (Table III)", "90.43", "90.51", "88.4", "", "6 K / 1.58 M", "", ""])
+    lines += with_severity(["command", "FC", "LH", "reduced FC", "LH random code", "LH / FC params", "wall"], body)
     lines += [
-        row(["paper, original CIFAR-10 (Table III)", "90.43", "90.51", "88.4", "", "6 K / 1.58 M", ""]),
         "",
         "Learnt prefix tree and codes: `results/latent_string_cifar10/prefix_tree.txt`; bits sweep: "
         "`bits_sweep.tsv`. Not run: MNIST and CIFAR-100 (not on these machines).",
@@ -149,18 +192,8 @@ def section(results):
     lines += [
         "### Merged coarse/fine networks (`merged_resnet.py`), top-1 error %, mean over runs",
         "",
-        row(
-            [
-                "run",
-                "architecture",
-                "params",
-                "train s",
-                "coarse: alpha 0 -> best (alpha)",
-                "fine: alpha 0 -> best (alpha)",
-            ]
-        ),
-        row(["---"] * 6),
     ]
+    body = []
     for run in ("merged_resnet_cifar10", "merged_resnet_shapes"):
         m, info = load(run, results)
         if m is None:
@@ -170,9 +203,25 @@ def section(results):
             for level in ("coarse", "fine"):
                 b = m["best_alpha"][f"{arch}/ensemble-1/{level}"]
                 cells.append(f"{f2(b['test_err_alpha0_mean'])} -> {f2(b['test_err_mean'])} ({b['alpha']:.1f})")
-            lines.append(
-                row([f"`{run}`", arch, f"{cost['parameters']:,}", f"{cost['steady_train_seconds']:.0f}", *cells])
+            body.append(
+                [
+                    f"`{run}`",
+                    arch,
+                    f"{cost['parameters']:,}",
+                    f"{cost['steady_train_seconds']:.0f}",
+                    *cells,
+                    severity_cell(m, within=arch),
+                ]
             )
+    header = [
+        "run",
+        "architecture",
+        "params",
+        "train s",
+        "coarse: alpha 0 -> best (alpha)",
+        "fine: alpha 0 -> best (alpha)",
+    ]
+    lines += with_severity(header, body)
     runs = [load(r, results)[1] for r in ("merged_resnet_cifar10", "merged_resnet_shapes")]
     commands = [info["command"] for info in runs if info is not None]
     lines += [
@@ -186,63 +235,60 @@ def section(results):
     lines += [
         "### Coarse network x VGG16 by outer product (`coarse_outer_product.py`), test accuracy %",
         "",
-        row(
-            [
-                "run",
-                "baseline",
-                "CH",
-                "CVC",
-                "ETE",
-                "CH coarse net",
-                "CVC coarse net",
-                "ETE categories used",
-                "epoch s (baseline / CH / ETE)",
-                "wall",
-            ]
-        ),
-        row(["---"] * 10),
     ]
+    body = []
     for run in ("coarse_outer_product_cifar10", "coarse_outer_product_shapes"):
         m, info = load(run, results)
         if m is None:
             continue
         a = m["accuracy"]
         used = m["ete_coarse_usage"]["test"]["used"]
-        lines.append(
-            row(
-                [
-                    f"`{info['command']}`",
-                    f2(a["baseline"]["test"]),
-                    f2(a["main_ch"]["test"]),
-                    f2(a["main_cvc"]["test"]),
-                    f2(a["ete"]["test"]),
-                    f2(a["coarse_ch"]["test"]),
-                    f2(a["coarse_cvc"]["test"]),
-                    f"{used} of {m['coarse_k']}",
-                    " / ".join(f"{m['epoch_seconds_median'][k]:.1f}" for k in ("baseline", "main_ch", "ete")),
-                    wall(info),
-                ]
-            )
+        body.append(
+            [
+                f"`{info['command']}`",
+                f2(a["baseline"]["test"]),
+                f2(a["main_ch"]["test"]),
+                f2(a["main_cvc"]["test"]),
+                f2(a["ete"]["test"]),
+                f2(a["coarse_ch"]["test"]),
+                f2(a["coarse_cvc"]["test"]),
+                f"{used} of {m['coarse_k']}",
+                " / ".join(f"{m['epoch_seconds_median'][k]:.1f}" for k in ("baseline", "main_ch", "ete")),
+                wall(info),
+                severity_cell(m),
+            ]
         )
     paper = load("coarse_outer_product_cifar10", results)[0] or load("coarse_outer_product_shapes", results)[0]
     if paper:
         p = paper["paper_cifar100"]
-        lines.append(
-            row(
-                [
-                    "paper, CIFAR-100, K=10",
-                    p["baseline"]["test"],
-                    p["main_ch"]["test"],
-                    p["main_cvc"]["test"],
-                    p["ete"]["test"],
-                    p["coarse_ch"]["test"],
-                    p["coarse_cvc"]["test"],
-                    "1 of 10",
-                    "",
-                    "",
-                ]
-            )
+        body.append(
+            [
+                "paper, CIFAR-100, K=10",
+                p["baseline"]["test"],
+                p["main_ch"]["test"],
+                p["main_cvc"]["test"],
+                p["ete"]["test"],
+                p["coarse_ch"]["test"],
+                p["coarse_cvc"]["test"],
+                "1 of 10",
+                "",
+                "",
+                "",
+            ]
         )
+    header = [
+        "run",
+        "baseline",
+        "CH",
+        "CVC",
+        "ETE",
+        "CH coarse net",
+        "CVC coarse net",
+        "ETE categories used",
+        "epoch s (baseline / CH / ETE)",
+        "wall",
+    ]
+    lines += with_severity(header, body)
     lines += [
         "",
         "Epoch seconds are medians (other jobs shared the GPU); every network's are in `metrics.json` "
@@ -253,31 +299,30 @@ def section(results):
     lines += [
         "### Hierarchical deep loss (`hdl_stack.py`), test error %",
         "",
-        row(["command", "baseline fine", "HDL fine", "HDL level heads", "HDL violations", "wall"]),
-        row(["---"] * 6),
     ]
+    body = []
     for run in ("hdl_stack_shapes", "hdl_stack_cifar10"):
         m, info = load(run, results)
         if m is None:
             continue
         levels = ", ".join(f"{k} {f2(v)}" for k, v in m["hdl"]["level_error"].items())
-        lines.append(
-            row(
-                [
-                    f"`{info['command']}`",
-                    f2(m["baseline"]["fine_error"]),
-                    f2(m["hdl"]["fine_error"]),
-                    levels,
-                    f2(m["hdl"]["violation_rate"]["with_fine"]),
-                    wall(info),
-                ]
-            )
+        body.append(
+            [
+                f"`{info['command']}`",
+                f2(m["baseline"]["fine_error"]),
+                f2(m["hdl"]["fine_error"]),
+                levels,
+                f2(m["hdl"]["violation_rate"]["with_fine"]),
+                wall(info),
+                severity_cell(m),
+            ]
         )
-    lines += [
-        row(["paper, shapes (Table 4)", "", "", "fill 0, outline 0, shape 0", "", ""]),
-        row(["paper, CIFAR-100 ResNet-18, 800 epochs (Table 3)", "35.70", "35.70", "12.23 / 11.43 / 1.20", "", ""]),
-        "",
+    body += [
+        ["paper, shapes (Table 4)", "", "", "fill 0, outline 0, shape 0", "", "", ""],
+        ["paper, CIFAR-100 ResNet-18, 800 epochs (Table 3)", "35.70", "35.70", "12.23 / 11.43 / 1.20", "", "", ""],
     ]
+    lines += with_severity(["command", "baseline fine", "HDL fine", "HDL level heads", "HDL violations", "wall"], body)
+    lines += [""]
 
     bench = results / "bench.json"
     if bench.exists():
