@@ -95,7 +95,7 @@ Paper vs ours
 - Training time is the sum of the per-epoch wall times that common.fit logs (training only, no
   evaluation), bf16 autocast and a CUDA graph per train step on GPU. Models trained by processes
   sharing a GPU have longer epochs than one alone.
-- Consistency (metrics.json): common.hierarchical_metrics on the (adapted) fine probabilities with
+- Consistency (metrics.json): common.hierarchical_metrics on the (adapted) fine log-probabilities, with
   the coarse head's own (adapted) prediction as level_preds: the share of images whose coarse
   prediction is the parent of the fine one.
 """
@@ -688,11 +688,13 @@ def t_tests(curves, reference, level_names, ttest_alpha):
 
 
 def mean_of_records(records):
-    """Mean over runs of every number in a list of equally shaped (nested) dicts."""
+    """Mean over runs of every number in a list of equally shaped (nested) dicts; None (e.g. the
+    mistake severity of a run without mistakes) is left out, and stays None when all are."""
     first = records[0]
     if isinstance(first, dict):
         return {k: mean_of_records([r[k] for r in records]) for k in first}
-    return float(np.mean(records))
+    values = [v for v in records if v is not None]
+    return float(np.mean(values)) if values else None
 
 
 def hierarchy_metrics(models, labels, architectures, runs, alpha):
@@ -715,7 +717,8 @@ def hierarchy_metrics(models, labels, architectures, runs, alpha):
                 p_coarse, p_fine = probabilities(models[architecture, run], "test")
                 adj_coarse, adj_fine = classifier_adaptation(p_coarse, p_fine, fine_to_coarse, a)
                 level_preds = {hierarchy.level_names[0]: adj_coarse.argmax(1)}
-                per_run.append(common.hierarchical_metrics(adj_fine, y_fine, hierarchy, level_preds=level_preds))
+                log_fine = adj_fine.clamp(min=1e-30).log()  # it soft-maxes scores: log-probabilities
+                per_run.append(common.hierarchical_metrics(log_fine, y_fine, hierarchy, level_preds=level_preds))
             entry[name] = mean_of_records(per_run)
         result[architecture] = entry
     return result
@@ -795,7 +798,7 @@ def analyze(args, run_dir):
                 probs = [probabilities(models[architecture, run], split) for run in range(args.runs)]
                 members, errors = ensemble_errors(probs, (y["coarse"], y["fine"]), fine_to_coarse, size)
                 curves[architecture, size][split] = errors  # combinations x alphas x 2
-            curves[architecture, size]["members"] = members
+            curves[architecture, size]["members"] = [list(m) for m in members]  # run indices
     costs = {}
     for architecture in args.architectures:
         records = [models[architecture, run] for run in range(args.runs)]
