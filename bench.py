@@ -18,13 +18,23 @@ CPU smoke: python bench.py --hiernet --hiernet-n 1 --hiernet-split 1 --hiernet-e
 
 The images are CIFAR-10's when --data-dir holds them (any pickle copy), else random uint8
 images of the same shape: the throughput does not depend on the pixel values.
+
+--mps K [K ...]: the total training images/s of K processes sharing the GPU (through MPS when its
+control daemon runs, else time-sliced), each running (b) on its own model for --steps steps after
+--warmup; the K processes start timing together, and the total is their images over the wall time
+of the slowest. Writes --mps-out with whether the MPS daemon was found:
+    python bench.py --mps 1 2 4 --mps-config preact164:128 --mps-config densenet100:128
 """
 
 import argparse
 import copy
+import json
 import os
 import platform
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -62,6 +72,12 @@ def get_args(argv=None):
     h.add_argument("--groups", type=common.positive_int, nargs="+", default=[8, 20], help="group counts (100 classes)")
     h.add_argument("--batch", type=common.positive_int, default=128, help="training batch")
     h.add_argument("--image-size", type=common.positive_int, default=32)
+    p.add_argument(
+        "--mps", type=common.positive_int, nargs="+", default=None, metavar="K", help="K training processes at once"
+    )
+    p.add_argument("--mps-config", action="append", default=None, help="backbone:batch for --mps (repeatable)")
+    p.add_argument("--mps-out", default="results/bench_mps.json")
+    p.add_argument("--mps-worker", default=None, help=argparse.SUPPRESS)  # one of the K processes
     args = p.parse_args(argv)
     args.out = args.out or ("results/bench_hiernet.json" if args.hiernet else "results/bench.json")
     args.config = args.config or ["resnet56:128", "resnet56:512", "vgg16:128"]
@@ -253,8 +269,193 @@ def bench_hiernet(args, device):
     return result
 
 
+# ---------------------------------------------------------------------------------------
+# K training processes sharing the GPU (MPS)
+# ---------------------------------------------------------------------------------------
+
+MPS_BACKBONES = {  # CIFAR-100's 100 classes, as in the sweeps
+    "preact164": lambda: common.PreActResNetCifar(164, 100),
+    "densenet100": lambda: common.DenseNetBC(100, 12, 100),
+    "preact11": lambda: common.PreActResNetCifar(11, 100),  # tiny, for a CPU smoke test
+}
+MPS_CONFIGS = ["preact164:128", "densenet100:128"]
+
+
+def mps_status():
+    """Whether the MPS control daemon and server run (by process name) and whether this process's
+    clients will find the daemon's pipe (CUDA_MPS_PIPE_DIRECTORY, default /tmp/nvidia-mps)."""
+    names = set()
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                argv0 = (proc / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            except OSError:  # the process ended meanwhile, or is not ours to read
+                continue
+            names.add(os.path.basename(argv0))
+    pipe_dir = os.environ.get("CUDA_MPS_PIPE_DIRECTORY", "/tmp/nvidia-mps")
+    daemon = "nvidia-cuda-mps-control" in names
+    pipe = os.path.exists(os.path.join(pipe_dir, "control"))
+    return {
+        "control_daemon_running": daemon,
+        "server_running": "nvidia-cuda-mps-server" in names,
+        "pipe_directory": pipe_dir,
+        "pipe_found": pipe,
+        "clients_use_mps": daemon and pipe,
+    }
+
+
+def mps_worker(args):
+    """One of the K processes: warm up, say READY, wait for the go line on stdin, time the steps,
+    print RESULT {start, end, images} (wall-clock seconds, comparable across processes)."""
+    name, batch, rank = args.mps_worker.split(":")
+    batch, rank = int(batch), int(rank)
+    common.seed_everything(rank)
+    device = common.get_device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    g = torch.Generator().manual_seed(rank)
+    n = min(50000, batch * (args.steps + args.warmup))
+    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 100, (n,), generator=g)
+    model = common.to_device_model(MPS_BACKBONES[name](), device)
+    opt = common.make_sgd(model.parameters(), 0.1)
+    step = common.make_train_step(model, common.cross_entropy_loss, opt, device=device, cuda_graph=True)
+    loader = common.GpuLoader(
+        images, labels, batch, device=device, mean=(0.5,) * 3, std=(0.25,) * 3, train=True, crop_pad=4, flip=True
+    )
+    total = torch.zeros((), device=device)
+    batches = iter(loader)
+
+    def run_step():
+        nonlocal batches, total
+        try:
+            x, y = next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            x, y = next(batches)
+        total = total + step(x, y)["loss"]
+
+    for _ in range(args.warmup):
+        run_step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    print("READY", flush=True)
+    sys.stdin.readline()
+    start = time.time()
+    for _ in range(args.steps):
+        run_step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    end = time.time()
+    if not torch.isfinite(total):
+        common.fail(f"bench {name}: non-finite loss")
+    print("RESULT " + json.dumps({"start": start, "end": end, "images": args.steps * batch}), flush=True)
+
+
+def read_tagged_line(proc, tag):
+    """The payload of proc's first stdout line starting with tag (other lines are echoed); None if it exits first."""
+    for line in proc.stdout:
+        if line.startswith(tag):
+            return line[len(tag) :].strip()
+        print(line, end="", flush=True)
+    return None
+
+
+def run_processes(config, k, args):
+    """Start k workers, let them warm up, start their timed steps together; one row of results."""
+    name, batch = config.split(":")
+    command = [sys.executable, str(Path(__file__).resolve()), "--steps", str(args.steps)]
+    command += ["--warmup", str(args.warmup), "--device", args.device]
+    procs = [
+        subprocess.Popen(
+            command + ["--mps-worker", f"{name}:{batch}:{rank}"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(k)
+    ]
+    try:
+        for proc in procs:
+            if read_tagged_line(proc, "READY") is None:
+                common.fail(
+                    f"bench --mps {name}:{batch} x{k}: a worker exited with status {proc.wait()} before its steps"
+                )
+        for proc in procs:  # the go line, to every worker at once
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        results = [read_tagged_line(proc, "RESULT ") for proc in procs]
+        if None in results:
+            common.fail(f"bench --mps {name}:{batch} x{k}: a worker exited without a result")
+    except BaseException:
+        for proc in procs:  # stop the workers started here, none other
+            if proc.poll() is None:
+                proc.kill()
+        raise
+    finally:
+        for proc in procs:
+            proc.wait()
+    results = [json.loads(r) for r in results]
+    wall = max(r["end"] for r in results) - min(r["start"] for r in results)
+    images = sum(r["images"] for r in results)
+    return {
+        "backbone": name,
+        "batch": int(batch),
+        "k": k,
+        "total_images_per_s": images / wall,
+        "per_process_images_per_s": [r["images"] / (r["end"] - r["start"]) for r in results],
+        "images": images,
+        "wall_s": wall,
+        "start_spread_s": max(r["start"] for r in results) - min(r["start"] for r in results),
+    }
+
+
+def bench_mps(args):
+    mps = mps_status()
+    device = common.get_device(args.device)
+    print(f"MPS: {mps}", flush=True)
+    rows = []
+    for config in args.mps_config or MPS_CONFIGS:
+        name, _, batch = config.partition(":")
+        if name not in MPS_BACKBONES or not batch.isdigit():
+            common.fail(f"--mps-config {config!r}: want backbone:batch, backbone one of {', '.join(MPS_BACKBONES)}")
+        single = None
+        for k in args.mps:
+            if k < 1:
+                common.fail(f"--mps {k}: the number of processes must be positive")
+            row = run_processes(config, k, args)
+            single = row["total_images_per_s"] if k == 1 else single
+            row["total_over_one"] = row["total_images_per_s"] / single if single else None
+            rows.append(row)
+            print(f"{name} batch {batch} x{k}: {row['total_images_per_s']:.0f} images/s in all", flush=True)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    result = {
+        "device": device_name,
+        "torch": torch.__version__,
+        "mps": mps,
+        "mps_after": mps_status(),  # the server starts with the first client
+        "images": "random uint8 32x32 images, 100 classes",
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "rows": rows,
+    }
+    common.write_json(args.mps_out, result)
+    print(f"\n{device_name}, torch {torch.__version__}, MPS daemon {'on' if mps['clients_use_mps'] else 'off'}")
+    print(f"{'backbone':<12}{'batch':>6}{'k':>4}{'images/s':>10}{'x one':>7}")
+    for r in rows:
+        ratio = r["total_over_one"]
+        print(
+            f"{r['backbone']:<12}{r['batch']:>6}{r['k']:>4}{r['total_images_per_s']:>10.0f}{ratio or float('nan'):>7.2f}"
+        )
+    return result
+
+
 def main(argv=None):
     args = get_args(argv)
+    if args.mps_worker:
+        return mps_worker(args)
+    if args.mps:
+        return bench_mps(args)
     common.seed_everything(0)
     device = common.get_device(args.device)
     if device.type == "cuda":

@@ -232,8 +232,11 @@ def get_args(argv=None):
     g.add_argument("--lambda3", type=common.nonneg_float, default=1e-4, help="Eq. 3: weight of the overlap term")
     g.add_argument("--lambda4", type=common.nonneg_float, default=1e-4, help="Eq. 4: lambda")
     # A resume may lengthen --epochs (stages nothing builds on), not the coarse, pre-training or
-    # recovery stages that later stages are trained from.
-    args = common.parse_args(parser, argv, script="coarse_outer_product")
+    # recovery stages that later stages are trained from; --method and the diversity flags pick
+    # which stages a call runs (each stage is named by them), so a resume may change them.
+    args = common.parse_args(
+        parser, argv, script="coarse_outer_product", resume_safe=("method", "diversity", "diversity_scales")
+    )
     if args.coarse_k < 2:
         parser.error("--coarse-k must be at least 2")
     return args

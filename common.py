@@ -213,12 +213,13 @@ def _given_flags(parser, argv):
     return {k: v for k, v in vars(ns).items() if v is not unset}
 
 
-def parse_args(parser, argv=None, *, script=None, resume_longer=("epochs",)):
+def parse_args(parser, argv=None, *, script=None, resume_longer=("epochs",), resume_safe=()):
     """Parse argv; with --resume DIR, the run's saved settings fill every flag not given.
 
     A resume continues the same experiment: DIR must be a run of `script`, and a flag that
     differs from the run's value is refused (one line naming it) unless it is in RESUME_SAFE,
-    --data-dir (not for --dataset folder), or a run length in `resume_longer` that grows. What
+    --data-dir (not for --dataset folder), a script's own `resume_safe` flags (ones that pick what
+    a call does, not what the experiment is), or a run length in `resume_longer` that grows. What
     a script may lengthen is its choice: stages that later stages build on are not extended."""
     args = parser.parse_args(argv)
     if not args.resume:
@@ -231,7 +232,12 @@ def parse_args(parser, argv=None, *, script=None, resume_longer=("epochs",)):
     settings = run_settings(saved)
     defaults = {a.dest: a.default for a in parser._actions}
     options = {a.dest: a.option_strings[-1] for a in parser._actions if a.option_strings}
-    allowed = set(RESUME_SAFE) | {"resume"} | ({"data_dir"} if settings.get("dataset") != "folder" else set())
+    allowed = (
+        set(RESUME_SAFE)
+        | set(resume_safe)
+        | {"resume"}
+        | ({"data_dir"} if settings.get("dataset") != "folder" else set())
+    )
     longer = () if settings.get("dry_run") else tuple(resume_longer)
     changed, shorter = [], []
     for dest, value in _given_flags(parser, argv).items():
@@ -246,7 +252,7 @@ def parse_args(parser, argv=None, *, script=None, resume_longer=("epochs",)):
         lengths = ", ".join(options.get(d, d) for d in longer) or "no run length"
         fail(
             f"--resume {args.resume}: {'; '.join(changed + shorter)} would change the experiment; a resume may "
-            f"change {', '.join(options[d] for d in RESUME_SAFE)} and --data-dir, and lengthen {lengths}"
+            f"change {', '.join(options[d] for d in (*RESUME_SAFE, *resume_safe))} and --data-dir, and lengthen {lengths}"
             + (" (this is a --dry-run directory)" if settings.get("dry_run") else "")
         )
     known = {a.dest for a in parser._actions}

@@ -9,14 +9,23 @@ What it reproduces
   `merge-2` (the first k stages shared, the rest duplicated), `merge-3` (everything shared but the
   two soft-max layers). Backbones: pre-activation bottleneck ResNet-164 and DenseNet-BC-100 (k=12).
 - Classifier adaptation, Algorithm 1 (`classifier_adaptation`), swept over alpha = 0, 0.1, ..., 2,
-  top-1 error at both levels for every alpha (Figures 3 and 4); alpha chosen on a validation split
-  held out from the training set, test error reported at that alpha.
-- Ensembles (`--instances n`: the probabilities of n instances averaged before adaptation,
-  ensemble-1, -2, -4, ... as in Figure 3), repeats (`--runs`, mean +- std), and the paired Student's
-  t-tests of the "statistical significance" paragraph (architectures paired at alpha = 1, and the
-  best alpha against alpha +- 0.1 and +- 0.2), with the t distribution's CDF computed from the
-  regularised incomplete beta function (continued fraction), numpy/math only.
+  top-1 error at both levels for every alpha (the curves of Figures 3 and 4).
+- Ensembles from the runs, as the paper builds them: ensemble-n averages the probabilities of n of
+  the `--runs` trained models, over every combination (C(runs, n)), mean and std over the
+  combinations (`--ensembles`, default 1 2 4 as in Figure 3); no extra training.
+- Repeats (`--runs`, mean +- std) and the paired Student's t-tests of the "statistical
+  significance" paragraph (architectures paired at alpha = 1, and the best alpha against alpha
+  +- 0.1 and +- 0.2), with the t distribution's CDF computed from the regularised incomplete beta
+  function (continued fraction), numpy/math only.
 - Parameter counts and training time per architecture (the merged ones should cost less).
+
+Protocol (default --val-fraction 0, the paper's): the paper trains on all 50,000 CIFAR-100
+training images and shows whole curves over alpha on the test set, read off as figures; it tunes
+nothing on them. So by default every training image is used and the report is the test curve:
+the error at alpha 0 and at alpha 1 (both fixed in advance) and the curve's minimum, labelled as
+read off the curve, not as a tuned result. With --val-fraction f > 0, f of every fine class is
+held out of training and alpha is chosen there per architecture, ensemble size and level (the
+paper's "alpha can be tuned using a validation set"), the test error reported at that alpha.
 
 Training protocol (each backbone's own CIFAR protocol, as the paper says)
 - ResNet-164 (He et al., "Identity mappings", 2016): SGD momentum 0.9, weight decay 1e-4, batch
@@ -26,36 +35,59 @@ Training protocol (each backbone's own CIFAR protocol, as the paper says)
   64, lr 0.1 divided by 10 at 50% and 75% of 300 epochs, no dropout (with augmentation).
 - Both: random horizontal flip and random 32x32 crops of the image zero-padded by 4 pixels.
 
-Command (the paper's setting on CIFAR-100; five runs of every architecture, ResNet-164):
+Command (the paper's setting on CIFAR-100; five runs of every architecture):
     python merged_resnet.py --dataset cifar100 --backbone resnet --runs 5
     python merged_resnet.py --dataset cifar100 --backbone densenet --runs 5
-    python merged_resnet.py --dataset cifar100 --backbone resnet --runs 1 --instances 4   # Figure 3
+Several training processes sharing one GPU (through MPS): process i of k trains its share of the
+(architecture, run) models into the same run directory, then one call builds the tables:
+    python merged_resnet.py --dataset cifar100 --runs 2 --out-dir D --tasks 0/4 &   # creates D
+    python merged_resnet.py --resume D --tasks 1/4 &    # ... 2/4, 3/4, once D/args.json exists
+    python merged_resnet.py --resume D --analyze-only   # every table, from the saved logits
 Scaled-down runs (one H100; shorter, shallower, 2 runs; see "Paper vs ours"):
     python merged_resnet.py --dataset shapes --image-size 32 --train-size 10000 --test-size 2000 \
-        --depth 56 --epochs 15 --runs 2                                          # all five, ~3 min
+        --depth 56 --epochs 15 --runs 2 --val-fraction 0.1                       # all five, ~3 min
     python merged_resnet.py --dataset cifar10 --data-dir data --depth 56 --epochs 12 --runs 2 \
-        --architectures separate merge-1 merge-2                                 # ~5-6 min
+        --architectures separate merge-1 merge-2 --val-fraction 0.1              # ~5-6 min
 Offline smoke run: python merged_resnet.py --dry-run --depth 11 --runs 2 --image-size 16 --device cpu
 
-Outputs in the run directory: alpha_curve.csv and alpha_curve.txt (top-1 error vs alpha for
-every architecture and ensemble size, validation and test, mean and std over runs), summary.txt
-(best alpha, test error there, t-tests, parameters, training time), metrics.json (all of it).
+Cost: one ResNet-164 network trains at about 7,000 images/s on an H100 (batch 128, bf16, CUDA
+graph), 17.5 minutes for 164 epochs; separate and merge-0 train two, merge-1..3 share 1/3..3/3 of
+the stages, so one run of all five is 7.5 to 8 such trainings, about 2.3 hours in one process.
+Evaluation is one forward pass per model and split; every alpha, ensemble and metric comes from
+the saved logits. bench.py --mps measures how much k processes sharing the GPU raise the total.
+
+Outputs in the run directory: predictions/<architecture>-r<run>.pt (each model's test and
+validation logits, bf16 where that is exact, i.e. from a bf16 GPU run, with its seed, parameters
+and training time; torch.load(..., weights_only=True)) and predictions/labels.pt (labels and the
+coarse/fine map), from which `--resume DIR --analyze-only` rebuilds every table without training
+(other alpha grids, ensembles or Figure 1 need only these files); alpha_curve.csv and
+alpha_curve.txt (top-1 error vs alpha for every architecture and ensemble size, test and
+validation, mean and std over runs or combinations), summary.txt (errors at alpha 0 / 1 / chosen
+or curve minimum, t-tests, parameters, training time), metrics.json (all of it, with
+common.hierarchical_metrics of every architecture at alpha 0 and at the chosen alpha).
 
 Paper vs ours
-- Validation split: the paper tunes alpha "using a validation set" without saying which; we hold
-  out `--val-fraction` (10%) of every fine class of the training set (common.stratified_split,
-  seeded) and train on the rest. The best alpha is chosen per architecture, ensemble size and
-  level on the validation error averaged over runs; test errors are reported at that alpha.
+- Validation split: see Protocol. With --val-fraction f we hold out f of every fine class
+  (common.stratified_split, seeded) and choose alpha on the validation error averaged over runs
+  (or combinations); ties go to the smaller alpha.
 - Where the network is cut: the stem convolution belongs to stage 1 (so merge-1..3 share it and
   merge-0 does not); merge-3 also shares the final BN-ReLU and pooling, so only the two linear
   soft-max layers differ ("only the loss function separates the coarse and fine categories").
   DenseNet's transition layers belong to the stage they follow.
-- Ensembles: the paper builds ensemble-n from its five trainings; we train `--runs` x
-  `--instances` independent models and ensemble-m of a run averages that run's first m instances
-  (m = 1, 2, 4, ... up to n, and n), so ensemble runs never share models.
-- Seeds: instance i of run r is initialised and fed batches from the same seed in every
-  architecture (separate's two networks start where merge-0's do), so comparisons are paired.
-- t-tests are paired over runs (need --runs >= 2); the paper does not say what it paired over.
+- Ensembles: the combinations of one architecture's runs share models, so their spread is not
+  that of independent ensembles (the paper's shaded regions have the same limit); with 2 runs,
+  ensemble-2 is one model pair (no spread).
+- Seeds: every (architecture, run) model has its own seed (`model_seed`), for its initialisation
+  and its batch order, so separate and merge-0 (theoretically the same training) are distinct
+  trainings whose difference can be tested, as the paper's first significance claim needs.
+  Separate's two networks are initialised one after the other from that seed and see the same
+  batch order. t-tests pair the architectures by run index.
+- t-tests are paired over runs on single models (ensemble-1; need --runs >= 2): combinations of
+  runs are not independent samples. The paper does not say what it paired over. When every run
+  gives the same difference (e.g. the same number of test images), there is no spread to test
+  against: we report "no spread" rather than a p-value. With --val-fraction 0 the alphas
+  compared with their neighbours are the test curve's minima (the paper's own reading, a
+  description, since the minimum is picked on the same data).
 - Algorithm 1's else branch (a coarse class whose fine children all have probability exactly 0)
   is implemented as written: the adjusted coarse probability is spread evenly over the children.
 - The learning-rate drops are at 50% / 75% of --epochs (so shortened runs keep the schedule's
@@ -67,11 +99,17 @@ Paper vs ours
   for 12-15 epochs instead of 164, twice instead of five times, so that they fit in minutes; the
   flag defaults are the full protocol.
 - Training time is the sum of the per-epoch wall times that common.fit logs (training only, no
-  evaluation), bf16 autocast and a CUDA graph per train step on GPU.
+  evaluation), bf16 autocast and a CUDA graph per train step on GPU. Models trained by processes
+  sharing a GPU have longer epochs than one alone.
+- Consistency (metrics.json): common.hierarchical_metrics on the (adapted) fine log-probabilities,
+  with the coarse head's own (adapted) prediction as level_preds: the share of images whose
+  coarse prediction is the parent of the fine one. Measured at alpha 0 and at the chosen alpha,
+  or at alpha 1 (fixed in advance) without a validation split.
 """
 
 import argparse
 import csv
+import io
 import itertools
 import math
 
@@ -84,6 +122,9 @@ import common
 
 ARCHITECTURES = ("separate", "merge-0", "merge-1", "merge-2", "merge-3")
 ALPHAS = np.round(np.arange(21) * 0.1, 1)  # 0, 0.1, ..., 2 as in Figures 3 and 4
+# Training cost of one model relative to one backbone (ResNet stages cost about the same FLOPs):
+# separate and merge-0 train two networks, merge-k shares k of the three stages.
+RELATIVE_COST = {"separate": 2.0, "merge-0": 2.0, "merge-1": 5 / 3, "merge-2": 4 / 3, "merge-3": 1.0}
 BACKBONE_DEFAULTS = {  # each backbone's own CIFAR protocol
     "resnet": {"depth": 164, "epochs": 164, "batch_size": 128, "warmup_iters": 400, "nesterov": False},
     "densenet": {"depth": 100, "epochs": 300, "batch_size": 64, "warmup_iters": 0, "nesterov": True},
@@ -115,13 +156,28 @@ def get_args(argv=None):
     )
     g.add_argument("--runs", type=common.positive_int, default=5, help="independent repeats (mean +- std, t-tests)")
     g.add_argument(
-        "--instances", type=common.positive_int, default=1, help="instances per run averaged into an ensemble"
+        "--ensembles",
+        type=common.positive_int,
+        nargs="+",
+        default=[1, 2, 4],
+        help="ensemble sizes built from the runs (every combination; sizes above --runs are skipped)",
     )
     g.add_argument(
         "--val-fraction",
-        type=common.positive_fraction,
-        default=0.1,
-        help="share of each training class held out to pick alpha",
+        type=common.fraction,
+        default=0.0,
+        help="share of each training class held out to choose alpha (0: train on all, curves on test, the paper's)",
+    )
+    g.add_argument(
+        "--tasks",
+        default="0/1",
+        metavar="I/K",
+        help="train only share I of K of the (architecture, run) models (K processes sharing a GPU)",
+    )
+    g.add_argument(
+        "--analyze-only",
+        action="store_true",
+        help="with --resume DIR: build every table from DIR/predictions, no training",
     )
     g.add_argument("--momentum", type=common.fraction, default=0.9)
     g.add_argument("--weight-decay", type=common.nonneg_float, default=1e-4)
@@ -140,11 +196,20 @@ def get_args(argv=None):
     g.add_argument(
         "--ttest-alpha", type=common.nonneg_float, default=1.0, help="alpha at which architectures are t-tested"
     )
-    g.add_argument("--eval-batch-size", type=common.positive_int, default=500)
-    args = common.parse_args(parser, argv, script="merged_resnet")
+    g.add_argument("--eval-batch-size", type=common.positive_int, default=1000)
+    # --tasks and --analyze-only pick what a call does in the run directory, not the experiment.
+    args = common.parse_args(parser, argv, script="merged_resnet", resume_safe=("tasks", "analyze_only"))
     for key, value in BACKBONE_DEFAULTS[args.backbone].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    try:
+        args.task_index, args.task_count = (int(v) for v in args.tasks.split("/"))
+    except ValueError:
+        parser.error(f"--tasks must be I/K with integers, e.g. 0/4, got {args.tasks!r}")
+    if not 0 <= args.task_index < args.task_count:
+        parser.error(f"--tasks I/K needs 0 <= I < K, got {args.tasks}")
+    if args.analyze_only and not args.resume:
+        parser.error("--analyze-only reads a finished run directory: give it with --resume DIR")
     if args.backbone == "resnet" and (args.depth < 11 or (args.depth - 2) % 9):
         parser.error(f"--depth for the bottleneck ResNet must be 9n+2 >= 11 (e.g. 11, 29, 56, 164), got {args.depth}")
     if args.backbone == "densenet" and (args.depth < 10 or (args.depth - 4) % 6):
@@ -152,6 +217,7 @@ def get_args(argv=None):
     if not 0.0 <= args.ttest_alpha <= 2.0 or not np.isclose(ALPHAS, args.ttest_alpha).any():
         parser.error(f"--ttest-alpha must be one of 0, 0.1, ..., 2, got {args.ttest_alpha}")
     args.architectures = list(dict.fromkeys(args.architectures))  # drop repeats, keep order
+    args.ensembles = sorted(set(args.ensembles) | {1})
     return args
 
 
@@ -220,6 +286,28 @@ def merge_depth(architecture):
     return int(architecture.split("-")[1])
 
 
+def model_seed(base_seed, architecture, run):
+    """The seed of one (architecture, run) model: its initialisation and its batch order.
+
+    Distinct for every architecture and run, so separate and merge-0 are independent trainings."""
+    return base_seed + 1000 * run + 100 * (ARCHITECTURES.index(architecture) + 1)
+
+
+def assign_tasks(architectures, runs, task_count):
+    """Split the (architecture, run) models over task_count processes, balanced by RELATIVE_COST.
+
+    Longest first, each to the least loaded process (ties: the lowest index); every process
+    computes the same split. Returns one list of (architecture, run) per process."""
+    models = [(architecture, run) for run in range(runs) for architecture in architectures]
+    models.sort(key=lambda m: -RELATIVE_COST[m[0]])  # stable: run, then architecture order
+    shares, loads = [[] for _ in range(task_count)], [0.0] * task_count
+    for architecture, run in models:
+        i = loads.index(min(loads))
+        shares[i].append((architecture, run))
+        loads[i] += RELATIVE_COST[architecture]
+    return shares
+
+
 # ---------------------------------------------------------------------------------------
 # The method: classifier adaptation, error curves, t-tests
 # ---------------------------------------------------------------------------------------
@@ -260,13 +348,6 @@ def alpha_errors(p_coarse, p_fine, y_coarse, y_fine, fine_to_coarse, alphas=ALPH
         for level, (scores, labels) in enumerate(((adj_coarse, y_coarse), (adj_fine, y_fine))):
             errors[a, level] = 100.0 * int((scores.argmax(1) != labels).sum()) / len(labels)
     return errors
-
-
-def inconsistency(p_coarse, p_fine, fine_to_coarse):
-    """Mean over samples of sum_i |P(c_i) - sum_{s(j)=i} P(f_j)| / 2 (0 = Equation 1 holds; Figure 1)."""
-    parent = torch.as_tensor(fine_to_coarse, dtype=torch.long)
-    q_coarse = torch.zeros_like(p_coarse).index_add_(1, parent, p_fine)
-    return 0.5 * (p_coarse - q_coarse).abs().sum(1).mean().item()
 
 
 def regularized_incomplete_beta(a, b, x):
@@ -316,25 +397,40 @@ def student_t_pvalue(t, df, two_sided=True):
 
 
 def paired_t_test(a, b):
-    """Paired Student's t-test of a against b: {mean_diff, t, df, p (two-sided)}; NaN with fewer than 2 pairs."""
+    """Paired Student's t-test of a against b: {mean_diff, t, df, p (two-sided), no_spread}.
+
+    t and p are NaN with fewer than 2 pairs, and when every pair differs by the same amount
+    (no_spread True): then there is no spread to test the mean difference against, and a p of 0
+    (or 1, for no difference at all) would claim certainty from a handful of equal numbers."""
     diff = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
     n = len(diff)
+    result = {"mean_diff": float(diff.mean()) if n else math.nan, "t": math.nan, "df": n - 1, "p": math.nan}
+    result["no_spread"] = False
     if n < 2:
-        return {"mean_diff": float(diff.mean()) if n else math.nan, "t": math.nan, "df": n - 1, "p": math.nan}
+        return result
     mean, sd = diff.mean(), diff.std(ddof=1)
-    # Identical differences leave no spread to test against. Errors are count / n, so "identical"
-    # means equal up to rounding: 53/50 - 43/50 and 60/50 - 50/50 (both 0.2) differ in the last bit.
+    # Errors are count / n, so "the same difference" means equal up to rounding:
+    # 53/50 - 43/50 and 60/50 - 50/50 (both 0.2) differ in the last bit.
     if sd <= 1e-9 * np.abs(diff).max():
-        t = 0.0 if mean == 0 else math.copysign(math.inf, mean)
-    else:
-        t = mean / (sd / math.sqrt(n))
-    return {"mean_diff": float(mean), "t": float(t), "df": n - 1, "p": student_t_pvalue(t, n - 1)}
+        result["no_spread"] = True
+        return result
+    t = mean / (sd / math.sqrt(n))
+    result.update(t=float(t), p=student_t_pvalue(t, n - 1))
+    return result
 
 
-def ensemble_sizes(instances):
-    """1, 2, 4, ... up to n, and n itself (ensemble-1, -2, -4 of Figure 3)."""
-    sizes = {1 << i for i in range(instances.bit_length()) if 1 << i <= instances} | {instances}
-    return sorted(sizes)
+def ensemble_errors(probs, labels, fine_to_coarse, size):
+    """Ensemble-`size` error curves from single models: every combination of `size` runs.
+
+    probs: one (p_coarse, p_fine) per run; labels: (y_coarse, y_fine). The members' probabilities
+    are averaged, then adapted. Returns (combinations, errors: combinations x alphas x 2)."""
+    combinations = list(itertools.combinations(range(len(probs)), size))
+    errors = []
+    for members in combinations:
+        p_coarse = torch.stack([probs[r][0] for r in members]).mean(0)
+        p_fine = torch.stack([probs[r][1] for r in members]).mean(0)
+        errors.append(alpha_errors(p_coarse, p_fine, labels[0], labels[1], fine_to_coarse))
+    return combinations, np.stack(errors)
 
 
 # ---------------------------------------------------------------------------------------
@@ -406,27 +502,43 @@ def train_stage(args, run_dir, device, stage, model, loss_fn, images, labels, se
     return np.array([sum(seconds), float(np.median(seconds[1:] or seconds)) * len(seconds)])
 
 
-def predict_probs(args, device, forward, images, labels):
-    """Soft-max probabilities of forward(x) -> (coarse logits, fine logits) over a split."""
-    loader = common.GpuLoader(
-        images,
-        labels,
-        args.eval_batch_size,
-        device=device,
-        mean=args.mean,
-        std=args.std,
-        max_batches=2 if args.dry_run else None,
-    )
-    (logits_coarse, logits_fine), (y_coarse, y_fine) = common.predict(forward, loader, device=device, dtype=args.dtype)
-    return logits_coarse.softmax(1), logits_fine.softmax(1), y_coarse, y_fine
+def predict_logits(args, device, forward, images, labels):
+    """Logits of forward(x) -> (coarse logits, fine logits) over a split, on the CPU."""
+    loader = common.GpuLoader(images, labels, args.eval_batch_size, device=device, mean=args.mean, std=args.std)
+    (logits_coarse, logits_fine), _ = common.predict(forward, loader, device=device, dtype=args.dtype)
+    return logits_coarse, logits_fine
 
 
-def train_architecture(args, run_dir, device, architecture, splits, n_coarse, n_fine, seed, tag):
-    """Train one instance of an architecture.
+def compact(logits):
+    """bf16 when that loses nothing (the logits of a bf16-autocast model are bf16 values), else float32."""
+    as_bf16 = logits.bfloat16()
+    return as_bf16 if torch.equal(as_bf16.float(), logits) else logits.float()
 
-    Returns (probs {split: (pc, pf, yc, yf)}, [seconds, steady-state seconds], parameters)."""
+
+def save_pt(path, obj):
+    """torch.save, atomically; only tensors, numbers, strings and containers (weights_only loads)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    common.atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_pt(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def prediction_path(run_dir, architecture, run):
+    return run_dir / "predictions" / f"{architecture}-r{run}.pt"
+
+
+def train_model(args, run_dir, device, architecture, run, splits, n_coarse, n_fine):
+    """Train one (architecture, run) model and save its logits on every evaluation split.
+
+    Writes predictions/<architecture>-r<run>.pt: {"logits": {split: {"coarse", "fine"}}, "seed",
+    "parameters", "train_seconds", "steady_train_seconds"}."""
+    seed = model_seed(args.seed, architecture, run)
     coarse_net, fine_net = build_pair(args, n_coarse, n_fine, seed)
     train_images, y_coarse, y_fine = splits["train"]
+    tag = f"r{run}"
     if architecture == "separate":
         coarse_net = common.to_device_model(coarse_net, device)
         fine_net = common.to_device_model(fine_net, device)
@@ -448,14 +560,24 @@ def train_architecture(args, run_dir, device, architecture, splits, n_coarse, n_
         model.eval()
         forward = model
         parameters = common.count_params(model)
-    probs = {
-        split: predict_probs(args, device, forward, splits[split][0], splits[split][1:]) for split in ("val", "test")
+    logits = {}
+    for split in ("val", "test"):
+        if split in splits:
+            coarse, fine = predict_logits(args, device, forward, splits[split][0], splits[split][1:])
+            logits[split] = {"coarse": compact(coarse), "fine": compact(fine)}
+    record = {
+        "logits": logits,
+        "seed": seed,
+        "parameters": parameters,
+        "train_seconds": float(seconds[0]),
+        "steady_train_seconds": float(seconds[1]),
     }
-    return probs, seconds, parameters
+    save_pt(prediction_path(run_dir, architecture, run), record)
+    return record
 
 
 # ---------------------------------------------------------------------------------------
-# Reports
+# Analysis: everything from the saved logits
 # ---------------------------------------------------------------------------------------
 
 
@@ -464,19 +586,43 @@ def mean_std(values):
     return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
 
 
-def write_alpha_tables(run_dir, curves, level_names):
+def load_predictions(run_dir, architectures, runs):
+    """labels.pt and every model's predictions; one clear error naming the models not trained yet."""
+    pred_dir = run_dir / "predictions"
+    if not (pred_dir / "labels.pt").is_file():
+        common.fail(f"{pred_dir}/labels.pt not found: no model of this run has been trained yet")
+    missing = [f"{a}-r{r}" for a in architectures for r in range(runs) if not prediction_path(run_dir, a, r).is_file()]
+    if missing:
+        common.fail(f"{len(missing)} models not trained yet in {run_dir}: {', '.join(missing)} (train them first)")
+    labels = load_pt(pred_dir / "labels.pt")
+    models = {(a, r): load_pt(prediction_path(run_dir, a, r)) for a in architectures for r in range(runs)}
+    for (a, r), model in models.items():
+        for split, logits in model["logits"].items():
+            if len(logits["fine"]) != len(labels["splits"][split]["fine"]):
+                common.fail(
+                    f"{a}-r{r}: {len(logits['fine'])} {split} predictions for {len(labels['splits'][split]['fine'])} labels"
+                )
+    return labels, models
+
+
+def probabilities(model, split):
+    logits = model["logits"][split]
+    return logits["coarse"].float().softmax(1), logits["fine"].float().softmax(1)
+
+
+def write_alpha_tables(run_dir, curves, level_names, splits):
     """alpha_curve.csv (one row per architecture, ensemble size and alpha) and alpha_curve.txt."""
-    columns = [
-        f"{split}_{level}_err_{stat}" for split in ("val", "test") for level in level_names for stat in ("mean", "std")
-    ]
+    columns = [f"{split}_{level}_err_{stat}" for split in splits for level in level_names for stat in ("mean", "std")]
     rows, text = [], []
     for (architecture, size), errors in curves.items():
-        text.append(f"{architecture}, ensemble-{size}: top-1 error % (mean +- std over {errors['test'].shape[0]} runs)")
-        text.append(f"{'alpha':>5} " + " ".join(f"{s + ' ' + l:>20}" for s in ("val", "test") for l in level_names))
+        n = len(errors["members"])
+        over = "runs" if size == 1 else f"combinations of {size} runs"
+        text.append(f"{architecture}, ensemble-{size}: top-1 error % (mean +- std over {n} {over})")
+        text.append(f"{'alpha':>5} " + " ".join(f"{s + ' ' + l:>20}" for s in splits for l in level_names))
         for a, alpha in enumerate(ALPHAS):
-            row = {"architecture": architecture, "ensemble": size, "alpha": f"{alpha:.1f}"}
+            row = {"architecture": architecture, "ensemble": size, "members": n, "alpha": f"{alpha:.1f}"}
             cells = []
-            for split in ("val", "test"):
+            for split in splits:
                 for level_index, level in enumerate(level_names):
                     m, s = mean_std(errors[split][:, a, level_index])
                     row[f"{split}_{level}_err_mean"], row[f"{split}_{level}_err_std"] = f"{m:.3f}", f"{s:.3f}"
@@ -485,90 +631,104 @@ def write_alpha_tables(run_dir, curves, level_names):
             text.append(f"{alpha:5.1f} " + " ".join(cells))
         text.append("")
     with open(run_dir / "alpha_curve.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["architecture", "ensemble", "alpha", *columns])
+        writer = csv.DictWriter(f, fieldnames=["architecture", "ensemble", "members", "alpha", *columns])
         writer.writeheader()
         writer.writerows(rows)
     (run_dir / "alpha_curve.txt").write_text("\n".join(text))
 
 
-def best_alphas(curves, level_names):
-    """Per architecture, ensemble size and level: the alpha of least mean validation error, and the test error there."""
-    best = {}
+def reference_alphas(curves, level_names, select_on):
+    """Per architecture, ensemble size and level: the alpha of least mean error on `select_on`
+    ("val": the chosen alpha; "test": the curve's minimum, a description), with the test error
+    there and at alpha 0 and 1."""
+    a1 = int(np.argmin(np.abs(ALPHAS - 1.0)))
+    reference = {}
     for (architecture, size), errors in curves.items():
         for level_index, level in enumerate(level_names):
-            val_mean = errors["val"][:, :, level_index].mean(0)
-            a = int(np.argmin(val_mean))  # ties go to the smaller alpha
-            test_at = errors["test"][:, a, level_index]
-            m, s = mean_std(test_at)
-            m0, s0 = mean_std(errors["test"][:, 0, level_index])
-            best[f"{architecture}/ensemble-{size}/{level}"] = {
-                "architecture": architecture,
-                "ensemble": size,
-                "level": level,
-                "alpha": float(ALPHAS[a]),
-                "val_err": float(val_mean[a]),
-                "test_err_mean": m,
-                "test_err_std": s,
-                "test_err_alpha0_mean": m0,
-                "test_err_alpha0_std": s0,
-                "alpha_index": a,
-            }
-    return best
+            select_mean = errors[select_on][:, :, level_index].mean(0)
+            a = int(np.argmin(select_mean))  # ties go to the smaller alpha
+            test = errors["test"][:, :, level_index]
+            entry = {"architecture": architecture, "ensemble": size, "level": level, "alpha": float(ALPHAS[a])}
+            entry["source"] = "validation" if select_on == "val" else "test curve minimum (descriptive)"
+            if select_on == "val":
+                entry["val_err"] = float(select_mean[a])
+            for name, index in (("", a), ("_alpha0", 0), ("_alpha1", a1)):
+                entry[f"test_err{name}_mean"], entry[f"test_err{name}_std"] = mean_std(test[:, index])
+            entry["alpha_index"] = a
+            reference[f"{architecture}/ensemble-{size}/{level}"] = entry
+    return reference
 
 
-def t_tests(curves, best, level_names, ttest_alpha):
-    """Paired t-tests over runs on the test error: every pair of architectures at ttest_alpha, and each
-    architecture's best alpha against the alphas 0.1 and 0.2 away."""
+def t_tests(curves, reference, level_names, ttest_alpha):
+    """Paired t-tests over runs (single models) on the test error: every pair of architectures at
+    ttest_alpha, and each architecture's reference alpha against the alphas 0.1 and 0.2 away."""
     results = []
     a_test = int(np.argmin(np.abs(ALPHAS - ttest_alpha)))
-    keys = list(curves)
-    sizes = sorted({size for _, size in keys})
-    for size in sizes:
-        architectures = [arch for arch, s in keys if s == size]
-        for level_index, level in enumerate(level_names):
-            for first, second in itertools.combinations(architectures, 2):
-                test = paired_t_test(
-                    curves[first, size]["test"][:, a_test, level_index],
-                    curves[second, size]["test"][:, a_test, level_index],
-                )
-                results.append(
-                    {
-                        "kind": "architectures",
-                        "ensemble": size,
-                        "level": level,
-                        "a": first,
-                        "b": second,
-                        "alpha_a": float(ALPHAS[a_test]),
-                        "alpha_b": float(ALPHAS[a_test]),
-                        **test,
-                    }
-                )
-            for architecture in architectures:
-                a_best = best[f"{architecture}/ensemble-{size}/{level}"]["alpha_index"]
-                errors = curves[architecture, size]["test"][:, :, level_index]
-                for offset in (-2, -1, 1, 2):
-                    other = a_best + offset
-                    if 0 <= other < len(ALPHAS):
-                        test = paired_t_test(errors[:, a_best], errors[:, other])
-                        results.append(
-                            {
-                                "kind": "alpha",
-                                "ensemble": size,
-                                "level": level,
-                                "a": architecture,
-                                "b": architecture,
-                                "alpha_a": float(ALPHAS[a_best]),
-                                "alpha_b": float(ALPHAS[other]),
-                                **test,
-                            }
-                        )
+    architectures = [arch for arch, size in curves if size == 1]
+    for level_index, level in enumerate(level_names):
+        for first, second in itertools.combinations(architectures, 2):
+            test = paired_t_test(
+                curves[first, 1]["test"][:, a_test, level_index], curves[second, 1]["test"][:, a_test, level_index]
+            )
+            results.append(
+                {"kind": "architectures", "ensemble": 1, "level": level, "a": first, "b": second}
+                | {"alpha_a": float(ALPHAS[a_test]), "alpha_b": float(ALPHAS[a_test]), **test}
+            )
+        for architecture in architectures:
+            a_ref = reference[f"{architecture}/ensemble-1/{level}"]["alpha_index"]
+            errors = curves[architecture, 1]["test"][:, :, level_index]
+            for offset in (-2, -1, 1, 2):
+                other = a_ref + offset
+                if 0 <= other < len(ALPHAS):
+                    test = paired_t_test(errors[:, a_ref], errors[:, other])
+                    results.append(
+                        {"kind": "alpha", "ensemble": 1, "level": level, "a": architecture, "b": architecture}
+                        | {"alpha_a": float(ALPHAS[a_ref]), "alpha_b": float(ALPHAS[other]), **test}
+                    )
     return results
 
 
-def summary_text(best, tests, costs, runs):
+def mean_of_records(records):
+    """Mean over runs of every number in a list of equally shaped (nested) dicts; None (e.g. the
+    mistake severity of a run without mistakes) is left out, and stays None when all are."""
+    first = records[0]
+    if isinstance(first, dict):
+        return {k: mean_of_records([r[k] for r in records]) for k in first}
+    values = [v for v in records if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def hierarchy_metrics(models, labels, architectures, runs, alpha):
+    """common.hierarchical_metrics of every architecture's single models at alpha 0 and `alpha`
+    (mean over runs): the adapted fine probabilities as scores, the adapted coarse head's own
+    prediction as the coarse level's prediction (its consistency with the fine one)."""
+    fine_to_coarse = labels["fine_to_coarse"].numpy()
+    hierarchy = common.Hierarchy(
+        list(labels["level_names"]),
+        [list(names) for names in labels["class_names"]],
+        [fine_to_coarse, np.arange(len(fine_to_coarse), dtype=np.int64)],
+    )
+    y_fine = labels["splits"]["test"]["fine"]
+    result = {}
+    for architecture in architectures:
+        entry = {"alpha": alpha}
+        for name, a in (("at_alpha0", 0.0), ("at_alpha", alpha)):
+            per_run = []
+            for run in range(runs):
+                p_coarse, p_fine = probabilities(models[architecture, run], "test")
+                adj_coarse, adj_fine = classifier_adaptation(p_coarse, p_fine, fine_to_coarse, a)
+                level_preds = {hierarchy.level_names[0]: adj_coarse.argmax(1)}
+                log_fine = adj_fine.clamp(min=1e-30).log()  # it soft-maxes scores: log-probabilities
+                per_run.append(common.hierarchical_metrics(log_fine, y_fine, hierarchy, level_preds=level_preds))
+            entry[name] = mean_of_records(per_run)
+        result[architecture] = entry
+    return result
+
+
+def summary_text(reference, tests, costs, hier, runs):
     lines = [
-        "Parameters and training time per instance (mean over runs x instances; 'steady' leaves out the",
-        "first epoch's warm-up: median epoch time x epochs)",
+        "Parameters and training time per model (mean over runs; 'steady' leaves out the first epoch's",
+        "warm-up: median epoch time x epochs)",
     ]
     base = costs.get("separate")
     for architecture, cost in costs.items():
@@ -582,24 +742,115 @@ def summary_text(best, tests, costs, runs):
             f"  {architecture:9s} {cost['parameters']:>11,d} parameters  {cost['train_seconds']:9.1f} s"
             f"  steady {cost['steady_train_seconds']:9.1f} s{ratio}"
         )
-    lines += ["", "Best alpha (chosen on validation) and test top-1 error % there (mean +- std over runs)"]
-    for entry in best.values():
+    chosen = next(iter(reference.values()))["source"] == "validation"
+    lines += [
+        "",
+        "Test top-1 error % (mean +- std over runs, or over combinations of runs for ensembles) at alpha 0,",
+        "at alpha 1, and at "
+        + ("the alpha chosen on validation" if chosen else "the test curve's minimum (read off the curve, not tuned)"),
+    ]
+    for e in reference.values():
         lines.append(
-            f"  {entry['architecture']:9s} ensemble-{entry['ensemble']} {entry['level']:>10s}: alpha "
-            f"{entry['alpha']:.1f}  test {entry['test_err_mean']:.2f} +- {entry['test_err_std']:.2f}"
-            f"  (alpha 0: {entry['test_err_alpha0_mean']:.2f} +- {entry['test_err_alpha0_std']:.2f})"
+            f"  {e['architecture']:9s} ensemble-{e['ensemble']} {e['level']:>10s}: "
+            f"alpha 0 {e['test_err_alpha0_mean']:6.2f} +- {e['test_err_alpha0_std']:.2f}  "
+            f"alpha 1 {e['test_err_alpha1_mean']:6.2f} +- {e['test_err_alpha1_std']:.2f}  "
+            f"{'chosen' if chosen else 'minimum'} alpha {e['alpha']:.1f}: {e['test_err_mean']:6.2f} +- {e['test_err_std']:.2f}"
         )
-    lines += ["", f"Paired t-tests on test error over {runs} runs (two-sided p)"]
+    lines += ["", f"Paired t-tests on single models' test error over {runs} runs (two-sided p)"]
     if runs < 2:
         lines.append("  not computed: a paired t-test needs --runs >= 2")
     else:
         for t in tests:
+            head = f"  {t['level']:>10s}: {t['a']} @ {t['alpha_a']:.1f} vs {t['b']} @ {t['alpha_b']:.1f}: diff {t['mean_diff']:+.3f}"
+            if t["no_spread"]:
+                lines.append(f"{head}  no spread (every run differs by the same amount): not testable")
+            else:
+                lines.append(f"{head}  t {t['t']:.3f}  df {t['df']}  p {t['p']:.4f}" + ("  *" if t["p"] < 0.05 else ""))
+    if hier:
+        lines += [
+            "",
+            "Consistency % (coarse prediction = parent of the fine one) and fine top-1 %, test, mean over runs",
+        ]
+        for architecture, entry in hier.items():
             lines.append(
-                f"  ensemble-{t['ensemble']} {t['level']:>10s}: {t['a']} @ {t['alpha_a']:.1f} vs {t['b']} @ "
-                f"{t['alpha_b']:.1f}: diff {t['mean_diff']:+.3f}  t {t['t']:.3f}  df {t['df']}  p {t['p']:.4f}"
-                + ("  *" if t["p"] < 0.05 else "")
+                f"  {architecture:9s} alpha 0: {entry['at_alpha0']['consistency']:6.2f} / {entry['at_alpha0']['top1']:6.2f}"
+                f"   alpha {entry['alpha']:.1f}: {entry['at_alpha']['consistency']:6.2f} / {entry['at_alpha']['top1']:6.2f}"
             )
     return "\n".join(lines) + "\n"
+
+
+def analyze(args, run_dir):
+    """Every table of the run from predictions/: curves, ensembles, chosen alphas, t-tests, metrics."""
+    labels, models = load_predictions(run_dir, args.architectures, args.runs)
+    fine_to_coarse = labels["fine_to_coarse"].numpy()
+    level_names = ("coarse", "fine")
+    splits = [split for split in ("val", "test") if split in labels["splits"]]
+    sizes = [size for size in args.ensembles if size <= args.runs]
+    if len(sizes) < len(args.ensembles):
+        print(f"ensembles above --runs {args.runs} skipped: {[s for s in args.ensembles if s > args.runs]}", flush=True)
+
+    # Error vs alpha of every ensemble size (ensemble-1: the single models).
+    curves = {}
+    for architecture in args.architectures:
+        for size in sizes:
+            curves[architecture, size] = {}
+            for split in splits:
+                y = labels["splits"][split]
+                probs = [probabilities(models[architecture, run], split) for run in range(args.runs)]
+                members, errors = ensemble_errors(probs, (y["coarse"], y["fine"]), fine_to_coarse, size)
+                curves[architecture, size][split] = errors  # combinations x alphas x 2
+            curves[architecture, size]["members"] = [list(m) for m in members]  # run indices
+    costs = {}
+    for architecture in args.architectures:
+        records = [models[architecture, run] for run in range(args.runs)]
+        costs[architecture] = {
+            "parameters": records[0]["parameters"],
+            "train_seconds": float(np.mean([r["train_seconds"] for r in records])),
+            "steady_train_seconds": float(np.mean([r["steady_train_seconds"] for r in records])),
+            "train_seconds_total": float(np.sum([r["train_seconds"] for r in records])),
+            "seeds": [r["seed"] for r in records],
+        }
+
+    write_alpha_tables(run_dir, curves, level_names, splits)
+    reference = reference_alphas(curves, level_names, "val" if "val" in splits else "test")
+    tests = t_tests(curves, reference, level_names, args.ttest_alpha)
+    # Hierarchical metrics at alpha 0 and at the chosen alpha (validation, fine level), else at
+    # alpha 1, fixed in advance (nothing is chosen on the test set).
+    metric_alpha = {
+        a: reference[f"{a}/ensemble-1/fine"]["alpha"] if "val" in splits else 1.0 for a in args.architectures
+    }
+    hier = {}
+    for architecture in args.architectures:
+        hier |= hierarchy_metrics(models, labels, [architecture], args.runs, metric_alpha[architecture])
+    summary = summary_text(reference, tests, costs, hier, args.runs)
+    (run_dir / "summary.txt").write_text(summary)
+    print(summary, flush=True)
+    points = {k: {key: v for key, v in entry.items() if key != "alpha_index"} for k, entry in reference.items()}
+    metrics = {
+        "dataset": args.dataset,
+        "backbone": args.backbone,
+        "depth": args.depth,
+        "coarse_level": labels["level_names"][0],
+        "n_coarse": len(labels["class_names"][0]),
+        "n_fine": len(labels["class_names"][1]),
+        "runs": args.runs,
+        "ensembles": sizes,
+        "val_fraction": args.val_fraction,
+        "alphas": ALPHAS,
+        "costs": costs,
+        # results_table.py reads best_alpha; without a validation split the curve's minimum is no choice.
+        ("best_alpha" if "val" in splits else "test_curve_minimum"): points,
+        "t_tests": tests,
+        "hierarchical_metrics": hier,
+        "curves": {
+            f"{arch}/ensemble-{size}": {"members": errors["members"]}
+            | {split: {level: errors[split][:, :, i] for i, level in enumerate(level_names)} for split in splits}
+            for (arch, size), errors in curves.items()
+        },
+    }
+    common.write_json(run_dir / "metrics.json", metrics)
+    print(f"wrote {run_dir}/alpha_curve.csv, alpha_curve.txt, summary.txt, metrics.json", flush=True)
+    return metrics
 
 
 # ---------------------------------------------------------------------------------------
@@ -610,6 +861,10 @@ def summary_text(best, tests, costs, runs):
 def main(argv=None):
     args = get_args(argv)
     run_dir, device = common.setup(args, "merged_resnet")
+    if args.analyze_only:
+        return analyze(args, run_dir)
+
+    # 1. Data and the two levels: coarse = --coarse-level, fine = the leaf classes.
     data = common.load_data(args)
     hierarchy = data.hierarchy
     if hierarchy.n_levels < 2:
@@ -620,17 +875,17 @@ def main(argv=None):
     level_index = hierarchy.level_names.index(coarse_level)
     fine_to_coarse = hierarchy.parents[level_index]
     n_coarse, n_fine = hierarchy.num_classes(level_index), hierarchy.num_classes(-1)
-    level_names = ("coarse", "fine")
     print(f"coarse level {coarse_level!r} ({n_coarse} classes), fine ({n_fine} classes)", flush=True)
 
-    # Validation hold-out from the training set, class-balanced on the fine labels.
+    # 2. Training split: all of it (the paper), or a class-balanced validation hold-out to choose alpha.
     train_labels = data.train.labels.numpy()
-    smallest = int(np.bincount(train_labels)[np.unique(train_labels)].min())
-    val_idx, train_idx = common.stratified_split(train_labels, max(1, int(args.val_fraction * smallest)), args.seed)
+    if args.val_fraction > 0:
+        smallest = int(np.bincount(train_labels)[np.unique(train_labels)].min())
+        val_idx, train_idx = common.stratified_split(train_labels, max(1, int(args.val_fraction * smallest)), args.seed)
+    else:
+        val_idx, train_idx = None, np.arange(len(train_labels))
     if len(train_idx) < args.batch_size:
-        common.fail(
-            f"{len(train_idx)} training images left after the validation hold-out; fewer than one batch of {args.batch_size}"
-        )
+        common.fail(f"{len(train_idx)} training images; fewer than one batch of {args.batch_size}")
     args.mean, args.std = data.mean, data.std
 
     def split_on_device(split, idx=None):
@@ -638,84 +893,49 @@ def main(argv=None):
         fine = split.labels.to(device)
         return split.images.to(device), hierarchy.labels(level_index, fine), fine
 
-    splits = {
-        "train": split_on_device(data.train, train_idx),
-        "val": split_on_device(data.train, val_idx),
-        "test": split_on_device(data.test),
-    }
-    print(f"train {len(train_idx)}, validation {len(val_idx)}, test {len(data.test)} images", flush=True)
+    splits = {"train": split_on_device(data.train, train_idx), "test": split_on_device(data.test)}
+    if val_idx is not None:
+        splits["val"] = split_on_device(data.train, val_idx)
+    if args.dry_run:  # two evaluation batches per split
+        for split in ("val", "test"):
+            if split in splits:
+                splits[split] = tuple(t[: 2 * args.eval_batch_size] for t in splits[split])
+    n_val = len(splits["val"][0]) if "val" in splits else 0
+    print(f"train {len(train_idx)}, validation {n_val}, test {len(splits['test'][0])} images", flush=True)
+    save_pt(
+        run_dir / "predictions" / "labels.pt",
+        {
+            "splits": {
+                s: {"coarse": splits[s][1].cpu(), "fine": splits[s][2].cpu()} for s in ("val", "test") if s in splits
+            },
+            "fine_to_coarse": torch.as_tensor(fine_to_coarse, dtype=torch.long),
+            "level_names": [coarse_level, hierarchy.level_names[-1]],
+            "class_names": [list(hierarchy.class_names[level_index]), list(hierarchy.class_names[-1])],
+        },
+    )
 
-    # Train runs x instances of every architecture; instance seeds are shared across architectures.
-    probs, costs = {}, {}
-    for architecture in args.architectures:
-        seconds, parameters = [], 0
-        for run in range(args.runs):
-            for instance in range(args.instances):
-                seed = args.seed + 1000 * run + instance
-                out, secs, parameters = train_architecture(
-                    args, run_dir, device, architecture, splits, n_coarse, n_fine, seed, f"r{run}-i{instance}"
-                )
-                probs[architecture, run, instance] = out
-                seconds.append(secs)
-        seconds = np.stack(seconds)
-        costs[architecture] = {
-            "parameters": parameters,
-            "train_seconds": float(seconds[:, 0].mean()),
-            "steady_train_seconds": float(seconds[:, 1].mean()),
-            "train_seconds_total": float(seconds[:, 0].sum()),
-        }
+    # 3. Train this process's share of the (architecture, run) models; each saves its logits.
+    share = assign_tasks(args.architectures, args.runs, args.task_count)[args.task_index]
+    for architecture, run in share:
+        if prediction_path(run_dir, architecture, run).is_file():
+            print(f"[{architecture}-r{run}] trained already: {prediction_path(run_dir, architecture, run)}", flush=True)
+            continue
+        record = train_model(args, run_dir, device, architecture, run, splits, n_coarse, n_fine)
         print(
-            f"[{architecture}] {parameters:,} parameters, {seconds[:, 0].mean():.1f} s of training per instance",
+            f"[{architecture}-r{run}] seed {record['seed']}, {record['parameters']:,} parameters, "
+            f"{record['train_seconds']:.1f} s of training",
             flush=True,
         )
 
-    # Error vs alpha for every ensemble size (ensemble-m of a run averages its first m instances).
-    curves, consistency = {}, {}
-    for architecture in args.architectures:
-        for size in ensemble_sizes(args.instances):
-            errors = {"val": [], "test": []}
-            for run in range(args.runs):
-                members = [probs[architecture, run, i] for i in range(size)]
-                for split in ("val", "test"):
-                    p_coarse = torch.stack([m[split][0] for m in members]).mean(0)
-                    p_fine = torch.stack([m[split][1] for m in members]).mean(0)
-                    y_coarse, y_fine = members[0][split][2], members[0][split][3]
-                    errors[split].append(alpha_errors(p_coarse, p_fine, y_coarse, y_fine, fine_to_coarse))
-                    if split == "test":
-                        consistency.setdefault(f"{architecture}/ensemble-{size}", []).append(
-                            inconsistency(p_coarse, p_fine, fine_to_coarse)
-                        )
-            curves[architecture, size] = {split: np.stack(errors[split]) for split in errors}  # runs x alphas x 2
-
-    write_alpha_tables(run_dir, curves, level_names)
-    best = best_alphas(curves, level_names)
-    tests = t_tests(curves, best, level_names, args.ttest_alpha)
-    summary = summary_text(best, tests, costs, args.runs)
-    (run_dir / "summary.txt").write_text(summary)
-    print(summary, flush=True)
-    metrics = {
-        "dataset": args.dataset,
-        "backbone": args.backbone,
-        "depth": args.depth,
-        "coarse_level": coarse_level,
-        "n_coarse": n_coarse,
-        "n_fine": n_fine,
-        "runs": args.runs,
-        "instances": args.instances,
-        "alphas": ALPHAS,
-        "costs": costs,
-        "best_alpha": {k: {key: v for key, v in entry.items() if key != "alpha_index"} for k, entry in best.items()},
-        "t_tests": tests,
-        "test_inconsistency_alpha0": {k: mean_std(v)[0] for k, v in consistency.items()},
-        "curves": {
-            f"{arch}/ensemble-{size}": {
-                split: {level: errors[split][:, :, i] for i, level in enumerate(level_names)} for split in errors
-            }
-            for (arch, size), errors in curves.items()
-        },
-    }
-    common.write_json(run_dir / "metrics.json", metrics)
-    print(f"wrote {run_dir}/alpha_curve.csv, alpha_curve.txt, summary.txt, metrics.json", flush=True)
+    # 4. Curves, ensembles, alphas, t-tests and metrics, from the saved logits.
+    if args.task_count > 1:
+        print(
+            f"share {args.task_index}/{args.task_count} done ({len(share)} models); when every share is, "
+            f"build the tables with: python merged_resnet.py --resume {run_dir} --analyze-only",
+            flush=True,
+        )
+        return None
+    return analyze(args, run_dir)
 
 
 if __name__ == "__main__":

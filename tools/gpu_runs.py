@@ -69,6 +69,8 @@ JOBS = {
         "separate",
         "merge-1",
         "merge-2",
+        "--val-fraction",
+        "0.1",
     ],
     "latent_string_cifar10": ["latent_string.py", *C10],
     "merged_resnet_shapes": [
@@ -87,6 +89,8 @@ JOBS = {
         "15",
         "--runs",
         "2",
+        "--val-fraction",
+        "0.1",
     ],
     "coarse_outer_product_shapes": [
         "coarse_outer_product.py",

@@ -1,0 +1,37 @@
+import json
+
+import pytest
+
+import bench
+
+
+def test_mps_status_finds_the_pipe_it_is_pointed_at(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUDA_MPS_PIPE_DIRECTORY", str(tmp_path))
+    status = bench.mps_status()
+    assert status["pipe_directory"] == str(tmp_path) and not status["pipe_found"]
+    (tmp_path / "control").touch()
+    status = bench.mps_status()
+    assert status["pipe_found"]
+    assert status["clients_use_mps"] == status["control_daemon_running"]  # a pipe alone is not a daemon
+
+
+def test_mps_bench_times_k_processes_together(tmp_path):
+    out = tmp_path / "bench_mps.json"
+    argv = ["--mps", "1", "2", "--mps-config", "preact11:8", "--steps", "3", "--warmup", "1"]
+    bench.main(argv + ["--device", "cpu", "--mps-out", str(out)])
+    result = json.loads(out.read_text())
+    assert set(result["mps"]) >= {"control_daemon_running", "server_running", "clients_use_mps"}
+    rows = result["rows"]
+    assert [(r["backbone"], r["batch"], r["k"]) for r in rows] == [("preact11", 8, 1), ("preact11", 8, 2)]
+    for r in rows:
+        assert r["images"] == r["k"] * 3 * 8 and len(r["per_process_images_per_s"]) == r["k"]
+        assert r["total_images_per_s"] == pytest.approx(r["images"] / r["wall_s"])
+        # The wall time covers every process's own timed steps, so the total is at most their sum.
+        assert r["total_images_per_s"] <= sum(r["per_process_images_per_s"]) * (1 + 1e-9)
+        assert r["start_spread_s"] < r["wall_s"]
+    assert rows[0]["total_over_one"] == 1.0 and rows[1]["total_over_one"] > 0
+
+
+def test_mps_bench_rejects_an_unknown_backbone(tmp_path):
+    with pytest.raises(SystemExit, match="backbone:batch"):
+        bench.main(["--mps", "1", "--mps-config", "nope:8", "--device", "cpu", "--mps-out", str(tmp_path / "x")])
