@@ -106,6 +106,59 @@ def hiernet_rows(results, runs):
     return out
 
 
+# Paper, Tables 1 and 2 (CIFAR-100): n -> (layers, backbone, slow, fast); the authors' code's super-class
+# accuracy for n = 3..9 (their file header, ReLU runs).
+HIERNET_TABLE1 = {
+    3: (20, 65.96, 68.89, 68.08),
+    5: (32, 67.08, 70.65, 70.45),
+    7: (44, 68.12, 71.25, 70.75),
+    9: (56, 68.38, 72.15, 72.01),
+    18: (110, 71.33, 73.45, 73.27),
+}
+HIERNET_TABLE2 = {
+    3: (20, 65.54, 68.30, 68.16),
+    5: (32, 67.88, 70.71, 70.43),
+    7: (44, 68.79, 70.83, 70.79),
+    9: (56, 69.03, 72.47, 72.29),
+    18: (110, 72.93, 74.37, 74.15),
+}
+HIERNET_AUTHORS_SUPER = {3: 86.23, 5: 90.28, 7: 88.40, 9: 90.60}
+
+
+def hiernet_cifar100_rows(results, elu=False):
+    """Table 1 (or 2 with elu) layout: one row per n, ours beside the paper's; None where not run."""
+    out = []
+    for n, (layers, p_backbone, p_slow, p_fast) in (HIERNET_TABLE2 if elu else HIERNET_TABLE1).items():
+        run = f"hiernet_cifar100_n{n}" + ("_elu" if elu else "")
+        m, info = load(run, results)
+        if m is None:
+            out.append([n, layers, "not run yet", "", "", "", "", "", "", "", "", ""])
+            continue
+        authors_super = "" if elu else HIERNET_AUTHORS_SUPER.get(n, "")
+        control = f2(m["control_acc"]) if "control_acc" in m else ""
+        slow_severity = m.get("hierarchical", {}).get("dataset", {})
+        severity = " / ".join(
+            f2(slow_severity[k]["mistake_severity"]) for k in ("backbone", "slow") if k in slow_severity
+        )
+        out.append(
+            [
+                n,
+                layers,
+                f"{f2(m['backbone_acc'])} ({p_backbone})",
+                f"{f2(m['slow_acc'])} ({p_slow})",
+                f"{f2(m['fast_acc'])} ({p_fast})",
+                f"{m['slow_acc'] - m['backbone_acc']:+.2f} ({p_slow - p_backbone:+.2f})",
+                f"{f2(m['superclass_acc'])}" + (f" ({authors_super})" if authors_super else ""),
+                control,
+                f"{m['n_groups']}: " + " / ".join(str(s) for s in m["group_sizes"]),
+                f"{m['backbone_params'] / 1e6:.2f}M / {m['hiernet_params'] / 1e6:.2f}M",
+                wall(info),
+                severity,
+            ]
+        )
+    return out
+
+
 def section(results):
     lines = [START, ""]
     devices = sorted(
@@ -152,12 +205,42 @@ def section(results):
     missing = [f"`{run}`" for run in hiernet_runs if load(run, results)[0] is None]
     lines += [
         "",
-        "Paper (Table 1, CIFAR-100, backbone / slow / fast): n=3 65.96 / 68.89 / 68.08, n=9 68.38 / "
-        "72.15 / 72.01; no CIFAR-10 accuracy is given. Not run: CIFAR-100 (not on these machines)"
-        + "".join(f", {run}" for run in missing)
-        + ".",
+        "The paper gives no CIFAR-10 accuracy." + ("".join(f" Not run: {run}." for run in missing)),
         "",
     ]
+    for elu, title in ((False, "Table 1 (ResNet)"), (True, "Table 2 (ELU ResNet)")):
+        rows = hiernet_cifar100_rows(results, elu)
+        if all(r[2] == "not run yet" for r in rows):
+            lines += [f"HierNet on CIFAR-100, {title}: not run yet.", ""]
+            continue
+        lines += [
+            f"#### HierNet on CIFAR-100, {title}: ours (paper), accuracy % on the authors' 5k test half",
+            "",
+            row(
+                [
+                    "n",
+                    "layers",
+                    "backbone",
+                    "slow",
+                    "fast",
+                    "slow - backbone",
+                    "super-class (authors' code)",
+                    "control: backbone trained as long",
+                    "groups",
+                    "params backbone / HierNet",
+                    "wall",
+                    "mistake severity, CIFAR-100 superclasses (backbone / slow)",
+                ]
+            ),
+            row(["---"] * 12),
+        ]
+        lines += [row(r) for r in rows]
+        commands = [
+            f"`{load(f'hiernet_cifar100_n{n}' + ('_elu' if elu else ''), results)[1]['command']}`"
+            for n in (HIERNET_TABLE2 if elu else HIERNET_TABLE1)
+            if load(f"hiernet_cifar100_n{n}" + ("_elu" if elu else ""), results)[0] is not None
+        ]
+        lines += ["", "Commands: " + ", ".join(commands) + ". One seed each.", ""]
 
     m, info = load("latent_string_cifar10", results)
     s, sinfo = load("latent_string_shapes", results)
@@ -185,7 +268,7 @@ def section(results):
     lines += [
         "",
         "Learnt prefix tree and codes: `results/latent_string_cifar10/prefix_tree.txt`; bits sweep: "
-        "`bits_sweep.tsv`. Not run: MNIST and CIFAR-100 (not on these machines).",
+        "`bits_sweep.tsv`. Not run yet: MNIST and CIFAR-100 (the commands are in the docstring).",
         "",
     ]
 
@@ -349,6 +432,40 @@ def section(results):
                     ]
                 )
             )
+        lines.append("")
+    bench = results / "bench_hiernet.json"
+    if bench.exists():
+        b = json.loads(bench.read_text())
+        backbone = next(r["images_per_s"] for r in b["rows"] if r["model"] == "backbone")
+        lines += [
+            f"HierNet training (`python bench.py --hiernet`, {b['device']}): n = {b['n']}, split {b['split']}, "
+            f"{b['extra_blocks']} extra blocks, batch {b['batch']} of {b['image_size']}x{b['image_size']} images, "
+            f"{b['steps']} steps; epoch = 50k images. The backbone alone: {backbone:.0f} images/s.",
+            "",
+            row(
+                [
+                    "groups",
+                    "per-branch images/s",
+                    "batched images/s",
+                    "batched / per-branch",
+                    "epoch per-branch -> batched",
+                ]
+            ),
+            row(["---"] * 5),
+        ]
+        for r in b["rows"]:
+            if r["model"] == "hiernet":
+                lines.append(
+                    row(
+                        [
+                            r["groups"],
+                            f"{r['per_branch']:.0f}",
+                            f"{r['batched']:.0f}",
+                            f2(r["batched_over_per_branch"]),
+                            f"{r['per_branch_epoch_s']:.1f} s -> {r['batched_epoch_s']:.1f} s",
+                        ]
+                    )
+                )
         lines.append("")
     lines.append(END)
     return "\n".join(lines)
