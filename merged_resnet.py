@@ -534,7 +534,7 @@ def train_model(args, run_dir, device, architecture, run, splits, n_coarse, n_fi
     """Train one (architecture, run) model and save its logits on every evaluation split.
 
     Writes predictions/<architecture>-r<run>.pt: {"logits": {split: {"coarse", "fine"}}, "seed",
-    "parameters", "train_seconds", "steady_train_seconds"}."""
+    "epochs", "parameters", "train_seconds", "steady_train_seconds"}."""
     seed = model_seed(args.seed, architecture, run)
     coarse_net, fine_net = build_pair(args, n_coarse, n_fine, seed)
     train_images, y_coarse, y_fine = splits["train"]
@@ -568,6 +568,7 @@ def train_model(args, run_dir, device, architecture, run, splits, n_coarse, n_fi
     record = {
         "logits": logits,
         "seed": seed,
+        "epochs": args.epochs,
         "parameters": parameters,
         "train_seconds": float(seconds[0]),
         "steady_train_seconds": float(seconds[1]),
@@ -917,9 +918,10 @@ def main(argv=None):
     # 3. Train this process's share of the (architecture, run) models; each saves its logits.
     share = assign_tasks(args.architectures, args.runs, args.task_count)[args.task_index]
     for architecture, run in share:
-        if prediction_path(run_dir, architecture, run).is_file():
-            print(f"[{architecture}-r{run}] trained already: {prediction_path(run_dir, architecture, run)}", flush=True)
-            continue
+        path = prediction_path(run_dir, architecture, run)
+        if path.is_file() and load_pt(path).get("epochs", args.epochs) >= args.epochs:
+            print(f"[{architecture}-r{run}] trained already: {path}", flush=True)
+            continue  # a resume with a longer --epochs trains on from the checkpoint, then predicts again
         record = train_model(args, run_dir, device, architecture, run, splits, n_coarse, n_fine)
         print(
             f"[{architecture}-r{run}] seed {record['seed']}, {record['parameters']:,} parameters, "

@@ -504,8 +504,8 @@ FLAG_CASES = [
     ("merged_resnet", ["--depth", "0"], "--depth"),
     ("merged_resnet", ["--growth", "0"], "--growth"),
     ("merged_resnet", ["--runs", "0"], "--runs"),
-    ("merged_resnet", ["--instances", "0"], "--instances"),
-    ("merged_resnet", ["--val-fraction", "0"], "--val-fraction"),
+    ("merged_resnet", ["--ensembles", "0"], "--ensembles"),
+    ("merged_resnet", ["--val-fraction", "1"], "--val-fraction"),
     ("merged_resnet", ["--warmup-iters", "-1"], "--warmup-iters"),
     ("merged_resnet", ["--weight-decay", "inf"], "--weight-decay"),
     ("merged_resnet", ["--ttest-alpha", "nan"], "--ttest-alpha"),
@@ -523,7 +523,7 @@ FLAG_CASES = [
     ("hdl_stack", ["--lambda-fine", "nan"], "--lambda-fine"),
     ("hdl_stack", ["--lambda-center", "-1"], "--lambda-center"),
     ("hdl_stack", ["--center-alpha", "0"], "--center-alpha"),
-    ("hdl_stack", ["--val-per-class", "-1"], "--val-per-class"),
+    ("hdl_stack", ["--val-fraction", "1"], "--val-fraction"),
     ("hdl_stack", ["--eval-batch-size", "0"], "--eval-batch-size"),
 ]
 SCRIPTS = ["hiernet", "coarse_outer_product", "merged_resnet", "latent_string", "hdl_stack"]

@@ -44,8 +44,27 @@ def test_section_builds_from_a_partial_results_dir(tmp_path):
     shutil.copytree(ROOT / "results" / "hdl_stack_shapes", tmp_path / "hdl_stack_shapes")
     text = tool.section(tmp_path)
     assert "`hiernet_cifar10_n3` | not run yet" in text
-    assert "Not run: CIFAR-100 (not on these machines), `hiernet_cifar10_n3`, `hiernet_cifar10_n3_pmin0.075`" in text
+    assert "Not run: `hiernet_cifar10_n3`, `hiernet_cifar10_n3_pmin0.075`" in text
+    assert "HierNet on CIFAR-100, Table 1 (ResNet): not run yet." in text
     assert "`python hdl_stack.py --dataset shapes`" in text and "| resnet56 | 128 |" in text
+
+
+def test_hiernet_cifar100_tables_from_a_partial_results_dir(tmp_path):
+    import shutil
+
+    tool = load_tool()
+    shutil.copytree(ROOT / "results" / "hiernet_cifar100_n9", tmp_path / "hiernet_cifar100_n9")
+    m = json.loads((tmp_path / "hiernet_cifar100_n9" / "metrics.json").read_text())
+    text = tool.section(tmp_path)
+    table1 = text.split("#### HierNet on CIFAR-100, Table 1")[1].split("\n\n")[1].splitlines()
+    rows = {line.split(" | ")[0].strip("| "): line for line in table1[2:]}
+    assert sorted(rows, key=int) == ["3", "5", "7", "9", "18"]
+    for n in ("3", "5", "7", "18"):
+        assert "not run yet" in rows[n]
+    gain = m["slow_acc"] - m["backbone_acc"]
+    assert f"| {m['backbone_acc']:.2f} (68.38) | {m['slow_acc']:.2f} (72.15) |" in rows["9"]
+    assert f"{gain:+.2f} (+3.77)" in rows["9"] and "(90.6)" in rows["9"]
+    assert "HierNet on CIFAR-100, Table 2 (ELU ResNet): not run yet." in text
 
 
 def test_collect_copies_finished_runs_without_checkpoints(tmp_path):

@@ -42,6 +42,20 @@ JOBS = {
     # HierNet on its own data, the paper's settings (Table 1); n = 3 also runs the training-length control.
     "hiernet_cifar100_n9": ["hiernet.py", *C100, "--n", "9"],
     "hiernet_cifar100_n3": ["hiernet.py", *C100, "--n", "3", "--control"],
+    # Still to run: the rest of Tables 1 and 2, seeds (with the control) at n = 3 and 9.
+    **{f"hiernet_cifar100_n{n}": ["hiernet.py", *C100, "--n", str(n)] for n in (5, 7, 18)},
+    **{f"hiernet_cifar100_n{n}_elu": ["hiernet.py", *C100, "--n", str(n), "--elu"] for n in (3, 5, 7, 9, 18)},
+    **{
+        f"hiernet_cifar100_n{n}_seed{seed}": ["hiernet.py", *C100, "--n", str(n), "--seed", str(seed), "--control"]
+        for n in (3, 9)
+        for seed in (1, 2)
+    },
+    # The other papers on their own data (the commands in each script's docstring).
+    "latent_string_mnist": ["latent_string.py", "--dataset", "mnist", "--data-dir", "data", "--val-per-class", "500"],
+    "latent_string_cifar100": ["latent_string.py", *C100, "--val-per-class", "50"],
+    "latent_string_cifar10_val": ["latent_string.py", *C10, "--val-per-class", "500"],
+    "coarse_outer_product_cifar100": ["coarse_outer_product.py", *C100, "--method", "all"],
+    "merged_resnet_cifar100_resnet164": ["merged_resnet.py", *C100, "--runs", "2"],
     # g_max 5: half of CIFAR-10's classes, the paper's reason for 50 on CIFAR-100; p_min the paper's.
     "hiernet_cifar10_n9": ["hiernet.py", *C10, "--n", "9", "--g-max", "5"],
     "hiernet_cifar10_n3": ["hiernet.py", *C10, "--n", "3", "--g-max", "5"],

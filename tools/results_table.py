@@ -205,7 +205,7 @@ def section(results):
     missing = [f"`{run}`" for run in hiernet_runs if load(run, results)[0] is None]
     lines += [
         "",
-        "The paper gives no CIFAR-10 accuracy." + ("".join(f" Not run: {run}." for run in missing)),
+        "The paper gives no CIFAR-10 accuracy." + (f" Not run: {', '.join(missing)}." if missing else ""),
         "",
     ]
     for elu, title in ((False, "Table 1 (ResNet)"), (True, "Table 2 (ELU ResNet)")):
