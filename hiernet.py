@@ -1009,46 +1009,23 @@ def train_backbone(args, data, train_loader, val_loader, run_dir, device):
                 f"shortcut {args.shortcut}, {data.num_classes} classes): {str(e).splitlines()[0]}"
             )
         return backbone.eval(), []
-    optimizer = make_optimizer(args, backbone)
-    epochs, lr_at = stage_schedule(args, len(train_loader), "backbone")
-    step = common.make_train_step(
-        backbone,
-        common.cross_entropy_loss,
-        optimizer,
-        device=device,
-        dtype=args.dtype,
-        cuda_graph=args.cuda_graph,
-        compile=args.compile,
-    )
-
-    def evaluate(epoch):
-        logits, labels = predict_fp32(backbone, val_loader, device)
-        return {"val_acc": common.accuracy(logits, labels)}
-
-    history = common.fit(
-        run_dir / "backbone",
-        backbone,
-        optimizer,
-        step,
-        train_loader,
-        epochs=epochs,
-        lr_at=lr_at,
-        evaluate=evaluate,
-        log_path=run_dir / "metrics.jsonl",
-        stage="backbone",
-    )
-    return backbone.eval(), history
+    return fit_plain_stage(args, backbone, "backbone", train_loader, val_loader, run_dir, device)
 
 
 def train_control(args, backbone, train_loader, val_loader, run_dir, device):
     """The training-length control: the trained backbone continued for HierNet's iterations on
     HierNet's schedule (a fresh optimizer, as HierNet's), so that the gain of the tree is
     separated from the gain of training longer."""
-    control = copy.deepcopy(backbone)
-    optimizer = make_optimizer(args, control)
-    epochs, lr_at = stage_schedule(args, len(train_loader), "control")
+    return fit_plain_stage(args, copy.deepcopy(backbone), "control", train_loader, val_loader, run_dir, device)
+
+
+def fit_plain_stage(args, model, stage, train_loader, val_loader, run_dir, device):
+    """Train a plain ResNet with cross-entropy on the stage's schedule (common.fit, resumable);
+    validation accuracy in fp32 every epoch. Returns (model in eval mode, history)."""
+    optimizer = make_optimizer(args, model)
+    epochs, lr_at = stage_schedule(args, len(train_loader), stage)
     step = common.make_train_step(
-        control,
+        model,
         common.cross_entropy_loss,
         optimizer,
         device=device,
@@ -1058,12 +1035,12 @@ def train_control(args, backbone, train_loader, val_loader, run_dir, device):
     )
 
     def evaluate(epoch):
-        logits, labels = predict_fp32(control, val_loader, device)
+        logits, labels = predict_fp32(model, val_loader, device)
         return {"val_acc": common.accuracy(logits, labels)}
 
     history = common.fit(
-        run_dir / "control",
-        control,
+        run_dir / stage,
+        model,
         optimizer,
         step,
         train_loader,
@@ -1071,9 +1048,9 @@ def train_control(args, backbone, train_loader, val_loader, run_dir, device):
         lr_at=lr_at,
         evaluate=evaluate,
         log_path=run_dir / "metrics.jsonl",
-        stage="control",
+        stage=stage,
     )
-    return control.eval(), history
+    return model.eval(), history
 
 
 def refuse_per_branch_checkpoint(path):
