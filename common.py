@@ -371,14 +371,30 @@ def barrier():
         torch.distributed.barrier(group=_DIST["cpu_group"])
 
 
+class DistributedModel(nn.parallel.DistributedDataParallel):
+    """DistributedDataParallel whose other attributes are the model's (model.centers, model.head).
+
+    A loss_fn may read them, and use parameters after the forward pass, as long as it calls
+    the wrapper itself (model(x)) once per step: that call is what arms the gradient
+    all-reduce (make_train_step checks that it happened)."""
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "module":
+                raise
+            return getattr(self.module, name)
+
+
 def distributed_model(model):
     """The model wrapped in DistributedDataParallel (its gradients averaged over the processes).
 
     The parameters stay the model's own: optimizers, checkpoints and evaluation keep using the
-    plain model. A loss_fn must call the wrapper (model(x)), not its submodules, or the
-    gradients are not averaged; attribute access on the wrapper fails loudly."""
+    plain model. Buffers (batch-norm statistics) are rank 0's, broadcast at every forward; batch
+    norm normalises with each rank's own batch (as usual with DDP, no SyncBatchNorm)."""
     device_ids = [model_device(model).index] if model_device(model).type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    return DistributedModel(model, device_ids=device_ids)
 
 
 def model_device(model):
@@ -1907,8 +1923,10 @@ def make_train_step(model, loss_fn, optimizer, *, device, dtype="bf16", cuda_gra
     neither of which a graph capture records safely without DDP's static-graph setup, which
     this loop does not use. (Per-rank work is then eager, as with --no-cuda-graph.)"""
     device = torch.device(device)
+    forward_calls = [0]
     if ddp_active():
         model = distributed_model(model)
+        model.register_forward_pre_hook(lambda *_: forward_calls.__setitem__(0, forward_calls[0] + 1))
         cuda_graph = False
     if compile:
         model = torch.compile(model)
@@ -1916,8 +1934,14 @@ def make_train_step(model, loss_fn, optimizer, *, device, dtype="bf16", cuda_gra
 
     def eager(x, y):
         optimizer.zero_grad(set_to_none=True)
+        before = forward_calls[0]
         with autocast(device, dtype):
             loss, stats = _as_stats(loss_fn(model, x, y))
+        if ddp_active() and forward_calls[0] == before:
+            fail(
+                "--distributed ddp: this loss calls the model's parts but not the model itself, so DDP would "
+                "not average its gradients; run it in one process"
+            )
         loss.backward()
         optimizer.step()
         return stats

@@ -943,8 +943,8 @@ def main(argv=None):
         )
 
     # 4. Curves, ensembles, alphas, t-tests and metrics, from the saved logits. Under torchrun
-    # (sweep) every process's share is one of these tasks: rank 0 waits for all, then builds them.
-    if common.is_distributed() and args.distributed == "sweep" and args.tasks is None:
+    # rank 0 waits for every process (every share of a sweep; its own writes under ddp), then builds them.
+    if common.is_distributed() and args.tasks is None:
         common.barrier()
         if common.rank() != 0:
             return None

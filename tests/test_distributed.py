@@ -75,7 +75,18 @@ def ddp_worker(rank, world, port, stage_dir, batch_size, results):
     assert device.type == "cpu" and common.ddp_active() and common.world_size() == world
     model, history, batches = train_tiny(stage_dir, batch_size)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    torch.save({"state": state, "history": history, "batches": batches}, Path(results) / f"rank{rank}.pt")
+    # A loss that uses a part of the model but never calls it would train unsynchronised ranks.
+    parts_only = common.make_train_step(
+        model, lambda m, x, y: m.fc.weight.square().sum(), common.make_sgd(model.parameters(), 0.1), device="cpu"
+    )
+    try:
+        parts_only(*next(iter(common.GpuLoader(*tiny_data(), 4, device="cpu", mean=(0,) * 3, std=(1,) * 3))))
+        refused = ""
+    except SystemExit as e:
+        refused = str(e.code)
+    torch.save(
+        {"state": state, "history": history, "batches": batches, "refused": refused}, Path(results) / f"rank{rank}.pt"
+    )
 
 
 def test_ddp_two_ranks_match_one_process_with_the_global_batch(tmp_path):
@@ -101,6 +112,7 @@ def test_ddp_two_ranks_match_one_process_with_the_global_batch(tmp_path):
     timings = ("seconds", "images_per_s")
     strip = [[{k: v for k, v in rec.items() if k not in timings} for rec in r["history"]] for r in ranks]
     assert strip[0] == strip[1]  # every rank logs the same record
+    assert all("not the model itself" in r["refused"] for r in ranks)
     # Rank 0 alone wrote the checkpoint and the log: one line per epoch, not one per rank.
     assert (ddp_dir / "checkpoint.pt").is_file()
     assert len(common.read_jsonl(ddp_dir / "m.jsonl")) == 2
