@@ -128,8 +128,11 @@ def device_name(text):
     raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda, cuda:N or mps, got {text!r}")
 
 
-def add_common_args(parser, *, epochs, batch_size, lr, dataset="shapes", datasets=DATASETS):
-    """The flags every script shares; the defaults passed in are the script's paper settings."""
+def add_common_args(parser, *, epochs, batch_size, lr, dataset="shapes", datasets=DATASETS, distributed="ddp"):
+    """The flags every script shares; the defaults passed in are the script's paper settings.
+
+    `distributed` is what the script does when started by torchrun with several processes
+    (see init_distributed); a plain `python script.py` ignores --distributed."""
     g = parser.add_argument_group("common")
     g.add_argument("--dataset", default=dataset, choices=datasets)
     g.add_argument("--data-dir", default="./data", help="root of the on-disk datasets")
@@ -148,6 +151,13 @@ def add_common_args(parser, *, epochs, batch_size, lr, dataset="shapes", dataset
     g.add_argument("--force", action="store_true", help="overwrite an existing --out-dir")
     g.add_argument("--dry-run", action="store_true", help="one epoch of two batches per stage")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (no CUDA graph)")
+    g.add_argument(
+        "--distributed",
+        default=distributed,
+        choices=("ddp", "sweep"),
+        help="under torchrun only (WORLD_SIZE > 1): ddp = one run over the GPUs (--batch-size per GPU), "
+        "sweep = each process its own share of independent runs",
+    )
     g.add_argument(
         "--cuda-graph",
         action=argparse.BooleanOptionalAction,
@@ -280,6 +290,117 @@ def get_device(name="auto"):
     return device
 
 
+# ---- Several processes (torchrun) ----------------------------------------------------
+# Started by torchrun with WORLD_SIZE > 1, a script runs in one of two modes (--distributed):
+# "ddp", one run over all the processes (DistributedDataParallel; each process sees 1/W of
+# every global batch, so --batch-size is per GPU and the global batch is W x --batch-size), or
+# "sweep", independent runs split over the processes (each its own share, no gradient traffic).
+# A plain `python script.py` (no WORLD_SIZE, or 1) never touches torch.distributed.
+_DIST = {"rank": 0, "world": 1, "local_rank": 0, "mode": None, "cpu_group": None}
+
+
+def launched_distributed():
+    """True when torchrun started this process as one of several (WORLD_SIZE > 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_distributed(device, mode="ddp"):
+    """Join torchrun's process group; returns this process's device (cuda:LOCAL_RANK on CUDA).
+
+    Reads RANK, LOCAL_RANK and WORLD_SIZE from the environment torchrun sets. Backend: nccl for
+    ddp on CUDA, gloo otherwise (on the CPU, and in sweep mode, where the group only carries a
+    barrier and the run directory's path). The sweep group waits up to 7 days at a barrier: its
+    shares of runs may end hours apart. Returns the device; rank() and world_size() give the rest."""
+    if mode not in ("ddp", "sweep"):
+        fail(f"--distributed {mode}: choose ddp or sweep")
+    try:
+        rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    except (KeyError, ValueError):
+        fail("WORLD_SIZE > 1 but RANK/LOCAL_RANK are not set: start several processes with torchrun")
+    device = torch.device(device)
+    if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            fail(f"torchrun LOCAL_RANK {local_rank}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    elif mode == "ddp" and device.type != "cpu":
+        fail(f"--distributed ddp runs on CUDA or the CPU, not on {device.type}")
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if device.type == "cuda" and mode == "ddp" else "gloo"
+        timeout = datetime.timedelta(days=7) if mode == "sweep" else datetime.timedelta(minutes=30)
+        torch.distributed.init_process_group(backend, rank=rank, world_size=world, timeout=timeout)
+        atexit.register(_end_distributed)
+        # Host-side objects (the run directory's path) and barriers go through gloo.
+        cpu_group = torch.distributed.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else None
+        _DIST.update(cpu_group=cpu_group)
+    _DIST.update(rank=rank, world=world, local_rank=local_rank, mode=mode)
+    return device
+
+
+def _end_distributed():
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def is_distributed():
+    """True after init_distributed (in either mode)."""
+    return _DIST["mode"] is not None
+
+
+def ddp_active():
+    """True when this process is one of several sharing one run (--distributed ddp)."""
+    return _DIST["mode"] == "ddp" and _DIST["world"] > 1
+
+
+def rank():
+    return _DIST["rank"]
+
+
+def world_size():
+    return _DIST["world"]
+
+
+def writes_files():
+    """Whether this process writes the run's files: always, except ranks > 0 of a ddp run."""
+    return not ddp_active() or _DIST["rank"] == 0
+
+
+def barrier():
+    """Wait for every process of torchrun's group (a no-op in a plain process)."""
+    if is_distributed():
+        torch.distributed.barrier(group=_DIST["cpu_group"])
+
+
+class DistributedModel(nn.parallel.DistributedDataParallel):
+    """DistributedDataParallel whose other attributes are the model's (model.centers, model.head).
+
+    A loss_fn may read them, and use parameters after the forward pass, as long as it calls
+    the wrapper itself (model(x)) once per step: that call is what arms the gradient
+    all-reduce (make_train_step checks that it happened)."""
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "module":
+                raise
+            return getattr(self.module, name)
+
+
+def distributed_model(model):
+    """The model wrapped in DistributedDataParallel (its gradients averaged over the processes).
+
+    The parameters stay the model's own: optimizers, checkpoints and evaluation keep using the
+    plain model. Buffers (batch-norm statistics) are rank 0's, broadcast at every forward; batch
+    norm normalises with each rank's own batch (as usual with DDP, no SyncBatchNorm)."""
+    device_ids = [model_device(model).index] if model_device(model).type == "cuda" else None
+    return DistributedModel(model, device_ids=device_ids)
+
+
+def model_device(model):
+    return next(model.parameters()).device
+
+
 # This process's run: its directory, the lock files it holds, the directories it created, and
 # the args.json (and replacement of an old run) that wait for the run's first written file.
 _RUN = {"dir": None, "pending": None, "locks": {}, "created": []}
@@ -306,17 +427,28 @@ def setup(args, script):
       rates they had, and the rest follow the new schedule from the step reached. A
       --dry-run directory resumes as a dry run: it cannot become a real run.
     - A lock on DIR/.lock (held for the process's life) refuses a second process on the same run.
-    - Stale temp files of killed writes are removed when the directory is opened."""
+    - Stale temp files of killed writes are removed when the directory is opened.
+    - Started by torchrun with several processes: init_distributed first (each process on
+      cuda:LOCAL_RANK), then rank 0 alone opens the directory (see _setup_run_dir)."""
     _release_run()
     sys.excepthook = _excepthook
     if args.dry_run:
         args.epochs = 1
     seed_everything(args.seed)
     device = get_device(args.device)
+    if launched_distributed():
+        device = init_distributed(device, mode=getattr(args, "distributed", "ddp"))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    run_dir = _setup_run_dir(args, script)
+    _RUN["dir"] = run_dir
+    return run_dir, device
+
+
+def _open_run_dir(args, script):
+    """setup's run directory in this process: checked, created or reused, and locked."""
     if args.resume:
         run_dir = Path(args.resume)
         saved = read_run_args(run_dir)
@@ -349,8 +481,24 @@ def setup(args, script):
         _lock(run_dir)
         _remove_stale_temps(run_dir)
         _RUN["pending"] = {"dir": run_dir, "args": {"script": script, **_plain(vars(args))}, "replace": replace}
-    _RUN["dir"] = run_dir
-    return run_dir, device
+    return run_dir
+
+
+def _setup_run_dir(args, script):
+    """The run directory of setup: opened by this process, or, under torchrun, by rank 0 alone.
+
+    Under torchrun rank 0 opens it (lock, args.json, replacement of an old run written at once
+    rather than at the first write, so no rank writes into a directory about to be replaced)
+    and the other ranks take its path from rank 0 after a barrier, holding no lock."""
+    if not is_distributed():
+        return _open_run_dir(args, script)
+    run_dir = _open_run_dir(args, script) if _DIST["rank"] == 0 else None
+    if _DIST["rank"] == 0:
+        _claim(run_dir)
+    shared = [str(run_dir) if run_dir is not None else None]
+    torch.distributed.broadcast_object_list(shared, src=0, group=_DIST["cpu_group"])
+    barrier()
+    return Path(shared[0])
 
 
 def _new_default_dir(script):
@@ -544,7 +692,10 @@ def _atomic_write(path, data):
 def atomic_write_bytes(path, data):
     """Write a file atomically: a reader sees the old file or the new one, never half of one.
 
-    A file-system error (read-only, full disk) is one line naming the path."""
+    A file-system error (read-only, full disk) is one line naming the path. Ranks > 0 of a ddp
+    run write nothing (rank 0 writes the run's files)."""
+    if not writes_files():
+        return
     _claim(path)
     try:
         _atomic_write(path, data)
@@ -581,6 +732,8 @@ def load_checkpoint(path, device="cpu"):
 
 
 def append_jsonl(path, record):
+    if not writes_files():
+        return
     _claim(path)
     try:
         with open(path, "a") as f:
@@ -1206,7 +1359,14 @@ class GpuLoader:
     pixels (pad, then crop; the border filled with `fill`, a 0..255 grey level), a random
     horizontal flip, then normalisation. A fresh permutation per epoch comes from the loader's
     own generator, so nothing in an epoch waits for the host. `labels` is a tensor or a tuple of
-    tensors; batches are (images, labels) in the same structure."""
+    tensors; batches are (images, labels) in the same structure.
+
+    Sharded (shard=(rank, world); by default a training loader under --distributed ddp):
+    `batch_size` is the batch of one process (per GPU) and the global batch is world x
+    batch_size. Every rank draws the same seeded permutation and the same augmentation numbers
+    for the whole global batch and keeps its contiguous part of each, so W ranks at batch B see
+    exactly the batches and augmentations of one process at batch W x B, every rank the same
+    number of batches (len(loader) counts global batches)."""
 
     def __init__(
         self,
@@ -1225,8 +1385,12 @@ class GpuLoader:
         drop_last=None,
         max_batches=None,
         channels_last=None,
+        shard=None,
     ):
         self.device = torch.device(device)
+        if shard is None:
+            shard = (rank(), world_size()) if train and ddp_active() else (0, 1)
+        self.rank, self.world = shard
         self.images = images.to(self.device)
         self.single = isinstance(labels, torch.Tensor)
         self.labels = tuple(l.to(self.device) for l in ((labels,) if self.single else labels))
@@ -1241,12 +1405,17 @@ class GpuLoader:
         self.inv_std = 1.0 / scale
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         n = len(self.images)
-        if self.drop_last and n < batch_size:
-            fail(f"a training split of {n} images is smaller than one batch of {batch_size}")
+        if self.drop_last and n < batch_size * self.world:
+            per_gpu = f" ({self.world} x {batch_size} per process)" if self.world > 1 else ""
+            fail(f"a training split of {n} images is smaller than one batch of {batch_size * self.world}{per_gpu}")
+
+    @property
+    def global_batch_size(self):
+        return self.batch_size * self.world
 
     def __len__(self):
-        n = len(self.images)
-        batches = n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+        n, b = len(self.images), self.global_batch_size
+        batches = n // b if self.drop_last else math.ceil(n / b)
         return min(batches, self.max_batches) if self.max_batches else batches
 
     def state_dict(self):
@@ -1255,18 +1424,23 @@ class GpuLoader:
     def load_state_dict(self, state):
         self.generator.set_state(state["generator"].cpu())  # a checkpoint mapped to the GPU holds it there
 
-    def augment(self, x):
-        """uint8 B x C x H x W -> normalised float32 (channels_last when asked)."""
+    def augment(self, x, part=None):
+        """uint8 B x C x H x W -> normalised float32 (channels_last when asked).
+
+        part=(start, total): x is images start.. of a global batch of `total`; the random numbers
+        are drawn for the whole global batch and x gets its own rows of them."""
         B, C, H, W = x.shape
+        start, total = part if part is not None else (0, B)
+        rows_of_x = slice(start, start + B)
         if self.train and (self.crop_pad or self.flip):
             p = self.crop_pad
             ar_h = torch.arange(H, device=self.device)
             ar_w = torch.arange(W, device=self.device)
-            oy = torch.randint(0, 2 * p + 1, (B, 1), device=self.device, generator=self.generator)
-            ox = torch.randint(0, 2 * p + 1, (B, 1), device=self.device, generator=self.generator)
+            oy = torch.randint(0, 2 * p + 1, (total, 1), device=self.device, generator=self.generator)[rows_of_x]
+            ox = torch.randint(0, 2 * p + 1, (total, 1), device=self.device, generator=self.generator)[rows_of_x]
             cols = ox + ar_w
             if self.flip:
-                flipped = torch.rand(B, 1, device=self.device, generator=self.generator) < 0.5
+                flipped = torch.rand(total, 1, device=self.device, generator=self.generator)[rows_of_x] < 0.5
                 cols = torch.where(flipped, ox + (W - 1 - ar_w), cols)
             padded = F.pad(x, (p, p, p, p), value=self.fill) if p else x
             rows = oy + ar_h
@@ -1288,9 +1462,16 @@ class GpuLoader:
             order = torch.randperm(n, device=self.device, generator=self.generator)
         else:
             order = torch.arange(n, device=self.device)
+        b = self.global_batch_size
         for i in range(len(self)):
-            idx = order[i * self.batch_size : (i + 1) * self.batch_size]
-            x = self.augment(self.images[idx])
+            idx = order[i * b : (i + 1) * b]
+            part = None
+            if self.world > 1:  # this rank's contiguous part; a short last batch splits as evenly as it can
+                total = len(idx)
+                start = self.rank * (total // self.world) + min(self.rank, total % self.world)
+                idx = idx[start : start + total // self.world + (self.rank < total % self.world)]
+                part = (start, total)
+            x = self.augment(self.images[idx], part)
             ys = tuple(l[idx] for l in self.labels)
             yield x, (ys[0] if self.single else ys)
 
@@ -1734,16 +1915,33 @@ def make_train_step(model, loss_fn, optimizer, *, device, dtype="bf16", cuda_gra
     the learning rate changes (it is baked into the graph). The returned tensors are reused by
     the next call: accumulate them before calling again. With compile, loss_fn gets the
     torch.compile'd model (same parameters) and no CUDA graph is captured: compiling (and
-    recompiling on new shapes) cannot happen inside a graph capture."""
+    recompiling on new shapes) cannot happen inside a graph capture.
+
+    Under --distributed ddp the model is wrapped by distributed_model (gradients averaged over
+    the ranks in backward) and no CUDA graph is captured: DDP's gradient all-reduce runs from
+    autograd hooks on NCCL streams and rebuilds its gradient buckets after the first steps,
+    neither of which a graph capture records safely without DDP's static-graph setup, which
+    this loop does not use. (Per-rank work is then eager, as with --no-cuda-graph.)"""
     device = torch.device(device)
+    forward_calls = [0]
+    if ddp_active():
+        model = distributed_model(model)
+        model.register_forward_pre_hook(lambda *_: forward_calls.__setitem__(0, forward_calls[0] + 1))
+        cuda_graph = False
     if compile:
         model = torch.compile(model)
         cuda_graph = False
 
     def eager(x, y):
         optimizer.zero_grad(set_to_none=True)
+        before = forward_calls[0]
         with autocast(device, dtype):
             loss, stats = _as_stats(loss_fn(model, x, y))
+        if ddp_active() and forward_calls[0] == before:
+            fail(
+                "--distributed ddp: this loss calls the model's parts but not the model itself, so DDP would "
+                "not average its gradients; run it in one process"
+            )
         loss.backward()
         optimizer.step()
         return stats
@@ -1813,6 +2011,16 @@ def train_epoch(step, loader, optimizer, lr_at, start_step):
     return sums, images, n
 
 
+def _sum_over_ranks(sums, images, device):
+    """An epoch's {stat: device sum} and image count, each added over the ddp ranks (one all_reduce)."""
+    keys = sorted(sums)
+    flat = torch.stack(
+        [sums[k].double().reshape(()) for k in keys] + [torch.tensor(float(images), dtype=torch.float64, device=device)]
+    )
+    torch.distributed.all_reduce(flat)
+    return {k: flat[i] for i, k in enumerate(keys)}, round(flat[-1].item())
+
+
 def get_rng_state(device):
     """Every generator's state as tensors and plain lists (weights_only-safe in a checkpoint)."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
@@ -1877,13 +2085,20 @@ def fit(
     log_path (metrics.jsonl) and prints one progress line with ETA. A non-finite loss stops the
     run with an error; the last good checkpoint stays. Ctrl-C stops with one line naming the last
     checkpoint and exit status 130. Checkpoints hold tensors and plain values only (RNG states
-    included), so they load with weights_only=True. Returns the list of epoch records."""
+    included), so they load with weights_only=True. Returns the list of epoch records.
+
+    Under --distributed ddp every rank runs fit on its shard of the batches (GpuLoader), the
+    epoch's summed statistics and image counts are added over the ranks before the record is
+    made (so train loss and accuracy cover every rank), every rank evaluates the same way (the
+    records agree, and so do schedules that read them), and rank 0 alone writes the checkpoint
+    and the log while the others wait at a barrier."""
     stage_dir = Path(stage_dir)
-    _claim(stage_dir)
-    try:
-        stage_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        fail(f"cannot create {stage_dir}: {e.strerror or e}")
+    if writes_files():
+        _claim(stage_dir)
+        try:
+            stage_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            fail(f"cannot create {stage_dir}: {e.strerror or e}")
     ckpt_path = stage_dir / "checkpoint.pt"
     extra_state = extra_state or {}
     device = next(model.parameters()).device
@@ -1906,7 +2121,11 @@ def fit(
             model.train()
             t0 = time.time()
             sums, images, global_step = train_epoch(step, loader, optimizer, lr_at, global_step)
-            means = {k: v.item() / len(loader) for k, v in sums.items() if k != "correct"}  # one sync per epoch
+            batches = len(loader)
+            if ddp_active():  # every rank's batches: sums and image counts added over the ranks
+                sums, images = _sum_over_ranks(sums, images, device)
+                batches *= world_size()
+            means = {k: v.item() / batches for k, v in sums.items() if k != "correct"}  # one sync per epoch
             if "correct" in sums:
                 means["train_acc"] = 100.0 * sums["correct"].item() / max(images, 1)
             if not all(math.isfinite(v) for v in means.values()):
@@ -1950,6 +2169,7 @@ def fit(
             )
             if log_path is not None:
                 append_jsonl(log_path, record)
+            barrier()  # ranks > 0 wait while rank 0 writes the checkpoint (ddp); a no-op otherwise
             elapsed = time.time() - started
             eta = elapsed / (epoch - first_epoch) * (epochs - epoch)
             shown = " ".join(
@@ -1957,7 +2177,10 @@ def fit(
                 for k, v in record.items()
                 if k not in ("stage", "epoch", "step", "seconds") and isinstance(v, (int, float))
             )
-            print(f"[{stage}] epoch {epoch}/{epochs} {shown} | {seconds:.1f}s ETA {format_seconds(eta)}", flush=True)
+            if writes_files():
+                print(
+                    f"[{stage}] epoch {epoch}/{epochs} {shown} | {seconds:.1f}s ETA {format_seconds(eta)}", flush=True
+                )
     except KeyboardInterrupt:
         where = f"the last checkpoint is {ckpt_path}" if ckpt_path.exists() else "no checkpoint was written yet"
         again = f"; continue with --resume {_RUN['dir']}" if _RUN["dir"] is not None and ckpt_path.exists() else ""

@@ -43,6 +43,9 @@ Several training processes sharing one GPU (through MPS): process i of k trains 
     python merged_resnet.py --dataset cifar100 --runs 2 --out-dir D --tasks 0/4 &   # creates D
     python merged_resnet.py --resume D --tasks 1/4 &    # ... 2/4, 3/4, once D/args.json exists
     python merged_resnet.py --resume D --analyze-only   # every table, from the saved logits
+Several GPUs (torchrun, --distributed sweep by default here): process r of G takes --tasks r/G on
+cuda:r, and rank 0 builds the tables once every share is done (resume the same way):
+    torchrun --standalone --nproc_per_node 2 merged_resnet.py --dataset cifar100 --runs 5 --out-dir D
 Scaled-down runs (one H100; shorter, shallower, 2 runs; see "Paper vs ours"):
     python merged_resnet.py --dataset shapes --image-size 32 --train-size 10000 --test-size 2000 \
         --depth 56 --epochs 15 --runs 2 --val-fraction 0.1                       # all five, ~3 min
@@ -112,6 +115,7 @@ import csv
 import io
 import itertools
 import math
+import os
 
 import numpy as np
 import torch
@@ -136,7 +140,7 @@ def get_args(argv=None):
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     # epochs and batch size depend on the backbone: None means the backbone's paper value.
-    common.add_common_args(parser, epochs=None, batch_size=None, lr=0.1, dataset="shapes")
+    common.add_common_args(parser, epochs=None, batch_size=None, lr=0.1, dataset="shapes", distributed="sweep")
     g = parser.add_argument_group("merged architectures")
     g.add_argument(
         "--backbone",
@@ -170,9 +174,10 @@ def get_args(argv=None):
     )
     g.add_argument(
         "--tasks",
-        default="0/1",
+        default=None,
         metavar="I/K",
-        help="train only share I of K of the (architecture, run) models (K processes sharing a GPU)",
+        help="train only share I of K of the (architecture, run) models (K processes sharing a GPU); "
+        "default 0/1, or RANK/WORLD_SIZE under torchrun --distributed sweep",
     )
     g.add_argument(
         "--analyze-only",
@@ -202,12 +207,13 @@ def get_args(argv=None):
     for key, value in BACKBONE_DEFAULTS[args.backbone].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    tasks = args.tasks or default_tasks(args)
     try:
-        args.task_index, args.task_count = (int(v) for v in args.tasks.split("/"))
+        args.task_index, args.task_count = (int(v) for v in tasks.split("/"))
     except ValueError:
         parser.error(f"--tasks must be I/K with integers, e.g. 0/4, got {args.tasks!r}")
     if not 0 <= args.task_index < args.task_count:
-        parser.error(f"--tasks I/K needs 0 <= I < K, got {args.tasks}")
+        parser.error(f"--tasks I/K needs 0 <= I < K, got {tasks}")
     if args.analyze_only and not args.resume:
         parser.error("--analyze-only reads a finished run directory: give it with --resume DIR")
     if args.backbone == "resnet" and (args.depth < 11 or (args.depth - 2) % 9):
@@ -291,6 +297,15 @@ def model_seed(base_seed, architecture, run):
 
     Distinct for every architecture and run, so separate and merge-0 are independent trainings."""
     return base_seed + 1000 * run + 100 * (ARCHITECTURES.index(architecture) + 1)
+
+
+def default_tasks(args):
+    """--tasks when not given: RANK/WORLD_SIZE under torchrun in sweep mode, else all (0/1).
+
+    Left unset in args.json, so a resume takes the share of however it is started."""
+    if common.launched_distributed() and args.distributed == "sweep":
+        return f"{os.environ.get('RANK', '0')}/{os.environ['WORLD_SIZE']}"
+    return "0/1"
 
 
 def assign_tasks(architectures, runs, task_count):
@@ -863,7 +878,7 @@ def main(argv=None):
     args = get_args(argv)
     run_dir, device = common.setup(args, "merged_resnet")
     if args.analyze_only:
-        return analyze(args, run_dir)
+        return analyze(args, run_dir) if common.rank() == 0 else None
 
     # 1. Data and the two levels: coarse = --coarse-level, fine = the leaf classes.
     data = common.load_data(args)
@@ -929,7 +944,13 @@ def main(argv=None):
             flush=True,
         )
 
-    # 4. Curves, ensembles, alphas, t-tests and metrics, from the saved logits.
+    # 4. Curves, ensembles, alphas, t-tests and metrics, from the saved logits. Under torchrun
+    # rank 0 waits for every process (every share of a sweep; its own writes under ddp), then builds them.
+    if common.is_distributed() and args.tasks is None:
+        common.barrier()
+        if common.rank() != 0:
+            return None
+        return analyze(args, run_dir)
     if args.task_count > 1:
         print(
             f"share {args.task_index}/{args.task_count} done ({len(share)} models); when every share is, "
