@@ -703,6 +703,12 @@ def atomic_write_bytes(path, data):
         fail(f"cannot write {path}: {e.strerror or e}")
 
 
+def write_text(path, text):
+    """A text result file (tables, trees, summaries), written as write_json writes: atomically,
+    one line on a file-system error, by rank 0 alone under ddp."""
+    atomic_write_bytes(path, text.encode())
+
+
 def write_npy(path, array):
     """np.save, atomically."""
     buffer = io.BytesIO()

@@ -946,7 +946,7 @@ def write_tables(path, args, levels, results, majority, eval_split="test"):
     if measured:
         lines += ["", f"## Hierarchical measures ({eval_split})", ""]
         lines += [f"- {n}: {common.format_hierarchical_metrics(m)}" for n, m in measured]
-    path.write_text("\n".join(lines) + "\n")
+    common.write_text(path, "\n".join(lines) + "\n")
     return "\n".join(lines)
 
 
@@ -1027,7 +1027,7 @@ def write_sweep_table(sweep_dir):
             + ", ".join(f"{fmt(e)} ({run}, {n} epochs)" for run, n, e in baseline_runs),
         ]
     text = "\n".join(lines) + "\n"
-    (sweep_dir / "sweep.md").write_text(text)
+    common.write_text(sweep_dir / "sweep.md", text)
     common.write_json(sweep_dir / "sweep.json", rows)
     return text
 

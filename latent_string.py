@@ -1229,10 +1229,10 @@ def main(argv=None):
         run_dir / "class_codes.json",
         {"codes": metrics["codes"], "duplicates": metrics["duplicate_class_names"]},
     )
-    (run_dir / "prefix_tree.txt").write_text(tree + "\n")
-    (run_dir / "table3.md").write_text(format_table3(metrics, PAPER.get(data.name)))
-    (run_dir / "bits_sweep.tsv").write_text(sweep_tsv("bits", bits_sweep))
-    (run_dir / "hidden_sweep.tsv").write_text(sweep_tsv("hidden", hidden_sweep))
+    common.write_text(run_dir / "prefix_tree.txt", tree + "\n")
+    common.write_text(run_dir / "table3.md", format_table3(metrics, PAPER.get(data.name)))
+    common.write_text(run_dir / "bits_sweep.tsv", sweep_tsv("bits", bits_sweep))
+    common.write_text(run_dir / "hidden_sweep.tsv", sweep_tsv("hidden", hidden_sweep))
     print(tree)
     print(format_table3(metrics, PAPER.get(data.name)))
     print(f"per-bit accuracy: {' '.join(f'{a:.1f}' for a in lh['per_bit_acc'])}")

@@ -646,11 +646,12 @@ def write_alpha_tables(run_dir, curves, level_names, splits):
             rows.append(row)
             text.append(f"{alpha:5.1f} " + " ".join(cells))
         text.append("")
-    with open(run_dir / "alpha_curve.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["architecture", "ensemble", "members", "alpha", *columns])
-        writer.writeheader()
-        writer.writerows(rows)
-    (run_dir / "alpha_curve.txt").write_text("\n".join(text))
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=["architecture", "ensemble", "members", "alpha", *columns])
+    writer.writeheader()
+    writer.writerows(rows)
+    common.write_text(run_dir / "alpha_curve.csv", table.getvalue())
+    common.write_text(run_dir / "alpha_curve.txt", "\n".join(text))
 
 
 def reference_alphas(curves, level_names, select_on):
@@ -839,7 +840,7 @@ def analyze(args, run_dir):
     for architecture in args.architectures:
         hier |= hierarchy_metrics(models, labels, [architecture], args.runs, metric_alpha[architecture])
     summary = summary_text(reference, tests, costs, hier, args.runs)
-    (run_dir / "summary.txt").write_text(summary)
+    common.write_text(run_dir / "summary.txt", summary)
     print(summary, flush=True)
     points = {k: {key: v for key, v in entry.items() if key != "alpha_index"} for k, entry in reference.items()}
     metrics = {
