@@ -157,6 +157,23 @@ def bench_usual(name, batch, images, labels, args, device):
     return args.steps * batch / seconds
 
 
+def loader_steps(step, loader, device):
+    """(run_step, total): run_step() does one train step on the loader's next batch, cycling
+    through its epochs; total() is the sum of the losses, kept on the device (read once, after
+    timing, so that no step waits for the host)."""
+    state = {"batches": iter(loader), "total": torch.zeros((), device=device)}
+
+    def run_step():
+        try:
+            x, y = next(state["batches"])
+        except StopIteration:
+            state["batches"] = iter(loader)
+            x, y = next(state["batches"])
+        state["total"] = state["total"] + step(x, y)["loss"]
+
+    return run_step, lambda: state["total"]
+
+
 def bench_ours(name, batch, images, labels, args, device, ceiling=False):
     mean, std = common.channel_stats(images)
     model = common.to_device_model(BACKBONES[name](), device)
@@ -165,28 +182,13 @@ def bench_ours(name, batch, images, labels, args, device, ceiling=False):
     loader = common.GpuLoader(
         images, labels, batch, device=device, mean=mean, std=std, train=True, crop_pad=4, flip=True
     )
-    total = torch.zeros((), device=device)
     if ceiling:
         x = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
         y = torch.randint(0, 10, (batch,), device=device)
-
-        def run_step():
-            nonlocal total
-            total = total + step(x, y)["loss"]
-    else:
-        batches = iter(loader)
-
-        def run_step():
-            nonlocal batches, total
-            try:
-                x, y = next(batches)
-            except StopIteration:
-                batches = iter(loader)
-                x, y = next(batches)
-            total = total + step(x, y)["loss"]  # accumulated on the device, read once
-
+        loader = [(x, y)]  # the same batch, again and again
+    run_step, total = loader_steps(step, loader, device)
     seconds = time_steps(run_step, args.steps, args.warmup, device)
-    if not torch.isfinite(total):
+    if not torch.isfinite(total()):
         common.fail(f"bench {name}: non-finite loss")
     return args.steps * batch / seconds
 
@@ -202,14 +204,9 @@ def bench_hiernet_step(model, args, device):
     if device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 100, (args.batch,), device=device)
-    total = torch.zeros((), device=device)
-
-    def run_step():
-        nonlocal total
-        total = total + step(x, y)["loss"]
-
+    run_step, total = loader_steps(step, [(x, y)], device)
     seconds = time_steps(run_step, args.steps, args.warmup, device)
-    if not torch.isfinite(total):
+    if not torch.isfinite(total()):
         common.fail("bench hiernet: non-finite loss")
     return args.steps * args.batch / seconds
 
@@ -323,18 +320,7 @@ def mps_worker(args):
     loader = common.GpuLoader(
         images, labels, batch, device=device, mean=(0.5,) * 3, std=(0.25,) * 3, train=True, crop_pad=4, flip=True
     )
-    total = torch.zeros((), device=device)
-    batches = iter(loader)
-
-    def run_step():
-        nonlocal batches, total
-        try:
-            x, y = next(batches)
-        except StopIteration:
-            batches = iter(loader)
-            x, y = next(batches)
-        total = total + step(x, y)["loss"]
-
+    run_step, total = loader_steps(step, loader, device)
     for _ in range(args.warmup):
         run_step()
     if device.type == "cuda":
@@ -347,7 +333,7 @@ def mps_worker(args):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     end = time.time()
-    if not torch.isfinite(total):
+    if not torch.isfinite(total()):
         common.fail(f"bench {name}: non-finite loss")
     print("RESULT " + json.dumps({"start": start, "end": end, "images": args.steps * batch}), flush=True)
 
