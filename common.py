@@ -29,6 +29,7 @@ import shutil
 import socket
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,7 +151,9 @@ def add_common_args(parser, *, epochs, batch_size, lr, dataset="shapes", dataset
     g.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR where it stopped")
     g.add_argument("--force", action="store_true", help="overwrite an existing --out-dir")
     g.add_argument("--dry-run", action="store_true", help="one epoch of two batches per stage")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model (no CUDA graph)")
+    g.add_argument(
+        "--compile", action="store_true", help="torch.compile the model (then CUDA-graphed, unless --no-cuda-graph)"
+    )
     g.add_argument(
         "--distributed",
         default=distributed,
@@ -1920,8 +1923,11 @@ def make_train_step(model, loss_fn, optimizer, *, device, dtype="bf16", cuda_gra
     step are captured once into one CUDA graph and replayed; the graph is captured again when
     the learning rate changes (it is baked into the graph). The returned tensors are reused by
     the next call: accumulate them before calling again. With compile, loss_fn gets the
-    torch.compile'd model (same parameters) and no CUDA graph is captured: compiling (and
-    recompiling on new shapes) cannot happen inside a graph capture.
+    torch.compile'd model (same parameters; inductor fuses the BatchNorm, activation and
+    residual arithmetic between the convolutions). Compiled and graphed together, the warm-up
+    steps compile (under the capture's autocast settings, so that the capture finds the code
+    compiled: compiling cannot happen inside a graph capture) and the compiled kernels are then
+    captured and replayed like eager ones.
 
     Under --distributed ddp the model is wrapped by distributed_model (gradients averaged over
     the ranks in backward) and no CUDA graph is captured: DDP's gradient all-reduce runs from
@@ -1936,12 +1942,12 @@ def make_train_step(model, loss_fn, optimizer, *, device, dtype="bf16", cuda_gra
         cuda_graph = False
     if compile:
         model = torch.compile(model)
-        cuda_graph = False
+    graphed_compile = compile and cuda_graph and device.type == "cuda"
 
     def eager(x, y):
         optimizer.zero_grad(set_to_none=True)
         before = forward_calls[0]
-        with autocast(device, dtype):
+        with autocast(device, dtype, cache_enabled=not graphed_compile):
             loss, stats = _as_stats(loss_fn(model, x, y))
         if ddp_active() and forward_calls[0] == before:
             fail(
@@ -2068,6 +2074,52 @@ def _weights_only_safe(obj):
     return obj
 
 
+def _snapshot(obj):
+    """A copy of a checkpoint's state that later training steps cannot change (tensors on the CPU)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu() if obj.is_cuda else obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_snapshot(v) for v in obj)
+    return obj
+
+
+class CheckpointWriter:
+    """fit's checkpoint, then its log line, written on a background thread while the next epoch
+    trains (serialising and fsync-ing a checkpoint takes a good part of a second for HierNet).
+    One write at a time and in order: the state is copied before training goes on, and the next
+    write, the end of fit and an interruption each wait for the one in flight. A write's error is
+    raised in the training thread at the next wait. The thread is not a daemon, so a process
+    that is exiting still finishes the write it started."""
+
+    def __init__(self):
+        self.thread, self.error = None, None
+
+    def submit(self, path, state, log_path=None, record=None):
+        self.wait()
+        state = _snapshot(state)
+
+        def write():
+            try:
+                save_checkpoint(path, state)
+                if log_path is not None:
+                    append_jsonl(log_path, record)
+            except BaseException as e:  # SystemExit from fail() included: raised again by wait()
+                self.error = e
+
+        self.thread = threading.Thread(target=write, name="checkpoint-writer")
+        self.thread.start()
+
+    def wait(self):
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+
 def fit(
     stage_dir,
     model,
@@ -2097,7 +2149,10 @@ def fit(
     epoch's summed statistics and image counts are added over the ranks before the record is
     made (so train loss and accuracy cover every rank), every rank evaluates the same way (the
     records agree, and so do schedules that read them), and rank 0 alone writes the checkpoint
-    and the log while the others wait at a barrier."""
+    and the log.
+
+    The checkpoint and the epoch's log line are written by a CheckpointWriter while the next
+    epoch trains; fit returns (or stops on Ctrl-C) only after the last write is on disk."""
     stage_dir = Path(stage_dir)
     if writes_files():
         _claim(stage_dir)
@@ -2122,6 +2177,7 @@ def fit(
             print(f"[{stage}] resuming from {ckpt_path} at epoch {epoch}/{epochs}", flush=True)
     started = time.time()
     first_epoch = epoch
+    writer = CheckpointWriter()
     try:
         while epoch < epochs:
             model.train()
@@ -2135,6 +2191,7 @@ def fit(
             if "correct" in sums:
                 means["train_acc"] = 100.0 * sums["correct"].item() / max(images, 1)
             if not all(math.isfinite(v) for v in means.values()):
+                writer.wait()
                 where = (
                     f"the last good checkpoint is {ckpt_path}"
                     if ckpt_path.exists()
@@ -2160,22 +2217,23 @@ def fit(
                 on_epoch_end(epoch + 1, record)
             epoch += 1
             history.append(record)
-            save_checkpoint(
-                ckpt_path,
-                {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "loader": loader.state_dict(),
-                    "extra": {k: _weights_only_safe(v.state_dict()) for k, v in extra_state.items()},
-                    "epoch": epoch,
-                    "step": global_step,
-                    "history": _plain(history),
-                    "rng": get_rng_state(device),
-                },
-            )
-            if log_path is not None:
-                append_jsonl(log_path, record)
-            barrier()  # ranks > 0 wait while rank 0 writes the checkpoint (ddp); a no-op otherwise
+            if writes_files():
+                writer.submit(
+                    ckpt_path,
+                    {
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "loader": loader.state_dict(),
+                        "extra": {k: _weights_only_safe(v.state_dict()) for k, v in extra_state.items()},
+                        "epoch": epoch,
+                        "step": global_step,
+                        "history": _plain(history),
+                        "rng": get_rng_state(device),
+                    },
+                    log_path,
+                    record,
+                )
+            barrier()  # the ranks leave each epoch together (ddp); a no-op otherwise
             elapsed = time.time() - started
             eta = elapsed / (epoch - first_epoch) * (epochs - epoch)
             shown = " ".join(
@@ -2187,7 +2245,9 @@ def fit(
                 print(
                     f"[{stage}] epoch {epoch}/{epochs} {shown} | {seconds:.1f}s ETA {format_seconds(eta)}", flush=True
                 )
+        writer.wait()
     except KeyboardInterrupt:
+        writer.wait()
         where = f"the last checkpoint is {ckpt_path}" if ckpt_path.exists() else "no checkpoint was written yet"
         again = f"; continue with --resume {_RUN['dir']}" if _RUN["dir"] is not None and ckpt_path.exists() else ""
         print(f"[{stage}] interrupted in epoch {epoch + 1}; {where}{again}", file=sys.stderr, flush=True)

@@ -96,9 +96,11 @@ Paper vs ours:
   same batch-1 latency (7.3 ms); the sorted path's per-path kernels are too small to pay for the
   saved work at this width. metrics.json has the images/s at the evaluation batch and the
   batch-1 latency of both, the backbone's and slow's.
-- The CPM and every reported accuracy (per-epoch validation, test) are computed in fp32 with
-  TF32 off (bf16 logits shift proximities by up to 0.007, the size of p_min); training and the
-  images/s figures use `--dtype` (bf16 autocast on CUDA).
+- The CPM and every accuracy in metrics.json (validation and test) are computed in fp32 with
+  TF32 off (bf16 logits shift proximities by up to 0.007, the size of p_min); training, the
+  per-epoch validation curve in metrics.jsonl (watched, never chosen on) and the images/s
+  figures use `--dtype` (bf16 autocast on CUDA); exact fp32 after every epoch would slow the
+  run for a curve nothing depends on.
 - `--control` (not in the paper): HierNet trains `--iterations` more after the backbone's, so
   the plain backbone is also trained on from its trained weights for the same iterations on
   HierNet's schedule (same image order and augmentation); `control_acc` stands beside
@@ -861,9 +863,20 @@ class HierNet(nn.Module):
 
     def route_all(self, x):
         """Algorithm 1's decisions read from every branch's outputs (no host sync)."""
+        return self.route_from(*self.level_outputs(x))
+
+    def outputs_and_route(self, x):
+        """(log p in tree order, super-class logits, fast prediction): slow, super-class and fast
+        from one pass; the fast prediction is route_all's (route_sorted's gives the same
+        positions, tests/test_hiernet.py)."""
         node_logits, leaf_logits = self.level_outputs(x)
-        rows = torch.arange(len(x), device=x.device)
-        path = torch.zeros(len(x), dtype=torch.long, device=x.device)
+        route = self.route_from(node_logits, leaf_logits)
+        return self.log_probs(node_logits, leaf_logits), node_logits[0][:, 0], route
+
+    def route_from(self, node_logits, leaf_logits):
+        """Algorithm 1's decisions, level by level, from every branch's logits."""
+        rows = torch.arange(len(leaf_logits), device=leaf_logits.device)
+        path = torch.zeros_like(rows)
         for l in range(self.depth):
             node = getattr(self, f"path_node{l}")[path]
             safe = node.clamp(min=0)
@@ -972,11 +985,21 @@ def hiernet_loss(model, x, y):
     return F.nll_loss(log_p, y), {"correct": (log_p.argmax(1) == y).sum()}
 
 
-def evaluate_hiernet(model, loader, group_of, *, device):
+def evaluate_hiernet(model, loader, group_of, *, device, dtype="fp32"):
     """Slow, fast and super-class predictions in dataset class indices, plus log p (dataset
-    class order) and the labels; in fp32."""
-    (log_p, super_logits), labels = predict_fp32(model.outputs, loader, device)
-    routed, _ = predict_fp32(model.route, loader, device)
+    class order) and the labels; in fp32 (exact, no TF32) unless dtype says otherwise (the
+    per-epoch validation curve runs in the training dtype). One pass when fast_mode is "all"."""
+
+    def run(forward):
+        if dtype == "fp32":
+            return predict_fp32(forward, loader, device)
+        return common.predict(forward, loader, device=device, dtype=dtype)
+
+    if model.fast_mode == "all":
+        (log_p, super_logits, routed), labels = run(model.outputs_and_route)
+    else:
+        (log_p, super_logits), labels = run(model.outputs)
+        routed, _ = run(model.route)
     order = model.order.cpu()
     log_p_classes = log_p[:, model.rank.cpu()]  # columns back in dataset order
     return {
@@ -1021,7 +1044,8 @@ def train_control(args, backbone, train_loader, val_loader, run_dir, device):
 
 def fit_plain_stage(args, model, stage, train_loader, val_loader, run_dir, device):
     """Train a plain ResNet with cross-entropy on the stage's schedule (common.fit, resumable);
-    validation accuracy in fp32 every epoch. Returns (model in eval mode, history)."""
+    validation accuracy every epoch in the training dtype (the curve). Returns (model in eval
+    mode, history)."""
     optimizer = make_optimizer(args, model)
     epochs, lr_at = stage_schedule(args, len(train_loader), stage)
     step = common.make_train_step(
@@ -1034,8 +1058,8 @@ def fit_plain_stage(args, model, stage, train_loader, val_loader, run_dir, devic
         compile=args.compile,
     )
 
-    def evaluate(epoch):
-        logits, labels = predict_fp32(model, val_loader, device)
+    def evaluate(epoch):  # the curve only, in the training dtype; nothing is chosen on it
+        logits, labels = common.predict(model, val_loader, device=device, dtype=args.dtype)
         return {"val_acc": common.accuracy(logits, labels)}
 
     history = common.fit(
@@ -1252,13 +1276,16 @@ def main(argv=None):
     )
     refuse_per_branch_checkpoint(run_dir / "hiernet" / "checkpoint.pt")
 
-    def evaluate(epoch):
-        out = evaluate_hiernet(model, val_loader, group_of, device=device)
+    def val_accuracies(dtype):
+        out = evaluate_hiernet(model, val_loader, group_of, device=device, dtype=dtype)
         return {
             "val_slow_acc": percent(out["slow"] == out["labels"]),
             "val_fast_acc": percent(out["fast"] == out["labels"]),
             "val_super_acc": percent(out["super"] == out["super_true"]),
         }
+
+    def evaluate(epoch):  # the curve only, in the training dtype; nothing is chosen on it
+        return val_accuracies(args.dtype)
 
     hiernet_history = common.fit(
         run_dir / "hiernet",
@@ -1308,8 +1335,7 @@ def main(argv=None):
         metrics["level_acc_backbone"] = common.level_accuracies(backbone_logits, labels, data.hierarchy)
         metrics["level_acc_slow"] = common.level_accuracies(out["log_p"], labels, data.hierarchy)
     metrics["hierarchical"] = hierarchical_report(data, top_groups, group_of, backbone_logits, labels, out)
-    last = {k: v for k, v in (hiernet_history[-1] if hiernet_history else {}).items() if k.startswith("val_")}
-    metrics.update(last)
+    metrics.update(val_accuracies("fp32"))  # the final validation figures, exact like the test's
     for name, history in (("backbone", backbone_history), ("hiernet", hiernet_history), ("control", control_history)):
         seconds = [r["seconds"] for r in history[1:] or history]  # the first epoch includes graph capture
         if seconds:

@@ -407,3 +407,19 @@ def test_piecewise_lr_and_plateau():
     for loss in (1.0, 0.9, 0.95, 0.95):
         plateau.update(loss)
     assert plateau.lr == pytest.approx(0.003)
+
+
+def test_checkpoint_writer_saves_the_state_as_it_was_and_raises_its_errors(tmp_path):
+    weights = torch.zeros(1000)
+    writer = common.CheckpointWriter()
+    writer.submit(tmp_path / "ckpt.pt", {"w": weights, "epoch": 1}, tmp_path / "log.jsonl", {"epoch": 1})
+    weights.add_(1.0)  # the next epoch changes the tensors in place while the write may be in flight
+    writer.wait()
+    saved = common.load_checkpoint(tmp_path / "ckpt.pt")
+    assert saved["epoch"] == 1 and torch.equal(saved["w"], torch.zeros(1000))
+    assert common.read_jsonl(tmp_path / "log.jsonl") == [{"epoch": 1}]
+    (tmp_path / "blocked").write_text("a file where a folder should be")
+    writer.submit(tmp_path / "blocked" / "ckpt.pt", {"epoch": 2})
+    with pytest.raises(SystemExit, match="cannot write"):
+        writer.wait()
+    writer.wait()  # the error is raised once

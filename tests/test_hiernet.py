@@ -192,6 +192,11 @@ def test_fast_evaluation_equals_algorithm_1_image_by_image(tree, splits):
     assert torch.equal(batched.route_sorted(x), one_by_one)
     assert torch.equal(batched.route_all(x), one_by_one)
     assert torch.equal(batched.route_sorted(x[:1]), one_by_one[:1])  # batch 1
+    # Slow, super-class and fast from one pass equal the separate passes.
+    log_p, super_logits, routed = batched.outputs_and_route(x)
+    torch.testing.assert_close(log_p, batched(x))
+    torch.testing.assert_close(super_logits, batched.outputs(x)[1])
+    assert torch.equal(routed, one_by_one)
 
 
 @torch.no_grad()
