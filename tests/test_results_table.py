@@ -67,6 +67,26 @@ def test_hiernet_cifar100_tables_from_a_partial_results_dir(tmp_path):
     assert "HierNet on CIFAR-100, Table 2 (ELU ResNet): not run yet." in text
 
 
+def test_hiernet_seed_table_gives_each_seed_and_their_mean_and_std(tmp_path):
+    import shutil
+
+    tool = load_tool()
+    assert "Seeds of Table 1" not in tool.section(tmp_path)  # one seed: no seed table
+    accs = []
+    for seed, backbone in ((0, 60.0), (1, 62.0), (2, 67.0)):
+        run = "hiernet_cifar100_n9" + (f"_seed{seed}" if seed else "")
+        shutil.copytree(ROOT / "results" / "hiernet_cifar100_n9", tmp_path / run)
+        m = json.loads((tmp_path / run / "metrics.json").read_text())
+        m["backbone_acc"] = backbone
+        (tmp_path / run / "metrics.json").write_text(json.dumps(m))
+        accs.append(backbone)
+    text = tool.section(tmp_path)
+    seeds = text.split("Seeds of Table 1")[1].split("\n\n")[1].splitlines()[2:]
+    assert [line.split(" | ")[1] for line in seeds] == ["0", "1", "2", "mean +- std (3 seeds)"]
+    # 60, 62, 67: mean 63.00, sample std sqrt(((-3)^2 + (-1)^2 + 4^2) / 2) = sqrt(13) = 3.61
+    assert "| 63.00 +- 3.61 |" in seeds[-1]
+
+
 def test_collect_copies_finished_runs_without_checkpoints(tmp_path):
     spec = importlib.util.spec_from_file_location("gpu_runs", ROOT / "tools" / "gpu_runs.py")
     gpu_runs = importlib.util.module_from_spec(spec)

@@ -14,6 +14,8 @@ and compilation included) and read back from its run's metrics.jsonl:
   torchrun over G GPUs (each process trains its share, rank 0 builds the tables).
 
 Each command gets a fresh run directory under --runs-dir; its output goes to <name>.log there.
+--out is rewritten after every measurement, so a call cut short keeps the rows it finished;
+`--from-log LOG` rebuilds it from the rows a run printed (one JSON object per measurement).
 """
 
 import argparse
@@ -65,7 +67,14 @@ def main(argv=None):
     p.add_argument("--sweep-architectures", nargs="+", default=["separate", "merge-1"])
     p.add_argument("--skip", nargs="*", default=[], choices=("ddp", "sweep"))
     p.add_argument("--out", default="results/scaling.json")
+    p.add_argument("--from-log", default=None, metavar="LOG", help="rebuild --out from a log's printed rows")
+    p.add_argument("--device-name", default="NVIDIA H100 80GB HBM3", help="with --from-log: the GPU it ran on")
+    p.add_argument("--torch", default=None, help="with --from-log: the torch version it ran with")
     a = p.parse_args(argv)
+    if a.from_log:
+        from_log(a.from_log, a.out, a.device_name, a.torch, a.gpus)
+        print(f"wrote {a.out}")
+        return
     import torch
 
     if torch.cuda.device_count() < a.gpus:
@@ -108,6 +117,7 @@ def main(argv=None):
             }
             result["ddp"].append(row)
             print(json.dumps(row), flush=True)
+            write(result, a.out)
 
     if "sweep" not in a.skip:
         merged = ["merged_resnet.py", "--dataset", "cifar100", "--data-dir", a.data_dir]
@@ -126,17 +136,32 @@ def main(argv=None):
             }
             result["sweep"].append(row)
             print(json.dumps(row), flush=True)
+            write(result, a.out)
+    print(f"wrote {a.out}")
 
+
+def write(result, out):
+    """The result so far, each kind's rows with their wall-time speed-up over its first row."""
     for kind in ("ddp", "sweep"):
         rows = result[kind]
-        if len(rows) > 1:
-            base = rows[0]["wall_seconds"]
-            for r in rows:
-                r["wall_speedup_vs_first"] = round(base / r["wall_seconds"], 2)
-    out = Path(a.out)
+        for r in rows:
+            r["wall_speedup_vs_first"] = round(rows[0]["wall_seconds"] / r["wall_seconds"], 2)
+    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(out)
+
+
+def from_log(log, out, device, torch_version, gpus):
+    """Rebuild --out from the measurement rows printed in a log (a call that ended before the last)."""
+    result = {"device": device, "gpus": gpus, "torch": torch_version, "ddp": [], "sweep": [], "from_log": str(log)}
+    for line in Path(log).read_text().splitlines():
+        if line.startswith("{"):
+            row = json.loads(line)
+            result["ddp" if "per_gpu_batch" in row else "sweep"].append(row)
+    write(result, out)
+    return result
 
 
 if __name__ == "__main__":
