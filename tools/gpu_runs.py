@@ -20,6 +20,13 @@ tools/results_table.py --write README.md.
 When the MPS control daemon starts, the jobs share the GPU through it (their small kernels then
 run side by side); otherwise they time-slice. Epoch times of jobs that shared the GPU are longer
 than those of a job alone: run.json says how many ran at once.
+
+On a machine with several GPUs, --gpus N spreads the jobs: each job starts on the GPU with the
+fewest running jobs (CUDA_VISIBLE_DEVICES), at most --parallel per GPU, one MPS daemon serving
+them all. --alone NAME... gives those jobs a GPU to themselves (started first; nothing else is
+placed on their GPU while they run), for runs whose wall time is the measurement:
+
+    python tools/gpu_runs.py --gpus 2 --parallel 4 --alone hiernet_cifar100_n9_seed1 --only ... --out $OUT
 """
 
 import argparse
@@ -199,6 +206,19 @@ def ensure_cifar10():
     )
 
 
+def pick_gpu(name, placed, gpus, per_gpu, alone=()):
+    """The GPU to start `name` on, or None to wait. placed: {running job: its GPU}. A GPU holding an
+    `alone` job takes nothing else, an `alone` job only an empty GPU; otherwise the GPU with the
+    fewest running jobs below per_gpu (the lowest index on a tie)."""
+    load, held = [0] * gpus, set()
+    for job, gpu in placed.items():
+        load[gpu] += 1
+        if job in alone:
+            held.add(gpu)
+    free = [g for g in range(gpus) if g not in held and load[g] < per_gpu and (name not in alone or load[g] == 0)]
+    return min(free, key=lambda g: (load[g], g)) if free else None
+
+
 def command(name):
     run_dir = RUNS / name
     if (run_dir / "args.json").exists():
@@ -259,7 +279,9 @@ def collect(src, results=ROOT / "results"):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budget", type=float, default=550, help="seconds before running jobs are stopped")
-    p.add_argument("--parallel", type=int, default=4, help="jobs at once")
+    p.add_argument("--parallel", type=int, default=4, help="jobs at once on each GPU")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs to spread the jobs over (CUDA_VISIBLE_DEVICES)")
+    p.add_argument("--alone", nargs="+", default=[], choices=tuple(JOBS), help="jobs that get a GPU to themselves")
     p.add_argument("--only", nargs="+", default=None, choices=tuple(JOBS))
     p.add_argument("--out", default=None, help="folder for results.tar.gz (and checkpoints)")
     p.add_argument("--save-checkpoints", action="store_true", help="also pack the unfinished runs' checkpoints")
@@ -298,26 +320,37 @@ def main(argv=None):
     if len(gpus) > 1:
         device["machine"] = f"{len(gpus)} x {gpus[0]}; the jobs on GPU {','.join(map(str, visible)) or 'all'}"
     print(f"device {device}", flush=True)
-    queue = [n for n in (a.only or JOBS) if not (RUNS / n / "metrics.json").exists()]
+    wanted = [n for n in (a.only or JOBS) if not (RUNS / n / "metrics.json").exists()]
+    queue = [n for n in wanted if n in a.alone] + [n for n in wanted if n not in a.alone]  # alone ones first
     running = {}  # name -> (Popen, start time, log file)
+    placed = {}  # name -> GPU index
     peak = {}
     try:
         while queue or running:
-            while queue and len(running) < a.parallel and time.time() - t0 < a.budget - 30:
-                name = queue.pop(0)
+            for name in list(queue):
+                if time.time() - t0 >= a.budget - 30:
+                    break
+                gpu = pick_gpu(name, placed, a.gpus, a.parallel, a.alone)
+                if gpu is None:
+                    continue
+                queue.remove(name)
                 cmd = command(name)
                 log = open(RUNS / f"{name}.log", "a")
                 log.write(f"\n$ {shlex.join(cmd)}\n")
                 log.flush()
+                physical = visible[gpu] if gpu < len(visible) else gpu  # an index among the visible GPUs
+                env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(physical)) if a.gpus > 1 else None
                 running[name] = (
-                    subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True),
+                    subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env),
                     time.time(),
                     log,
                 )
-                record(name, command="python " + shlex.join(JOBS[name]), device=device)
-                print(f"{time.time() - t0:6.0f}s start {name}: {shlex.join(cmd[1:])}", flush=True)
+                placed[name] = gpu
+                on = {**device, "gpu_index": gpu} if a.gpus > 1 else device
+                record(name, command="python " + shlex.join(JOBS[name]), device=on)
+                print(f"{time.time() - t0:6.0f}s start {name} on GPU {gpu}: {shlex.join(cmd[1:])}", flush=True)
             for name in running:
-                peak[name] = max(peak.get(name, 0), len(running))
+                peak[name] = max(peak.get(name, 0), sum(g == placed[name] for g in placed.values()))
             time.sleep(2)
             over = time.time() - t0 > a.budget
             for name, (proc, started, log) in list(running.items()):
@@ -332,7 +365,7 @@ def main(argv=None):
                 if rc is None:
                     continue
                 log.close()
-                del running[name]
+                del running[name], placed[name]
                 status = "done" if rc == 0 else ("stopped" if over else f"failed rc={rc}")
                 record(
                     name,

@@ -1,0 +1,55 @@
+"""The GPU queue's placement of jobs on several GPUs, and the scaling tool's result file."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_jobs_spread_over_gpus_by_load_up_to_the_limit_per_gpu():
+    gpu_runs = load("gpu_runs")
+    placed = {}
+    for job in "abcde":
+        gpu = gpu_runs.pick_gpu(job, placed, gpus=2, per_gpu=2)
+        if gpu is not None:
+            placed[job] = gpu
+    assert placed == {"a": 0, "b": 1, "c": 0, "d": 1}  # e waits: both GPUs hold 2
+    del placed["b"]
+    assert gpu_runs.pick_gpu("e", placed, gpus=2, per_gpu=2) == 1
+    assert gpu_runs.pick_gpu("x", {}, gpus=1, per_gpu=4) == 0  # one GPU: the old behaviour
+
+
+def test_an_alone_job_gets_an_empty_gpu_and_keeps_it_to_itself():
+    gpu_runs = load("gpu_runs")
+    alone = ("timed",)
+    assert gpu_runs.pick_gpu("timed", {"a": 0}, gpus=2, per_gpu=4, alone=alone) == 1
+    assert gpu_runs.pick_gpu("timed", {"a": 0, "b": 1}, gpus=2, per_gpu=4, alone=alone) is None
+    placed = {"timed": 0}
+    for job in "abc":
+        placed[job] = gpu_runs.pick_gpu(job, placed, gpus=2, per_gpu=4, alone=alone)
+    assert placed == {"timed": 0, "a": 1, "b": 1, "c": 1}
+    assert gpu_runs.pick_gpu("d", {"timed": 0}, gpus=1, per_gpu=4, alone=alone) is None
+
+
+def test_scaling_result_rebuilt_from_a_cut_log_with_speedups(tmp_path):
+    scaling = load("scaling")
+    rows = [
+        {"name": "1gpu", "gpus": 1, "per_gpu_batch": 64, "images_per_s": 100, "wall_seconds": 30.0},
+        {"name": "2gpu", "gpus": 2, "per_gpu_batch": 64, "images_per_s": 150, "wall_seconds": 20.0},
+        {"name": "1gpu", "gpus": 1, "models": 4, "wall_seconds": 50.0},
+    ]
+    log = tmp_path / "scaling.log"
+    log.write_text("$ python hdl_stack.py ...\n" + "\n".join(json.dumps(r) for r in rows) + "\n$ torchrun ...\n")
+    out = tmp_path / "scaling.json"
+    result = scaling.from_log(log, out, "GPU", "2.11", 2)
+    assert json.loads(out.read_text()) == result
+    assert [r["name"] for r in result["ddp"]] == ["1gpu", "2gpu"] and len(result["sweep"]) == 1
+    assert [r["wall_speedup_vs_first"] for r in result["ddp"]] == [1.0, 1.5]
