@@ -50,6 +50,10 @@ validation column; nothing is selected on the test set)
     python latent_string.py --dataset mnist --data-dir /root/data --val-per-class 500       # LeNet
     python latent_string.py --dataset cifar100 --data-dir /root/data --val-per-class 50     # VGG16 variant
     python latent_string.py --dataset cifar10 --data-dir data --val-per-class 500  # the JPEG q75 copy
+An LH variant on the frozen extractor of an earlier run (its base model reused; the data, split
+and base-model flags must match, checked), e.g. Table I read for the paper's parameter counts:
+    python latent_string.py --dataset cifar100 --data-dir data --val-per-class 50 --base-from RUN \
+        --bits-sweep none --hidden-sweep none --lh-input-proj
 
 What we found (CPU experiments on synthetic frozen features; no GPU numbers here)
 Data: 100 classes in 20 superclasses of 5, 512-d post-ReLU features; training features are clean
@@ -155,6 +159,7 @@ import argparse
 import itertools
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -210,6 +215,13 @@ def get_args(argv=None):
     )
     g.add_argument(
         "--val-per-class", type=common.nonneg_int, default=0, help="hold out N training images per class (0: none)"
+    )
+    g.add_argument(
+        "--base-from",
+        default=None,
+        metavar="RUN_DIR",
+        help="take the trained base model of an earlier latent_string run (same data, split and base-model "
+        "flags, checked) instead of training one: LH variants on one frozen extractor",
     )
     g = parser.add_argument_group("LH classifier, Class2Str, Str2Class (stage 2, Eq. 5)")
     g.add_argument("--bits", type=common.positive_int, default=None, help="string length L (default ceil(log2 C))")
@@ -481,6 +493,56 @@ def build_base_model(args, data):
     if size < 32:
         common.fail(f"--backbone vgg16 has five 2x2 pools and needs images of at least 32 pixels, got {size}")
     return common.VGG(16, data.num_classes, hidden=(1024, 1024), dropout=args.dropout, in_channels=channels), backbone
+
+
+# The flags that make the base model and its train / validation split: a run reusing another run's
+# base (--base-from) must agree on every one, or its validation images could be the base's training ones.
+BASE_FLAGS = (
+    "dataset",
+    "hierarchy",
+    "image_size",
+    "train_size",
+    "test_size",
+    "seed",
+    "val_per_class",
+    "backbone",
+    "epochs",
+    "batch_size",
+    "lr",
+    "momentum",
+    "weight_decay",
+    "dropout",
+    "augment",
+    "dtype",
+    "dry_run",
+)
+
+
+def load_base_from(base, args, device):
+    """Load the finished base model of the run in args.base_from into `base` (one line on a mismatch)."""
+    run_dir = Path(args.base_from)
+    saved = common.read_run_args(run_dir, "--base-from")
+    common.check_run_script(saved, "latent_string", run_dir, "--base-from")
+    settings = common.run_settings(saved)
+    differ = [f for f in BASE_FLAGS if settings.get(f) != getattr(args, f)]
+    if differ:
+        common.fail(
+            f"--base-from {run_dir}: its base model was made with other "
+            + ", ".join(
+                f"--{f.replace('_', '-')} ({settings.get(f)!r} there, {getattr(args, f)!r} here)" for f in differ
+            )
+        )
+    path = run_dir / "base" / "checkpoint.pt"
+    if not path.is_file():
+        common.fail(f"--base-from {run_dir}: no base/checkpoint.pt there (its base model was not trained yet)")
+    ckpt = common.load_checkpoint(path, device)
+    if ckpt.get("epoch") != args.epochs:
+        common.fail(f"--base-from {run_dir}: its base model stopped at epoch {ckpt.get('epoch')} of {args.epochs}")
+    try:
+        base.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        common.fail(f"--base-from {run_dir}: the base model does not fit: {str(e).splitlines()[0]}")
+    print(f"[base] the trained base model of {run_dir} (epoch {ckpt['epoch']})", flush=True)
 
 
 def freeze(module):
@@ -1090,7 +1152,10 @@ def main(argv=None):
     # Stage 1: the base model, then the frozen extractor's features, cached once.
     base, backbone = build_base_model(args, data)
     base = common.to_device_model(base, device)
-    train_base(base, data, train_split, val_split, args, run_dir, device)
+    if args.base_from:
+        load_base_from(base, args, device)
+    else:
+        train_base(base, data, train_split, val_split, args, run_dir, device)
     freeze(base)
     t0 = time.time()
     cached = {
@@ -1182,6 +1247,7 @@ def main(argv=None):
         "feature_dim": feature_dim,
         "lstm_hidden": list(lstm_hidden),
         "code_hidden": code_hidden,
+        "base_from": str(Path(args.base_from).resolve()) if args.base_from else None,
         "fc_test_acc": fc_test_acc,
         "lh_test_acc": lh["exact_match_acc"],
         "lh": lh,

@@ -53,3 +53,19 @@ def test_scaling_result_rebuilt_from_a_cut_log_with_speedups(tmp_path):
     assert json.loads(out.read_text()) == result
     assert [r["name"] for r in result["ddp"]] == ["1gpu", "2gpu"] and len(result["sweep"]) == 1
     assert [r["wall_speedup_vs_first"] for r in result["ddp"]] == [1.0, 1.5]
+
+
+def test_a_job_waits_for_the_run_it_reads_and_an_orphan_stops_the_queue(tmp_path, capsys):
+    gpu_runs = load("gpu_runs")
+    # Each fake job writes its arguments (before --out-dir) as its metrics.json.
+    code = (
+        "import sys, pathlib; d = pathlib.Path(sys.argv[-1]); d.mkdir(); (d / 'metrics.json').write_text(sys.argv[1])"
+    )
+    gpu_runs.JOBS = {"base": ["-c", code, "-"], "variant": ["-c", code, "{runs}/base"], "orphan": ["-c", code, "-"]}
+    gpu_runs.AFTER = {"variant": "base", "orphan": "never-queued"}
+    runs = tmp_path / "runs"
+    gpu_runs.main(["--only", "variant", "base", "orphan", "--no-mps", "--runs-dir", str(runs), "--budget", "120"])
+    assert (runs / "variant" / "metrics.json").read_text() == f"{runs.resolve()}/base"
+    assert json.loads((runs / "variant.run.json").read_text())["command"].endswith(f"{runs.resolve()}/base")
+    assert not (runs / "orphan").exists()
+    assert "nothing can start: orphan (after never-queued)" in capsys.readouterr().out

@@ -368,3 +368,24 @@ def test_smoke_tiny_shapes_and_resume(tmp_path):
     assert len((out / "metrics.jsonl").read_text().splitlines()) == lines
     assert again["lh_test_acc"] == pytest.approx(metrics["lh_test_acc"])
     assert again["codes"] == metrics["codes"]
+
+
+def test_base_from_reuses_an_earlier_runs_base_model_and_refuses_another_split(tmp_path):
+    first = tmp_path / "first"
+    argv = ["--train-size", "200", "--test-size", "80", "--image-size", "28", "--backbone", "lenet"]
+    argv += ["--epochs", "1", "--lh-epochs", "1", "--batch-size", "64", "--lh-batch-size", "64"]
+    argv += ["--bits-sweep", "none", "--hidden-sweep", "none", "--repair-epochs", "1", "--val-per-class", "1"]
+    argv += ["--device", "cpu"]
+    base_run = ls.main([*argv, "--out-dir", str(first)])
+    variant = ls.main([*argv, "--alpha", "1", "--base-from", str(first), "--out-dir", str(tmp_path / "variant")])
+    # The same frozen extractor and FC: the FC classifier's test accuracy is the first run's.
+    assert variant["fc_test_acc"] == pytest.approx(base_run["fc_test_acc"])
+    assert variant["base_from"] == str(first.resolve()) and base_run["base_from"] is None
+    assert not (tmp_path / "variant" / "base").exists()  # no base model trained
+    stages = {json.loads(line)["stage"] for line in (tmp_path / "variant" / "metrics.jsonl").read_text().splitlines()}
+    assert "base" not in stages and "lh" in stages
+    # Another seed would hold out other validation images, which the base model may have trained on.
+    with pytest.raises(SystemExit, match=r"--seed \(0 there, 1 here\)"):
+        ls.main([*argv, "--seed", "1", "--base-from", str(first), "--out-dir", str(tmp_path / "other")])
+    with pytest.raises(SystemExit, match="no args.json"):
+        ls.main([*argv, "--base-from", str(tmp_path), "--out-dir", str(tmp_path / "none")])

@@ -62,6 +62,33 @@ JOBS = {
     "latent_string_mnist": ["latent_string.py", "--dataset", "mnist", "--data-dir", "data", "--val-per-class", "500"],
     "latent_string_cifar100": ["latent_string.py", *C100, "--val-per-class", "50"],
     "latent_string_cifar10_val": ["latent_string.py", *C10, "--val-per-class", "500"],
+    # A second seed on CIFAR-100, whose frozen extractor then serves the LH variants below.
+    "latent_string_cifar100_seed1": ["latent_string.py", *C100, "--val-per-class", "50", "--seed", "1"],
+    **{
+        f"latent_string_cifar100_seed1_{name}": [
+            "latent_string.py",
+            *C100,
+            "--val-per-class",
+            "50",
+            "--seed",
+            "1",
+            "--base-from",
+            "{runs}/latent_string_cifar100_seed1",
+            "--bits-sweep",
+            "none",
+            "--hidden-sweep",
+            "none",
+            *flags,
+        ]
+        for name, flags in (
+            ("inproj", ["--lh-input-proj"]),  # Table I read for the paper's parameter counts
+            ("alpha1", ["--alpha", "1"]),  # the weight of H(l, l'), the term that keeps codes apart
+            ("alpha100", ["--alpha", "100"]),
+            ("gamma0", ["--gamma", "0"]),  # no bias regulariser (Eq. 3)
+            ("hard", ["--code-input", "hard"]),  # Str2Class reads the argmax string
+            ("norepair", ["--no-repair"]),  # the learnt code as trained, collisions and all
+        )
+    },
     "coarse_outer_product_cifar100": ["coarse_outer_product.py", *C100, "--method", "all"],
     "merged_resnet_cifar100_resnet164": ["merged_resnet.py", *C100, "--runs", "2"],
     # g_max 5: half of CIFAR-10's classes, the paper's reason for 50 on CIFAR-100; p_min the paper's.
@@ -151,6 +178,9 @@ JOBS = {
     "latent_string_shapes": ["latent_string.py", "--dataset", "shapes", "--image-size", "32", "--epochs", "30"],
 }
 
+# A job waits for these runs to finish first ("{runs}" in a job's arguments is the runs folder).
+AFTER = {name: "latent_string_cifar100_seed1" for name in JOBS if name.startswith("latent_string_cifar100_seed1_")}
+
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = ROOT / "runs" / "gpu"  # --runs-dir moves it (on the GPU machine: outside the checkout)
 
@@ -219,11 +249,16 @@ def pick_gpu(name, placed, gpus, per_gpu, alone=()):
     return min(free, key=lambda g: (load[g], g)) if free else None
 
 
+def job_args(name):
+    """The job's script and flags, "{runs}" replaced by the runs folder."""
+    return [arg.replace("{runs}", str(RUNS)) for arg in JOBS[name]]
+
+
 def command(name):
     run_dir = RUNS / name
     if (run_dir / "args.json").exists():
         return [sys.executable, JOBS[name][0], "--resume", str(run_dir)]
-    return [sys.executable, *JOBS[name], "--out-dir", str(run_dir)]
+    return [sys.executable, *job_args(name), "--out-dir", str(run_dir)]
 
 
 def record(name, **update):
@@ -330,6 +365,8 @@ def main(argv=None):
             for name in list(queue):
                 if time.time() - t0 >= a.budget - 30:
                     break
+                if name in AFTER and not (RUNS / AFTER[name] / "metrics.json").exists():
+                    continue  # its base run is not finished yet
                 gpu = pick_gpu(name, placed, a.gpus, a.parallel, a.alone)
                 if gpu is None:
                     continue
@@ -347,8 +384,12 @@ def main(argv=None):
                 )
                 placed[name] = gpu
                 on = {**device, "gpu_index": gpu} if a.gpus > 1 else device
-                record(name, command="python " + shlex.join(JOBS[name]), device=on)
+                record(name, command="python " + shlex.join(job_args(name)), device=on)
                 print(f"{time.time() - t0:6.0f}s start {name} on GPU {gpu}: {shlex.join(cmd[1:])}", flush=True)
+            if queue and not running and time.time() - t0 < a.budget - 30:
+                waiting = ", ".join(f"{n} (after {AFTER[n]})" for n in queue if n in AFTER)
+                print(f"nothing can start: {waiting or ', '.join(queue)}; add the runs they wait for", flush=True)
+                break
             for name in running:
                 peak[name] = max(peak.get(name, 0), sum(g == placed[name] for g in placed.values()))
             time.sleep(2)
