@@ -89,6 +89,49 @@ JOBS = {
             ("norepair", ["--no-repair"]),  # the learnt code as trained, collisions and all
         )
     },
+    # HDL's center loss on CIFAR-100: a lambda0 x variant sweep on 10% of train held out (40 epochs
+    # each), the baseline beside it. Back here, move results/hdl_sweep_cifar100_* into one folder
+    # and run `python hdl_stack.py --sweep-table FOLDER`.
+    "hdl_sweep_cifar100_baseline": [
+        "hdl_stack.py",
+        *C100,
+        "--val-fraction",
+        "0.1",
+        "--epochs",
+        "40",
+        "--method",
+        "baseline",
+    ],
+    **{
+        f"hdl_sweep_cifar100_{update}_{features}_{lam}": [
+            "hdl_stack.py",
+            *C100,
+            "--val-fraction",
+            "0.1",
+            "--epochs",
+            "40",
+            "--method",
+            "hdl",
+            "--center-update",
+            update,
+            "--center-features",
+            features,
+            "--lambda-center",
+            lam,
+        ]
+        for update, features, lam in (
+            ("epoch", "raw", "1"),  # the paper's text
+            ("epoch", "raw", "0.1"),
+            ("epoch", "raw", "0.01"),
+            ("epoch", "raw", "0.001"),
+            ("epoch", "normalized", "1"),
+            ("epoch", "normalized", "0.1"),
+            ("wen", "raw", "0.05"),
+            ("wen", "raw", "0.005"),  # Wen et al.'s lambda 0.01 (lambda0 = lambda / 2)
+            ("wen", "raw", "0.0015"),  # their 0.003
+            ("sgd", "raw", "0.005"),
+        )
+    },
     "coarse_outer_product_cifar100": ["coarse_outer_product.py", *C100, "--method", "all"],
     "merged_resnet_cifar100_resnet164": ["merged_resnet.py", *C100, "--runs", "2"],
     # g_max 5: half of CIFAR-10's classes, the paper's reason for 50 on CIFAR-100; p_min the paper's.
