@@ -73,7 +73,12 @@ def get_args(argv=None):
     h.add_argument("--batch", type=common.positive_int, default=128, help="training batch")
     h.add_argument("--image-size", type=common.positive_int, default=32)
     h.add_argument(
-        "--compile", action="store_true", help="torch.compile each model (then CUDA-graphed, as the scripts)"
+        "--compile",
+        nargs="?",
+        const="whole",
+        default=None,
+        choices=("whole", "regional"),
+        help="torch.compile each model (then CUDA-graphed, as the scripts); 'regional': each residual block",
     )
     h.add_argument("--batched-only", action="store_true", help="skip the per-branch reference form")
     p.add_argument(
@@ -197,6 +202,24 @@ def bench_ours(name, batch, images, labels, args, device, ceiling=False):
     return args.steps * batch / seconds
 
 
+def compile_arg(args):
+    """make_train_step's compile for --compile: the whole model, or every residual block."""
+    import hiernet
+
+    blocks = (common.CifarBasicBlock, hiernet.GroupedBlock, hiernet.TreeNode)
+    return {None: False, "whole": True, "regional": blocks}[args.compile]
+
+
+def timed_first_steps(step, x, y, device):
+    """Seconds of the first three steps plus the graph capture (compilation happens there)."""
+    t0 = time.perf_counter()
+    for _ in range(4):
+        step(x, y)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
+
+
 def bench_hiernet_step(model, args, device):
     """Training images/s of one HierNet form: hiernet.py's loss and step on one random batch."""
     import hiernet
@@ -204,17 +227,18 @@ def bench_hiernet_step(model, args, device):
     model = common.to_device_model(model, device).train()
     opt = common.make_sgd(model.parameters(), 0.1)
     step = common.make_train_step(
-        model, hiernet.hiernet_loss, opt, device=device, cuda_graph=device.type == "cuda", compile=args.compile
+        model, hiernet.hiernet_loss, opt, device=device, cuda_graph=device.type == "cuda", compile=compile_arg(args)
     )
     x = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device)
     if device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 100, (args.batch,), device=device)
+    first = timed_first_steps(step, x, y, device)
     run_step, total = loader_steps(step, [(x, y)], device)
     seconds = time_steps(run_step, args.steps, args.warmup, device)
     if not torch.isfinite(total()):
         common.fail("bench hiernet: non-finite loss")
-    return args.steps * args.batch / seconds
+    return args.steps * args.batch / seconds, first
 
 
 def bench_hiernet(args, device):
@@ -232,24 +256,37 @@ def bench_hiernet(args, device):
     bb = common.to_device_model(copy.deepcopy(backbone), device).train()
     opt = common.make_sgd(bb.parameters(), 0.1)
     step = common.make_train_step(
-        bb, common.cross_entropy_loss, opt, device=device, cuda_graph=device.type == "cuda", compile=args.compile
+        bb, common.cross_entropy_loss, opt, device=device, cuda_graph=device.type == "cuda", compile=compile_arg(args)
     )
     x = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device)
     if device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 100, (args.batch,), device=device)
+    rows[0]["first_steps_s"] = timed_first_steps(step, x, y, device)
     rows[0]["images_per_s"] = args.steps * args.batch / time_steps(lambda: step(x, y), args.steps, args.warmup, device)
-    print(f"backbone n={args.hiernet_n}: {rows[0]['images_per_s']:.0f} images/s", flush=True)
+    print(
+        f"backbone n={args.hiernet_n}: {rows[0]['images_per_s']:.0f} images/s "
+        f"(first 4 steps, compilation included: {rows[0]['first_steps_s']:.1f} s)",
+        flush=True,
+    )
     for groups in args.groups:
         tree = [g.tolist() for g in np.array_split(np.random.default_rng(0).permutation(100), groups)]
         split, extra = [args.hiernet_split], [args.hiernet_extra]
         row = {"model": "hiernet", "groups": groups, "group_sizes": [len(g) for g in tree]}
-        row["batched"] = bench_hiernet_step(hiernet.build_hiernet(backbone, tree, split, extra), args, device)
+        row["batched"], row["batched_first_steps_s"] = bench_hiernet_step(
+            hiernet.build_hiernet(backbone, tree, split, extra), args, device
+        )
         row["batched_epoch_s"] = 390 * 128 / row["batched"]  # seconds per CIFAR epoch (390 steps of 128)
         if args.batched_only:
-            print(f"hiernet {groups} groups: batched {row['batched']:.0f} images/s", flush=True)
+            print(
+                f"hiernet {groups} groups: batched {row['batched']:.0f} images/s "
+                f"(first 4 steps: {row['batched_first_steps_s']:.1f} s)",
+                flush=True,
+            )
         else:
-            row["per_branch"] = bench_hiernet_step(hiernet.build_per_branch(backbone, tree, split, extra), args, device)
+            row["per_branch"], _ = bench_hiernet_step(
+                hiernet.build_per_branch(backbone, tree, split, extra), args, device
+            )
             row["batched_over_per_branch"] = row["batched"] / row["per_branch"]
             row["per_branch_epoch_s"] = 390 * 128 / row["per_branch"]
             print(

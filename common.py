@@ -1922,12 +1922,15 @@ def make_train_step(model, loss_fn, optimizer, *, device, dtype="bf16", cuda_gra
     (sums or means over the batch). On CUDA with cuda_graph, forward, backward and optimizer
     step are captured once into one CUDA graph and replayed; the graph is captured again when
     the learning rate changes (it is baked into the graph). The returned tensors are reused by
-    the next call: accumulate them before calling again. With compile, loss_fn gets the
+    the next call: accumulate them before calling again. compile=True: loss_fn gets the
     torch.compile'd model (same parameters; inductor fuses the BatchNorm, activation and
     residual arithmetic between the convolutions). Compiled and graphed together, the warm-up
     steps compile (under the capture's autocast settings, so that the capture finds the code
     compiled: compiling cannot happen inside a graph capture) and the compiled kernels are then
-    captured and replayed like eager ones.
+    captured and replayed like eager ones. compile=(block classes): regional compilation, each
+    submodule of those classes compiled in place (nn.Module.compile) and the rest eager; the
+    repeated blocks of a ResNet then compile once per shape, and the graph breaks between them
+    cost nothing once the step is a CUDA graph.
 
     Under --distributed ddp the model is wrapped by distributed_model (gradients averaged over
     the ranks in backward) and no CUDA graph is captured: DDP's gradient all-reduce runs from
@@ -1940,9 +1943,11 @@ def make_train_step(model, loss_fn, optimizer, *, device, dtype="bf16", cuda_gra
         model = distributed_model(model)
         model.register_forward_pre_hook(lambda *_: forward_calls.__setitem__(0, forward_calls[0] + 1))
         cuda_graph = False
-    if compile:
+    if isinstance(compile, tuple):
+        compile_blocks(model, compile)
+    elif compile:
         model = torch.compile(model)
-    graphed_compile = compile and cuda_graph and device.type == "cuda"
+    graphed_compile = bool(compile) and cuda_graph and device.type == "cuda"
 
     def eager(x, y):
         optimizer.zero_grad(set_to_none=True)
@@ -1997,6 +2002,19 @@ def make_train_step(model, loss_fn, optimizer, *, device, dtype="bf16", cuda_gra
         return state["stats"]
 
     return graphed
+
+
+def compile_blocks(model, block_classes):
+    """torch.compile, in place, every submodule of model that is an instance of block_classes
+    (the outermost one where such blocks nest); returns how many."""
+    blocks = [m for m in model.modules() if isinstance(m, block_classes)]
+    inner = {id(c) for b in blocks for c in b.modules() if c is not b}
+    outer = [b for b in blocks if id(b) not in inner]
+    if not outer:
+        fail(f"regional compilation: no {', '.join(c.__name__ for c in block_classes)} in {type(model).__name__}")
+    for block in outer:
+        block.compile()
+    return len(outer)
 
 
 def cross_entropy_loss(model, x, y):

@@ -65,3 +65,25 @@ def test_compile_wraps_the_model_the_step_trains(compile, monkeypatch):
     assert all(isinstance(m, Recorded) == compile for m in seen) and len(seen) == 5
     assert not torch.equal(model.weight, before)  # the step trains the original parameters
     assert losses[-1] < losses[0]
+
+
+def test_regional_compilation_compiles_each_outermost_block_in_place(monkeypatch):
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(self))
+    monkeypatch.setattr(torch, "compile", lambda m: pytest.fail("regional compilation wrapped the whole model"))
+    model = common.CifarResNet(1, 10)  # three residual blocks
+    blocks = [m for m in model.modules() if isinstance(m, common.CifarBasicBlock)]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    step = common.make_train_step(
+        model, common.cross_entropy_loss, optimizer, device="cpu", compile=(common.CifarBasicBlock,)
+    )
+    assert compiled == blocks and len(blocks) == 3
+    before = model.stem[0].weight.detach().clone()
+    stats = step(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)))
+    assert torch.isfinite(stats["loss"]) and not torch.equal(model.stem[0].weight, before)
+    # Blocks inside a compiled block are not compiled again; a model without the blocks is refused.
+    compiled.clear()
+    outer = torch.nn.Sequential(torch.nn.Sequential(torch.nn.Linear(2, 2)), torch.nn.Linear(2, 2))
+    assert common.compile_blocks(outer, (torch.nn.Sequential,)) == 1 and compiled == [outer]
+    with pytest.raises(SystemExit, match="no CifarBasicBlock"):
+        common.compile_blocks(torch.nn.Linear(2, 2), (common.CifarBasicBlock,))
