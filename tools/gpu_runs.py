@@ -43,6 +43,7 @@ from pathlib import Path
 
 C10 = ["--dataset", "cifar10", "--data-dir", "data"]
 C100 = ["--dataset", "cifar100", "--data-dir", "data"]  # real CIFAR-100 (official split), unpacked into data/
+HDL_SWEEP = ["hdl_stack.py", *C100, "--val-fraction", "0.1", "--epochs", "40"]  # a sweep cell: validation, 40 epochs
 
 # name -> argv; the longest first, since they start first.
 JOBS = {
@@ -92,24 +93,10 @@ JOBS = {
     # HDL's center loss on CIFAR-100: a lambda0 x variant sweep on 10% of train held out (40 epochs
     # each), the baseline beside it. Back here, move results/hdl_sweep_cifar100_* into one folder
     # and run `python hdl_stack.py --sweep-table FOLDER`.
-    "hdl_sweep_cifar100_baseline": [
-        "hdl_stack.py",
-        *C100,
-        "--val-fraction",
-        "0.1",
-        "--epochs",
-        "40",
-        "--method",
-        "baseline",
-    ],
+    "hdl_sweep_cifar100_baseline": [*HDL_SWEEP, "--method", "baseline"],
     **{
         f"hdl_sweep_cifar100_{update}_{features}_{lam}": [
-            "hdl_stack.py",
-            *C100,
-            "--val-fraction",
-            "0.1",
-            "--epochs",
-            "40",
+            *HDL_SWEEP,
             "--method",
             "hdl",
             "--center-update",
