@@ -158,3 +158,17 @@ def test_severity_cell_names_by_the_distinguishing_keys():
     m = {"hierarchical": {"backbone": {"mistake_severity": 2.0}, "slow": {"mistake_severity": 1.25}}}
     assert tool.severity_cell(m) == "backbone 2.00, slow 1.25"
     assert tool.severity_cell(m, within="slow") == "1.25"
+
+
+def test_cifar100_rows_say_not_run_and_the_hdl_sweep_table_is_included(tmp_path):
+    tool = load_tool()
+    text = tool.section(tmp_path)
+    for run in ("merged_resnet_cifar100_resnet164", "coarse_outer_product_cifar100", "hdl_stack_cifar100"):
+        assert f"`{run}`" in text and "not run yet" in text.split(f"`{run}`")[1].splitlines()[0]
+    assert "centre-loss sweep (`hdl_sweep_cifar100_*` in tools/gpu_runs.py): not run yet." in text
+    (tmp_path / "hdl_sweep_cifar100").mkdir()
+    (tmp_path / "hdl_sweep_cifar100" / "sweep.md").write_text(
+        "# lambda0 sweep\n\n| variant | lambda0 |\n|---|---|\n| a | 1 |\n"
+    )
+    text = tool.section(tmp_path)
+    assert "held out (`hdl_stack.py --sweep-table`):\n\n| variant | lambda0 |\n|---|---|\n| a | 1 |\n" in text

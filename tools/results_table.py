@@ -399,9 +399,11 @@ def section(results):
         "",
     ]
     body = []
-    for run in ("merged_resnet_cifar10", "merged_resnet_shapes"):
+    for run in ("merged_resnet_cifar100_resnet164", "merged_resnet_cifar10", "merged_resnet_shapes"):
         m, info = load(run, results)
         if m is None:
+            if "cifar100" in run:
+                body.append([f"`{run}`: not run yet", *[""] * 6])
             continue
         for arch, cost in m["costs"].items():
             cells = []
@@ -442,9 +444,11 @@ def section(results):
         "",
     ]
     body = []
-    for run in ("coarse_outer_product_cifar10", "coarse_outer_product_shapes"):
+    for run in ("coarse_outer_product_cifar100", "coarse_outer_product_cifar10", "coarse_outer_product_shapes"):
         m, info = load(run, results)
         if m is None:
+            if run.endswith("cifar100"):
+                body.append([f"`{run}`: not run yet", *[""] * 10])
             continue
         a = m["accuracy"]
         used = m["ete_coarse_usage"]["test"]["used"]
@@ -506,9 +510,12 @@ def section(results):
         "",
     ]
     body = []
-    for run in ("hdl_stack_shapes", "hdl_stack_cifar10"):
+    for run in ("hdl_stack_cifar100", "hdl_stack_shapes", "hdl_stack_cifar10"):
         m, info = load(run, results)
         if m is None:
+            if run.endswith("cifar100"):
+                body.append([f"`{run}` (800 epochs, the centre-loss variant the sweep below chooses): not run yet"])
+                body[-1] += [""] * 6
             continue
         levels = ", ".join(f"{k} {f2(v)}" for k, v in m["hdl"]["level_error"].items())
         body.append(
@@ -528,6 +535,14 @@ def section(results):
     ]
     lines += with_severity(["command", "baseline fine", "HDL fine", "HDL level heads", "HDL violations", "wall"], body)
     lines += [""]
+    sweep = results / "hdl_sweep_cifar100" / "sweep.md"
+    lines += (
+        ["CIFAR-100 centre-loss sweep on a tenth of train held out (`hdl_stack.py --sweep-table`):", ""]
+        + sweep.read_text().strip().splitlines()[2:]  # the table, without its own title
+        + [""]
+        if sweep.exists()
+        else ["CIFAR-100 centre-loss sweep (`hdl_sweep_cifar100_*` in tools/gpu_runs.py): not run yet.", ""]
+    )
 
     bench = results / "bench.json"
     if bench.exists():
