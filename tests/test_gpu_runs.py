@@ -69,3 +69,15 @@ def test_a_job_waits_for_the_run_it_reads_and_an_orphan_stops_the_queue(tmp_path
     assert json.loads((runs / "variant.run.json").read_text())["command"].endswith(f"{runs.resolve()}/base")
     assert not (runs / "orphan").exists()
     assert "nothing can start: orphan (after never-queued)" in capsys.readouterr().out
+
+
+def test_collect_puts_the_hdl_sweep_cells_into_one_folder(tmp_path):
+    gpu_runs = load("gpu_runs")
+    src, results = tmp_path / "src", tmp_path / "results"
+    for name in ("hdl_sweep_cifar100_wen_raw_0.005", "hdl_stack_shapes"):
+        (src / name).mkdir(parents=True)
+        (src / name / "metrics.json").write_text("{}")
+        (src / f"{name}.run.json").write_text('{"command": "python hdl_stack.py", "calls": []}')
+    assert gpu_runs.collect(src, results) == ["hdl_stack_shapes", "hdl_sweep_cifar100_wen_raw_0.005"]
+    assert (results / "hdl_sweep_cifar100" / "wen_raw_0.005" / "metrics.json").is_file()
+    assert (results / "hdl_stack_shapes" / "run.json").is_file()

@@ -91,8 +91,8 @@ JOBS = {
         )
     },
     # HDL's center loss on CIFAR-100: a lambda0 x variant sweep on 10% of train held out (40 epochs
-    # each), the baseline beside it. Back here, move results/hdl_sweep_cifar100_* into one folder
-    # and run `python hdl_stack.py --sweep-table FOLDER`.
+    # each), the baseline beside it. --collect puts the cells into results/hdl_sweep_cifar100/;
+    # then `python hdl_stack.py --sweep-table results/hdl_sweep_cifar100` writes its table.
     "hdl_sweep_cifar100_baseline": [*HDL_SWEEP, "--method", "baseline"],
     **{
         f"hdl_sweep_cifar100_{update}_{features}_{lam}": [
@@ -320,12 +320,18 @@ def pack(out, with_checkpoints):
             )
 
 
+# Runs collected into one folder of results/ together (prefix -> folder; each run a subfolder).
+GROUPED = {"hdl_sweep_cifar100_": "hdl_sweep_cifar100"}
+
+
 def collect(src, results=ROOT / "results"):
-    """Copy the finished runs unpacked in src into results/<name>/; returns their names."""
+    """Copy the finished runs unpacked in src into results/<name>/ (a GROUPED run into
+    results/<folder>/<rest of its name>/); returns their names."""
     src = Path(src)
     names = sorted(p.parent.name for p in src.glob("*/metrics.json") if (src / f"{p.parent.name}.run.json").exists())
     for name in names:
-        dst = results / name
+        prefix = next((k for k in GROUPED if name.startswith(k)), None)
+        dst = results / GROUPED[prefix] / name[len(prefix) :] if prefix else results / name
         if dst.exists():
             shutil.rmtree(dst)
         shutil.copytree(
