@@ -464,6 +464,12 @@ class HDLNet(nn.Module):
         self.register_buffer("centers", torch.zeros(num_fine, dim))
         self.register_buffer("center_sum", torch.zeros(num_fine, dim))
         self.register_buffer("center_count", torch.zeros(num_fine))
+        # Under --distributed ddp each rank keeps its own sums (DDP would overwrite them with rank
+        # 0's at every forward); the updates below add them over the ranks, so the centres stay
+        # the same on every rank and equal one process's at the global batch.
+        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            self, ["centers", "center_sum", "center_count"]
+        )
 
     def forward(self, x):
         features = self.backbone.features(x)
@@ -487,6 +493,9 @@ class HDLNet(nn.Module):
     @torch.no_grad()
     def update_centers(self, alpha=1.0):
         """End of epoch: move each seen class's centre to (alpha of the way to) its epoch mean; reset the sums."""
+        if common.ddp_active():  # every rank's images of the epoch
+            torch.distributed.all_reduce(self.center_sum)
+            torch.distributed.all_reduce(self.center_count)
         seen = (self.center_count > 0)[:, None]
         mean = self.center_sum / self.center_count.clamp(min=1)[:, None]
         self.centers.copy_(torch.where(seen, self.centers + alpha * (mean - self.centers), self.centers))
@@ -501,16 +510,19 @@ class HDLNet(nn.Module):
         n_j the batch's images of class j. rule='sgd': one SGD step of rate alpha on the centres of
         mean_i 1/2 ||x_i - c_{y_i}||^2 (gradient w.r.t. c_j: sum_{i: y_i = j} (c_j - x_i) / batch size),
         what the centres get as learned parameters with a separate SGD, free of lambda0."""
-        diff = torch.zeros_like(self.centers).index_add_(0, labels, self.centers[labels] - features.detach().float())
-        if rule == "wen":
-            count = torch.zeros_like(self.center_count).index_add_(
-                0, labels, torch.ones_like(labels, dtype=self.center_count.dtype)
-            )
-            self.centers.sub_(alpha * diff / (1.0 + count)[:, None])
-        elif rule == "sgd":
-            self.centers.sub_(alpha * diff / len(labels))
-        else:
+        if rule not in ("wen", "sgd"):
             raise ValueError(f"unknown centre update rule {rule!r}")
+        diff = torch.zeros_like(self.centers).index_add_(0, labels, self.centers[labels] - features.detach().float())
+        count = torch.zeros_like(self.center_count).index_add_(
+            0, labels, torch.ones_like(labels, dtype=self.center_count.dtype)
+        )
+        if common.ddp_active():  # the global batch: every rank's images (no CUDA graph under ddp)
+            torch.distributed.all_reduce(diff)
+            torch.distributed.all_reduce(count)
+        if rule == "wen":
+            self.centers.sub_(alpha * diff / (1.0 + count)[:, None])
+        else:
+            self.centers.sub_(alpha * diff / count.sum())
 
 
 # ---------------------------------------------------------------------------------------

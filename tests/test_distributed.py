@@ -166,3 +166,72 @@ def test_torchrun_sweep_trains_every_merged_model_once_and_rank0_builds_the_tabl
     assert (out / "metrics.json").is_file() and "Paired t-tests" in (out / "summary.txt").read_text()
     saved = common.read_run_args(out)
     assert saved["tasks"] is None and saved["distributed"] == "sweep"
+
+
+# ---- HDL's class centres under ddp ---------------------------------------------------------
+
+
+class TinyBackbone(nn.Module):
+    """hdl_stack.HDLNet's backbone interface (features(x), head.fc) without batch norm."""
+
+    def __init__(self, num_fine=5):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Module()
+        self.head.fc = nn.Linear(4, num_fine)
+
+    def features(self, x):
+        return F.relu(self.conv(x)).mean((2, 3))
+
+
+def train_tiny_hdl(stage_dir, batch_size, rule):
+    """Two epochs of HDL (centre loss, fine and two cascade level heads) on tiny data."""
+    import hdl_stack
+
+    torch.manual_seed(0)
+    model = hdl_stack.HDLNet(TinyBackbone(), 5, level_sizes=(3, 2))
+    images, fine = tiny_data()
+    labels = (fine, fine % 3, fine % 2)
+    loader = common.GpuLoader(images, labels, batch_size, device="cpu", mean=(0.5,) * 3, std=(0.25,) * 3, train=True)
+    optimizer = common.make_sgd(model.parameters(), lr=0.1)
+    loss_fn = hdl_stack.make_hdl_loss_fn(0.1, 1.0, [1.0, 1.0], center_update=rule, center_alpha=0.5)
+    step = common.make_train_step(model, loss_fn, optimizer, device="cpu", dtype="fp32")
+    common.fit(
+        stage_dir,
+        model,
+        optimizer,
+        step,
+        loader,
+        epochs=2,
+        lr_at=lambda n: 0.1,
+        on_epoch_end=lambda epoch, record: model.update_centers(1.0) if rule == "epoch" else None,
+    )
+    return model
+
+
+def hdl_ddp_worker(rank, world, port, stage_dir, batch_size, results):
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world)
+    )
+    torch.set_num_threads(1)
+    common.init_distributed(torch.device("cpu"), mode="ddp")
+    out = {}
+    for rule in ("epoch", "wen", "sgd"):
+        model = train_tiny_hdl(Path(stage_dir) / rule, batch_size, rule)
+        out[rule] = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.save(out, Path(results) / f"rank{rank}.pt")
+
+
+def test_hdl_centres_under_ddp_equal_one_process_with_the_global_batch(tmp_path):
+    world, per_rank = 2, 8
+    results = tmp_path / "results"
+    results.mkdir()
+    mp.spawn(hdl_ddp_worker, args=(world, free_port(), str(tmp_path / "ddp"), per_rank, str(results)), nprocs=world)
+    ranks = [torch.load(results / f"rank{r}.pt", weights_only=True) for r in range(world)]
+    torch.set_num_threads(1)
+    for rule in ("epoch", "wen", "sgd"):
+        single = train_tiny_hdl(tmp_path / "single" / rule, world * per_rank, rule).state_dict()
+        assert single["centers"].abs().sum() > 0, rule  # the centres moved
+        for name, value in single.items():
+            assert torch.equal(ranks[0][rule][name], ranks[1][rule][name]), (rule, name)
+            torch.testing.assert_close(ranks[0][rule][name], value, atol=1e-5, rtol=1e-5, msg=f"{rule} {name}")
