@@ -308,7 +308,7 @@ def launched_distributed():
 
 
 def init_distributed(device, mode="ddp"):
-    """Join torchrun's process group; returns this process's device (cuda:LOCAL_RANK on CUDA).
+    """Join torchrun's process group; returns this process's device (on CUDA: process_gpu).
 
     Reads RANK, LOCAL_RANK and WORLD_SIZE from the environment torchrun sets. Backend: nccl for
     ddp on CUDA, gloo otherwise (on the CPU, and in sweep mode, where the group only carries a
@@ -322,9 +322,7 @@ def init_distributed(device, mode="ddp"):
         fail("WORLD_SIZE > 1 but RANK/LOCAL_RANK are not set: start several processes with torchrun")
     device = torch.device(device)
     if device.type == "cuda":
-        if local_rank >= torch.cuda.device_count():
-            fail(f"torchrun LOCAL_RANK {local_rank}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-        device = torch.device("cuda", local_rank)
+        device = torch.device("cuda", process_gpu(local_rank, torch.cuda.device_count(), mode))
         torch.cuda.set_device(device)
     elif mode == "ddp" and device.type != "cpu":
         fail(f"--distributed ddp runs on CUDA or the CPU, not on {device.type}")
@@ -338,6 +336,17 @@ def init_distributed(device, mode="ddp"):
         _DIST.update(cpu_group=cpu_group)
     _DIST.update(rank=rank, world=world, local_rank=local_rank, mode=mode)
     return device
+
+
+def process_gpu(local_rank, gpus, mode):
+    """The GPU of torchrun's process LOCAL_RANK: its own under ddp (one process per GPU); in a
+    sweep, GPU local_rank mod gpus, so that more processes than GPUs share them (through MPS when
+    its daemon runs: small networks leave most of a GPU idle)."""
+    if mode == "sweep" and gpus > 0:
+        return local_rank % gpus
+    if local_rank >= gpus:
+        fail(f"torchrun LOCAL_RANK {local_rank}: this machine has {gpus} CUDA device(s); ddp runs one process per GPU")
+    return local_rank
 
 
 def _end_distributed():

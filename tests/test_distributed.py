@@ -235,3 +235,10 @@ def test_hdl_centres_under_ddp_equal_one_process_with_the_global_batch(tmp_path)
         for name, value in single.items():
             assert torch.equal(ranks[0][rule][name], ranks[1][rule][name]), (rule, name)
             torch.testing.assert_close(ranks[0][rule][name], value, atol=1e-5, rtol=1e-5, msg=f"{rule} {name}")
+
+
+def test_sweep_processes_may_outnumber_the_gpus_ddp_processes_may_not():
+    assert [common.process_gpu(r, 2, "sweep") for r in range(6)] == [0, 1, 0, 1, 0, 1]
+    assert [common.process_gpu(r, 2, "ddp") for r in range(2)] == [0, 1]
+    with pytest.raises(SystemExit, match="one process per GPU"):
+        common.process_gpu(2, 2, "ddp")
