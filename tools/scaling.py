@@ -11,7 +11,8 @@ and compilation included) and read back from its run's metrics.jsonl:
   is the median over the epochs after the first (which holds the warm-up), all ranks' images.
 - sweep, independent runs spread over the GPUs: `merged_resnet.py` with --sweep-models models
   (architectures x runs, --sweep-epochs epochs each) in one process on one GPU, then with
-  torchrun over G GPUs (each process trains its share, rank 0 builds the tables).
+  torchrun over G GPUs (each process trains its share, rank 0 builds the tables), and with
+  --sweep-per-gpu K, K processes per GPU (start the MPS daemon first).
 
 Each command gets a fresh run directory under --runs-dir; its output goes to <name>.log there.
 --out is rewritten after every measurement, so a call cut short keeps the rows it finished;
@@ -65,6 +66,7 @@ def main(argv=None):
     p.add_argument("--sweep-depth", type=int, default=56, help="merged_resnet backbone depth")
     p.add_argument("--sweep-runs", type=int, default=2, help="merged_resnet runs per architecture")
     p.add_argument("--sweep-architectures", nargs="+", default=["separate", "merge-1"])
+    p.add_argument("--sweep-per-gpu", type=int, default=1, help="also time this many sweep processes per GPU")
     p.add_argument("--skip", nargs="*", default=[], choices=("ddp", "sweep"))
     p.add_argument("--out", default="results/scaling.json")
     p.add_argument("--from-log", default=None, metavar="LOG", help="rebuild --out from a log's printed rows")
@@ -123,12 +125,17 @@ def main(argv=None):
         merged = ["merged_resnet.py", "--dataset", "cifar100", "--data-dir", a.data_dir]
         merged += ["--depth", str(a.sweep_depth), "--epochs", str(a.sweep_epochs), "--runs", str(a.sweep_runs)]
         merged += ["--architectures", *a.sweep_architectures]
-        for name, gpus, launcher in (("1gpu", 1, [sys.executable]), (f"{a.gpus}gpu_sweep", a.gpus, torchrun(a.gpus))):
+        configs = [("1gpu", 1, [sys.executable]), (f"{a.gpus}gpu_sweep", a.gpus, torchrun(a.gpus))]
+        if a.sweep_per_gpu > 1:  # more processes than GPUs (process r on GPU r mod G); MPS runs them side by side
+            procs = a.gpus * a.sweep_per_gpu
+            configs.append((f"{a.gpus}gpu_sweep_{procs}proc", a.gpus, torchrun(procs)))
+        for name, gpus, launcher in configs:
             run_dir = runs_dir / f"merged_{name}_{stamp}"
             seconds = timed(f"merged_{name}", [*launcher, *merged, "--out-dir", str(run_dir)], runs_dir, gpus)
             row = {
                 "name": name,
                 "gpus": gpus,
+                "processes": int(launcher[launcher.index("--nproc_per_node") + 1]) if gpus > 1 else 1,
                 "models": len(a.sweep_architectures) * a.sweep_runs,
                 "epochs_per_model": a.sweep_epochs,
                 "wall_seconds": round(seconds, 1),
