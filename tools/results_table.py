@@ -435,7 +435,7 @@ def section(results):
         "",
         "Commands: " + "; ".join(f"`{c}`" for c in commands) + ". Alpha is chosen on a validation "
         "split held out of the training set. The paper's runs (ResNet-164 and DenseNet-BC-100 on CIFAR-100, "
-        "164 / 300 epochs) are not run here; ours are ResNet-56 (bottleneck), 12-15 epochs, 2 runs.",
+        "164 / 300 epochs) are not run yet; these two are ResNet-56 (bottleneck), 12-15 epochs, 2 runs.",
         "",
     ]
 
