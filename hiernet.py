@@ -29,7 +29,7 @@ Quick offline run:
 Time (one H100, n = 9 on CIFAR-100, 10 groups): 17.2 minutes with `--compile` (torch.compile
 under the CUDA graph: 1.75 s per backbone epoch and 3.0 s per HierNet epoch, after about a
 minute of compilation per stage). Compiled epochs are 1.27-1.30x faster (bench.py --hiernet
---compile), which at 165 epochs per stage saves an estimated minute more than compiling costs.
+--compile), which at 165 epochs per stage saves an estimated 1.5 minutes more than compiling costs.
 
 Schedule: the paper counts iterations at batch 128 (lr 0.01 for 2k, 0.1 to 32k, 0.01 to 48k,
 0.001 to 64k). `--iterations` (default 64000) is the run length; with fewer (or more), every
