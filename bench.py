@@ -220,20 +220,26 @@ def timed_first_steps(step, x, y, device):
     return time.perf_counter() - t0
 
 
-def bench_hiernet_step(model, args, device):
-    """Training images/s of one HierNet form: hiernet.py's loss and step on one random batch."""
-    import hiernet
-
+def random_batch_step(model, loss_fn, args, device):
+    """A model's train step (the scripts' make_train_step, --compile as given) on one random batch
+    of 100 classes, after its first steps: (step, x, y, seconds of the first steps)."""
     model = common.to_device_model(model, device).train()
     opt = common.make_sgd(model.parameters(), 0.1)
     step = common.make_train_step(
-        model, hiernet.hiernet_loss, opt, device=device, cuda_graph=device.type == "cuda", compile=compile_arg(args)
+        model, loss_fn, opt, device=device, cuda_graph=device.type == "cuda", compile=compile_arg(args)
     )
     x = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device)
     if device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 100, (args.batch,), device=device)
-    first = timed_first_steps(step, x, y, device)
+    return step, x, y, timed_first_steps(step, x, y, device)
+
+
+def bench_hiernet_step(model, args, device):
+    """Training images/s of one HierNet form: hiernet.py's loss and step on one random batch."""
+    import hiernet
+
+    step, x, y, first = random_batch_step(model, hiernet.hiernet_loss, args, device)
     run_step, total = loader_steps(step, [(x, y)], device)
     seconds = time_steps(run_step, args.steps, args.warmup, device)
     if not torch.isfinite(total()):
@@ -253,16 +259,9 @@ def bench_hiernet(args, device):
     backbone = common.CifarResNet(args.hiernet_n, 100)
     rows = [{"model": "backbone", "groups": 0, "images_per_s": None}]
     common.seed_everything(0)
-    bb = common.to_device_model(copy.deepcopy(backbone), device).train()
-    opt = common.make_sgd(bb.parameters(), 0.1)
-    step = common.make_train_step(
-        bb, common.cross_entropy_loss, opt, device=device, cuda_graph=device.type == "cuda", compile=compile_arg(args)
+    step, x, y, rows[0]["first_steps_s"] = random_batch_step(
+        copy.deepcopy(backbone), common.cross_entropy_loss, args, device
     )
-    x = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device)
-    if device.type == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 100, (args.batch,), device=device)
-    rows[0]["first_steps_s"] = timed_first_steps(step, x, y, device)
     rows[0]["images_per_s"] = args.steps * args.batch / time_steps(lambda: step(x, y), args.steps, args.warmup, device)
     print(
         f"backbone n={args.hiernet_n}: {rows[0]['images_per_s']:.0f} images/s "
