@@ -192,12 +192,15 @@ PAPER = {
 }
 
 
-def get_args(argv=None):
+BASE_GROUP = "base model (stage 1)"
+
+
+def make_parser():
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     common.add_common_args(parser, epochs=100, batch_size=128, lr=0.05, dataset="shapes")
-    g = parser.add_argument_group("base model (stage 1)")
+    g = parser.add_argument_group(BASE_GROUP)
     g.add_argument(
         "--backbone",
         default="auto",
@@ -274,6 +277,11 @@ def get_args(argv=None):
         default="auto",
         help="comma list of LSTM sizes (every layer) for the Fig. 7 sweep; 'auto': h/4, h/2, h, 2h, 4h; 'none': skip",
     )
+    return parser
+
+
+def get_args(argv=None):
+    parser = make_parser()
     # A resume may lengthen the LH stages, not the base model: they are trained on its features.
     args = common.parse_args(parser, argv, script="latent_string", resume_longer=("lh_epochs",))
     if args.bits is not None and not 1 <= args.bits <= 20:
@@ -495,27 +503,28 @@ def build_base_model(args, data):
     return common.VGG(16, data.num_classes, hidden=(1024, 1024), dropout=args.dropout, in_channels=channels), backbone
 
 
-# The flags that make the base model and its train / validation split: a run reusing another run's
-# base (--base-from) must agree on every one, or its validation images could be the base's training ones.
-BASE_FLAGS = (
+# The shared flags that make the data, the split and the base model's training; with every flag
+# of the base-model group (base_flags), a run reusing another run's base (--base-from) must agree
+# on them all, or its validation images could be the base's training ones.
+COMMON_BASE_FLAGS = (
     "dataset",
     "hierarchy",
     "image_size",
     "train_size",
     "test_size",
     "seed",
-    "val_per_class",
-    "backbone",
     "epochs",
     "batch_size",
     "lr",
-    "momentum",
-    "weight_decay",
-    "dropout",
-    "augment",
     "dtype",
     "dry_run",
 )
+
+
+def base_flags():
+    """Every flag that makes the base model: the shared ones above and the base-model group's."""
+    group = next(g for g in make_parser()._action_groups if g.title == BASE_GROUP)
+    return COMMON_BASE_FLAGS + tuple(a.dest for a in group._group_actions if a.dest != "base_from")
 
 
 def load_base_from(base, args, device):
@@ -524,7 +533,7 @@ def load_base_from(base, args, device):
     saved = common.read_run_args(run_dir, "--base-from")
     common.check_run_script(saved, "latent_string", run_dir, "--base-from")
     settings = common.run_settings(saved)
-    differ = [f for f in BASE_FLAGS if settings.get(f) != getattr(args, f)]
+    differ = [f for f in base_flags() if settings.get(f) != getattr(args, f)]
     if differ:
         common.fail(
             f"--base-from {run_dir}: its base model was made with other "
