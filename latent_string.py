@@ -268,6 +268,20 @@ def make_parser():
     )
     g.add_argument("--lh-epochs", type=common.positive_int, default=50)
     g.add_argument("--lh-lr", type=common.positive_float, default=1e-3, help="Adam learning rate")
+    g.add_argument(
+        "--lh-schedule",
+        default="constant",
+        choices=("constant", "step"),
+        help="Adam's learning rate over each stage-2 training (LH, random code, reduced FC, repair): constant, "
+        "or divided by 10 at 50%% and 75%% of its steps",
+    )
+    g.add_argument(
+        "--lh-seed",
+        type=common.seed_int,
+        default=None,
+        help="seed of stage 2 (initialisation, batch order, the random code); default --seed. With --base-from: "
+        "several stage-2 seeds on one frozen extractor",
+    )
     g.add_argument("--lh-batch-size", type=common.positive_int, default=128)
     g.add_argument(
         "--bits-sweep", default="auto", help="comma list of L for the Fig. 8 sweep; 'auto': L0-1 .. L0+2; 'none': skip"
@@ -777,6 +791,20 @@ def repair_code(code_bits, q):
     return bits.long(), moves
 
 
+def stage2_seed(args):
+    """The seed of everything after the frozen extractor (--lh-seed, else --seed)."""
+    return args.seed if args.lh_seed is None else args.lh_seed
+
+
+def stage2_lr_at(args, total_steps):
+    """Adam's learning rate by step for one stage-2 training of total_steps (--lh-schedule)."""
+    if args.lh_schedule == "constant":
+        return lambda step: args.lh_lr
+    return common.piecewise_lr(
+        [total_steps // 2, total_steps * 3 // 4], [args.lh_lr, args.lh_lr / 10, args.lh_lr / 100]
+    )
+
+
 def train_lh_stage(name, stage, cached, args, run_dir, device, epochs=None):
     """Stage 2 (or an ablation of it): Adam on Eq. 5 over the cached features."""
     stage = common.to_device_model(stage, device)
@@ -785,7 +813,7 @@ def train_lh_stage(name, stage, cached, args, run_dir, device, epochs=None):
         args.lh_batch_size,
         device=device,
         train=True,
-        seed=args.seed,
+        seed=stage2_seed(args),
         max_batches=2 if args.dry_run else None,
     )
     params = [p for p in stage.parameters() if p.requires_grad]
@@ -812,14 +840,15 @@ def train_lh_stage(name, stage, cached, args, run_dir, device, epochs=None):
             record.update(val_acc=m["exact_match_acc"], val_lookup_acc=m["lookup_acc"])
         return record
 
+    epochs = epochs or args.lh_epochs
     common.fit(
         run_dir / name,
         stage,
         optimizer,
         step,
         loader,
-        epochs=epochs or args.lh_epochs,
-        lr_at=lambda s: args.lh_lr,
+        epochs=epochs,
+        lr_at=stage2_lr_at(args, epochs * len(loader)),
         evaluate=evaluate,
         log_path=run_dir / "metrics.jsonl",
         stage=name,
@@ -899,7 +928,7 @@ def train_reduced_fc(hidden, cached, in_features, num_classes, args, run_dir, de
         args.lh_batch_size,
         device=device,
         train=True,
-        seed=args.seed,
+        seed=stage2_seed(args),
         max_batches=2 if args.dry_run else None,
     )
     optimizer = common.make_adam(model.parameters(), args.lh_lr, device=device)
@@ -922,7 +951,7 @@ def train_reduced_fc(hidden, cached, in_features, num_classes, args, run_dir, de
         step,
         loader,
         epochs=args.lh_epochs,
-        lr_at=lambda s: args.lh_lr,
+        lr_at=stage2_lr_at(args, args.lh_epochs * len(loader)),
         evaluate=evaluate,
         log_path=run_dir / "metrics.jsonl",
         stage="reduced_fc",
@@ -1185,6 +1214,9 @@ def main(argv=None):
     fc_test_acc = common.accuracy(fc_logits, test_labels)
 
     # Stage 2: the LH classifier with Class2Str and Str2Class (Eq. 5), its code repaired if needed.
+    # Seeded afresh, so that stage 2 is the same whether the base was trained here or taken from
+    # --base-from, and --lh-seed varies it alone on one frozen extractor.
+    common.seed_everything(stage2_seed(args))
     sizes = (feature_dim, C, code_hidden)
     lh, codes, lh_scores, stage = train_lh_model(
         "lh", cached, args, run_dir, device, sizes=sizes, bits=bits, hidden=lstm_hidden
@@ -1205,7 +1237,7 @@ def main(argv=None):
         sizes=sizes,
         bits=bits,
         hidden=lstm_hidden,
-        fixed_code=random_code(C, bits, args.seed),
+        fixed_code=random_code(C, bits, stage2_seed(args)),
     )
     lh_params = common.count_params(stage.classifier)
     fc_params = common.count_params(base.head)

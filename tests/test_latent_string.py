@@ -2,6 +2,7 @@
 against a direct computation, the frozen extractor, Table I parameter counts, a planted-code
 recovery, and a smoke run on tiny shapes data (with resume)."""
 
+import argparse
 import json
 import math
 
@@ -384,8 +385,25 @@ def test_base_from_reuses_an_earlier_runs_base_model_and_refuses_another_split(t
     assert not (tmp_path / "variant" / "base").exists()  # no base model trained
     stages = {json.loads(line)["stage"] for line in (tmp_path / "variant" / "metrics.jsonl").read_text().splitlines()}
     assert "base" not in stages and "lh" in stages
+    # Stage 2 is seeded afresh: on the same extractor, the same flags give the first run's stage 2 exactly.
+    same = ls.main([*argv, "--base-from", str(first), "--out-dir", str(tmp_path / "same")])
+    assert same["codes"] == base_run["codes"] and same["lh_test_acc"] == base_run["lh_test_acc"]
+    assert same["random_code"]["codes"] == base_run["random_code"]["codes"]
+    assert same["reduced_fc_test_acc"] == base_run["reduced_fc_test_acc"]
+    # --lh-seed varies stage 2 alone: accepted with --base-from, another random code.
+    reseeded = ls.main([*argv, "--lh-seed", "5", "--base-from", str(first), "--out-dir", str(tmp_path / "seed5")])
+    assert reseeded["fc_test_acc"] == pytest.approx(base_run["fc_test_acc"])
+    assert reseeded["random_code"]["codes"] != base_run["random_code"]["codes"]
     # Another seed would hold out other validation images, which the base model may have trained on.
     with pytest.raises(SystemExit, match=r"--seed \(0 there, 1 here\)"):
         ls.main([*argv, "--seed", "1", "--base-from", str(first), "--out-dir", str(tmp_path / "other")])
     with pytest.raises(SystemExit, match="no args.json"):
         ls.main([*argv, "--base-from", str(tmp_path), "--out-dir", str(tmp_path / "none")])
+
+
+def test_stage2_learning_rate_schedules():
+    args = argparse.Namespace(lh_lr=1e-3, lh_schedule="constant")
+    assert [ls.stage2_lr_at(args, 100)(s) for s in (0, 50, 99)] == [1e-3] * 3
+    args.lh_schedule = "step"
+    lr_at = ls.stage2_lr_at(args, 100)
+    assert [lr_at(s) for s in (0, 49, 50, 74, 75, 99)] == pytest.approx([1e-3, 1e-3, 1e-4, 1e-4, 1e-5, 1e-5])

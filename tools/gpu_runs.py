@@ -27,6 +27,12 @@ them all. --alone NAME... gives those jobs a GPU to themselves (started first; n
 placed on their GPU while they run), for runs whose wall time is the measurement:
 
     python tools/gpu_runs.py --gpus 2 --parallel 4 --alone hiernet_cifar100_n9_seed1 --only ... --out $OUT
+
+Without a CUDA device the jobs run on the CPU and run.json records the processor. The MNIST
+latent-string jobs (latent_string_mnist_cpu_*) are meant for that (LeNet on 2 cores: about 27 s an
+epoch), one at a time:
+
+    python tools/gpu_runs.py --parallel 1 --budget 20000 --only latent_string_mnist_cpu_seed0 ...
 """
 
 import argparse
@@ -44,6 +50,24 @@ from pathlib import Path
 C10 = ["--dataset", "cifar10", "--data-dir", "data"]
 C100 = ["--dataset", "cifar100", "--data-dir", "data"]  # real CIFAR-100 (official split), unpacked into data/
 HDL_SWEEP = ["hdl_stack.py", *C100, "--val-fraction", "0.1", "--epochs", "40"]  # a sweep cell: validation, 40 epochs
+MNIST_CPU = [
+    *("latent_string.py", "--dataset", "mnist", "--data-dir", "data", "--val-per-class", "500"),
+    *("--dtype", "fp32", "--bits-sweep", "none", "--hidden-sweep", "none"),  # fp32: bf16 buys nothing on a CPU
+]
+# Stage-2 variants of the LH classifier on one frozen extractor (latent_string.py --base-from), in
+# the order they run: stage-2 seeds, Adam's schedule, then the readings and loss weights in question.
+LH_VARIANTS = [
+    ("lhseed1", ["--lh-seed", "1"]),
+    ("lhseed2", ["--lh-seed", "2"]),
+    ("step", ["--lh-schedule", "step"]),  # Adam's lr / 10 at 50% and 75% of each stage-2 training
+    ("step_lhseed1", ["--lh-schedule", "step", "--lh-seed", "1"]),
+    ("step_lhseed2", ["--lh-schedule", "step", "--lh-seed", "2"]),
+    ("inproj", ["--lh-input-proj"]),  # Table I read for the paper's parameter counts
+    ("gamma0", ["--gamma", "0"]),  # no bias regulariser (Eq. 3)
+    ("alpha1", ["--alpha", "1"]),  # the weight of H(l, l'), the term that keeps codes apart
+    ("alpha100", ["--alpha", "100"]),
+    ("hard", ["--code-input", "hard"]),  # Str2Class reads the argmax string
+]
 
 # name -> argv; the longest first, since they start first.
 JOBS = {
@@ -81,14 +105,14 @@ JOBS = {
             "none",
             *flags,
         ]
-        for name, flags in (
-            ("inproj", ["--lh-input-proj"]),  # Table I read for the paper's parameter counts
-            ("alpha1", ["--alpha", "1"]),  # the weight of H(l, l'), the term that keeps codes apart
-            ("alpha100", ["--alpha", "100"]),
-            ("gamma0", ["--gamma", "0"]),  # no bias regulariser (Eq. 3)
-            ("hard", ["--code-input", "hard"]),  # Str2Class reads the argmax string
-            ("norepair", ["--no-repair"]),  # the learnt code as trained, collisions and all
-        )
+        for name, flags in LH_VARIANTS + [("norepair", ["--no-repair"])]  # the learnt code as trained
+    },
+    # MNIST on the CPU (LeNet is small enough): the base run, then stage-2 variants and seeds on its
+    # frozen extractor. --collect puts them into results/latent_string_mnist_cpu/<variant>/.
+    "latent_string_mnist_cpu_seed0": [*MNIST_CPU],
+    **{
+        f"latent_string_mnist_cpu_{name}": [*MNIST_CPU, "--base-from", "{runs}/latent_string_mnist_cpu_seed0", *flags]
+        for name, flags in LH_VARIANTS
     },
     # HDL's center loss on CIFAR-100: a lambda0 x variant sweep on 10% of train held out (40 epochs
     # each), the baseline beside it. --collect puts the cells into results/hdl_sweep_cifar100/;
@@ -209,7 +233,10 @@ JOBS = {
 }
 
 # A job waits for these runs to finish first ("{runs}" in a job's arguments is the runs folder).
-AFTER = {name: "latent_string_cifar100_seed1" for name in JOBS if name.startswith("latent_string_cifar100_seed1_")}
+AFTER = {
+    **{name: "latent_string_cifar100_seed1" for name in JOBS if name.startswith("latent_string_cifar100_seed1_")},
+    **{f"latent_string_mnist_cpu_{name}": "latent_string_mnist_cpu_seed0" for name, _ in LH_VARIANTS},
+}
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = ROOT / "runs" / "gpu"  # --runs-dir moves it (on the GPU machine: outside the checkout)
@@ -238,6 +265,17 @@ def start_mps():
     for k in env:
         os.environ.pop(k, None)
     return False
+
+
+def cpu_device(torch):
+    """The device record of jobs that run on the CPU (no CUDA device here)."""
+    model = next(
+        (line.split(":", 1)[1].strip() for line in sh("cat /proc/cpuinfo").splitlines() if "model name" in line), ""
+    )
+    return {
+        "cpu": f"{model or 'CPU'} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)",
+        "torch": torch.__version__,
+    }
 
 
 def stop_mps():
@@ -321,7 +359,7 @@ def pack(out, with_checkpoints):
 
 
 # Runs collected into one folder of results/ together (prefix -> folder; each run a subfolder).
-GROUPED = {"hdl_sweep_cifar100_": "hdl_sweep_cifar100"}
+GROUPED = {"hdl_sweep_cifar100_": "hdl_sweep_cifar100", "latent_string_mnist_cpu_": "latent_string_mnist_cpu"}
 
 
 def collect(src, results=ROOT / "results"):
@@ -380,15 +418,16 @@ def main(argv=None):
         link_data(a.data_root)
     ensure_cifar10()
     RUNS.mkdir(parents=True, exist_ok=True)
-    mps = False if a.no_mps else start_mps()
     import torch
 
+    on_gpu = torch.cuda.is_available()
+    mps = False if a.no_mps or not on_gpu else start_mps()
     # The GPU the jobs see (CUDA_VISIBLE_DEVICES may leave one of several), and how many the machine has.
     gpus = sh("nvidia-smi --query-gpu=name --format=csv,noheader").splitlines() or [""]
     visible = [int(i) for i in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if i.strip().isdigit()]
     seen = [gpus[i] for i in visible if i < len(gpus)] or gpus
-    device = {"gpu": seen[0], "torch": torch.__version__, "mps": mps}
-    if len(gpus) > 1:
+    device = {"gpu": seen[0], "torch": torch.__version__, "mps": mps} if on_gpu else cpu_device(torch)
+    if on_gpu and len(gpus) > 1:
         device["machine"] = f"{len(gpus)} x {gpus[0]}; the jobs on GPU {','.join(map(str, visible)) or 'all'}"
     print(f"device {device}", flush=True)
     wanted = [n for n in (a.only or JOBS) if not (RUNS / n / "metrics.json").exists()]
@@ -421,7 +460,8 @@ def main(argv=None):
                 placed[name] = gpu
                 on = {**device, "gpu_index": gpu} if a.gpus > 1 else device
                 record(name, command="python " + shlex.join(job_args(name)), device=on)
-                print(f"{time.time() - t0:6.0f}s start {name} on GPU {gpu}: {shlex.join(cmd[1:])}", flush=True)
+                where = f"GPU {gpu}" if on_gpu else "the CPU"
+                print(f"{time.time() - t0:6.0f}s start {name} on {where}: {shlex.join(cmd[1:])}", flush=True)
             if queue and not running and time.time() - t0 < a.budget - 30:
                 waiting = ", ".join(f"{n} (after {AFTER[n]})" for n in queue if n in AFTER)
                 print(f"nothing can start: {waiting or ', '.join(queue)}; add the runs they wait for", flush=True)
