@@ -172,3 +172,49 @@ def test_cifar100_rows_say_not_run_and_the_hdl_sweep_table_is_included(tmp_path)
     )
     text = tool.section(tmp_path)
     assert "held out (`hdl_stack.py --sweep-table`):\n\n| variant | lambda0 |\n|---|---|\n| a | 1 |\n" in text
+
+
+def test_lh_variant_table_pools_stage2_seeds_and_names_the_flags(tmp_path):
+    """Stage-2 runs on one extractor: runs differing only in --lh-seed form one row (mean +- std),
+    the others are named by the flags that differ from the base run's."""
+    tool = load_tool()
+    folder = tmp_path / "latent_string_mnist_cpu"
+    base_args = {"seed": 0, "lh_seed": None, "lh_schedule": "constant", "gamma": 0.1, "out_dir": "a"}
+    runs = {
+        "seed0": ({}, 98.0, 97.0, 0),
+        "lhseed1": ({"lh_seed": 1, "base_from": "x"}, 99.0, 97.5, 2),
+        "lhseed2": ({"lh_seed": 2, "base_from": "x"}, 100.0, 98.0, 0),
+        "step": ({"lh_schedule": "step", "base_from": "x"}, 99.5, 99.0, 1),
+        "gamma0": ({"gamma": 0.0, "base_from": "x"}, 90.0, 91.0, 0),
+    }
+    for name, (changes, lh, random, shared) in runs.items():
+        run = folder / name
+        run.mkdir(parents=True)
+        (run / "args.json").write_text(json.dumps({**base_args, **changes, "out_dir": name}))
+        lh_result = {"exact_match_acc": lh, "val_lookup_acc": lh - 1, "duplicate_strings": []}
+        if shared:
+            lh_result["before_repair"] = {"duplicate_strings": [[0, 1]] * shared}
+        metrics = {
+            "fc_test_acc": 99.4,
+            "lh": lh_result,
+            "random_code": {"exact_match_acc": random, "val_lookup_acc": random - 1},
+            "params": {"lh_classifier": 31000},
+            "reduced_fc_test_acc": 98.0,
+        }
+        (run / "metrics.json").write_text(json.dumps(metrics))
+    info = {"command": "python latent_string.py --dataset mnist", "device": {"cpu": "cpu", "torch": "2"}}
+    calls = [{"seconds": 60, "status": "done", "jobs_sharing_gpu": 1}]
+    (folder / "seed0" / "run.json").write_text(json.dumps({**info, "calls": calls, "wall_seconds": 60}))
+    rows, fc = tool.lh_variant_rows(sorted(folder.iterdir()), folder / "seed0")
+    assert fc == 99.4
+    by_flags = {r[0]: r for r in rows}
+    assert list(by_flags) == ["defaults", "`--gamma 0`", "`--lh-schedule step`"]
+    defaults = by_flags["defaults"]
+    assert defaults[1] == "0, 1, 2"
+    assert defaults[4] == "99.00 +- 1.00"  # LH test 98, 99, 100
+    assert defaults[6] == "1.50 +- 0.50"  # learnt - random per seed: 1, 1.5, 2
+    assert defaults[7] == "0 / 2 / 0"
+    assert by_flags["`--lh-schedule step`"][4] == "99.50" and by_flags["`--gamma 0`"][6] == "-1.00"
+    text = "\n".join(tool.lh_variant_tables(tmp_path))
+    assert "Stage-2 experiments, MNIST, on the CPU (cpu, torch 2)" in text and "| `--gamma 0` | 0 |" in text
+    assert "Stage-2 experiments, CIFAR-100, on the extractor of `--seed 1`: not run yet." in text

@@ -359,7 +359,11 @@ def pack(out, with_checkpoints):
 
 
 # Runs collected into one folder of results/ together (prefix -> folder; each run a subfolder).
-GROUPED = {"hdl_sweep_cifar100_": "hdl_sweep_cifar100", "latent_string_mnist_cpu_": "latent_string_mnist_cpu"}
+GROUPED = {
+    "hdl_sweep_cifar100_": "hdl_sweep_cifar100",
+    "latent_string_mnist_cpu_": "latent_string_mnist_cpu",
+    "latent_string_cifar100_seed1_": "latent_string_cifar100_seed1_variants",
+}
 
 
 def collect(src, results=ROOT / "results"):

@@ -180,6 +180,112 @@ def mean_std(values):
     return f"{mean:.2f} +- {std:.2f}"
 
 
+# Flags that do not make a stage-2 variant: paths, call settings, the sweeps, and the stage-2 seed
+# (runs differing only in --lh-seed are one row).
+LH_NOT_VARIANT = {
+    *("out_dir", "base_from", "lh_seed", "resume", "force", "dry_run", "data_dir", "device", "cuda_graph"),
+    *("compile", "overrides", "script", "bits_sweep", "hidden_sweep", "sweep_bits", "sweep_hidden"),
+}
+
+
+def flag_text(flag, value):
+    name = "--" + flag.replace("_", "-")
+    if value is True:
+        return name
+    if value is False:
+        return "--no-" + flag.replace("_", "-")
+    return f"{name} {value:g}" if isinstance(value, float) else f"{name} {value}"
+
+
+def cell(values):
+    return mean_std(values) if len(values) > 1 else f2(values[0])
+
+
+def lh_variant_rows(run_dirs, base_dir):
+    """Stage-2 experiments on one frozen extractor (latent_string.py --base-from base_dir): one row
+    per set of stage-2 flags that differ from the base run's, its --lh-seed runs pooled (mean +-
+    sample std). Validation columns first: choices are made there. Returns (rows, FC test acc)."""
+    base_args = json.loads((base_dir / "args.json").read_text())
+    groups = {}
+    for run in sorted(run_dirs, key=lambda d: d.name):
+        args = json.loads((run / "args.json").read_text())
+        m = json.loads((run / "metrics.json").read_text())
+        differ = tuple(sorted((k, v) for k, v in args.items() if k not in LH_NOT_VARIANT and base_args.get(k) != v))
+        seed = args["seed"] if args.get("lh_seed") is None else args["lh_seed"]
+        groups.setdefault(differ, []).append((seed, m))
+    rows, fc = [], None
+    for differ in sorted(groups, key=lambda d: (len(d) > 0, str(d))):
+        runs = sorted(groups[differ], key=lambda r: r[0])
+        ms = [m for _, m in runs]
+        fc = ms[0]["fc_test_acc"]
+        lh, rc = [m["lh"] for m in ms], [m["random_code"] for m in ms]
+        rows.append(
+            [
+                " ".join(f"`{flag_text(k, v)}`" for k, v in differ) or "defaults",
+                ", ".join(str(seed) for seed, _ in runs),
+                cell([r["val_lookup_acc"] for r in lh]),
+                cell([r["val_lookup_acc"] for r in rc]),
+                cell([r["exact_match_acc"] for r in lh]),
+                cell([r["exact_match_acc"] for r in rc]),
+                cell([a["exact_match_acc"] - b["exact_match_acc"] for a, b in zip(lh, rc)]),
+                " / ".join(str(len(r.get("before_repair", r)["duplicate_strings"])) for r in lh),
+                f"{ms[0]['params']['lh_classifier']:,}",
+                cell([m["reduced_fc_test_acc"] for m in ms]),
+            ]
+        )
+    return rows, fc
+
+
+LH_VARIANT_HEADER = [
+    "stage-2 flags",
+    "stage-2 seeds",
+    "LH val",
+    "random code val",
+    "LH test",
+    "random code test",
+    "learnt - random (test)",
+    "strings shared before repair (per seed)",
+    "LH params",
+    "reduced FC test",
+]
+
+
+def lh_variant_tables(results):
+    """The README lines of the stage-2 experiments: MNIST on the CPU, CIFAR-100 on its seed-1 extractor."""
+    lines = []
+    for title, base_dir, folder in (
+        (
+            "MNIST, on the CPU",
+            results / "latent_string_mnist_cpu" / "seed0",
+            results / "latent_string_mnist_cpu",
+        ),
+        (
+            "CIFAR-100, on the extractor of `--seed 1`",
+            results / "latent_string_cifar100_seed1",
+            results / "latent_string_cifar100_seed1_variants",
+        ),
+    ):
+        runs = [d for d in folder.glob("*") if (d / "metrics.json").exists() and d != base_dir]
+        if not (base_dir / "metrics.json").exists():
+            lines += [f"Stage-2 experiments, {title}: not run yet.", ""]
+            continue
+        rows, fc = lh_variant_rows([base_dir, *runs], base_dir)
+        info = json.loads((base_dir / "run.json").read_text())
+        device = info["device"].get("gpu") or info["device"].get("cpu")
+        lines += [
+            f"Stage-2 experiments, {title} ({device}, torch {info['device']['torch']}): the LH classifier "
+            f"and its ablations retrained on one frozen extractor (`--base-from`), test and validation "
+            f"(lookup) accuracy %; the extractor's own FC classifier: {f2(fc)} on test. Base run: "
+            f"`{info['command']}` ({wall(info)}).",
+            "",
+            row(LH_VARIANT_HEADER),
+            row(["---"] * len(LH_VARIANT_HEADER)),
+            *(row(r) for r in rows),
+            "",
+        ]
+    return lines
+
+
 def hiernet_seed_rows(results):
     """One row per seed of n = 3 and n = 9, then mean +- std (sample std) over the seeds run."""
     out = []
@@ -393,6 +499,7 @@ def section(results):
         "(Fig. 8) `bits_sweep.tsv` and the hidden-size sweep (Fig. 7) `hidden_sweep.tsv`.",
         "",
     ]
+    lines += lh_variant_tables(results)
 
     lines += [
         "### Merged coarse/fine networks (`merged_resnet.py`), top-1 error %, mean over runs",
