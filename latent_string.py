@@ -54,6 +54,9 @@ An LH variant on the frozen extractor of an earlier run (its base model reused; 
 and base-model flags must match, checked), e.g. Table I read for the paper's parameter counts:
     python latent_string.py --dataset cifar100 --data-dir data --val-per-class 50 --base-from RUN \
         --bits-sweep none --hidden-sweep none --lh-input-proj
+Stage 2 (everything after the frozen extractor) is seeded afresh with --lh-seed (default --seed),
+so a --base-from run with the base run's flags repeats its stage 2 exactly, and --lh-seed N gives
+other seeds of the LH classifier, the random code and the reduced FC on the same extractor.
 
 What we found (CPU experiments on synthetic frozen features; no GPU numbers here)
 Data: 100 classes in 20 superclasses of 5, 512-d post-ReLU features; training features are clean
@@ -122,7 +125,9 @@ Paper vs ours (every ambiguity or deviation)
   Str2Class (biases excluded), inside the loss (Adam has no weight decay).
 - alpha, beta, gamma, delta are not given ("same order of magnitude", gamma "as small as
   possible"). Defaults: alpha 10, beta 1, gamma 0.1, delta 1e-4; LH stages: Adam lr 1e-3,
-  batch 128, 50 epochs, constant lr; they run in fp32 (they are tiny). Why alpha 10: with
+  batch 128, 50 epochs, constant lr (the paper names Adam and no schedule; --lh-schedule step
+  divides the lr by 10 at 50% and 75% of each stage-2 training); they run in fp32 (they are
+  tiny). Why alpha 10: with
   alpha <= 3 (and with gamma 1) Class2Str collapsed within the first epoch to ONE string for
   all 72 shapes classes in our CPU trials: the LH classifier first learns the average bit, the
   bit cross-entropy then pulls every class's q towards it, and gamma saturates q before
