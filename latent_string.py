@@ -142,6 +142,10 @@ Paper vs ours (every ambiguity or deviation)
   rule) does not.
 - The LH stages see un-augmented cached training features (the base model saw augmented
   images); the paper does not say how augmentation was handled in the second stage.
+- --lh-head mlp (not in the paper) replaces the LSTM by one hidden layer that gives all L bits at
+  once, with the LSTM's parameter count, trained by the same Eq. 5 (learnt code) and on the same
+  random code: a control that separates what the recurrence does from what predicting a short
+  binary code does (every bit an arbitrary split of the classes, the string wrong when any bit is).
 - Reduced FC classifier (Table III, third column): one hidden layer whose width makes its
   parameter count closest to the LH classifier's, trained on the same frozen features with Adam
   and cross-entropy for --lh-epochs (the paper does not say how it was trained).
@@ -270,6 +274,13 @@ def make_parser():
         default=False,
         help="read Table I's 'in - h1 - h2' as Linear(in, h1) + LSTM(h1, h2) (closest to the paper's parameter "
         "counts) instead of LSTM(in, h1) + LSTM(h1, h2)",
+    )
+    g.add_argument(
+        "--lh-head",
+        default="lstm",
+        choices=("lstm", "mlp"),
+        help="the string classifier: the paper's LSTM, or a control without recurrence (one hidden layer giving "
+        "all L bits at once, as many parameters as the LSTM)",
     )
     g.add_argument("--lh-epochs", type=common.positive_int, default=50)
     g.add_argument("--lh-lr", type=common.positive_float, default=1e-3, help="Adam learning rate")
@@ -400,6 +411,26 @@ class LHClassifier(nn.Module):
                     x = h
                 steps.append(self.out(x))
             return torch.stack(steps, 1).log_softmax(-1)
+
+
+class BitMLP(nn.Module):
+    """A control for the LH classifier, not in the paper: the L bits at once from one hidden layer
+    (features -> width -> 2L, a softmax per bit), no recurrence; width chosen so that it has the
+    parameter count of the LH classifier it stands in for. Returns log p: B x L x 2, as LHClassifier."""
+
+    def __init__(self, in_features, width, bits):
+        super().__init__()
+        self.bits = bits
+        self.net = nn.Sequential(nn.Linear(in_features, width), nn.ReLU(), nn.Linear(width, 2 * bits))
+
+    def forward(self, features):
+        with torch.autocast(features.device.type, enabled=False):
+            return self.net(features.float()).view(-1, self.bits, 2).log_softmax(-1)
+
+
+def bit_mlp_width(param_budget, in_features, bits):
+    """Width of in -> width -> 2L whose parameter count is closest to the budget."""
+    return max(1, round((param_budget - 2 * bits) / (in_features + 1 + 2 * bits)))
 
 
 class Class2Str(nn.Module):
@@ -887,7 +918,15 @@ def train_lh_model(name, cached, args, run_dir, device, *, sizes, bits, hidden, 
 
     def make(code):
         return make_lh_stage(
-            in_features, C, bits, hidden, code_hidden, code, input_proj=args.lh_input_proj, impl=args.lstm_impl
+            in_features,
+            C,
+            bits,
+            hidden,
+            code_hidden,
+            code,
+            input_proj=args.lh_input_proj,
+            impl=args.lstm_impl,
+            head=args.lh_head,
         )
 
     stage = train_lh_stage(name, make(fixed_code), cached, args, run_dir, device)
@@ -907,8 +946,12 @@ def train_lh_model(name, cached, args, run_dir, device, *, sizes, bits, hidden, 
     return after, codes, scores, fixed
 
 
-def make_lh_stage(in_features, num_classes, bits, hidden, code_hidden, fixed_code=None, input_proj=False, impl="fused"):
+def make_lh_stage(
+    in_features, num_classes, bits, hidden, code_hidden, fixed_code=None, input_proj=False, impl="fused", head="lstm"
+):
     classifier = LHClassifier(in_features, hidden, bits, input_proj=input_proj, impl=impl)
+    if head == "mlp":  # the control: as many parameters as that LSTM, no recurrence
+        classifier = BitMLP(in_features, bit_mlp_width(common.count_params(classifier), in_features, bits), bits)
     class2str = FixedCode(fixed_code) if fixed_code is not None else Class2Str(num_classes, code_hidden, bits)
     return LHStage(classifier, class2str, Str2Class(num_classes, code_hidden, bits), num_classes)
 

@@ -394,6 +394,14 @@ def test_base_from_reuses_an_earlier_runs_base_model_and_refuses_another_split(t
     reseeded = ls.main([*argv, "--lh-seed", "5", "--base-from", str(first), "--out-dir", str(tmp_path / "seed5")])
     assert reseeded["fc_test_acc"] == pytest.approx(base_run["fc_test_acc"])
     assert reseeded["random_code"]["codes"] != base_run["random_code"]["codes"]
+    # The control without recurrence on the same extractor: its own parameter count, every stage trained.
+    control = ls.main([*argv, "--lh-head", "mlp", "--base-from", str(first), "--out-dir", str(tmp_path / "mlp")])
+    assert control["fc_test_acc"] == pytest.approx(base_run["fc_test_acc"])
+    assert (
+        abs(control["params"]["lh_classifier"] - base_run["params"]["lh_classifier"])
+        < 0.02 * base_run["params"]["lh_classifier"]
+    )
+    assert 0 <= control["lh_test_acc"] <= 100 and 0 <= control["random_code"]["exact_match_acc"] <= 100
     # Another seed would hold out other validation images, which the base model may have trained on.
     with pytest.raises(SystemExit, match=r"--seed \(0 there, 1 here\)"):
         ls.main([*argv, "--seed", "1", "--base-from", str(first), "--out-dir", str(tmp_path / "other")])
@@ -407,3 +415,17 @@ def test_stage2_learning_rate_schedules():
     args.lh_schedule = "step"
     lr_at = ls.stage2_lr_at(args, 100)
     assert [lr_at(s) for s in (0, 49, 50, 74, 75, 99)] == pytest.approx([1e-3, 1e-3, 1e-4, 1e-4, 1e-5, 1e-5])
+
+
+@pytest.mark.parametrize("in_features, hidden, bits", [(3136, (10, 10), 4), (512, (40, 40), 7), (512, (20, 20), 4)])
+def test_bit_mlp_control_has_the_lstms_parameter_count_and_one_distribution_per_bit(in_features, hidden, bits):
+    torch.manual_seed(0)
+    lstm = ls.LHClassifier(in_features, hidden, bits)
+    stage = ls.make_lh_stage(in_features, 10, bits, hidden, 50, head="mlp")
+    assert isinstance(stage.classifier, ls.BitMLP)
+    n_lstm, n_mlp = common.count_params(lstm), common.count_params(stage.classifier)
+    per_unit = in_features + 1 + 2 * bits  # one more hidden unit costs this many parameters
+    assert abs(n_mlp - n_lstm) <= per_unit / 2 + 1
+    log_p = stage.classifier(torch.rand(5, in_features))
+    assert log_p.shape == (5, bits, 2)
+    assert torch.allclose(log_p.exp().sum(-1), torch.ones(5, bits), atol=1e-6)

@@ -63,6 +63,7 @@ LH_VARIANTS = [
     ("step_lhseed1", ["--lh-schedule", "step", "--lh-seed", "1"]),
     ("step_lhseed2", ["--lh-schedule", "step", "--lh-seed", "2"]),
     ("inproj", ["--lh-input-proj"]),  # Table I read for the paper's parameter counts
+    ("mlp", ["--lh-head", "mlp"]),  # the control: all bits at once from an MLP of the LSTM's size
     ("gamma0", ["--gamma", "0"]),  # no bias regulariser (Eq. 3)
     ("alpha1", ["--alpha", "1"]),  # the weight of H(l, l'), the term that keeps codes apart
     ("alpha100", ["--alpha", "100"]),
