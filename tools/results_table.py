@@ -201,14 +201,24 @@ def cell(values):
     return mean_std(values) if len(values) > 1 else f2(values[0])
 
 
+def latent_string_defaults():
+    """Every flag of latent_string.py with its default."""
+    sys.path.insert(0, str(ROOT))
+    import latent_string
+
+    return {a.dest: a.default for a in latent_string.make_parser()._actions if a.dest != "help"}
+
+
 def lh_variant_rows(run_dirs, base_dir):
     """Stage-2 experiments on one frozen extractor (latent_string.py --base-from base_dir): one row
     per set of stage-2 flags that differ from the base run's, its --lh-seed runs pooled (mean +-
     sample std). Validation columns first: choices are made there. Returns (rows, FC test acc)."""
-    base_args = json.loads((base_dir / "args.json").read_text())
+    # A flag missing from an older args.json had its default then, as --resume reads it.
+    defaults = latent_string_defaults()
+    base_args = {**defaults, **json.loads((base_dir / "args.json").read_text())}
     groups = {}
     for run in sorted(run_dirs, key=lambda d: d.name):
-        args = json.loads((run / "args.json").read_text())
+        args = {**defaults, **json.loads((run / "args.json").read_text())}
         m = json.loads((run / "metrics.json").read_text())
         differ = tuple(sorted((k, v) for k, v in args.items() if k not in LH_NOT_VARIANT and base_args.get(k) != v))
         seed = args["seed"] if args.get("lh_seed") is None else args["lh_seed"]
