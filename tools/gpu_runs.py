@@ -54,6 +54,12 @@ MNIST_CPU = [
     *("latent_string.py", "--dataset", "mnist", "--data-dir", "data", "--val-per-class", "500"),
     *("--dtype", "fp32", "--bits-sweep", "none", "--hidden-sweep", "none"),  # fp32: bf16 buys nothing on a CPU
 ]
+# Latent strings, CIFAR-100 seed 1 (the Fig. 7-8 sweeps are seed 0's; here they would cost most of
+# the run's GPU time): the base run and, with --base-from, its stage-2 variants.
+LATENT_C100_SEED1 = [
+    *("latent_string.py", *C100, "--val-per-class", "50", "--seed", "1"),
+    *("--bits-sweep", "none", "--hidden-sweep", "none"),
+]
 # Stage-2 variants of the LH classifier on one frozen extractor (latent_string.py --base-from), in
 # the order they run: stage-2 seeds, Adam's schedule, then the readings and loss weights in question.
 LH_VARIANTS = [
@@ -88,35 +94,12 @@ JOBS = {
     "latent_string_mnist": ["latent_string.py", "--dataset", "mnist", "--data-dir", "data", "--val-per-class", "500"],
     "latent_string_cifar100": ["latent_string.py", *C100, "--val-per-class", "50"],
     "latent_string_cifar10_val": ["latent_string.py", *C10, "--val-per-class", "500"],
-    # A second seed on CIFAR-100, whose frozen extractor then serves the LH variants below (the
-    # Fig. 7-8 sweeps are seed 0's; here they would cost most of the run's GPU time).
-    "latent_string_cifar100_seed1": [
-        "latent_string.py",
-        *C100,
-        "--val-per-class",
-        "50",
-        "--seed",
-        "1",
-        "--bits-sweep",
-        "none",
-        "--hidden-sweep",
-        "none",
-    ],
+    # A second seed on CIFAR-100, whose frozen extractor then serves the LH variants below.
+    "latent_string_cifar100_seed1": [*LATENT_C100_SEED1],
     **{
         f"latent_string_cifar100_seed1_{name}": [
-            "latent_string.py",
-            *C100,
-            "--val-per-class",
-            "50",
-            "--seed",
-            "1",
-            "--base-from",
-            "{runs}/latent_string_cifar100_seed1",
-            "--bits-sweep",
-            "none",
-            "--hidden-sweep",
-            "none",
-            *flags,
+            *LATENT_C100_SEED1,
+            *("--base-from", "{runs}/latent_string_cifar100_seed1", *flags),
         ]
         for name, flags in LH_VARIANTS + [("norepair", ["--no-repair"])]  # the learnt code as trained
     },
