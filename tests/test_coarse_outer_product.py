@@ -93,6 +93,24 @@ def test_keras_weight_decay_step_equals_the_gradient_of_the_l2_penalty():
     assert [len(g["params"]) for g in keras] == [2, 4] and [g["weight_decay"] for g in keras] == [2 * wd, 0.0]
 
 
+def test_default_weight_decay_reaches_every_parameter_as_pytorch_sgd():
+    # The base code's SGD(model.parameters(), weight_decay=wd): biases and batch norm decay too.
+    args = cop.get_args([])
+    assert args.wd_convention == "pytorch" and args.weight_decay == 1e-3
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.Linear(4, 2)
+    )
+    groups = cop.sgd_param_groups(net.parameters(), args.weight_decay, args.wd_convention)
+    decayed = {id(p) for g in groups if g["weight_decay"] == 1e-3 for p in g["params"]}
+    assert decayed == {id(p) for p in net.parameters()}
+
+
+def test_diversity_networks_are_off_by_default():
+    # Eq. 3 / Eq. 4 feed no table of the paper: only the plain ETE network (Table VII) by default.
+    assert cop.get_args([]).diversity == ["none"]
+    assert cop.get_args(["--diversity", "none", "eq3", "eq4"]).diversity == ["none", "eq3", "eq4"]
+
+
 def test_whole_set_channel_statistics():
     # 12,000 images whose last 2,000 are much brighter in channel 0: the first 10k would miss them
     gen = torch.Generator().manual_seed(8)
@@ -293,9 +311,14 @@ def test_smoke_each_method(tiny_vgg, tmp_path, method):
         "ete": {"ete"},
     }[method]
     assert expected_rows <= set(saved["accuracy"]) <= expected_rows | {"ete_eq3"}
-    for row in saved["accuracy"].values():
-        assert all(0.0 <= row[s] <= 100.0 for s in ("train", "val", "test"))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for stage, row in saved["accuracy"].items():
+        assert all(0.0 <= row[s] <= 100.0 for s in ("train", "train_eval_mode", "val", "test"))
         assert row["epoch_seconds_median"] > 0
+        # the Trainset column is the training-mode accuracy of the reported epoch, as the base code prints it
+        reported = row.get("best_epoch", row["epochs"])
+        logged = [r["train_acc"] for r in records if r.get("stage") == stage and r["epoch"] == reported]
+        assert row["train"] == logged[-1]
     fine_rows = expected_rows - {"coarse_ch", "coarse_cvc"}
     assert set(saved["hierarchical"]) >= fine_rows
     for h in saved["hierarchical"].values():  # common.hierarchical_metrics against the shapes levels

@@ -81,3 +81,20 @@ def test_collect_puts_the_hdl_sweep_cells_into_one_folder(tmp_path):
     assert gpu_runs.collect(src, results) == ["hdl_stack_shapes", "hdl_sweep_cifar100_wen_raw_0.005"]
     assert (results / "hdl_sweep_cifar100" / "wen_raw_0.005" / "metrics.json").is_file()
     assert (results / "hdl_stack_shapes" / "run.json").is_file()
+
+
+def test_stage2_seed_variants_differ_from_their_base_runs_seed():
+    # A base run's own stage 2 is seeded with its --seed: a variant repeating it is not a new seed.
+    gpu_runs = load("gpu_runs")
+
+    def flag(argv, name, default):
+        return int(argv[argv.index(name) + 1]) if name in argv else default
+
+    seeded = {name: argv for name, argv in gpu_runs.JOBS.items() if "--lh-seed" in argv}
+    assert len(seeded) >= 8  # MNIST's and CIFAR-100's seed variants, with and without the step schedule
+    for name, argv in seeded.items():
+        assert flag(argv, "--lh-seed", None) != flag(argv, "--seed", 0), name
+    for base in ("latent_string_cifar100_seed1", "latent_string_mnist_cpu_seed0"):
+        plain = [a for n, a in seeded.items() if n.startswith(base.rsplit("_", 1)[0]) and "step" not in a]
+        seeds = {flag(a, "--lh-seed", None) for a in plain} | {flag(gpu_runs.JOBS[base], "--seed", 0)}
+        assert len(seeds) == 3, base

@@ -191,9 +191,9 @@ def test_lh_variant_table_pools_stage2_seeds_and_names_the_flags(tmp_path):
         run = folder / name
         run.mkdir(parents=True)
         (run / "args.json").write_text(json.dumps({**base_args, **changes, "out_dir": name}))
-        lh_result = {"exact_match_acc": lh, "val_lookup_acc": lh - 1, "duplicate_strings": []}
-        if shared:
-            lh_result["before_repair"] = {"duplicate_strings": [[0, 1]] * shared}
+        lh_result = {"exact_match_acc": lh, "lookup_acc": lh, "val_lookup_acc": lh - 1, "duplicate_strings": []}
+        if shared:  # repaired: the code as trained had shared strings and a lower lookup accuracy
+            lh_result["before_repair"] = {"duplicate_strings": [[0, 1]] * shared, "lookup_acc": lh - 10}
         metrics = {
             "fc_test_acc": 99.4,
             "lh": lh_result,
@@ -213,7 +213,8 @@ def test_lh_variant_table_pools_stage2_seeds_and_names_the_flags(tmp_path):
     assert defaults[1] == "0, 1, 2"
     assert defaults[4] == "99.00 +- 1.00"  # LH test 98, 99, 100
     assert defaults[6] == "1.50 +- 0.50"  # learnt - random per seed: 1, 1.5, 2
-    assert defaults[7] == "0 / 2 / 0"
+    assert defaults[7] == "95.67 +- 5.86"  # before repair: 98, 89 (seed 1 was repaired), 100
+    assert defaults[8] == "0 / 2 / 0"
     assert by_flags["`--lh-schedule step`"][4] == "99.50" and by_flags["`--gamma 0`"][6] == "-1.00"
     text = "\n".join(tool.lh_variant_tables(tmp_path))
     assert "Stage-2 experiments, MNIST, on the CPU (cpu, torch 2)" in text and "| `--gamma 0` | 0 |" in text

@@ -60,21 +60,26 @@ LATENT_C100_SEED1 = [
     *("latent_string.py", *C100, "--val-per-class", "50", "--seed", "1"),
     *("--bits-sweep", "none", "--hidden-sweep", "none"),
 ]
+
+
 # Stage-2 variants of the LH classifier on one frozen extractor (latent_string.py --base-from), in
 # the order they run: stage-2 seeds, Adam's schedule, then the readings and loss weights in question.
-LH_VARIANTS = [
-    ("lhseed1", ["--lh-seed", "1"]),
-    ("lhseed2", ["--lh-seed", "2"]),
-    ("step", ["--lh-schedule", "step"]),  # Adam's lr / 10 at 50% and 75% of each stage-2 training
-    ("step_lhseed1", ["--lh-schedule", "step", "--lh-seed", "1"]),
-    ("step_lhseed2", ["--lh-schedule", "step", "--lh-seed", "2"]),
-    ("inproj", ["--lh-input-proj"]),  # Table I read for the paper's parameter counts
-    ("mlp", ["--lh-head", "mlp"]),  # the control: all bits at once from an MLP of the LSTM's size
-    ("gamma0", ["--gamma", "0"]),  # no bias regulariser (Eq. 3)
-    ("alpha1", ["--alpha", "1"]),  # the weight of H(l, l'), the term that keeps codes apart
-    ("alpha100", ["--alpha", "100"]),
-    ("hard", ["--code-input", "hard"]),  # Str2Class reads the argmax string
-]
+# The base run's own stage 2 is seeded with its --seed, so the two extra stage-2 seeds are the next
+# two: with the base run they make three different seeds.
+def lh_variants(base_seed):
+    seeds = (base_seed + 1, base_seed + 2)
+    return [
+        *((f"lhseed{s}", ["--lh-seed", str(s)]) for s in seeds),
+        ("step", ["--lh-schedule", "step"]),  # Adam's lr / 10 at 50% and 75% of each stage-2 training
+        *((f"step_lhseed{s}", ["--lh-schedule", "step", "--lh-seed", str(s)]) for s in seeds),
+        ("inproj", ["--lh-input-proj"]),  # Table I read for the paper's parameter counts
+        ("mlp", ["--lh-head", "mlp"]),  # the control: all bits at once from an MLP of the LSTM's size
+        ("gamma0", ["--gamma", "0"]),  # no bias regulariser (Eq. 3)
+        ("alpha1", ["--alpha", "1"]),  # the weight of H(l, l'), the term that keeps codes apart
+        ("alpha100", ["--alpha", "100"]),
+        ("hard", ["--code-input", "hard"]),  # Str2Class reads the argmax string
+    ]
+
 
 # name -> argv; the longest first, since they start first.
 JOBS = {
@@ -101,14 +106,14 @@ JOBS = {
             *LATENT_C100_SEED1,
             *("--base-from", "{runs}/latent_string_cifar100_seed1", *flags),
         ]
-        for name, flags in LH_VARIANTS + [("norepair", ["--no-repair"])]  # the learnt code as trained
+        for name, flags in lh_variants(1) + [("norepair", ["--no-repair"])]  # the learnt code as trained
     },
     # MNIST on the CPU (LeNet is small enough): the base run, then stage-2 variants and seeds on its
     # frozen extractor. --collect puts them into results/latent_string_mnist_cpu/<variant>/.
     "latent_string_mnist_cpu_seed0": [*MNIST_CPU],
     **{
         f"latent_string_mnist_cpu_{name}": [*MNIST_CPU, "--base-from", "{runs}/latent_string_mnist_cpu_seed0", *flags]
-        for name, flags in LH_VARIANTS
+        for name, flags in lh_variants(0)
     },
     # HDL's center loss on CIFAR-100: a lambda0 x variant sweep on 10% of train held out (40 epochs
     # each), the baseline beside it. --collect puts the cells into results/hdl_sweep_cifar100/;
@@ -231,7 +236,7 @@ JOBS = {
 # A job waits for these runs to finish first ("{runs}" in a job's arguments is the runs folder).
 AFTER = {
     **{name: "latent_string_cifar100_seed1" for name in JOBS if name.startswith("latent_string_cifar100_seed1_")},
-    **{f"latent_string_mnist_cpu_{name}": "latent_string_mnist_cpu_seed0" for name, _ in LH_VARIANTS},
+    **{f"latent_string_mnist_cpu_{name}": "latent_string_mnist_cpu_seed0" for name, _ in lh_variants(0)},
 }
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -238,6 +238,8 @@ def lh_variant_rows(run_dirs, base_dir):
                 cell([r["exact_match_acc"] for r in lh]),
                 cell([r["exact_match_acc"] for r in rc]),
                 cell([a["exact_match_acc"] - b["exact_match_acc"] for a, b in zip(lh, rc)]),
+                # the variant's own effect: the repair (more epochs on a fixed code) is the same for all
+                cell([r.get("before_repair", r)["lookup_acc"] for r in lh]),
                 " / ".join(str(len(r.get("before_repair", r)["duplicate_strings"])) for r in lh),
                 f"{ms[0]['params']['lh_classifier']:,}",
                 cell([m["reduced_fc_test_acc"] for m in ms]),
@@ -254,6 +256,7 @@ LH_VARIANT_HEADER = [
     "LH test",
     "random code test",
     "learnt - random (test)",
+    "LH test before repair (lookup)",
     "strings shared before repair (per seed)",
     "LH params",
     "reduced FC test",
