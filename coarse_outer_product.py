@@ -19,8 +19,9 @@ What it reproduces (Tables I-VII, Fig. 1-4):
       that has a roughly balanced fine label distribution";
   CVC (Table V-VI): the same network, each image gets the neuron it activates most;
   ETE (Table VII, Fig. 4): shared VGG16 convolutions, the three VGG13 linear layers with a softmax
-      as the coarse head, trained end to end with no hierarchy (--diversity none), and with the
-      diversity losses of Eq. 3 (Mexican hat plus overlap) or Eq. 4 (lambda sum_{i!=j} o_i^T o_j).
+      as the coarse head, trained end to end with no hierarchy (--diversity none, the default), and,
+      as our extension (--diversity none eq3 eq4), with the diversity losses of Eq. 3 (Mexican hat
+      plus overlap) or Eq. 4 (lambda sum_{i!=j} o_i^T o_j), which no table reports.
       The paper gives no weights for Eq. 3 / 4: we train one ETE network per --diversity-scales
       factor and keep, on the validation split only, the most accurate one among those whose
       coarse head still uses at least two categories (each with >= 1% of the validation images).
@@ -50,7 +51,7 @@ Command (the paper's settings, CIFAR-100 under --data-dir):
 One method per call, in one run directory (each call fits in about 10 minutes on an H100):
     python coarse_outer_product.py --dataset cifar100 --data-dir data --method baseline --out-dir runs/cop100
     python coarse_outer_product.py --resume runs/cop100 --method ch      # then cvc (reuses CH's VGG16), ete
-    python coarse_outer_product.py --resume runs/cop100 --method ete --diversity eq4
+    python coarse_outer_product.py --resume runs/cop100 --method ete --diversity none eq4
 Smoke run:
     python coarse_outer_product.py --dry-run --image-size 32 --train-size 600 --test-size 200 --val-per-class 2 --device cpu
 
