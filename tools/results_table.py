@@ -1,7 +1,8 @@
 """Build the README's results section from the metrics files in results/.
 
 Every number in the section is read from results/<run>/metrics.json (or results/bench.json); the
-command and wall time come from results/<run>/run.json, written by tools/gpu_runs.py.
+command and wall time come from results/<run>/run.json, written by tools/gpu_runs.py. A few figures of
+results/figures/ go under their tables, those that `python tools/plots.py` has drawn (run it first).
 
     python tools/results_table.py                 # print the section
     python tools/results_table.py --write README.md   # replace it between the markers
