@@ -173,6 +173,7 @@ def plot_hiernet_table(results, out, elu=False):
     fig, ax = plt.subplots(figsize=(8, 4.5), layout="constrained")
     xs = np.arange(len(paper))
     colours = [OURS, PAPER, CONTROL, OTHER, "tab:purple"]
+    in_legend = set()
     for k, label in enumerate(series):
         offset = (k - (len(series) - 1) / 2) * width
         for i, (n, (_, p_backbone, p_slow, _)) in enumerate(paper.items()):
@@ -193,10 +194,9 @@ def plot_hiernet_table(results, out, elu=False):
                 color=colours[k % len(colours)],
                 yerr=std if len(values) > 1 else None,
                 capsize=3,
-                label=label
-                if i == next(j for j, n2 in enumerate(paper) if runs[n2] or label.startswith("paper"))
-                else None,
+                label=None if label in in_legend else label,
             )
+            in_legend.add(label)
             if len(values) > 1:  # every seed, so two seeds read as two seeds
                 ax.plot([xs[i] + offset] * len(values), values, "k.", ms=4)
             ax.annotate(f"{mean:+.2f}", (xs[i] + offset, mean + std), ha="center", va="bottom", fontsize=7)
@@ -205,6 +205,7 @@ def plot_hiernet_table(results, out, elu=False):
         ax.annotate(
             f"{seeds} seed{'s' if seeds != 1 else ''}" if seeds else "not run",
             (xs[i], 0),
+            xycoords=ax.get_xaxis_transform(),  # below the axis whatever the y range
             xytext=(0, -28),
             textcoords="offset points",
             ha="center",
