@@ -164,6 +164,16 @@ def test_a_missing_sweep_or_run_is_skipped_with_a_message(tmp_path, capsys):
     ]
 
 
+def test_runs_older_than_args_script_are_known_by_their_folder(tmp_path):
+    plots = pytest.importorskip("plots")
+    run = tmp_path / "renamed"
+    fake_hdl(run)
+    write_json(run / "args.json", {"out_dir": "runs/gpu/hdl_stack_cifar10"})  # no "script": an older run
+    assert plots.run_script(run) == "hdl_stack"
+    write_json(run / "args.json", {})
+    assert plots.run_script(run) is None
+
+
 def test_hiernet_table_keeps_the_seeds_and_the_control(results):
     plots = pytest.importorskip("plots")
     runs = plots.hiernet_table_runs(results, 3, elu=False)

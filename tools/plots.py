@@ -491,8 +491,9 @@ def run_script(run_dir):
     args = run_dir / "args.json"
     if not (args.is_file() and (run_dir / "metrics.json").is_file()):
         return None
-    script = read_json(args).get("script")
-    return script or next((s for s in SCRIPTS if run_dir.name.startswith(s)), None)
+    args = read_json(args)
+    names = (run_dir.name, Path(args.get("out_dir") or "").name)  # the folder, or the one it was written to
+    return args.get("script") or next((s for s in SCRIPTS for name in names if name.startswith(s)), None)
 
 
 def run_figures(run_dir):
@@ -564,7 +565,11 @@ def main(argv=None):
             )
             continue
         if run_script(run_dir) is None:
-            print(f"skip {run_dir}: not a run directory (no args.json and metrics.json)")
+            is_run = (run_dir / "args.json").is_file() and (run_dir / "metrics.json").is_file()
+            print(
+                f"skip {run_dir}: "
+                + ("its args.json names no script" if is_run else "not a run directory (no args.json and metrics.json)")
+            )
             continue
         figures = run_figures(run_dir)
         if not figures:
