@@ -1,7 +1,8 @@
 """Build the README's results section from the metrics files in results/.
 
 Every number in the section is read from results/<run>/metrics.json (or results/bench.json); the
-command and wall time come from results/<run>/run.json, written by tools/gpu_runs.py.
+command and wall time come from results/<run>/run.json, written by tools/gpu_runs.py. A few figures of
+results/figures/ go under their tables, those that `python tools/plots.py` has drawn (run it first).
 
     python tools/results_table.py                 # print the section
     python tools/results_table.py --write README.md   # replace it between the markers
@@ -71,6 +72,15 @@ def severity_cell(m, within=None):
 
 
 SEVERITY_HEADER = "mistake severity"
+
+
+def figure_lines(results, *figures):
+    """README image lines of the (file name, caption) figures that `python tools/plots.py` drew into
+    results/figures/ (figures not drawn are left out), then a blank line."""
+    lines = [
+        f"![{caption}](results/figures/{name})" for name, caption in figures if (results / "figures" / name).exists()
+    ]
+    return lines + [""] if lines else []
 
 
 def with_severity(header, body):
@@ -432,6 +442,12 @@ def section(results):
             ]
             lines += [row(r) for r in hiernet_seed_rows(results)]
             lines += [""]
+        table = 2 if elu else 1
+        lines += figure_lines(
+            results,
+            (f"hiernet_table{table}.png", f"HierNet Table {table}: slow - backbone per n, ours beside the paper's"),
+            *([] if elu else [("hiernet_cifar100_n9_cpm.png", "CPM of hiernet_cifar100_n9 in the tree's order")]),
+        )
 
     lines += [
         "### Latent hierarchy strings (`latent_string.py`), Table III: test accuracy %, ours then the paper's",
@@ -512,6 +528,11 @@ def section(results):
         "(Fig. 8) `bits_sweep.tsv` and the hidden-size sweep (Fig. 7) `hidden_sweep.tsv`.",
         "",
     ]
+    lines += figure_lines(
+        results,
+        ("latent_string_cifar100_bits.png", "CIFAR-100 accuracy vs string length (Fig. 8)"),
+        ("latent_string_mnist_prefix_tree.png", "the learnt MNIST prefix tree"),
+    )
     lines += lh_variant_tables(results)
 
     lines += [
@@ -558,6 +579,11 @@ def section(results):
         "164 / 300 epochs) are not run yet; these two are ResNet-56 (bottleneck), 12-15 epochs, 2 runs.",
         "",
     ]
+    lines += figure_lines(
+        results,
+        ("merged_resnet_cifar100_resnet164_alpha.png", "CIFAR-100 error vs alpha (Fig. 3)"),
+        ("merged_resnet_cifar10_alpha.png", "CIFAR-10 error vs alpha"),
+    )
 
     lines += [
         "### Coarse network x VGG16 by outer product (`coarse_outer_product.py`), test accuracy %",
@@ -655,6 +681,11 @@ def section(results):
     ]
     lines += with_severity(["command", "baseline fine", "HDL fine", "HDL level heads", "HDL violations", "wall"], body)
     lines += [""]
+    lines += figure_lines(
+        results,
+        ("hdl_stack_cifar100_fine_error.png", "CIFAR-100 fine error per epoch, baseline vs HDL"),
+        ("hdl_stack_cifar10_fine_error.png", "CIFAR-10 fine error per epoch, baseline vs HDL"),
+    )
     sweep = results / "hdl_sweep_cifar100" / "sweep.md"
     lines += (
         ["CIFAR-100 centre-loss sweep on a tenth of train held out (`hdl_stack.py --sweep-table`):", ""]
@@ -690,6 +721,7 @@ def section(results):
                 )
             )
         lines.append("")
+        lines += figure_lines(results, ("bench.png", "bench.py: usual loop, ours, model-only ceiling"))
     bench = results / "bench_hiernet.json"
     if bench.exists():
         b = json.loads(bench.read_text())
