@@ -81,3 +81,26 @@ def test_collect_puts_the_hdl_sweep_cells_into_one_folder(tmp_path):
     assert gpu_runs.collect(src, results) == ["hdl_stack_shapes", "hdl_sweep_cifar100_wen_raw_0.005"]
     assert (results / "hdl_sweep_cifar100" / "wen_raw_0.005" / "metrics.json").is_file()
     assert (results / "hdl_stack_shapes" / "run.json").is_file()
+
+
+def test_run_json_records_the_git_commit_of_the_code(tmp_path):
+    import subprocess
+
+    gpu_runs = load("gpu_runs")
+    code = "import sys, pathlib; d = pathlib.Path(sys.argv[-1]); d.mkdir(); (d / 'metrics.json').write_text('{}')"
+    gpu_runs.JOBS = {"job": ["-c", code]}
+    runs = tmp_path / "runs"
+    gpu_runs.main(["--only", "job", "--no-mps", "--runs-dir", str(runs), "--budget", "120"])
+    info = json.loads((runs / "job.run.json").read_text())
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+    expected = head.stdout.strip() if head.returncode == 0 else None
+    assert info["git_commit"] == info["calls"][0]["git_commit"] == expected
+    assert info["git_dirty"] == info["calls"][0]["git_dirty"] and isinstance(info["git_dirty"], (bool, type(None)))
+    assert gpu_runs.git_state(tmp_path) == (None, None)  # no repository: null, not a guess
+
+
+def test_random_tree_jobs_are_the_cpm_runs_with_tree_from_random():
+    jobs = load("gpu_runs").JOBS
+    for n in (3, 9):
+        cpm = [a for a in jobs[f"hiernet_cifar100_n{n}"] if a != "--control"]
+        assert jobs[f"hiernet_cifar100_n{n}_randomtree"] == [*cpm, "--tree-from", "random"]
