@@ -127,9 +127,9 @@ Paper vs ours:
   random: every group keeps its size at every level, only which classes share a group changes
   (grouping.random_tree; its own numpy generator from `--seed`, so the backbone, the weight
   transfer and the training draw what the CPM tree's run of that seed draws). tree.json records
-  the seed and the CPM tree it copied ("random_tree"). Against the CPM run of the same seed it
-  separates the gain of grouping confusable classes from that of the capacity and training the
-  tree adds.
+  the seed and the CPM tree it copied ("random_tree"; tree_copied.txt prints it). Against the
+  CPM run of the same seed it separates the gain of grouping confusable classes from that of
+  the capacity and training the tree adds.
 - Split/extra defaults follow Tables 1-2 per n (ReLU: 5/9/12/16/38 and 2/3/4/5/4; ELU:
   6/9/15/19/38 and 2/3/2/5/4 with p_min 0.005); other n need explicit `--split`/`--extra-blocks`.
 - Augmentation: flip and translation by 0.125 of the side (4 px at 32), border filled with grey
@@ -1269,6 +1269,9 @@ def main(argv=None):
     common.write_json(run_dir / "tree.json", grouping.tree_json(tree, names, **tree_settings))
     common.atomic_write_bytes(run_dir / "tree.txt", text.encode())
     common.atomic_write_bytes(run_dir / "tree.dot", grouping.tree_dot(tree, names).encode())
+    if "random_tree" in tree_settings:  # the tree it copied the sizes of, readable beside it
+        copied = grouping.tree_text(tree_settings["random_tree"]["from_tree"], names)
+        common.atomic_write_bytes(run_dir / "tree_copied.txt", copied.encode())
     if len(tree) == 1:
         print(
             "[hiernet] warning: one group only; the super-class node has nothing to decide "

@@ -463,3 +463,4 @@ def test_random_tree_pipeline_on_tiny_shapes(tmp_path):
     assert grouping.random_tree(cpm_tree, 3) == tree and tree != cpm_tree
     per_group = json.loads((out / "per_group.json").read_text())
     assert [g["classes"] for g in per_group] == tree
+    assert (out / "tree_copied.txt").read_text() == grouping.tree_text(cpm_tree, made["class_names"])
