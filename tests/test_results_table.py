@@ -85,6 +85,13 @@ def test_hiernet_seed_table_gives_each_seed_and_their_mean_and_std(tmp_path):
     assert [line.split(" | ")[1] for line in seeds] == ["0", "1", "2", "mean +- std (3 seeds)"]
     # 60, 62, 67: mean 63.00, sample std sqrt(((-3)^2 + (-1)^2 + 4^2) / 2) = sqrt(13) = 3.61
     assert "| 63.00 +- 3.61 |" in seeds[-1]
+    # Table 1's row is the mean over the seeds beside the paper's, the seeds named.
+    table1 = text.split("#### HierNet on CIFAR-100, Table 1")[1].split("\n\n")[1].splitlines()
+    row9 = next(line for line in table1 if line.startswith("| 9 |"))
+    assert row9.startswith("| 9 | 56 | 0, 1, 2 | 63.00 +- 3.61 (68.38) |")
+    m = json.loads((tmp_path / "hiernet_cifar100_n9" / "metrics.json").read_text())
+    assert f"| {m['n_groups']} / {m['n_groups']} / {m['n_groups']} |" in row9
+    assert text.count("--dataset cifar100 --data-dir data --n 9") >= 3  # every seed's command
 
 
 def test_collect_copies_finished_runs_without_checkpoints(tmp_path):
@@ -279,4 +286,4 @@ def test_hiernet_controls_table_and_commit_columns(tmp_path):
     (tmp_path / "hiernet_cifar100_n3" / "run.json").write_text(json.dumps({**info, "git_commit": "d" * 40}))
     table1 = tool.section(tmp_path).split("#### HierNet on CIFAR-100, Table 1")[1].split("\n\n")[1].splitlines()
     assert table1[0].endswith("| commit |") and table1[2].endswith("| ddddddd |")
-    assert all(line.count("|") == 14 for line in table1)
+    assert all(line.count("|") == 15 for line in table1)

@@ -149,49 +149,71 @@ HIERNET_AUTHORS_SUPER = {3: 86.23, 5: 90.28, 7: 88.40, 9: 90.60}
 
 
 def hiernet_cifar100_rows(results, elu=False):
-    """Table 1 (or 2 with elu) layout: one row per n, ours beside the paper's; None where not run."""
+    """Table 1 (or 2 with elu) layout: one row per n, ours beside the paper's; mean +- std (sample std)
+    over the seeds run where there are several (the seeds column); 'not run yet' where none is."""
     out = []
     for n, (layers, p_backbone, p_slow, p_fast) in (HIERNET_TABLE2 if elu else HIERNET_TABLE1).items():
-        run = f"hiernet_cifar100_n{n}" + ("_elu" if elu else "")
-        m, info = load(run, results)
-        if m is None:
-            out.append([n, layers, "not run yet", "", "", "", "", "", "", "", "", "", ""])
+        runs = hiernet_seed_runs(results, n, elu)
+        if not runs:
+            out.append([n, layers, "not run yet", *[""] * 11])
             continue
+        seeds = [seed for seed, _, _ in runs]
+        ms, infos = [m for _, m, _ in runs], [info for _, _, info in runs]
         authors_super = "" if elu else HIERNET_AUTHORS_SUPER.get(n, "")
-        control = f2(m["control_acc"]) if "control_acc" in m else ""
-        slow_severity = m.get("hierarchical", {}).get("dataset", {})
-        severity = " / ".join(
-            f2(slow_severity[k]["mistake_severity"]) for k in ("backbone", "slow") if k in slow_severity
+        controlled = [(seed, m["control_acc"]) for seed, m, _ in runs if "control_acc" in m]
+        control = cell([acc for _, acc in controlled]) if controlled else ""
+        if controlled and len(controlled) < len(runs):  # not every seed ran it: say which did
+            which = ", ".join(str(seed) for seed, _ in controlled)
+            control += f" (seeds {which})" if len(controlled) > 1 else f" (seed {which})"
+        severity = []
+        for form in ("backbone", "slow"):
+            values = [m["hierarchical"]["dataset"][form]["mistake_severity"] for m in ms if has_dataset_severity(m)]
+            if values:
+                severity.append(f2(sum(values) / len(values)))
+        groups = (
+            f"{ms[0]['n_groups']}: " + " / ".join(str(s) for s in ms[0]["group_sizes"])
+            if len(ms) == 1
+            else " / ".join(str(m["n_groups"]) for m in ms)
         )
         out.append(
             [
                 n,
                 layers,
-                f"{f2(m['backbone_acc'])} ({p_backbone})",
-                f"{f2(m['slow_acc'])} ({p_slow})",
-                f"{f2(m['fast_acc'])} ({p_fast})",
-                f"{m['slow_acc'] - m['backbone_acc']:+.2f} ({p_slow - p_backbone:+.2f})",
-                f"{f2(m['superclass_acc'])}" + (f" ({authors_super})" if authors_super else ""),
+                ", ".join(str(seed) for seed in seeds),
+                f"{cell([m['backbone_acc'] for m in ms])} ({p_backbone})",
+                f"{cell([m['slow_acc'] for m in ms])} ({p_slow})",
+                f"{cell([m['fast_acc'] for m in ms])} ({p_fast})",
+                f"{cell_signed([m['slow_acc'] - m['backbone_acc'] for m in ms])} ({p_slow - p_backbone:+.2f})",
+                cell([m["superclass_acc"] for m in ms]) + (f" ({authors_super})" if authors_super else ""),
                 control,
-                f"{m['n_groups']}: " + " / ".join(str(s) for s in m["group_sizes"]),
-                f"{m['backbone_params'] / 1e6:.2f}M / {m['hiernet_params'] / 1e6:.2f}M",
-                wall(info),
-                severity,
-                commit_cell(info),
+                groups,
+                f"{ms[0]['backbone_params'] / 1e6:.2f}M / {ms[0]['hiernet_params'] / 1e6:.2f}M",
+                "; ".join(wall(info) for info in infos),
+                " / ".join(severity),
+                " / ".join(c for c in dict.fromkeys(commit_cell(info) for info in infos) if c),
             ]
         )
     return out
+
+
+def has_dataset_severity(m):
+    forms = m.get("hierarchical", {}).get("dataset", {})
+    return all("mistake_severity" in forms.get(form, {}) for form in ("backbone", "slow"))
+
+
+def cell_signed(values):
+    return mean_std(values) if len(values) > 1 else f"{values[0]:+.2f}"
 
 
 # Table III's "reduction in test time per image" of the LH classifier against the FC one.
 LATENT_PAPER_TEST_TIME = {"latent_string_mnist": 13.9, "latent_string_cifar10": 15.9, "latent_string_cifar100": 14.8}
 
 
-def hiernet_seed_runs(results, n):
-    """[(seed, metrics, run info)] of HierNet at n on CIFAR-100 (ReLU): seed 0 is the plain run."""
+def hiernet_seed_runs(results, n, elu=False):
+    """[(seed, metrics, run info)] of HierNet at n on CIFAR-100 (ReLU, or ELU): seed 0 is the plain run."""
     found = []
     for seed in range(10):
-        run = f"hiernet_cifar100_n{n}" + (f"_seed{seed}" if seed else "")
+        run = f"hiernet_cifar100_n{n}" + ("_elu" if elu else "") + (f"_seed{seed}" if seed else "")
         m, info = load(run, results)
         if m is not None:
             found.append((seed, m, info))
@@ -473,26 +495,31 @@ def section(results):
         header = [
             "n",
             "layers",
+            "seeds",
             "backbone",
             "slow",
             "fast",
             "slow - backbone",
             "super-class (authors' code)",
             "control: backbone trained as long",
-            "groups",
+            "groups (one seed: sizes; several: counts)",
             "params backbone / HierNet",
-            "wall",
+            "wall per seed",
             "mistake severity, CIFAR-100 superclasses (backbone / slow)",
             COMMIT_HEADER,
         ]
-        lines += [f"#### HierNet on CIFAR-100, {title}: ours (paper), accuracy % on the authors' 5k test half", ""]
+        lines += [
+            f"#### HierNet on CIFAR-100, {title}: ours (paper), accuracy % on the authors' 5k test half; "
+            "mean +- std (sample std) over the seeds where there are several",
+            "",
+        ]
         lines += table(*without_blank_column(header, rows, COMMIT_HEADER))
         commands = [
-            f"`{load(f'hiernet_cifar100_n{n}' + ('_elu' if elu else ''), results)[1]['command']}`"
+            f"`{info['command']}`"
             for n in (HIERNET_TABLE2 if elu else HIERNET_TABLE1)
-            if load(f"hiernet_cifar100_n{n}" + ("_elu" if elu else ""), results)[0] is not None
+            for _, _, info in hiernet_seed_runs(results, n, elu)
         ]
-        lines += ["", "Commands: " + ", ".join(commands) + ". Seed 0.", ""]
+        lines += ["", "Commands: " + ", ".join(commands) + ".", ""]
         if not elu and any(len(hiernet_seed_runs(results, n)) > 1 for n in (3, 9)):
             header = ["n", "seed", "backbone", "slow", "fast", "slow - backbone", "super-class", "control", "groups"]
             lines += [
