@@ -463,4 +463,6 @@ def test_random_tree_pipeline_on_tiny_shapes(tmp_path):
     assert grouping.random_tree(cpm_tree, 3) == tree and tree != cpm_tree
     per_group = json.loads((out / "per_group.json").read_text())
     assert [g["classes"] for g in per_group] == tree
+    # Nothing chosen on the test half: the CPM behind the sizes is the backbone's on the validation half.
+    np.testing.assert_allclose(grouping.cpm_from_run(out, "cpu")[0], np.load(out / "cpm.npy"), rtol=1e-6, atol=1e-9)
     assert (out / "tree_copied.txt").read_text() == grouping.tree_text(cpm_tree, made["class_names"])
