@@ -1121,7 +1121,7 @@ def make_tree(args, data, backbone, val_loader, run_dir, device):
     settings["source"] = "random"
     settings["random_tree"] = {
         "seed": args.seed,
-        "generator": f"numpy default_rng([{grouping.RANDOM_TREE_STREAM}, seed]).permutation of the classes",
+        "generator": f"grouping.random_tree(from_tree, seed): numpy default_rng([{grouping.RANDOM_TREE_STREAM}, seed])",
         "from": args.groups or "cpm",
         "from_tree": tree,
         "from_sizes": grouping.tree_sizes(tree),
