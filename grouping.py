@@ -212,6 +212,33 @@ def tree_depth(tree):
     return 1 + max(tree_depth(child) for child in tree)
 
 
+def tree_sizes(tree):
+    """The tree's shape without its classes: a leaf group's size, a subtree's list of its children's shapes."""
+    if is_leaf_group(tree):
+        return len(tree)
+    return [tree_sizes(child) for child in tree]
+
+
+# Mixed into the random tree's seed so that its generator is its own, apart from any other use of the seed.
+RANDOM_TREE_STREAM = 0x7A3E
+
+
+def random_tree(tree, seed):
+    """The control of `hiernet.py --tree-from random`: `tree`'s shape (every group's size, at every
+    level, in order) with the classes assigned to its places at random; classes ascending within a
+    leaf group, as build_tree lists them. Its own generator from `seed` (numpy, not torch's global
+    one, so the rest of the run draws the same numbers as the CPM tree's run)."""
+    rng = np.random.default_rng([RANDOM_TREE_STREAM, int(seed)])
+    shuffled = iter(rng.permutation(tree_leaves(tree)).tolist())
+
+    def fill(node):
+        if is_leaf_group(node):
+            return sorted(next(shuffled) for _ in node)
+        return [fill(child) for child in node]
+
+    return fill(tree)
+
+
 def validate_tree(tree, num_classes, source="tree"):
     """Every class exactly once, no empty group, at least one level of groups."""
     if not isinstance(tree, list) or not tree:

@@ -15,7 +15,8 @@ Pipeline (one command; a stage is skipped when its output is given):
   1. backbone: train `CifarResNet(--n, --elu)` (or load `--backbone-ckpt`)
   2. CPM of the backbone on the validation half of the test set (or `--cpm file.npy`)
   3. grouping into a tree, depth `--depth` (or `--groups tree.json` from grouping.py, or
-     `--tree-from dataset` for the dataset's own hierarchy)
+     `--tree-from dataset` for the dataset's own hierarchy, `--tree-from random` for the control
+     with the CPM tree's group sizes and classes assigned at random)
   4. HierNet built from the backbone's weights
   5. end-to-end training with the same schedule
   6. evaluation on the test half, once: accuracies, per-group accuracies, images/s
@@ -121,6 +122,14 @@ Paper vs ours:
   authors' code reports it as A_pred). `--tree-from dataset` (not in the paper, which allows a
   manual hierarchy) uses the dataset's own coarse levels nearest the leaves, e.g. shapes'
   shape_fill (12 groups of 6) at depth 1.
+- `--tree-from random` (not in the paper): a control of the grouping itself. The CPM tree is
+  found as usual (or read from `--groups`), then its classes are assigned to its places at
+  random: every group keeps its size at every level, only which classes share a group changes
+  (grouping.random_tree; its own numpy generator from `--seed`, so the backbone, the weight
+  transfer and the training draw what the CPM tree's run of that seed draws). tree.json records
+  the seed and the CPM tree it copied ("random_tree"; tree_copied.txt prints it). Against the
+  CPM run of the same seed it separates the gain of grouping confusable classes from that of
+  the capacity and training the tree adds.
 - Split/extra defaults follow Tables 1-2 per n (ReLU: 5/9/12/16/38 and 2/3/4/5/4; ELU:
   6/9/15/19/38 and 2/3/2/5/4 with p_min 0.005); other n need explicit `--split`/`--extra-blocks`.
 - Augmentation: flip and translation by 0.125 of the side (4 px at 32), border filled with grey
@@ -132,6 +141,7 @@ import base64
 import contextlib
 import copy
 import itertools
+import json
 import math
 from pathlib import Path
 
@@ -259,8 +269,9 @@ def get_args(argv=None):
     g.add_argument(
         "--tree-from",
         default="cpm",
-        choices=("cpm", "dataset"),
-        help="cpm: the paper's grouping; dataset: the dataset's own hierarchy",
+        choices=("cpm", "dataset", "random"),
+        help="cpm: the paper's grouping; dataset: the dataset's own hierarchy; random: the CPM tree's group "
+        "sizes with the classes assigned at random (seeded by --seed; a control)",
     )
     g.add_argument("--eval-batch-size", type=common.positive_int, default=1000)
     g.add_argument(
@@ -1091,12 +1102,40 @@ def refuse_per_branch_checkpoint(path):
 
 
 def make_tree(args, data, backbone, val_loader, run_dir, device):
-    """Stages 2-3: the CPM on the validation split (saved as cpm.npy) and the grouping, or the given tree."""
+    """Stages 2-3: the CPM on the validation split (saved as cpm.npy) and the grouping, or the given
+    tree; with --tree-from random, that tree's shape with the classes assigned at random. Returns
+    (tree, what tree.json records of how it was made)."""
+    settings = {"g_max": args.g_max, "p_min": args.p_min, "source": args.groups or args.tree_from}
     saved = run_dir / "tree.json"
     if args.resume and saved.is_file():  # the HierNet checkpoint was built on this tree
-        return grouping.load_tree(saved, data.num_classes)
+        made = json.loads(saved.read_text())
+        kept = {k: v for k, v in made.items() if k not in ("depth", "tree", "named_tree", "groups", "class_names")}
+        return grouping.load_tree(saved, data.num_classes), {**settings, **kept}
     if args.groups:
-        return grouping.load_tree(args.groups, data.num_classes)
+        tree = grouping.load_tree(args.groups, data.num_classes)
+    else:
+        tree = tree_from_data(args, data, backbone, val_loader, run_dir, device)
+    if args.tree_from != "random":
+        return tree, settings
+    shuffled = grouping.random_tree(tree, args.seed)
+    settings["source"] = "random"
+    settings["random_tree"] = {
+        "seed": args.seed,
+        "generator": f"grouping.random_tree(from_tree, seed): numpy default_rng([{grouping.RANDOM_TREE_STREAM}, seed])",
+        "from": args.groups or "cpm",
+        "from_tree": tree,
+        "from_sizes": grouping.tree_sizes(tree),
+    }
+    print(
+        f"[hiernet] random tree (seed {args.seed}): the {args.groups or 'CPM'} tree's group sizes "
+        f"{grouping.tree_sizes(tree)}, the classes assigned at random",
+        flush=True,
+    )
+    return shuffled, settings
+
+
+def tree_from_data(args, data, backbone, val_loader, run_dir, device):
+    """The dataset's own hierarchy (--tree-from dataset) or the grouping of the backbone's CPM."""
     if args.tree_from == "dataset":
         hierarchy = data.hierarchy
         if hierarchy.n_levels - 1 < args.depth:
@@ -1223,16 +1262,16 @@ def main(argv=None):
         control, control_history = train_control(args, backbone, control_loader, val_loader, run_dir, device)
 
     # 2-3. CPM and grouping.
-    tree = make_tree(args, data, backbone, val_loader, run_dir, device)
+    tree, tree_settings = make_tree(args, data, backbone, val_loader, run_dir, device)
     names = data.class_names
     text = grouping.tree_text(tree, names)
     print(text, end="", flush=True)
-    common.write_json(
-        run_dir / "tree.json",
-        grouping.tree_json(tree, names, g_max=args.g_max, p_min=args.p_min, source=args.groups or args.tree_from),
-    )
+    common.write_json(run_dir / "tree.json", grouping.tree_json(tree, names, **tree_settings))
     common.atomic_write_bytes(run_dir / "tree.txt", text.encode())
     common.atomic_write_bytes(run_dir / "tree.dot", grouping.tree_dot(tree, names).encode())
+    if "random_tree" in tree_settings:  # the tree it copied the sizes of, readable beside it
+        copied = grouping.tree_text(tree_settings["random_tree"]["from_tree"], names)
+        common.atomic_write_bytes(run_dir / "tree_copied.txt", copied.encode())
     if len(tree) == 1:
         print(
             "[hiernet] warning: one group only; the super-class node has nothing to decide "
@@ -1319,6 +1358,7 @@ def main(argv=None):
         "test_halves": args.test_halves,
         "split": args.split,
         "extra_blocks": args.extra_blocks,
+        "tree_source": tree_settings["source"],
         "depth": grouping.tree_depth(tree),
         "n_groups": len(tree),
         "group_sizes": [len(g) for g in top_groups],

@@ -98,3 +98,26 @@ def test_stage2_seed_variants_differ_from_their_base_runs_seed():
         plain = [a for n, a in seeded.items() if n.startswith(base.rsplit("_", 1)[0]) and "step" not in a]
         seeds = {flag(a, "--lh-seed", None) for a in plain} | {flag(gpu_runs.JOBS[base], "--seed", 0)}
         assert len(seeds) == 3, base
+
+
+def test_run_json_records_the_git_commit_of_the_code(tmp_path):
+    import subprocess
+
+    gpu_runs = load("gpu_runs")
+    code = "import sys, pathlib; d = pathlib.Path(sys.argv[-1]); d.mkdir(); (d / 'metrics.json').write_text('{}')"
+    gpu_runs.JOBS = {"job": ["-c", code]}
+    runs = tmp_path / "runs"
+    gpu_runs.main(["--only", "job", "--no-mps", "--runs-dir", str(runs), "--budget", "120"])
+    info = json.loads((runs / "job.run.json").read_text())
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+    expected = head.stdout.strip() if head.returncode == 0 else None
+    assert info["git_commit"] == info["calls"][0]["git_commit"] == expected
+    assert info["git_dirty"] == info["calls"][0]["git_dirty"] and isinstance(info["git_dirty"], (bool, type(None)))
+    assert gpu_runs.git_state(tmp_path) == (None, None)  # no repository: null, not a guess
+
+
+def test_random_tree_jobs_are_the_cpm_runs_with_tree_from_random():
+    jobs = load("gpu_runs").JOBS
+    for n in (3, 9):
+        cpm = [a for a in jobs[f"hiernet_cifar100_n{n}"] if a != "--control"]
+        assert jobs[f"hiernet_cifar100_n{n}_randomtree"] == [*cpm, "--tree-from", "random"]

@@ -178,3 +178,36 @@ def test_run_dir_uses_the_runs_own_g_max_and_p_min(tmp_path):
     tree = grouping.main(["--run-dir", str(tmp_path), "--device", "cpu"])
     sizes = [len(g) for g in tree]
     assert max(sizes) <= 3 and max(sizes) > 1  # the run's g_max, and p_min 0 lets every pair merge
+
+
+def test_random_tree_keeps_every_group_size_covers_every_class_once_and_is_reproducible():
+    # A depth-2 CPM tree of unequal groups (the shape --tree-from random copies).
+    rng = np.random.default_rng(6)
+    perm = rng.permutation(30)
+    blocks = [sorted(perm[a:b].tolist()) for a, b in ((0, 4), (4, 9), (9, 12), (12, 20), (20, 30))]
+    cpm = planted_cpm(blocks, 30, seed=6)
+    tree = grouping.build_tree(cpm, depth=2, g_max=[50, 5], p_min=[0.0075])
+    assert grouping.tree_depth(tree) == 2  # the structure to keep has nested groups
+    shuffled = grouping.random_tree(tree, seed=0)
+    grouping.validate_tree(shuffled, 30)  # every class exactly once
+    assert grouping.tree_sizes(shuffled) == grouping.tree_sizes(tree)  # every group's size, at every level
+    assert grouping.tree_depth(shuffled) == grouping.tree_depth(tree)
+    assert shuffled == grouping.random_tree(tree, seed=0)  # reproducible from its seed
+    assert shuffled != grouping.random_tree(tree, seed=1)
+    assert shuffled != tree
+    assert all(g == sorted(g) for g in _leaf_groups(shuffled))
+    # The classes are spread: no found group survives whole (30 classes, 5 groups: chance about 1e-3).
+    assert not {tuple(g) for g in _leaf_groups(tree)} & {tuple(g) for g in _leaf_groups(shuffled)}
+    # Its own generator: the global numpy and torch states are not drawn from.
+    np.random.seed(0)
+    torch.manual_seed(0)
+    before = np.random.rand(), torch.rand(1)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    grouping.random_tree(tree, seed=3)
+    assert (np.random.rand(), torch.rand(1)) == before
+    assert grouping.tree_sizes([[3, 1], [[0], [2, 4]]]) == [2, [1, 2]]
+
+
+def _leaf_groups(tree):
+    return [tree] if grouping.is_leaf_group(tree) else [g for child in tree for g in _leaf_groups(child)]

@@ -420,3 +420,49 @@ def test_depth_two_tree_from_the_dataset_runs(tmp_path):
     assert metrics["depth"] == 2 and metrics["n_groups"] == 2  # triangle / square, then 6 fills each
     tree = json.loads((out / "tree.json").read_text())["tree"]
     assert all(len(child) == 6 and all(len(g) == 6 for g in child) for child in tree)
+
+
+def test_random_tree_from_a_given_tree_is_recorded_and_kept_on_resume(tmp_path):
+    names = [f"c{i}" for i in range(10)]
+    common.write_json(tmp_path / "given.json", grouping.tree_json(TREE, names))
+    args = hiernet.get_args(
+        ["--dataset", "shapes", "--n", "1", "--depth", "2", "--split", "1", "2", "--extra-blocks", "1"]
+        + ["--groups", str(tmp_path / "given.json"), "--tree-from", "random", "--seed", "4"]
+    )
+    data = argparse.Namespace(num_classes=10)
+    run_dir = tmp_path / "run"
+    tree, settings = hiernet.make_tree(args, data, None, None, run_dir, "cpu")
+    assert grouping.tree_sizes(tree) == grouping.tree_sizes(TREE) == [[2, 3], 5] and tree != TREE
+    assert sorted(grouping.tree_leaves(tree)) == list(range(10))
+    assert settings["source"] == "random"
+    record = settings["random_tree"]
+    assert record["seed"] == 4 and record["from_tree"] == TREE and record["from_sizes"] == [[2, 3], 5]
+    assert grouping.random_tree(record["from_tree"], record["seed"]) == tree  # reproducible from tree.json
+    # On resume the saved tree and its record are kept (the checkpoint was built on them).
+    common.write_json(run_dir / "tree.json", grouping.tree_json(tree, names, **settings))
+    args.resume, args.seed = str(run_dir), 5
+    assert hiernet.make_tree(args, data, None, None, run_dir, "cpu") == (tree, settings)
+
+
+def test_random_tree_pipeline_on_tiny_shapes(tmp_path):
+    """--tree-from random: the CPM tree of this run's backbone (from the validation half), its group
+    sizes kept and the classes assigned at random, recorded in tree.json."""
+    out = tmp_path / "run"
+    metrics = hiernet.main(
+        ["--dataset", "shapes", "--train-size", "128", "--test-size", "800", "--image-size", "8"]
+        + ["--n", "1", "--split", "1", "--extra-blocks", "1", "--g-max", "20", "--dry-run", "--batch-size", "32"]
+        + ["--tree-from", "random", "--seed", "3", "--device", "cpu", "--out-dir", str(out)]
+    )
+    made = json.loads((out / "tree.json").read_text())
+    tree, record = grouping.load_tree(out / "tree.json", 72), made["random_tree"]
+    assert made["source"] == metrics["tree_source"] == "random"
+    cpm_tree = grouping.build_tree(np.load(out / "cpm.npy"), 1, [20], hiernet.PAPER_P_MIN[False])
+    assert record["from"] == "cpm" and record["from_tree"] == cpm_tree and record["seed"] == 3
+    assert grouping.tree_sizes(tree) == grouping.tree_sizes(cpm_tree) == record["from_sizes"]
+    assert metrics["group_sizes"] == [len(g) for g in cpm_tree] and metrics["n_groups"] == len(cpm_tree)
+    assert grouping.random_tree(cpm_tree, 3) == tree and tree != cpm_tree
+    per_group = json.loads((out / "per_group.json").read_text())
+    assert [g["classes"] for g in per_group] == tree
+    # Nothing chosen on the test half: the CPM behind the sizes is the backbone's on the validation half.
+    np.testing.assert_allclose(grouping.cpm_from_run(out, "cpu")[0], np.load(out / "cpm.npy"), rtol=1e-6, atol=1e-9)
+    assert (out / "tree_copied.txt").read_text() == grouping.tree_text(cpm_tree, made["class_names"])

@@ -85,6 +85,13 @@ def test_hiernet_seed_table_gives_each_seed_and_their_mean_and_std(tmp_path):
     assert [line.split(" | ")[1] for line in seeds] == ["0", "1", "2", "mean +- std (3 seeds)"]
     # 60, 62, 67: mean 63.00, sample std sqrt(((-3)^2 + (-1)^2 + 4^2) / 2) = sqrt(13) = 3.61
     assert "| 63.00 +- 3.61 |" in seeds[-1]
+    # Table 1's row is the mean over the seeds beside the paper's, the seeds named.
+    table1 = text.split("#### HierNet on CIFAR-100, Table 1")[1].split("\n\n")[1].splitlines()
+    row9 = next(line for line in table1 if line.startswith("| 9 |"))
+    assert row9.startswith("| 9 | 56 | 0, 1, 2 | 63.00 +- 3.61 (68.38) |")
+    m = json.loads((tmp_path / "hiernet_cifar100_n9" / "metrics.json").read_text())
+    assert f"| {m['n_groups']} / {m['n_groups']} / {m['n_groups']} |" in row9
+    assert text.count("--dataset cifar100 --data-dir data --n 9") >= 3  # every seed's command
 
 
 def test_collect_copies_finished_runs_without_checkpoints(tmp_path):
@@ -219,3 +226,65 @@ def test_lh_variant_table_pools_stage2_seeds_and_names_the_flags(tmp_path):
     text = "\n".join(tool.lh_variant_tables(tmp_path))
     assert "Stage-2 experiments, MNIST, on the CPU (cpu, torch 2)" in text and "| `--gamma 0` | 0 |" in text
     assert "Stage-2 experiments, CIFAR-100, on the extractor of `--seed 1`: not run yet." in text
+
+
+def test_commit_cell_names_each_commit_a_run_was_made_at():
+    tool = load_tool()
+    a, b = "a" * 40, "b" * 40
+    assert tool.commit_cell({"calls": [{"seconds": 1}]}) == ""  # a run from before the queue recorded it
+    assert tool.commit_cell({"git_commit": a, "git_dirty": False, "calls": []}) == "aaaaaaa"
+    calls = [{"git_commit": a, "git_dirty": False}, {"git_commit": a, "git_dirty": False}]
+    assert tool.commit_cell({"git_commit": a, "calls": calls}) == "aaaaaaa"
+    calls.append({"git_commit": b, "git_dirty": True})  # resumed at another commit, with uncommitted changes
+    assert tool.commit_cell({"git_commit": b, "calls": calls}) == "aaaaaaa / bbbbbbb (dirty)"
+
+
+def test_hiernet_controls_table_and_commit_columns(tmp_path):
+    """The controls: CPM tree, random tree and the backbone trained as long, each with its gain over its own
+    backbone; 'not run yet' where absent; a commit column once a run records its commit."""
+    import shutil
+
+    tool = load_tool()
+    shutil.copytree(ROOT / "results" / "hiernet_cifar100_n3", tmp_path / "hiernet_cifar100_n3")
+    text = tool.section(tmp_path)
+    controls = text.split("Controls: where HierNet's gain comes from.")[1].split("\n\n")[1].splitlines()
+    assert controls[0].endswith("| groups | wall |")  # no run records a commit: no column
+    rows = [line.split(" | ") for line in controls[2:]]
+    assert [(r[0].strip("| "), r[1]) for r in rows] == [
+        (n, tree)
+        for n in ("3", "9")
+        for tree in ("CPM tree (the paper's)", "random tree", "backbone trained as long (`--control`)")
+    ]
+    m = json.loads((tmp_path / "hiernet_cifar100_n3" / "metrics.json").read_text())
+    gain = m["slow_acc"] - m["backbone_acc"]
+    assert rows[0][3:6] == [f"{m['backbone_acc']:.2f}", f"{m['slow_acc']:.2f}", f"{gain:+.2f}"]
+    assert rows[1][2] == "`hiernet_cifar100_n3_randomtree`: not run yet"
+    assert rows[2][3:6] == [
+        f"{m['backbone_acc']:.2f}",
+        f"{m['control_acc']:.2f}",
+        f"{m['control_acc'] - m['backbone_acc']:+.2f}",
+    ]
+    assert all("not run yet" in r[2] for r in rows[3:])
+    # The random tree's run (its own backbone), made at a recorded commit.
+    random_run = tmp_path / "hiernet_cifar100_n3_randomtree"
+    shutil.copytree(tmp_path / "hiernet_cifar100_n3", random_run)
+    r = {**m, "backbone_acc": 66.0, "slow_acc": 66.5, "tree_source": "random"}
+    (random_run / "metrics.json").write_text(json.dumps(r))
+    info = json.loads((random_run / "run.json").read_text())
+    info["calls"] = [{**c, "git_commit": "c0ffee" + "0" * 34, "git_dirty": False} for c in info["calls"]]
+    (random_run / "run.json").write_text(json.dumps({**info, "git_commit": "c0ffee" + "0" * 34, "git_dirty": False}))
+    text = tool.section(tmp_path)
+    controls = text.split("Controls: where HierNet's gain comes from.")[1].split("\n\n")[1].splitlines()
+    assert controls[0].endswith("| groups | wall | commit |")
+    random_row = next(line for line in controls if "| random tree |" in line and "| 3 |" in line)
+    assert "| `hiernet_cifar100_n3_randomtree` | 66.00 | 66.50 | +0.50 |" in random_row
+    assert random_row.endswith("| c0ffee0 |")
+    assert all(line.count("|") == 12 for line in controls)
+    # Table 1 itself gets the column only when one of its runs has a commit (the random run is not in it).
+    table1 = text.split("#### HierNet on CIFAR-100, Table 1")[1].split("\n\n")[1].splitlines()
+    assert not table1[0].endswith("| commit |")
+    info = json.loads((tmp_path / "hiernet_cifar100_n3" / "run.json").read_text())
+    (tmp_path / "hiernet_cifar100_n3" / "run.json").write_text(json.dumps({**info, "git_commit": "d" * 40}))
+    table1 = tool.section(tmp_path).split("#### HierNet on CIFAR-100, Table 1")[1].split("\n\n")[1].splitlines()
+    assert table1[0].endswith("| commit |") and table1[2].endswith("| ddddddd |")
+    assert all(line.count("|") == 15 for line in table1)

@@ -4,7 +4,9 @@ Each job is one script command with its own run directory under runs/gpu/<name>.
 queue for at most --budget seconds, several jobs at once, and stops the jobs still running at the
 deadline (their checkpoints are written atomically after every epoch); the next call continues
 them with --resume. A finished job (metrics.json written) is skipped. Every job gets
-<name>.run.json beside it: its command, device, torch version, wall seconds per call, and how many jobs shared the GPU.
+<name>.run.json beside it: its command, device, torch version, wall seconds per call, how many jobs shared the GPU,
+and the git commit of the code (git_commit; git_dirty: the checkout had uncommitted changes; null without git), per
+call too.
 
     python tools/gpu_runs.py --budget 550 --parallel 4 --out $OUT           # on the GPU machine
     python tools/gpu_runs.py --list                                         # the commands
@@ -95,6 +97,11 @@ JOBS = {
     },
     # n = 9, seed 1, without the control: the paper's pipeline timed alone on one GPU, compiled.
     "hiernet_cifar100_n9_seed1": ["hiernet.py", *C100, "--n", "9", "--seed", "1", "--compile"],
+    # The random-tree control: the CPM tree's group sizes, the classes assigned at random (seed 0).
+    **{
+        f"hiernet_cifar100_n{n}_randomtree": ["hiernet.py", *C100, "--n", str(n), "--tree-from", "random"]
+        for n in (3, 9)
+    },
     # The other papers on their own data (the commands in each script's docstring).
     "latent_string_mnist": ["latent_string.py", "--dataset", "mnist", "--data-dir", "data", "--val-per-class", "500"],
     "latent_string_cifar100": ["latent_string.py", *C100, "--val-per-class", "50"],
@@ -273,6 +280,22 @@ def start_mps():
     return False
 
 
+def git_state(root=ROOT):
+    """(commit, whether tracked or untracked-not-ignored files differ from it) of the checkout the jobs
+    run from; None for what git cannot tell (no git, no repository)."""
+
+    def git(*args):
+        try:
+            done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=120)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain") if commit else None
+    return commit, None if status is None else bool(status)
+
+
 def cpu_device(torch):
     """The device record of jobs that run on the CPU (no CUDA device here)."""
     model = next(
@@ -440,6 +463,8 @@ def main(argv=None):
     if on_gpu and len(gpus) > 1:
         device["machine"] = f"{len(gpus)} x {gpus[0]}; the jobs on GPU {','.join(map(str, visible)) or 'all'}"
     print(f"device {device}", flush=True)
+    git_commit, git_dirty = git_state()  # the code every job of this call runs
+    print(f"git commit {git_commit}" + (" with uncommitted changes" if git_dirty else ""), flush=True)
     wanted = [n for n in (a.only or JOBS) if not (RUNS / n / "metrics.json").exists()]
     queue = [n for n in wanted if n in a.alone] + [n for n in wanted if n not in a.alone]  # alone ones first
     running = {}  # name -> (Popen, start time, log file)
@@ -469,7 +494,13 @@ def main(argv=None):
                 )
                 placed[name] = gpu
                 on = {**device, "gpu_index": gpu} if a.gpus > 1 else device
-                record(name, command="python " + shlex.join(job_args(name)), device=on)
+                record(
+                    name,
+                    command="python " + shlex.join(job_args(name)),
+                    device=on,
+                    git_commit=git_commit,
+                    git_dirty=git_dirty,
+                )
                 where = f"GPU {gpu}" if on_gpu else "the CPU"
                 print(f"{time.time() - t0:6.0f}s start {name} on {where}: {shlex.join(cmd[1:])}", flush=True)
             if queue and not running and time.time() - t0 < a.budget - 30:
@@ -496,7 +527,13 @@ def main(argv=None):
                 status = "done" if rc == 0 else ("stopped" if over else f"failed rc={rc}")
                 record(
                     name,
-                    call={"seconds": round(time.time() - started, 1), "status": status, "jobs_sharing_gpu": peak[name]},
+                    call={
+                        "seconds": round(time.time() - started, 1),
+                        "status": status,
+                        "jobs_sharing_gpu": peak[name],
+                        "git_commit": git_commit,  # a run resumed over calls may span commits
+                        "git_dirty": git_dirty,
+                    },
                 )
                 print(f"{time.time() - t0:6.0f}s {status} {name}", flush=True)
                 if rc != 0 and not over:

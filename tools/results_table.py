@@ -92,12 +92,34 @@ def with_severity(header, body):
     return [row(header), row(["---"] * len(header))] + [row(cells if keep else cells[:-1]) for cells in body]
 
 
+COMMIT_HEADER = "commit"
+
+
+def commit_cell(info):
+    """The git commit the run's code was at (run.json of tools/gpu_runs.py; every commit of a run resumed
+    over calls that spanned several), short, "(dirty)" where the checkout had uncommitted changes; blank
+    for a run from before the queue recorded it."""
+    states = [(c["git_commit"], c.get("git_dirty")) for c in info.get("calls", []) if c.get("git_commit")]
+    if not states and info.get("git_commit"):
+        states = [(info["git_commit"], info.get("git_dirty"))]
+    return " / ".join(f"{commit[:7]}" + (" (dirty)" if dirty else "") for commit, dirty in dict.fromkeys(states))
+
+
+def without_blank_column(header, body, name):
+    """The table without column `name` when no row fills it (tables of runs from before it existed stay as
+    they were)."""
+    i = header.index(name)
+    if any(cells[i] for cells in body):
+        return header, body
+    return header[:i] + header[i + 1 :], [cells[:i] + cells[i + 1 :] for cells in body]
+
+
 def hiernet_rows(results, runs):
     out = []
     for run in runs:
         m, info = load(run, results)
         if m is None:
-            out.append([f"`{run}`", "not run yet", "", "", "", "", "", "", ""])
+            out.append([f"`{run}`", "not run yet", "", "", "", "", "", "", "", ""])
             continue
         tree = " / ".join(str(s) for s in m["group_sizes"])
         out.append(
@@ -110,6 +132,7 @@ def hiernet_rows(results, runs):
                 f2(m["fast_acc"]),
                 f2(m["superclass_acc"]),
                 f"{m['backbone_epoch_seconds']:.1f} / {m['hiernet_epoch_seconds']:.1f} s; {wall(info)}",
+                commit_cell(info),
                 severity_cell(m),
             ]
         )
@@ -136,48 +159,71 @@ HIERNET_AUTHORS_SUPER = {3: 86.23, 5: 90.28, 7: 88.40, 9: 90.60}
 
 
 def hiernet_cifar100_rows(results, elu=False):
-    """Table 1 (or 2 with elu) layout: one row per n, ours beside the paper's; None where not run."""
+    """Table 1 (or 2 with elu) layout: one row per n, ours beside the paper's; mean +- std (sample std)
+    over the seeds run where there are several (the seeds column); 'not run yet' where none is."""
     out = []
     for n, (layers, p_backbone, p_slow, p_fast) in (HIERNET_TABLE2 if elu else HIERNET_TABLE1).items():
-        run = f"hiernet_cifar100_n{n}" + ("_elu" if elu else "")
-        m, info = load(run, results)
-        if m is None:
-            out.append([n, layers, "not run yet", "", "", "", "", "", "", "", "", ""])
+        runs = hiernet_seed_runs(results, n, elu)
+        if not runs:
+            out.append([n, layers, "not run yet", *[""] * 11])
             continue
+        seeds = [seed for seed, _, _ in runs]
+        ms, infos = [m for _, m, _ in runs], [info for _, _, info in runs]
         authors_super = "" if elu else HIERNET_AUTHORS_SUPER.get(n, "")
-        control = f2(m["control_acc"]) if "control_acc" in m else ""
-        slow_severity = m.get("hierarchical", {}).get("dataset", {})
-        severity = " / ".join(
-            f2(slow_severity[k]["mistake_severity"]) for k in ("backbone", "slow") if k in slow_severity
+        controlled = [(seed, m["control_acc"]) for seed, m, _ in runs if "control_acc" in m]
+        control = cell([acc for _, acc in controlled]) if controlled else ""
+        if controlled and len(controlled) < len(runs):  # not every seed ran it: say which did
+            which = ", ".join(str(seed) for seed, _ in controlled)
+            control += f" (seeds {which})" if len(controlled) > 1 else f" (seed {which})"
+        severity = []
+        for form in ("backbone", "slow"):
+            values = [m["hierarchical"]["dataset"][form]["mistake_severity"] for m in ms if has_dataset_severity(m)]
+            if values:
+                severity.append(f2(sum(values) / len(values)))
+        groups = (
+            f"{ms[0]['n_groups']}: " + " / ".join(str(s) for s in ms[0]["group_sizes"])
+            if len(ms) == 1
+            else " / ".join(str(m["n_groups"]) for m in ms)
         )
         out.append(
             [
                 n,
                 layers,
-                f"{f2(m['backbone_acc'])} ({p_backbone})",
-                f"{f2(m['slow_acc'])} ({p_slow})",
-                f"{f2(m['fast_acc'])} ({p_fast})",
-                f"{m['slow_acc'] - m['backbone_acc']:+.2f} ({p_slow - p_backbone:+.2f})",
-                f"{f2(m['superclass_acc'])}" + (f" ({authors_super})" if authors_super else ""),
+                ", ".join(str(seed) for seed in seeds),
+                f"{cell([m['backbone_acc'] for m in ms])} ({p_backbone})",
+                f"{cell([m['slow_acc'] for m in ms])} ({p_slow})",
+                f"{cell([m['fast_acc'] for m in ms])} ({p_fast})",
+                f"{cell_signed([m['slow_acc'] - m['backbone_acc'] for m in ms])} ({p_slow - p_backbone:+.2f})",
+                cell([m["superclass_acc"] for m in ms]) + (f" ({authors_super})" if authors_super else ""),
                 control,
-                f"{m['n_groups']}: " + " / ".join(str(s) for s in m["group_sizes"]),
-                f"{m['backbone_params'] / 1e6:.2f}M / {m['hiernet_params'] / 1e6:.2f}M",
-                wall(info),
-                severity,
+                groups,
+                f"{ms[0]['backbone_params'] / 1e6:.2f}M / {ms[0]['hiernet_params'] / 1e6:.2f}M",
+                "; ".join(wall(info) for info in infos),
+                " / ".join(severity),
+                " / ".join(c for c in dict.fromkeys(commit_cell(info) for info in infos) if c),
             ]
         )
     return out
+
+
+def has_dataset_severity(m):
+    forms = m.get("hierarchical", {}).get("dataset", {})
+    return all("mistake_severity" in forms.get(form, {}) for form in ("backbone", "slow"))
+
+
+def cell_signed(values):
+    return mean_std(values) if len(values) > 1 else f"{values[0]:+.2f}"
 
 
 # Table III's "reduction in test time per image" of the LH classifier against the FC one.
 LATENT_PAPER_TEST_TIME = {"latent_string_mnist": 13.9, "latent_string_cifar10": 15.9, "latent_string_cifar100": 14.8}
 
 
-def hiernet_seed_runs(results, n):
-    """[(seed, metrics, run info)] of HierNet at n on CIFAR-100 (ReLU): seed 0 is the plain run."""
+def hiernet_seed_runs(results, n, elu=False):
+    """[(seed, metrics, run info)] of HierNet at n on CIFAR-100 (ReLU, or ELU): seed 0 is the plain run."""
     found = []
     for seed in range(10):
-        run = f"hiernet_cifar100_n{n}" + (f"_seed{seed}" if seed else "")
+        run = f"hiernet_cifar100_n{n}" + ("_elu" if elu else "") + (f"_seed{seed}" if seed else "")
         m, info = load(run, results)
         if m is not None:
             found.append((seed, m, info))
@@ -309,6 +355,67 @@ def lh_variant_tables(results):
     return lines
 
 
+def table(header, body):
+    return [row(header), row(["---"] * len(header))] + [row(cells) for cells in body]
+
+
+def hiernet_control_rows(results):
+    """Per n (3, 9): HierNet on the CPM tree and on the random tree (seed 0; the random tree is its own run:
+    the same seed, so the same backbone up to GPU nondeterminism, the CPM tree's group sizes, classes
+    assigned at random), and the backbone trained on as long (--control, part of a CPM run: seed 0's, else
+    the lowest seed's that has it); each against its own run's backbone."""
+    out = []
+    for n in (3, 9):
+        trees = (("CPM tree (the paper's)", ""), ("random tree", "_randomtree"))
+        for label, run in ((label, f"hiernet_cifar100_n{n}{suffix}") for label, suffix in trees):
+            m, info = load(run, results)
+            if m is None:
+                out.append([n, label, f"`{run}`: not run yet", *[""] * 8])
+                continue
+            out.append(
+                [
+                    n,
+                    label,
+                    f"`{run}`",
+                    f2(m["backbone_acc"]),
+                    f2(m["slow_acc"]),
+                    f"{m['slow_acc'] - m['backbone_acc']:+.2f}",
+                    f2(m["fast_acc"]),
+                    f2(m["superclass_acc"]),
+                    f"{m['n_groups']}: " + " / ".join(str(s) for s in m["group_sizes"]),
+                    wall(info),
+                    commit_cell(info),
+                ]
+            )
+        label = "backbone trained as long (`--control`)"
+        controlled = [(seed, m, info) for seed, m, info in hiernet_seed_runs(results, n) if "control_acc" in m]
+        if not controlled:
+            out.append([n, label, "not run yet", *[""] * 8])
+            continue
+        seed, m, info = controlled[0]
+        run = f"`hiernet_cifar100_n{n}" + (f"_seed{seed}`" if seed else "`")
+        gain = f"{m['control_acc'] - m['backbone_acc']:+.2f}"
+        out.append([n, label, run, f2(m["backbone_acc"]), f2(m["control_acc"]), gain, *[""] * 4, commit_cell(info)])
+    return out
+
+
+def hiernet_control_table(results):
+    """The README lines of the controls: does HierNet's gain come from grouping confusable classes, or from
+    the capacity and training the tree adds?"""
+    header = ["n", "tree", "run", "backbone", "accuracy (slow; the control's)", "accuracy - backbone", "fast"]
+    header += ["super-class", "groups", "wall", COMMIT_HEADER]
+    return [
+        "Controls: where HierNet's gain comes from. The random tree (`--tree-from random`) keeps "
+        "the number and sizes of the groups the CPM gives for the run's backbone and assigns the classes to them "
+        "at random (seeded; `tree.json` records the seed and the CPM tree); everything else is the paper's run. "
+        "The control trains the backbone on for HierNet's iterations on the same schedule. Each row's gain is "
+        "against its own run's backbone.",
+        "",
+        *table(*without_blank_column(header, hiernet_control_rows(results), COMMIT_HEADER)),
+        "",
+    ]
+
+
 def hiernet_seed_rows(results):
     """One row per seed of n = 3 and n = 9, then mean +- std (sample std) over the seeds run."""
     out = []
@@ -327,6 +434,7 @@ def hiernet_seed_rows(results):
                     f2(m["control_acc"]) if "control_acc" in m else "",
                     f"{m['n_groups']}: " + " / ".join(str(s) for s in m["group_sizes"]),
                     wall(info) + (", compiled" if "--compile" in info["command"] else ""),
+                    commit_cell(info),
                 ]
             )
         if len(runs) > 1:
@@ -343,6 +451,7 @@ def hiernet_seed_rows(results):
                     mean_std(gains),
                     mean_std(column["superclass_acc"]),
                     mean_std(controls) if len(controls) > 1 else "",
+                    "",
                     "",
                     "",
                 ]
@@ -370,7 +479,9 @@ def section(results):
         "a run marked with the number of jobs that shared the GPU ran beside others (through MPS), so alone "
         "it is faster. Each run's folder in `results/` "
         "holds `metrics.json`, `metrics.jsonl` (per epoch), its tables, `train.log` and `run.json` "
-        "(command, device, wall time). CIFAR-10 here is the JPEG quality-75 copy of the real images, "
+        "(command, device, wall time and, for runs since the queue records it, the git commit of the code: a "
+        "table shows a commit column once one of its runs has it; `(dirty)`: the checkout had uncommitted "
+        "changes). CIFAR-10 here is the JPEG quality-75 copy of the real images, "
         f"which costs accuracy against the original files{resnet20}.",
         "",
     ]
@@ -380,19 +491,9 @@ def section(results):
         "",
     ]
     hiernet_runs = ["hiernet_cifar10_n3", "hiernet_cifar10_n3_pmin0.075", "hiernet_cifar10_n9", "hiernet_shapes"]
-    lines += with_severity(
-        [
-            "command",
-            "groups",
-            "group sizes",
-            "backbone",
-            "slow",
-            "fast",
-            "super-class",
-            "epoch (backbone / HierNet); wall",
-        ],
-        hiernet_rows(results, hiernet_runs),
-    )
+    header = ["command", "groups", "group sizes", "backbone", "slow", "fast", "super-class"]
+    header += ["epoch (backbone / HierNet); wall", COMMIT_HEADER]
+    lines += with_severity(*without_blank_column(header, hiernet_rows(results, hiernet_runs), COMMIT_HEADER))
     missing = [f"`{run}`" for run in hiernet_runs if load(run, results)[0] is None]
     lines += [
         "",
@@ -404,50 +505,51 @@ def section(results):
         if all(r[2] == "not run yet" for r in rows):
             lines += [f"HierNet on CIFAR-100, {title}: not run yet.", ""]
             continue
+        header = [
+            "n",
+            "layers",
+            "seeds",
+            "backbone",
+            "slow",
+            "fast",
+            "slow - backbone",
+            "super-class (authors' code)",
+            "control: backbone trained as long",
+            "groups (one seed: sizes; several: counts)",
+            "params backbone / HierNet",
+            "wall per seed",
+            "mistake severity, CIFAR-100 superclasses (backbone / slow)",
+            COMMIT_HEADER,
+        ]
         lines += [
-            f"#### HierNet on CIFAR-100, {title}: ours (paper), accuracy % on the authors' 5k test half",
+            f"#### HierNet on CIFAR-100, {title}: ours (paper), accuracy % on the authors' 5k test half; "
+            "mean +- std (sample std) over the seeds where there are several",
             "",
-            row(
-                [
-                    "n",
-                    "layers",
-                    "backbone",
-                    "slow",
-                    "fast",
-                    "slow - backbone",
-                    "super-class (authors' code)",
-                    "control: backbone trained as long",
-                    "groups",
-                    "params backbone / HierNet",
-                    "wall",
-                    "mistake severity, CIFAR-100 superclasses (backbone / slow)",
-                ]
-            ),
-            row(["---"] * 12),
         ]
-        lines += [row(r) for r in rows]
+        lines += table(*without_blank_column(header, rows, COMMIT_HEADER))
         commands = [
-            f"`{load(f'hiernet_cifar100_n{n}' + ('_elu' if elu else ''), results)[1]['command']}`"
+            f"`{info['command']}`"
             for n in (HIERNET_TABLE2 if elu else HIERNET_TABLE1)
-            if load(f"hiernet_cifar100_n{n}" + ("_elu" if elu else ""), results)[0] is not None
+            for _, _, info in hiernet_seed_runs(results, n, elu)
         ]
-        lines += ["", "Commands: " + ", ".join(commands) + ". Seed 0.", ""]
+        lines += ["", "Commands: " + ", ".join(commands) + ".", ""]
         if not elu and any(len(hiernet_seed_runs(results, n)) > 1 for n in (3, 9)):
             header = ["n", "seed", "backbone", "slow", "fast", "slow - backbone", "super-class", "control", "groups"]
             lines += [
                 "Seeds of Table 1 (`--seed 1`, `--seed 2`; the groups are found again from each seed's backbone):",
                 "",
-                row(header + ["wall"]),
-                row(["---"] * (len(header) + 1)),
             ]
-            lines += [row(r) for r in hiernet_seed_rows(results)]
+            header += ["wall", COMMIT_HEADER]
+            lines += table(*without_blank_column(header, hiernet_seed_rows(results), COMMIT_HEADER))
             lines += [""]
-        table = 2 if elu else 1
+        number = 2 if elu else 1
         lines += figure_lines(
             results,
-            (f"hiernet_table{table}.png", f"HierNet Table {table}: slow - backbone per n, ours beside the paper's"),
+            (f"hiernet_table{number}.png", f"HierNet Table {number}: slow - backbone per n, ours beside the paper's"),
             *([] if elu else [("hiernet_cifar100_n9_cpm.png", "CPM of hiernet_cifar100_n9 in the tree's order")]),
         )
+        if not elu:
+            lines += hiernet_control_table(results)
 
     lines += [
         "### Latent hierarchy strings (`latent_string.py`), Table III: test accuracy %, ours then the paper's",
