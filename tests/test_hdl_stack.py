@@ -1,6 +1,7 @@
 """Tests for hdl_stack.py: center loss and its per-epoch update, head shapes, the CIFAR-100 WordNet
 table, the total loss, violation rates, and a smoke run on tiny shapes data."""
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -254,24 +255,25 @@ def test_fine_scores_from_levels_pick_the_heads_combination():
     assert torch.allclose(scores.exp().sum(1), torch.ones(7), atol=1e-5)  # a distribution over the 6 classes
 
 
-def test_wordnet_table_covers_cifar100_once_with_a_consistent_chain():
-    table = hdl_stack.CIFAR100_WORDNET
-    names = [row[0] for row in table]
-    assert len(names) == 100 and sorted(names) == sorted(hdl_stack.CIFAR100_CLASSES) and len(set(names)) == 100
-    p12, p6, p2 = hdl_stack.check_wordnet_table()
-    assert len(p12) == len(p6) == len(p2) == 100
-    # Independent chain check: every 12-category has one 6-parent, every 6-category one 2-parent.
-    for child, parent in ((p12, p6), (p6, p2)):
-        for c in np.unique(child):
-            assert len(np.unique(parent[child == c])) == 1
-    # Indices point at the right names.
-    i = hdl_stack.CIFAR100_CLASSES.index("man")
-    assert (hdl_stack.LEVEL12_NAMES[p12[i]], hdl_stack.LEVEL6_NAMES[p6[i]], hdl_stack.LEVEL2_NAMES[p2[i]]) == (
-        "person",
-        "causal agent",
-        "physical entity",
-    )
+def test_wordnet_tables_cover_cifar100_once_with_a_consistent_chain():
+    for reading, table in hdl_stack.WORDNET_TABLES.items():
+        names = [row[0] for row in table]
+        assert sorted(names) == sorted(hdl_stack.CIFAR100_CLASSES) and len(set(names)) == 100, reading
+        p12, p6, p2 = hdl_stack.check_wordnet_table(table)
+        assert len(p12) == len(p6) == len(p2) == 100
+        # Independent chain check: every 12-category has one 6-parent, every 6-category one 2-parent.
+        for child, parent in ((p12, p6), (p6, p2)):
+            for c in np.unique(child):
+                assert len(np.unique(parent[child == c])) == 1, reading
+        # Indices point at the right names.
+        i = hdl_stack.CIFAR100_CLASSES.index("man")
+        assert (hdl_stack.LEVEL12_NAMES[p12[i]], hdl_stack.LEVEL6_NAMES[p6[i]], hdl_stack.LEVEL2_NAMES[p2[i]]) == (
+            "person",
+            "causal agent",
+            "physical entity",
+        )
     # The check catches broken tables.
+    table = hdl_stack.WORDNET_TABLES["first-sense"]
     bad_chain = [row if row[0] != "bear" else ("bear", "whole", "matter", "physical entity") for row in table]
     with pytest.raises(ValueError, match="inconsistent parent chain"):
         hdl_stack.check_wordnet_table(bad_chain)
@@ -283,12 +285,65 @@ def test_wordnet_table_covers_cifar100_once_with_a_consistent_chain():
         hdl_stack.check_wordnet_table([("apple", "fruit", "matter", "physical entity")] + table[1:])
 
 
-def test_wordnet_table_matches_the_derivation_tool_output():
-    text = (ROOT / "tools" / "cifar100_wordnet_table.txt").read_text()
-    namespace = {}
-    exec("\n".join(line for line in text.splitlines() if not line.startswith("#")), namespace)
-    assert namespace["CIFAR100_WORDNET"] == hdl_stack.CIFAR100_WORDNET
-    assert namespace["LEVEL12_NAMES"] == hdl_stack.LEVEL12_NAMES and namespace["LEVEL6_NAMES"] == hdl_stack.LEVEL6_NAMES
+def test_default_wordnet_table_fills_the_papers_12_6_2_categories():
+    """Issue 29: the paper extracted {12, 6, 2} classes per layer; the default reading has a class in
+    every category (the fixed-synset reading leaves 4 of the 12 empty)."""
+    assert hdl_stack.get_args(["--dataset", "cifar100"]).levels == hdl_stack.DEFAULT_LEVELS == "first-sense"
+    default = hdl_stack.WORDNET_TABLES[hdl_stack.DEFAULT_LEVELS]
+    assert hdl_stack.empty_categories(default) == [[], [], []]
+    p12, p6, p2 = hdl_stack.check_wordnet_table(default)
+    assert [len(np.unique(p)) for p in (p12, p6, p2)] == [12, 6, 2]
+    fixed = hdl_stack.WORDNET_TABLES["fixed-synset"]
+    assert hdl_stack.empty_categories(fixed) == [["arrangement", "substance", "part", "location"], [], []]
+    # The issue's counts of classes that move between the readings: 18 / 17 / 1.
+    moved = [sum(a[c] != b[c] for a, b in zip(default, fixed)) for c in (1, 2, 3)]
+    assert moved == [18, 17, 1]
+    rows = {row[0]: row[1:] for row in default}
+    assert rows["table"][0] == "arrangement" and rows["lawn_mower"][0] == "location" and rows["palm_tree"][0] == "part"
+    assert rows["beaver"][0] == rows["maple_tree"][0] == "substance"
+
+
+def test_moved_classes_doc_lists_exactly_the_classes_that_differ():
+    doc = (ROOT / "docs" / "hdl_cifar100_levels.md").read_text()
+    listed = [line.split("|")[1].strip() for line in doc.splitlines() if line.startswith("| ") and " > " in line]
+    first, fixed = hdl_stack.WORDNET_TABLES["first-sense"], hdl_stack.WORDNET_TABLES["fixed-synset"]
+    assert listed == [a[0] for a, b in zip(first, fixed) if a != b]
+    assert "18 classes move between the readings (18 at the 12-category level, 17 at" in doc
+
+
+def load_wordnet_tool():
+    spec = importlib.util.spec_from_file_location(
+        "derive_cifar100_wordnet", ROOT / "tools" / "derive_cifar100_wordnet.py"
+    )
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
+
+
+def test_first_sense_route_takes_index_nouns_first_sense_of_the_first_word(tmp_path):
+    tool = load_wordnet_tool()
+    # index.noun: lemma pos synset_cnt p_cnt [ptr...] sense_cnt tagsense_cnt offsets (most frequent first).
+    (tmp_path / "index.noun").write_text(
+        "  1 license header\nlawn n 1 1 @ 1 1 08591592  \ntable n 2 2 @ ~ 2 1 08266235 04379243  \n"
+    )
+    assert tool.parse_index_noun(tmp_path / "index.noun") == {"lawn": ["08591592"], "table": ["08266235", "04379243"]}
+    index = {name.split("_")[0]: [f"{i:08d}", "99999999"] for i, name in enumerate(tool.CIFAR100)}
+    rows = {row[0]: row for row in tool.class_synsets("first-sense", index)}
+    assert rows["lawn_mower"][1:3] == ("lawn", index["lawn"][0]) and rows["table"][2] == index["table"][0]
+    fixed = {row[0]: row for row in tool.class_synsets("fixed-synset", index)}
+    assert fixed["table"][2] == "04379243" and fixed["skunk"][2] == "02445715"  # the listed synset; skunk fixed
+
+
+@pytest.mark.skipif(
+    not Path("/usr/share/wordnet/data.noun").exists(), reason="WordNet 3.0 (wordnet-base) not installed"
+)
+def test_shipped_tables_are_the_tools_derivation_from_wordnet():
+    tool = load_wordnet_tool()
+    wordnet = Path("/usr/share/wordnet")
+    synsets, index = tool.parse_data_noun(wordnet / "data.noun"), tool.parse_index_noun(wordnet / "index.noun")
+    derived = {reading: tool.derive(synsets, index, reading) for reading in tool.READINGS}
+    assert tool.render_module(synsets, derived) == (ROOT / "cifar100_wordnet.py").read_text()
+    assert tool.render_moves(synsets, derived) == (ROOT / "docs" / "hdl_cifar100_levels.md").read_text()
 
 
 def test_total_loss_is_the_weighted_sum_of_its_parts():
@@ -436,7 +491,7 @@ def test_validation_runs_and_the_sweep_table(tmp_path):
     records = common.read_jsonl(tmp_path / "sweep" / "a" / "metrics.jsonl")
     assert "val_fine_acc" in records[0] and "val_acc_outline" in records[0]  # validation every epoch
     hdl_stack.main(["--sweep-table", str(tmp_path / "sweep")])
-    rows = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    rows = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["rows"]
     assert sorted((r["variant"], r["lambda0"]) for r in rows) == [
         ("cascade/wen/raw/a0.5", 0.01),
         ("parallel/epoch/raw/a1", 1.0),
@@ -447,6 +502,73 @@ def test_validation_runs_and_the_sweep_table(tmp_path):
     (tmp_path / "sweep" / "c" / "metrics.json").write_text(json.dumps(dict(metrics, eval_split="test")))
     with pytest.raises(SystemExit, match="test set"):
         hdl_stack.main(["--sweep-table", str(tmp_path / "sweep")])
+
+
+def plant_sweep(sweep_dir, baseline, cells, epochs=40):
+    """Fake validation runs: a baseline-only run and HDL cells (update, features, lambda0, val fine error)."""
+    majority = {"fine": 99.0, "category12": 31.0, "category6": 28.0, "category2": 2.0}
+    runs = {"baseline": {"eval_split": "val", "epochs": epochs, "baseline": {"fine_error": baseline}}}
+    for update, features, lam, error in cells:
+        runs[f"{update}_{features}_{lam:g}"] = {
+            "eval_split": "val",
+            "epochs": epochs,
+            "hdl_config": {
+                "heads": "cascade",
+                "center_update": update,
+                "center_features": features,
+                "center_alpha": 1.0 if update == "epoch" else 0.5,
+                "lambda_center": lam,
+            },
+            "hdl": {"fine_error": error, "level_error": {"category12": 20.0, "category6": 18.0, "category2": 1.5}},
+            "majority_error": majority,
+        }
+    for name, metrics in runs.items():
+        (sweep_dir / name).mkdir(parents=True, exist_ok=True)
+        (sweep_dir / name / "metrics.json").write_text(json.dumps(metrics))
+
+
+def test_sweep_rule_picks_the_largest_lambda0_within_one_point_of_the_baseline(tmp_path):
+    # Baseline 40.0 on validation. The paper's cell (epoch/raw, 1) trains slowly (55.0): out. Within
+    # 1 point: normalized at 1 (40.8), wen at 0.005 (39.0, the lowest error), raw at 0.001 (exactly +1.0).
+    cells = [
+        ("epoch", "raw", 1.0, 55.0),
+        ("epoch", "raw", 0.1, 41.2),
+        ("epoch", "raw", 0.001, 41.0),
+        ("epoch", "normalized", 1.0, 40.8),
+        ("wen", "raw", 0.005, 39.0),
+    ]
+    plant_sweep(tmp_path / "a", 40.0, cells)
+    text = hdl_stack.write_sweep_table(tmp_path / "a")
+    sweep = json.loads((tmp_path / "a" / "sweep.json").read_text())
+    assert sweep["rule"] == hdl_stack.SWEEP_RULE and sweep["margin"] == 1.0
+    assert sweep["pick"]["run"] == "epoch_normalized_1"  # the largest lambda0 within the margin, not the lowest error
+    assert sweep["pick"]["flags"] == [
+        *("--heads", "cascade", "--center-update", "epoch", "--center-features", "normalized"),
+        *("--center-alpha", "1", "--lambda-center", "1"),
+    ]
+    assert "Pick: epoch_normalized_1" in text and hdl_stack.SWEEP_RULE in text and "| +15.00 |" in text
+    assert "`python hdl_stack.py --dataset cifar100 --method hdl --heads cascade --center-update epoch" in text
+    # At equal lambda0 the paper's update and features go first, even at a higher error.
+    plant_sweep(tmp_path / "b", 40.0, [("epoch", "raw", 1.0, 40.9)] + cells[1:])
+    hdl_stack.write_sweep_table(tmp_path / "b")
+    assert json.loads((tmp_path / "b" / "sweep.json").read_text())["pick"]["run"] == "epoch_raw_1"
+    # The margin is inclusive; below it, smaller lambda0 only.
+    pick = hdl_stack.pick_sweep_cell(
+        [
+            {"run": r, "lambda0": lam, "val_fine_error": e, "baseline_val_fine_error": 40.0, **variant}
+            for r, lam, e in (("x", 0.001, 41.0), ("y", 0.01, 41.01))
+            for variant in [{"center_update": "epoch", "center_features": "raw"}]
+        ]
+    )
+    assert pick["run"] == "x"
+    # No cell within 1 point: no pick, and the table says so.
+    plant_sweep(tmp_path / "c", 30.0, cells)
+    text = hdl_stack.write_sweep_table(tmp_path / "c")
+    assert json.loads((tmp_path / "c" / "sweep.json").read_text())["pick"] is None and "Pick: none" in text
+    # A baseline trained for another number of epochs is no reference: no pick either.
+    plant_sweep(tmp_path / "d", 40.0, cells)
+    plant_sweep(tmp_path / "d", 40.0, [], epochs=800)  # overwrites the baseline with an 800-epoch one
+    assert "Pick: none" in hdl_stack.write_sweep_table(tmp_path / "d")
 
 
 def test_bad_flags_fail_with_one_line(tmp_path):
@@ -470,15 +592,62 @@ def test_bad_flags_fail_with_one_line(tmp_path):
         hdl_stack.main(base + ["--out-dir", str(tmp_path / "c"), "--fine-head", "off", "--hierarchy", str(hierarchy)])
 
 
-def test_cifar100_levels_come_from_the_wordnet_table():
+def test_cifar100_levels_come_from_the_wordnet_table_the_flag_picks():
     names = hdl_stack.CIFAR100_CLASSES
     hierarchy = common.Hierarchy(["fine"], [names], [np.arange(100)])
     split = common.Split(torch.zeros(2, 3, 32, 32, dtype=torch.uint8), torch.tensor([0, 1]))
     data = common.Data("cifar100", split, split, hierarchy, (0.0,) * 3, (1.0,) * 3)
+    for argv, reading in (([], "first-sense"), (["--levels", "fixed-synset"], "fixed-synset")):
+        args = hdl_stack.get_args(["--dataset", "cifar100", *argv])
+        levels = hdl_stack.make_levels(data, args)
+        assert [(l.name, l.num_classes) for l in levels] == [("category12", 12), ("category6", 6), ("category2", 2)]
+        rows = {row[0]: row for row in hdl_stack.WORDNET_TABLES[reading]}
+        for f in range(100):
+            for level, column in zip(levels, (1, 2, 3)):
+                assert level.class_names[level.parent[f]] == rows[names[f]][column]
+        used = [len(np.unique(level.parent)) for level in levels]
+        assert used == ([12, 6, 2] if reading == "first-sense" else [8, 6, 2]), reading
+    # table (84) and trout (91) are where the readings part: the data table vs the furniture, the fish's flesh.
+    first = hdl_stack.make_levels(data, hdl_stack.get_args(["--dataset", "cifar100"]))
+    fixed = hdl_stack.make_levels(data, hdl_stack.get_args(["--dataset", "cifar100", "--levels", "fixed-synset"]))
+    assert [first[0].class_names[first[0].parent[f]] for f in (84, 91)] == ["arrangement", "solid"]
+    assert [fixed[0].class_names[fixed[0].parent[f]] for f in (84, 91)] == ["whole", "whole"]
+    with pytest.raises(SystemExit):
+        hdl_stack.get_args(["--levels", "nbdt"])
+
+
+def test_cifar100_defaults_are_the_papers_table3_setting():
+    """Experiment 6 / eq. 4: lambdas 1, centres updated after each epoch, raw pooled features, Adam lr 0.001
+    (constant), 800 epochs, crop + flip, batch 64, no normalisation, the cascade with 100 / 10 / 4 hidden."""
     args = hdl_stack.get_args(["--dataset", "cifar100"])
-    levels = hdl_stack.make_levels(data, args)
-    assert [(l.name, l.num_classes) for l in levels] == [("category12", 12), ("category6", 6), ("category2", 2)]
-    rows = {row[0]: row for row in hdl_stack.CIFAR100_WORDNET}
-    for f in (0, 23, 33, 91):  # apple, cloud, forest, trout
-        for level, column in zip(levels, (1, 2, 3)):
-            assert level.class_names[level.parent[f]] == rows[names[f]][column]
+    assert (args.lambda_center, args.lambda_fine, args.lambda_levels) == (1.0, 1.0, [1.0])
+    assert (args.center_update, args.center_alpha, args.center_features) == ("epoch", 1.0, "raw")
+    assert (args.lr, args.batch_size, hdl_stack.default_epochs(args.dataset)) == (0.001, 64, 800)
+    assert (args.augment, args.normalize, args.heads, args.levels) == ("auto", False, "cascade", "first-sense")
+    assert args.arch == "resnet18" and args.val_fraction == 0.0 and args.epochs is None
+
+
+def test_gpu_queue_runs_table3_at_the_papers_setting_and_the_sweeps_pick_as_ours(tmp_path):
+    spec = importlib.util.spec_from_file_location("gpu_runs", ROOT / "tools" / "gpu_runs.py")
+    gpu_runs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_runs)
+    for name, method in (("hdl_cifar100_baseline_800", "baseline"), ("hdl_cifar100_hdl_800", "hdl")):
+        script, *argv = gpu_runs.JOBS[name]
+        assert script == "hdl_stack.py"
+        args, defaults = hdl_stack.get_args(argv), hdl_stack.get_args(["--dataset", "cifar100"])
+        assert args.method == method and args.data_dir == "data"
+        assert {k: v for k, v in vars(args).items() if k not in ("method", "data_dir")} == {
+            k: v for k, v in vars(defaults).items() if k not in ("method", "data_dir")
+        }
+    assert gpu_runs.hdl_sweep_pick_job(tmp_path / "missing.json") == {}
+    (tmp_path / "sweep.json").write_text(json.dumps({"pick": None, "rows": []}))
+    assert gpu_runs.hdl_sweep_pick_job(tmp_path / "sweep.json") == {}
+    flags = ["--heads", "cascade", "--center-update", "wen", "--lambda-center", "0.005"]
+    (tmp_path / "sweep.json").write_text(json.dumps({"pick": {"flags": flags}}))
+    job = gpu_runs.hdl_sweep_pick_job(tmp_path / "sweep.json")["hdl_cifar100_sweep_pick_800"]
+    assert job == ["hdl_stack.py", "--dataset", "cifar100", "--data-dir", "data", "--method", "hdl", *flags]
+
+
+def test_readme_states_the_sweep_rule_the_table_applies():
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert " ".join(hdl_stack.SWEEP_RULE.split()) in readme

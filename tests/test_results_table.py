@@ -170,7 +170,12 @@ def test_severity_cell_names_by_the_distinguishing_keys():
 def test_cifar100_rows_say_not_run_and_the_hdl_sweep_table_is_included(tmp_path):
     tool = load_tool()
     text = tool.section(tmp_path)
-    for run in ("merged_resnet_cifar100_resnet164", "coarse_outer_product_cifar100", "hdl_stack_cifar100"):
+    for run in (
+        "merged_resnet_cifar100_resnet164",
+        "coarse_outer_product_cifar100",
+        "hdl_cifar100_hdl_800",
+        "hdl_cifar100_sweep_pick_800",
+    ):
         assert f"`{run}`" in text and "not run yet" in text.split(f"`{run}`")[1].splitlines()[0]
     assert "centre-loss sweep (`hdl_sweep_cifar100_*` in tools/gpu_runs.py): not run yet." in text
     (tmp_path / "hdl_sweep_cifar100").mkdir()
