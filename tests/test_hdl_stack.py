@@ -334,6 +334,27 @@ def test_first_sense_route_takes_index_nouns_first_sense_of_the_first_word(tmp_p
     assert fixed["table"][2] == "04379243" and fixed["skunk"][2] == "02445715"  # the listed synset; skunk fixed
 
 
+def test_wordnet_tool_rewrites_only_the_block_between_the_markers():
+    tool = load_wordnet_tool()
+    text = f"a = 1\n{tool.BEGIN_MARKER}\nOLD = 1\n{tool.END_MARKER}\n\nmain()\n"
+    block = f"{tool.BEGIN_MARKER}\nNEW = 2\n{tool.END_MARKER}\n"
+    assert tool.replace_block(text, block) == f"a = 1\n{block}\nmain()\n"
+    for broken in ("a = 1\n", f"{tool.END_MARKER}\n{tool.BEGIN_MARKER}\n", text + tool.END_MARKER + "\n"):
+        with pytest.raises(ValueError):
+            tool.replace_block(broken, block)
+
+
+def test_hdl_stack_imports_no_project_module_but_common():
+    """Users copy hdl_stack.py plus common.py: the WordNet tables live in the script itself."""
+    import ast
+
+    tree = ast.parse((ROOT / "hdl_stack.py").read_text())
+    imported = {a.name.split(".")[0] for n in tree.body if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module.split(".")[0] for n in tree.body if isinstance(n, ast.ImportFrom) and n.module}
+    local = {p.stem for p in ROOT.glob("*.py")}
+    assert imported & local == {"common"}
+
+
 @pytest.mark.skipif(
     not Path("/usr/share/wordnet/data.noun").exists(), reason="WordNet 3.0 (wordnet-base) not installed"
 )
@@ -342,7 +363,10 @@ def test_shipped_tables_are_the_tools_derivation_from_wordnet():
     wordnet = Path("/usr/share/wordnet")
     synsets, index = tool.parse_data_noun(wordnet / "data.noun"), tool.parse_index_noun(wordnet / "index.noun")
     derived = {reading: tool.derive(synsets, index, reading) for reading in tool.READINGS}
-    assert tool.render_module(synsets, derived) == (ROOT / "cifar100_wordnet.py").read_text()
+    script = (ROOT / "hdl_stack.py").read_text()
+    start, end = tool.generated_block(script)
+    assert tool.render_block(synsets, derived) == script[start:end]
+    assert script[end:] == '\n\nif __name__ == "__main__":\n    main()\n'  # the block ends the file, above the entry
     assert tool.render_moves(synsets, derived) == (ROOT / "docs" / "hdl_cifar100_levels.md").read_text()
 
 
