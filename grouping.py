@@ -135,7 +135,24 @@ def get_args(argv=None):
         )
     if args.out and Path(args.out).is_dir():
         parser.error(f"--out {args.out}: is a directory; give a file name such as {Path(args.out) / 'tree.json'}")
+    if args.out:
+        check_not_a_runs_file(Path(args.out))
     return args
+
+
+def check_not_a_runs_file(out):
+    """A regrouping never writes over a run's own files (hiernet.py --resume reads its tree.json):
+    --out and its .txt / .dot must not be existing files of a run directory (a folder up the path
+    with an args.json)."""
+    for path in (out, out.with_suffix(".txt"), out.with_suffix(".dot")):
+        if not path.exists():
+            continue
+        run = next((d for d in path.resolve().parents if (d / "args.json").is_file()), None)
+        if run is not None:
+            common.fail(
+                f"--out {out}: {path} is a file of the run directory {run}; a regrouping does not replace a "
+                f"run's files: choose another name (e.g. {out.with_name('regrouped.json')})"
+            )
 
 
 def group_proximity(cpm, group_a, group_b):

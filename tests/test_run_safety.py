@@ -1,0 +1,129 @@
+"""Issue 28: the program deletes or replaces only the files it wrote itself; a resume does what it
+says (a longer run trains and reports the new epochs, other data are refused, a torn log line is
+survived); wrong inputs are one line, not a traceback. Subprocess tests where the exit status or
+the whole command is the point."""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import common
+import grouping
+import hiernet
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_HDL = ["--device", "cpu", "--train-size", "64", "--test-size", "32", "--image-size", "16", "--batch-size", "32"]
+# The suffix of our temp files (".tmp" before issue 28, when every *.tmp counted as ours).
+TEMP_SUFFIX = getattr(common, "TEMP_SUFFIX", ".tmp")
+
+
+def run_script(args, cwd=ROOT, **kw):
+    return subprocess.run(
+        [sys.executable, *args],
+        check=False,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        **kw,
+    )
+
+
+def one_error_line(result):
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+def tiny_parser():
+    return common.add_common_args(argparse.ArgumentParser(), epochs=1, batch_size=8, lr=0.1)
+
+
+def files(root):
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in Path(root).rglob("*") if p.is_file()}
+
+
+# --- 1-4: files deleted or replaced without being asked ----------------------------------------------------
+
+
+def test_reusing_a_run_without_checkpoint_removes_only_the_files_it_wrote(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    argv = ["--out-dir", str(run_dir), "--device", "cpu"]
+    common.setup(common.parse_args(tiny_parser(), argv), "tiny")
+    common.write_json(run_dir / "levels.json", {})
+    common.append_jsonl(run_dir / "metrics.jsonl", {"epoch": 1, "loss": float("nan")})  # diverged in epoch 1
+    common.write_json(run_dir / "stage" / "result.json", {})
+    user = {"notes.txt": b"my notes\n\x00\xff", "mine/data.tmp": b"draft", "stage/plot.png": b"png"}
+    for name, data in user.items():
+        (run_dir / name).parent.mkdir(exist_ok=True)
+        (run_dir / name).write_bytes(data)
+    common.setup(common.parse_args(tiny_parser(), argv), "tiny")  # the same command again
+    assert (run_dir / "levels.json").exists()  # nothing changes before the first write
+    capsys.readouterr()
+    common.write_json(run_dir / "metrics.json", {})
+    kept = files(run_dir)
+    assert {name: kept[name] for name in user} == user  # byte for byte
+    assert not (run_dir / "levels.json").exists() and not (run_dir / "metrics.jsonl").exists()
+    assert not (run_dir / "stage" / "result.json").exists()
+    assert "removed the 4 files of an earlier run" in capsys.readouterr().out
+
+
+def test_an_out_dir_holding_only_tmp_files_is_not_empty(tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "draft.tmp").write_bytes(b"draft \x00")
+    for force in ([], ["--force"]):
+        result = run_script(["hdl_stack.py", *TINY_HDL, "--epochs", "1", "--out-dir", str(target), *force])
+        line = one_error_line(result)
+        assert ("not a run directory" if force else "exists and is not empty") in line
+        assert files(target) == {"draft.tmp": b"draft \x00"}
+
+
+def test_resume_removes_only_its_own_stale_temps(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "args.json").write_text(json.dumps({"script": "tiny"}))
+    (run_dir / "stage").mkdir()
+    user = {"notes.tmp": b"keep", "stage/scratch.tmp": b"keep too", f"stage/x{TEMP_SUFFIX}.txt": b"and me"}
+    for name, data in user.items():
+        (run_dir / name).write_bytes(data)
+    stale = run_dir / "stage" / f"checkpoint.pt.k3j_x9aa{TEMP_SUFFIX}"  # our write killed before its rename
+    stale.write_bytes(b"half")
+    common.setup(common.parse_args(tiny_parser(), ["--resume", str(run_dir), "--device", "cpu"]), "tiny")
+    assert not stale.exists()
+    assert {name: (run_dir / name).read_bytes() for name in user} == user
+
+
+def fake_hiernet_run(run_dir):
+    """A hiernet run directory with a trained-looking backbone and its own tree files."""
+    argv = ["--dataset", "shapes", "--train-size", "64", "--test-size", "1600", "--image-size", "8", "--n", "1"]
+    args = hiernet.get_args([*argv, "--split", "1", "--extra-blocks", "0", "--g-max", "3", "--p-min", "0.0"])
+    run_dir.mkdir()
+    (run_dir / "args.json").write_text(json.dumps({**vars(args), "script": "hiernet"}))
+    torch.manual_seed(0)
+    backbone = hiernet.make_backbone(args, 72)
+    common.save_checkpoint(run_dir / "backbone" / "checkpoint.pt", {"model": backbone.state_dict()})
+    for name in ("tree.json", "tree.txt", "tree.dot"):
+        (run_dir / name).write_text(f"the run's own {name}\n")
+    return run_dir
+
+
+def test_regrouping_never_writes_over_a_runs_own_tree(tmp_path):
+    run_dir = fake_hiernet_run(tmp_path / "run")
+    before = files(run_dir)
+    result = run_script(["grouping.py", "--run-dir", str(run_dir), "--out", str(run_dir / "tree.json")])
+    assert "a file of the run directory" in one_error_line(result)
+    (run_dir / "tree.json").unlink()  # the .txt beside it is still the run's
+    result = run_script(["grouping.py", "--run-dir", str(run_dir), "--out", str(run_dir / "tree.json")])
+    assert "tree.txt is a file of the run directory" in one_error_line(result)
+    assert files(run_dir) == {k: v for k, v in before.items() if k != "tree.json"}
+    # A new name in the run directory, or anywhere else, is written.
+    grouping.main(["--run-dir", str(run_dir), "--device", "cpu", "--out", str(run_dir / "regrouped.json")])
+    assert (run_dir / "regrouped.json").is_file() and (run_dir / "tree.txt").read_bytes() == before["tree.txt"]
