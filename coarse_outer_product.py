@@ -563,11 +563,16 @@ class EarlyStopping:
         self.best, self.best_epoch, self.bad = state["best"], state["best_epoch"], state["bad"]
 
 
-def finished_stage(ctx, name, model=None):
-    """A finished stage's result (and its final weights loaded into `model`), or None."""
+def finished_stage(ctx, name, model=None, epochs=None):
+    """A finished stage's result (and its final weights loaded into `model`), or None. A stage that
+    ran fewer than `epochs` (a resume with a longer --epochs) is not finished: it trains on."""
     stage_dir = ctx["run_dir"] / name
     path = stage_dir / "result.json"
     if not path.is_file():
+        return None
+    ran = json.loads(path.read_text()).get("max_epochs")
+    if epochs is not None and ran is not None and ran < epochs:
+        print(f"[{name}] finished at {ran} epochs; training on to {epochs}", flush=True)
         return None
     if model is not None:
         model.load_state_dict(common.load_checkpoint(stage_dir / "final.pt", ctx["device"]))
@@ -707,7 +712,7 @@ def train_fine_network(ctx, name, model, params=None, early_stopping=False, keep
     the finished stage. Returns (model, result)."""
     fine = ctx["fine"]
     model = common.to_device_model(model, ctx["device"])
-    cached = finished_stage(ctx, name, model if keep_weights else None)
+    cached = finished_stage(ctx, name, model if keep_weights else None, stage_epochs(ctx["args"], name))
     if cached is not None:
         return model, cached
     loader = ctx["train_loader"](fine["train"])
@@ -863,7 +868,7 @@ def train_end_to_end(ctx, loss, scale=None):
     """One ETE network (Fig. 4) with diversity loss `loss` at the base lambdas times `scale`."""
     args, fine = ctx["args"], ctx["fine"]
     name = ete_stage_name(loss, scale)
-    cached = finished_stage(ctx, name)
+    cached = finished_stage(ctx, name, epochs=stage_epochs(args, name))
     if cached is not None:
         return cached
     lambdas = diversity_lambdas(args, loss, scale)

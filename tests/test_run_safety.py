@@ -127,3 +127,66 @@ def test_regrouping_never_writes_over_a_runs_own_tree(tmp_path):
     # A new name in the run directory, or anywhere else, is written.
     grouping.main(["--run-dir", str(run_dir), "--device", "cpu", "--out", str(run_dir / "regrouped.json")])
     assert (run_dir / "regrouped.json").is_file() and (run_dir / "tree.txt").read_bytes() == before["tree.txt"]
+
+
+# --- 7: a torn last line of metrics.jsonl ---------------------------------------------------------------
+
+
+def test_jsonl_survives_a_torn_last_line(tmp_path):
+    log = tmp_path / "metrics.jsonl"
+    common.append_jsonl(log, {"epoch": 1})
+    with open(log, "a") as f:
+        f.write('{"epoch": 2, "lo')  # a kill during the write
+    assert common.read_jsonl(log) == [{"epoch": 1}]
+    common.append_jsonl(log, {"epoch": 2})
+    assert log.read_text() == '{"epoch": 1}\n{"epoch": 2}\n'  # the half record is cut, not glued onto
+    with open(log, "a") as f:
+        f.write('{"epoch": 3}')  # a whole record that lost only its newline is kept
+    assert common.read_jsonl(log)[-1] == {"epoch": 3}
+    common.append_jsonl(log, {"epoch": 4})
+    assert [r["epoch"] for r in common.read_jsonl(log)] == [1, 2, 3, 4]
+
+
+# Tiny VGG configurations for CPU runs of coarse_outer_product.py (as in its own tests).
+TINY_VGG = {13: [8, "M", 8, "M", 8, "M", 8, "M", 512, "M"], 16: [8, "M", 8, "M", 8, 8, "M", 8, "M", 512, "M"]}
+TINY_COP = ["--image-size", "32", "--train-size", "300", "--test-size", "100", "--val-per-class", "1"]
+TINY_COP += ["--batch-size", "16", "--coarse-epochs", "1", "--pretrain-epochs", "1", "--recovery-epochs", "1"]
+TINY_COP += ["--ch-restarts", "1", "--coarse-k", "4", "--device", "cpu", "--diversity", "none"]
+
+
+@pytest.fixture
+def tiny_vgg(monkeypatch):
+    for depth, config in TINY_VGG.items():
+        monkeypatch.setitem(common.VGG_CONFIGS, depth, config)
+
+
+def test_coarse_outer_product_finishes_a_run_whose_log_was_torn(tiny_vgg, tmp_path):
+    import coarse_outer_product as cop
+
+    out = tmp_path / "run"
+    cop.main(TINY_COP + ["--epochs", "1", "--method", "baseline", "--out-dir", str(out)])
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"stage": "ete", "epoch": 1, "lo')  # killed while logging the next stage's first epoch
+    metrics = cop.main(["--resume", str(out), "--method", "ete"])
+    assert metrics["accuracy"]["ete"]["epochs"] == 1
+    again = cop.main(["--resume", str(out), "--method", "ete", "--epochs", "2"])  # and every later resume
+    assert again["accuracy"]["ete"]["epochs"] == 2 and again["accuracy"]["baseline"]["epochs"] == 1
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert all(isinstance(json.loads(line), dict) for line in lines)
+
+
+# --- 5: coarse_outer_product.py --resume --epochs N on a finished run -------------------------------------
+
+
+def test_coarse_outer_product_longer_resume_trains_and_reports_the_new_epochs(tiny_vgg, tmp_path):
+    import coarse_outer_product as cop
+
+    out = tmp_path / "run"
+    first = cop.main(TINY_COP + ["--epochs", "1", "--method", "baseline", "--out-dir", str(out)])
+    assert first["accuracy"]["baseline"]["epochs"] == 1
+    longer = cop.main(["--resume", str(out), "--epochs", "3"])
+    records = [r for r in common.read_jsonl(out / "metrics.jsonl") if r["stage"] == "baseline"]
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert longer["accuracy"]["baseline"]["epochs"] == 3 and longer["accuracy"]["baseline"]["max_epochs"] == 3
+    assert json.loads((out / "baseline" / "result.json").read_text())["epochs"] == 3
+    assert f"| {cop.ROW_NAMES['baseline']} | 3 |" in (out / "accuracy_table.md").read_text()
