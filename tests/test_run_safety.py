@@ -47,7 +47,9 @@ def tiny_parser():
 
 
 def files(root):
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in Path(root).rglob("*") if p.is_file()}
+    """Every file under root, by path, byte for byte (the lock file, holding a pid, aside)."""
+    paths = (p for p in Path(root).rglob("*") if p.is_file() and p.name != ".lock")
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in paths}
 
 
 # --- 1-4: files deleted or replaced without being asked ----------------------------------------------------
@@ -190,3 +192,46 @@ def test_coarse_outer_product_longer_resume_trains_and_reports_the_new_epochs(ti
     assert longer["accuracy"]["baseline"]["epochs"] == 3 and longer["accuracy"]["baseline"]["max_epochs"] == 3
     assert json.loads((out / "baseline" / "result.json").read_text())["epochs"] == 3
     assert f"| {cop.ROW_NAMES['baseline']} | 3 |" in (out / "accuracy_table.md").read_text()
+
+
+# --- 8: --resume with another data set --------------------------------------------------------------------
+
+
+def fake_mnist(root, seed):
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for prefix, n in (("train", 60), ("t10k", 20)):
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labels = (np.arange(n) % 10).astype(np.uint8)  # the same labels in both: the images differ
+        header = bytes([0, 0, 8, 3]) + np.array([n, 28, 28], dtype=">u4").tobytes()
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(header + images.tobytes())
+        header = bytes([0, 0, 8, 1]) + np.array([n], dtype=">u4").tobytes()
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(header + labels.tobytes())
+    return root
+
+
+TINY_LS = ["--dataset", "mnist", "--device", "cpu", "--epochs", "1", "--lh-epochs", "1", "--batch-size", "32"]
+TINY_LS += ["--lh-batch-size", "32", "--bits-sweep", "none", "--hidden-sweep", "none", "--repair-epochs", "1"]
+
+
+def test_resume_refuses_another_data_set(tmp_path):
+    import latent_string
+
+    fake_mnist(tmp_path / "mnist", seed=0)
+    fake_mnist(tmp_path / "other", seed=1)
+    fake_mnist(tmp_path / "copy", seed=0)  # the same data in another place
+    out = tmp_path / "run"
+    latent_string.main([*TINY_LS, "--data-dir", str(tmp_path / "mnist"), "--out-dir", str(out)])
+    common._release_run()  # this process's lock on the run: the subprocesses below resume it
+    before = files(out)
+    result = run_script(["latent_string.py", "--resume", str(out), "--data-dir", str(tmp_path / "other")])
+    line = one_error_line(result)
+    assert "not the data the run trained on" in line and "train image_sample" in line
+    assert files(out) == before
+    result = run_script(["latent_string.py", "--resume", str(out), "--data-dir", str(tmp_path / "copy")])
+    assert result.returncode == 0, result.stderr
+    # A run from before fingerprints records the data of its next resume, and holds to them.
+    (out / "data_fingerprint.json").unlink()
+    latent_string.main(["--resume", str(out), "--data-dir", str(tmp_path / "copy")])
+    assert (out / "data_fingerprint.json").read_bytes() == before["data_fingerprint.json"]
