@@ -235,3 +235,24 @@ def test_resume_refuses_another_data_set(tmp_path):
     (out / "data_fingerprint.json").unlink()
     latent_string.main(["--resume", str(out), "--data-dir", str(tmp_path / "copy")])
     assert (out / "data_fingerprint.json").read_bytes() == before["data_fingerprint.json"]
+
+
+# --- 6: latent_string.py --resume --lh-epochs N after a code repair ----------------------------------------
+
+
+def test_latent_string_longer_lh_stage_repairs_its_code_again(tmp_path):
+    import latent_string
+
+    out = tmp_path / "run"
+    argv = [*TINY_LS, "--data-dir", str(fake_mnist(tmp_path / "mnist", seed=0)), "--val-per-class", "1"]
+    first = latent_string.main([*argv, "--out-dir", str(out)])
+    assert "before_repair" in first["lh"]  # the 1-epoch LH stage's code needed a repair (seeded)
+    old_repair = (out / "lh_repaired" / "checkpoint.pt").read_bytes()
+    longer = latent_string.main(["--resume", str(out), "--lh-epochs", "3"])
+    stages = [(r["stage"], r["epoch"]) for r in common.read_jsonl(out / "metrics.jsonl")]
+    assert stages.index(("lh", 3)) < len(stages) - 1 - stages[::-1].index(("lh_repaired", 1))  # repaired after
+    assert (out / "lh_repaired" / "checkpoint.pt").read_bytes() != old_repair
+    # The reported stage 2 is the longer one's: its validation curve and its code, repaired from it.
+    assert longer["lh"]["before_repair"] != first["lh"]["before_repair"] or longer["codes"] != first["codes"]
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["lh"] == common._plain(longer["lh"])
