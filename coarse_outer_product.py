@@ -575,7 +575,8 @@ def finished_stage(ctx, name, model=None, epochs=None):
         print(f"[{name}] finished at {ran} epochs; training on to {epochs}", flush=True)
         return None
     if model is not None:
-        model.load_state_dict(common.load_checkpoint(stage_dir / "final.pt", ctx["device"]))
+        final = stage_dir / "final.pt"
+        common.load_weights(model, common.load_checkpoint(final, ctx["device"]), final)
         model.eval()
     print(f"[{name}] finished before; using its result", flush=True)
     return json.loads(path.read_text())
@@ -654,7 +655,7 @@ def train_stage(ctx, name, model, loss_fn, train_loader, validate, epochs, param
             info["best_epoch"] = common.load_checkpoint(stage_dir / "checkpoint.pt")["extra"]["early_stopping"][
                 "best_epoch"
             ]
-        model.load_state_dict(common.load_checkpoint(stopper.best_path, device))
+        common.load_weights(model, common.load_checkpoint(stopper.best_path, device), stopper.best_path)
     model.eval()
     records = [r for r in common.read_jsonl(log_path) if r.get("stage") == name]
     info.setdefault("epochs", max((r["epoch"] for r in records), default=0))

@@ -835,6 +835,26 @@ def load_checkpoint(path, device="cpu"):
         )
 
 
+def _misfit(model, error):
+    """One line for a checkpoint whose state does not fit the model (load_state_dict's many lines)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    reason = lines[1] if len(lines) > 1 else (lines[0] if lines else type(error).__name__)
+    if isinstance(error, KeyError):
+        reason = f"no {error} in it"
+    return (
+        f"does not fit this {type(model).__name__} ({reason[:200]}); it was written with another architecture "
+        "or other flags"
+    )
+
+
+def load_weights(model, state, path):
+    """model.load_state_dict(state); weights that do not fit (another architecture) are one line."""
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:
+        fail(f"{path}: {_misfit(model, e)}")
+
+
 def append_jsonl(path, record):
     """Append one JSON line. A torn last line (a kill during an earlier append) is cut off first,
     so that this record does not get glued onto it."""
@@ -970,6 +990,9 @@ def hierarchy_from_labels(fine_labels, coarse_labels, level_names, class_names):
     return Hierarchy(list(level_names), [list(n) for n in class_names], parents)
 
 
+MAX_HIERARCHY_DEPTH = 100  # levels of a hierarchy JSON; deeper nesting is refused in one line
+
+
 def hierarchy_from_json(obj, fine_names, source="hierarchy"):
     """Parse {coarse: [fine, ...]} or nested {top: {mid: [fine, ...]}} into a Hierarchy.
 
@@ -978,6 +1001,8 @@ def hierarchy_from_json(obj, fine_names, source="hierarchy"):
     paths = {}  # fine name -> list of ancestor names, top first
 
     def walk(node, trail):
+        if len(trail) > MAX_HIERARCHY_DEPTH:
+            fail(f"{source}: nested deeper than {MAX_HIERARCHY_DEPTH} levels")
         if isinstance(node, dict):
             if not node:
                 fail(f"{source}: empty group under {'/'.join(trail) or 'the root'}")
@@ -1034,6 +1059,8 @@ def load_hierarchy_file(path, fine_names):
         obj = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         fail(f"--hierarchy {path}: not valid JSON ({e})")
+    except RecursionError:
+        fail(f"--hierarchy {path}: nested too deep to read (at most {MAX_HIERARCHY_DEPTH} levels)")
     return hierarchy_from_json(obj, fine_names, source=str(path))
 
 
@@ -2388,12 +2415,15 @@ def fit(
     epoch, global_step, history = 0, 0, []
     if ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path, device)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        loader.load_state_dict(ckpt["loader"])
-        for name, obj in extra_state.items():
-            obj.load_state_dict(ckpt["extra"][name])
-        epoch, global_step, history = ckpt["epoch"], ckpt["step"], ckpt["history"]
+        try:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            loader.load_state_dict(ckpt["loader"])
+            for name, obj in extra_state.items():
+                obj.load_state_dict(ckpt["extra"][name])
+            epoch, global_step, history = ckpt["epoch"], ckpt["step"], ckpt["history"]
+        except (RuntimeError, KeyError, ValueError, TypeError) as e:
+            fail(f"{ckpt_path}: {_misfit(model, e)}")
         set_rng_state(ckpt["rng"], device)
         if epoch < epochs:
             print(f"[{stage}] resuming from {ckpt_path} at epoch {epoch}/{epochs}", flush=True)

@@ -234,7 +234,9 @@ def validate_tree(tree, num_classes, source="tree"):
     if not isinstance(tree, list) or not tree:
         common.fail(f"{source}: a tree must be a non-empty list of groups")
 
-    def walk(node):
+    def walk(node, depth):
+        if depth > common.MAX_HIERARCHY_DEPTH:
+            common.fail(f"{source}: nested deeper than {common.MAX_HIERARCHY_DEPTH} levels")
         if not isinstance(node, list) or not node:
             common.fail(f"{source}: every group must be a non-empty list, got {node!r}")
         kinds = {isinstance(c, (int, np.integer)) for c in node}
@@ -242,9 +244,9 @@ def validate_tree(tree, num_classes, source="tree"):
             common.fail(f"{source}: a group mixes classes and subgroups: {node!r}")
         if not kinds.pop():
             for child in node:
-                walk(child)
+                walk(child, depth + 1)
 
-    walk(tree)
+    walk(tree, 0)
     if is_leaf_group(tree):
         common.fail(f"{source}: the top level must list groups, not classes")
     leaves = tree_leaves(tree)
@@ -322,6 +324,8 @@ def load_tree(path, num_classes):
         obj = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         common.fail(f"--groups {path}: not valid JSON ({e})")
+    except RecursionError:
+        common.fail(f"--groups {path}: nested too deep to read (at most {common.MAX_HIERARCHY_DEPTH} levels)")
     tree = obj["tree"] if isinstance(obj, dict) and "tree" in obj else obj
     return validate_tree(tree, num_classes, source=str(path))
 
@@ -358,7 +362,8 @@ def cpm_from_run(run_dir, device_name="auto"):
         common.fail(f"--run-dir {run_dir}: the test set has a class with fewer than 2 images; no validation half")
     val = data.test.subset(val_idx)
     model = hiernet.make_backbone(args, data.num_classes, data.train.images.shape[1])
-    model.load_state_dict(common.load_checkpoint(ckpt)["model"])
+    state = common.load_checkpoint(ckpt)
+    common.load_weights(model, state.get("model") if isinstance(state, dict) else state, ckpt)
     model = common.to_device_model(model, device).eval()
     loader = common.GpuLoader(
         val.images, val.labels, 500, device=device, mean=data.mean, std=data.std, channels_last=device.type == "cuda"

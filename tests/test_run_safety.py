@@ -256,3 +256,58 @@ def test_latent_string_longer_lh_stage_repairs_its_code_again(tmp_path):
     assert longer["lh"]["before_repair"] != first["lh"]["before_repair"] or longer["codes"] != first["codes"]
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["lh"] == common._plain(longer["lh"])
+
+
+# --- tracebacks left: each one line and a non-zero exit ----------------------------------------------------
+
+
+def test_a_checkpoint_of_another_architecture_is_one_line(tmp_path):
+    import hdl_stack
+
+    argv = [*TINY_HDL, "--method", "baseline", "--epochs", "1"]
+    hdl_stack.main([*argv, "--arch", "preact_resnet18", "--out-dir", str(tmp_path / "preact")])
+    hdl_stack.main([*argv, "--out-dir", str(tmp_path / "run")])
+    common._release_run()
+    other = (tmp_path / "preact" / "baseline" / "checkpoint.pt").read_bytes()
+    (tmp_path / "run" / "baseline" / "checkpoint.pt").write_bytes(other)  # copied into the wrong run
+    result = run_script(["hdl_stack.py", "--resume", str(tmp_path / "run"), "--epochs", "2"])
+    line = one_error_line(result)
+    assert "checkpoint.pt: does not fit this" in line and "another architecture" in line
+
+
+def test_force_on_a_symbolic_link_replaces_the_run_it_names_and_keeps_the_link(tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "args.json").write_text(json.dumps({"script": "tiny"}))
+    (real / "stage").mkdir()
+    common.save_checkpoint(real / "stage" / "checkpoint.pt", {"epoch": 1})
+    link = tmp_path / "link"
+    link.symlink_to(real, target_is_directory=True)
+    run_dir, _ = common.setup(
+        common.parse_args(tiny_parser(), ["--out-dir", str(link), "--force", "--device", "cpu"]), "tiny"
+    )
+    common.write_json(run_dir / "metrics.json", {})
+    assert link.is_symlink() and link.resolve() == real.resolve()
+    assert sorted(p.name for p in real.iterdir() if p.name != ".lock") == sorted(
+        [common.WRITTEN, "args.json", "metrics.json"]
+    )
+    assert not list(tmp_path.glob("*.replaced-*"))
+
+
+def test_a_hierarchy_nested_too_deep_is_one_line(tmp_path):
+    deep = tmp_path / "deep.json"
+    deep.write_text('{"a": ' * 100000 + "[]" + "}" * 100000)
+    result = run_script(["hdl_stack.py", *TINY_HDL, "--hierarchy", str(deep), "--out-dir", str(tmp_path / "run")])
+    assert "nested too deep" in one_error_line(result)
+    nested = tmp_path / "nested.json"  # deep enough for Python's recursion, not for the JSON parser
+    nested.write_text('{"a": ' * 900 + "[]" + "}" * 900)
+    with pytest.raises(SystemExit, match="nested deeper than"):
+        common.load_hierarchy_file(nested, ["x"])
+    groups = tmp_path / "groups.json"
+    groups.write_text("[" * 100000 + "0" + "]" * 100000)
+    with pytest.raises(SystemExit, match="nested too deep"):
+        grouping.load_tree(groups, 1)
+    groups.write_text("[" * 900 + "0" + "]" * 900)
+    with pytest.raises(SystemExit, match="nested deeper than"):
+        grouping.load_tree(groups, 1)
+    assert not (tmp_path / "run").exists()
