@@ -2529,14 +2529,22 @@ def predict(forward, loader, *, device, dtype="bf16"):
     return torch.cat(outs).cpu(), labels
 
 
+def ranked_classes(scores, k):
+    """The k best-scored classes of every row, best first (k capped at C). Tie rule: equal scores
+    rank the lower class index first (a stable sort), as argmax takes the first maximum, so top-1
+    and top-k come from one ranking (topk orders ties as it likes: constant scores gave top-1
+    100% and top-5 0%)."""
+    return torch.sort(scores, dim=1, descending=True, stable=True).indices[:, : min(k, scores.shape[1])]
+
+
 def accuracy(scores, labels):
-    """Top-1 accuracy in percent."""
+    """Top-1 accuracy in percent (ties: the lower class index, as in ranked_classes)."""
     return 100.0 * (scores.argmax(1) == labels).float().mean().item()
 
 
 def topk_accuracy(scores, labels, k=5):
-    k = min(k, scores.shape[1])
-    return 100.0 * (scores.topk(k, 1).indices == labels[:, None]).any(1).float().mean().item()
+    """Top-k accuracy in percent, from ranked_classes' ranking (ties: the lower class index first)."""
+    return 100.0 * (ranked_classes(scores, k) == labels[:, None]).any(1).float().mean().item()
 
 
 def confusion_matrix(pred, labels, num_classes):
@@ -2581,9 +2589,11 @@ def shared_ancestors(hierarchy):
 def hierarchical_metrics(scores, labels, hierarchy, level_preds=None):
     """Flat and hierarchical measures of fine-class scores; a JSON-ready dict.
 
-    scores: N x C logits, log-probabilities or probabilities. Argmax and top-k do not care; for the
-    level accuracies, rows that are all non-negative and sum to 1 are taken as probabilities as they
-    are, anything else is soft-maxed (as `level_accuracies` does). labels: N fine labels.
+    scores: N x C logits, log-probabilities or probabilities. The ranking does not care (top-1 and
+    top-k come from one ranking, ties to the lower class index: ranked_classes); for the level
+    accuracies, each row that is all non-negative and sums to 1 (within 1e-3) is taken as
+    probabilities as it is, any other row is soft-maxed (as `level_accuracies` does); one row
+    decides for itself only. labels: N fine labels.
     level_preds: optional {level name: N labels predicted at that level by the model's own level
     heads}. Tensors (any device) or arrays; the measures are computed on the CPU.
 
@@ -2605,20 +2615,20 @@ def hierarchical_metrics(scores, labels, hierarchy, level_preds=None):
         fail(f"hierarchical_metrics: scores of shape {tuple(scores.shape)}, expected N x {n_classes}")
     if len(labels) != len(scores) or len(labels) == 0:
         fail(f"hierarchical_metrics: {len(labels)} labels for {len(scores)} score rows (need as many, at least one)")
-    is_probabilities = bool((scores >= 0).all()) and torch.allclose(scores.sum(1), torch.ones(len(scores)), atol=1e-3)
+    probability_rows = (scores >= 0).all(1) & ((scores.sum(1) - 1).abs() <= 1e-3)
     heights = lca_heights(hierarchy).float()
-    pred = scores.argmax(1)
-    top = scores.topk(min(5, n_classes), 1).indices
+    top = ranked_classes(scores, 5)
+    pred = top[:, 0]
     mistakes = pred != labels
     overlap = shared_ancestors(hierarchy)[pred, labels].sum().item()
     set_size = hierarchy.n_levels * len(labels)  # every class's ancestor set has n_levels members
     hprecision = 100.0 * overlap / set_size  # summed |pred set|
     hrecall = 100.0 * overlap / set_size  # summed |true set|
     result = {
-        "top1": accuracy(scores, labels),
-        "top5": topk_accuracy(scores, labels, 5),
+        "top1": 100.0 * (pred == labels).float().mean().item(),
+        "top5": 100.0 * (top == labels[:, None]).any(1).float().mean().item(),
         # log turns probabilities into log-probabilities, which level_accuracies' softmax maps back.
-        "level_acc": level_accuracies(scores.log() if is_probabilities else scores, labels, hierarchy),
+        "level_acc": level_accuracies(torch.where(probability_rows[:, None], scores.log(), scores), labels, hierarchy),
         "mistake_severity": heights[pred[mistakes], labels[mistakes]].mean().item() if mistakes.any() else None,
         "hdist@1": heights[pred, labels].mean().item(),
         "hdist@5": heights[top, labels[:, None]].mean().item(),
