@@ -679,7 +679,9 @@ def _remove_written(run_dir, written):
 
 
 def _claim(path):
-    """Before the run's first write under its directory: replace the old run, save args.json."""
+    """Before the run's first write under its directory: replace the old run (--force) or remove
+    the files it listed (a reused run), then write the pending files (args.json, the data's
+    fingerprint), each listed in WRITTEN."""
     pending = _RUN["pending"]
     if pending is None:
         return
@@ -882,7 +884,11 @@ def _cut_torn_line(f):
     if tail.endswith(b"\n"):
         return
     cut = tail.rfind(b"\n")
-    start = size - len(tail) + cut + 1 if cut >= 0 else 0
+    if cut < 0 and len(tail) < size:  # a last line longer than the tail read: read it all
+        f.seek(0)
+        tail = f.read()
+        cut = tail.rfind(b"\n")
+    start = size - len(tail) + cut + 1
     f.seek(start)
     last = f.read()
     try:
