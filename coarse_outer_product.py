@@ -568,14 +568,20 @@ class EarlyStopping:
         self.best, self.best_epoch, self.bad = state["best"], state["best_epoch"], state["bad"]
 
 
-def finished_stage(ctx, name, model=None):
-    """A finished stage's result (and its final weights loaded into `model`), or None."""
+def finished_stage(ctx, name, model=None, epochs=None):
+    """A finished stage's result (and its final weights loaded into `model`), or None. A stage that
+    ran fewer than `epochs` (a resume with a longer --epochs) is not finished: it trains on."""
     stage_dir = ctx["run_dir"] / name
     path = stage_dir / "result.json"
     if not path.is_file():
         return None
+    ran = json.loads(path.read_text()).get("max_epochs")
+    if epochs is not None and ran is not None and ran < epochs:
+        print(f"[{name}] finished at {ran} epochs; training on to {epochs}", flush=True)
+        return None
     if model is not None:
-        model.load_state_dict(common.load_checkpoint(stage_dir / "final.pt", ctx["device"]))
+        final = stage_dir / "final.pt"
+        common.load_weights(model, common.load_checkpoint(final, ctx["device"]), final)
         model.eval()
     print(f"[{name}] finished before; using its result", flush=True)
     return json.loads(path.read_text())
@@ -654,7 +660,7 @@ def train_stage(ctx, name, model, loss_fn, train_loader, validate, epochs, param
             info["best_epoch"] = common.load_checkpoint(stage_dir / "checkpoint.pt")["extra"]["early_stopping"][
                 "best_epoch"
             ]
-        model.load_state_dict(common.load_checkpoint(stopper.best_path, device))
+        common.load_weights(model, common.load_checkpoint(stopper.best_path, device), stopper.best_path)
     model.eval()
     records = [r for r in common.read_jsonl(log_path) if r.get("stage") == name]
     info.setdefault("epochs", max((r["epoch"] for r in records), default=0))
@@ -718,7 +724,7 @@ def train_fine_network(ctx, name, model, params=None, early_stopping=False, keep
     the finished stage. Returns (model, result)."""
     fine = ctx["fine"]
     model = common.to_device_model(model, ctx["device"])
-    cached = finished_stage(ctx, name, model if keep_weights else None)
+    cached = finished_stage(ctx, name, model if keep_weights else None, stage_epochs(ctx["args"], name))
     if cached is not None:
         return model, cached
     loader = ctx["train_loader"](fine["train"])
@@ -874,7 +880,7 @@ def train_end_to_end(ctx, loss, scale=None):
     """One ETE network (Fig. 4) with diversity loss `loss` at the base lambdas times `scale`."""
     args, fine = ctx["args"], ctx["fine"]
     name = ete_stage_name(loss, scale)
-    cached = finished_stage(ctx, name)
+    cached = finished_stage(ctx, name, epochs=stage_epochs(args, name))
     if cached is not None:
         return cached
     lambdas = diversity_lambdas(args, loss, scale)

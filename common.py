@@ -413,9 +413,16 @@ def model_device(model):
     return next(model.parameters()).device
 
 
-# This process's run: its directory, the lock files it holds, the directories it created, and
-# the args.json (and replacement of an old run) that wait for the run's first written file.
-_RUN = {"dir": None, "pending": None, "locks": {}, "created": []}
+# This process's run: its directory, the lock files it holds, the directories it created, the
+# files waiting for the run's first written file (args.json; the replacement of an old run), the
+# args setup was called with, and the run's files it has recorded in WRITTEN.
+_RUN = {"dir": None, "pending": None, "locks": {}, "created": [], "args": None, "written": set()}
+
+# A run directory's own list of the files the run wrote (paths relative to it, one a line): a run
+# reused or cleaned up removes these and nothing else, so a user's files beside them survive.
+WRITTEN = ".written"
+# Temp files of atomic writes end in this; only these are removed as stale (never a user's *.tmp).
+TEMP_SUFFIX = ".hiercls-tmp"
 
 
 def setup(args, script):
@@ -429,8 +436,9 @@ def setup(args, script):
 
     - A new run gets --out-dir, or runs/<script>-<time> (a counter suffix when taken). An
       existing non-empty directory is reused only when it is a run of this script without any
-      checkpoint (a run that failed early), replaced with --force only when it is a run of this
-      script (its args.json says so), and refused otherwise.
+      checkpoint (a run that failed early): the files that run listed in its WRITTEN list go,
+      anything else (a user's notes) stays. It is replaced as a whole with --force only when it
+      is a run of this script (its args.json says so), and refused otherwise.
     - --resume DIR continues the run (parse_args has checked the flags). Overrides are recorded
       in args.json's "overrides" list ({time, changes: {flag: {from, to}}}); args.json's own
       values stay the run's original ones. A longer --epochs (or a script's other lengths):
@@ -439,7 +447,9 @@ def setup(args, script):
       rates they had, and the rest follow the new schedule from the step reached. A
       --dry-run directory resumes as a dry run: it cannot become a real run.
     - A lock on DIR/.lock (held for the process's life) refuses a second process on the same run.
-    - Stale temp files of killed writes are removed when the directory is opened.
+    - Stale temp files of killed writes (ours: named *TEMP_SUFFIX) are removed when the
+      directory is opened; a user's *.tmp files are not ours.
+    - Every file a run writes in its directory is listed in WRITTEN before it is written.
     - Started by torchrun with several processes: init_distributed first (each process on
       cuda:LOCAL_RANK), then rank 0 alone opens the directory (see _setup_run_dir)."""
     _release_run()
@@ -455,7 +465,7 @@ def setup(args, script):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     run_dir = _setup_run_dir(args, script)
-    _RUN["dir"] = run_dir
+    _RUN.update(dir=run_dir, args=args)
     return run_dir, device
 
 
@@ -467,6 +477,7 @@ def _open_run_dir(args, script):
         check_run_script(saved, script, run_dir)
         _lock(run_dir)
         _remove_stale_temps(run_dir)
+        _RUN.update(dir=run_dir, written=_read_written(run_dir))
         settings = run_settings(saved)
         if settings.get("dry_run"):
             print(f"[{script}] {run_dir} is a --dry-run directory: it resumes as a dry run", flush=True)
@@ -476,14 +487,16 @@ def _open_run_dir(args, script):
             for k, v in current.items()
             if k != "resume" and k in settings and _plain(settings[k]) != v
         }
+        files = {}
         if changes:
             when = datetime.datetime.now().isoformat(timespec="seconds")
             saved = {**saved, "overrides": saved.get("overrides", []) + [{"time": when, "changes": changes}]}
-            _RUN["pending"] = {"dir": run_dir, "args": saved, "replace": False}
+            files["args.json"] = _json_bytes(saved)
+        _RUN["pending"] = {"dir": run_dir, "files": files, "new": False, "replace": False, "remove": []}
     else:
         run_dir = Path(args.out_dir) if args.out_dir else _new_default_dir(script)
-        replace = _check_out_dir(run_dir, script, args.force)
-        if not replace:
+        reuse = _check_out_dir(run_dir, script, args.force)
+        if reuse != "directory":
             if not run_dir.exists():
                 _RUN["created"].append(run_dir)
             try:
@@ -492,7 +505,15 @@ def _open_run_dir(args, script):
                 fail(f"cannot create the run directory {run_dir}: {e.strerror or e}")
         _lock(run_dir)
         _remove_stale_temps(run_dir)
-        _RUN["pending"] = {"dir": run_dir, "args": {"script": script, **_plain(vars(args))}, "replace": replace}
+        remove = sorted(_read_written(run_dir)) if reuse == "files" else []
+        _RUN.update(dir=run_dir, written=set())
+        _RUN["pending"] = {
+            "dir": run_dir,
+            "files": {"args.json": _json_bytes({"script": script, **_plain(vars(args))})},
+            "new": True,
+            "replace": reuse == "directory",
+            "remove": remove,
+        }
     return run_dir
 
 
@@ -534,18 +555,20 @@ def _timestamp():
 
 
 def _run_contents(run_dir):
-    """What a directory holds besides our lock file and temp files."""
-    return [p for p in run_dir.iterdir() if p.name != ".lock" and not p.name.endswith(".tmp")]
+    """What a directory holds besides our lock file, list of written files and temp files."""
+    return [p for p in run_dir.iterdir() if p.name not in (".lock", WRITTEN) and not p.name.endswith(TEMP_SUFFIX)]
 
 
 def _check_out_dir(run_dir, script, force):
-    """True when run_dir holds a run to be replaced at the first write; fails when it may not be."""
+    """How a new run takes run_dir: None (absent or empty), "files" (an earlier run of this script
+    whose own files go at the first write) or "directory" (--force: the whole directory is
+    replaced at the first write); fails when it may not be taken."""
     if not run_dir.exists():
-        return False
+        return None
     if not run_dir.is_dir():
         fail(f"--out-dir {run_dir} is a file, not a directory")
     if not _run_contents(run_dir):
-        return False
+        return None
     here = Path.cwd().resolve()
     if run_dir.resolve() in (here, *here.parents):
         fail(f"--out-dir {run_dir} is the working directory or holds it; choose a new directory")
@@ -554,8 +577,8 @@ def _check_out_dir(run_dir, script, force):
     except (OSError, UnicodeDecodeError, ValueError):
         saved = None
     owner = saved.get("script") if isinstance(saved, dict) else None
-    if owner == script and not any(run_dir.rglob("checkpoint.pt")):
-        return True  # a run of this script that failed before its first checkpoint: nothing to lose
+    if not force and owner == script and (run_dir / WRITTEN).is_file() and not any(run_dir.rglob("checkpoint.pt")):
+        return "files"  # a run of this script that failed before its first checkpoint: its files, listed, go
     if not force:
         fail(f"{run_dir} exists and is not empty; pass --resume {run_dir} to continue it or --force to replace it")
     if saved is None:
@@ -567,7 +590,7 @@ def _check_out_dir(run_dir, script, force):
         )
     if owner != script:
         fail(f"--force {run_dir}: a {owner} run, not a {script} run; refusing to replace it")
-    return True
+    return "directory"
 
 
 def _lock(run_dir):
@@ -595,20 +618,70 @@ def _release_run():
     """Forget the previous run of this process (several runs in one process, as in tests)."""
     for fd in _RUN["locks"].values():
         os.close(fd)
-    _RUN.update(dir=None, pending=None, locks={})
+    _RUN.update(dir=None, pending=None, locks={}, args=None, written=set())
 
 
 def _remove_stale_temps(run_dir):
-    """Temp files of writes killed half-way (checkpoints, JSON); we hold the lock, so none is live."""
-    for tmp in Path(run_dir).rglob("*.tmp"):
+    """Our temp files of writes killed half-way (checkpoints, JSON); we hold the lock, so none is live."""
+    for tmp in Path(run_dir).rglob(f"*{TEMP_SUFFIX}"):
         try:
             tmp.unlink()
         except OSError:
             pass
 
 
+def _read_written(run_dir):
+    """The run's list of the files it wrote (a torn last line, from a kill mid-write, is left out)."""
+    try:
+        lines = (Path(run_dir) / WRITTEN).read_text().split("\n")
+    except (OSError, UnicodeDecodeError):
+        return set()
+    return {line for line in lines[:-1] if line}
+
+
+def _record_written(path):
+    """Add path, if it lies in the run directory, to the run's list of its files (before writing it)."""
+    run_dir = _RUN["dir"]
+    if run_dir is None or not writes_files():
+        return
+    try:
+        rel = Path(path).resolve().relative_to(Path(run_dir).resolve()).as_posix()
+    except ValueError:
+        return
+    if rel in _RUN["written"]:
+        return
+    try:
+        with open(Path(run_dir) / WRITTEN, "a") as f:
+            f.write(rel + "\n")
+    except OSError as e:
+        fail(f"cannot write {Path(run_dir) / WRITTEN}: {e.strerror or e}")
+    _RUN["written"].add(rel)
+
+
+def _remove_written(run_dir, written):
+    """Remove an earlier run's own files (its list) and the folders they leave empty; returns how many went."""
+    removed = 0
+    for rel in written:
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:
+            continue  # not a name this program records
+        path = run_dir / rel
+        if path.is_file() or path.is_symlink():
+            path.unlink()
+            removed += 1
+        for folder in path.parents:
+            if folder == run_dir or run_dir not in folder.parents:
+                break
+            try:
+                folder.rmdir()  # only when empty: a user's file keeps its folder
+            except OSError:
+                break
+    return removed
+
+
 def _claim(path):
-    """Before the run's first write under its directory: replace the old run, save args.json."""
+    """Before the run's first write under its directory: replace the old run (--force) or remove
+    the files it listed (a reused run), then write the pending files (args.json, the data's
+    fingerprint), each listed in WRITTEN."""
     pending = _RUN["pending"]
     if pending is None:
         return
@@ -620,14 +693,28 @@ def _claim(path):
     _RUN["pending"] = None
     try:
         if pending["replace"]:
-            aside = run_dir.with_name(f"{run_dir.name}.replaced-{os.getpid()}")
-            os.replace(run_dir, aside)
-            run_dir.mkdir()
-            old_lock = _RUN["locks"].pop(str(run_dir.resolve()))
+            # The directory itself, not a symbolic link naming it: the link stays and names the new one.
+            real = run_dir.resolve()
+            aside = real.with_name(f"{real.name}.replaced-{os.getpid()}")
+            os.replace(real, aside)
+            real.mkdir()
+            old_lock = _RUN["locks"].pop(str(real))
             _lock(run_dir)
             shutil.rmtree(aside)
             os.close(old_lock)
-        _atomic_write(run_dir / "args.json", _json_bytes(pending["args"]))
+        if pending["remove"]:
+            removed = _remove_written(run_dir, pending["remove"])
+            kept = sorted(p.name for p in _run_contents(run_dir))
+            print(
+                f"{run_dir}: removed the {removed} files of an earlier run that stopped before its first checkpoint"
+                + (f"; kept {', '.join(kept)}" if kept else ""),
+                flush=True,
+            )
+        if pending["new"]:
+            (run_dir / WRITTEN).unlink(missing_ok=True)  # a new run lists its own files
+        for name, data in pending["files"].items():
+            _record_written(run_dir / name)
+            _atomic_write(run_dir / name, data)
     except OSError as e:
         fail(f"cannot write {e.filename or run_dir}: {e.strerror or e}")
 
@@ -688,7 +775,7 @@ def _atomic_write(path, data):
     """Write through a temp file and a rename; the file gets the usual mode (0666 less the umask)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=TEMP_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), 0o666 & ~_umask())
@@ -709,6 +796,7 @@ def atomic_write_bytes(path, data):
     if not writes_files():
         return
     _claim(path)
+    _record_written(path)
     try:
         _atomic_write(path, data)
     except OSError as e:
@@ -749,22 +837,90 @@ def load_checkpoint(path, device="cpu"):
         )
 
 
+def _misfit(model, error):
+    """One line for a checkpoint whose state does not fit the model (load_state_dict's many lines)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    reason = lines[1] if len(lines) > 1 else (lines[0] if lines else type(error).__name__)
+    if isinstance(error, KeyError):
+        reason = f"no {error} in it"
+    return (
+        f"does not fit this {type(model).__name__} ({reason[:200]}); it was written with another architecture "
+        "or other flags"
+    )
+
+
+def load_weights(model, state, path):
+    """model.load_state_dict(state); weights that do not fit (another architecture) are one line."""
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:
+        fail(f"{path}: {_misfit(model, e)}")
+
+
 def append_jsonl(path, record):
+    """Append one JSON line. A torn last line (a kill during an earlier append) is cut off first,
+    so that this record does not get glued onto it."""
     if not writes_files():
         return
     _claim(path)
+    _record_written(path)
+    line = (json.dumps(record, default=_json_default) + "\n").encode()
     try:
-        with open(path, "a") as f:
-            f.write(json.dumps(record, default=_json_default) + "\n")
+        with open(path, "a+b") as f:
+            _cut_torn_line(f)
+            f.write(line)
     except OSError as e:
         fail(f"cannot write {path}: {e.strerror or e}")
 
 
+def _cut_torn_line(f):
+    """Truncate an open JSON-lines file after its last newline (a torn line is only half a record),
+    or end a whole last record that lacks its newline."""
+    size = f.seek(0, os.SEEK_END)
+    if size == 0:
+        return
+    f.seek(max(0, size - 65536))
+    tail = f.read()
+    if tail.endswith(b"\n"):
+        return
+    cut = tail.rfind(b"\n")
+    if cut < 0 and len(tail) < size:  # a last line longer than the tail read: read it all
+        f.seek(0)
+        tail = f.read()
+        cut = tail.rfind(b"\n")
+    start = size - len(tail) + cut + 1
+    f.seek(start)
+    last = f.read()
+    try:
+        whole = isinstance(json.loads(last), dict)  # a record is an object; "12" of "123" is not one
+    except ValueError:
+        whole = False
+    if whole:
+        f.write(b"\n")
+    else:
+        f.truncate(start)
+
+
 def read_jsonl(path):
+    """The records of a JSON-lines file. A torn last line (a kill during the write) is left out;
+    a damaged line elsewhere is skipped with a warning."""
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text(errors="replace")
+    lines = text.split("\n")
+    records, damaged = [], 0
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if i < len(lines) - 1:  # the last piece has no newline: a torn write, not damage
+                damaged += 1
+    if damaged:
+        print(f"warning: {path}: skipped {damaged} damaged line(s)", file=sys.stderr, flush=True)
+    return records
 
 
 def format_seconds(s):
@@ -840,6 +996,9 @@ def hierarchy_from_labels(fine_labels, coarse_labels, level_names, class_names):
     return Hierarchy(list(level_names), [list(n) for n in class_names], parents)
 
 
+MAX_HIERARCHY_DEPTH = 100  # levels of a hierarchy JSON; deeper nesting is refused in one line
+
+
 def hierarchy_from_json(obj, fine_names, source="hierarchy"):
     """Parse {coarse: [fine, ...]} or nested {top: {mid: [fine, ...]}} into a Hierarchy.
 
@@ -848,6 +1007,8 @@ def hierarchy_from_json(obj, fine_names, source="hierarchy"):
     paths = {}  # fine name -> list of ancestor names, top first
 
     def walk(node, trail):
+        if len(trail) > MAX_HIERARCHY_DEPTH:
+            fail(f"{source}: nested deeper than {MAX_HIERARCHY_DEPTH} levels")
         if isinstance(node, dict):
             if not node:
                 fail(f"{source}: empty group under {'/'.join(trail) or 'the root'}")
@@ -904,6 +1065,8 @@ def load_hierarchy_file(path, fine_names):
         obj = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         fail(f"--hierarchy {path}: not valid JSON ({e})")
+    except RecursionError:
+        fail(f"--hierarchy {path}: nested too deep to read (at most {MAX_HIERARCHY_DEPTH} levels)")
     return hierarchy_from_json(obj, fine_names, source=str(path))
 
 
@@ -1338,7 +1501,72 @@ def load_data(args):
     if getattr(args, "hierarchy", None):
         hierarchy = load_hierarchy_file(args.hierarchy, hierarchy.class_names[-1])
     mean, std = channel_stats(train.images)
-    return Data(name, train, test, hierarchy, mean, std)
+    data = Data(name, train, test, hierarchy, mean, std)
+    _check_run_data(args, data)
+    return data
+
+
+DATA_FINGERPRINT = "data_fingerprint.json"
+
+
+def data_fingerprint(data):
+    """What identifies the data a run trained on: sizes, and hashes of the labels, the class names
+    and an evenly spaced sample of 64 images per split (cheap, and any other data set differs)."""
+
+    def sha(array):
+        return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()[:16]
+
+    def split(s):
+        sample = np.linspace(0, len(s) - 1, num=min(len(s), 64)).astype(np.int64)
+        return {
+            "images": list(s.images.shape),
+            "labels": sha(s.labels.numpy().astype("<i8")),
+            "image_sample": sha(s.images[torch.from_numpy(sample)].numpy()),
+        }
+
+    names = sha(np.frombuffer(json.dumps(data.class_names).encode(), dtype=np.uint8))
+    splits = {part: split(getattr(data, part)) for part in ("train", "test")}
+    return {"dataset": data.name, "classes": data.num_classes, "class_names": names, **splits}
+
+
+def _fingerprint_differences(recorded, current):
+    """Names of the parts two data fingerprints disagree on: "dataset", "train labels", ..."""
+    recorded = recorded if isinstance(recorded, dict) else {}
+    differ = []
+    for part in current:
+        if isinstance(current[part], dict):
+            old = recorded.get(part) if isinstance(recorded.get(part), dict) else {}
+            differ += [f"{part} {key}" for key in current[part] if old.get(key) != current[part][key]]
+        elif recorded.get(part) != current[part]:
+            differ.append(part)
+    return differ or ["their fingerprints"]
+
+
+def _check_run_data(args, data):
+    """In a run (the args setup was given): record the data's fingerprint; on --resume, refuse data
+    other than the run's (another --data-dir) in one line. Runs from before fingerprints record one."""
+    run_dir = _RUN["dir"]
+    if run_dir is None or _RUN["args"] is not args:
+        return
+    fingerprint = _plain(data_fingerprint(data))
+    path = Path(run_dir) / DATA_FINGERPRINT
+    if getattr(args, "resume", None) and path.is_file():
+        try:
+            recorded = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            fail(f"--resume {run_dir}: {DATA_FINGERPRINT} is unreadable ({e}); the run directory is damaged")
+        if recorded != fingerprint:
+            differ = _fingerprint_differences(recorded, fingerprint)
+            fail(
+                f"--resume {run_dir}: these are not the data the run trained on ({', '.join(differ)} differ); "
+                f"give --data-dir {run_settings(read_run_args(run_dir)).get('data_dir')} or the same data"
+            )
+        return
+    pending = _RUN["pending"]
+    if pending is not None and pending["dir"] == run_dir:
+        pending["files"][DATA_FINGERPRINT] = _json_bytes(fingerprint)  # written with args.json
+    else:
+        atomic_write_bytes(path, _json_bytes(fingerprint))
 
 
 def stratified_split(labels, n_per_class, seed):
@@ -2193,12 +2421,15 @@ def fit(
     epoch, global_step, history = 0, 0, []
     if ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path, device)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        loader.load_state_dict(ckpt["loader"])
-        for name, obj in extra_state.items():
-            obj.load_state_dict(ckpt["extra"][name])
-        epoch, global_step, history = ckpt["epoch"], ckpt["step"], ckpt["history"]
+        try:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            loader.load_state_dict(ckpt["loader"])
+            for name, obj in extra_state.items():
+                obj.load_state_dict(ckpt["extra"][name])
+            epoch, global_step, history = ckpt["epoch"], ckpt["step"], ckpt["history"]
+        except (RuntimeError, KeyError, ValueError, TypeError) as e:
+            fail(f"{ckpt_path}: {_misfit(model, e)}")
         set_rng_state(ckpt["rng"], device)
         if epoch < epochs:
             print(f"[{stage}] resuming from {ckpt_path} at epoch {epoch}/{epochs}", flush=True)
@@ -2304,14 +2535,22 @@ def predict(forward, loader, *, device, dtype="bf16"):
     return torch.cat(outs).cpu(), labels
 
 
+def ranked_classes(scores, k):
+    """The k best-scored classes of every row, best first (k capped at C). Tie rule: equal scores
+    rank the lower class index first (a stable sort), as argmax takes the first maximum, so top-1
+    and top-k come from one ranking (topk orders ties as it likes: constant scores gave top-1
+    100% and top-5 0%)."""
+    return torch.sort(scores, dim=1, descending=True, stable=True).indices[:, : min(k, scores.shape[1])]
+
+
 def accuracy(scores, labels):
-    """Top-1 accuracy in percent."""
+    """Top-1 accuracy in percent (ties: the lower class index, as in ranked_classes)."""
     return 100.0 * (scores.argmax(1) == labels).float().mean().item()
 
 
 def topk_accuracy(scores, labels, k=5):
-    k = min(k, scores.shape[1])
-    return 100.0 * (scores.topk(k, 1).indices == labels[:, None]).any(1).float().mean().item()
+    """Top-k accuracy in percent, from ranked_classes' ranking (ties: the lower class index first)."""
+    return 100.0 * (ranked_classes(scores, k) == labels[:, None]).any(1).float().mean().item()
 
 
 def confusion_matrix(pred, labels, num_classes):
@@ -2356,9 +2595,11 @@ def shared_ancestors(hierarchy):
 def hierarchical_metrics(scores, labels, hierarchy, level_preds=None):
     """Flat and hierarchical measures of fine-class scores; a JSON-ready dict.
 
-    scores: N x C logits, log-probabilities or probabilities. Argmax and top-k do not care; for the
-    level accuracies, rows that are all non-negative and sum to 1 are taken as probabilities as they
-    are, anything else is soft-maxed (as `level_accuracies` does). labels: N fine labels.
+    scores: N x C logits, log-probabilities or probabilities. The ranking does not care (top-1 and
+    top-k come from one ranking, ties to the lower class index: ranked_classes); for the level
+    accuracies, each row that is all non-negative and sums to 1 (within 1e-3) is taken as
+    probabilities as it is, any other row is soft-maxed (as `level_accuracies` does); one row
+    decides for itself only. labels: N fine labels.
     level_preds: optional {level name: N labels predicted at that level by the model's own level
     heads}. Tensors (any device) or arrays; the measures are computed on the CPU.
 
@@ -2380,20 +2621,20 @@ def hierarchical_metrics(scores, labels, hierarchy, level_preds=None):
         fail(f"hierarchical_metrics: scores of shape {tuple(scores.shape)}, expected N x {n_classes}")
     if len(labels) != len(scores) or len(labels) == 0:
         fail(f"hierarchical_metrics: {len(labels)} labels for {len(scores)} score rows (need as many, at least one)")
-    is_probabilities = bool((scores >= 0).all()) and torch.allclose(scores.sum(1), torch.ones(len(scores)), atol=1e-3)
+    probability_rows = (scores >= 0).all(1) & ((scores.sum(1) - 1).abs() <= 1e-3)
     heights = lca_heights(hierarchy).float()
-    pred = scores.argmax(1)
-    top = scores.topk(min(5, n_classes), 1).indices
+    top = ranked_classes(scores, 5)
+    pred = top[:, 0]
     mistakes = pred != labels
     overlap = shared_ancestors(hierarchy)[pred, labels].sum().item()
     set_size = hierarchy.n_levels * len(labels)  # every class's ancestor set has n_levels members
     hprecision = 100.0 * overlap / set_size  # summed |pred set|
     hrecall = 100.0 * overlap / set_size  # summed |true set|
     result = {
-        "top1": accuracy(scores, labels),
-        "top5": topk_accuracy(scores, labels, 5),
+        "top1": 100.0 * (pred == labels).float().mean().item(),
+        "top5": 100.0 * (top == labels[:, None]).any(1).float().mean().item(),
         # log turns probabilities into log-probabilities, which level_accuracies' softmax maps back.
-        "level_acc": level_accuracies(scores.log() if is_probabilities else scores, labels, hierarchy),
+        "level_acc": level_accuracies(torch.where(probability_rows[:, None], scores.log(), scores), labels, hierarchy),
         "mistake_severity": heights[pred[mistakes], labels[mistakes]].mean().item() if mistakes.any() else None,
         "hdist@1": heights[pred, labels].mean().item(),
         "hdist@5": heights[top, labels[:, None]].mean().item(),

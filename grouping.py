@@ -135,7 +135,24 @@ def get_args(argv=None):
         )
     if args.out and Path(args.out).is_dir():
         parser.error(f"--out {args.out}: is a directory; give a file name such as {Path(args.out) / 'tree.json'}")
+    if args.out:
+        check_not_a_runs_file(Path(args.out))
     return args
+
+
+def check_not_a_runs_file(out):
+    """A regrouping never writes over a run's own files (hiernet.py --resume reads its tree.json):
+    --out and its .txt / .dot must not be existing files of a run directory (a folder up the path
+    with an args.json)."""
+    for path in (out, out.with_suffix(".txt"), out.with_suffix(".dot")):
+        if not path.exists():
+            continue
+        run = next((d for d in path.resolve().parents if (d / "args.json").is_file()), None)
+        if run is not None:
+            common.fail(
+                f"--out {out}: {path} is a file of the run directory {run}; a regrouping does not replace a "
+                f"run's files: choose another name (e.g. {out.with_name('regrouped.json')})"
+            )
 
 
 def group_proximity(cpm, group_a, group_b):
@@ -244,7 +261,9 @@ def validate_tree(tree, num_classes, source="tree"):
     if not isinstance(tree, list) or not tree:
         common.fail(f"{source}: a tree must be a non-empty list of groups")
 
-    def walk(node):
+    def walk(node, depth):
+        if depth > common.MAX_HIERARCHY_DEPTH:
+            common.fail(f"{source}: nested deeper than {common.MAX_HIERARCHY_DEPTH} levels")
         if not isinstance(node, list) or not node:
             common.fail(f"{source}: every group must be a non-empty list, got {node!r}")
         kinds = {isinstance(c, (int, np.integer)) for c in node}
@@ -252,9 +271,9 @@ def validate_tree(tree, num_classes, source="tree"):
             common.fail(f"{source}: a group mixes classes and subgroups: {node!r}")
         if not kinds.pop():
             for child in node:
-                walk(child)
+                walk(child, depth + 1)
 
-    walk(tree)
+    walk(tree, 0)
     if is_leaf_group(tree):
         common.fail(f"{source}: the top level must list groups, not classes")
     leaves = tree_leaves(tree)
@@ -332,6 +351,8 @@ def load_tree(path, num_classes):
         obj = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         common.fail(f"--groups {path}: not valid JSON ({e})")
+    except RecursionError:
+        common.fail(f"--groups {path}: nested too deep to read (at most {common.MAX_HIERARCHY_DEPTH} levels)")
     tree = obj["tree"] if isinstance(obj, dict) and "tree" in obj else obj
     return validate_tree(tree, num_classes, source=str(path))
 
@@ -368,7 +389,8 @@ def cpm_from_run(run_dir, device_name="auto"):
         common.fail(f"--run-dir {run_dir}: the test set has a class with fewer than 2 images; no validation half")
     val = data.test.subset(val_idx)
     model = hiernet.make_backbone(args, data.num_classes, data.train.images.shape[1])
-    model.load_state_dict(common.load_checkpoint(ckpt)["model"])
+    state = common.load_checkpoint(ckpt)
+    common.load_weights(model, state.get("model") if isinstance(state, dict) else state, ckpt)
     model = common.to_device_model(model, device).eval()
     loader = common.GpuLoader(
         val.images, val.labels, 500, device=device, mean=data.mean, std=data.std, channels_last=device.type == "cuda"

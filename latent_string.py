@@ -938,12 +938,25 @@ def train_lh_model(name, cached, args, run_dir, device, *, sizes, bits, hidden, 
     repaired, moves = repair_code(codes, q)
     fixed = make(repaired)
     fixed.classifier.load_state_dict(stage.classifier.state_dict())
+    drop_stale_repair(run_dir, name)
     fixed = train_lh_stage(f"{name}_repaired", fixed, cached, args, run_dir, device, epochs=args.repair_epochs)
     after, codes, scores = lh_results(fixed, cached, args, device)
     keys = ("exact_match_acc", "lookup_acc", "duplicate_strings") + (("val_lookup_acc",) if "val" in cached else ())
     after["before_repair"] = {k: result[k] for k in keys}
     after["repair_moves"] = moves
     return after, codes, scores, fixed
+
+
+def drop_stale_repair(run_dir, name):
+    """A repaired stage is made from the LH stage as it was: when the LH stage has logged epochs
+    since the repair's last one (a resume with a longer --lh-epochs), the repair's checkpoint (a
+    file of ours) goes and the repair is made again from the longer LH stage."""
+    stages = [r.get("stage") for r in common.read_jsonl(run_dir / "metrics.jsonl")]
+    repaired = [i for i, s in enumerate(stages) if s == f"{name}_repaired"]
+    checkpoint = run_dir / f"{name}_repaired" / "checkpoint.pt"
+    if repaired and name in stages[repaired[-1] :] and checkpoint.exists():
+        print(f"[{name}_repaired] made from a shorter {name} stage; repairing the code again", flush=True)
+        checkpoint.unlink()
 
 
 def make_lh_stage(

@@ -212,3 +212,24 @@ def test_probabilities_logits_and_log_probabilities_agree():
     probs, labels = hand_case()
     m = common.hierarchical_metrics(probs.exp(), labels, hand_tree())
     assert m["level_acc"] == pytest.approx({"top": 80.0, "mid": 60.0, "fine": 40.0})
+
+
+def test_ties_rank_the_lower_class_first_for_top1_and_top5_alike():
+    scores, labels = torch.zeros(4, 8), torch.tensor([0, 1, 4, 5])  # constant scores: every class ties
+    m = common.hierarchical_metrics(scores, labels, hand_tree())
+    assert (m["top1"], m["top5"]) == (25.0, 75.0)  # the ranking 0, 1, 2, ...: top-1 class 0, top-5 classes 0-4
+    assert common.topk_accuracy(scores, labels, 5) == 75.0 and common.accuracy(scores, labels) == 25.0
+    assert m["hdist@5"] == pytest.approx(common.lca_heights(hand_tree())[:5][:, labels].float().mean().item())
+    tied = torch.tensor([[0.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0]])
+    assert common.ranked_classes(tied, 4).tolist() == [[1, 2, 4, 0]]
+
+
+def test_probability_rows_are_decided_one_by_one():
+    """A probability input with one row that misses 1 (a truncated row): the other rows stay as they are."""
+    probs, labels = hand_case()
+    probs = probs.exp()
+    off = torch.full((1, 8), 0.1)  # sums to 0.8: soft-maxed, alone
+    m = common.hierarchical_metrics(torch.cat([probs, off]), torch.cat([labels, torch.tensor([0])]), hand_tree())
+    alone = common.level_accuracies(off, torch.tensor([0]), hand_tree())
+    hand = {"top": 80.0, "mid": 60.0, "fine": 40.0}
+    assert m["level_acc"] == pytest.approx({k: (5 * hand[k] + alone[k]) / 6 for k in hand})

@@ -117,7 +117,8 @@ def test_force_replaces_only_at_the_first_write(tmp_path):
     )
     assert (old / "sentinel.txt").exists()
     common.write_json(run_dir / "metrics.json", {"x": 1})
-    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "args.json", "metrics.json"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", common.WRITTEN, "args.json", "metrics.json"]
+    assert (run_dir / common.WRITTEN).read_text() == "args.json\nmetrics.json\n"  # the files the run wrote
     saved = json.loads((run_dir / "args.json").read_text())
     assert saved["script"] == "hdl_stack" and saved["force"] is True
     assert not list(tmp_path.glob("run.replaced-*"))
@@ -131,12 +132,15 @@ def test_a_run_that_failed_on_its_inputs_does_not_block_the_same_command(tmp_pat
     # A run of this script that stopped before its first checkpoint is reused without --force.
     parser = common.add_common_args(argparse.ArgumentParser(), epochs=1, batch_size=8, lr=0.1)
     run_dir = tmp_path / "early"
-    run_dir.mkdir()
-    (run_dir / "args.json").write_text(json.dumps({"script": "tiny"}))
-    (run_dir / "levels.json").write_text("{}")
+    common.setup(common.parse_args(parser, ["--out-dir", str(run_dir), "--device", "cpu"]), "tiny")
+    common.write_json(run_dir / "levels.json", {})
     common.setup(common.parse_args(parser, ["--out-dir", str(run_dir), "--device", "cpu"]), "tiny")
     common.write_json(run_dir / "metrics.json", {})
     assert not (run_dir / "levels.json").exists()  # the failed run's files went with it
+    # One without the list of the files it wrote (from before the list) is not reused: it needs --force.
+    (run_dir / common.WRITTEN).unlink()
+    with pytest.raises(SystemExit, match="exists and is not empty"):
+        common.setup(common.parse_args(parser, ["--out-dir", str(run_dir), "--device", "cpu"]), "tiny")
 
 
 def test_default_run_dirs_started_in_the_same_second_differ(tmp_path, monkeypatch):
@@ -157,7 +161,7 @@ def test_result_files_get_the_umask_mode_and_stale_temps_go(tmp_path):
     finally:
         os.umask(old)
     run_dir = fake_run(tmp_path / "run", "tiny", get_args=lambda argv: argparse.Namespace())
-    stale = run_dir / "stage" / "checkpoint.pt.k3j_x9aa.tmp"  # a write killed before its rename
+    stale = run_dir / "stage" / f"checkpoint.pt.k3j_x9aa{common.TEMP_SUFFIX}"  # a write killed before its rename
     stale.write_bytes(b"half")
     parser = common.add_common_args(argparse.ArgumentParser(), epochs=1, batch_size=8, lr=0.1)
     common.setup(common.parse_args(parser, ["--resume", str(run_dir), "--device", "cpu"]), "tiny")
@@ -399,4 +403,4 @@ def test_ctrl_c_and_the_lock(tmp_path):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "interrupted" in lines[0] and str(ckpt) in lines[0] and f"--resume {out}" in lines[0]
     assert common.load_checkpoint(ckpt)["epoch"] >= 1
-    assert not list(out.rglob("*.tmp"))
+    assert not list(out.rglob(f"*{common.TEMP_SUFFIX}"))

@@ -422,7 +422,9 @@ def collect(src, results=ROOT / "results"):
         if dst.exists():
             shutil.rmtree(dst)
         shutil.copytree(
-            src / name, dst, ignore=lambda folder, files: [f for f in files if f.endswith(".pt") or f == ".lock"]
+            src / name,
+            dst,
+            ignore=lambda folder, files: [f for f in files if f.endswith(".pt") or f in (".lock", ".written")],
         )
         info = json.loads((src / f"{name}.run.json").read_text())
         info["name"] = name  # a run renamed after it ran keeps its record's name in step
