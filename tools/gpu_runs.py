@@ -450,6 +450,9 @@ def main(argv=None):
     p.add_argument("--collect", metavar="DIR", help="copy the finished runs unpacked in DIR into results/")
     p.add_argument("--runs-dir", default=None, help="where the jobs' run directories live (default runs/gpu)")
     p.add_argument("--data-root", default=None, help="link the datasets unpacked in this folder into data/")
+    p.add_argument(
+        "--commit", default=None, help="the clean commit the checkout was copied from, when its .git is not its own"
+    )
     a = p.parse_args(argv)
     global RUNS
     if a.runs_dir:
@@ -481,7 +484,9 @@ def main(argv=None):
     if on_gpu and len(gpus) > 1:
         device["machine"] = f"{len(gpus)} x {gpus[0]}; the jobs on GPU {','.join(map(str, visible)) or 'all'}"
     print(f"device {device}", flush=True)
-    git_commit, git_dirty = git_state()  # the code every job of this call runs
+    # The code every job of this call runs. --commit names it where the checkout's .git is not the
+    # code's own (a copy of the working tree whose .git is older); it is then a clean commit.
+    git_commit, git_dirty = (a.commit, False) if a.commit else git_state()
     print(f"git commit {git_commit}" + (" with uncommitted changes" if git_dirty else ""), flush=True)
     wanted = [n for n in (a.only or JOBS) if not (RUNS / n / "metrics.json").exists()]
     queue = [n for n in wanted if n in a.alone] + [n for n in wanted if n not in a.alone]  # alone ones first
