@@ -91,12 +91,13 @@ Paper vs ours
   trainings whose difference can be tested, as the paper's first significance claim needs.
   Separate's two networks are initialised one after the other from that seed and see the same
   batch order. t-tests pair the architectures by run index.
-- t-tests are paired over runs on single models (ensemble-1; need --runs >= 2): combinations of
-  runs are not independent samples. The paper does not say what it paired over. When every run
-  gives the same difference (e.g. the same number of test images), there is no spread to test
-  against: we report "no spread" rather than a p-value. With --val-fraction 0 the alphas
-  compared with their neighbours are the test curve's minima (the paper's own reading, a
-  description, since the minimum is picked on the same data).
+- t-tests are paired over runs on single models (ensemble-1; need --runs >= 3: 2 runs leave one
+  degree of freedom, no usable test): combinations of runs are not independent samples. The
+  paper does not say what it paired over. When every run gives the same difference (e.g. the
+  same number of test images), there is no spread to test against: we report "no spread"
+  rather than a p-value. With --val-fraction 0 the alphas compared with their neighbours are
+  the test curve's minima (the paper's own reading, a description, since the minimum is picked
+  on the same data).
 - Algorithm 1's else branch (a coarse class whose fine children all have probability exactly 0)
   is implemented as written: the adjusted coarse probability is spread evenly over the children.
 - The learning-rate drops are at 50% / 75% of --epochs (so shortened runs keep the schedule's
