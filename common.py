@@ -2491,7 +2491,8 @@ def fit(
                     log_path,
                     record,
                 )
-            barrier()  # the ranks leave each epoch together (ddp); a no-op otherwise
+            if ddp_active():  # the ranks leave each epoch together; a sweep's processes train apart
+                barrier()
             elapsed = time.time() - started
             eta = elapsed / (epoch - first_epoch) * (epochs - epoch)
             shown = " ".join(

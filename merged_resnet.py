@@ -16,7 +16,11 @@ What it reproduces
 - Repeats (`--runs`, mean +- std) and the paired Student's t-tests of the "statistical
   significance" paragraph (architectures paired at alpha = 1, and the best alpha against alpha
   +- 0.1 and +- 0.2), with the t distribution's CDF computed from the regularised incomplete beta
-  function (continued fraction), numpy/math only.
+  function (continued fraction), numpy/math only. The tests need 3 runs (2 give one degree of
+  freedom); summary.txt says what the runs made so far support (tests, bands, ensembles).
+- `--runs` grows on resume (`--resume D --runs 3` on a 2-run directory trains only run 2's
+  models: each model's seed is its architecture's and run's), so the five runs can be made and
+  read one at a time; every table is rebuilt over all the runs.
 - Parameter counts and training time per architecture (the merged ones should cost less).
 
 Protocol (default --val-fraction 0, the paper's): the paper trains on all 50,000 CIFAR-100
@@ -38,14 +42,16 @@ Training protocol (each backbone's own CIFAR protocol, as the paper says)
 Command (the paper's setting on CIFAR-100; five runs of every architecture):
     python merged_resnet.py --dataset cifar100 --backbone resnet --runs 5
     python merged_resnet.py --dataset cifar100 --backbone densenet --runs 5
-Several training processes sharing one GPU (through MPS): process i of k trains its share of the
-(architecture, run) models into the same run directory, then one call builds the tables:
-    python merged_resnet.py --dataset cifar100 --runs 2 --out-dir D --tasks 0/4 &   # creates D
-    python merged_resnet.py --resume D --tasks 1/4 &    # ... 2/4, 3/4, once D/args.json exists
-    python merged_resnet.py --resume D --analyze-only   # every table, from the saved logits
-Several GPUs (torchrun, --distributed sweep by default here): process r of G takes --tasks r/G on
-cuda:r, and rank 0 builds the tables once every share is done (resume the same way):
-    torchrun --standalone --nproc_per_node 2 merged_resnet.py --dataset cifar100 --runs 5 --out-dir D
+Several training processes (torchrun, --distributed sweep by default here): process r of P takes
+--tasks r/P of the (architecture, run) models, each run's spread over all P, on GPU r mod G, and
+rank 0 builds the tables once every share is done (resume the same way). Four processes sharing
+one GPU (start the MPS daemon, nvidia-cuda-mps-control -d, so that they run side by side), the
+runs grown one at a time:
+    torchrun --standalone --nproc_per_node 4 merged_resnet.py --dataset cifar100 --runs 1 --compile --out-dir D
+    torchrun --standalone --nproc_per_node 4 merged_resnet.py --resume D --runs 2    # ... up to --runs 5
+    python merged_resnet.py --resume D --analyze-only   # every table again, from the saved logits
+Separate `--tasks I/K` processes cannot share a run directory at once (its lock holds one process);
+they run one after another, or under torchrun as above.
 Scaled-down runs (one H100; shorter, shallower, 2 runs; see "Paper vs ours"):
     python merged_resnet.py --dataset shapes --image-size 32 --train-size 10000 --test-size 2000 \
         --depth 56 --epochs 15 --runs 2 --val-fraction 0.1                       # all five, ~3 min
@@ -85,12 +91,13 @@ Paper vs ours
   trainings whose difference can be tested, as the paper's first significance claim needs.
   Separate's two networks are initialised one after the other from that seed and see the same
   batch order. t-tests pair the architectures by run index.
-- t-tests are paired over runs on single models (ensemble-1; need --runs >= 2): combinations of
-  runs are not independent samples. The paper does not say what it paired over. When every run
-  gives the same difference (e.g. the same number of test images), there is no spread to test
-  against: we report "no spread" rather than a p-value. With --val-fraction 0 the alphas
-  compared with their neighbours are the test curve's minima (the paper's own reading, a
-  description, since the minimum is picked on the same data).
+- t-tests are paired over runs on single models (ensemble-1; need --runs >= 3: 2 runs leave one
+  degree of freedom, no usable test): combinations of runs are not independent samples. The
+  paper does not say what it paired over. When every run gives the same difference (e.g. the
+  same number of test images), there is no spread to test against: we report "no spread"
+  rather than a p-value. With --val-fraction 0 the alphas compared with their neighbours are
+  the test curve's minima (the paper's own reading, a description, since the minimum is picked
+  on the same data).
 - Algorithm 1's else branch (a coarse class whose fine children all have probability exactly 0)
   is implemented as written: the adjusted coarse probability is spread evenly over the children.
 - The learning-rate drops are at 50% / 75% of --epochs (so shortened runs keep the schedule's
@@ -158,7 +165,12 @@ def get_args(argv=None):
         default=None,
         help="hierarchy level used as 'coarse' (default: the one just above the fine classes)",
     )
-    g.add_argument("--runs", type=common.positive_int, default=5, help="independent repeats (mean +- std, t-tests)")
+    g.add_argument(
+        "--runs",
+        type=common.positive_int,
+        default=5,
+        help="independent repeats (mean +- std, t-tests); a resume may raise it: only the new runs' models train",
+    )
     g.add_argument(
         "--ensembles",
         type=common.positive_int,
@@ -176,8 +188,9 @@ def get_args(argv=None):
         "--tasks",
         default=None,
         metavar="I/K",
-        help="train only share I of K of the (architecture, run) models (K processes sharing a GPU); "
-        "default 0/1, or RANK/WORLD_SIZE under torchrun --distributed sweep",
+        help="train only share I of K of the (architecture, run) models (one process at a time in a run "
+        "directory; K processes sharing a GPU: torchrun, which sets it); default 0/1, or RANK/WORLD_SIZE under "
+        "torchrun --distributed sweep",
     )
     g.add_argument(
         "--analyze-only",
@@ -203,7 +216,10 @@ def get_args(argv=None):
     )
     g.add_argument("--eval-batch-size", type=common.positive_int, default=1000)
     # --tasks and --analyze-only pick what a call does in the run directory, not the experiment.
-    args = common.parse_args(parser, argv, script="merged_resnet", resume_safe=("tasks", "analyze_only"))
+    # --runs may grow: every model's seed is its (architecture, run)'s, whatever --runs was.
+    args = common.parse_args(
+        parser, argv, script="merged_resnet", resume_longer=("epochs", "runs"), resume_safe=("tasks", "analyze_only")
+    )
     for key, value in BACKBONE_DEFAULTS[args.backbone].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -309,17 +325,28 @@ def default_tasks(args):
 
 
 def assign_tasks(architectures, runs, task_count):
-    """Split the (architecture, run) models over task_count processes, balanced by RELATIVE_COST.
+    """Split the (architecture, run) models over task_count processes, run by run.
 
-    Longest first, each to the least loaded process (ties: the lowest index); every process
-    computes the same split. Returns one list of (architecture, run) per process."""
-    models = [(architecture, run) for run in range(runs) for architecture in architectures]
-    models.sort(key=lambda m: -RELATIVE_COST[m[0]])  # stable: run, then architecture order
+    Each run's models are packed into task_count bins by RELATIVE_COST (longest first, each into
+    the lightest bin), and its heaviest bin goes to the process with the least work so far (ties:
+    the lowest index). So every run is spread over all the processes: a resume that adds one run
+    (a larger --runs) trains that run's models side by side, not whatever a split over every run
+    left to one process; and the totals stay balanced. The split depends on the arguments alone,
+    so every process computes the same one. Returns one list of (architecture, run) per process,
+    in run order (a process finishes its part of run r before run r + 1)."""
+    by_cost = sorted(architectures, key=lambda a: -RELATIVE_COST[a])  # stable: architecture order on ties
     shares, loads = [[] for _ in range(task_count)], [0.0] * task_count
-    for architecture, run in models:
-        i = loads.index(min(loads))
-        shares[i].append((architecture, run))
-        loads[i] += RELATIVE_COST[architecture]
+    for run in range(runs):
+        bins, bin_loads = [[] for _ in range(task_count)], [0.0] * task_count
+        for architecture in by_cost:
+            i = bin_loads.index(min(bin_loads))
+            bins[i].append((architecture, run))
+            bin_loads[i] += RELATIVE_COST[architecture]
+        heaviest_bins = sorted(range(task_count), key=lambda b: -bin_loads[b])
+        least_loaded = sorted(range(task_count), key=lambda i: loads[i])
+        for b, i in zip(heaviest_bins, least_loaded):
+            shares[i] += bins[b]
+            loads[i] += bin_loads[b]
     return shares
 
 
@@ -432,6 +459,61 @@ def paired_t_test(a, b):
     t = mean / (sd / math.sqrt(n))
     result.update(t=float(t), p=student_t_pvalue(t, n - 1))
     return result
+
+
+T_TEST_MIN_RUNS = 3  # 2 runs: 1 degree of freedom, where two-sided p < 0.05 needs |t| > 12.71: no usable test
+
+
+def t_critical(df, p=0.05):
+    """The two-sided critical |t| at level p with df degrees of freedom (bisection on the p-value)."""
+    low, high = 0.0, 1e4
+    for _ in range(100):
+        middle = (low + high) / 2
+        low, high = (middle, high) if student_t_pvalue(middle, df) > p else (low, middle)
+    return high
+
+
+def runs_support(runs, ensembles):
+    """Plain sentences on what `runs` repeats can and cannot support: the t-tests, the +- bands,
+    and each ensemble size in `ensembles` (summary.txt and metrics.json)."""
+    plural = "s" if runs > 1 else ""
+    if runs < T_TEST_MIN_RUNS:
+        degrees = f"{runs - 1} degree{'' if runs == 2 else 's'} of freedom"
+        t_line = (
+            f"t-tests: none. {runs} run{plural} give{'' if plural else 's'} {degrees}; a paired t-test needs "
+            f"{T_TEST_MIN_RUNS} runs to say anything (at 1 degree of freedom two-sided p < 0.05 needs "
+            f"|t| > {t_critical(1):.2f})."
+        )
+    else:
+        t_line = (
+            f"t-tests: paired over {runs} runs, {runs - 1} degrees of freedom: p < 0.05 needs |t| > "
+            f"{t_critical(runs - 1):.2f}. Only differences large against their run-to-run spread can reach it; "
+            "a difference that does not is not shown to be absent (so few runs give the test little power)."
+        )
+    lines = [t_line]
+    if runs == 1:
+        lines.append("Bands: none (one run).")
+    elif runs == 2:
+        lines.append(
+            "Bands: the std of two runs is their difference / sqrt(2), one number: not a spread to read curves by."
+        )
+    else:
+        lines.append(
+            f"Bands: the std over {runs} runs is a rough estimate, itself uncertain by about "
+            f"+-{100 / math.sqrt(2 * (runs - 1)):.0f}% (1 / sqrt(2 (n - 1)))."
+        )
+    for size in sorted(set(ensembles) - {1}):
+        combinations = math.comb(runs, size)
+        if size > runs:
+            lines.append(f"ensemble-{size}: needs {size} runs.")
+        elif combinations == 1:
+            lines.append(f"ensemble-{size}: one ensemble of all {runs} runs, no band.")
+        else:
+            lines.append(
+                f"ensemble-{size}: {combinations} combinations of the {runs} runs; they share models, so their std "
+                "is not that of independent ensembles (it understates it)."
+            )
+    return lines
 
 
 def ensemble_errors(probs, labels, fine_to_coarse, size):
@@ -742,7 +824,7 @@ def hierarchy_metrics(models, labels, architectures, runs, alpha):
     return result
 
 
-def summary_text(reference, tests, costs, hier, runs):
+def summary_text(reference, tests, costs, hier, runs, support=()):
     lines = [
         "Parameters and training time per model (mean over runs; 'steady' leaves out the first epoch's",
         "warm-up: median epoch time x epochs)",
@@ -774,8 +856,9 @@ def summary_text(reference, tests, costs, hier, runs):
             f"{'chosen' if chosen else 'minimum'} alpha {e['alpha']:.1f}: {e['test_err_mean']:6.2f} +- {e['test_err_std']:.2f}"
         )
     lines += ["", f"Paired t-tests on single models' test error over {runs} runs (two-sided p)"]
-    if runs < 2:
-        lines.append("  not computed: a paired t-test needs --runs >= 2")
+    if runs < T_TEST_MIN_RUNS:
+        degrees = f"{runs - 1} degree{'' if runs == 2 else 's'} of freedom"
+        lines.append(f"  no test: {runs} run{'s' if runs > 1 else ''} ({degrees}); see below")
     else:
         for t in tests:
             head = f"  {t['level']:>10s}: {t['a']} @ {t['alpha_a']:.1f} vs {t['b']} @ {t['alpha_b']:.1f}: diff {t['mean_diff']:+.3f}"
@@ -783,6 +866,8 @@ def summary_text(reference, tests, costs, hier, runs):
                 lines.append(f"{head}  no spread (every run differs by the same amount): not testable")
             else:
                 lines.append(f"{head}  t {t['t']:.3f}  df {t['df']}  p {t['p']:.4f}" + ("  *" if t["p"] < 0.05 else ""))
+    if support:
+        lines += ["", f"What {runs} run{'s' if runs > 1 else ''} support"] + [f"  {line}" for line in support]
     if hier:
         lines += [
             "",
@@ -830,7 +915,8 @@ def analyze(args, run_dir):
 
     write_alpha_tables(run_dir, curves, level_names, splits)
     reference = reference_alphas(curves, level_names, "val" if "val" in splits else "test")
-    tests = t_tests(curves, reference, level_names, args.ttest_alpha)
+    tests = t_tests(curves, reference, level_names, args.ttest_alpha) if args.runs >= T_TEST_MIN_RUNS else []
+    support = runs_support(args.runs, args.ensembles)
     # Hierarchical metrics at alpha 0 and at the chosen alpha (validation, fine level), else at
     # alpha 1, fixed in advance (nothing is chosen on the test set).
     metric_alpha = {
@@ -839,7 +925,7 @@ def analyze(args, run_dir):
     hier = {}
     for architecture in args.architectures:
         hier |= hierarchy_metrics(models, labels, [architecture], args.runs, metric_alpha[architecture])
-    summary = summary_text(reference, tests, costs, hier, args.runs)
+    summary = summary_text(reference, tests, costs, hier, args.runs, support)
     common.write_text(run_dir / "summary.txt", summary)
     print(summary, flush=True)
     points = {k: {key: v for key, v in entry.items() if key != "alpha_index"} for k, entry in reference.items()}
@@ -858,6 +944,7 @@ def analyze(args, run_dir):
         # results_table.py reads best_alpha; without a validation split the curve's minimum is no choice.
         ("best_alpha" if "val" in splits else "test_curve_minimum"): points,
         "t_tests": tests,
+        "runs_support": support,
         "hierarchical_metrics": hier,
         "curves": {
             f"{arch}/ensemble-{size}": {"members": errors["members"]}

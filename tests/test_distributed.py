@@ -168,6 +168,32 @@ def test_torchrun_sweep_trains_every_merged_model_once_and_rank0_builds_the_tabl
     assert saved["tasks"] is None and saved["distributed"] == "sweep"
 
 
+def test_torchrun_sweep_whose_processes_train_different_numbers_of_epochs_then_grows_a_run(tmp_path):
+    """separate trains two networks, merge-2 one: the processes log different numbers of epochs
+    (no per-epoch barrier between them, which broke the final one), and a resume with --runs 2
+    trains run 1's models alone."""
+    out = tmp_path / "run"
+    argv = ["--dataset", "shapes", "--train-size", "128", "--test-size", "60", "--image-size", "8", "--epochs", "1"]
+    argv += ["--batch-size", "32", "--device", "cpu", "--eval-batch-size", "250", "--dtype", "fp32", "--depth", "11"]
+    argv += ["--architectures", "separate", "merge-2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    trained = []
+    for flags in ([*argv, "--runs", "1", "--out-dir", str(out)], ["--resume", str(out), "--runs", "2"]):
+        done = subprocess.run(
+            [*command, str(ROOT / "merged_resnet.py"), *flags],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        trained.append(sorted(re.findall(r"\[((?:separate|merge-2)-r\d)\] seed", done.stdout)))
+    assert trained == [["merge-2-r0", "separate-r0"], ["merge-2-r1", "separate-r1"]]
+    assert "What 2 runs support" in (out / "summary.txt").read_text()
+
+
 # ---- HDL's class centres under ddp ---------------------------------------------------------
 
 

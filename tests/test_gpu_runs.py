@@ -71,6 +71,48 @@ def test_a_job_waits_for_the_run_it_reads_and_an_orphan_stops_the_queue(tmp_path
     assert "nothing can start: orphan (after never-queued)" in capsys.readouterr().out
 
 
+FAKE_RUN = """
+import json, pathlib, sys
+argv = sys.argv[1:]
+if "--resume" in argv:
+    run_dir = pathlib.Path(argv[argv.index("--resume") + 1])
+else:  # a new run: one trained model, a checkpoint
+    run_dir = pathlib.Path(argv[argv.index("--out-dir") + 1])
+    (run_dir / "predictions").mkdir(parents=True)
+    (run_dir / "predictions" / "m-r0.pt").write_text("r0")
+    (run_dir / "checkpoint.pt").write_text("weights")
+    (run_dir / "args.json").write_text("{}")
+files = sorted(p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if p.is_file())
+(run_dir / "metrics.json").write_text(json.dumps({"argv": argv, "files": files}))
+"""
+
+
+def test_a_grown_job_continues_a_copy_of_its_base_with_the_longer_flags(tmp_path):
+    gpu_runs = load("gpu_runs")
+    script = tmp_path / "fake_run.py"
+    script.write_text(FAKE_RUN)
+    gpu_runs.JOBS = {"base": [str(script), "--runs", "1"], "grown": [str(script), "--runs", "2"]}
+    gpu_runs.GROWN = {"grown": ("base", ["--runs", "2"])}
+    gpu_runs.AFTER = {"grown": "base"}
+    runs = tmp_path / "runs"
+    gpu_runs.main(["--only", "grown", "base", "--no-mps", "--runs-dir", str(runs), "--budget", "120"])
+    grown = json.loads((runs / "grown" / "metrics.json").read_text())
+    assert grown["argv"] == ["--resume", str(runs.resolve() / "grown"), "--runs", "2"]
+    assert grown["files"] == ["args.json", "predictions/m-r0.pt"]  # the base's models, no checkpoint
+    # A base whose tables came back without its predictions: the grown job waits rather than
+    # train every run again; once begun, it goes on whatever the base's state.
+    gpu_runs.RUNS = tmp_path / "other"
+    (gpu_runs.RUNS / "base").mkdir(parents=True)
+    (gpu_runs.RUNS / "base" / "metrics.json").write_text("{}")
+    assert gpu_runs.waits("grown")
+    (gpu_runs.RUNS / "base" / "predictions").mkdir()
+    assert not gpu_runs.waits("grown")
+    (gpu_runs.RUNS / "base" / "metrics.json").unlink()
+    (gpu_runs.RUNS / "grown").mkdir()
+    (gpu_runs.RUNS / "grown" / "args.json").write_text("{}")
+    assert not gpu_runs.waits("grown")
+
+
 def test_collect_puts_the_hdl_sweep_cells_into_one_folder(tmp_path):
     gpu_runs = load("gpu_runs")
     src, results = tmp_path / "src", tmp_path / "results"

@@ -270,6 +270,25 @@ def test_model_seeds_are_distinct_and_tasks_cover_every_model_once():
         assert sorted(flat) == sorted((a, r) for a in mr.ARCHITECTURES for r in range(2))
         loads = [sum(mr.RELATIVE_COST[a] for a, _ in share) for share in shares]
         assert max(loads) - min(loads) <= max(mr.RELATIVE_COST.values())  # greedy balance
+    # Each run is spread over the processes on its own (a grown --runs trains its new run side by
+    # side): four processes take the five models of run 2 as {separate}, {merge-0}, {merge-1},
+    # {merge-2, merge-3}, the best split (loads 2, 2, 5/3, 7/3); and a process goes run by run.
+    shares = mr.assign_tasks(list(mr.ARCHITECTURES), 3, 4)
+    run2 = [sorted(a for a, r in share if r == 2) for share in shares]
+    assert sorted(run2) == [["merge-0"], ["merge-1"], ["merge-2", "merge-3"], ["separate"]]
+    assert all([r for _, r in share] == sorted(r for _, r in share) for share in shares)
+    assert mr.assign_tasks(["separate", "merge-3"], 3, 2)[0] == [("separate", 0), ("merge-3", 1), ("separate", 2)]
+
+
+def test_what_the_runs_support_is_said_plainly():
+    assert abs(mr.t_critical(1) - 12.706) < 1e-3 and abs(mr.t_critical(4) - 2.776) < 1e-3
+    two = " ".join(mr.runs_support(2, [1, 2, 4]))
+    assert "t-tests: none" in two and "1 degree of freedom" in two and "12.71" in two
+    assert "one ensemble of all 2 runs, no band" in two and "ensemble-4: needs 4 runs" in two
+    five = " ".join(mr.runs_support(5, [1, 2, 4]))
+    assert "4 degrees of freedom" in five and "|t| > 2.78" in five and "+-35%" in five
+    assert "ensemble-2: 10 combinations" in five and "ensemble-4: 5 combinations" in five
+    assert "Bands: none" in " ".join(mr.runs_support(1, [1]))
 
 
 HIER_KEYS = {"top1", "top5", "level_acc", "mistake_severity", "hdist@1", "hdist@5", "hprecision", "hrecall", "hf1"}
@@ -312,8 +331,10 @@ def test_smoke_all_architectures_writes_the_tables(tmp_path):
             assert HIER_KEYS | {"consistency"} <= set(hier[point]), point
             assert 0 <= hier[point]["consistency"] <= 100
         assert hier["alpha"] == metrics["best_alpha"][f"{arch}/ensemble-1/fine"]["alpha"]
-    pairs = [t for t in metrics["t_tests"] if t["kind"] == "architectures"]
-    assert len(pairs) == 2 * 10 and all(t["df"] == 1 and t["ensemble"] == 1 for t in pairs)
+    # Two runs: one degree of freedom, no test; the summary says so, and what the runs support.
+    assert metrics["t_tests"] == [] and metrics["runs_support"] == mr.runs_support(2, [1, 2, 4])
+    summary = (out / "summary.txt").read_text()
+    assert "no test: 2 runs" in summary and "What 2 runs support" in summary and "ensemble-4: needs 4 runs" in summary
     # separate and merge-0 are distinct trainings: their own seeds, so different predictions.
     assert set(costs["separate"]["seeds"]).isdisjoint(costs["merge-0"]["seeds"])
     separate = torch.load(out / "predictions" / "separate-r0.pt", weights_only=True)
@@ -321,7 +342,7 @@ def test_smoke_all_architectures_writes_the_tables(tmp_path):
     for level in ("coarse", "fine"):
         assert separate["logits"]["test"][level].shape == merge0["logits"]["test"][level].shape
         assert not torch.allclose(separate["logits"]["test"][level], merge0["logits"]["test"][level], atol=1e-3)
-    assert "Paired t-tests" in (out / "summary.txt").read_text()
+    assert "Paired t-tests" in summary
     # Every table again from the saved logits alone: the same numbers.
     before = {name: (out / name).read_text() for name in ("alpha_curve.csv", "summary.txt", "metrics.json")}
     mr.main(["--resume", str(out), "--analyze-only"])
@@ -349,6 +370,42 @@ def test_smoke_densenet_full_training_set_shares_and_resume(tmp_path):
     mr.main(["--resume", str(out), "--tasks", "0/1"])  # every model trained: nothing retrains, same numbers
     assert (out / "alpha_curve.csv").read_text() == before
     assert len(common.read_jsonl(out / "metrics.jsonl")) == 2
+
+
+def test_runs_grow_on_resume_and_only_the_new_runs_models_train(tmp_path):
+    """A --runs 2 directory resumed with --runs 3 trains run 2's models alone, the same models a
+    --runs 3 start trains (their seeds are per architecture and run), and every table covers 3 runs."""
+    argv = TINY + ["--depth", "11", "--architectures", "separate", "merge-3"]
+    argv += ["--train-size", "128", "--image-size", "8", "--dtype", "fp32"]  # 4 steps a model; bf16 is slow on CPUs
+    grown, fresh = tmp_path / "grown", tmp_path / "fresh"
+    mr.main(argv + ["--runs", "2", "--out-dir", str(grown)])
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in (grown / "predictions").glob("*-r*.pt")}
+    assert sorted(before) == ["merge-3-r0.pt", "merge-3-r1.pt", "separate-r0.pt", "separate-r1.pt"]
+    logged = len(common.read_jsonl(grown / "metrics.jsonl"))
+    with pytest.raises(SystemExit, match="--runs 1"):
+        mr.main(["--resume", str(grown), "--runs", "1"])  # fewer runs: refused, one line
+
+    metrics = mr.main(["--resume", str(grown), "--runs", "3"])
+    trained = {line["stage"] for line in common.read_jsonl(grown / "metrics.jsonl")[logged:]}
+    assert trained == {"separate-coarse-r2", "separate-fine-r2", "merge-3-r2"}  # one epoch each, run 2 only
+    assert {
+        p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in (grown / "predictions").glob("*-r[01].pt")
+    } == before
+    assert metrics["runs"] == 3 and metrics["ensembles"] == [1, 2]
+    assert metrics["curves"]["merge-3/ensemble-2"]["members"] == [[0, 1], [0, 2], [1, 2]]
+    assert np.array(metrics["curves"]["separate/ensemble-1"]["test"]["fine"]).shape == (3, len(mr.ALPHAS))
+    assert metrics["t_tests"] and all(t["df"] == 2 for t in metrics["t_tests"])
+    assert "What 3 runs support" in (grown / "summary.txt").read_text()
+    assert common.read_run_args(grown)["overrides"][-1]["changes"]["runs"] == {"from": 2, "to": 3}
+    mr.main(["--resume", str(grown)])  # the grown length is the run's now: nothing left to train
+    assert len(common.read_jsonl(grown / "metrics.jsonl")) == logged + 3
+
+    mr.main(argv + ["--runs", "3", "--out-dir", str(fresh)])
+    for architecture in ("separate", "merge-3"):
+        a, b = (mr.load_pt(mr.prediction_path(d, architecture, 2)) for d in (grown, fresh))
+        assert a["seed"] == b["seed"] == mr.model_seed(0, architecture, 2)
+        for level in ("coarse", "fine"):
+            assert torch.equal(a["logits"]["test"][level], b["logits"]["test"][level])
 
 
 def test_val_fraction_zero_trains_on_every_training_image(tmp_path, monkeypatch):

@@ -186,6 +186,33 @@ def test_cifar100_rows_say_not_run_and_the_hdl_sweep_table_is_included(tmp_path)
     assert "held out (`hdl_stack.py --sweep-table`):\n\n| variant | lambda0 |\n|---|---|\n| a | 1 |\n" in text
 
 
+def test_merged_cifar100_rows_and_figure3_tables_come_from_the_longest_grown_run(tmp_path):
+    """The CIFAR-100 ResNet-164 runs grow one run a job (gpu_runs' GROWN): the section reads the
+    one with the most runs; without a validation split its reference point is the test curve's
+    minimum; Figure 3's tables have a row per ensemble size and architecture, +- only where the
+    runs or combinations are several, and the run's own sentences on what its runs support."""
+    import shutil
+
+    tool = load_tool()
+    source = json.loads((ROOT / "results" / "merged_resnet_cifar10" / "metrics.json").read_text())
+    for n in (2, 3):
+        run = tmp_path / f"merged_resnet_cifar100_resnet164_runs{n}"
+        shutil.copytree(ROOT / "results" / "merged_resnet_cifar10", run)
+        m = dict(source, runs=n, runs_support=[f"support of {n} runs"])
+        m["test_curve_minimum"] = m.pop("best_alpha")
+        single = m["curves"]["merge-1/ensemble-1"]["test"]
+        m["curves"]["merge-1/ensemble-3"] = {"test": {level: [errors[0]] for level, errors in single.items()}}
+        (run / "metrics.json").write_text(json.dumps(m))
+    text = tool.section(tmp_path)
+    merged = text.split("### Merged coarse/fine")[1].split("### Coarse network")[0]
+    assert "`merged_resnet_cifar100_resnet164_runs3` | separate |" in merged and "_runs2` |" not in merged
+    assert "- support of 3 runs" in merged and "not run yet" not in merged.split("DenseNet")[0]
+    fine = merged.split("| fine: ensemble |")[1].split("\n\n")[0].splitlines()
+    three = next(line for line in fine if line.startswith("| ensemble-3 | merge-1 |"))
+    one = next(line for line in fine if line.startswith("| ensemble-1 | merge-1 |"))
+    assert "+-" not in three and three.count("|") == len(tool.MERGED_ALPHAS) + 4 and one.count(" +- ") == 9
+
+
 def test_lh_variant_table_pools_stage2_seeds_and_names_the_flags(tmp_path):
     """Stage-2 runs on one extractor: runs differing only in --lh-seed form one row (mean +- std),
     the others are named by the flags that differ from the base run's."""

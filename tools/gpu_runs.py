@@ -3,7 +3,8 @@
 Each job is one script command with its own run directory under runs/gpu/<name>. A call runs the
 queue for at most --budget seconds, several jobs at once, and stops the jobs still running at the
 deadline (their checkpoints are written atomically after every epoch); the next call continues
-them with --resume. A finished job (metrics.json written) is skipped. Every job gets
+them with --resume. A finished job (metrics.json written) is skipped. A GROWN job starts as a copy of
+another's finished run (its trained models' predictions) and lengthens it (merged's --runs). Every job gets
 <name>.run.json beside it: its command, device, torch version, wall seconds per call, how many jobs shared the GPU,
 and the git commit of the code (git_commit; git_dirty: the checkout had uncommitted changes; null without git), per
 call too.
@@ -93,6 +94,15 @@ def lh_variants(base_seed):
     ]
 
 
+# Merged ResNet-164 on CIFAR-100, the paper's protocol: four torchrun sweep processes on one GPU
+# (each on GPU rank mod 1, side by side through MPS), compiled. The paper's five runs grow one at a
+# time: job runsN continues a copy of runs(N-1) with --runs N (GROWN), so it trains run N-1's five
+# models only, and each step's tables are collected on their own.
+MERGED_C100 = [
+    *("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4"),
+    *("merged_resnet.py", *C100, "--compile"),
+]
+
 # name -> argv; the longest first, since they start first.
 JOBS = {
     # HierNet on its own data, the paper's settings (Table 1); n = 3 also runs the training-length control.
@@ -173,7 +183,7 @@ JOBS = {
     "coarse_outer_product_cifar100_baseline_keras": [
         *("coarse_outer_product.py", *C100, "--method", "baseline", "--wd-convention", "keras"),
     ],
-    "merged_resnet_cifar100_resnet164": ["merged_resnet.py", *C100, "--runs", "2"],
+    **{f"merged_resnet_cifar100_resnet164_runs{n}": [*MERGED_C100, "--runs", str(n)] for n in range(1, 6)},
     # g_max 5: half of CIFAR-10's classes, the paper's reason for 50 on CIFAR-100; p_min the paper's.
     "hiernet_cifar10_n9": ["hiernet.py", *C10, "--n", "9", "--g-max", "5"],
     "hiernet_cifar10_n3": ["hiernet.py", *C10, "--n", "3", "--g-max", "5"],
@@ -261,8 +271,17 @@ JOBS = {
     "latent_string_shapes": ["latent_string.py", "--dataset", "shapes", "--image-size", "32", "--epochs", "30"],
 }
 
+# Jobs that grow another job's run: a copy of its run directory (args.json, metrics.jsonl and
+# predictions/, the trained models' outputs; no checkpoints) resumed with longer flags, so only the
+# new models train. name -> (base job, flags). The job's own argv says what the result is.
+GROWN = {
+    f"merged_resnet_cifar100_resnet164_runs{n}": (f"merged_resnet_cifar100_resnet164_runs{n - 1}", ["--runs", str(n)])
+    for n in range(2, 6)
+}
+
 # A job waits for these runs to finish first ("{runs}" in a job's arguments is the runs folder).
 AFTER = {
+    **{name: base for name, (base, _) in GROWN.items()},
     **{name: "latent_string_cifar100_seed1" for name in JOBS if name.startswith("latent_string_cifar100_seed1_")},
     **{f"latent_string_mnist_cpu_{name}": "latent_string_mnist_cpu_seed0" for name, _ in lh_variants(0)},
 }
@@ -369,9 +388,39 @@ def job_args(name):
 
 def command(name):
     run_dir = RUNS / name
+    argv = job_args(name)
+    script = next((i + 1 for i, arg in enumerate(argv) if arg.endswith(".py")), 1)  # a launcher's flags too
+    if name in GROWN:
+        base, longer = GROWN[name]
+        if not (run_dir / "args.json").exists():
+            copy_grown_base(RUNS / base, run_dir)
+        # The longer flags on every call: one stopped before the run's first write has not recorded them.
+        return [sys.executable, *argv[:script], "--resume", str(run_dir), *longer]
     if (run_dir / "args.json").exists():
-        return [sys.executable, JOBS[name][0], "--resume", str(run_dir)]
-    return [sys.executable, *job_args(name), "--out-dir", str(run_dir)]
+        return [sys.executable, *argv[:script], "--resume", str(run_dir)]
+    return [sys.executable, *argv, "--out-dir", str(run_dir)]
+
+
+def copy_grown_base(base_dir, run_dir):
+    """What a grown run continues from: the base run's log and predictions, then its args.json
+    (last, so that an args.json there means a whole copy)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(base_dir / "predictions", run_dir / "predictions", dirs_exist_ok=True)
+    if (base_dir / "metrics.jsonl").exists():
+        shutil.copy2(base_dir / "metrics.jsonl", run_dir / "metrics.jsonl")
+    shutil.copy2(base_dir / "args.json", run_dir / "args.json")
+
+
+def waits(name):
+    """True while the run a job reads (AFTER) is not finished here; a grown job not begun yet
+    also needs the base's predictions (a copy without them would train every run again)."""
+    if name not in AFTER:
+        return False
+    base = RUNS / AFTER[name]
+    if name in GROWN:
+        begun = (RUNS / name / "args.json").exists()
+        return not begun and not ((base / "metrics.json").exists() and (base / "predictions").is_dir())
+    return not (base / "metrics.json").exists()
 
 
 def record(name, **update):
@@ -394,6 +443,12 @@ def pack(out, with_checkpoints):
                 tar.add(path, arcname=str(path.relative_to(RUNS)))
     if with_checkpoints:
         unfinished = [p.name for p in RUNS.iterdir() if p.is_dir() and not (p / "metrics.json").exists()]
+        # A finished run that a grown job not begun yet will copy: its predictions (no checkpoints).
+        unfinished += [
+            f"{base}/predictions"
+            for name, (base, _) in GROWN.items()
+            if (RUNS / base / "predictions").is_dir() and not (RUNS / name / "args.json").exists()
+        ]
         if unfinished:
             subprocess.run(
                 f"tar cf - {' '.join(unfinished)} | split -b 15m -d - {out}/checkpoints.tar.part",
@@ -498,7 +553,7 @@ def main(argv=None):
             for name in list(queue):
                 if time.time() - t0 >= a.budget - 30:
                     break
-                if name in AFTER and not (RUNS / AFTER[name] / "metrics.json").exists():
+                if waits(name):
                     continue  # its base run is not finished yet
                 gpu = pick_gpu(name, placed, a.gpus, a.parallel, a.alone)
                 if gpu is None:

@@ -459,6 +459,67 @@ def hiernet_seed_rows(results):
     return out
 
 
+MERGED_C100 = "merged_resnet_cifar100_resnet164"
+MERGED_ALPHAS = (0.0, 0.5, 0.8, 0.9, 1.0, 1.1, 1.2, 1.5, 2.0)  # Figure 3's x axis, closer near 1
+
+
+def merged_cifar100_run(results):
+    """The CIFAR-100 ResNet-164 run with the most runs collected (MERGED_C100_runsN), or None."""
+    steps = [p.parent.name for p in results.glob(f"{MERGED_C100}_runs*/metrics.json")]
+    return max(steps, key=lambda name: int(name.rsplit("_runs", 1)[1]), default=None)
+
+
+def merged_runs_support(m):
+    """What a merged run's number of runs supports: its metrics' own sentences, or for an older
+    run (before they were written) the script's, from the number of runs."""
+    if "runs_support" in m:
+        return m["runs_support"]
+    sys.path.insert(0, str(ROOT))
+    import merged_resnet  # imports torch: only for runs older than runs_support
+
+    return merged_resnet.runs_support(m["runs"], [1, 2, 4])
+
+
+def merged_alpha_tables(run, m):
+    """Figure 3 as tables: test top-1 error % against alpha, one table per level, a row per ensemble
+    size and architecture, mean +- std over runs (ensemble-1) or over combinations of runs."""
+    alphas = [round(a, 1) for a in m["alphas"]]
+    columns = [alphas.index(a) for a in MERGED_ALPHAS]
+    order = list(m["costs"])
+    curves = sorted(m["curves"].items(), key=lambda kv: (int(kv[0].split("-")[-1]), order.index(kv[0].split("/")[0])))
+    sizes = sorted({int(key.split("-")[-1]) for key in m["curves"]})
+    title = (
+        f"`{run}`, {m['runs']} runs, ensembles of {', '.join(map(str, sizes))}: test top-1 error % against alpha "
+        "(Figure 3), mean +- std over the runs, or over the combinations of runs for an ensemble; every alpha "
+        "in its `alpha_curve.txt`. What its runs support:"
+    )
+    lines = [
+        title,
+        "",
+        *(f"- {sentence}" for sentence in merged_runs_support(m)),
+        *(
+            ["- This run's metrics hold single models only (written before ensembles from runs)."]
+            if sizes == [1]
+            else []
+        ),
+        "",
+    ]
+    for level in ("coarse", "fine"):
+        lines += [
+            row([f"{level}: ensemble", "architecture", *(f"{a:.1f}" for a in MERGED_ALPHAS), "test minimum (alpha)"]),
+            row(["---"] * (len(MERGED_ALPHAS) + 3)),
+        ]
+        for key, curve in curves:
+            errors = curve["test"][level]  # members x alphas
+            means = [sum(e[a] for e in errors) / len(errors) for a in range(len(alphas))]
+            best = min(range(len(alphas)), key=lambda a: means[a])
+            cells = [cell([e[a] for e in errors]) for a in columns]
+            architecture, size = key.split("/")
+            lines.append(row([size, architecture, *cells, f"{f2(means[best])} ({alphas[best]:.1f})"]))
+        lines.append("")
+    return lines
+
+
 def section(results):
     lines = [START, ""]
     devices = sorted(
@@ -642,16 +703,18 @@ def section(results):
         "",
     ]
     body = []
-    for run in ("merged_resnet_cifar100_resnet164", "merged_resnet_cifar10", "merged_resnet_shapes"):
+    cifar100 = merged_cifar100_run(results)
+    for run in (cifar100 or MERGED_C100, "merged_resnet_cifar10", "merged_resnet_shapes"):
         m, info = load(run, results)
         if m is None:
             if "cifar100" in run:
                 body.append([f"`{run}`: not run yet", *[""] * 6])
             continue
+        points = m.get("best_alpha") or m["test_curve_minimum"]  # the latter: no validation split
         for arch, cost in m["costs"].items():
             cells = []
             for level in ("coarse", "fine"):
-                b = m["best_alpha"][f"{arch}/ensemble-1/{level}"]
+                b = points[f"{arch}/ensemble-1/{level}"]
                 cells.append(f"{f2(b['test_err_alpha0_mean'])} -> {f2(b['test_err_mean'])} ({b['alpha']:.1f})")
             body.append(
                 [
@@ -677,10 +740,25 @@ def section(results):
     lines += [
         "",
         "Commands: " + "; ".join(f"`{c}`" for c in commands) + ". Alpha is chosen on a validation "
-        "split held out of the training set. The paper's runs (ResNet-164 and DenseNet-BC-100 on CIFAR-100, "
-        "164 / 300 epochs) are not run yet; these two are ResNet-56 (bottleneck), 12-15 epochs, 2 runs.",
-        "",
+        "split held out of the training set; these two are ResNet-56 (bottleneck), 12-15 epochs, 2 runs.",
     ]
+    if cifar100:
+        m, info = load(cifar100, results)
+        lines.append(
+            f"`{cifar100}`: `{info['command']}`, {m['runs']} of the paper's 5 runs (grown one run at a time, "
+            "each step a job of tools/gpu_runs.py); the paper's protocol, every training image, so 'best' is the "
+            "test curve's minimum, read off the curve, not a tuned result. DenseNet-BC-100 (Figure 4): not run yet."
+        )
+    else:
+        lines.append(
+            f"The paper's runs (ResNet-164 and DenseNet-BC-100 on CIFAR-100, 164 / 300 epochs, 5 runs) are not run "
+            f"yet; ResNet-164 is queued in tools/gpu_runs.py as `{MERGED_C100}_runs1` to `_runs5`, one run a job."
+        )
+    lines.append("")
+    for run in (cifar100, "merged_resnet_cifar10"):
+        m, _ = load(run, results) if run else (None, None)
+        if m is not None:
+            lines += merged_alpha_tables(run, m)
     lines += figure_lines(
         results,
         ("merged_resnet_cifar100_resnet164_alpha.png", "CIFAR-100 error vs alpha (Fig. 3)"),
