@@ -520,6 +520,75 @@ def merged_alpha_tables(run, m):
     return lines
 
 
+# The outer product's networks in the paper's table order: (metrics key, the paper's table).
+OUTER_PRODUCT_TABLES = (
+    ("baseline", "I, VGG16 baseline"),
+    ("pretrain", "text, early-stopped VGG16 that builds CH / CVC"),
+    ("coarse_ch", "III, CH coarse VGG13"),
+    ("main_ch", "IV, CH outer-product network"),
+    ("coarse_cvc", "V, CVC coarse VGG13"),
+    ("main_cvc", "VI, CVC outer-product network"),
+    ("ete", "VII, ETE end-to-end network"),
+)
+
+
+def outer_product_paper_tables(results):
+    """Tables I, III-VII on CIFAR-100, ours beside the paper's (train / validation / test), and the
+    weight-decay evidence: the baseline under both L2 conventions on train and validation only."""
+    m, info = load("coarse_outer_product_cifar100", results)
+    if m is None:
+        return []
+    a, paper = m["accuracy"], m["paper_cifar100"]
+    header = ["table", "epochs", "train", "train (eval mode)", "val", "test", "paper train / val / test"]
+    body = []
+    for key, title in OUTER_PRODUCT_TABLES:
+        if key not in a:
+            continue
+        r, p = a[key], paper[key]
+        body.append(
+            [
+                title,
+                str(r["epochs"]) + (f" (best {r['best_epoch']})" if "best_epoch" in r else ""),
+                f2(r["train"]),
+                f2(r.get("train_eval_mode")),
+                f2(r["val"]),
+                f2(r["test"]),
+                " / ".join("-" if p[s] is None else f2(p[s]) for s in ("train", "val", "test")),
+            ]
+        )
+    lines = [
+        f"Tables I, III-VII on CIFAR-100 (`{info['command']}`, {info['device']['gpu']}, "
+        f"commit {commit_cell(info) or 'not recorded'}): accuracy %, train as the paper's base code prints it "
+        "(training mode, the reported epoch's running accuracy), the eval-mode figure on un-augmented "
+        "training images beside it.",
+        "",
+        row(header),
+        row(["---"] * len(header)),
+        *(row(r) for r in body),
+        "",
+    ]
+    keras, keras_info = load("coarse_outer_product_cifar100_baseline_keras", results)
+    if keras is not None:
+        rows = [
+            [convention, f2(r["train"]), f2(r["train_eval_mode"]), f2(r["val"])]
+            for convention, r in (
+                (f"`--wd-convention {m['settings']['wd_convention']}` (default)", a["baseline"]),
+                (f"`--wd-convention {keras['settings']['wd_convention']}`", keras["accuracy"]["baseline"]),
+            )
+        ]
+        rows.append(["paper", f2(paper["baseline"]["train"]), "-", f2(paper["baseline"]["val"])])
+        lines += [
+            "The L2 reading, Table I's baseline under both conventions (same seed and split; train and "
+            f"validation only, nothing chosen here; `{keras_info['command']}`):",
+            "",
+            row(["weight decay", "train", "train (eval mode)", "val"]),
+            row(["---"] * 4),
+            *(row(r) for r in rows),
+            "",
+        ]
+    return lines
+
+
 def section(results):
     lines = [START, ""]
     devices = sorted(
@@ -830,6 +899,7 @@ def section(results):
         "(`epoch_seconds_median`); the CH categories found are in `coarse_categories.md`.",
         "",
     ]
+    lines += outer_product_paper_tables(results)
 
     lines += [
         "### Hierarchical deep loss (`hdl_stack.py`), test error %",
