@@ -117,6 +117,7 @@ Paper vs ours (ambiguities and deviations), the settings that move absolute accu
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -240,7 +241,11 @@ def get_args(argv=None):
     # recovery stages that later stages are trained from; --method and the diversity flags pick
     # which stages a call runs (each stage is named by them), so a resume may change them.
     args = common.parse_args(
-        parser, argv, script="coarse_outer_product", resume_safe=("method", "diversity", "diversity_scales")
+        parser,
+        argv,
+        script="coarse_outer_product",
+        resume_safe=("method", "diversity", "diversity_scales"),
+        dry_run={"val_per_class": 2},  # a --dry-run's 1024 shapes images hold a few per class
     )
     if args.coarse_k < 2:
         parser.error("--coarse-k must be at least 2")
@@ -500,6 +505,7 @@ def degenerate_check(name, counts, what):
     print(
         f"warning: {name}: degenerate coarse categories, {used} of {len(counts)} used ({kind}; {what} per category "
         f"{counts.tolist()})",
+        file=sys.stderr,
         flush=True,
     )
     return entry
@@ -963,7 +969,11 @@ def collect_results(run_dir, dataset, k, class_names):
             ],
         }
         if selected is None:
-            print(f"warning: ETE {loss}: no diversity weight keeps two categories alive on validation", flush=True)
+            print(
+                f"warning: ETE {loss}: no diversity weight keeps two categories alive on validation",
+                file=sys.stderr,
+                flush=True,
+            )
         else:
             rows[f"ete_{loss}"] = selected
     metrics = {"dataset": dataset, "coarse_k": k}

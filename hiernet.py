@@ -143,6 +143,7 @@ import copy
 import itertools
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -399,8 +400,8 @@ def test_halves(args, labels):
         if not ok:
             common.fail(
                 "--test-halves authors: the authors' halves do not give 50 + 50 images per class with this "
-                "test set; it is not CIFAR-100's in the official order (unpack it with the tool in the data "
-                "README or torchvision's files), or pass --test-halves seeded"
+                "test set; it is not CIFAR-100's in the official order (delete --data-dir's cifar-100-python "
+                "and let torchvision download it again), or pass --test-halves seeded"
             )
         return np.flatnonzero(~mask), np.flatnonzero(mask)
     return common.split_half(labels, args.seed)
@@ -1276,12 +1277,14 @@ def main(argv=None):
         print(
             "[hiernet] warning: one group only; the super-class node has nothing to decide "
             "(lower --g-max or raise --p-min)",
+            file=sys.stderr,
             flush=True,
         )
     if len(tree) > 32:  # e.g. a near-perfect backbone on easy data: few confusions, many singletons
         print(
             f"[hiernet] warning: {len(tree)} groups; every branch runs on every image in training, so the cost "
             "grows with the group count (lower --p-min)",
+            file=sys.stderr,
             flush=True,
         )
     top_groups = [grouping.tree_leaves(child) for child in tree]

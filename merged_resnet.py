@@ -217,8 +217,14 @@ def get_args(argv=None):
     g.add_argument("--eval-batch-size", type=common.positive_int, default=1000)
     # --tasks and --analyze-only pick what a call does in the run directory, not the experiment.
     # --runs may grow: every model's seed is its (architecture, run)'s, whatever --runs was.
+    # A --dry-run's own defaults (flags not given): the smallest backbone of each kind, two runs.
     args = common.parse_args(
-        parser, argv, script="merged_resnet", resume_longer=("epochs", "runs"), resume_safe=("tasks", "analyze_only")
+        parser,
+        argv,
+        script="merged_resnet",
+        resume_longer=("epochs", "runs"),
+        resume_safe=("tasks", "analyze_only"),
+        dry_run={"depth": lambda a: 11 if a.backbone == "resnet" else 10, "runs": 2},
     )
     for key, value in BACKBONE_DEFAULTS[args.backbone].items():
         if getattr(args, key) is None:
