@@ -245,7 +245,9 @@ def get_args(argv=None):
         argv,
         script="coarse_outer_product",
         resume_safe=("method", "diversity", "diversity_scales"),
-        dry_run={"val_per_class": 2},  # a --dry-run's 1024 shapes images hold a few per class
+        # A --dry-run's own defaults (flags not given): fewer images (VGG16 passes over every one of
+        # them to assign the coarse categories), one held out per class, one restart.
+        dry_run={"train_size": 144, "test_size": 32, "batch_size": 8, "val_per_class": 1, "ch_restarts": 1},
     )
     if args.coarse_k < 2:
         parser.error("--coarse-k must be at least 2")

@@ -245,7 +245,7 @@ def _given_flags(parser, argv):
 # What a --dry-run uses for the flags the command line does not give (a new run only; a resumed
 # dry run keeps its own): the synthetic shapes data, small, so that every script's dry run takes
 # well under a minute on two CPU cores. Scripts add their own (a small model, fewer runs).
-DRY_RUN_DEFAULTS = {"dataset": "shapes", "train_size": 1024, "test_size": 720, "image_size": 32, "batch_size": 32}
+DRY_RUN_DEFAULTS = {"dataset": "shapes", "train_size": 1024, "test_size": 256, "image_size": 32, "batch_size": 32}
 
 
 def _apply_dry_run_defaults(parser, argv, args, script_defaults):

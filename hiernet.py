@@ -315,7 +315,8 @@ def get_args(argv=None):
         help="fast evaluation: only each image's routed branch (sorted) or every branch, then select",
     )
     # No run length grows on resume: the tree and HierNet are built from the trained backbone.
-    args = common.parse_args(parser, argv, script="hiernet", resume_longer=())
+    # A --dry-run's own default (flag not given): 720 test images, so that every shapes class can be halved.
+    args = common.parse_args(parser, argv, script="hiernet", resume_longer=(), dry_run={"test_size": 720})
     if args.test_halves is None:
         args.test_halves = "authors" if args.dataset == "cifar100" else "seeded"
     if args.test_halves == "authors" and args.dataset != "cifar100":

@@ -128,7 +128,7 @@ def test_an_unreadable_folder_cache_warns_on_stderr(tmp_path, capsys):
 def test_a_dry_run_defaults_to_small_shapes(script, capsys):
     args = importlib.import_module(script).get_args(["--dry-run"])
     assert args.dataset == "shapes" and args.image_size == 32
-    assert args.train_size <= 2048 and args.test_size <= 1024
+    assert args.train_size <= 2048 and args.test_size <= (720 if script == "hiernet" else 256)
     assert "dry run: --dataset shapes" in capsys.readouterr().out
 
 
