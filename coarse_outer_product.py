@@ -53,7 +53,7 @@ One method per call, in one run directory (each call fits in about 10 minutes on
     python coarse_outer_product.py --resume runs/cop100 --method ch      # then cvc (reuses CH's VGG16), ete
     python coarse_outer_product.py --resume runs/cop100 --method ete --diversity none eq4
 Smoke run:
-    python coarse_outer_product.py --dry-run --image-size 32 --train-size 600 --test-size 200 --val-per-class 2 --device cpu
+    python coarse_outer_product.py --dry-run --device cpu   # small shapes, see get_args
 
 Paper vs ours (ambiguities and deviations), the settings that move absolute accuracy first:
 - Weight decay (--wd-convention pytorch, default): "L2 regularization is set to 0.001" is read as

@@ -57,7 +57,7 @@ Scaled-down runs (one H100; shorter, shallower, 2 runs; see "Paper vs ours"):
         --depth 56 --epochs 15 --runs 2 --val-fraction 0.1                       # all five, ~3 min
     python merged_resnet.py --dataset cifar10 --data-dir data --depth 56 --epochs 12 --runs 2 \
         --architectures separate merge-1 merge-2 --val-fraction 0.1              # ~5-6 min
-Offline smoke run: python merged_resnet.py --dry-run --depth 11 --runs 2 --image-size 16 --device cpu
+Offline smoke run: python merged_resnet.py --dry-run --device cpu   (small shapes, --depth 11, --runs 2)
 
 Cost: one ResNet-164 network trains at about 7,000 images/s on an H100 (batch 128, bf16, CUDA
 graph), 17.5 minutes for 164 epochs; separate and merge-0 train two, merge-1..3 share 1/3..3/3 of
