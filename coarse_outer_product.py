@@ -53,7 +53,7 @@ One method per call, in one run directory (each call fits in about 10 minutes on
     python coarse_outer_product.py --resume runs/cop100 --method ch      # then cvc (reuses CH's VGG16), ete
     python coarse_outer_product.py --resume runs/cop100 --method ete --diversity none eq4
 Smoke run:
-    python coarse_outer_product.py --dry-run --image-size 32 --train-size 600 --test-size 200 --val-per-class 2 --device cpu
+    python coarse_outer_product.py --dry-run --device cpu   # small shapes, see get_args
 
 Paper vs ours (ambiguities and deviations), the settings that move absolute accuracy first:
 - Weight decay (--wd-convention pytorch, default): "L2 regularization is set to 0.001" is read as
@@ -117,6 +117,7 @@ Paper vs ours (ambiguities and deviations), the settings that move absolute accu
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -240,7 +241,13 @@ def get_args(argv=None):
     # recovery stages that later stages are trained from; --method and the diversity flags pick
     # which stages a call runs (each stage is named by them), so a resume may change them.
     args = common.parse_args(
-        parser, argv, script="coarse_outer_product", resume_safe=("method", "diversity", "diversity_scales")
+        parser,
+        argv,
+        script="coarse_outer_product",
+        resume_safe=("method", "diversity", "diversity_scales"),
+        # A --dry-run's own defaults (flags not given): fewer images (VGG16 passes over every one of
+        # them to assign the coarse categories), one held out per class, one restart.
+        dry_run={"train_size": 144, "test_size": 32, "batch_size": 8, "val_per_class": 1, "ch_restarts": 1},
     )
     if args.coarse_k < 2:
         parser.error("--coarse-k must be at least 2")
@@ -500,6 +507,7 @@ def degenerate_check(name, counts, what):
     print(
         f"warning: {name}: degenerate coarse categories, {used} of {len(counts)} used ({kind}; {what} per category "
         f"{counts.tolist()})",
+        file=sys.stderr,
         flush=True,
     )
     return entry
@@ -963,7 +971,11 @@ def collect_results(run_dir, dataset, k, class_names):
             ],
         }
         if selected is None:
-            print(f"warning: ETE {loss}: no diversity weight keeps two categories alive on validation", flush=True)
+            print(
+                f"warning: ETE {loss}: no diversity weight keeps two categories alive on validation",
+                file=sys.stderr,
+                flush=True,
+            )
         else:
             rows[f"ete_{loss}"] = selected
     metrics = {"dataset": dataset, "coarse_k": k}

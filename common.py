@@ -129,11 +129,23 @@ def device_name(text):
     raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda, cuda:N or mps, got {text!r}")
 
 
+def one_line_errors(parser):
+    """Make the parser refuse a flag in one line, `prog: error: ... (prog -h lists the flags)`, exit
+    status 2, instead of argparse's usage block (20-30 lines) before it. Returns the parser."""
+
+    def error(message):
+        parser.exit(2, f"{parser.prog}: error: {message} ({parser.prog} -h lists the flags)\n")
+
+    parser.error = error
+    return parser
+
+
 def add_common_args(parser, *, epochs, batch_size, lr, dataset="shapes", datasets=DATASETS, distributed="ddp"):
     """The flags every script shares; the defaults passed in are the script's paper settings.
 
     `distributed` is what the script does when started by torchrun with several processes
     (see init_distributed); a plain `python script.py` ignores --distributed."""
+    one_line_errors(parser)
     g = parser.add_argument_group("common")
     g.add_argument("--dataset", default=dataset, choices=datasets)
     g.add_argument("--data-dir", default="./data", help="root of the on-disk datasets")
@@ -150,7 +162,11 @@ def add_common_args(parser, *, epochs, batch_size, lr, dataset="shapes", dataset
     g.add_argument("--out-dir", default=None, help="run directory (default runs/<script>-<time>)")
     g.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR where it stopped")
     g.add_argument("--force", action="store_true", help="overwrite an existing --out-dir")
-    g.add_argument("--dry-run", action="store_true", help="one epoch of two batches per stage")
+    g.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="one epoch of two batches per stage, on small settings for the flags not given (shapes data)",
+    )
     g.add_argument(
         "--compile", action="store_true", help="torch.compile the model (then CUDA-graphed, unless --no-cuda-graph)"
     )
@@ -226,8 +242,36 @@ def _given_flags(parser, argv):
     return {k: v for k, v in vars(ns).items() if v is not unset}
 
 
-def parse_args(parser, argv=None, *, script=None, resume_longer=("epochs",), resume_safe=()):
+# What a --dry-run uses for the flags the command line does not give (a new run only; a resumed
+# dry run keeps its own): the synthetic shapes data, small, so that every script's dry run takes
+# well under a minute on two CPU cores. Scripts add their own (a small model, fewer runs).
+DRY_RUN_DEFAULTS = {"dataset": "shapes", "train_size": 1024, "test_size": 256, "image_size": 32, "batch_size": 32}
+
+
+def _apply_dry_run_defaults(parser, argv, args, script_defaults):
+    """Set DRY_RUN_DEFAULTS and the script's on args, for the flags not given; one line says which."""
+    given = _given_flags(parser, argv)
+    values = {**DRY_RUN_DEFAULTS, **(script_defaults or {})}
+    dataset = given.get("dataset", values["dataset"])
+    if dataset != "shapes":  # sizes and the image side are the shapes data's alone
+        values = {k: v for k, v in values.items() if k not in ("train_size", "test_size", "image_size")}
+    options = {a.dest: a.option_strings[-1] for a in parser._actions if a.option_strings}
+    applied = {k: v for k, v in values.items() if k not in given and k in options}
+    for dest, value in applied.items():
+        applied[dest] = value(args) if callable(value) else value  # a value that depends on other flags
+        setattr(args, dest, applied[dest])
+    if applied:
+        shown = " ".join(
+            f"{options[k]} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in applied.items()
+        )
+        print(f"dry run: {shown} (a flag given keeps its value)", flush=True)
+
+
+def parse_args(parser, argv=None, *, script=None, resume_longer=("epochs",), resume_safe=(), dry_run=None):
     """Parse argv; with --resume DIR, the run's saved settings fill every flag not given.
+
+    A new --dry-run takes DRY_RUN_DEFAULTS and the script's `dry_run` {dest: value} for the flags
+    the command line does not give (the paper's defaults stay those of real runs).
 
     A resume continues the same experiment: DIR must be a run of `script`, and a flag that
     differs from the run's value is refused (one line naming it) unless it is in RESUME_SAFE,
@@ -236,6 +280,8 @@ def parse_args(parser, argv=None, *, script=None, resume_longer=("epochs",), res
     a script may lengthen is its choice: stages that later stages build on are not extended."""
     args = parser.parse_args(argv)
     if not args.resume:
+        if args.dry_run:
+            _apply_dry_run_defaults(parser, argv, args, dry_run)
         return args
     if args.force:
         fail("--resume continues a run and --force starts one over; give one of them")
@@ -830,11 +876,29 @@ def load_checkpoint(path, device="cpu"):
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
-        reason = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
-        fail(
-            f"cannot load the checkpoint {path}: {reason[:200]} (a truncated or damaged file, or one with "
-            "more than tensors and plain values in it)"
+        fail(f"cannot load the checkpoint {path}: {_load_failure(e)}")
+
+
+def _load_failure(error):
+    """Why torch.load(weights_only=True) refused a file, in our words. torch's own message advises
+    loading with weights_only=False, which is the one unsafe step for a planted file: never quoted."""
+    if isinstance(error, pickle.UnpicklingError) and "weights only" in str(error).lower():
+        return (
+            "it holds Python objects besides tensors and plain values, so this project did not write it (or it "
+            "was altered) and loading it could run code; it is not loaded. Use a checkpoint.pt a run of these "
+            "scripts wrote, or train again"
         )
+    if isinstance(error, FileNotFoundError):
+        return "no such file"
+    return (
+        f"not a readable PyTorch file ({_first_sentence(error)}): truncated or damaged, or another kind of file; "
+        "use an intact checkpoint.pt of a run, or train again"
+    )
+
+
+def _first_sentence(error, limit=160):
+    text = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+    return text.split(". ")[0][:limit]
 
 
 def _misfit(model, error):
@@ -1289,6 +1353,26 @@ def _folder_files(root):
     return files
 
 
+FOLDER_DECODER = 2  # 2: 16-bit grayscale scaled to 8 bits (1: clipped at 255 by PIL's convert)
+
+
+def _rgb8(im, path):
+    """A PIL image as uint8 H x W x 3. 16-bit grayscale (PNG's I;16 modes, or mode I from a PNG,
+    which is 16-bit there) is scaled to 0..255 (v * 255 / 65535, rounded); PIL's convert("RGB")
+    would clip it at 255 and turn most pixels white. Other 32-bit integer or float images are
+    refused (their range is unknown)."""
+    if im.mode.startswith("I;16") or (im.mode == "I" and im.format == "PNG"):
+        a = np.asarray(im, dtype=np.float64)
+        gray = np.clip(np.round(a * 255.0 / 65535.0), 0, 255).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if im.mode in ("I", "F"):
+        fail(
+            f"{path}: a {'32-bit integer' if im.mode == 'I' else 'floating-point'} image ({im.format} mode {im.mode}), "
+            "whose range is unknown; save it as an 8- or 16-bit PNG or as JPEG"
+        )
+    return np.array(im.convert("RGB"))
+
+
 def load_folder(data_dir, image_size=None):
     """An ImageFolder-style tree, decoded once and cached as uint8 beside it.
 
@@ -1303,7 +1387,18 @@ def load_folder(data_dir, image_size=None):
     unknown = sorted({c for c, _ in files["test"]} - set(class_names))
     if unknown:
         fail(f"{root}/test has classes that {root}/train lacks: {', '.join(unknown)}")
-    key = hashlib.sha1(repr(image_size).encode())
+    # A class with no test images still trains (a class list is the train folders'), but no test
+    # number says anything about it: one warning line.
+    untested = sorted(set(class_names) - {c for c, _ in files["test"]})
+    if untested:
+        print(
+            f"warning: {root}/test has no folder for {len(untested)} class(es) of train/ "
+            f"({', '.join(untested[:5])}{', ...' if len(untested) > 5 else ''}); they are trained but never tested",
+            file=sys.stderr,
+            flush=True,
+        )
+    # FOLDER_DECODER in the key: a cache decoded by an older rule (16-bit images clipped) is rebuilt.
+    key = hashlib.sha1(f"{FOLDER_DECODER}|{image_size!r}".encode())
     for part in ("train", "test"):
         for c, p in files[part]:
             st = p.stat()
@@ -1318,7 +1413,7 @@ def load_folder(data_dir, image_size=None):
             for c, p in files[part]:
                 try:
                     with Image.open(p) as im:
-                        img = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).contiguous()
+                        img = torch.from_numpy(_rgb8(im, p)).permute(2, 0, 1).contiguous()
                 except Exception as e:
                     fail(f"cannot decode image {p} ({e}); replace the file (re-copy or re-unpack it) or remove it")
                 if image_size and tuple(img.shape[1:]) != (image_size, image_size):
@@ -1350,8 +1445,13 @@ def _read_folder_cache(cache, n_train, n_test):
                 raise ValueError(f"its {part} labels are out of range")
         return obj
     except Exception as e:
-        reason = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
-        print(f"warning: the image cache {cache} is unreadable ({reason[:120]}); decoding the images again")
+        weights_only = isinstance(e, pickle.UnpicklingError) and "weights only" in str(e).lower()
+        reason = "it holds more than tensors and plain values; not loaded" if weights_only else _first_sentence(e, 120)
+        print(
+            f"warning: the image cache {cache} is unreadable ({reason}); decoding the images again",
+            file=sys.stderr,
+            flush=True,
+        )
         return None
 
 
@@ -1368,7 +1468,11 @@ def _write_folder_cache(cache, obj, prefix):
     try:
         _atomic_write(cache, buffer.getvalue())
     except OSError as e:
-        print(f"warning: cannot write the image cache {cache} ({e.strerror or e}); decoding without a cache")
+        print(
+            f"warning: cannot write the image cache {cache} ({e.strerror or e}); decoding without a cache",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 # The shapes dataset of the HDL paper (section 3): triangle or square, one of six fill colours,
@@ -1463,11 +1567,57 @@ def shapes_hierarchy():
     return Hierarchy(["shape", "shape_fill", "fine"], names, [fine // 36, fine // 6, fine])
 
 
+def available_memory():
+    """Bytes this process may still allocate: MemAvailable of /proc/meminfo (physical memory where
+    there is none), lowered to the address-space limit (ulimit -v) when one is set."""
+    try:
+        meminfo = Path("/proc/meminfo").read_text()
+        free = int(next(line.split()[1] for line in meminfo.splitlines() if line.startswith("MemAvailable:"))) * 1024
+    except (OSError, StopIteration, ValueError, IndexError):
+        try:
+            free = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+    try:
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if limit != resource.RLIM_INFINITY:
+            free = min(free, limit)
+    except (ImportError, OSError, ValueError):
+        pass
+    return free
+
+
+def _gib(n):
+    return f"{n / 2**30:.1f} GiB"
+
+
 def load_shapes(n_train=20000, n_test=6000, image_size=64, seed=0):
-    """The synthetic hierarchical dataset; train and test drawn from disjoint seeds."""
+    """The synthetic hierarchical dataset; train and test drawn from disjoint seeds.
+
+    Sizes that cannot fit are refused in one line before anything is allocated: the uint8 images
+    (3 x S x S bytes each) must fit in half the memory available, since the scripts copy splits
+    (a validation hold-out, a subset) beside them."""
+    need = (n_train + n_test) * (3 * image_size * image_size + 64)
+    free = available_memory()
+    if free is not None and 2 * need > free:
+        fail(
+            f"--train-size {n_train} --test-size {n_test} --image-size {image_size}: the shapes images take "
+            f"{_gib(need)}, and the run needs about twice that; this machine has {_gib(free)} available. "
+            "Lower --train-size (or --test-size, --image-size)"
+        )
     splits = []
     for n, offset in ((n_train, 0), (n_test, 1)):
-        images, labels = make_shapes(n, image_size, seed=seed * 2 + offset + 12345)
+        try:
+            images, labels = make_shapes(n, image_size, seed=seed * 2 + offset + 12345)
+        except (MemoryError, RuntimeError) as e:
+            if not isinstance(e, MemoryError) and "allocate" not in str(e):
+                raise
+            fail(
+                f"out of memory generating {n} shapes images of {image_size} pixels ({_first_sentence(e, 100)}); "
+                "lower --train-size (or --test-size, --image-size)"
+            )
         extra = {k: v for k, v in labels.items() if k != "fine"}
         splits.append(Split(images, labels["fine"], extra))
     return splits[0], splits[1], shapes_hierarchy()
@@ -1637,7 +1787,13 @@ class GpuLoader:
         if shard is None:
             shard = (rank(), world_size()) if train and ddp_active() else (0, 1)
         self.rank, self.world = shard
-        self.images = images.to(self.device)
+        try:
+            self.images = images.to(self.device)
+        except torch.OutOfMemoryError:
+            fail(
+                f"the split's {len(images)} images ({_gib(images.numel() * images.element_size())}) do not fit in "
+                f"the memory of {self.device}; lower --train-size / --test-size or --image-size"
+            )
         self.single = isinstance(labels, torch.Tensor)
         self.labels = tuple(l.to(self.device) for l in ((labels,) if self.single else labels))
         self.batch_size, self.train = batch_size, train

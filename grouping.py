@@ -89,6 +89,7 @@ def get_args(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    common.one_line_errors(parser)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--cpm", type=cpm_file, help="a saved confusion probability matrix (.npy, C x C)")
     source.add_argument(

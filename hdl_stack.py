@@ -22,7 +22,7 @@ stack on the pooled features, plus the fine classifier there) is the reading of 
 
 Reproduces: experiment 2 / Table 4 (the shapes dataset: fill colour, outline colour and shape all
 at 100%) and experiment 6 / Table 3 (CIFAR-100 with three WordNet levels of 12, 6 and 2
-categories, baseline ResNet-18 vs HDL; CIFAR-100 via --data-dir, see ../shared/data/README.md).
+categories, baseline ResNet-18 vs HDL; CIFAR-100 via --data-dir, see the README's Data section).
 
 Commands:
     python hdl_stack.py --out-dir runs/hdl_shapes             # shapes, 64x64, 20k / 6k, baseline + HDL, 20 epochs

@@ -143,6 +143,7 @@ import copy
 import itertools
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -314,7 +315,8 @@ def get_args(argv=None):
         help="fast evaluation: only each image's routed branch (sorted) or every branch, then select",
     )
     # No run length grows on resume: the tree and HierNet are built from the trained backbone.
-    args = common.parse_args(parser, argv, script="hiernet", resume_longer=())
+    # A --dry-run's own default (flag not given): 720 test images, so that every shapes class can be halved.
+    args = common.parse_args(parser, argv, script="hiernet", resume_longer=(), dry_run={"test_size": 720})
     if args.test_halves is None:
         args.test_halves = "authors" if args.dataset == "cifar100" else "seeded"
     if args.test_halves == "authors" and args.dataset != "cifar100":
@@ -399,8 +401,8 @@ def test_halves(args, labels):
         if not ok:
             common.fail(
                 "--test-halves authors: the authors' halves do not give 50 + 50 images per class with this "
-                "test set; it is not CIFAR-100's in the official order (unpack it with the tool in the data "
-                "README or torchvision's files), or pass --test-halves seeded"
+                "test set; it is not CIFAR-100's in the official order (delete --data-dir's cifar-100-python "
+                "and let torchvision download it again), or pass --test-halves seeded"
             )
         return np.flatnonzero(~mask), np.flatnonzero(mask)
     return common.split_half(labels, args.seed)
@@ -1276,12 +1278,14 @@ def main(argv=None):
         print(
             "[hiernet] warning: one group only; the super-class node has nothing to decide "
             "(lower --g-max or raise --p-min)",
+            file=sys.stderr,
             flush=True,
         )
     if len(tree) > 32:  # e.g. a near-perfect backbone on easy data: few confusions, many singletons
         print(
             f"[hiernet] warning: {len(tree)} groups; every branch runs on every image in training, so the cost "
             "grows with the group count (lower --p-min)",
+            file=sys.stderr,
             flush=True,
         )
     top_groups = [grouping.tree_leaves(child) for child in tree]

@@ -167,6 +167,7 @@ Paper vs ours (every ambiguity or deviation)
 import argparse
 import itertools
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -313,7 +314,10 @@ def make_parser():
 def get_args(argv=None):
     parser = make_parser()
     # A resume may lengthen the LH stages, not the base model: they are trained on its features.
-    args = common.parse_args(parser, argv, script="latent_string", resume_longer=("lh_epochs",))
+    # A --dry-run's own default (flag not given): one epoch after a code repair, like every other stage.
+    args = common.parse_args(
+        parser, argv, script="latent_string", resume_longer=("lh_epochs",), dry_run={"repair_epochs": 1}
+    )
     if args.bits is not None and not 1 <= args.bits <= 20:
         parser.error("--bits must be between 1 and 20")
     if not 0 < args.mu <= 1:
@@ -1132,7 +1136,7 @@ def test_time(base, classifier, table, data, args, device):
                 try:
                     f = wrap(forward, batch)
                 except RuntimeError as e:  # reported in metrics.json and printed, not hidden
-                    print(f"warning: CUDA graph capture of the {name} forward failed: {e}")
+                    print(f"warning: CUDA graph capture of the {name} forward failed: {e}", file=sys.stderr, flush=True)
                     result[f"{mode}_error"] = str(e)
                     continue
                 ips = common.measure_throughput(f, batch, device=device, dtype=args.dtype, iters=iters, warmup=warmup)
@@ -1238,7 +1242,11 @@ def main(argv=None):
         common.fail(f"{data.name} has {C} class; the LH classifier needs at least 2")
     bits = args.bits or default_bits(C)
     if 2**bits < C:
-        print(f"warning: L = {bits} bits give {2**bits} strings for {C} classes; some classes must share a string")
+        print(
+            f"warning: L = {bits} bits give {2**bits} strings for {C} classes; some classes must share a string",
+            file=sys.stderr,
+            flush=True,
+        )
     lstm_hidden, code_hidden = default_lh_sizes(data.name, C)
     lstm_hidden = tuple(args.lstm_hidden_sizes or lstm_hidden)
     code_hidden = args.code_hidden or code_hidden
@@ -1286,7 +1294,11 @@ def main(argv=None):
     tree = prefix_tree(codes, names)
     if lh["duplicate_strings"]:
         shared = "; ".join(", ".join(names[c] for c in g) for g in lh["duplicate_strings"])
-        print(f"warning: {len(lh['duplicate_strings'])} strings are shared by several classes: {shared}")
+        print(
+            f"warning: {len(lh['duplicate_strings'])} strings are shared by several classes: {shared}",
+            file=sys.stderr,
+            flush=True,
+        )
 
     # The random-embedding ablation and the reduced FC classifier of Table III.
     random_result, random_codes, random_scores, _ = train_lh_model(

@@ -57,7 +57,7 @@ Scaled-down runs (one H100; shorter, shallower, 2 runs; see "Paper vs ours"):
         --depth 56 --epochs 15 --runs 2 --val-fraction 0.1                       # all five, ~3 min
     python merged_resnet.py --dataset cifar10 --data-dir data --depth 56 --epochs 12 --runs 2 \
         --architectures separate merge-1 merge-2 --val-fraction 0.1              # ~5-6 min
-Offline smoke run: python merged_resnet.py --dry-run --depth 11 --runs 2 --image-size 16 --device cpu
+Offline smoke run: python merged_resnet.py --dry-run --device cpu   (small shapes, --depth 11, --runs 2)
 
 Cost: one ResNet-164 network trains at about 7,000 images/s on an H100 (batch 128, bf16, CUDA
 graph), 17.5 minutes for 164 epochs; separate and merge-0 train two, merge-1..3 share 1/3..3/3 of
@@ -217,8 +217,14 @@ def get_args(argv=None):
     g.add_argument("--eval-batch-size", type=common.positive_int, default=1000)
     # --tasks and --analyze-only pick what a call does in the run directory, not the experiment.
     # --runs may grow: every model's seed is its (architecture, run)'s, whatever --runs was.
+    # A --dry-run's own defaults (flags not given): the smallest backbone of each kind, two runs.
     args = common.parse_args(
-        parser, argv, script="merged_resnet", resume_longer=("epochs", "runs"), resume_safe=("tasks", "analyze_only")
+        parser,
+        argv,
+        script="merged_resnet",
+        resume_longer=("epochs", "runs"),
+        resume_safe=("tasks", "analyze_only"),
+        dry_run={"depth": lambda a: 11 if a.backbone == "resnet" else 10, "runs": 2},
     )
     for key, value in BACKBONE_DEFAULTS[args.backbone].items():
         if getattr(args, key) is None:

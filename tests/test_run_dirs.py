@@ -339,7 +339,7 @@ def test_planted_folder_cache_is_rebuilt_not_run(tmp_path, capsys, monkeypatch):
     capsys.readouterr()
     again, _, _ = common.load_folder(tmp_path)
     assert not marker.exists() and torch.equal(again.images, train.images)
-    assert "unreadable" in capsys.readouterr().out
+    assert "unreadable" in capsys.readouterr().err
     assert torch.load(cache, weights_only=True)["class_names"] == ["cat", "dog"]  # rebuilt
     cache.write_bytes(cache.read_bytes()[:50])  # truncated (a full disk, before atomic writes)
     assert torch.equal(common.load_folder(tmp_path)[0].images, train.images)
@@ -352,8 +352,8 @@ def test_planted_folder_cache_is_rebuilt_not_run(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(common, "_atomic_write", read_only)
     capsys.readouterr()
     assert torch.equal(common.load_folder(tmp_path)[0].images, train.images)
-    out = capsys.readouterr().out
-    assert "decoding without a cache" in out and len(out.strip().splitlines()) == 1
+    err = capsys.readouterr().err
+    assert "decoding without a cache" in err and len(err.strip().splitlines()) == 1
     assert not list(tmp_path.glob(".cache-*"))
 
 
