@@ -1,131 +1,38 @@
 """Hierarchical Deep Loss (HDL): a cascade of per-level linear layers plus a center loss on a ResNet-18.
 
-Paper: "Learn class hierarchy using convolutional neural networks" (the HDL stack paper,
-../shared/papers/hdl_stack.txt). After a ResNet-18's pooled features come one linear stack per
-level of the class hierarchy, finest level first, each with a cross-entropy loss, and a center
-loss on the pooled features:
+Paper: "Learn class hierarchy using convolutional neural networks" (../shared/papers/hdl_stack.txt).
+Reproduces experiment 2 / Table 4 (shapes: fill, outline, shape at 100%) and experiment 6 / Table 3
+(CIFAR-100, WordNet levels of 12 / 6 / 2 categories, baseline ResNet-18 vs HDL). The full account of
+every reading and deviation, and the commands: docs/hdl_stack.md.
 
-    L = lambda0 * L_center + sum_l lambda_l * CE_l          (eq. 4-5, all lambdas 1)
-    L_center = mean_i || x_i - c_{y_i} ||^2                   (eq. 1), class centres updated per epoch
+    python hdl_stack.py --out-dir runs/hdl_shapes             # shapes, baseline + HDL, 20 epochs
+    python hdl_stack.py --dataset cifar100 --data-dir data    # experiment 6, Table 3 row 1 (800 epochs)
+    python hdl_stack.py --sweep-table runs/sweep               # a lambda0 sweep's table and SWEEP_RULE's pick
 
-Topology (--heads, default cascade): the stacks form a chain, each level's stack fed by the
-previous level's output. The paper says so twice in its introduction: "we have a cascade of fully
-connected linear layers each one with softmax plus cross-entropy, where the output of a layer l-1
-is the input of layer l" and "in our approach the input per layer is the output of the previous
-layer"; experiment 6 puts the stack "after the final output layer of the baseline model", so on
-CIFAR-100 the chain starts from the fine classifier's 100 outputs: fine FC 512->100, then linear1
-(FC 100, ReLU, FC 12), linear2 (FC 10, ReLU, FC 6), linear3 (FC 4, ReLU, FC 2). On shapes
-(section 4.1: "we add three fully connected linear layer, where each layer corresponding to the
-total number of concepts", Fig. 1: the output layer "is replaced by N fully connected layers") the
-chain is 512 -> 6 fill -> 6 outline -> 2 shape, with no fine classifier. --heads parallel (every
-stack on the pooled features, plus the fine classifier there) is the reading of Fig. 1 alone.
+Pipeline (main): levels of the class hierarchy -> data (optional validation split) -> the baseline
+ResNet-18 (fine cross-entropy) -> HDL from the same initialisation and batch order:
 
-Reproduces: experiment 2 / Table 4 (the shapes dataset: fill colour, outline colour and shape all
-at 100%) and experiment 6 / Table 3 (CIFAR-100 with three WordNet levels of 12, 6 and 2
-categories, baseline ResNet-18 vs HDL; CIFAR-100 via --data-dir, see ../shared/data/README.md).
+    L = lambda0 * L_center + lambda_fine * CE_fine + sum_l lambda_l * CE_l     (eq. 4-5, all lambdas 1)
+    L_center = mean_i || x_i - c_{y_i} ||^2        (eq. 1), class centres moved to the epoch's class means
 
-Commands:
-    python hdl_stack.py --out-dir runs/hdl_shapes             # shapes, 64x64, 20k / 6k, baseline + HDL, 20 epochs
-    python hdl_stack.py --dataset cifar100 --data-dir data    # experiment 6 (800 epochs, lr 0.001), Table 3 row 1
-    python hdl_stack.py --dataset cifar100 --data-dir data --levels fixed-synset   # the other WordNet reading
-    python hdl_stack.py --dataset cifar100 --data-dir data --arch preact_resnet18   # Table 3 row 2
-    python hdl_stack.py --dataset cifar100 --data-dir data --method hdl --val-fraction 0.1 --epochs 40 \\
-        --lambda-center 0.01 --center-update wen --out-dir runs/sweep/wen_0.01   # one cell of a lambda0 sweep
-    python hdl_stack.py --sweep-table runs/sweep               # its table and SWEEP_RULE's pick: sweep.md, .json
+then the last epoch on the test set, once; table3.md, metrics.json, metrics.jsonl, levels.json (Reports).
 
-Outputs in the run directory: args.json, metrics.jsonl (per epoch: per-level losses, train
-accuracies, the mean feature norm; validation accuracies with --val-fraction), metrics.json (every
-reported number, the majority-category errors, the HDL configuration), table3.md (Table 3 layout:
-baseline / HDL fine error and the per-level errors with the majority-category row and the paper's
-row; Table 4 layout: per-level accuracies; hierarchy-violation rates), levels.json (the
-class-to-level maps used, and CIFAR-100's WordNet reading).
-
-The Table 3 setting (CIFAR-100, every default): lambda0 = lambda_1..N = 1 (eq. 4) and 1 on the fine
-classifier, class centres moved to the epoch's class means after each epoch, the center loss on the raw
-pooled features, Adam with lr 0.001 (constant), 800 epochs, random crop and flip (experiment 6), batch 64
-(experiment 6 gives none; 64 is the paper's batch "on the other datasets", Table 4), the first-sense
-WordNet levels (12 / 6 / 2 categories, every one with classes). Nothing of it is chosen by a sweep.
-
-Center loss variants (the paper's text is the default; see "Paper vs ours"):
-    --center-update epoch   centres become the epoch's class means after each epoch (the paper:
-                            "compute the Center Loss function on each training mini-batch and
-                            update all class centers after each training epoch")
-    --center-update wen     Wen et al. 2016 (the paper's [17]): every batch,
-                            c_j <- c_j - alpha * sum_{y_i = j} (c_j - x_i) / (1 + n_j), alpha 0.5
-    --center-update sgd     every batch, one SGD step of rate alpha on the centres (centres as
-                            parameters with their own SGD, the usual PyTorch centre-loss practice)
-    --center-features raw | normalized   the pooled features as they are, or L2-normalised
-    --lambda-center         lambda0 (paper: 1). Wen et al. weight 1/2 sum ||x - c||^2 by lambda =
-                            0.003-0.01; with our batch mean of ||x - c||^2 that is lambda0 = lambda / 2.
-
-Paper vs ours (ambiguities and deviations):
-- Cascade details: the paper does not say whether the fine classifier's logits pass a ReLU before
-  linear1 (it lists ReLU "except for the layers of size 12, 6, 2"); no activation follows any layer
-  that carries a cross-entropy here (fine, 12, 6, 2), ReLU follows the hidden 100, 10, 4. Another
-  reading of "linear1 contains two fully connected layers of size 100, 12" makes its 100 the fine
-  classifier itself; we keep experiment 6's stated widths as hidden layers of each linear_i.
-- Stack widths: experiment 6 gives CIFAR-100's stacks; section 4.1 gives the other datasets one FC
-  layer per level (no hidden layer), so shapes uses single linear layers. CIFAR-10's one extra
-  level (2 classes) uses CIFAR-100's 2-class stack (FC 4 then 2). `--stack-hidden` overrides.
-- Fine classifier (--fine-head auto): kept on CIFAR (Table 3 reports HDL's 100-class error),
-  removed on shapes (section 4.1). Without it, HDL's fine prediction is the level heads' joint
-  argmax (sum of their log-probabilities), which on shapes is (fill, outline, shape) itself.
-- Shapes: the heads answer the paper's three questions, Table 4's order: 1L fill colour (6),
-  2L outline colour (6), 3L shape (2); 72 fine classes (shape x fill x outline). The images are
-  rendered at 64x64 by common.make_shapes (the paper renders 128x128 and rescales to 64). Fill and
-  outline are independent attributes, not a tree, so every (shape, fill, outline) combination
-  exists and the "levels only" violation rate is 0 by construction there. No augmentation and no
-  normalisation (section 4.1: "We do not apply any preprocessing of images as data augmentation,
-  rotation or normalization"), as the paper.
-- CIFAR-100's WordNet levels (--levels): the paper names the 12 / 6 / 2 categories and says "we
-  extracted {12, 6, 2} classes per layer from Cifar-100", but not the mapping. Both readings are
-  derived from WordNet 3.0 by tools/derive_cifar100_wordnet.py into the tables at the end of this
-  file (hypernym paths of each class's synset; the decisions where paths disagree are listed there).
-  first-sense (default): each class name's most frequent noun sense, nltk's synsets(word)[0] of the
-  name's first word (lawn_mower -> lawn). It is the reading that gives every one of the 12 / 6 / 2
-  categories classes, as the paper has them, but it takes senses that are not what the images show
-  (table -> the data table, an arrangement; lawn -> location; palm -> the hand's, a part; beaver,
-  leopard, otter, raccoon -> their furs and maple, oak -> their woods, substance; tiger, whale,
-  shrew, skunk -> people). fixed-synset: one fixed synset per class (the NBDT list, the pictured
-  sense); 86 classes under "whole" and arrangement, substance, part, location empty. 18 classes move
-  between them (17 at 6 categories, 1 at 2): docs/hdl_cifar100_levels.md lists them with both senses.
-  Either way one category holds most classes (whole 69 / 86 of 100, object 72 / 88, physical entity
-  98 / 99), so guessing the largest category is already right for most images: every table prints
-  that majority-category error (largest category of the training labels, scored on the evaluated
-  labels) next to the level errors.
-- Center loss: eq. 1 sums over the mini-batch, as eq. 3 does for cross-entropy; we take both as
-  batch means (same ratio between the terms; Adam is insensitive to the overall scale). Centres
-  are those of the fine classes, in the pooled-feature space, and start at zero. The paper
-  applies it "after the adaptive pooling layer" on unnormalised features with lambda0 = 1 and
-  moves the centres once per epoch; Wen et al. move them every batch and weight the loss 100 to
-  1000 times less. With the paper's setting the center term starts at ~10 (CIFAR-100) to
-  ~800 (64-pixel shapes) on the 512 raw features against ~4 for the cross-entropies, the
-  features shrink towards the zero centres and HDL stalls for the first epochs. A small CPU
-  check (shapes at 32 px, 800 training images, 3 epochs, batch 32, validation on 200 held-out
-  images): with the paper's setting the fill head's train accuracy is 23-24% after 3 epochs
-  (chance 17%), cascade or parallel; with normalised features (lambda0 1, per-epoch update) or
-  Wen's update with lambda0 0.005 it is 95%. The defaults stay the paper's; the variants above
-  are flags. A short sweep cannot choose Table 3's setting: a 40-epoch ranking measures early
-  training speed, which the paper's centre loss slows, and would switch it off. The sweep
-  (tools/gpu_runs.py hdl_sweep_cifar100_*) is evidence of that slowness; --sweep-table applies
-  SWEEP_RULE (fixed before it runs, validation only) and its pick is one extra 800-epoch row, ours.
-- Training: Adam (no weight decay), lr 0.001 (experiment 6; Table 4 shows shapes at 100% for
-  0.005, 0.001 and 0.01), batch 64, constant lr. Epochs: 800 for CIFAR (experiment 6); shapes'
-  epoch count is not given ("high accuracy starting from the first ten epochs"): 20.
-- Data: no normalisation (pixels scaled to [0, 1]); CIFAR gets random crop (pad 4) and horizontal
-  flip (experiment 6), shapes nothing (section 4.1).
-- Backbone: ResNet-18 with the ImageNet stem the paper describes (7x7 stride 2, BN, ReLU, 3x3
-  max-pool) also on 32x32 CIFAR images (the paper does not say otherwise; `--stem cifar` gives the
-  3x3 stem). PreAct ResNet-101 / 152 of Table 3 are not included.
-- Validation: the paper has none; nothing is selected: the last epoch is evaluated on the test set
-  once. `--val-fraction F` holds F of each class's training images out; the run then reports on
-  that split only (and logs it every epoch); the sweep's rule reads these runs only (it refuses
-  a run evaluated on the test set).
-- Baseline and HDL are trained in one run from the same seed (same backbone initialisation), or as
-  two runs (--method baseline / hdl) with the same initialisation and batch order.
-- Reported extras: per-level errors of the baseline obtained by summing its fine probabilities
-  per category, majority-category errors, and hierarchy-violation rates (see `violation_rates`).
-- Not reproduced: VQA-Med, Animals Taxonomy8 and ImageNet (experiments 1, 3-5): no data here.
+Paper vs ours, one line per decision (docs/hdl_stack.md, "Paper vs ours", has the reasoning):
+- topology: a chain, finest level first, from the fine logits (CIFAR) or the pooled features (shapes): HDLNet, --heads
+- no activation after a layer with a cross-entropy; ReLU after the hidden 100 / 10 / 4: LevelStack
+- stack widths: experiment 6's on CIFAR-100, one FC per level elsewhere: stack_hidden_sizes, --stack-hidden
+- fine classifier kept on CIFAR, removed on shapes (then the heads' joint argmax): --fine-head, fine_scores_from_levels
+- shapes rendered at 64 px (the paper: 128 rescaled to 64); fill and outline are not a tree: make_levels
+- CIFAR-100's WordNet mapping is not given: two readings derived offline, tables at the end: --levels
+- center loss as a batch mean, fine-class centres from zero, moved per epoch: center_loss, HDLNet.update_centers
+- the paper's center-loss setting stalls early training; Wen's / SGD / normalised variants are flags: --center-*
+- a short sweep cannot choose Table 3's setting; SWEEP_RULE picks one extra 800-epoch row, ours: write_sweep_table
+- Adam lr 0.001 constant, batch 64, 800 epochs (CIFAR) / 20 (shapes, not given): get_args, default_epochs
+- no normalisation; crop + flip on CIFAR only: --normalize, --augment
+- ImageNet stem also on 32 px (--stem cifar: 3x3); PreAct ResNet-101 / 152 not included: build_model
+- no validation in the paper, nothing selected; --val-fraction reports on a held-out split only: validation_split
+- extras: summed-fine level errors, majority-category errors, violation rates: level_results
+- not reproduced: VQA-Med, Animals Taxonomy8, ImageNet (experiments 1, 3-5): no data here
 """
 
 import argparse
