@@ -47,6 +47,7 @@ import torch.nn.functional as F
 
 import common
 
+
 # Table 3 (error rates %, CIFAR-100): baseline, HDL fine, 1L (12), 2L (6), 3L (2).
 PAPER_TABLE3 = {
     "resnet18": (35.70, 35.70, 12.23, 11.43, 1.20),
@@ -54,67 +55,6 @@ PAPER_TABLE3 = {
 }
 # Table 4: shapes at 100% on every level (fill 6, outline 6, shape 2) for every learning rate.
 PAPER_SHAPES_ACCURACY = {"fill": 100.0, "outline": 100.0, "shape": 100.0}
-
-CIFAR100_CLASSES = """apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus butterfly
-camel can castle caterpillar cattle chair chimpanzee clock cloud cockroach couch crab crocodile cup dinosaur
-dolphin elephant flatfish forest fox girl hamster house kangaroo keyboard lamp lawn_mower leopard lion lizard
-lobster man maple_tree motorcycle mountain mouse mushroom oak_tree orange orchid otter palm_tree pear
-pickup_truck pine_tree plain plate poppy porcupine possum rabbit raccoon ray road rocket rose sea seal shark
-shrew skunk skyscraper snail snake spider squirrel streetcar sunflower sweet_pepper table tank telephone
-television tiger tractor train trout tulip turtle wardrobe whale willow_tree wolf woman worm""".split()
-
-# The paper's WordNet categories of experiment 6 (LEVEL12_NAMES, LEVEL6_NAMES, LEVEL2_NAMES; head outputs
-# follow their order) and the CIFAR-100 class -> (12-, 6-, 2-level category) table of each reading
-# (WORDNET_TABLES) are at the end of this file, generated offline from WordNet 3.0 by
-# tools/derive_cifar100_wordnet.py (no WordNet or nltk at run time): first-sense (default: each class name's
-# most frequent noun sense; all 12 / 6 / 2 categories get classes, as in the paper) and fixed-synset (one
-# fixed synset per class; 4 of the 12 empty). --levels picks one; docs/hdl_cifar100_levels.md lists the 18
-# classes that move between them and why.
-DEFAULT_LEVELS = "first-sense"
-
-
-def check_wordnet_table(table=None, class_names=CIFAR100_CLASSES):
-    """Check a class table (default: the default reading's); returns the three parent arrays (12-, 6-,
-    2-level index per class).
-
-    Every class appears exactly once, every category is one of its level's names, every 12-level
-    category has one 6-level parent and every 6-level category one 2-level parent. Raises
-    ValueError with the first problem."""
-    table = WORDNET_TABLES[DEFAULT_LEVELS] if table is None else table
-    names = [row[0] for row in table]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise ValueError(f"classes listed more than once: {duplicates}")
-    missing, unknown = sorted(set(class_names) - set(names)), sorted(set(names) - set(class_names))
-    if missing or unknown:
-        raise ValueError(f"table does not match the classes: missing {missing}, unknown {unknown}")
-    level_names = (LEVEL12_NAMES, LEVEL6_NAMES, LEVEL2_NAMES)
-    for row in table:
-        if len(row) != 4:
-            raise ValueError(f"row {row!r}: expected (class, level12, level6, level2)")
-        for category, allowed in zip(row[1:], level_names):
-            if category not in allowed:
-                raise ValueError(f"row {row!r}: {category!r} is not one of {allowed}")
-    for child, parent in ((1, 2), (2, 3)):
-        parents = {}
-        for row in table:
-            parents.setdefault(row[child], set()).add(row[parent])
-        bad = {c: sorted(p) for c, p in parents.items() if len(p) > 1}
-        if bad:
-            raise ValueError(f"inconsistent parent chain: {bad}")
-    by_name = {row[0]: row for row in table}
-    return [
-        np.array([names_l.index(by_name[c][1 + l]) for c in class_names], dtype=np.int64)
-        for l, names_l in enumerate(level_names)
-    ]
-
-
-def empty_categories(table):
-    """Per level (12, 6, 2), the paper's categories that no class of the table falls under."""
-    return [
-        [name for name in names if name not in {row[1 + l] for row in table}]
-        for l, names in enumerate((LEVEL12_NAMES, LEVEL6_NAMES, LEVEL2_NAMES))
-    ]
 
 
 def get_args(argv=None):
@@ -124,102 +64,33 @@ def get_args(argv=None):
     # epochs=None: resolved per dataset in main (shapes 20, otherwise experiment 6's 800).
     common.add_common_args(parser, epochs=None, batch_size=64, lr=0.001, dataset="shapes")
     g = parser.add_argument_group("hdl_stack")
-    g.add_argument(
-        "--method",
-        default="both",
-        choices=("both", "baseline", "hdl"),
-        help="train the baseline ResNet, the HDL model, or both (Table 3 needs both)",
-    )
+    p = parser.add_argument_group("paper fidelity and ablations (every default is the paper's; docs/hdl_stack.md)")
+    nonneg, cu = common.nonneg_float, ("epoch", "wen", "sgd")
+    g.add_argument("--method", default="both", choices=("both", "baseline", "hdl"), help="Table 3 needs both")
     g.add_argument("--arch", default="resnet18", choices=("resnet18", "preact_resnet18"))
-    g.add_argument(
-        "--stem",
-        default="imagenet",
-        choices=("imagenet", "cifar"),
-        help="ResNet-18 stem: the paper's 7x7/2 + max-pool, or a 3x3/1 convolution",
-    )
-    g.add_argument(
-        "--stack-hidden",
-        default="auto",
-        help="hidden width of each level's stack, finest level first, e.g. '100,10,4'; 'none' for "
-        "one linear layer per level; auto: cifar100 100,10,4, cifar10 4, otherwise none",
-    )
-    g.add_argument(
-        "--levels",
-        default=DEFAULT_LEVELS,
-        choices=tuple(WORDNET_TABLES),
-        help="CIFAR-100's WordNet reading: first-sense (each class name's most frequent noun sense; all 12 / 6 / 2 "
-        "categories get classes, as in the paper) or fixed-synset (one fixed synset per class; 4 of the 12 empty); "
-        "docs/hdl_cifar100_levels.md",
-    )
-    g.add_argument("--lambda-center", type=common.nonneg_float, default=1.0, help="lambda0, the center-loss weight")
-    g.add_argument(
-        "--lambda-fine", type=common.nonneg_float, default=1.0, help="weight of the fine classifier's cross-entropy"
-    )
-    g.add_argument(
-        "--lambda-levels",
-        type=common.nonneg_float,
-        nargs="+",
-        default=[1.0],
-        help="weights of the levels' cross-entropies, finest level first (one value: all levels)",
-    )
-    g.add_argument(
-        "--heads",
-        default="cascade",
-        choices=("cascade", "parallel"),
-        help="cascade: each level's stack reads the previous level's output (the paper's); parallel: "
-        "every stack reads the pooled features",
-    )
-    g.add_argument(
-        "--fine-head",
-        default="auto",
-        choices=("auto", "on", "off"),
-        help="keep the backbone's fine classifier in the HDL model; auto: off on shapes (section 4.1: "
-        "the level layers replace the output layer), on otherwise (Table 3 reports HDL's fine error)",
-    )
-    g.add_argument(
-        "--center-update",
-        default="epoch",
-        choices=("epoch", "wen", "sgd"),
-        help="how the centres move: epoch (the paper: after each epoch, to the epoch's class means), "
-        "wen (Wen et al. 2016: every batch, rate alpha), sgd (every batch, an SGD step of rate alpha)",
-    )
-    g.add_argument(
-        "--center-features",
-        default="raw",
-        choices=("raw", "normalized"),
-        help="the center loss on the pooled features as they are (the paper's) or L2-normalised",
-    )
-    g.add_argument(
-        "--center-alpha",
-        type=common.positive_float,
-        default=None,
-        help="centre update rate; epoch: c <- c + alpha (epoch mean - c) (default 1: the epoch mean); "
-        "wen: Wen et al.'s alpha (default 0.5, their value); sgd: the SGD rate (default 0.5)",
-    )
-    g.add_argument(
-        "--augment",
-        default="auto",
-        choices=("auto", "none", "crop-flip"),
-        help="auto: random crop (pad 4) + flip on CIFAR (experiment 6), none on shapes (section 4.1)",
-    )
-    g.add_argument("--normalize", action="store_true", help="normalise by the channel mean / std (the paper does not)")
-    g.add_argument(
-        "--val-fraction",
-        type=common.fraction,
-        default=0.0,
-        help="hold this fraction of each fine class's training images out as a validation split; every "
-        "reported number is then on it (the test set is not touched) and it is evaluated every epoch "
-        "(0: none, as the paper)",
-    )
-    g.add_argument(
-        "--sweep-table",
-        default=None,
-        metavar="DIR",
-        help="train nothing: read the validation runs in DIR/*/ and write DIR/sweep.md and DIR/sweep.json "
-        "(lambda0 x center-loss variant -> validation errors, and the decision rule's pick: SWEEP_RULE)",
-    )
+    p.add_argument("--stem", default="imagenet", choices=("imagenet", "cifar"), help="7x7/2 + max-pool, or 3x3/1")
+    p.add_argument("--stack-hidden", default="auto", help="hidden widths, finest first: '100,10,4', 'none', auto")
+    p.add_argument("--levels", default=DEFAULT_LEVELS, choices=tuple(WORDNET_TABLES), help="CIFAR-100's WordNet")
+    p.add_argument("--lambda-center", type=nonneg, default=1.0, help="lambda0, the center-loss weight")
+    p.add_argument("--lambda-fine", type=nonneg, default=1.0, help="weight of the fine classifier's cross-entropy")
+    p.add_argument("--lambda-levels", type=nonneg, nargs="+", default=[1.0], help="finest first; one value: all")
+    p.add_argument("--heads", default="cascade", choices=("cascade", "parallel"), help="chain, or all on the features")
+    p.add_argument("--fine-head", default="auto", choices=("auto", "on", "off"), help="auto: off on shapes only")
+    p.add_argument("--center-update", default="epoch", choices=cu, help="per epoch (paper), Wen et al., or SGD")
+    p.add_argument("--center-features", default="raw", choices=("raw", "normalized"), help="raw: the paper's")
+    p.add_argument("--center-alpha", type=common.positive_float, default=None, help="rate; default epoch 1, else 0.5")
+    p.add_argument("--augment", default="auto", choices=("auto", "none", "crop-flip"), help="auto: crop-flip on CIFAR")
+    p.add_argument("--normalize", action="store_true", help="normalise by the channel mean / std (the paper does not)")
+    g.add_argument("--val-fraction", type=common.fraction, default=0.0, help="hold out; report on it, not on test")
+    g.add_argument("--sweep-table", default=None, metavar="DIR", help="train nothing: DIR/sweep.md, .json from DIR/*/")
     g.add_argument("--eval-batch-size", type=common.positive_int, default=500)
     args = common.parse_args(parser, argv, script="hdl_stack")
+    check_args(parser, args)
+    return args
+
+
+def check_args(parser, args):
+    """Range checks get_args leaves to after parsing; fills in --center-alpha's default per update rule."""
     if args.center_alpha is None:
         args.center_alpha = 1.0 if args.center_update == "epoch" else 0.5
     if args.center_update == "sgd" and not args.center_alpha > 0:
@@ -230,11 +101,10 @@ def get_args(argv=None):
         parser.error("loss weights must be non-negative")
     if not 0 <= args.val_fraction < 1:
         parser.error("--val-fraction must be in [0, 1)")
-    return args
 
 
 # ---------------------------------------------------------------------------------------
-# Modules
+# The method: the level stacks and the centres (HDLNet), the losses (eq. 1, 5), the centre updates, training
 # ---------------------------------------------------------------------------------------
 
 
@@ -343,8 +213,142 @@ class HDLNet(nn.Module):
             self.centers.sub_(alpha * diff / count.sum())
 
 
+def center_space(features, kind="raw"):
+    """The features the center loss sees: the pooled features as they are (the paper's), or L2-normalised."""
+    features = features.float()
+    return F.normalize(features, dim=1) if kind == "normalized" else features
+
+
+def center_loss(features, labels, centers):
+    """Eq. 1 as a batch mean: mean_i ||x_i - c_{y_i}||^2 (centres are constants here). Wen et al.'s
+    1/2 sum_i ||x_i - c_{y_i}||^2 with weight lambda is this with lambda0 = lambda / 2 (and a batch mean)."""
+    return ((features.float() - centers[labels]) ** 2).sum(1).mean()
+
+
+def hdl_loss(features, fine_logits, level_logits, labels, centers, lambda_center, lambda_fine, lambda_levels):
+    """Eq. 5 plus the fine classifier: (total, {part: value}) with
+    total = lambda_center * center + lambda_fine * CE_fine + sum_l lambda_levels[l] * CE_l.
+    fine_logits None (no fine classifier): no CE_fine term."""
+    fine_labels, *level_labels = labels
+    parts = {"center": center_loss(features, fine_labels, centers)}
+    total = lambda_center * parts["center"]
+    if fine_logits is not None:
+        parts["ce_fine"] = F.cross_entropy(fine_logits.float(), fine_labels)
+        total = total + lambda_fine * parts["ce_fine"]
+    for l, (logits, y, weight) in enumerate(zip(level_logits, level_labels, lambda_levels)):
+        parts[f"ce_{l + 1}L"] = F.cross_entropy(logits.float(), y)
+        total = total + weight * parts[f"ce_{l + 1}L"]
+    return total, parts
+
+
+def make_hdl_loss_fn(
+    lambda_center, lambda_fine, lambda_levels, center_update="epoch", center_alpha=1.0, center_features="raw"
+):
+    """loss_fn(model, x, y) for common.make_train_step. The loss uses the centres as they are before
+    this batch; then the centres move: 'epoch' accumulates the batch for the end-of-epoch update,
+    'wen' / 'sgd' update them now (HDLNet.batch_update_centers)."""
+
+    def loss_fn(model, x, y):
+        features, fine_logits, level_logits = model(x)
+        space = center_space(features, center_features)
+        total, parts = hdl_loss(
+            space, fine_logits, level_logits, y, model.centers, lambda_center, lambda_fine, lambda_levels
+        )
+        if center_update == "epoch":
+            model.accumulate_centers(space, y[0])
+        else:
+            model.batch_update_centers(space, y[0], center_alpha, center_update)
+        stats = dict(parts)
+        stats["feature_norm"] = features.detach().float().norm(dim=1).mean()  # watches the features shrink
+        if fine_logits is not None:
+            stats["correct"] = (fine_logits.argmax(1) == y[0]).sum()
+        for l, (logits, labels) in enumerate(zip(level_logits, y[1:])):
+            stats[f"correct_{l + 1}L"] = (logits.argmax(1) == labels).sum()
+        return total, stats
+
+    return loss_fn
+
+
+def baseline_loss_fn(model, x, y):
+    """The plain ResNet-18: cross-entropy on the fine classes only."""
+    _, fine_logits, _ = model(x)
+    loss = F.cross_entropy(fine_logits.float(), y[0])
+    return loss, {"correct": (fine_logits.argmax(1) == y[0]).sum()}
+
+
+def build_model(args, num_fine, levels, hidden_sizes, device, with_stacks):
+    torch.manual_seed(args.seed)  # the baseline and HDL start from the same backbone weights
+    backbone = common.ResNet18(num_fine, stem=args.stem, preact=args.arch == "preact_resnet18")
+    model = HDLNet(
+        backbone,
+        num_fine,
+        [l.num_classes for l in levels] if with_stacks else [],
+        hidden_sizes if with_stacks else None,
+        heads=args.heads,
+        fine_head=args.fine_head == "on" if with_stacks else True,
+    )
+    return common.to_device_model(model, device)
+
+
+def run_stage(name, args, model, loss_fn, train_loader, loaders, levels, run_dir, device, with_stacks, tree=None):
+    """Train one model with common.fit (checkpointed, resumable); return its results on loaders["final"]
+    (the validation split with --val-fraction, else the test set), and the outputs behind them."""
+    optimizer = common.make_adam(model.parameters(), args.lr, device=device)
+    step = common.make_train_step(
+        model, loss_fn, optimizer, device=device, dtype=args.dtype, cuda_graph=args.cuda_graph, compile=args.compile
+    )
+
+    def on_epoch_end(epoch, record):
+        if with_stacks and args.center_update == "epoch":
+            model.update_centers(args.center_alpha)
+        for key in [k for k in record if k.startswith("correct_")]:  # fit logs counts per batch: to accuracy
+            record[f"train_acc_{key[len('correct_') :]}"] = 100.0 * record.pop(key) / train_loader.batch_size
+
+    evaluate = None
+    if loaders["epoch"] is not None:
+
+        def evaluate(epoch):
+            outputs, labels = common.predict(
+                make_predict_forward(model, levels), loaders["epoch"], device=device, dtype=args.dtype
+            )
+            fine_logits, *level_logits = outputs
+            res = level_results(fine_logits, level_logits if with_stacks else [], labels[0], levels)
+            record = {"val_fine_acc": 100.0 - res["fine_error"]}
+            record.update({f"val_acc_{k}": 100.0 - v for k, v in res.get("level_error", {}).items()})
+            return record
+
+    history = common.fit(
+        run_dir / name,
+        model,
+        optimizer,
+        step,
+        train_loader,
+        epochs=args.epochs,
+        lr_at=lambda s: args.lr,
+        evaluate=evaluate,
+        log_path=run_dir / "metrics.jsonl",
+        stage=name,
+        on_epoch_end=on_epoch_end,
+    )
+    outputs, labels = common.predict(
+        make_predict_forward(model, levels), loaders["final"], device=device, dtype=args.dtype
+    )
+    fine_logits, *level_logits = outputs
+    result = level_results(fine_logits, level_logits if with_stacks else [], labels[0], levels)
+    if tree is not None:  # tree = (hierarchy, {head: tree level}); the heads give the consistency rate
+        hierarchy, head_map = tree
+        by_name = dict(zip([l.name for l in levels], level_logits))
+        level_preds = {head_map[n]: by_name[n].argmax(1) for n in head_map} if with_stacks and head_map else None
+        scores = fine_logits.float().log_softmax(1)
+        result["hierarchical"] = common.hierarchical_metrics(scores, labels[0], hierarchy, level_preds)
+    result["train_seconds"] = round(sum(r["seconds"] for r in history), 2)
+    result["final_train_loss"] = history[-1]["loss"] if history else None
+    result["final_train_acc"] = {k: v for k, v in history[-1].items() if k.startswith("train_acc")} if history else {}
+    return result
+
+
 # ---------------------------------------------------------------------------------------
-# The method
+# The levels of the class hierarchy and the data
 # ---------------------------------------------------------------------------------------
 
 
@@ -362,6 +366,69 @@ class Level:
 
     def labels(self, fine_labels):
         return torch.as_tensor(self.parent)[fine_labels]
+
+
+CIFAR100_CLASSES = """apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus butterfly
+camel can castle caterpillar cattle chair chimpanzee clock cloud cockroach couch crab crocodile cup dinosaur
+dolphin elephant flatfish forest fox girl hamster house kangaroo keyboard lamp lawn_mower leopard lion lizard
+lobster man maple_tree motorcycle mountain mouse mushroom oak_tree orange orchid otter palm_tree pear
+pickup_truck pine_tree plain plate poppy porcupine possum rabbit raccoon ray road rocket rose sea seal shark
+shrew skunk skyscraper snail snake spider squirrel streetcar sunflower sweet_pepper table tank telephone
+television tiger tractor train trout tulip turtle wardrobe whale willow_tree wolf woman worm""".split()
+
+
+# The paper's WordNet categories of experiment 6 (LEVEL12_NAMES, LEVEL6_NAMES, LEVEL2_NAMES; head outputs
+# follow their order) and the CIFAR-100 class -> (12-, 6-, 2-level category) table of each reading
+# (WORDNET_TABLES) are at the end of this file, generated offline from WordNet 3.0 by
+# tools/derive_cifar100_wordnet.py (no WordNet or nltk at run time): first-sense (default: each class name's
+# most frequent noun sense; all 12 / 6 / 2 categories get classes, as in the paper) and fixed-synset (one
+# fixed synset per class; 4 of the 12 empty). --levels picks one; docs/hdl_cifar100_levels.md lists the 18
+# classes that move between them and why.
+DEFAULT_LEVELS = "first-sense"
+
+
+def check_wordnet_table(table=None, class_names=CIFAR100_CLASSES):
+    """Check a class table (default: the default reading's); returns the three parent arrays (12-, 6-,
+    2-level index per class).
+
+    Every class appears exactly once, every category is one of its level's names, every 12-level
+    category has one 6-level parent and every 6-level category one 2-level parent. Raises
+    ValueError with the first problem."""
+    table = WORDNET_TABLES[DEFAULT_LEVELS] if table is None else table
+    names = [row[0] for row in table]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"classes listed more than once: {duplicates}")
+    missing, unknown = sorted(set(class_names) - set(names)), sorted(set(names) - set(class_names))
+    if missing or unknown:
+        raise ValueError(f"table does not match the classes: missing {missing}, unknown {unknown}")
+    level_names = (LEVEL12_NAMES, LEVEL6_NAMES, LEVEL2_NAMES)
+    for row in table:
+        if len(row) != 4:
+            raise ValueError(f"row {row!r}: expected (class, level12, level6, level2)")
+        for category, allowed in zip(row[1:], level_names):
+            if category not in allowed:
+                raise ValueError(f"row {row!r}: {category!r} is not one of {allowed}")
+    for child, parent in ((1, 2), (2, 3)):
+        parents = {}
+        for row in table:
+            parents.setdefault(row[child], set()).add(row[parent])
+        bad = {c: sorted(p) for c, p in parents.items() if len(p) > 1}
+        if bad:
+            raise ValueError(f"inconsistent parent chain: {bad}")
+    by_name = {row[0]: row for row in table}
+    return [
+        np.array([names_l.index(by_name[c][1 + l]) for c in class_names], dtype=np.int64)
+        for l, names_l in enumerate(level_names)
+    ]
+
+
+def empty_categories(table):
+    """Per level (12, 6, 2), the paper's categories that no class of the table falls under."""
+    return [
+        [name for name in names if name not in {row[1 + l] for row in table}]
+        for l, names in enumerate((LEVEL12_NAMES, LEVEL6_NAMES, LEVEL2_NAMES))
+    ]
 
 
 def make_levels(data, args):
@@ -440,67 +507,39 @@ def level_weights(args, levels):
     return list(weights)
 
 
-def center_space(features, kind="raw"):
-    """The features the center loss sees: the pooled features as they are (the paper's), or L2-normalised."""
-    features = features.float()
-    return F.normalize(features, dim=1) if kind == "normalized" else features
+def level_label_tuple(split, levels):
+    return (split.labels,) + tuple(level.labels(split.labels) for level in levels)
 
 
-def center_loss(features, labels, centers):
-    """Eq. 1 as a batch mean: mean_i ||x_i - c_{y_i}||^2 (centres are constants here). Wen et al.'s
-    1/2 sum_i ||x_i - c_{y_i}||^2 with weight lambda is this with lambda0 = lambda / 2 (and a batch mean)."""
-    return ((features.float() - centers[labels]) ** 2).sum(1).mean()
+def validation_split(labels, fraction, seed):
+    """Hold out round(fraction * n_c) training images of every class c (seeded); returns (val, train) index arrays."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    val = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        val.append(rng.permutation(idx)[: round(fraction * len(idx))])
+    val = np.sort(np.concatenate(val))
+    if len(val) == 0:
+        common.fail(f"--val-fraction {fraction}: the validation split would be empty")
+    return val, np.setdiff1d(np.arange(len(labels)), val)
 
 
-def hdl_loss(features, fine_logits, level_logits, labels, centers, lambda_center, lambda_fine, lambda_levels):
-    """Eq. 5 plus the fine classifier: (total, {part: value}) with
-    total = lambda_center * center + lambda_fine * CE_fine + sum_l lambda_levels[l] * CE_l.
-    fine_logits None (no fine classifier): no CE_fine term."""
-    fine_labels, *level_labels = labels
-    parts = {"center": center_loss(features, fine_labels, centers)}
-    total = lambda_center * parts["center"]
-    if fine_logits is not None:
-        parts["ce_fine"] = F.cross_entropy(fine_logits.float(), fine_labels)
-        total = total + lambda_fine * parts["ce_fine"]
-    for l, (logits, y, weight) in enumerate(zip(level_logits, level_labels, lambda_levels)):
-        parts[f"ce_{l + 1}L"] = F.cross_entropy(logits.float(), y)
-        total = total + weight * parts[f"ce_{l + 1}L"]
-    return total, parts
+# ---------------------------------------------------------------------------------------
+# Evaluation: predictions, per-level errors, hierarchy violations
+# ---------------------------------------------------------------------------------------
 
 
-def make_hdl_loss_fn(
-    lambda_center, lambda_fine, lambda_levels, center_update="epoch", center_alpha=1.0, center_features="raw"
-):
-    """loss_fn(model, x, y) for common.make_train_step. The loss uses the centres as they are before
-    this batch; then the centres move: 'epoch' accumulates the batch for the end-of-epoch update,
-    'wen' / 'sgd' update them now (HDLNet.batch_update_centers)."""
+def make_predict_forward(model, levels):
+    """forward(x) -> (fine scores, *level logits); fine scores from the levels when there is no fine classifier."""
 
-    def loss_fn(model, x, y):
-        features, fine_logits, level_logits = model(x)
-        space = center_space(features, center_features)
-        total, parts = hdl_loss(
-            space, fine_logits, level_logits, y, model.centers, lambda_center, lambda_fine, lambda_levels
-        )
-        if center_update == "epoch":
-            model.accumulate_centers(space, y[0])
-        else:
-            model.batch_update_centers(space, y[0], center_alpha, center_update)
-        stats = dict(parts)
-        stats["feature_norm"] = features.detach().float().norm(dim=1).mean()  # watches the features shrink
-        if fine_logits is not None:
-            stats["correct"] = (fine_logits.argmax(1) == y[0]).sum()
-        for l, (logits, labels) in enumerate(zip(level_logits, y[1:])):
-            stats[f"correct_{l + 1}L"] = (logits.argmax(1) == labels).sum()
-        return total, stats
+    def forward(x):
+        _, fine_logits, level_logits = model(x)
+        if fine_logits is None:
+            fine_logits = fine_scores_from_levels(level_logits, levels)
+        return (fine_logits, *level_logits)
 
-    return loss_fn
-
-
-def baseline_loss_fn(model, x, y):
-    """The plain ResNet-18: cross-entropy on the fine classes only."""
-    _, fine_logits, _ = model(x)
-    loss = F.cross_entropy(fine_logits.float(), y[0])
-    return loss, {"correct": (fine_logits.argmax(1) == y[0]).sum()}
+    return forward
 
 
 def summed_level_scores(fine_logits, parent, num_classes):
@@ -609,341 +648,6 @@ def level_results(fine_logits, level_logits, fine_labels, levels):
     else:
         result.pop("level_error")
     return result
-
-
-def build_model(args, num_fine, levels, hidden_sizes, device, with_stacks):
-    torch.manual_seed(args.seed)  # the baseline and HDL start from the same backbone weights
-    backbone = common.ResNet18(num_fine, stem=args.stem, preact=args.arch == "preact_resnet18")
-    model = HDLNet(
-        backbone,
-        num_fine,
-        [l.num_classes for l in levels] if with_stacks else [],
-        hidden_sizes if with_stacks else None,
-        heads=args.heads,
-        fine_head=args.fine_head == "on" if with_stacks else True,
-    )
-    return common.to_device_model(model, device)
-
-
-def level_label_tuple(split, levels):
-    return (split.labels,) + tuple(level.labels(split.labels) for level in levels)
-
-
-def make_predict_forward(model, levels):
-    """forward(x) -> (fine scores, *level logits); fine scores from the levels when there is no fine classifier."""
-
-    def forward(x):
-        _, fine_logits, level_logits = model(x)
-        if fine_logits is None:
-            fine_logits = fine_scores_from_levels(level_logits, levels)
-        return (fine_logits, *level_logits)
-
-    return forward
-
-
-def run_stage(name, args, model, loss_fn, train_loader, loaders, levels, run_dir, device, with_stacks, tree=None):
-    """Train one model with common.fit (checkpointed, resumable); return its results on loaders["final"]
-    (the validation split with --val-fraction, else the test set), and the outputs behind them."""
-    optimizer = common.make_adam(model.parameters(), args.lr, device=device)
-    step = common.make_train_step(
-        model, loss_fn, optimizer, device=device, dtype=args.dtype, cuda_graph=args.cuda_graph, compile=args.compile
-    )
-
-    def on_epoch_end(epoch, record):
-        if with_stacks and args.center_update == "epoch":
-            model.update_centers(args.center_alpha)
-        for key in [k for k in record if k.startswith("correct_")]:  # fit logs counts per batch: to accuracy
-            record[f"train_acc_{key[len('correct_') :]}"] = 100.0 * record.pop(key) / train_loader.batch_size
-
-    evaluate = None
-    if loaders["epoch"] is not None:
-
-        def evaluate(epoch):
-            outputs, labels = common.predict(
-                make_predict_forward(model, levels), loaders["epoch"], device=device, dtype=args.dtype
-            )
-            fine_logits, *level_logits = outputs
-            res = level_results(fine_logits, level_logits if with_stacks else [], labels[0], levels)
-            record = {"val_fine_acc": 100.0 - res["fine_error"]}
-            record.update({f"val_acc_{k}": 100.0 - v for k, v in res.get("level_error", {}).items()})
-            return record
-
-    history = common.fit(
-        run_dir / name,
-        model,
-        optimizer,
-        step,
-        train_loader,
-        epochs=args.epochs,
-        lr_at=lambda s: args.lr,
-        evaluate=evaluate,
-        log_path=run_dir / "metrics.jsonl",
-        stage=name,
-        on_epoch_end=on_epoch_end,
-    )
-    outputs, labels = common.predict(
-        make_predict_forward(model, levels), loaders["final"], device=device, dtype=args.dtype
-    )
-    fine_logits, *level_logits = outputs
-    result = level_results(fine_logits, level_logits if with_stacks else [], labels[0], levels)
-    if tree is not None:  # tree = (hierarchy, {head: tree level}); the heads give the consistency rate
-        hierarchy, head_map = tree
-        by_name = dict(zip([l.name for l in levels], level_logits))
-        level_preds = {head_map[n]: by_name[n].argmax(1) for n in head_map} if with_stacks and head_map else None
-        scores = fine_logits.float().log_softmax(1)
-        result["hierarchical"] = common.hierarchical_metrics(scores, labels[0], hierarchy, level_preds)
-    result["train_seconds"] = round(sum(r["seconds"] for r in history), 2)
-    result["final_train_loss"] = history[-1]["loss"] if history else None
-    result["final_train_acc"] = {k: v for k, v in history[-1].items() if k.startswith("train_acc")} if history else {}
-    return result
-
-
-def fmt(value):
-    return "-" if value is None else f"{value:.2f}"
-
-
-def write_tables(path, args, levels, results, majority, eval_split="test"):
-    """table3.md: Table 3's layout (errors %), Table 4's (accuracies %), each with the majority-category
-    row, and the violation rates."""
-    base, hdl = results.get("baseline"), results.get("hdl")
-    level_cols = [f"{i + 1}L {l.name} ({l.num_classes} cls)" for i, l in enumerate(levels)]
-    head_note = "" if args.fine_head == "on" else " (HDL's fine: the level heads' joint argmax; no fine classifier)"
-    lines = [
-        f"# HDL stack: {args.dataset}, {args.arch}, {args.epochs} epochs, lr {args.lr}, batch {args.batch_size}",
-        "",
-        f"Evaluated on the {eval_split} split"
-        + (f"; CIFAR-100's WordNet levels: the {levels_reading(args)} reading" if levels_reading(args) else "")
-        + f". HDL: {args.heads} heads, fine classifier {args.fine_head}, "
-        f"lambda0 {args.lambda_center}, centres updated '{args.center_update}' (alpha {args.center_alpha}) "
-        f"on {args.center_features} features.",
-        "",
-        f"## Error rates (%), Table 3 layout{head_note}",
-        "",
-        "| Model | Baseline | HDL | " + " | ".join(level_cols) + " |",
-        "|---" * (3 + len(levels)) + "|",
-    ]
-    row = [fmt(base["fine_error"]) if base else "-", fmt(hdl["fine_error"]) if hdl else "-"]
-    row += [fmt(hdl["level_error"][l.name]) if hdl else "-" for l in levels]
-    lines.append(f"| {args.arch} (ours) | " + " | ".join(row) + " |")
-    lines.append(
-        "| majority category (largest in train) | "
-        + " | ".join([fmt(majority["fine"])] * 2 + [fmt(majority[l.name]) for l in levels])
-        + " |"
-    )
-    if args.dataset == "cifar100" and not args.hierarchy and args.arch in PAPER_TABLE3:
-        lines.append(f"| {args.arch} (paper) | " + " | ".join(fmt(v) for v in PAPER_TABLE3[args.arch]) + " |")
-    if args.dataset == "shapes" and not args.hierarchy:
-        lines.append(
-            "| ResNet-18 (paper, Table 4) | - | - | "
-            + " | ".join(fmt(100.0 - PAPER_SHAPES_ACCURACY[l.name]) for l in levels)
-            + " |"
-        )
-    lines += [
-        "",
-        "Per-level errors from the fine scores summed per category (the baseline has no level heads):",
-        "",
-        "| Model | " + " | ".join(level_cols) + " |",
-        "|---" * (1 + len(levels)) + "|",
-    ]
-    for name, res in (("baseline (summed fine)", base), ("HDL (summed fine)", hdl)):
-        if res:
-            lines.append(
-                f"| {name} | " + " | ".join(fmt(res["summed_fine_level_error"][l.name]) for l in levels) + " |"
-            )
-    lines.append("| majority category | " + " | ".join(fmt(majority[l.name]) for l in levels) + " |")
-    if hdl:
-        lines += [
-            "",
-            "## Accuracy (%) per level, Table 4 layout",
-            "",
-            "| Dataset | " + " | ".join(f"{i + 1}L" for i in range(len(levels))) + " | fine |",
-            "|---" * (2 + len(levels)) + "|",
-            f"| {args.dataset}, lr {args.lr} (ours) | "
-            + " | ".join(f"{100 - hdl['level_error'][l.name]:.2f}% ({l.num_classes})" for l in levels)
-            + f" | {100 - hdl['fine_error']:.2f}% |",
-            "| majority category | "
-            + " | ".join(f"{100 - majority[l.name]:.2f}% ({l.num_classes})" for l in levels)
-            + f" | {100 - majority['fine']:.2f}% |",
-        ]
-        if args.dataset == "shapes" and not args.hierarchy:
-            lines.append(
-                "| Shapes (paper, every lr) | "
-                + " | ".join(f"{PAPER_SHAPES_ACCURACY[l.name]:.0f}% ({l.num_classes})" for l in levels)
-                + " | - |"
-            )
-        lines += [
-            "",
-            f"## Hierarchy violations of HDL (% of {eval_split} images)",
-            "",
-            f"- a level head disagrees with the category of the predicted fine class: "
-            f"{hdl['violation_rate']['with_fine']:.2f}",
-            f"- the level heads' categories fit no fine class together: {hdl['violation_rate']['levels_only']:.2f}",
-        ]
-        if "hierarchical" in hdl and "consistency" in hdl["hierarchical"]:
-            lines.append(
-                f"- consistency (common.hierarchical_metrics: every checked head agrees with the fine "
-                f"prediction's ancestor): {hdl['hierarchical']['consistency']:.2f}"
-            )
-    measured = [(n, r["hierarchical"]) for n, r in (("baseline", base), ("HDL", hdl)) if r and "hierarchical" in r]
-    if measured:
-        lines += ["", f"## Hierarchical measures ({eval_split})", ""]
-        lines += [f"- {n}: {common.format_hierarchical_metrics(m)}" for n, m in measured]
-    common.write_text(path, "\n".join(lines) + "\n")
-    return "\n".join(lines)
-
-
-def validation_split(labels, fraction, seed):
-    """Hold out round(fraction * n_c) training images of every class c (seeded); returns (val, train) index arrays."""
-    labels = np.asarray(labels)
-    rng = np.random.default_rng(seed)
-    val = []
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        val.append(rng.permutation(idx)[: round(fraction * len(idx))])
-    val = np.sort(np.concatenate(val))
-    if len(val) == 0:
-        common.fail(f"--val-fraction {fraction}: the validation split would be empty")
-    return val, np.setdiff1d(np.arange(len(labels)), val)
-
-
-# The centre-loss sweep's decision rule, written into README.md's HDL section before the sweep runs. It
-# reads validation errors only; its pick becomes one extra 800-epoch row, labelled as ours.
-SWEEP_MARGIN = 1.0
-SWEEP_RULE = (
-    "Among the HDL cells whose validation fine error is at most the baseline's + 1.0 point (the baseline "
-    "trained as many epochs on the same split), pick the one with the largest lambda0 (the closest to the "
-    "paper's 1); at equal lambda0 the paper's centre update and features (per-epoch, raw) go first, then the "
-    "lower validation fine error. No cell within 1 point: no pick."
-)
-PAPER_CENTER_VARIANT = ("epoch", "raw")
-
-
-def pick_sweep_cell(rows, margin=SWEEP_MARGIN):
-    """SWEEP_RULE on the sweep's rows (dicts with lambda0, val_fine_error, baseline_val_fine_error,
-    center_update, center_features); returns the picked row or None."""
-    within = [
-        r
-        for r in rows
-        if r["baseline_val_fine_error"] is not None and r["val_fine_error"] <= r["baseline_val_fine_error"] + margin
-    ]
-    if not within:
-        return None
-    return min(
-        within,
-        key=lambda r: (
-            -r["lambda0"],
-            (r["center_update"], r["center_features"]) != PAPER_CENTER_VARIANT,
-            r["val_fine_error"],
-            r["run"],
-        ),
-    )
-
-
-def sweep_cell_flags(config, levels=None):
-    """hdl_stack.py flags that reproduce a sweep cell's HDL configuration (hdl_config in metrics.json) and,
-    where it is not the default, its WordNet reading."""
-    return [
-        *("--heads", config["heads"], "--center-update", config["center_update"]),
-        *("--center-features", config["center_features"], "--center-alpha", f"{config['center_alpha']:g}"),
-        *("--lambda-center", f"{config['lambda_center']:g}"),
-        *(("--levels", levels) if levels not in (None, DEFAULT_LEVELS) else ()),
-    ]
-
-
-def write_sweep_table(sweep_dir):
-    """Collect the validation runs under sweep_dir into sweep.md / sweep.json: one row per run
-    (center-loss variant, lambda0) with HDL's validation fine and level errors and its difference
-    to the baseline trained as long; then SWEEP_RULE's pick."""
-    sweep_dir = Path(sweep_dir)
-    rows, baseline_runs = [], []
-    for metrics_path in sorted(sweep_dir.glob("*/metrics.json")):
-        m = json.loads(metrics_path.read_text())
-        if m.get("eval_split") != "val":
-            common.fail(f"{metrics_path}: evaluated on the test set; the sweep takes --val-fraction runs only")
-        if "hdl" not in m:  # a baseline-only run: the cells' reference
-            if "baseline" in m:
-                baseline_runs.append((metrics_path.parent.name, m["epochs"], m["baseline"]["fine_error"]))
-            continue
-        c = m["hdl_config"]
-        rows.append(
-            {
-                "run": metrics_path.parent.name,
-                "variant": f"{c['heads']}/{c['center_update']}/{c['center_features']}/a{c['center_alpha']:g}",
-                "center_update": c["center_update"],
-                "center_features": c["center_features"],
-                "lambda0": c["lambda_center"],
-                "flags": sweep_cell_flags(c, m.get("levels_reading")),
-                "epochs": m["epochs"],
-                "val_fine_error": m["hdl"]["fine_error"],
-                "val_level_error": m["hdl"]["level_error"],
-                "own_baseline_val_fine_error": m.get("baseline", {}).get("fine_error"),
-                "train_acc": m["hdl"].get("final_train_acc", {}).get("train_acc"),
-                "majority_error": m["majority_error"],
-            }
-        )
-    if not rows:
-        common.fail(f"--sweep-table {sweep_dir}: no run directories with metrics.json in it")
-    for r in rows:  # the reference: the cell's own baseline (--method both), else the baseline runs as long
-        same_length = [e for _, n, e in baseline_runs if n == r["epochs"]]
-        own = r["own_baseline_val_fine_error"]
-        r["baseline_val_fine_error"] = own if own is not None else (np.mean(same_length) if same_length else None)
-        if r["baseline_val_fine_error"] is not None:
-            r["baseline_val_fine_error"] = float(r["baseline_val_fine_error"])
-    rows.sort(key=lambda r: (r["variant"], r["lambda0"]))
-    pick = pick_sweep_cell(rows)
-    level_names = list(rows[0]["val_level_error"])
-    majority = rows[0]["majority_error"]
-    lines = [
-        f"# lambda0 sweep, validation errors (%), {len(rows)} runs",
-        "",
-        "| variant (heads/update/features/alpha) | lambda0 | epochs | fine | fine - baseline | "
-        + " | ".join(level_names)
-        + " | train acc | run |",
-        "|---" * (7 + len(level_names)) + "|",
-    ]
-    for r in rows:
-        diff = r["val_fine_error"] - r["baseline_val_fine_error"] if r["baseline_val_fine_error"] is not None else None
-        lines.append(
-            f"| {r['variant']} | {r['lambda0']:g} | {r['epochs']} | {fmt(r['val_fine_error'])} | "
-            + ("-" if diff is None else f"{diff:+.2f}")
-            + " | "
-            + " | ".join(fmt(r["val_level_error"].get(n)) for n in level_names)
-            + f" | {fmt(r['train_acc'])} | {r['run']} |"
-        )
-    lines.append(
-        "| majority category | | | "
-        + fmt(majority["fine"])
-        + " | | "
-        + " | ".join(fmt(majority.get(n)) for n in level_names)
-        + " | | |"
-    )
-    baseline_runs += [
-        (r["run"], r["epochs"], r["own_baseline_val_fine_error"])
-        for r in rows
-        if r["own_baseline_val_fine_error"] is not None
-    ]
-    if baseline_runs:
-        lines += [
-            "",
-            "Baseline validation fine error: "
-            + ", ".join(f"{fmt(e)} ({run}, {n} epochs)" for run, n, e in baseline_runs),
-        ]
-    lines += ["", f"Decision rule (fixed before the sweep ran; validation only): {SWEEP_RULE}", ""]
-    if pick is None:
-        lines.append("Pick: none (no cell within 1 point of its baseline, or no baseline): no extra 800-epoch row.")
-    else:
-        lines += [
-            f"Pick: {pick['run']} ({pick['variant']}, lambda0 {pick['lambda0']:g}), validation fine error "
-            f"{fmt(pick['val_fine_error'])} against the baseline's {fmt(pick['baseline_val_fine_error'])}. "
-            "Its 800-epoch row (ours, not the paper's setting): "
-            f"`python hdl_stack.py --dataset cifar100 --method hdl {' '.join(pick['flags'])}`.",
-        ]
-    text = "\n".join(lines) + "\n"
-    common.write_text(sweep_dir / "sweep.md", text)
-    common.write_json(
-        sweep_dir / "sweep.json", {"rule": SWEEP_RULE, "margin": SWEEP_MARGIN, "pick": pick, "rows": rows}
-    )
-    return text
 
 
 def main(argv=None):
@@ -1119,6 +823,249 @@ def main(argv=None):
     )
     print(table, flush=True)
     return results
+
+
+# ---------------------------------------------------------------------------------------
+# Reports: table3.md, metrics.json, the sweep's table
+# ---------------------------------------------------------------------------------------
+
+
+def fmt(value):
+    return "-" if value is None else f"{value:.2f}"
+
+
+def write_tables(path, args, levels, results, majority, eval_split="test"):
+    """table3.md: Table 3's layout (errors %), Table 4's (accuracies %), each with the majority-category
+    row, and the violation rates."""
+    base, hdl = results.get("baseline"), results.get("hdl")
+    level_cols = [f"{i + 1}L {l.name} ({l.num_classes} cls)" for i, l in enumerate(levels)]
+    head_note = "" if args.fine_head == "on" else " (HDL's fine: the level heads' joint argmax; no fine classifier)"
+    lines = [
+        f"# HDL stack: {args.dataset}, {args.arch}, {args.epochs} epochs, lr {args.lr}, batch {args.batch_size}",
+        "",
+        f"Evaluated on the {eval_split} split"
+        + (f"; CIFAR-100's WordNet levels: the {levels_reading(args)} reading" if levels_reading(args) else "")
+        + f". HDL: {args.heads} heads, fine classifier {args.fine_head}, "
+        f"lambda0 {args.lambda_center}, centres updated '{args.center_update}' (alpha {args.center_alpha}) "
+        f"on {args.center_features} features.",
+        "",
+        f"## Error rates (%), Table 3 layout{head_note}",
+        "",
+        "| Model | Baseline | HDL | " + " | ".join(level_cols) + " |",
+        "|---" * (3 + len(levels)) + "|",
+    ]
+    row = [fmt(base["fine_error"]) if base else "-", fmt(hdl["fine_error"]) if hdl else "-"]
+    row += [fmt(hdl["level_error"][l.name]) if hdl else "-" for l in levels]
+    lines.append(f"| {args.arch} (ours) | " + " | ".join(row) + " |")
+    lines.append(
+        "| majority category (largest in train) | "
+        + " | ".join([fmt(majority["fine"])] * 2 + [fmt(majority[l.name]) for l in levels])
+        + " |"
+    )
+    if args.dataset == "cifar100" and not args.hierarchy and args.arch in PAPER_TABLE3:
+        lines.append(f"| {args.arch} (paper) | " + " | ".join(fmt(v) for v in PAPER_TABLE3[args.arch]) + " |")
+    if args.dataset == "shapes" and not args.hierarchy:
+        lines.append(
+            "| ResNet-18 (paper, Table 4) | - | - | "
+            + " | ".join(fmt(100.0 - PAPER_SHAPES_ACCURACY[l.name]) for l in levels)
+            + " |"
+        )
+    lines += [
+        "",
+        "Per-level errors from the fine scores summed per category (the baseline has no level heads):",
+        "",
+        "| Model | " + " | ".join(level_cols) + " |",
+        "|---" * (1 + len(levels)) + "|",
+    ]
+    for name, res in (("baseline (summed fine)", base), ("HDL (summed fine)", hdl)):
+        if res:
+            lines.append(
+                f"| {name} | " + " | ".join(fmt(res["summed_fine_level_error"][l.name]) for l in levels) + " |"
+            )
+    lines.append("| majority category | " + " | ".join(fmt(majority[l.name]) for l in levels) + " |")
+    if hdl:
+        lines += [
+            "",
+            "## Accuracy (%) per level, Table 4 layout",
+            "",
+            "| Dataset | " + " | ".join(f"{i + 1}L" for i in range(len(levels))) + " | fine |",
+            "|---" * (2 + len(levels)) + "|",
+            f"| {args.dataset}, lr {args.lr} (ours) | "
+            + " | ".join(f"{100 - hdl['level_error'][l.name]:.2f}% ({l.num_classes})" for l in levels)
+            + f" | {100 - hdl['fine_error']:.2f}% |",
+            "| majority category | "
+            + " | ".join(f"{100 - majority[l.name]:.2f}% ({l.num_classes})" for l in levels)
+            + f" | {100 - majority['fine']:.2f}% |",
+        ]
+        if args.dataset == "shapes" and not args.hierarchy:
+            lines.append(
+                "| Shapes (paper, every lr) | "
+                + " | ".join(f"{PAPER_SHAPES_ACCURACY[l.name]:.0f}% ({l.num_classes})" for l in levels)
+                + " | - |"
+            )
+        lines += [
+            "",
+            f"## Hierarchy violations of HDL (% of {eval_split} images)",
+            "",
+            f"- a level head disagrees with the category of the predicted fine class: "
+            f"{hdl['violation_rate']['with_fine']:.2f}",
+            f"- the level heads' categories fit no fine class together: {hdl['violation_rate']['levels_only']:.2f}",
+        ]
+        if "hierarchical" in hdl and "consistency" in hdl["hierarchical"]:
+            lines.append(
+                f"- consistency (common.hierarchical_metrics: every checked head agrees with the fine "
+                f"prediction's ancestor): {hdl['hierarchical']['consistency']:.2f}"
+            )
+    measured = [(n, r["hierarchical"]) for n, r in (("baseline", base), ("HDL", hdl)) if r and "hierarchical" in r]
+    if measured:
+        lines += ["", f"## Hierarchical measures ({eval_split})", ""]
+        lines += [f"- {n}: {common.format_hierarchical_metrics(m)}" for n, m in measured]
+    common.write_text(path, "\n".join(lines) + "\n")
+    return "\n".join(lines)
+
+
+# The centre-loss sweep's decision rule, written into README.md's HDL section before the sweep runs. It
+# reads validation errors only; its pick becomes one extra 800-epoch row, labelled as ours.
+SWEEP_MARGIN = 1.0
+
+
+SWEEP_RULE = (
+    "Among the HDL cells whose validation fine error is at most the baseline's + 1.0 point (the baseline "
+    "trained as many epochs on the same split), pick the one with the largest lambda0 (the closest to the "
+    "paper's 1); at equal lambda0 the paper's centre update and features (per-epoch, raw) go first, then the "
+    "lower validation fine error. No cell within 1 point: no pick."
+)
+
+
+PAPER_CENTER_VARIANT = ("epoch", "raw")
+
+
+def pick_sweep_cell(rows, margin=SWEEP_MARGIN):
+    """SWEEP_RULE on the sweep's rows (dicts with lambda0, val_fine_error, baseline_val_fine_error,
+    center_update, center_features); returns the picked row or None."""
+    within = [
+        r
+        for r in rows
+        if r["baseline_val_fine_error"] is not None and r["val_fine_error"] <= r["baseline_val_fine_error"] + margin
+    ]
+    if not within:
+        return None
+    return min(
+        within,
+        key=lambda r: (
+            -r["lambda0"],
+            (r["center_update"], r["center_features"]) != PAPER_CENTER_VARIANT,
+            r["val_fine_error"],
+            r["run"],
+        ),
+    )
+
+
+def sweep_cell_flags(config, levels=None):
+    """hdl_stack.py flags that reproduce a sweep cell's HDL configuration (hdl_config in metrics.json) and,
+    where it is not the default, its WordNet reading."""
+    return [
+        *("--heads", config["heads"], "--center-update", config["center_update"]),
+        *("--center-features", config["center_features"], "--center-alpha", f"{config['center_alpha']:g}"),
+        *("--lambda-center", f"{config['lambda_center']:g}"),
+        *(("--levels", levels) if levels not in (None, DEFAULT_LEVELS) else ()),
+    ]
+
+
+def write_sweep_table(sweep_dir):
+    """Collect the validation runs under sweep_dir into sweep.md / sweep.json: one row per run
+    (center-loss variant, lambda0) with HDL's validation fine and level errors and its difference
+    to the baseline trained as long; then SWEEP_RULE's pick."""
+    sweep_dir = Path(sweep_dir)
+    rows, baseline_runs = [], []
+    for metrics_path in sorted(sweep_dir.glob("*/metrics.json")):
+        m = json.loads(metrics_path.read_text())
+        if m.get("eval_split") != "val":
+            common.fail(f"{metrics_path}: evaluated on the test set; the sweep takes --val-fraction runs only")
+        if "hdl" not in m:  # a baseline-only run: the cells' reference
+            if "baseline" in m:
+                baseline_runs.append((metrics_path.parent.name, m["epochs"], m["baseline"]["fine_error"]))
+            continue
+        c = m["hdl_config"]
+        rows.append(
+            {
+                "run": metrics_path.parent.name,
+                "variant": f"{c['heads']}/{c['center_update']}/{c['center_features']}/a{c['center_alpha']:g}",
+                "center_update": c["center_update"],
+                "center_features": c["center_features"],
+                "lambda0": c["lambda_center"],
+                "flags": sweep_cell_flags(c, m.get("levels_reading")),
+                "epochs": m["epochs"],
+                "val_fine_error": m["hdl"]["fine_error"],
+                "val_level_error": m["hdl"]["level_error"],
+                "own_baseline_val_fine_error": m.get("baseline", {}).get("fine_error"),
+                "train_acc": m["hdl"].get("final_train_acc", {}).get("train_acc"),
+                "majority_error": m["majority_error"],
+            }
+        )
+    if not rows:
+        common.fail(f"--sweep-table {sweep_dir}: no run directories with metrics.json in it")
+    for r in rows:  # the reference: the cell's own baseline (--method both), else the baseline runs as long
+        same_length = [e for _, n, e in baseline_runs if n == r["epochs"]]
+        own = r["own_baseline_val_fine_error"]
+        r["baseline_val_fine_error"] = own if own is not None else (np.mean(same_length) if same_length else None)
+        if r["baseline_val_fine_error"] is not None:
+            r["baseline_val_fine_error"] = float(r["baseline_val_fine_error"])
+    rows.sort(key=lambda r: (r["variant"], r["lambda0"]))
+    pick = pick_sweep_cell(rows)
+    level_names = list(rows[0]["val_level_error"])
+    majority = rows[0]["majority_error"]
+    lines = [
+        f"# lambda0 sweep, validation errors (%), {len(rows)} runs",
+        "",
+        "| variant (heads/update/features/alpha) | lambda0 | epochs | fine | fine - baseline | "
+        + " | ".join(level_names)
+        + " | train acc | run |",
+        "|---" * (7 + len(level_names)) + "|",
+    ]
+    for r in rows:
+        diff = r["val_fine_error"] - r["baseline_val_fine_error"] if r["baseline_val_fine_error"] is not None else None
+        lines.append(
+            f"| {r['variant']} | {r['lambda0']:g} | {r['epochs']} | {fmt(r['val_fine_error'])} | "
+            + ("-" if diff is None else f"{diff:+.2f}")
+            + " | "
+            + " | ".join(fmt(r["val_level_error"].get(n)) for n in level_names)
+            + f" | {fmt(r['train_acc'])} | {r['run']} |"
+        )
+    lines.append(
+        "| majority category | | | "
+        + fmt(majority["fine"])
+        + " | | "
+        + " | ".join(fmt(majority.get(n)) for n in level_names)
+        + " | | |"
+    )
+    baseline_runs += [
+        (r["run"], r["epochs"], r["own_baseline_val_fine_error"])
+        for r in rows
+        if r["own_baseline_val_fine_error"] is not None
+    ]
+    if baseline_runs:
+        lines += [
+            "",
+            "Baseline validation fine error: "
+            + ", ".join(f"{fmt(e)} ({run}, {n} epochs)" for run, n, e in baseline_runs),
+        ]
+    lines += ["", f"Decision rule (fixed before the sweep ran; validation only): {SWEEP_RULE}", ""]
+    if pick is None:
+        lines.append("Pick: none (no cell within 1 point of its baseline, or no baseline): no extra 800-epoch row.")
+    else:
+        lines += [
+            f"Pick: {pick['run']} ({pick['variant']}, lambda0 {pick['lambda0']:g}), validation fine error "
+            f"{fmt(pick['val_fine_error'])} against the baseline's {fmt(pick['baseline_val_fine_error'])}. "
+            "Its 800-epoch row (ours, not the paper's setting): "
+            f"`python hdl_stack.py --dataset cifar100 --method hdl {' '.join(pick['flags'])}`.",
+        ]
+    text = "\n".join(lines) + "\n"
+    common.write_text(sweep_dir / "sweep.md", text)
+    common.write_json(
+        sweep_dir / "sweep.json", {"rule": SWEEP_RULE, "margin": SWEEP_MARGIN, "pick": pick, "rows": rows}
+    )
+    return text
 
 
 # --- CIFAR-100 WordNet levels: generated by tools/derive_cifar100_wordnet.py, do not edit ---
