@@ -24,7 +24,7 @@ Paper vs ours, one line per decision (docs/hdl_stack.md, "Paper vs ours", has th
 - fine classifier kept on CIFAR, removed on shapes (then the heads' joint argmax): --fine-head, fine_scores_from_levels
 - shapes rendered at 64 px (the paper: 128 rescaled to 64); fill and outline are not a tree: make_levels
 - CIFAR-100's WordNet mapping is not given: two readings derived offline, tables at the end: --levels
-- center loss as a batch mean, fine-class centres from zero, moved per epoch: center_loss, HDLNet.update_centers
+- center loss as a batch mean, fine-class centres from zero, moved per epoch: center_loss, end_of_epoch_centers
 - the paper's center-loss setting stalls early training; Wen's / SGD / normalised variants are flags: --center-*
 - a short sweep cannot choose Table 3's setting; SWEEP_RULE picks one extra 800-epoch row, ours: write_sweep_table
 - Adam lr 0.001 constant, batch 64, 800 epochs (CIFAR) / 20 (shapes, not given): get_args, default_epochs
@@ -46,7 +46,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
-
 
 # Table 3 (error rates %, CIFAR-100): baseline, HDL fine, 1L (12), 2L (6), 3L (2).
 PAPER_TABLE3 = {
@@ -254,9 +253,9 @@ def make_hdl_loss_fn(
         total, parts = hdl_loss(
             space, fine_logits, level_logits, y, model.centers, lambda_center, lambda_fine, lambda_levels
         )
-        if center_update == "epoch":
+        if center_update == "epoch":  # the paper: sum the batch per class, the centres move at the epoch's end
             model.accumulate_centers(space, y[0])
-        else:
+        else:  # Wen et al. / SGD: the centres move now
             model.batch_update_centers(space, y[0], center_alpha, center_update)
         stats = dict(parts)
         stats["feature_norm"] = features.detach().float().norm(dim=1).mean()  # watches the features shrink
@@ -267,6 +266,14 @@ def make_hdl_loss_fn(
         return total, stats
 
     return loss_fn
+
+
+def end_of_epoch_centers(model, center_update, center_alpha):
+    """The paper's per-epoch centre update ("update all class centers after each training epoch"): with
+    center_update 'epoch' each seen class's centre moves alpha of the way to its mean over the epoch's
+    batches (summed by the loss above); 'wen' / 'sgd' have moved the centres at every batch already."""
+    if center_update == "epoch":
+        model.update_centers(center_alpha)
 
 
 def baseline_loss_fn(model, x, y):
@@ -292,15 +299,25 @@ def build_model(args, num_fine, levels, hidden_sizes, device, with_stacks):
 
 def run_stage(name, args, model, loss_fn, train_loader, loaders, levels, run_dir, device, with_stacks, tree=None):
     """Train one model with common.fit (checkpointed, resumable); return its results on loaders["final"]
-    (the validation split with --val-fraction, else the test set), and the outputs behind them."""
+    (the validation split with --val-fraction, else the test set), and the outputs behind them.
+
+    The loop common.fit runs, for HDL (loss_fn = make_hdl_loss_fn(...)):
+
+        for epoch in range(args.epochs):
+            for x, y in train_loader:                   # Adam step on eq. 5 with the centres before the batch;
+                step(x, y)                              # 'epoch': the batch's features summed per class
+            evaluate(epoch)                             # --val-fraction only
+            end_of_epoch_centers(model, ...)            # on_epoch_end: the centres move to the epoch's means
+            checkpoint                                  # the centres are buffers: saved with the model
+    """
     optimizer = common.make_adam(model.parameters(), args.lr, device=device)
     step = common.make_train_step(
         model, loss_fn, optimizer, device=device, dtype=args.dtype, cuda_graph=args.cuda_graph, compile=args.compile
     )
 
-    def on_epoch_end(epoch, record):
-        if with_stacks and args.center_update == "epoch":
-            model.update_centers(args.center_alpha)
+    def on_epoch_end(epoch, record):  # common.fit: after the epoch's training and evaluation, before its checkpoint
+        if with_stacks:
+            end_of_epoch_centers(model, args.center_update, args.center_alpha)
         for key in [k for k in record if k.startswith("correct_")]:  # fit logs counts per batch: to accuracy
             record[f"train_acc_{key[len('correct_') :]}"] = 100.0 * record.pop(key) / train_loader.batch_size
 
@@ -511,6 +528,42 @@ def level_label_tuple(split, levels):
     return (split.labels,) + tuple(level.labels(split.labels) for level in levels)
 
 
+def make_loaders(args, data, train, evaluated, levels, device):
+    """GpuLoaders of the training split (crop + flip on CIFAR, experiment 6) and of the split evaluated;
+    pixels scaled to [0, 1] only, unless --normalize (section 4.1: no normalisation)."""
+    augment = (
+        args.augment if args.augment != "auto" else ("crop-flip" if args.dataset in ("cifar10", "cifar100") else "none")
+    )
+    mean, std = (data.mean, data.std) if args.normalize else ((0.0,) * 3, (1.0,) * 3)  # 1/255 scaling only
+    max_batches = 2 if args.dry_run else None
+    channels = train.images.shape[1]
+    if channels != 3:
+        common.fail(f"--dataset {args.dataset}: ResNet-18 here takes 3-channel images, got {channels}")
+    train_loader = common.GpuLoader(
+        train.images,
+        level_label_tuple(train, levels),
+        args.batch_size,
+        device=device,
+        mean=mean,
+        std=std,
+        train=True,
+        crop_pad=4 if augment == "crop-flip" else 0,
+        flip=augment == "crop-flip",
+        seed=args.seed,
+        max_batches=max_batches,
+    )
+    eval_loader = common.GpuLoader(
+        evaluated.images,
+        level_label_tuple(evaluated, levels),
+        args.eval_batch_size,
+        device=device,
+        mean=mean,
+        std=std,
+        max_batches=max_batches,
+    )
+    return train_loader, eval_loader
+
+
 def validation_split(labels, fraction, seed):
     """Hold out round(fraction * n_c) training images of every class c (seeded); returns (val, train) index arrays."""
     labels = np.asarray(labels)
@@ -652,7 +705,7 @@ def level_results(fine_logits, level_logits, fine_labels, levels):
 
 def main(argv=None):
     args = get_args(argv)
-    if args.sweep_table:
+    if args.sweep_table:  # train nothing: the sweep's table and SWEEP_RULE's pick from its runs
         print(write_sweep_table(args.sweep_table), flush=True)
         return None
     if args.epochs is None:
@@ -661,14 +714,67 @@ def main(argv=None):
         args.fine_head = "off" if args.dataset == "shapes" and not args.hierarchy else "on"
     run_dir, device = common.setup(args, "hdl_stack")
     data = common.load_data(args)
+
+    # 1. The levels the heads predict, finest first (shapes: fill, outline, shape; CIFAR-100: WordNet 12 / 6 / 2).
     levels = make_levels(data, args)
     if args.fine_head == "off" and not levels_identify_fine_classes(levels):
         common.fail("--fine-head off: the levels do not tell every fine class apart; use --fine-head on")
     hidden_sizes = stack_hidden_sizes(args.stack_hidden, args, levels)
     lambda_levels = level_weights(args, levels)
-    num_fine = data.num_classes
+    write_levels_json(run_dir / "levels.json", args, data, levels, hidden_sizes)
+
+    # 2. Data: the training split (minus a validation split with --val-fraction), the split evaluated.
+    train, evaluated, eval_split = data.train, data.test, "test"
+    if args.val_fraction:
+        val_idx, train_idx = validation_split(train.labels.numpy(), args.val_fraction, args.seed)
+        evaluated, train, eval_split = train.subset(val_idx), train.subset(train_idx), "val"
+    train_loader, eval_loader = make_loaders(args, data, train, evaluated, levels, device)
+    loaders = {"epoch": eval_loader if eval_split == "val" else None, "final": eval_loader}
+    names = ["fine"] + [l.name for l in levels]
+    majority = majority_errors(level_label_tuple(train, levels), level_label_tuple(evaluated, levels), names)
+    print_setup(args, data, train, evaluated, eval_split, levels, hidden_sizes, device)
+    tree = metrics_hierarchy(levels, data.hierarchy)
+    stage = (train_loader, loaders, levels, run_dir, device)  # run_stage's arguments shared by both models
+
+    # 3. The baseline ResNet-18: its fine classifier alone, cross-entropy.
+    results = {}
+    if args.method in ("both", "baseline"):
+        model = build_model(args, data.num_classes, levels, hidden_sizes, device, with_stacks=False)
+        results["baseline"] = run_stage("baseline", args, model, baseline_loss_fn, *stage, with_stacks=False, tree=tree)
+        train_loader.generator.manual_seed(args.seed)  # HDL sees the baseline's batch order
+
+    # 4. HDL from the same initialisation: the level stacks' cross-entropies and the center loss (eq. 5);
+    #    the centres move after each epoch (end_of_epoch_centers) or, with --center-update wen / sgd, every batch.
+    if args.method in ("both", "hdl"):
+        model = build_model(args, data.num_classes, levels, hidden_sizes, device, with_stacks=True)
+        loss_fn = make_hdl_loss_fn(
+            args.lambda_center,
+            args.lambda_fine,
+            lambda_levels,
+            center_update=args.center_update,
+            center_alpha=args.center_alpha,
+            center_features=args.center_features,
+        )
+        results["hdl"] = run_stage("hdl", args, model, loss_fn, *stage, with_stacks=True, tree=tree)
+        results["hdl"]["parameters"] = common.count_params(model)
+        results["hdl"]["stack_parameters"] = common.count_params(model.stacks)
+
+    # 5. Reports: table3.md (Tables 3 and 4 with the majority-category errors), metrics.json, the tables printed.
+    report(
+        run_dir, args, data, levels, hidden_sizes, lambda_levels, train, evaluated, eval_split, majority, tree, results
+    )
+    return results
+
+
+# ---------------------------------------------------------------------------------------
+# Reports: table3.md, metrics.json, the sweep's table
+# ---------------------------------------------------------------------------------------
+
+
+def write_levels_json(path, args, data, levels, hidden_sizes):
+    """levels.json: the class-to-level maps used, the stacks' hidden widths and CIFAR-100's WordNet reading."""
     common.write_json(
-        run_dir / "levels.json",
+        path,
         {
             "fine": data.class_names,
             "reading": levels_reading(args),
@@ -685,44 +791,9 @@ def main(argv=None):
         },
     )
 
-    # 1. Data: the training split (minus a validation split with --val-fraction), the split evaluated.
-    train, evaluated, eval_split = data.train, data.test, "test"
-    if args.val_fraction:
-        val_idx, train_idx = validation_split(train.labels.numpy(), args.val_fraction, args.seed)
-        evaluated, train, eval_split = train.subset(val_idx), train.subset(train_idx), "val"
-    augment = (
-        args.augment if args.augment != "auto" else ("crop-flip" if args.dataset in ("cifar10", "cifar100") else "none")
-    )
-    mean, std = (data.mean, data.std) if args.normalize else ((0.0,) * 3, (1.0,) * 3)  # 1/255 scaling only
-    max_batches = 2 if args.dry_run else None
-    channels = train.images.shape[1]
-    if channels != 3:
-        common.fail(f"--dataset {args.dataset}: ResNet-18 here takes 3-channel images, got {channels}")
-    train_loader = common.GpuLoader(
-        train.images,
-        level_label_tuple(train, levels),
-        args.batch_size,
-        device=device,
-        mean=mean,
-        std=std,
-        train=True,
-        crop_pad=4 if augment == "crop-flip" else 0,
-        flip=augment == "crop-flip",
-        seed=args.seed,
-        max_batches=max_batches,
-    )
-    eval_loader = common.GpuLoader(
-        evaluated.images,
-        level_label_tuple(evaluated, levels),
-        args.eval_batch_size,
-        device=device,
-        mean=mean,
-        std=std,
-        max_batches=max_batches,
-    )
-    loaders = {"epoch": eval_loader if eval_split == "val" else None, "final": eval_loader}
-    names = ["fine"] + [l.name for l in levels]
-    majority = majority_errors(level_label_tuple(train, levels), level_label_tuple(evaluated, levels), names)
+
+def print_setup(args, data, train, evaluated, eval_split, levels, hidden_sizes, device):
+    num_fine = data.num_classes
     print(
         f"[hdl_stack] {args.dataset}: {len(train)} train / {len(evaluated)} {eval_split}, {num_fine} fine classes; "
         + ", ".join(f"{i + 1}L {l.name} ({l.num_classes})" for i, l in enumerate(levels))
@@ -731,44 +802,12 @@ def main(argv=None):
         flush=True,
     )
 
-    tree = metrics_hierarchy(levels, data.hierarchy)
 
-    # 2. The baseline ResNet: its fine classifier alone.
-    results = {}
-    if args.method in ("both", "baseline"):
-        model = build_model(args, num_fine, levels, hidden_sizes, device, with_stacks=False)
-        results["baseline"] = run_stage(
-            "baseline",
-            args,
-            model,
-            baseline_loss_fn,
-            train_loader,
-            loaders,
-            levels,
-            run_dir,
-            device,
-            with_stacks=False,
-            tree=tree,
-        )
-        train_loader.generator.manual_seed(args.seed)  # HDL sees the baseline's batch order
-    # 3. HDL: the level stacks, their cross-entropies and the center loss (eq. 5).
-    if args.method in ("both", "hdl"):
-        model = build_model(args, num_fine, levels, hidden_sizes, device, with_stacks=True)
-        loss_fn = make_hdl_loss_fn(
-            args.lambda_center,
-            args.lambda_fine,
-            lambda_levels,
-            center_update=args.center_update,
-            center_alpha=args.center_alpha,
-            center_features=args.center_features,
-        )
-        results["hdl"] = run_stage(
-            "hdl", args, model, loss_fn, train_loader, loaders, levels, run_dir, device, with_stacks=True, tree=tree
-        )
-        results["hdl"]["parameters"] = common.count_params(model)
-        results["hdl"]["stack_parameters"] = common.count_params(model.stacks)
-
-    # 4. Tables 3 and 4 with the majority-category errors; metrics.json.
+def report(
+    run_dir, args, data, levels, hidden_sizes, lambda_levels, train, evaluated, eval_split, majority, tree, results
+):
+    """The end of a run: table3.md (Tables 3 and 4 with the majority-category errors), metrics.json (every
+    reported number, the HDL configuration, the paper's numbers), and the tables printed."""
     table = write_tables(run_dir / "table3.md", args, levels, results, majority, eval_split)
     paper = None
     if args.dataset == "cifar100" and not args.hierarchy:
@@ -822,12 +861,6 @@ def main(argv=None):
         },
     )
     print(table, flush=True)
-    return results
-
-
-# ---------------------------------------------------------------------------------------
-# Reports: table3.md, metrics.json, the sweep's table
-# ---------------------------------------------------------------------------------------
 
 
 def fmt(value):
