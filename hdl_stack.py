@@ -1,131 +1,38 @@
 """Hierarchical Deep Loss (HDL): a cascade of per-level linear layers plus a center loss on a ResNet-18.
 
-Paper: "Learn class hierarchy using convolutional neural networks" (the HDL stack paper,
-../shared/papers/hdl_stack.txt). After a ResNet-18's pooled features come one linear stack per
-level of the class hierarchy, finest level first, each with a cross-entropy loss, and a center
-loss on the pooled features:
+Paper: "Learn class hierarchy using convolutional neural networks" (../shared/papers/hdl_stack.txt).
+Reproduces experiment 2 / Table 4 (shapes: fill, outline, shape at 100%) and experiment 6 / Table 3
+(CIFAR-100, WordNet levels of 12 / 6 / 2 categories, baseline ResNet-18 vs HDL). The full account of
+every reading and deviation, and the commands: docs/hdl_stack.md.
 
-    L = lambda0 * L_center + sum_l lambda_l * CE_l          (eq. 4-5, all lambdas 1)
-    L_center = mean_i || x_i - c_{y_i} ||^2                   (eq. 1), class centres updated per epoch
+    python hdl_stack.py --out-dir runs/hdl_shapes             # shapes, baseline + HDL, 20 epochs
+    python hdl_stack.py --dataset cifar100 --data-dir data    # experiment 6, Table 3 row 1 (800 epochs)
+    python hdl_stack.py --sweep-table runs/sweep               # a lambda0 sweep's table and SWEEP_RULE's pick
 
-Topology (--heads, default cascade): the stacks form a chain, each level's stack fed by the
-previous level's output. The paper says so twice in its introduction: "we have a cascade of fully
-connected linear layers each one with softmax plus cross-entropy, where the output of a layer l-1
-is the input of layer l" and "in our approach the input per layer is the output of the previous
-layer"; experiment 6 puts the stack "after the final output layer of the baseline model", so on
-CIFAR-100 the chain starts from the fine classifier's 100 outputs: fine FC 512->100, then linear1
-(FC 100, ReLU, FC 12), linear2 (FC 10, ReLU, FC 6), linear3 (FC 4, ReLU, FC 2). On shapes
-(section 4.1: "we add three fully connected linear layer, where each layer corresponding to the
-total number of concepts", Fig. 1: the output layer "is replaced by N fully connected layers") the
-chain is 512 -> 6 fill -> 6 outline -> 2 shape, with no fine classifier. --heads parallel (every
-stack on the pooled features, plus the fine classifier there) is the reading of Fig. 1 alone.
+Pipeline (main): levels of the class hierarchy -> data (optional validation split) -> the baseline
+ResNet-18 (fine cross-entropy) -> HDL from the same initialisation and batch order:
 
-Reproduces: experiment 2 / Table 4 (the shapes dataset: fill colour, outline colour and shape all
-at 100%) and experiment 6 / Table 3 (CIFAR-100 with three WordNet levels of 12, 6 and 2
-categories, baseline ResNet-18 vs HDL; CIFAR-100 via --data-dir, see the README's Data section).
+    L = lambda0 * L_center + lambda_fine * CE_fine + sum_l lambda_l * CE_l     (eq. 4-5, all lambdas 1)
+    L_center = mean_i || x_i - c_{y_i} ||^2        (eq. 1), class centres moved to the epoch's class means
 
-Commands:
-    python hdl_stack.py --out-dir runs/hdl_shapes             # shapes, 64x64, 20k / 6k, baseline + HDL, 20 epochs
-    python hdl_stack.py --dataset cifar100 --data-dir data    # experiment 6 (800 epochs, lr 0.001), Table 3 row 1
-    python hdl_stack.py --dataset cifar100 --data-dir data --levels fixed-synset   # the other WordNet reading
-    python hdl_stack.py --dataset cifar100 --data-dir data --arch preact_resnet18   # Table 3 row 2
-    python hdl_stack.py --dataset cifar100 --data-dir data --method hdl --val-fraction 0.1 --epochs 40 \\
-        --lambda-center 0.01 --center-update wen --out-dir runs/sweep/wen_0.01   # one cell of a lambda0 sweep
-    python hdl_stack.py --sweep-table runs/sweep               # its table and SWEEP_RULE's pick: sweep.md, .json
+then the last epoch on the test set, once; table3.md, metrics.json, metrics.jsonl, levels.json (Reports).
 
-Outputs in the run directory: args.json, metrics.jsonl (per epoch: per-level losses, train
-accuracies, the mean feature norm; validation accuracies with --val-fraction), metrics.json (every
-reported number, the majority-category errors, the HDL configuration), table3.md (Table 3 layout:
-baseline / HDL fine error and the per-level errors with the majority-category row and the paper's
-row; Table 4 layout: per-level accuracies; hierarchy-violation rates), levels.json (the
-class-to-level maps used, and CIFAR-100's WordNet reading).
-
-The Table 3 setting (CIFAR-100, every default): lambda0 = lambda_1..N = 1 (eq. 4) and 1 on the fine
-classifier, class centres moved to the epoch's class means after each epoch, the center loss on the raw
-pooled features, Adam with lr 0.001 (constant), 800 epochs, random crop and flip (experiment 6), batch 64
-(experiment 6 gives none; 64 is the paper's batch "on the other datasets", Table 4), the first-sense
-WordNet levels (12 / 6 / 2 categories, every one with classes). Nothing of it is chosen by a sweep.
-
-Center loss variants (the paper's text is the default; see "Paper vs ours"):
-    --center-update epoch   centres become the epoch's class means after each epoch (the paper:
-                            "compute the Center Loss function on each training mini-batch and
-                            update all class centers after each training epoch")
-    --center-update wen     Wen et al. 2016 (the paper's [17]): every batch,
-                            c_j <- c_j - alpha * sum_{y_i = j} (c_j - x_i) / (1 + n_j), alpha 0.5
-    --center-update sgd     every batch, one SGD step of rate alpha on the centres (centres as
-                            parameters with their own SGD, the usual PyTorch centre-loss practice)
-    --center-features raw | normalized   the pooled features as they are, or L2-normalised
-    --lambda-center         lambda0 (paper: 1). Wen et al. weight 1/2 sum ||x - c||^2 by lambda =
-                            0.003-0.01; with our batch mean of ||x - c||^2 that is lambda0 = lambda / 2.
-
-Paper vs ours (ambiguities and deviations):
-- Cascade details: the paper does not say whether the fine classifier's logits pass a ReLU before
-  linear1 (it lists ReLU "except for the layers of size 12, 6, 2"); no activation follows any layer
-  that carries a cross-entropy here (fine, 12, 6, 2), ReLU follows the hidden 100, 10, 4. Another
-  reading of "linear1 contains two fully connected layers of size 100, 12" makes its 100 the fine
-  classifier itself; we keep experiment 6's stated widths as hidden layers of each linear_i.
-- Stack widths: experiment 6 gives CIFAR-100's stacks; section 4.1 gives the other datasets one FC
-  layer per level (no hidden layer), so shapes uses single linear layers. CIFAR-10's one extra
-  level (2 classes) uses CIFAR-100's 2-class stack (FC 4 then 2). `--stack-hidden` overrides.
-- Fine classifier (--fine-head auto): kept on CIFAR (Table 3 reports HDL's 100-class error),
-  removed on shapes (section 4.1). Without it, HDL's fine prediction is the level heads' joint
-  argmax (sum of their log-probabilities), which on shapes is (fill, outline, shape) itself.
-- Shapes: the heads answer the paper's three questions, Table 4's order: 1L fill colour (6),
-  2L outline colour (6), 3L shape (2); 72 fine classes (shape x fill x outline). The images are
-  rendered at 64x64 by common.make_shapes (the paper renders 128x128 and rescales to 64). Fill and
-  outline are independent attributes, not a tree, so every (shape, fill, outline) combination
-  exists and the "levels only" violation rate is 0 by construction there. No augmentation and no
-  normalisation (section 4.1: "We do not apply any preprocessing of images as data augmentation,
-  rotation or normalization"), as the paper.
-- CIFAR-100's WordNet levels (--levels): the paper names the 12 / 6 / 2 categories and says "we
-  extracted {12, 6, 2} classes per layer from Cifar-100", but not the mapping. Both readings are
-  derived from WordNet 3.0 by tools/derive_cifar100_wordnet.py into the tables at the end of this
-  file (hypernym paths of each class's synset; the decisions where paths disagree are listed there).
-  first-sense (default): each class name's most frequent noun sense, nltk's synsets(word)[0] of the
-  name's first word (lawn_mower -> lawn). It is the reading that gives every one of the 12 / 6 / 2
-  categories classes, as the paper has them, but it takes senses that are not what the images show
-  (table -> the data table, an arrangement; lawn -> location; palm -> the hand's, a part; beaver,
-  leopard, otter, raccoon -> their furs and maple, oak -> their woods, substance; tiger, whale,
-  shrew, skunk -> people). fixed-synset: one fixed synset per class (the NBDT list, the pictured
-  sense); 86 classes under "whole" and arrangement, substance, part, location empty. 18 classes move
-  between them (17 at 6 categories, 1 at 2): docs/hdl_cifar100_levels.md lists them with both senses.
-  Either way one category holds most classes (whole 69 / 86 of 100, object 72 / 88, physical entity
-  98 / 99), so guessing the largest category is already right for most images: every table prints
-  that majority-category error (largest category of the training labels, scored on the evaluated
-  labels) next to the level errors.
-- Center loss: eq. 1 sums over the mini-batch, as eq. 3 does for cross-entropy; we take both as
-  batch means (same ratio between the terms; Adam is insensitive to the overall scale). Centres
-  are those of the fine classes, in the pooled-feature space, and start at zero. The paper
-  applies it "after the adaptive pooling layer" on unnormalised features with lambda0 = 1 and
-  moves the centres once per epoch; Wen et al. move them every batch and weight the loss 100 to
-  1000 times less. With the paper's setting the center term starts at ~10 (CIFAR-100) to
-  ~800 (64-pixel shapes) on the 512 raw features against ~4 for the cross-entropies, the
-  features shrink towards the zero centres and HDL stalls for the first epochs. A small CPU
-  check (shapes at 32 px, 800 training images, 3 epochs, batch 32, validation on 200 held-out
-  images): with the paper's setting the fill head's train accuracy is 23-24% after 3 epochs
-  (chance 17%), cascade or parallel; with normalised features (lambda0 1, per-epoch update) or
-  Wen's update with lambda0 0.005 it is 95%. The defaults stay the paper's; the variants above
-  are flags. A short sweep cannot choose Table 3's setting: a 40-epoch ranking measures early
-  training speed, which the paper's centre loss slows, and would switch it off. The sweep
-  (tools/gpu_runs.py hdl_sweep_cifar100_*) is evidence of that slowness; --sweep-table applies
-  SWEEP_RULE (fixed before it runs, validation only) and its pick is one extra 800-epoch row, ours.
-- Training: Adam (no weight decay), lr 0.001 (experiment 6; Table 4 shows shapes at 100% for
-  0.005, 0.001 and 0.01), batch 64, constant lr. Epochs: 800 for CIFAR (experiment 6); shapes'
-  epoch count is not given ("high accuracy starting from the first ten epochs"): 20.
-- Data: no normalisation (pixels scaled to [0, 1]); CIFAR gets random crop (pad 4) and horizontal
-  flip (experiment 6), shapes nothing (section 4.1).
-- Backbone: ResNet-18 with the ImageNet stem the paper describes (7x7 stride 2, BN, ReLU, 3x3
-  max-pool) also on 32x32 CIFAR images (the paper does not say otherwise; `--stem cifar` gives the
-  3x3 stem). PreAct ResNet-101 / 152 of Table 3 are not included.
-- Validation: the paper has none; nothing is selected: the last epoch is evaluated on the test set
-  once. `--val-fraction F` holds F of each class's training images out; the run then reports on
-  that split only (and logs it every epoch); the sweep's rule reads these runs only (it refuses
-  a run evaluated on the test set).
-- Baseline and HDL are trained in one run from the same seed (same backbone initialisation), or as
-  two runs (--method baseline / hdl) with the same initialisation and batch order.
-- Reported extras: per-level errors of the baseline obtained by summing its fine probabilities
-  per category, majority-category errors, and hierarchy-violation rates (see `violation_rates`).
-- Not reproduced: VQA-Med, Animals Taxonomy8 and ImageNet (experiments 1, 3-5): no data here.
+Paper vs ours, one line per decision (docs/hdl_stack.md, "Paper vs ours", has the reasoning):
+- topology: a chain, finest level first, from the fine logits (CIFAR) or the pooled features (shapes): HDLNet, --heads
+- no activation after a layer with a cross-entropy; ReLU after the hidden 100 / 10 / 4: LevelStack
+- stack widths: experiment 6's on CIFAR-100, one FC per level elsewhere: stack_hidden_sizes, --stack-hidden
+- fine classifier kept on CIFAR, removed on shapes (then the heads' joint argmax): --fine-head, fine_scores_from_levels
+- shapes rendered at 64 px (the paper: 128 rescaled to 64); fill and outline are not a tree: make_levels
+- CIFAR-100's WordNet mapping is not given: two readings derived offline, tables at the end: --levels
+- center loss as a batch mean, fine-class centres from zero, moved per epoch: center_loss, end_of_epoch_centers
+- the paper's center-loss setting stalls early training; Wen's / SGD / normalised variants are flags: --center-*
+- a short sweep cannot choose Table 3's setting; SWEEP_RULE picks one extra 800-epoch row, ours: write_sweep_table
+- Adam lr 0.001 constant, batch 64, 800 epochs (CIFAR) / 20 (shapes, not given): get_args, default_epochs
+- no normalisation; crop + flip on CIFAR only: --normalize, --augment
+- ImageNet stem also on 32 px (--stem cifar: 3x3); PreAct ResNet-101 / 152 not included: build_model
+- no validation in the paper, nothing selected; --val-fraction reports on a held-out split only: validation_split
+- extras: summed-fine level errors, majority-category errors, violation rates: level_results
+- not reproduced: VQA-Med, Animals Taxonomy8, ImageNet (experiments 1, 3-5): no data here
 """
 
 import argparse
@@ -148,67 +55,6 @@ PAPER_TABLE3 = {
 # Table 4: shapes at 100% on every level (fill 6, outline 6, shape 2) for every learning rate.
 PAPER_SHAPES_ACCURACY = {"fill": 100.0, "outline": 100.0, "shape": 100.0}
 
-CIFAR100_CLASSES = """apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus butterfly
-camel can castle caterpillar cattle chair chimpanzee clock cloud cockroach couch crab crocodile cup dinosaur
-dolphin elephant flatfish forest fox girl hamster house kangaroo keyboard lamp lawn_mower leopard lion lizard
-lobster man maple_tree motorcycle mountain mouse mushroom oak_tree orange orchid otter palm_tree pear
-pickup_truck pine_tree plain plate poppy porcupine possum rabbit raccoon ray road rocket rose sea seal shark
-shrew skunk skyscraper snail snake spider squirrel streetcar sunflower sweet_pepper table tank telephone
-television tiger tractor train trout tulip turtle wardrobe whale willow_tree wolf woman worm""".split()
-
-# The paper's WordNet categories of experiment 6 (LEVEL12_NAMES, LEVEL6_NAMES, LEVEL2_NAMES; head outputs
-# follow their order) and the CIFAR-100 class -> (12-, 6-, 2-level category) table of each reading
-# (WORDNET_TABLES) are at the end of this file, generated offline from WordNet 3.0 by
-# tools/derive_cifar100_wordnet.py (no WordNet or nltk at run time): first-sense (default: each class name's
-# most frequent noun sense; all 12 / 6 / 2 categories get classes, as in the paper) and fixed-synset (one
-# fixed synset per class; 4 of the 12 empty). --levels picks one; docs/hdl_cifar100_levels.md lists the 18
-# classes that move between them and why.
-DEFAULT_LEVELS = "first-sense"
-
-
-def check_wordnet_table(table=None, class_names=CIFAR100_CLASSES):
-    """Check a class table (default: the default reading's); returns the three parent arrays (12-, 6-,
-    2-level index per class).
-
-    Every class appears exactly once, every category is one of its level's names, every 12-level
-    category has one 6-level parent and every 6-level category one 2-level parent. Raises
-    ValueError with the first problem."""
-    table = WORDNET_TABLES[DEFAULT_LEVELS] if table is None else table
-    names = [row[0] for row in table]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise ValueError(f"classes listed more than once: {duplicates}")
-    missing, unknown = sorted(set(class_names) - set(names)), sorted(set(names) - set(class_names))
-    if missing or unknown:
-        raise ValueError(f"table does not match the classes: missing {missing}, unknown {unknown}")
-    level_names = (LEVEL12_NAMES, LEVEL6_NAMES, LEVEL2_NAMES)
-    for row in table:
-        if len(row) != 4:
-            raise ValueError(f"row {row!r}: expected (class, level12, level6, level2)")
-        for category, allowed in zip(row[1:], level_names):
-            if category not in allowed:
-                raise ValueError(f"row {row!r}: {category!r} is not one of {allowed}")
-    for child, parent in ((1, 2), (2, 3)):
-        parents = {}
-        for row in table:
-            parents.setdefault(row[child], set()).add(row[parent])
-        bad = {c: sorted(p) for c, p in parents.items() if len(p) > 1}
-        if bad:
-            raise ValueError(f"inconsistent parent chain: {bad}")
-    by_name = {row[0]: row for row in table}
-    return [
-        np.array([names_l.index(by_name[c][1 + l]) for c in class_names], dtype=np.int64)
-        for l, names_l in enumerate(level_names)
-    ]
-
-
-def empty_categories(table):
-    """Per level (12, 6, 2), the paper's categories that no class of the table falls under."""
-    return [
-        [name for name in names if name not in {row[1 + l] for row in table}]
-        for l, names in enumerate((LEVEL12_NAMES, LEVEL6_NAMES, LEVEL2_NAMES))
-    ]
-
 
 def get_args(argv=None):
     parser = argparse.ArgumentParser(
@@ -217,102 +63,33 @@ def get_args(argv=None):
     # epochs=None: resolved per dataset in main (shapes 20, otherwise experiment 6's 800).
     common.add_common_args(parser, epochs=None, batch_size=64, lr=0.001, dataset="shapes")
     g = parser.add_argument_group("hdl_stack")
-    g.add_argument(
-        "--method",
-        default="both",
-        choices=("both", "baseline", "hdl"),
-        help="train the baseline ResNet, the HDL model, or both (Table 3 needs both)",
-    )
+    p = parser.add_argument_group("paper fidelity and ablations (every default is the paper's; docs/hdl_stack.md)")
+    nonneg, cu = common.nonneg_float, ("epoch", "wen", "sgd")
+    g.add_argument("--method", default="both", choices=("both", "baseline", "hdl"), help="Table 3 needs both")
     g.add_argument("--arch", default="resnet18", choices=("resnet18", "preact_resnet18"))
-    g.add_argument(
-        "--stem",
-        default="imagenet",
-        choices=("imagenet", "cifar"),
-        help="ResNet-18 stem: the paper's 7x7/2 + max-pool, or a 3x3/1 convolution",
-    )
-    g.add_argument(
-        "--stack-hidden",
-        default="auto",
-        help="hidden width of each level's stack, finest level first, e.g. '100,10,4'; 'none' for "
-        "one linear layer per level; auto: cifar100 100,10,4, cifar10 4, otherwise none",
-    )
-    g.add_argument(
-        "--levels",
-        default=DEFAULT_LEVELS,
-        choices=tuple(WORDNET_TABLES),
-        help="CIFAR-100's WordNet reading: first-sense (each class name's most frequent noun sense; all 12 / 6 / 2 "
-        "categories get classes, as in the paper) or fixed-synset (one fixed synset per class; 4 of the 12 empty); "
-        "docs/hdl_cifar100_levels.md",
-    )
-    g.add_argument("--lambda-center", type=common.nonneg_float, default=1.0, help="lambda0, the center-loss weight")
-    g.add_argument(
-        "--lambda-fine", type=common.nonneg_float, default=1.0, help="weight of the fine classifier's cross-entropy"
-    )
-    g.add_argument(
-        "--lambda-levels",
-        type=common.nonneg_float,
-        nargs="+",
-        default=[1.0],
-        help="weights of the levels' cross-entropies, finest level first (one value: all levels)",
-    )
-    g.add_argument(
-        "--heads",
-        default="cascade",
-        choices=("cascade", "parallel"),
-        help="cascade: each level's stack reads the previous level's output (the paper's); parallel: "
-        "every stack reads the pooled features",
-    )
-    g.add_argument(
-        "--fine-head",
-        default="auto",
-        choices=("auto", "on", "off"),
-        help="keep the backbone's fine classifier in the HDL model; auto: off on shapes (section 4.1: "
-        "the level layers replace the output layer), on otherwise (Table 3 reports HDL's fine error)",
-    )
-    g.add_argument(
-        "--center-update",
-        default="epoch",
-        choices=("epoch", "wen", "sgd"),
-        help="how the centres move: epoch (the paper: after each epoch, to the epoch's class means), "
-        "wen (Wen et al. 2016: every batch, rate alpha), sgd (every batch, an SGD step of rate alpha)",
-    )
-    g.add_argument(
-        "--center-features",
-        default="raw",
-        choices=("raw", "normalized"),
-        help="the center loss on the pooled features as they are (the paper's) or L2-normalised",
-    )
-    g.add_argument(
-        "--center-alpha",
-        type=common.positive_float,
-        default=None,
-        help="centre update rate; epoch: c <- c + alpha (epoch mean - c) (default 1: the epoch mean); "
-        "wen: Wen et al.'s alpha (default 0.5, their value); sgd: the SGD rate (default 0.5)",
-    )
-    g.add_argument(
-        "--augment",
-        default="auto",
-        choices=("auto", "none", "crop-flip"),
-        help="auto: random crop (pad 4) + flip on CIFAR (experiment 6), none on shapes (section 4.1)",
-    )
-    g.add_argument("--normalize", action="store_true", help="normalise by the channel mean / std (the paper does not)")
-    g.add_argument(
-        "--val-fraction",
-        type=common.fraction,
-        default=0.0,
-        help="hold this fraction of each fine class's training images out as a validation split; every "
-        "reported number is then on it (the test set is not touched) and it is evaluated every epoch "
-        "(0: none, as the paper)",
-    )
-    g.add_argument(
-        "--sweep-table",
-        default=None,
-        metavar="DIR",
-        help="train nothing: read the validation runs in DIR/*/ and write DIR/sweep.md and DIR/sweep.json "
-        "(lambda0 x center-loss variant -> validation errors, and the decision rule's pick: SWEEP_RULE)",
-    )
+    p.add_argument("--stem", default="imagenet", choices=("imagenet", "cifar"), help="7x7/2 + max-pool, or 3x3/1")
+    p.add_argument("--stack-hidden", default="auto", help="hidden widths, finest first: '100,10,4', 'none', auto")
+    p.add_argument("--levels", default=DEFAULT_LEVELS, choices=tuple(WORDNET_TABLES), help="CIFAR-100's WordNet")
+    p.add_argument("--lambda-center", type=nonneg, default=1.0, help="lambda0, the center-loss weight")
+    p.add_argument("--lambda-fine", type=nonneg, default=1.0, help="weight of the fine classifier's cross-entropy")
+    p.add_argument("--lambda-levels", type=nonneg, nargs="+", default=[1.0], help="finest first; one value: all")
+    p.add_argument("--heads", default="cascade", choices=("cascade", "parallel"), help="chain, or all on the features")
+    p.add_argument("--fine-head", default="auto", choices=("auto", "on", "off"), help="auto: off on shapes only")
+    p.add_argument("--center-update", default="epoch", choices=cu, help="per epoch (paper), Wen et al., or SGD")
+    p.add_argument("--center-features", default="raw", choices=("raw", "normalized"), help="raw: the paper's")
+    p.add_argument("--center-alpha", type=common.positive_float, default=None, help="rate; default epoch 1, else 0.5")
+    p.add_argument("--augment", default="auto", choices=("auto", "none", "crop-flip"), help="auto: crop-flip on CIFAR")
+    p.add_argument("--normalize", action="store_true", help="normalise by the channel mean / std (the paper does not)")
+    g.add_argument("--val-fraction", type=common.fraction, default=0.0, help="hold out; report on it, not on test")
+    g.add_argument("--sweep-table", default=None, metavar="DIR", help="train nothing: DIR/sweep.md, .json from DIR/*/")
     g.add_argument("--eval-batch-size", type=common.positive_int, default=500)
     args = common.parse_args(parser, argv, script="hdl_stack")
+    check_args(parser, args)
+    return args
+
+
+def check_args(parser, args):
+    """Range checks get_args leaves to after parsing; fills in --center-alpha's default per update rule."""
     if args.center_alpha is None:
         args.center_alpha = 1.0 if args.center_update == "epoch" else 0.5
     if args.center_update == "sgd" and not args.center_alpha > 0:
@@ -323,11 +100,10 @@ def get_args(argv=None):
         parser.error("loss weights must be non-negative")
     if not 0 <= args.val_fraction < 1:
         parser.error("--val-fraction must be in [0, 1)")
-    return args
 
 
 # ---------------------------------------------------------------------------------------
-# Modules
+# The method: the level stacks and the centres (HDLNet), the losses (eq. 1, 5), the centre updates, training
 # ---------------------------------------------------------------------------------------
 
 
@@ -436,8 +212,160 @@ class HDLNet(nn.Module):
             self.centers.sub_(alpha * diff / count.sum())
 
 
+def center_space(features, kind="raw"):
+    """The features the center loss sees: the pooled features as they are (the paper's), or L2-normalised."""
+    features = features.float()
+    return F.normalize(features, dim=1) if kind == "normalized" else features
+
+
+def center_loss(features, labels, centers):
+    """Eq. 1 as a batch mean: mean_i ||x_i - c_{y_i}||^2 (centres are constants here). Wen et al.'s
+    1/2 sum_i ||x_i - c_{y_i}||^2 with weight lambda is this with lambda0 = lambda / 2 (and a batch mean)."""
+    return ((features.float() - centers[labels]) ** 2).sum(1).mean()
+
+
+def hdl_loss(features, fine_logits, level_logits, labels, centers, lambda_center, lambda_fine, lambda_levels):
+    """Eq. 5 plus the fine classifier: (total, {part: value}) with
+    total = lambda_center * center + lambda_fine * CE_fine + sum_l lambda_levels[l] * CE_l.
+    fine_logits None (no fine classifier): no CE_fine term."""
+    fine_labels, *level_labels = labels
+    parts = {"center": center_loss(features, fine_labels, centers)}
+    total = lambda_center * parts["center"]
+    if fine_logits is not None:
+        parts["ce_fine"] = F.cross_entropy(fine_logits.float(), fine_labels)
+        total = total + lambda_fine * parts["ce_fine"]
+    for l, (logits, y, weight) in enumerate(zip(level_logits, level_labels, lambda_levels)):
+        parts[f"ce_{l + 1}L"] = F.cross_entropy(logits.float(), y)
+        total = total + weight * parts[f"ce_{l + 1}L"]
+    return total, parts
+
+
+def make_hdl_loss_fn(
+    lambda_center, lambda_fine, lambda_levels, center_update="epoch", center_alpha=1.0, center_features="raw"
+):
+    """loss_fn(model, x, y) for common.make_train_step. The loss uses the centres as they are before
+    this batch; then the centres move: 'epoch' accumulates the batch for the end-of-epoch update,
+    'wen' / 'sgd' update them now (HDLNet.batch_update_centers)."""
+
+    def loss_fn(model, x, y):
+        features, fine_logits, level_logits = model(x)
+        space = center_space(features, center_features)
+        total, parts = hdl_loss(
+            space, fine_logits, level_logits, y, model.centers, lambda_center, lambda_fine, lambda_levels
+        )
+        if center_update == "epoch":  # the paper: sum the batch per class, the centres move at the epoch's end
+            model.accumulate_centers(space, y[0])
+        else:  # Wen et al. / SGD: the centres move now
+            model.batch_update_centers(space, y[0], center_alpha, center_update)
+        stats = dict(parts)
+        stats["feature_norm"] = features.detach().float().norm(dim=1).mean()  # watches the features shrink
+        if fine_logits is not None:
+            stats["correct"] = (fine_logits.argmax(1) == y[0]).sum()
+        for l, (logits, labels) in enumerate(zip(level_logits, y[1:])):
+            stats[f"correct_{l + 1}L"] = (logits.argmax(1) == labels).sum()
+        return total, stats
+
+    return loss_fn
+
+
+def end_of_epoch_centers(model, center_update, center_alpha):
+    """The paper's per-epoch centre update ("update all class centers after each training epoch"): with
+    center_update 'epoch' each seen class's centre moves alpha of the way to its mean over the epoch's
+    batches (summed by the loss above); 'wen' / 'sgd' have moved the centres at every batch already."""
+    if center_update == "epoch":
+        model.update_centers(center_alpha)
+
+
+def baseline_loss_fn(model, x, y):
+    """The plain ResNet-18: cross-entropy on the fine classes only."""
+    _, fine_logits, _ = model(x)
+    loss = F.cross_entropy(fine_logits.float(), y[0])
+    return loss, {"correct": (fine_logits.argmax(1) == y[0]).sum()}
+
+
+def build_model(args, num_fine, levels, hidden_sizes, device, with_stacks):
+    torch.manual_seed(args.seed)  # the baseline and HDL start from the same backbone weights
+    backbone = common.ResNet18(num_fine, stem=args.stem, preact=args.arch == "preact_resnet18")
+    model = HDLNet(
+        backbone,
+        num_fine,
+        [l.num_classes for l in levels] if with_stacks else [],
+        hidden_sizes if with_stacks else None,
+        heads=args.heads,
+        fine_head=args.fine_head == "on" if with_stacks else True,
+    )
+    return common.to_device_model(model, device)
+
+
+def run_stage(name, args, model, loss_fn, train_loader, loaders, levels, run_dir, device, with_stacks, tree=None):
+    """Train one model with common.fit (checkpointed, resumable); return its results on loaders["final"]
+    (the validation split with --val-fraction, else the test set), and the outputs behind them.
+
+    The loop common.fit runs, for HDL (loss_fn = make_hdl_loss_fn(...)):
+
+        for epoch in range(args.epochs):
+            for x, y in train_loader:                   # Adam step on eq. 5 with the centres before the batch;
+                step(x, y)                              # 'epoch': the batch's features summed per class
+            evaluate(epoch)                             # --val-fraction only
+            end_of_epoch_centers(model, ...)            # on_epoch_end: the centres move to the epoch's means
+            checkpoint                                  # the centres are buffers: saved with the model
+    """
+    optimizer = common.make_adam(model.parameters(), args.lr, device=device)
+    step = common.make_train_step(
+        model, loss_fn, optimizer, device=device, dtype=args.dtype, cuda_graph=args.cuda_graph, compile=args.compile
+    )
+
+    def on_epoch_end(epoch, record):  # common.fit: after the epoch's training and evaluation, before its checkpoint
+        if with_stacks:
+            end_of_epoch_centers(model, args.center_update, args.center_alpha)
+        for key in [k for k in record if k.startswith("correct_")]:  # fit logs counts per batch: to accuracy
+            record[f"train_acc_{key[len('correct_') :]}"] = 100.0 * record.pop(key) / train_loader.batch_size
+
+    evaluate = None
+    if loaders["epoch"] is not None:
+
+        def evaluate(epoch):
+            outputs, labels = common.predict(
+                make_predict_forward(model, levels), loaders["epoch"], device=device, dtype=args.dtype
+            )
+            fine_logits, *level_logits = outputs
+            res = level_results(fine_logits, level_logits if with_stacks else [], labels[0], levels)
+            record = {"val_fine_acc": 100.0 - res["fine_error"]}
+            record.update({f"val_acc_{k}": 100.0 - v for k, v in res.get("level_error", {}).items()})
+            return record
+
+    history = common.fit(
+        run_dir / name,
+        model,
+        optimizer,
+        step,
+        train_loader,
+        epochs=args.epochs,
+        lr_at=lambda s: args.lr,
+        evaluate=evaluate,
+        log_path=run_dir / "metrics.jsonl",
+        stage=name,
+        on_epoch_end=on_epoch_end,
+    )
+    outputs, labels = common.predict(
+        make_predict_forward(model, levels), loaders["final"], device=device, dtype=args.dtype
+    )
+    fine_logits, *level_logits = outputs
+    result = level_results(fine_logits, level_logits if with_stacks else [], labels[0], levels)
+    if tree is not None:  # tree = (hierarchy, {head: tree level}); the heads give the consistency rate
+        hierarchy, head_map = tree
+        by_name = dict(zip([l.name for l in levels], level_logits))
+        level_preds = {head_map[n]: by_name[n].argmax(1) for n in head_map} if with_stacks and head_map else None
+        scores = fine_logits.float().log_softmax(1)
+        result["hierarchical"] = common.hierarchical_metrics(scores, labels[0], hierarchy, level_preds)
+    result["train_seconds"] = round(sum(r["seconds"] for r in history), 2)
+    result["final_train_loss"] = history[-1]["loss"] if history else None
+    result["final_train_acc"] = {k: v for k, v in history[-1].items() if k.startswith("train_acc")} if history else {}
+    return result
+
+
 # ---------------------------------------------------------------------------------------
-# The method
+# The levels of the class hierarchy and the data
 # ---------------------------------------------------------------------------------------
 
 
@@ -455,6 +383,69 @@ class Level:
 
     def labels(self, fine_labels):
         return torch.as_tensor(self.parent)[fine_labels]
+
+
+CIFAR100_CLASSES = """apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus butterfly
+camel can castle caterpillar cattle chair chimpanzee clock cloud cockroach couch crab crocodile cup dinosaur
+dolphin elephant flatfish forest fox girl hamster house kangaroo keyboard lamp lawn_mower leopard lion lizard
+lobster man maple_tree motorcycle mountain mouse mushroom oak_tree orange orchid otter palm_tree pear
+pickup_truck pine_tree plain plate poppy porcupine possum rabbit raccoon ray road rocket rose sea seal shark
+shrew skunk skyscraper snail snake spider squirrel streetcar sunflower sweet_pepper table tank telephone
+television tiger tractor train trout tulip turtle wardrobe whale willow_tree wolf woman worm""".split()
+
+
+# The paper's WordNet categories of experiment 6 (LEVEL12_NAMES, LEVEL6_NAMES, LEVEL2_NAMES; head outputs
+# follow their order) and the CIFAR-100 class -> (12-, 6-, 2-level category) table of each reading
+# (WORDNET_TABLES) are at the end of this file, generated offline from WordNet 3.0 by
+# tools/derive_cifar100_wordnet.py (no WordNet or nltk at run time): first-sense (default: each class name's
+# most frequent noun sense; all 12 / 6 / 2 categories get classes, as in the paper) and fixed-synset (one
+# fixed synset per class; 4 of the 12 empty). --levels picks one; docs/hdl_cifar100_levels.md lists the 18
+# classes that move between them and why.
+DEFAULT_LEVELS = "first-sense"
+
+
+def check_wordnet_table(table=None, class_names=CIFAR100_CLASSES):
+    """Check a class table (default: the default reading's); returns the three parent arrays (12-, 6-,
+    2-level index per class).
+
+    Every class appears exactly once, every category is one of its level's names, every 12-level
+    category has one 6-level parent and every 6-level category one 2-level parent. Raises
+    ValueError with the first problem."""
+    table = WORDNET_TABLES[DEFAULT_LEVELS] if table is None else table
+    names = [row[0] for row in table]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"classes listed more than once: {duplicates}")
+    missing, unknown = sorted(set(class_names) - set(names)), sorted(set(names) - set(class_names))
+    if missing or unknown:
+        raise ValueError(f"table does not match the classes: missing {missing}, unknown {unknown}")
+    level_names = (LEVEL12_NAMES, LEVEL6_NAMES, LEVEL2_NAMES)
+    for row in table:
+        if len(row) != 4:
+            raise ValueError(f"row {row!r}: expected (class, level12, level6, level2)")
+        for category, allowed in zip(row[1:], level_names):
+            if category not in allowed:
+                raise ValueError(f"row {row!r}: {category!r} is not one of {allowed}")
+    for child, parent in ((1, 2), (2, 3)):
+        parents = {}
+        for row in table:
+            parents.setdefault(row[child], set()).add(row[parent])
+        bad = {c: sorted(p) for c, p in parents.items() if len(p) > 1}
+        if bad:
+            raise ValueError(f"inconsistent parent chain: {bad}")
+    by_name = {row[0]: row for row in table}
+    return [
+        np.array([names_l.index(by_name[c][1 + l]) for c in class_names], dtype=np.int64)
+        for l, names_l in enumerate(level_names)
+    ]
+
+
+def empty_categories(table):
+    """Per level (12, 6, 2), the paper's categories that no class of the table falls under."""
+    return [
+        [name for name in names if name not in {row[1 + l] for row in table}]
+        for l, names in enumerate((LEVEL12_NAMES, LEVEL6_NAMES, LEVEL2_NAMES))
+    ]
 
 
 def make_levels(data, args):
@@ -533,67 +524,75 @@ def level_weights(args, levels):
     return list(weights)
 
 
-def center_space(features, kind="raw"):
-    """The features the center loss sees: the pooled features as they are (the paper's), or L2-normalised."""
-    features = features.float()
-    return F.normalize(features, dim=1) if kind == "normalized" else features
+def level_label_tuple(split, levels):
+    return (split.labels,) + tuple(level.labels(split.labels) for level in levels)
 
 
-def center_loss(features, labels, centers):
-    """Eq. 1 as a batch mean: mean_i ||x_i - c_{y_i}||^2 (centres are constants here). Wen et al.'s
-    1/2 sum_i ||x_i - c_{y_i}||^2 with weight lambda is this with lambda0 = lambda / 2 (and a batch mean)."""
-    return ((features.float() - centers[labels]) ** 2).sum(1).mean()
+def make_loaders(args, data, train, evaluated, levels, device):
+    """GpuLoaders of the training split (crop + flip on CIFAR, experiment 6) and of the split evaluated;
+    pixels scaled to [0, 1] only, unless --normalize (section 4.1: no normalisation)."""
+    augment = (
+        args.augment if args.augment != "auto" else ("crop-flip" if args.dataset in ("cifar10", "cifar100") else "none")
+    )
+    mean, std = (data.mean, data.std) if args.normalize else ((0.0,) * 3, (1.0,) * 3)  # 1/255 scaling only
+    max_batches = 2 if args.dry_run else None
+    channels = train.images.shape[1]
+    if channels != 3:
+        common.fail(f"--dataset {args.dataset}: ResNet-18 here takes 3-channel images, got {channels}")
+    train_loader = common.GpuLoader(
+        train.images,
+        level_label_tuple(train, levels),
+        args.batch_size,
+        device=device,
+        mean=mean,
+        std=std,
+        train=True,
+        crop_pad=4 if augment == "crop-flip" else 0,
+        flip=augment == "crop-flip",
+        seed=args.seed,
+        max_batches=max_batches,
+    )
+    eval_loader = common.GpuLoader(
+        evaluated.images,
+        level_label_tuple(evaluated, levels),
+        args.eval_batch_size,
+        device=device,
+        mean=mean,
+        std=std,
+        max_batches=max_batches,
+    )
+    return train_loader, eval_loader
 
 
-def hdl_loss(features, fine_logits, level_logits, labels, centers, lambda_center, lambda_fine, lambda_levels):
-    """Eq. 5 plus the fine classifier: (total, {part: value}) with
-    total = lambda_center * center + lambda_fine * CE_fine + sum_l lambda_levels[l] * CE_l.
-    fine_logits None (no fine classifier): no CE_fine term."""
-    fine_labels, *level_labels = labels
-    parts = {"center": center_loss(features, fine_labels, centers)}
-    total = lambda_center * parts["center"]
-    if fine_logits is not None:
-        parts["ce_fine"] = F.cross_entropy(fine_logits.float(), fine_labels)
-        total = total + lambda_fine * parts["ce_fine"]
-    for l, (logits, y, weight) in enumerate(zip(level_logits, level_labels, lambda_levels)):
-        parts[f"ce_{l + 1}L"] = F.cross_entropy(logits.float(), y)
-        total = total + weight * parts[f"ce_{l + 1}L"]
-    return total, parts
+def validation_split(labels, fraction, seed):
+    """Hold out round(fraction * n_c) training images of every class c (seeded); returns (val, train) index arrays."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    val = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        val.append(rng.permutation(idx)[: round(fraction * len(idx))])
+    val = np.sort(np.concatenate(val))
+    if len(val) == 0:
+        common.fail(f"--val-fraction {fraction}: the validation split would be empty")
+    return val, np.setdiff1d(np.arange(len(labels)), val)
 
 
-def make_hdl_loss_fn(
-    lambda_center, lambda_fine, lambda_levels, center_update="epoch", center_alpha=1.0, center_features="raw"
-):
-    """loss_fn(model, x, y) for common.make_train_step. The loss uses the centres as they are before
-    this batch; then the centres move: 'epoch' accumulates the batch for the end-of-epoch update,
-    'wen' / 'sgd' update them now (HDLNet.batch_update_centers)."""
-
-    def loss_fn(model, x, y):
-        features, fine_logits, level_logits = model(x)
-        space = center_space(features, center_features)
-        total, parts = hdl_loss(
-            space, fine_logits, level_logits, y, model.centers, lambda_center, lambda_fine, lambda_levels
-        )
-        if center_update == "epoch":
-            model.accumulate_centers(space, y[0])
-        else:
-            model.batch_update_centers(space, y[0], center_alpha, center_update)
-        stats = dict(parts)
-        stats["feature_norm"] = features.detach().float().norm(dim=1).mean()  # watches the features shrink
-        if fine_logits is not None:
-            stats["correct"] = (fine_logits.argmax(1) == y[0]).sum()
-        for l, (logits, labels) in enumerate(zip(level_logits, y[1:])):
-            stats[f"correct_{l + 1}L"] = (logits.argmax(1) == labels).sum()
-        return total, stats
-
-    return loss_fn
+# ---------------------------------------------------------------------------------------
+# Evaluation: predictions, per-level errors, hierarchy violations
+# ---------------------------------------------------------------------------------------
 
 
-def baseline_loss_fn(model, x, y):
-    """The plain ResNet-18: cross-entropy on the fine classes only."""
-    _, fine_logits, _ = model(x)
-    loss = F.cross_entropy(fine_logits.float(), y[0])
-    return loss, {"correct": (fine_logits.argmax(1) == y[0]).sum()}
+def make_predict_forward(model, levels):
+    """forward(x) -> (fine scores, *level logits); fine scores from the levels when there is no fine classifier."""
+
+    def forward(x):
+        _, fine_logits, level_logits = model(x)
+        if fine_logits is None:
+            fine_logits = fine_scores_from_levels(level_logits, levels)
+        return (fine_logits, *level_logits)
+
+    return forward
 
 
 def summed_level_scores(fine_logits, parent, num_classes):
@@ -704,91 +703,164 @@ def level_results(fine_logits, level_logits, fine_labels, levels):
     return result
 
 
-def build_model(args, num_fine, levels, hidden_sizes, device, with_stacks):
-    torch.manual_seed(args.seed)  # the baseline and HDL start from the same backbone weights
-    backbone = common.ResNet18(num_fine, stem=args.stem, preact=args.arch == "preact_resnet18")
-    model = HDLNet(
-        backbone,
-        num_fine,
-        [l.num_classes for l in levels] if with_stacks else [],
-        hidden_sizes if with_stacks else None,
-        heads=args.heads,
-        fine_head=args.fine_head == "on" if with_stacks else True,
+def main(argv=None):
+    args = get_args(argv)
+    if args.sweep_table:  # train nothing: the sweep's table and SWEEP_RULE's pick from its runs
+        print(write_sweep_table(args.sweep_table), flush=True)
+        return None
+    if args.epochs is None:
+        args.epochs = default_epochs(args.dataset)
+    if args.fine_head == "auto":
+        args.fine_head = "off" if args.dataset == "shapes" and not args.hierarchy else "on"
+    run_dir, device = common.setup(args, "hdl_stack")
+    data = common.load_data(args)
+
+    # 1. The levels the heads predict, finest first (shapes: fill, outline, shape; CIFAR-100: WordNet 12 / 6 / 2).
+    levels = make_levels(data, args)
+    if args.fine_head == "off" and not levels_identify_fine_classes(levels):
+        common.fail("--fine-head off: the levels do not tell every fine class apart; use --fine-head on")
+    hidden_sizes = stack_hidden_sizes(args.stack_hidden, args, levels)
+    lambda_levels = level_weights(args, levels)
+    write_levels_json(run_dir / "levels.json", args, data, levels, hidden_sizes)
+
+    # 2. Data: the training split (minus a validation split with --val-fraction), the split evaluated.
+    train, evaluated, eval_split = data.train, data.test, "test"
+    if args.val_fraction:
+        val_idx, train_idx = validation_split(train.labels.numpy(), args.val_fraction, args.seed)
+        evaluated, train, eval_split = train.subset(val_idx), train.subset(train_idx), "val"
+    train_loader, eval_loader = make_loaders(args, data, train, evaluated, levels, device)
+    loaders = {"epoch": eval_loader if eval_split == "val" else None, "final": eval_loader}
+    names = ["fine"] + [l.name for l in levels]
+    majority = majority_errors(level_label_tuple(train, levels), level_label_tuple(evaluated, levels), names)
+    print_setup(args, data, train, evaluated, eval_split, levels, hidden_sizes, device)
+    tree = metrics_hierarchy(levels, data.hierarchy)
+    stage = (train_loader, loaders, levels, run_dir, device)  # run_stage's arguments shared by both models
+
+    # 3. The baseline ResNet-18: its fine classifier alone, cross-entropy.
+    results = {}
+    if args.method in ("both", "baseline"):
+        model = build_model(args, data.num_classes, levels, hidden_sizes, device, with_stacks=False)
+        results["baseline"] = run_stage("baseline", args, model, baseline_loss_fn, *stage, with_stacks=False, tree=tree)
+        train_loader.generator.manual_seed(args.seed)  # HDL sees the baseline's batch order
+
+    # 4. HDL from the same initialisation: the level stacks' cross-entropies and the center loss (eq. 5);
+    #    the centres move after each epoch (end_of_epoch_centers) or, with --center-update wen / sgd, every batch.
+    if args.method in ("both", "hdl"):
+        model = build_model(args, data.num_classes, levels, hidden_sizes, device, with_stacks=True)
+        loss_fn = make_hdl_loss_fn(
+            args.lambda_center,
+            args.lambda_fine,
+            lambda_levels,
+            center_update=args.center_update,
+            center_alpha=args.center_alpha,
+            center_features=args.center_features,
+        )
+        results["hdl"] = run_stage("hdl", args, model, loss_fn, *stage, with_stacks=True, tree=tree)
+        results["hdl"]["parameters"] = common.count_params(model)
+        results["hdl"]["stack_parameters"] = common.count_params(model.stacks)
+
+    # 5. Reports: table3.md (Tables 3 and 4 with the majority-category errors), metrics.json, the tables printed.
+    report(
+        run_dir, args, data, levels, hidden_sizes, lambda_levels, train, evaluated, eval_split, majority, tree, results
     )
-    return common.to_device_model(model, device)
+    return results
 
 
-def level_label_tuple(split, levels):
-    return (split.labels,) + tuple(level.labels(split.labels) for level in levels)
+# ---------------------------------------------------------------------------------------
+# Reports: table3.md, metrics.json, the sweep's table
+# ---------------------------------------------------------------------------------------
 
 
-def make_predict_forward(model, levels):
-    """forward(x) -> (fine scores, *level logits); fine scores from the levels when there is no fine classifier."""
-
-    def forward(x):
-        _, fine_logits, level_logits = model(x)
-        if fine_logits is None:
-            fine_logits = fine_scores_from_levels(level_logits, levels)
-        return (fine_logits, *level_logits)
-
-    return forward
-
-
-def run_stage(name, args, model, loss_fn, train_loader, loaders, levels, run_dir, device, with_stacks, tree=None):
-    """Train one model with common.fit (checkpointed, resumable); return its results on loaders["final"]
-    (the validation split with --val-fraction, else the test set), and the outputs behind them."""
-    optimizer = common.make_adam(model.parameters(), args.lr, device=device)
-    step = common.make_train_step(
-        model, loss_fn, optimizer, device=device, dtype=args.dtype, cuda_graph=args.cuda_graph, compile=args.compile
+def write_levels_json(path, args, data, levels, hidden_sizes):
+    """levels.json: the class-to-level maps used, the stacks' hidden widths and CIFAR-100's WordNet reading."""
+    common.write_json(
+        path,
+        {
+            "fine": data.class_names,
+            "reading": levels_reading(args),
+            "stack_hidden": hidden_sizes,
+            "levels": [
+                {
+                    "name": l.name,
+                    "class_names": l.class_names,
+                    "parent": l.parent.tolist(),
+                    "fine_classes_per_category": np.bincount(l.parent, minlength=l.num_classes).tolist(),
+                }
+                for l in levels
+            ],
+        },
     )
 
-    def on_epoch_end(epoch, record):
-        if with_stacks and args.center_update == "epoch":
-            model.update_centers(args.center_alpha)
-        for key in [k for k in record if k.startswith("correct_")]:  # fit logs counts per batch: to accuracy
-            record[f"train_acc_{key[len('correct_') :]}"] = 100.0 * record.pop(key) / train_loader.batch_size
 
-    evaluate = None
-    if loaders["epoch"] is not None:
+def print_setup(args, data, train, evaluated, eval_split, levels, hidden_sizes, device):
+    num_fine = data.num_classes
+    print(
+        f"[hdl_stack] {args.dataset}: {len(train)} train / {len(evaluated)} {eval_split}, {num_fine} fine classes; "
+        + ", ".join(f"{i + 1}L {l.name} ({l.num_classes})" for i, l in enumerate(levels))
+        + f"; stack hidden {hidden_sizes}, {args.heads} heads, fine classifier {args.fine_head}; "
+        f"{args.arch} ({args.stem} stem) on {device}",
+        flush=True,
+    )
 
-        def evaluate(epoch):
-            outputs, labels = common.predict(
-                make_predict_forward(model, levels), loaders["epoch"], device=device, dtype=args.dtype
+
+def report(
+    run_dir, args, data, levels, hidden_sizes, lambda_levels, train, evaluated, eval_split, majority, tree, results
+):
+    """The end of a run: table3.md (Tables 3 and 4 with the majority-category errors), metrics.json (every
+    reported number, the HDL configuration, the paper's numbers), and the tables printed."""
+    table = write_tables(run_dir / "table3.md", args, levels, results, majority, eval_split)
+    paper = None
+    if args.dataset == "cifar100" and not args.hierarchy:
+        paper = dict(
+            zip(
+                ("baseline_error", "hdl_fine_error", "1L_error", "2L_error", "3L_error"),
+                PAPER_TABLE3.get(args.arch, ()),
             )
-            fine_logits, *level_logits = outputs
-            res = level_results(fine_logits, level_logits if with_stacks else [], labels[0], levels)
-            record = {"val_fine_acc": 100.0 - res["fine_error"]}
-            record.update({f"val_acc_{k}": 100.0 - v for k, v in res.get("level_error", {}).items()})
-            return record
-
-    history = common.fit(
-        run_dir / name,
-        model,
-        optimizer,
-        step,
-        train_loader,
-        epochs=args.epochs,
-        lr_at=lambda s: args.lr,
-        evaluate=evaluate,
-        log_path=run_dir / "metrics.jsonl",
-        stage=name,
-        on_epoch_end=on_epoch_end,
+        )
+    elif args.dataset == "shapes" and not args.hierarchy:
+        paper = {"level_accuracy": PAPER_SHAPES_ACCURACY}
+    common.write_json(
+        run_dir / "metrics.json",
+        {
+            "dataset": args.dataset,
+            "arch": args.arch,
+            "stem": args.stem,
+            "epochs": args.epochs,
+            "lr": args.lr,
+            "batch_size": args.batch_size,
+            "train_size": len(train),
+            "eval_split": eval_split,
+            "eval_size": len(evaluated),
+            "test_size": len(data.test),
+            "levels": [
+                {
+                    "level": f"{i + 1}L",
+                    "name": l.name,
+                    "num_classes": l.num_classes,
+                    "empty_categories": [
+                        c for c, n in zip(l.class_names, np.bincount(l.parent, minlength=l.num_classes)) if not n
+                    ],
+                }
+                for i, l in enumerate(levels)
+            ],
+            "levels_reading": levels_reading(args),
+            "stack_hidden": hidden_sizes,
+            "lambdas": {"center": args.lambda_center, "fine": args.lambda_fine, "levels": lambda_levels},
+            "hdl_config": {
+                "heads": args.heads,
+                "fine_head": args.fine_head,
+                "center_update": args.center_update,
+                "center_alpha": args.center_alpha,
+                "center_features": args.center_features,
+                "lambda_center": args.lambda_center,
+            },
+            "majority_error": majority,
+            "hierarchical_tree": {"levels": tree[0].level_names, "heads_checked": tree[1]},
+            **results,
+            "paper": paper,
+        },
     )
-    outputs, labels = common.predict(
-        make_predict_forward(model, levels), loaders["final"], device=device, dtype=args.dtype
-    )
-    fine_logits, *level_logits = outputs
-    result = level_results(fine_logits, level_logits if with_stacks else [], labels[0], levels)
-    if tree is not None:  # tree = (hierarchy, {head: tree level}); the heads give the consistency rate
-        hierarchy, head_map = tree
-        by_name = dict(zip([l.name for l in levels], level_logits))
-        level_preds = {head_map[n]: by_name[n].argmax(1) for n in head_map} if with_stacks and head_map else None
-        scores = fine_logits.float().log_softmax(1)
-        result["hierarchical"] = common.hierarchical_metrics(scores, labels[0], hierarchy, level_preds)
-    result["train_seconds"] = round(sum(r["seconds"] for r in history), 2)
-    result["final_train_loss"] = history[-1]["loss"] if history else None
-    result["final_train_acc"] = {k: v for k, v in history[-1].items() if k.startswith("train_acc")} if history else {}
-    return result
+    print(table, flush=True)
 
 
 def fmt(value):
@@ -885,29 +957,19 @@ def write_tables(path, args, levels, results, majority, eval_split="test"):
     return "\n".join(lines)
 
 
-def validation_split(labels, fraction, seed):
-    """Hold out round(fraction * n_c) training images of every class c (seeded); returns (val, train) index arrays."""
-    labels = np.asarray(labels)
-    rng = np.random.default_rng(seed)
-    val = []
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        val.append(rng.permutation(idx)[: round(fraction * len(idx))])
-    val = np.sort(np.concatenate(val))
-    if len(val) == 0:
-        common.fail(f"--val-fraction {fraction}: the validation split would be empty")
-    return val, np.setdiff1d(np.arange(len(labels)), val)
-
-
 # The centre-loss sweep's decision rule, written into README.md's HDL section before the sweep runs. It
 # reads validation errors only; its pick becomes one extra 800-epoch row, labelled as ours.
 SWEEP_MARGIN = 1.0
+
+
 SWEEP_RULE = (
     "Among the HDL cells whose validation fine error is at most the baseline's + 1.0 point (the baseline "
     "trained as many epochs on the same split), pick the one with the largest lambda0 (the closest to the "
     "paper's 1); at equal lambda0 the paper's centre update and features (per-epoch, raw) go first, then the "
     "lower validation fine error. No cell within 1 point: no pick."
 )
+
+
 PAPER_CENTER_VARIANT = ("epoch", "raw")
 
 
@@ -1037,181 +1099,6 @@ def write_sweep_table(sweep_dir):
         sweep_dir / "sweep.json", {"rule": SWEEP_RULE, "margin": SWEEP_MARGIN, "pick": pick, "rows": rows}
     )
     return text
-
-
-def main(argv=None):
-    args = get_args(argv)
-    if args.sweep_table:
-        print(write_sweep_table(args.sweep_table), flush=True)
-        return None
-    if args.epochs is None:
-        args.epochs = default_epochs(args.dataset)
-    if args.fine_head == "auto":
-        args.fine_head = "off" if args.dataset == "shapes" and not args.hierarchy else "on"
-    run_dir, device = common.setup(args, "hdl_stack")
-    data = common.load_data(args)
-    levels = make_levels(data, args)
-    if args.fine_head == "off" and not levels_identify_fine_classes(levels):
-        common.fail("--fine-head off: the levels do not tell every fine class apart; use --fine-head on")
-    hidden_sizes = stack_hidden_sizes(args.stack_hidden, args, levels)
-    lambda_levels = level_weights(args, levels)
-    num_fine = data.num_classes
-    common.write_json(
-        run_dir / "levels.json",
-        {
-            "fine": data.class_names,
-            "reading": levels_reading(args),
-            "stack_hidden": hidden_sizes,
-            "levels": [
-                {
-                    "name": l.name,
-                    "class_names": l.class_names,
-                    "parent": l.parent.tolist(),
-                    "fine_classes_per_category": np.bincount(l.parent, minlength=l.num_classes).tolist(),
-                }
-                for l in levels
-            ],
-        },
-    )
-
-    # 1. Data: the training split (minus a validation split with --val-fraction), the split evaluated.
-    train, evaluated, eval_split = data.train, data.test, "test"
-    if args.val_fraction:
-        val_idx, train_idx = validation_split(train.labels.numpy(), args.val_fraction, args.seed)
-        evaluated, train, eval_split = train.subset(val_idx), train.subset(train_idx), "val"
-    augment = (
-        args.augment if args.augment != "auto" else ("crop-flip" if args.dataset in ("cifar10", "cifar100") else "none")
-    )
-    mean, std = (data.mean, data.std) if args.normalize else ((0.0,) * 3, (1.0,) * 3)  # 1/255 scaling only
-    max_batches = 2 if args.dry_run else None
-    channels = train.images.shape[1]
-    if channels != 3:
-        common.fail(f"--dataset {args.dataset}: ResNet-18 here takes 3-channel images, got {channels}")
-    train_loader = common.GpuLoader(
-        train.images,
-        level_label_tuple(train, levels),
-        args.batch_size,
-        device=device,
-        mean=mean,
-        std=std,
-        train=True,
-        crop_pad=4 if augment == "crop-flip" else 0,
-        flip=augment == "crop-flip",
-        seed=args.seed,
-        max_batches=max_batches,
-    )
-    eval_loader = common.GpuLoader(
-        evaluated.images,
-        level_label_tuple(evaluated, levels),
-        args.eval_batch_size,
-        device=device,
-        mean=mean,
-        std=std,
-        max_batches=max_batches,
-    )
-    loaders = {"epoch": eval_loader if eval_split == "val" else None, "final": eval_loader}
-    names = ["fine"] + [l.name for l in levels]
-    majority = majority_errors(level_label_tuple(train, levels), level_label_tuple(evaluated, levels), names)
-    print(
-        f"[hdl_stack] {args.dataset}: {len(train)} train / {len(evaluated)} {eval_split}, {num_fine} fine classes; "
-        + ", ".join(f"{i + 1}L {l.name} ({l.num_classes})" for i, l in enumerate(levels))
-        + f"; stack hidden {hidden_sizes}, {args.heads} heads, fine classifier {args.fine_head}; "
-        f"{args.arch} ({args.stem} stem) on {device}",
-        flush=True,
-    )
-
-    tree = metrics_hierarchy(levels, data.hierarchy)
-
-    # 2. The baseline ResNet: its fine classifier alone.
-    results = {}
-    if args.method in ("both", "baseline"):
-        model = build_model(args, num_fine, levels, hidden_sizes, device, with_stacks=False)
-        results["baseline"] = run_stage(
-            "baseline",
-            args,
-            model,
-            baseline_loss_fn,
-            train_loader,
-            loaders,
-            levels,
-            run_dir,
-            device,
-            with_stacks=False,
-            tree=tree,
-        )
-        train_loader.generator.manual_seed(args.seed)  # HDL sees the baseline's batch order
-    # 3. HDL: the level stacks, their cross-entropies and the center loss (eq. 5).
-    if args.method in ("both", "hdl"):
-        model = build_model(args, num_fine, levels, hidden_sizes, device, with_stacks=True)
-        loss_fn = make_hdl_loss_fn(
-            args.lambda_center,
-            args.lambda_fine,
-            lambda_levels,
-            center_update=args.center_update,
-            center_alpha=args.center_alpha,
-            center_features=args.center_features,
-        )
-        results["hdl"] = run_stage(
-            "hdl", args, model, loss_fn, train_loader, loaders, levels, run_dir, device, with_stacks=True, tree=tree
-        )
-        results["hdl"]["parameters"] = common.count_params(model)
-        results["hdl"]["stack_parameters"] = common.count_params(model.stacks)
-
-    # 4. Tables 3 and 4 with the majority-category errors; metrics.json.
-    table = write_tables(run_dir / "table3.md", args, levels, results, majority, eval_split)
-    paper = None
-    if args.dataset == "cifar100" and not args.hierarchy:
-        paper = dict(
-            zip(
-                ("baseline_error", "hdl_fine_error", "1L_error", "2L_error", "3L_error"),
-                PAPER_TABLE3.get(args.arch, ()),
-            )
-        )
-    elif args.dataset == "shapes" and not args.hierarchy:
-        paper = {"level_accuracy": PAPER_SHAPES_ACCURACY}
-    common.write_json(
-        run_dir / "metrics.json",
-        {
-            "dataset": args.dataset,
-            "arch": args.arch,
-            "stem": args.stem,
-            "epochs": args.epochs,
-            "lr": args.lr,
-            "batch_size": args.batch_size,
-            "train_size": len(train),
-            "eval_split": eval_split,
-            "eval_size": len(evaluated),
-            "test_size": len(data.test),
-            "levels": [
-                {
-                    "level": f"{i + 1}L",
-                    "name": l.name,
-                    "num_classes": l.num_classes,
-                    "empty_categories": [
-                        c for c, n in zip(l.class_names, np.bincount(l.parent, minlength=l.num_classes)) if not n
-                    ],
-                }
-                for i, l in enumerate(levels)
-            ],
-            "levels_reading": levels_reading(args),
-            "stack_hidden": hidden_sizes,
-            "lambdas": {"center": args.lambda_center, "fine": args.lambda_fine, "levels": lambda_levels},
-            "hdl_config": {
-                "heads": args.heads,
-                "fine_head": args.fine_head,
-                "center_update": args.center_update,
-                "center_alpha": args.center_alpha,
-                "center_features": args.center_features,
-                "lambda_center": args.lambda_center,
-            },
-            "majority_error": majority,
-            "hierarchical_tree": {"levels": tree[0].level_names, "heads_checked": tree[1]},
-            **results,
-            "paper": paper,
-        },
-    )
-    print(table, flush=True)
-    return results
 
 
 # --- CIFAR-100 WordNet levels: generated by tools/derive_cifar100_wordnet.py, do not edit ---
