@@ -1,139 +1,37 @@
 """HierNet: Image Recognition with Hierarchical Convolutional Networks (Tempfli & Sandor).
 
-A trained CIFAR ResNet is cut into a tree: a shared trunk (stem + the first `--split` residual
-blocks), a super-class node that classifies the trunk's features into groups of confusable
-classes after `--extra-blocks` blocks of its own (section 3.3), and one branch per group with
-the remaining blocks and a leaf classifier over the group's classes. Groups come from the
-confusion probability matrix of the backbone on a validation split (section 4, grouping.py).
-Every part starts as a copy of the trained backbone, so every root-to-leaf path is the
-backbone; the tree is then trained end to end with cross-entropy on the leaf probabilities
-multiplied by their ancestors' probabilities (section 3.2). Reported: the backbone's accuracy,
-the slow (all branches, product probabilities) and fast (routing, Algorithm 1) accuracies, the
-super-class node's accuracy, and images/s of the three forms of inference.
+A trained CIFAR ResNet is cut into a tree: a shared trunk, a super-class node that routes to groups
+of confusable classes (found from the backbone's confusion probability matrix, section 4), one
+branch per group; every root-to-leaf path starts as the backbone, then the tree trains end to end on
+the product of the nodes' softmaxes (section 3.2). Full account of every choice: docs/hiernet.md.
 
-Pipeline (one command; a stage is skipped when its output is given):
-  1. backbone: train `CifarResNet(--n, --elu)` (or load `--backbone-ckpt`)
-  2. CPM of the backbone on the validation half of the test set (or `--cpm file.npy`)
-  3. grouping into a tree, depth `--depth` (or `--groups tree.json` from grouping.py, or
-     `--tree-from dataset` for the dataset's own hierarchy, `--tree-from random` for the control
-     with the CPM tree's group sizes and classes assigned at random)
-  4. HierNet built from the backbone's weights
-  5. end-to-end training with the same schedule
-  6. evaluation on the test half, once: accuracies, per-group accuracies, images/s
-Outputs in the run directory: tree.json / tree.txt / tree.dot (with class names), cpm.npy,
-per_group.json and per_group.txt, metrics.jsonl (per epoch), metrics.json (every number).
+    python hiernet.py --dataset cifar100 --n 9 --split 16       # the paper's Table 1 run, n = 9
+    python hiernet.py --dataset shapes --image-size 32 --n 3 --iterations 4000   # quick, offline
 
-Paper's run (Table 1, n = 9: 68.38 / 72.15 / 72.01 on CIFAR-100):
-    python hiernet.py --dataset cifar100 --n 9 --split 16
-Quick offline run:
-    python hiernet.py --dataset shapes --image-size 32 --n 3 --iterations 4000
-Time (one H100, n = 9 on CIFAR-100, 10 groups): 17.2 minutes with `--compile` (torch.compile
-under the CUDA graph: 1.75 s per backbone epoch and 3.0 s per HierNet epoch, after about a
-minute of compilation per stage). Compiled epochs are 1.27-1.30x faster (bench.py --hiernet
---compile), which at 165 epochs per stage saves an estimated 1.5 minutes more than compiling costs.
+Pipeline (`main`; a stage is skipped when its output is given): 1. backbone (`--backbone-ckpt`);
+2. CPM on the validation half (`--cpm`); 3. grouping into a tree (`--groups`, `--tree-from`);
+4. HierNet from the backbone's weights; 5. end-to-end training; 6. the test half, once. Outputs:
+tree.json/.txt/.dot, cpm.npy, per_group.json/.txt, metrics.jsonl (per epoch), metrics.json.
 
-Schedule: the paper counts iterations at batch 128 (lr 0.01 for 2k, 0.1 to 32k, 0.01 to 48k,
-0.001 to 64k). `--iterations` (default 64000) is the run length; with fewer (or more), every
-boundary scales proportionally, e.g. `--iterations 4000` warms up for 125 iterations and
-drops at 2000 and 3000. Epochs are the iterations over the loader length, rounded up
-(64k / 390 = 165 epochs on 50k images). `--epochs E` instead fixes the length in epochs, and
-the boundaries scale to E x loader length. `--lr` is the peak; the others are lr/10, lr/100.
-
-Paper vs ours:
-- Schedule and weight decay: the default follows the paper's text (coupled weight decay 1e-4,
-  boundaries 2k/32k/48k of 64k). `--schedule code` follows the authors' code instead:
-  boundaries 2k/34k/50k of 78k iterations (their 200 epochs) and decoupled weight decay that
-  follows the learning rate (1e-5, 1e-4, 1e-5, 1e-6, i.e. 1e-3 x lr per step), SGD momentum
-  0.9 without Nesterov in both. The same schedule trains the backbone and the HierNet (the
-  paper: "the same configuration as the baseline model"); `--backbone-iterations` shortens
-  the backbone's alone.
-- Split: the test set is halved per class, 5k validation for the CPM, the grouping and per-epoch
-  monitoring, 5k test evaluated once at the end. For CIFAR-100 the default (`--test-halves
-  authors`) is the authors' own halves (their public code's ds_split_cifar100.json, shipped
-  here as the 10000-bit mask AUTHORS_TEST_HALF_CIFAR100), so the test half is theirs; on load
-  they must give 50 + 50 images per class, which catches a test set in another order. (16
-  hand-added test images of the unpacked copy keep a provisional order inside their class, so
-  at most those may differ from the authors' images.) Other datasets, and `--test-halves
-  seeded`, use `common.split_half` (seeded per class). Nothing is selected on the test half
-  (no early stopping: the last epoch is evaluated).
-- Labels are not rewritten in the dataset: the model keeps the permutation `order` (tree
-  position -> class) and trains on `rank[label]`, which is the paper's reordering; its
-  outputs are mapped back to the dataset's class indices for every reported number.
-- Backbone schedule: the backbone warms up at lr/10 only for n = 18 (section 5.4: He et al.'s
-  schedule, where only ResNet-110 warms up; "all HierNets use a similar schedule to the n = 18
-  ResNet"); HierNet always warms up. The default follows the paper; `--backbone-warmup always`
-  warms up every backbone (this code's earlier behaviour).
-- `--elu`: the ELU ResNet of Shah et al. By default (`--elu-head`, following the authors' code)
-  an ELU follows the last residual block before pooling, in the backbone and in every leaf
-  (their ELU blocks end without an activation, so without it the classifier sees the raw
-  residual sum); `--no-elu-head` pools the block output directly. The super-class node's
-  classifier pools its extra blocks' output directly (the authors' code's leaves only).
-- Shortcuts: option A (subsample + zero channels) by default, the paper's reference ResNet (He
-  et al.'s CIFAR networks, which the paper says it follows); `--shortcut B` uses the authors'
-  code's 1x1 convolution + BN where the shape changes.
-- Weight transfer: trunk, the super-class node's extra blocks (blocks split..split+extra-1)
-  and every branch's blocks are deep copies of the trained backbone's modules (BatchNorm
-  statistics included); a leaf FC takes the backbone FC's rows of its classes (ours: every
-  root-to-leaf path then starts as exactly the backbone); `--leaf-init fresh` leaves the leaf
-  FCs at PyTorch's default init (the authors' transfer stops at pooling); `--no-transfer`
-  builds the HierNet from a freshly initialised backbone (the authors' header: transfer is
-  worth about 1.6 points at n = 5). The super-class
-  FC (and every inner node's FC) is new, PyTorch's default init: its input is the features
-  after split+extra blocks, which the backbone FC was never trained on. The paper's optional
-  pre-training of the super-class node alone (in the authors' code) is not done.
-- Loss: log p(leaf) = log_softmax(node logits)[child] summed along the path + log_softmax(leaf
-  logits), then NLL; equal to the paper's cross-entropy on the product of softmaxes, stable.
-- Slow forward runs every branch on the whole batch (training and slow evaluation: every
-  branch's BatchNorm sees all images, as in the paper's Keras model). The branches of a level
-  run as one computation (class `HierNet`): weights stacked per level, grouped convolutions
-  (groups = branches), one BatchNorm over all branch channels (statistics per branch, as
-  before), one einsum for the node and leaf classifiers. Leaf groups of unequal size share one
-  FC padded to the largest group; the padded outputs are -inf, so they get zero probability
-  and zero gradient and the padded weights stay zero (`hiernet_params` counts without them).
-  `PerBranchHierNet` (one module per branch) is the readable reference the tests compare to.
-  Checkpoints of the earlier per-branch form are refused with a one-line message.
-- Fast evaluation (`--fast-mode`): "all" (default) runs every branch batched and picks each
-  image's routed outputs (no host sync, slow's cost); "sorted" sorts the images by their routed
-  path at each level and runs each path's slice of the stacked weights on its own images only,
-  one host sync per level (Algorithm 1's cost, about the backbone's plus the node classifiers).
-  Both give the same predictions. The default is the faster one measured on the H100
-  (results/hiernet_cifar100_n9, 8 groups): all 70.5k images/s at batch 1000 vs sorted 33.4k, the
-  same batch-1 latency (7.3 ms); the sorted path's per-path kernels are too small to pay for the
-  saved work at this width. metrics.json has the images/s at the evaluation batch and the
-  batch-1 latency of both, the backbone's and slow's.
-- The CPM and every accuracy in metrics.json (validation and test) are computed in fp32 with
-  TF32 off (bf16 logits shift proximities by up to 0.007, the size of p_min); training, the
-  per-epoch validation curve in metrics.jsonl (watched, never chosen on) and the images/s
-  figures use `--dtype` (bf16 autocast on CUDA); exact fp32 after every epoch would slow the
-  run for a curve nothing depends on.
-- `--control` (not in the paper): HierNet trains `--iterations` more after the backbone's, so
-  the plain backbone is also trained on from its trained weights for the same iterations on
-  HierNet's schedule (same image order and augmentation); `control_acc` stands beside
-  HierNet's accuracies, separating the tree's gain from that of training longer.
-- metrics.json's "hierarchical": common.hierarchical_metrics of backbone, slow and fast under
-  the found groups ("groups": group -> class, the super-class node's decision as the group
-  prediction) and, when the dataset has coarse levels (CIFAR-100's 20 superclasses), under the
-  dataset's hierarchy ("dataset"). Fast has no scores: slow's log p with the fast class first.
-- Deeper trees (`--depth D`) are supported: `--split` and `--extra-blocks` then take one value
-  per level (split points increasing); a level-l group's edge runs from split[l-1] to split[l]
-  when it has subgroups and to the backbone's end when its children are classes. The paper
-  gives no depth > 1 settings; grouping.py documents how deeper levels are grouped.
-- The super-class accuracy is the top node's routing decision against the true group (the
-  authors' code reports it as A_pred). `--tree-from dataset` (not in the paper, which allows a
-  manual hierarchy) uses the dataset's own coarse levels nearest the leaves, e.g. shapes'
-  shape_fill (12 groups of 6) at depth 1.
-- `--tree-from random` (not in the paper): a control of the grouping itself. The CPM tree is
-  found as usual (or read from `--groups`), then its classes are assigned to its places at
-  random: every group keeps its size at every level, only which classes share a group changes
-  (grouping.random_tree; its own numpy generator from `--seed`, so the backbone, the weight
-  transfer and the training draw what the CPM tree's run of that seed draws). tree.json records
-  the seed and the CPM tree it copied ("random_tree"; tree_copied.txt prints it). Against the
-  CPM run of the same seed it separates the gain of grouping confusable classes from that of
-  the capacity and training the tree adds.
-- Split/extra defaults follow Tables 1-2 per n (ReLU: 5/9/12/16/38 and 2/3/4/5/4; ELU:
-  6/9/15/19/38 and 2/3/2/5/4 with p_min 0.005); other n need explicit `--split`/`--extra-blocks`.
-- Augmentation: flip and translation by 0.125 of the side (4 px at 32), border filled with grey
-  (128), on the GPU loader.
+Paper vs ours, one line per decision (the reasons: docs/hiernet.md, "Paper vs ours"):
+- schedule: the text's (64k iterations, coupled wd 1e-4) scaled to --iterations; --schedule code (`make_schedule`)
+- backbone warm-up only for n = 18 as the paper; --backbone-warmup always (`stage_schedule`)
+- test set halved per class: the authors' CIFAR-100 halves or seeded; no early stopping (`test_halves`)
+- labels stay; the model keeps `order` / `rank` (the paper's reordering), outputs mapped back (`evaluate_hiernet`)
+- --elu: Shah et al.'s ELU ResNet, ELU before pooling by default (--elu-head, the authors' code) (`make_backbone`)
+- shortcuts: option A (He et al.) by default; --shortcut B, the authors' 1x1 conv + BN (`make_backbone`)
+- weight transfer: every path a copy of the backbone, leaf FCs its rows; --leaf-init fresh, --no-transfer (`build_node`)
+- loss: sum of log-softmaxes along the path, NLL = CE on the product of softmaxes, stable (`hiernet_loss`)
+- slow forward: every branch on the whole batch, run batched per level (`HierNet`, equal to `PerBranchHierNet`)
+- fast evaluation: --fast-mode all (default, faster on the H100) or sorted (Algorithm 1's cost) (`HierNet.route`)
+- CPM and every reported accuracy in exact fp32; training and the per-epoch curve in --dtype (`exact_fp32`)
+- --control (ours): the backbone trained on as long, beside HierNet (`train_control`)
+- metrics.json "hierarchical": metrics under the found groups and the dataset's (`hierarchical_report`)
+- --depth D > 1 (ours: the paper gives no settings): one --split / --extra-blocks per level (`check_args`)
+- super-class accuracy: the top node's routing decision (the authors' A_pred); --tree-from dataset (ours) (`make_tree`)
+- --tree-from random (ours): the CPM tree's group sizes, classes assigned at random, a control (`make_tree`)
+- split / extra blocks / p_min defaults: Tables 1-2 per n (`PAPER_SETTINGS`, `PAPER_P_MIN`)
+- augmentation: flip and 4 px translation (0.125 of the side), grey border, on the GPU loader (`main`)
 """
 
 import argparse
