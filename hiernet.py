@@ -57,162 +57,56 @@ PAPER_SETTINGS = {
     False: {3: (5, 2), 5: (9, 3), 7: (12, 4), 9: (16, 5), 18: (38, 4)},
     True: {3: (6, 2), 5: (9, 3), 7: (15, 2), 9: (19, 5), 18: (38, 4)},
 }
+
+
 PAPER_P_MIN = {False: 0.0075, True: 0.005}
-# Table 1 / 2 test accuracies (ResNet, slow, fast) on CIFAR-100.
-PAPER_TABLE = {
-    False: {
-        3: (65.96, 68.89, 68.08),
-        5: (67.08, 70.65, 70.45),
-        7: (68.12, 71.25, 70.75),
-        9: (68.38, 72.15, 72.01),
-        18: (71.33, 73.45, 73.27),
-    },
-    True: {
-        3: (65.54, 68.30, 68.16),
-        5: (67.88, 70.71, 70.43),
-        7: (68.79, 70.83, 70.79),
-        9: (69.03, 72.47, 72.29),
-        18: (72.93, 74.37, 74.15),
-    },
-}
-# The HierNet authors' validation / test halves of the CIFAR-100 test set (their public code,
-# github.com/levtempfli/HierNet, ds_split_cifar100.json: ids test_NNNNN = official test index NNNNN,
-# 50 + 50 images per class): bit i (numpy packbits order) is 1 when official test image i is in
-# their test half, 0 when in their validation half; 10000 bits, base64.
-AUTHORS_TEST_HALF_CIFAR100 = (
-    "cjfR8zozObvPYTrWCdcYuMGuuvKSxIazV/GSwqpRIQys3bHTVC5BgRy/U2vrtuX3x3Tvju3lYVhV/MHkNh6AzhFWmnTD3m7KxWV/"
-    "sqF6S+Y3jhort15n7Sc4odXG50lhUvB3eblYYmD8myV95QQdNnEMU2EkVdACgktvFXCzwL7AmH6Pcxa/p03HRg7ac2lQBQ1rUoJ8"
-    "a91m0u9fzITyOd2qrhP6O6hQQgtQsA8v/zNMZ50PRY7xl8+pGcCFW5YEEcqGVLRDBSgWKSqPudUMqwzlgzc1FtLmnpWyI3AeDI6v"
-    "omt/wSSLd4TMi0PWv/kYjG/klQ6UbX2hJu7nhiD8gi5iYrnSTbgejppTIjyn3jR12EpWWaEX+VwHxlbVZhXJzvrSKho1w5t/7yIA"
-    "fNHlGxIW+WyZ3sjgPR8VfbUS5SFLiNBfpyOcGEeX5EMh2Fls7WwmRWIdaG5VTTgB7TDjwGfEfc+qJPyVHhK+xdbjES++HEjMZax8"
-    "I6s7vkjKMeyTVGvGfsj/nGEVkb6sVyL7USRp24mR8nZWjZc3RbQPgagtIHMP3Eaq5RQ0GbJvC4CMWYUKqWc0GwXCfxya8xI/3auG"
-    "KoXP+YLh5Rfa03okjo/lBAG+dxkgD6XVhQ5tRgQeUueneKqEKOycm6SGMfY5EuGCKrrFUqLfxEJjKfqBpvUtw2YF2rdYpaRJAVhr"
-    "OuF9c+zi6zQui6H99aXgcMvWgtDKx4nc1VRZLnCbWdyFlRtjSkG5S4KukkDlaBRcT07VonkPnNWghuT0SbZV4CJzeFILlGk+1rsj"
-    "Vu/FD8FSxYt2sz5l1u18WPN5WQLpYbDF+GVslOYm121rzj1677WxTAdH4kMwoe8H6Qc/hysaez8UaTvxk2DjT20zGgLxA1Fmp0a9"
-    "Q10KESH6K3RZxYdXwpE5FtaMMtHob/ZaVGovtBi2LgmZEahPuDxmgxH9PT3RPpRsz2UlGWYqkwfZvuXg9SeLSrpNqhyj1gj6hMR6"
-    "bRrzELpCYZKZF2BRA2fwmWCAc/bGRwW+RSDKQlo2e2z37mD9ft2Nz9tCKfV205u9ipll38Ey4qLPy5kjY0tp+XEH+YqW5w39F6rH"
-    "up/kWsds6u6iKrds8/6fysMSYVik7HZQnw+CvzHXRB6+bQbmI7R+hQGH1NajFZKLpZbPqJAfBiCwvrYFgfZGiYYzzRgW5ZPB5exR"
-    "/fB/N0zftoey2T7H+nLJ7EkiM9DV/SsyGPwckBV2Hi/YcTvswnJeINX+7TFsaJhu60lOhsjiANVrRi6x/EaNjAAyDDRJhH1Xtebl"
-    "/lQZUYwxIYn+bFK8ITDTbIm101uLOkXibLAVZA5Lr3zy8oE2I8l+QiqZW0aQIh5VtVqifdD4/+UCKjTdNJVZDg2T7WrhFkpHO9xV"
-    "9KAchP7lGB+zcSDrhv7ezt6QnFeu+exarpK07Mkh8ZsDaMR/OFx0zymUL/FDj97pznNtp1CvJ4B42AMq00gjI98kORU8rUsg9Mg7"
-    "6GGLGxcX8FQ9HvWC5ikeY5D356DLbE6AM7KAxjbr2NVc23+wmbASrrpjJSzIp1uzzv8blCZ0Gg5rCvgSwO6jRFL8RYsFxSVctFdc"
-    "tSTTBeD387EVDq5oF8ARbSj78W1govaoTaLG6tOCtU+n452Ia7pRBploOD4CCJ89qDs="
-)
+
+
 # Iteration schedules at batch 128: (nominal run length, lr boundaries).
 SCHEDULES = {"paper": (64000, (2000, 32000, 48000)), "code": (78000, (2000, 34000, 50000))}
 
 
 def get_args(argv=None):
+    """The flags: 19 shared (common.add_common_args) and HierNet's own; the paper-fidelity and ablation
+    flags in their own group (docs/hiernet.md, "Paper vs ours", gives each one's reason)."""
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     common.add_common_args(parser, epochs=None, batch_size=128, lr=0.1, dataset="cifar100")
+    pos, nonneg = common.positive_int, common.nonneg_int
     g = parser.add_argument_group("hiernet")
-    g.add_argument(
-        "--n", type=common.positive_int, default=3, help="CIFAR ResNet size: 6n+2 layers, 3n residual blocks"
-    )
+    g.add_argument("--n", type=pos, default=3, help="CIFAR ResNet size: 6n+2 layers, 3n residual blocks")
     g.add_argument("--elu", action="store_true", help="the ELU ResNet of Shah et al. (Table 2)")
-    g.add_argument(
-        "--split",
-        type=common.positive_int,
-        nargs="+",
-        default=None,
-        help="residual blocks before each level's nodes (default: the paper's, per n)",
-    )
-    g.add_argument(
-        "--extra-blocks",
-        type=common.nonneg_int,
-        nargs="+",
-        default=None,
-        help="extra blocks of each level's node classifier (default: the paper's, per n)",
-    )
-    g.add_argument(
-        "--depth", type=common.positive_int, default=1, help="levels of groups (1: root -> groups -> classes)"
-    )
-    g.add_argument(
-        "--g-max", type=common.positive_int, nargs="+", default=[50], help="largest group (per level; grouping.py)"
-    )
-    g.add_argument(
-        "--p-min",
-        type=common.nonneg_float,
-        nargs="+",
-        default=None,
-        help="proximity a merge must exceed (per level; default 0.0075, 0.005 with --elu)",
-    )
-    g.add_argument(
-        "--iterations",
-        type=common.positive_int,
-        default=None,
-        help="run length in iterations (default 64000; 78000 with --schedule code)",
-    )
-    g.add_argument(
-        "--backbone-iterations",
-        type=common.positive_int,
-        default=None,
-        help="backbone run length (default --iterations)",
-    )
-    g.add_argument(
-        "--schedule",
-        default="paper",
-        choices=tuple(SCHEDULES),
-        help="paper: the text's schedule, coupled wd 1e-4; code: the authors' code's",
-    )
+    g.add_argument("--split", type=pos, nargs="+", help="residual blocks before each level's nodes (default: paper's)")
+    g.add_argument("--extra-blocks", type=nonneg, nargs="+", help="extra blocks of each level's node (paper's)")
+    g.add_argument("--depth", type=pos, default=1, help="levels of groups (1: root -> groups -> classes)")
+    g.add_argument("--g-max", type=pos, nargs="+", default=[50], help="largest group (per level; grouping.py)")
+    g.add_argument("--p-min", type=common.nonneg_float, nargs="+", help="merge proximity per level (0.0075; ELU 0.005)")
+    g.add_argument("--iterations", type=pos, help="run length in iterations (64000; code: 78000)")
+    g.add_argument("--backbone-iterations", type=pos, help="backbone run length (default --iterations)")
     g.add_argument("--weight-decay", type=common.nonneg_float, default=1e-4, help="coupled L2 of --schedule paper")
     g.add_argument("--momentum", type=common.fraction, default=0.9)
-    g.add_argument(
-        "--backbone-ckpt", default=None, help="a trained backbone (fit checkpoint or state dict): skip stage 1"
-    )
-    g.add_argument("--cpm", type=grouping.cpm_file, default=None, help="a saved CPM (.npy): skip stage 2")
-    g.add_argument("--groups", default=None, help="a tree JSON from grouping.py: skip stages 2-3")
-    g.add_argument(
-        "--tree-from",
-        default="cpm",
-        choices=("cpm", "dataset", "random"),
-        help="cpm: the paper's grouping; dataset: the dataset's own hierarchy; random: the CPM tree's group "
-        "sizes with the classes assigned at random (seeded by --seed; a control)",
-    )
-    g.add_argument("--eval-batch-size", type=common.positive_int, default=1000)
-    g.add_argument(
-        "--elu-head",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="with --elu: an ELU after the last residual block, before pooling (the authors' code)",
-    )
-    g.add_argument(
-        "--backbone-warmup",
-        default="paper",
-        choices=("paper", "always"),
-        help="paper: the backbone warms up at lr/10 only for n = 18 (section 5.4); always: every n",
-    )
-    g.add_argument(
-        "--shortcut", default="A", choices=("A", "B"), help="A: zero padding (He et al.); B: 1x1 conv + BN (authors)"
-    )
-    g.add_argument(
-        "--leaf-init",
-        default="backbone",
-        choices=("backbone", "fresh"),
-        help="leaf FCs: the backbone FC's rows of their classes, or fresh (the authors' transfer stops at pooling)",
-    )
-    g.add_argument("--no-transfer", action="store_true", help="HierNet from fresh weights, not the trained backbone")
-    g.add_argument(
-        "--test-halves",
-        default=None,
-        choices=("authors", "seeded"),
-        help="validation / test halves of the test set: the authors' (default for cifar100) or seeded per class",
-    )
-    g.add_argument(
-        "--control",
-        action="store_true",
-        help="also train the plain backbone for HierNet's extra iterations on the same schedule",
-    )
-    g.add_argument(
-        "--fast-mode",
-        default="all",
-        choices=("sorted", "all"),
-        help="fast evaluation: only each image's routed branch (sorted) or every branch, then select",
-    )
+    g.add_argument("--backbone-ckpt", help="a trained backbone (fit checkpoint or state dict): skip stage 1")
+    g.add_argument("--cpm", type=grouping.cpm_file, help="a saved CPM (.npy): skip stage 2")
+    g.add_argument("--groups", help="a tree JSON from grouping.py: skip stages 2-3")
+    g.add_argument("--eval-batch-size", type=pos, default=1000)
+    p = parser.add_argument_group("paper fidelity and ablations (docs/hiernet.md, 'Paper vs ours')")
+    p.add_argument("--schedule", default="paper", choices=tuple(SCHEDULES), help="paper: the text's; code: authors'")
+    p.add_argument("--tree-from", default="cpm", choices=("cpm", "dataset", "random"), help="random: a control")
+    p.add_argument("--elu-head", action=argparse.BooleanOptionalAction, default=True, help="--elu: ELU before pooling")
+    p.add_argument("--backbone-warmup", default="paper", choices=("paper", "always"), help="paper: only for n = 18")
+    p.add_argument("--shortcut", default="A", choices=("A", "B"), help="A: zero padding (He); B: 1x1 conv + BN")
+    p.add_argument("--leaf-init", default="backbone", choices=("backbone", "fresh"), help="leaf FCs: backbone rows")
+    p.add_argument("--no-transfer", action="store_true", help="HierNet from fresh weights, not the trained backbone")
+    p.add_argument("--test-halves", choices=("authors", "seeded"), help="authors' (default for cifar100) or seeded")
+    p.add_argument("--control", action="store_true", help="also train the backbone on for HierNet's iterations")
+    p.add_argument("--fast-mode", default="all", choices=("sorted", "all"), help="fast: routed branch only, or all")
     # No run length grows on resume: the tree and HierNet are built from the trained backbone.
-    args = common.parse_args(parser, argv, script="hiernet", resume_longer=())
+    return check_args(parser, common.parse_args(parser, argv, script="hiernet", resume_longer=()))
+
+
+def check_args(parser, args):
+    """Defaults that depend on other flags (the paper's per n) and the range checks."""
     if args.test_halves is None:
         args.test_halves = "authors" if args.dataset == "cifar100" else "seeded"
     if args.test_halves == "authors" and args.dataset != "cifar100":
@@ -255,75 +149,9 @@ def get_args(argv=None):
     return args
 
 
-# ---------------------------------------------------------------------------------------
-# The backbone and the data halves
-# ---------------------------------------------------------------------------------------
-
-
-def make_backbone(args, num_classes, in_channels=3):
-    """`CifarResNet(--n, --elu)` with the authors' details asked for: the ELU before pooling
-    (`--elu --elu-head`) and option-B shortcuts (`--shortcut B`). Reads settings missing from an
-    older run's args.json as that run's behaviour (no ELU head, option A)."""
-    backbone = common.CifarResNet(args.n, num_classes, elu=args.elu, in_channels=in_channels)
-    if args.elu and getattr(args, "elu_head", False):
-        backbone.head.pre = nn.ELU()
-    if getattr(args, "shortcut", "A") == "B":
-        for block in backbone.blocks:
-            if isinstance(block.shortcut, common.ShortcutA):
-                cin, cout = block.conv1.in_channels, block.conv1.out_channels
-                block.shortcut = nn.Sequential(
-                    nn.Conv2d(cin, cout, 1, block.shortcut.stride, bias=False), nn.BatchNorm2d(cout)
-                )
-        common.init_weights(backbone.stages)
-    return backbone
-
-
-def authors_test_mask():
-    """The authors' CIFAR-100 test half as a boolean mask over the official test indices."""
-    bits = np.unpackbits(np.frombuffer(base64.b64decode(AUTHORS_TEST_HALF_CIFAR100), dtype=np.uint8))
-    return bits[:10000].astype(bool)
-
-
-def test_halves(args, labels):
-    """(validation indices, test indices) of the test set: the authors' halves (checked: 50 +
-    50 per class with these labels, which catches a test set in another order) or seeded."""
-    labels = np.asarray(labels)
-    if args.test_halves == "authors":
-        mask = authors_test_mask()
-        ok = len(labels) == len(mask)
-        if ok:
-            counts = [np.bincount(labels[m], minlength=100) for m in (~mask, mask)]
-            ok = all((c == 50).all() for c in counts)
-        if not ok:
-            common.fail(
-                "--test-halves authors: the authors' halves do not give 50 + 50 images per class with this "
-                "test set; it is not CIFAR-100's in the official order (unpack it with the tool in the data "
-                "README or torchvision's files), or pass --test-halves seeded"
-            )
-        return np.flatnonzero(~mask), np.flatnonzero(mask)
-    return common.split_half(labels, args.seed)
-
-
-@contextlib.contextmanager
-def exact_fp32():
-    """fp32 without TF32 on CUDA: the CPM and every reported accuracy (bf16 logits shift the
-    proximities by up to 0.007, the size of p_min)."""
-    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
-
-
-def predict_fp32(forward, loader, device):
-    with exact_fp32():
-        return common.predict(forward, loader, device=device, dtype="fp32")
-
-
-# ---------------------------------------------------------------------------------------
-# The model
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
+# The method: HierNet as the paper's tree (sections 3.1-3.3), Algorithm 1, the loss (section 3.2)
+# --------------------------------------------------------------------------------------------------
 
 
 class TreeNode(nn.Module):
@@ -362,8 +190,9 @@ class TreeNode(nn.Module):
         return torch.cat(parts, 1), logits
 
     def route(self, x):
-        """Algorithm 1: the tree position (within this node) of each image's predicted leaf,
-        every branch run only on the images routed to it."""
+        """Algorithm 1 (the reference; HierNet.route_all / route_sorted are its batched forms): the tree
+        position (within this node) of each image's predicted leaf, every branch run only on the images
+        routed to it."""
         h = self.edge(x)
         choice = self.classify(h).argmax(1)
         if self.is_leaf_group:
@@ -453,17 +282,19 @@ def build_per_branch(backbone, tree, splits, extras, leaf_init="backbone"):
     return PerBranchHierNet(root, backbone.head.fc.out_features)
 
 
-def build_hiernet(backbone, tree, splits, extras, leaf_init="backbone"):
-    """The batched HierNet, built from the per-branch one (same weights, same function)."""
-    reference = build_per_branch(backbone, tree, splits, extras, leaf_init)
-    depth = grouping.tree_depth(tree)
-    bounds = list(splits[:depth]) + [len(backbone.blocks)]
-    return HierNet(reference, [b - a for a, b in itertools.pairwise(bounds)])
+def hiernet_loss(model, x, y):
+    """Cross-entropy on the product probabilities; y is the tree-ordered label."""
+    log_p = model(x)
+    return F.nll_loss(log_p, y), {"correct": (log_p.argmax(1) == y).sum()}
 
 
-# ---------------------------------------------------------------------------------------
-# The batched model: every branch of a tree level in one computation
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
+# The batched form that trains: the same HierNet with every branch of a tree level run as one computation
+# (grouped convolutions, stacked BatchNorm and FCs). It equals PerBranchHierNet above, weights and function:
+# tests/test_hiernet.py::test_batched_model_gives_the_per_branch_logits_and_gradients (logits, gradients) and
+# ::test_fast_evaluation_equals_algorithm_1_image_by_image (HierNet.route_all / route_sorted are Algorithm 1,
+# TreeNode.route, in batched form: the same routed positions, image by image).
+# --------------------------------------------------------------------------------------------------
 
 
 def stacked_conv(convs, shared_input=False):
@@ -787,7 +618,8 @@ class HierNet(nn.Module):
         return self.log_probs(node_logits, leaf_logits), node_logits[0][:, 0], route
 
     def route_from(self, node_logits, leaf_logits):
-        """Algorithm 1's decisions, level by level, from every branch's logits."""
+        """Algorithm 1's decisions (TreeNode.route), level by level, read from every branch's logits: a
+        batched form, equal image by image (test_fast_evaluation_equals_algorithm_1_image_by_image)."""
         rows = torch.arange(len(leaf_logits), device=leaf_logits.device)
         path = torch.zeros_like(rows)
         for l in range(self.depth):
@@ -800,9 +632,10 @@ class HierNet(nn.Module):
         return self.leaf_offset[path] + leaf_logits[rows, path].argmax(1)
 
     def route_sorted(self, x):
-        """Algorithm 1 computing only the routed branch of each image: per level, the images are
-        sorted by their path and each path's blocks run on its own images (one host sync per
-        level, for the counts). Evaluation mode only (BatchNorm's running statistics)."""
+        """Algorithm 1 (TreeNode.route) in batched form, equal image by image (tests/test_hiernet.py::
+        test_fast_evaluation_equals_algorithm_1_image_by_image), computing only the routed branch of each
+        image: per level, the images are sorted by their path and each path's blocks run on its own images
+        (one host sync per level, for the counts). Evaluation mode only (BatchNorm's running statistics)."""
         h = self.trunk(x)
         logits = self.node_fc0(pool_groups(self.node_extra0(h), 1))[:, 0]
         nxt = self.child_path0[0][logits.argmax(1)]
@@ -839,9 +672,77 @@ class HierNet(nn.Module):
         return out
 
 
-# ---------------------------------------------------------------------------------------
+def build_hiernet(backbone, tree, splits, extras, leaf_init="backbone"):
+    """The batched HierNet, built from the per-branch one (same weights, same function)."""
+    reference = build_per_branch(backbone, tree, splits, extras, leaf_init)
+    depth = grouping.tree_depth(tree)
+    bounds = list(splits[:depth]) + [len(backbone.blocks)]
+    return HierNet(reference, [b - a for a, b in itertools.pairwise(bounds)])
+
+
+# --------------------------------------------------------------------------------------------------
+# The backbone, the data halves, exact fp32
+# --------------------------------------------------------------------------------------------------
+
+
+def make_backbone(args, num_classes, in_channels=3):
+    """`CifarResNet(--n, --elu)` with the authors' details asked for: the ELU before pooling
+    (`--elu --elu-head`) and option-B shortcuts (`--shortcut B`). Reads settings missing from an
+    older run's args.json as that run's behaviour (no ELU head, option A)."""
+    backbone = common.CifarResNet(args.n, num_classes, elu=args.elu, in_channels=in_channels)
+    if args.elu and getattr(args, "elu_head", False):
+        backbone.head.pre = nn.ELU()
+    if getattr(args, "shortcut", "A") == "B":
+        for block in backbone.blocks:
+            if isinstance(block.shortcut, common.ShortcutA):
+                cin, cout = block.conv1.in_channels, block.conv1.out_channels
+                block.shortcut = nn.Sequential(
+                    nn.Conv2d(cin, cout, 1, block.shortcut.stride, bias=False), nn.BatchNorm2d(cout)
+                )
+        common.init_weights(backbone.stages)
+    return backbone
+
+
+def test_halves(args, labels):
+    """(validation indices, test indices) of the test set: the authors' halves (checked: 50 +
+    50 per class with these labels, which catches a test set in another order) or seeded."""
+    labels = np.asarray(labels)
+    if args.test_halves == "authors":
+        mask = authors_test_mask()
+        ok = len(labels) == len(mask)
+        if ok:
+            counts = [np.bincount(labels[m], minlength=100) for m in (~mask, mask)]
+            ok = all((c == 50).all() for c in counts)
+        if not ok:
+            common.fail(
+                "--test-halves authors: the authors' halves do not give 50 + 50 images per class with this "
+                "test set; it is not CIFAR-100's in the official order (unpack it with the tool in the data "
+                "README or torchvision's files), or pass --test-halves seeded"
+            )
+        return np.flatnonzero(~mask), np.flatnonzero(mask)
+    return common.split_half(labels, args.seed)
+
+
+@contextlib.contextmanager
+def exact_fp32():
+    """fp32 without TF32 on CUDA: the CPM and every reported accuracy (bf16 logits shift the
+    proximities by up to 0.007, the size of p_min)."""
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+def predict_fp32(forward, loader, device):
+    with exact_fp32():
+        return common.predict(forward, loader, device=device, dtype="fp32")
+
+
+# --------------------------------------------------------------------------------------------------
 # Training and evaluation
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 class SGDDecoupledDecay(torch.optim.SGD):
@@ -890,12 +791,6 @@ def stage_schedule(args, steps_per_epoch, stage):
         warmup = args.backbone_warmup == "always" or args.n == 18
         return make_schedule(args, steps_per_epoch, args.backbone_iterations or args.iterations, warmup)
     return make_schedule(args, steps_per_epoch, args.iterations)
-
-
-def hiernet_loss(model, x, y):
-    """Cross-entropy on the product probabilities; y is the tree-ordered label."""
-    log_p = model(x)
-    return F.nll_loss(log_p, y), {"correct": (log_p.argmax(1) == y).sum()}
 
 
 def evaluate_hiernet(model, loader, group_of, *, device, dtype="fp32"):
@@ -999,6 +894,11 @@ def refuse_per_branch_checkpoint(path):
         )
 
 
+# --------------------------------------------------------------------------------------------------
+# Stages 2-3: the tree
+# --------------------------------------------------------------------------------------------------
+
+
 def make_tree(args, data, backbone, val_loader, run_dir, device):
     """Stages 2-3: the CPM on the validation split (saved as cpm.npy) and the grouping, or the given
     tree; with --tree-from random, that tree's shape with the classes assigned at random. Returns
@@ -1065,53 +965,9 @@ def dataset_tree(hierarchy, levels, classes):
     return [dataset_tree(hierarchy, levels[1:], g) for g in groups]
 
 
-def hierarchical_report(data, top_groups, group_of, backbone_logits, labels, out):
-    """common.hierarchical_metrics of backbone, slow and fast under two hierarchies: "groups",
-    the found top-level groups over the classes (the tree the model was built on), and, when
-    the dataset has coarse levels (CIFAR-100's 20 superclasses, shapes'), "dataset". The
-    super-class node's decision is the "group" level prediction of slow and fast (level_preds).
-    Fast predicts one class, no scores: its scores are slow's log p with the fast class moved
-    to the top, so top-1 is fast's and the rest follow slow's order."""
-    groups = common.Hierarchy(
-        ["group", "fine"],
-        [[f"group{g + 1}" for g in range(len(top_groups))], list(data.class_names)],
-        [np.asarray(group_of), np.arange(data.num_classes)],
-    )
-    log_p = out["log_p"]
-    fast_scores = log_p.clone()
-    rows = torch.arange(len(log_p))
-    fast_scores[rows, out["fast"]] = log_p.max(1).values + 1.0
-    forms = {"backbone": (backbone_logits, None), "slow": (log_p, out["super"]), "fast": (fast_scores, out["super"])}
-    report = {"groups": {}}
-    for name, (scores, super_pred) in forms.items():
-        level_preds = None if super_pred is None else {"group": super_pred.numpy()}
-        report["groups"][name] = common.hierarchical_metrics(scores, labels, groups, level_preds=level_preds)
-    if data.hierarchy.n_levels > 1:
-        report["dataset"] = {
-            name: common.hierarchical_metrics(scores, labels, data.hierarchy) for name, (scores, _) in forms.items()
-        }
-    return report
-
-
-def measure_inference(args, backbone, model, x, device):
-    """Images/s at the evaluation batch and latency at batch 1 of the backbone, slow and fast
-    (both fast forms: only the routed branch per image, and every branch then select)."""
-    timing = {"iters": 20, "warmup": 5}
-    if device.type != "cuda":  # a rough CPU figure only; keeps CPU runs and tests short
-        x, timing = x[:32], {"iters": 1, "warmup": 1}
-    forms = {
-        "backbone": backbone,
-        "slow": model,
-        "fast": model.route,
-        "fast_sorted": model.route_sorted,
-        "fast_all": model.route_all,
-    }
-    out = {"throughput_batch": len(x), "fast_mode": model.fast_mode}
-    for name, forward in forms.items():
-        out[f"{name}_images_per_s"] = common.measure_throughput(forward, x, device=device, dtype=args.dtype, **timing)
-        per_s = common.measure_throughput(forward, x[:1], device=device, dtype=args.dtype, **timing)
-        out[f"{name}_latency_ms_batch1"] = 1000.0 / per_s
-    return out
+# --------------------------------------------------------------------------------------------------
+# The pipeline
+# --------------------------------------------------------------------------------------------------
 
 
 def main(argv=None):
@@ -1325,6 +1181,115 @@ def main(argv=None):
         flush=True,
     )
     return metrics
+
+
+# --------------------------------------------------------------------------------------------------
+# Reporting: the paper's numbers, hierarchical metrics, images/s
+# --------------------------------------------------------------------------------------------------
+
+
+# Table 1 / 2 test accuracies (ResNet, slow, fast) on CIFAR-100.
+PAPER_TABLE = {
+    False: {
+        3: (65.96, 68.89, 68.08),
+        5: (67.08, 70.65, 70.45),
+        7: (68.12, 71.25, 70.75),
+        9: (68.38, 72.15, 72.01),
+        18: (71.33, 73.45, 73.27),
+    },
+    True: {
+        3: (65.54, 68.30, 68.16),
+        5: (67.88, 70.71, 70.43),
+        7: (68.79, 70.83, 70.79),
+        9: (69.03, 72.47, 72.29),
+        18: (72.93, 74.37, 74.15),
+    },
+}
+
+
+def hierarchical_report(data, top_groups, group_of, backbone_logits, labels, out):
+    """common.hierarchical_metrics of backbone, slow and fast under two hierarchies: "groups",
+    the found top-level groups over the classes (the tree the model was built on), and, when
+    the dataset has coarse levels (CIFAR-100's 20 superclasses, shapes'), "dataset". The
+    super-class node's decision is the "group" level prediction of slow and fast (level_preds).
+    Fast predicts one class, no scores: its scores are slow's log p with the fast class moved
+    to the top, so top-1 is fast's and the rest follow slow's order."""
+    groups = common.Hierarchy(
+        ["group", "fine"],
+        [[f"group{g + 1}" for g in range(len(top_groups))], list(data.class_names)],
+        [np.asarray(group_of), np.arange(data.num_classes)],
+    )
+    log_p = out["log_p"]
+    fast_scores = log_p.clone()
+    rows = torch.arange(len(log_p))
+    fast_scores[rows, out["fast"]] = log_p.max(1).values + 1.0
+    forms = {"backbone": (backbone_logits, None), "slow": (log_p, out["super"]), "fast": (fast_scores, out["super"])}
+    report = {"groups": {}}
+    for name, (scores, super_pred) in forms.items():
+        level_preds = None if super_pred is None else {"group": super_pred.numpy()}
+        report["groups"][name] = common.hierarchical_metrics(scores, labels, groups, level_preds=level_preds)
+    if data.hierarchy.n_levels > 1:
+        report["dataset"] = {
+            name: common.hierarchical_metrics(scores, labels, data.hierarchy) for name, (scores, _) in forms.items()
+        }
+    return report
+
+
+def measure_inference(args, backbone, model, x, device):
+    """Images/s at the evaluation batch and latency at batch 1 of the backbone, slow and fast
+    (both fast forms: only the routed branch per image, and every branch then select)."""
+    timing = {"iters": 20, "warmup": 5}
+    if device.type != "cuda":  # a rough CPU figure only; keeps CPU runs and tests short
+        x, timing = x[:32], {"iters": 1, "warmup": 1}
+    forms = {
+        "backbone": backbone,
+        "slow": model,
+        "fast": model.route,
+        "fast_sorted": model.route_sorted,
+        "fast_all": model.route_all,
+    }
+    out = {"throughput_batch": len(x), "fast_mode": model.fast_mode}
+    for name, forward in forms.items():
+        out[f"{name}_images_per_s"] = common.measure_throughput(forward, x, device=device, dtype=args.dtype, **timing)
+        per_s = common.measure_throughput(forward, x[:1], device=device, dtype=args.dtype, **timing)
+        out[f"{name}_latency_ms_batch1"] = 1000.0 / per_s
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Data: the authors' CIFAR-100 test half (10000 bits), decoded when called
+# --------------------------------------------------------------------------------------------------
+
+
+# The HierNet authors' validation / test halves of the CIFAR-100 test set (their public code,
+# github.com/levtempfli/HierNet, ds_split_cifar100.json: ids test_NNNNN = official test index NNNNN,
+# 50 + 50 images per class): bit i (numpy packbits order) is 1 when official test image i is in
+# their test half, 0 when in their validation half; 10000 bits, base64.
+AUTHORS_TEST_HALF_CIFAR100 = (
+    "cjfR8zozObvPYTrWCdcYuMGuuvKSxIazV/GSwqpRIQys3bHTVC5BgRy/U2vrtuX3x3Tvju3lYVhV/MHkNh6AzhFWmnTD3m7KxWV/"
+    "sqF6S+Y3jhort15n7Sc4odXG50lhUvB3eblYYmD8myV95QQdNnEMU2EkVdACgktvFXCzwL7AmH6Pcxa/p03HRg7ac2lQBQ1rUoJ8"
+    "a91m0u9fzITyOd2qrhP6O6hQQgtQsA8v/zNMZ50PRY7xl8+pGcCFW5YEEcqGVLRDBSgWKSqPudUMqwzlgzc1FtLmnpWyI3AeDI6v"
+    "omt/wSSLd4TMi0PWv/kYjG/klQ6UbX2hJu7nhiD8gi5iYrnSTbgejppTIjyn3jR12EpWWaEX+VwHxlbVZhXJzvrSKho1w5t/7yIA"
+    "fNHlGxIW+WyZ3sjgPR8VfbUS5SFLiNBfpyOcGEeX5EMh2Fls7WwmRWIdaG5VTTgB7TDjwGfEfc+qJPyVHhK+xdbjES++HEjMZax8"
+    "I6s7vkjKMeyTVGvGfsj/nGEVkb6sVyL7USRp24mR8nZWjZc3RbQPgagtIHMP3Eaq5RQ0GbJvC4CMWYUKqWc0GwXCfxya8xI/3auG"
+    "KoXP+YLh5Rfa03okjo/lBAG+dxkgD6XVhQ5tRgQeUueneKqEKOycm6SGMfY5EuGCKrrFUqLfxEJjKfqBpvUtw2YF2rdYpaRJAVhr"
+    "OuF9c+zi6zQui6H99aXgcMvWgtDKx4nc1VRZLnCbWdyFlRtjSkG5S4KukkDlaBRcT07VonkPnNWghuT0SbZV4CJzeFILlGk+1rsj"
+    "Vu/FD8FSxYt2sz5l1u18WPN5WQLpYbDF+GVslOYm121rzj1677WxTAdH4kMwoe8H6Qc/hysaez8UaTvxk2DjT20zGgLxA1Fmp0a9"
+    "Q10KESH6K3RZxYdXwpE5FtaMMtHob/ZaVGovtBi2LgmZEahPuDxmgxH9PT3RPpRsz2UlGWYqkwfZvuXg9SeLSrpNqhyj1gj6hMR6"
+    "bRrzELpCYZKZF2BRA2fwmWCAc/bGRwW+RSDKQlo2e2z37mD9ft2Nz9tCKfV205u9ipll38Ey4qLPy5kjY0tp+XEH+YqW5w39F6rH"
+    "up/kWsds6u6iKrds8/6fysMSYVik7HZQnw+CvzHXRB6+bQbmI7R+hQGH1NajFZKLpZbPqJAfBiCwvrYFgfZGiYYzzRgW5ZPB5exR"
+    "/fB/N0zftoey2T7H+nLJ7EkiM9DV/SsyGPwckBV2Hi/YcTvswnJeINX+7TFsaJhu60lOhsjiANVrRi6x/EaNjAAyDDRJhH1Xtebl"
+    "/lQZUYwxIYn+bFK8ITDTbIm101uLOkXibLAVZA5Lr3zy8oE2I8l+QiqZW0aQIh5VtVqifdD4/+UCKjTdNJVZDg2T7WrhFkpHO9xV"
+    "9KAchP7lGB+zcSDrhv7ezt6QnFeu+exarpK07Mkh8ZsDaMR/OFx0zymUL/FDj97pznNtp1CvJ4B42AMq00gjI98kORU8rUsg9Mg7"
+    "6GGLGxcX8FQ9HvWC5ikeY5D356DLbE6AM7KAxjbr2NVc23+wmbASrrpjJSzIp1uzzv8blCZ0Gg5rCvgSwO6jRFL8RYsFxSVctFdc"
+    "tSTTBeD387EVDq5oF8ARbSj78W1govaoTaLG6tOCtU+n452Ia7pRBploOD4CCJ89qDs="
+)
+
+
+def authors_test_mask():
+    """The authors' CIFAR-100 test half as a boolean mask over the official test indices."""
+    bits = np.unpackbits(np.frombuffer(base64.b64decode(AUTHORS_TEST_HALF_CIFAR100), dtype=np.uint8))
+    return bits[:10000].astype(bool)
 
 
 if __name__ == "__main__":
