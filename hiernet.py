@@ -31,13 +31,14 @@ Paper vs ours, one line per decision (the reasons: docs/hiernet.md, "Paper vs ou
 - super-class accuracy: the top node's routing decision (the authors' A_pred); --tree-from dataset (ours) (`make_tree`)
 - --tree-from random (ours): the CPM tree's group sizes, classes assigned at random, a control (`make_tree`)
 - split / extra blocks / p_min defaults: Tables 1-2 per n (`PAPER_SETTINGS`, `PAPER_P_MIN`)
-- augmentation: flip and 4 px translation (0.125 of the side), grey border, on the GPU loader (`main`)
+- augmentation: flip and 4 px translation (0.125 of the side), grey border, on the GPU loader (`make_loader`)
 """
 
 import argparse
 import base64
 import contextlib
 import copy
+import functools
 import itertools
 import json
 import math
@@ -740,6 +741,43 @@ def predict_fp32(forward, loader, device):
         return common.predict(forward, loader, device=device, dtype="fp32")
 
 
+def split_test_set(args, data):
+    """The validation and test halves of the test set (`test_halves`), reported in one line."""
+    val_idx, test_idx = test_halves(args, data.test.labels.numpy())
+    if len(val_idx) == 0:
+        common.fail(
+            f"the test set ({len(data.test)} images) has a class with fewer than 2 images; "
+            "it cannot be halved into validation and test (raise --test-size)"
+        )
+    val, test = data.test.subset(val_idx), data.test.subset(test_idx)
+    print(
+        f"[hiernet] {data.name}: {len(data.train)} train, {len(val)} validation, {len(test)} test, "
+        f"{data.num_classes} classes, {data.train.images.shape[-1]}px, {args.test_halves} test halves",
+        flush=True,
+    )
+    return val, test
+
+
+def make_loader(args, data, device, split, labels=None, train=False, seed=0):
+    """The GPU loader of a split; training: flip and translation by 0.125 of the side, grey (128) border."""
+    size = data.train.images.shape[-1]
+    return common.GpuLoader(
+        split.images,
+        split.labels if labels is None else labels,
+        args.batch_size if train else args.eval_batch_size,
+        device=device,
+        mean=data.mean,
+        std=data.std,
+        train=train,
+        crop_pad=round(0.125 * size),
+        fill=128,
+        flip=train,
+        seed=args.seed + seed,
+        max_batches=2 if args.dry_run else None,
+        channels_last=device.type == "cuda",
+    )  # channels_last is slow on the CPU
+
+
 # --------------------------------------------------------------------------------------------------
 # Training and evaluation
 # --------------------------------------------------------------------------------------------------
@@ -817,6 +855,16 @@ def evaluate_hiernet(model, loader, group_of, *, device, dtype="fp32"):
         "fast": order[routed.round().long()],
         "super": super_logits.argmax(1),
         "super_true": torch.as_tensor(group_of)[labels],
+    }
+
+
+def validation_accuracies(model, val_loader, group_of, device, dtype):
+    """Slow, fast and super-class accuracy on the validation half (the curve: --dtype; the final: fp32)."""
+    out = evaluate_hiernet(model, val_loader, group_of, device=device, dtype=dtype)
+    return {
+        "val_slow_acc": percent(out["slow"] == out["labels"]),
+        "val_fast_acc": percent(out["fast"] == out["labels"]),
+        "val_super_acc": percent(out["super"] == out["super_true"]),
     }
 
 
@@ -965,59 +1013,8 @@ def dataset_tree(hierarchy, levels, classes):
     return [dataset_tree(hierarchy, levels[1:], g) for g in groups]
 
 
-# --------------------------------------------------------------------------------------------------
-# The pipeline
-# --------------------------------------------------------------------------------------------------
-
-
-def main(argv=None):
-    args = get_args(argv)
-    run_dir, device = common.setup(args, "hiernet")
-    max_batches = 2 if args.dry_run else None
-    data = common.load_data(args)
-    val_idx, test_idx = test_halves(args, data.test.labels.numpy())
-    if len(val_idx) == 0:
-        common.fail(
-            f"the test set ({len(data.test)} images) has a class with fewer than 2 images; "
-            "it cannot be halved into validation and test (raise --test-size)"
-        )
-    val, test = data.test.subset(val_idx), data.test.subset(test_idx)
-    size = data.train.images.shape[-1]
-    print(
-        f"[hiernet] {data.name}: {len(data.train)} train, {len(val)} validation, {len(test)} test, "
-        f"{data.num_classes} classes, {size}px, {args.test_halves} test halves",
-        flush=True,
-    )
-
-    def loader(split, labels=None, train=False, seed=0):
-        return common.GpuLoader(
-            split.images,
-            split.labels if labels is None else labels,
-            args.batch_size if train else args.eval_batch_size,
-            device=device,
-            mean=data.mean,
-            std=data.std,
-            train=train,
-            crop_pad=round(0.125 * size),
-            fill=128,
-            flip=train,
-            seed=args.seed + seed,
-            max_batches=max_batches,
-            channels_last=device.type == "cuda",
-        )  # channels_last is slow on the CPU
-
-    val_loader, test_loader = loader(val), loader(test)
-
-    # 1. Backbone (and, with --control, the backbone trained on for HierNet's iterations).
-    backbone, backbone_history = train_backbone(args, data, loader(data.train, train=True), val_loader, run_dir, device)
-    control, control_history = None, []
-    if args.control:  # the same image order and augmentation as HierNet's loader (seed 1)
-        control_loader = loader(data.train, train=True, seed=1)
-        control, control_history = train_control(args, backbone, control_loader, val_loader, run_dir, device)
-
-    # 2-3. CPM and grouping.
-    tree, tree_settings = make_tree(args, data, backbone, val_loader, run_dir, device)
-    names = data.class_names
+def save_tree(run_dir, tree, tree_settings, names):
+    """tree.json / tree.txt / tree.dot (and tree_copied.txt for a random tree), printed, with warnings."""
     text = grouping.tree_text(tree, names)
     print(text, end="", flush=True)
     common.write_json(run_dir / "tree.json", grouping.tree_json(tree, names, **tree_settings))
@@ -1038,12 +1035,43 @@ def main(argv=None):
             "grows with the group count (lower --p-min)",
             flush=True,
         )
+
+
+def top_level_groups(tree, num_classes):
+    """(the classes of each top-level group, the top-level group of each class)."""
     top_groups = [grouping.tree_leaves(child) for child in tree]
-    group_of = np.zeros(data.num_classes, dtype=np.int64)
+    group_of = np.zeros(num_classes, dtype=np.int64)
     for g, classes in enumerate(top_groups):
         group_of[classes] = g
+    return top_groups, group_of
 
-    # 4. HierNet from the backbone's weights (--no-transfer: from a fresh backbone).
+
+# --------------------------------------------------------------------------------------------------
+# The pipeline
+# --------------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = get_args(argv)
+    run_dir, device = common.setup(args, "hiernet")
+    data = common.load_data(args)
+    val, test = split_test_set(args, data)  # validation half (CPM, grouping, the curve) and test half (once)
+    loader = functools.partial(make_loader, args, data, device)
+    val_loader, test_loader = loader(val), loader(test)
+
+    # 1. Backbone (and, with --control, the backbone trained on for HierNet's iterations).
+    backbone, backbone_history = train_backbone(args, data, loader(data.train, train=True), val_loader, run_dir, device)
+    control, control_history = None, []
+    if args.control:  # the same image order and augmentation as HierNet's loader (seed 1)
+        control_loader = loader(data.train, train=True, seed=1)
+        control, control_history = train_control(args, backbone, control_loader, val_loader, run_dir, device)
+
+    # 2-3. CPM on the validation half and grouping into a tree (section 4, grouping.py); tree.json / .txt / .dot.
+    tree, tree_settings = make_tree(args, data, backbone, val_loader, run_dir, device)
+    save_tree(run_dir, tree, tree_settings, data.class_names)
+    top_groups, group_of = top_level_groups(tree, data.num_classes)
+
+    # 4. HierNet from the backbone's weights (section 5.4; --no-transfer: from a fresh backbone).
     source = make_backbone(args, data.num_classes, data.train.images.shape[1]) if args.no_transfer else backbone
     reference = build_per_branch(source, tree, args.split, args.extra_blocks, args.leaf_init)
     hiernet_params = common.count_params(reference)  # the batched form adds only the leaf FCs' zero padding
@@ -1057,49 +1085,48 @@ def main(argv=None):
         flush=True,
     )
 
-    # 5. End-to-end training on tree-ordered labels.
-    rank = model.rank.cpu()
-    train_loader = loader(data.train, labels=rank[data.train.labels], train=True, seed=1)
+    # 5. End to end on tree-ordered labels: NLL of the product of the nodes' softmaxes (section 3.2).
+    train_loader = loader(data.train, labels=model.rank.cpu()[data.train.labels], train=True, seed=1)
     optimizer = make_optimizer(args, model)
     epochs, lr_at = stage_schedule(args, len(train_loader), "hiernet")
-    step = common.make_train_step(
-        model,
-        hiernet_loss,
-        optimizer,
-        device=device,
-        dtype=args.dtype,
-        cuda_graph=args.cuda_graph,
-        compile=args.compile,
-    )
+    gpu = {"device": device, "dtype": args.dtype, "cuda_graph": args.cuda_graph}  # the CUDA graph as asked
+    step = common.make_train_step(model, hiernet_loss, optimizer, compile=args.compile, **gpu)
     refuse_per_branch_checkpoint(run_dir / "hiernet" / "checkpoint.pt")
-
-    def val_accuracies(dtype):
-        out = evaluate_hiernet(model, val_loader, group_of, device=device, dtype=dtype)
-        return {
-            "val_slow_acc": percent(out["slow"] == out["labels"]),
-            "val_fast_acc": percent(out["fast"] == out["labels"]),
-            "val_super_acc": percent(out["super"] == out["super_true"]),
-        }
+    val_accuracies = functools.partial(validation_accuracies, model, val_loader, group_of, device)
 
     def evaluate(epoch):  # the curve only, in the training dtype; nothing is chosen on it
         return val_accuracies(args.dtype)
 
-    hiernet_history = common.fit(
-        run_dir / "hiernet",
-        model,
-        optimizer,
-        step,
-        train_loader,
-        epochs=epochs,
-        lr_at=lr_at,
-        evaluate=evaluate,
-        log_path=run_dir / "metrics.jsonl",
-        stage="hiernet",
-    )
+    schedule = {"epochs": epochs, "lr_at": lr_at, "evaluate": evaluate, "log_path": run_dir / "metrics.jsonl"}
+    hiernet_history = common.fit(run_dir / "hiernet", model, optimizer, step, train_loader, stage="hiernet", **schedule)
 
-    # 6. Evaluation on the test half, once.
+    # 6. The test half, once, in fp32 (no TF32): every number into metrics.json, then the run's small tables.
     backbone_logits, labels = predict_fp32(backbone, test_loader, device)
     out = evaluate_hiernet(model, test_loader, group_of, device=device)
+    control_logits = None if control is None else predict_fp32(control, test_loader, device)[0]
+    histories = {"backbone": backbone_history, "hiernet": hiernet_history, "control": control_history}
+    results = {**out, "backbone_logits": backbone_logits, "labels": labels, "control_logits": control_logits}
+    metrics = final_metrics(args, data, tree, tree_settings, top_groups, group_of, results, histories)
+    metrics.update(val_accuracies("fp32"))  # the final validation figures, exact like the test's
+    metrics.update(epoch_seconds(histories))
+    metrics.update(backbone_params=common.count_params(backbone), hiernet_params=hiernet_params)
+    metrics.update(measure_inference(args, backbone, model, next(iter(test_loader))[0], device))
+    metrics.update(paper_table(args, data))
+    common.write_json(run_dir / "metrics.json", metrics)
+    report(run_dir, data.class_names, top_groups, group_of, results, metrics)
+    return metrics
+
+
+# --------------------------------------------------------------------------------------------------
+# Reporting: the run's numbers and small tables, the paper's numbers, hierarchical metrics, images/s
+# --------------------------------------------------------------------------------------------------
+
+
+def final_metrics(args, data, tree, tree_settings, top_groups, group_of, results, histories):
+    """The run's settings and its test-half numbers (`results`: evaluate_hiernet's, with the backbone's and the
+    control's logits): accuracies of backbone, slow, fast, the super-class node (and the control), per level of
+    the dataset's hierarchy, and the hierarchical metrics."""
+    labels, out, backbone_logits = results["labels"], results, results["backbone_logits"]
     backbone_pred = backbone_logits.argmax(1)
     metrics = {
         "dataset": data.name,
@@ -1124,28 +1151,39 @@ def main(argv=None):
         "backbone_superclass_acc": percent(torch.as_tensor(group_of)[backbone_pred] == out["super_true"]),
         "fast_equals_slow": percent(out["fast"] == out["slow"]),
     }
-    if control is not None:
-        control_logits, _ = predict_fp32(control, test_loader, device)
-        metrics["control_acc"] = percent(control_logits.argmax(1) == labels)
+    if results["control_logits"] is not None:
+        control_history, hiernet_history = histories["control"], histories["hiernet"]
+        metrics["control_acc"] = percent(results["control_logits"].argmax(1) == labels)
         metrics["control_iterations"] = control_history[-1]["step"] if control_history else 0
         metrics["hiernet_iterations"] = hiernet_history[-1]["step"] if hiernet_history else 0
     if data.hierarchy.n_levels > 1:
         metrics["level_acc_backbone"] = common.level_accuracies(backbone_logits, labels, data.hierarchy)
         metrics["level_acc_slow"] = common.level_accuracies(out["log_p"], labels, data.hierarchy)
     metrics["hierarchical"] = hierarchical_report(data, top_groups, group_of, backbone_logits, labels, out)
-    metrics.update(val_accuracies("fp32"))  # the final validation figures, exact like the test's
-    for name, history in (("backbone", backbone_history), ("hiernet", hiernet_history), ("control", control_history)):
+    return metrics
+
+
+def epoch_seconds(histories):
+    """The median seconds per epoch of each stage (the first epoch, with graph capture, left out) and its epochs."""
+    metrics = {}
+    for name, history in histories.items():
         seconds = [r["seconds"] for r in history[1:] or history]  # the first epoch includes graph capture
         if seconds:
             metrics[f"{name}_epoch_seconds"] = float(np.median(seconds))
             metrics[f"{name}_epochs"] = len(history)
-    metrics["backbone_params"] = common.count_params(backbone)
-    metrics["hiernet_params"] = hiernet_params
-    metrics.update(measure_inference(args, backbone, model, next(iter(test_loader))[0], device))
-    if data.name == "cifar100" and args.n in PAPER_TABLE[args.elu]:
-        metrics["paper_table"] = dict(zip(("backbone_acc", "slow_acc", "fast_acc"), PAPER_TABLE[args.elu][args.n]))
+    return metrics
 
-    # 7. Per-group accuracies and the final metrics.
+
+def paper_table(args, data):
+    """The paper's Table 1 / 2 numbers of this n, beside ours (CIFAR-100 only)."""
+    if data.name == "cifar100" and args.n in PAPER_TABLE[args.elu]:
+        return {"paper_table": dict(zip(("backbone_acc", "slow_acc", "fast_acc"), PAPER_TABLE[args.elu][args.n]))}
+    return {}
+
+
+def report(run_dir, names, top_groups, group_of, results, metrics):
+    """Per-group accuracies (per_group.json, per_group.txt, printed) and the one-line summary."""
+    labels, backbone_pred = results["labels"], results["backbone_logits"].argmax(1)
     per_group, lines = (
         [],
         [f"{'group':>6} {'classes':>7} {'images':>6} {'backbone':>8} {'slow':>6} {'fast':>6} {'routed':>6}  names"],
@@ -1158,9 +1196,9 @@ def main(argv=None):
             "names": [names[c] for c in classes],
             "images": int(mask.sum()),
             "backbone_acc": percent((backbone_pred == labels)[mask]),
-            "slow_acc": percent((out["slow"] == labels)[mask]),
-            "fast_acc": percent((out["fast"] == labels)[mask]),
-            "routed_acc": percent((out["super"] == g)[mask]),
+            "slow_acc": percent((results["slow"] == labels)[mask]),
+            "fast_acc": percent((results["fast"] == labels)[mask]),
+            "routed_acc": percent((results["super"] == g)[mask]),
         }
         per_group.append(row)
         lines.append(
@@ -1169,23 +1207,16 @@ def main(argv=None):
         )
     common.write_json(run_dir / "per_group.json", per_group)
     common.atomic_write_bytes(run_dir / "per_group.txt", ("\n".join(lines) + "\n").encode())
-    common.write_json(run_dir / "metrics.json", metrics)
     print("\n".join(lines))
     print(
         f"[hiernet] test: backbone {metrics['backbone_acc']:.2f}  slow {metrics['slow_acc']:.2f}  "
         f"fast {metrics['fast_acc']:.2f}  super-class {metrics['superclass_acc']:.2f} | images/s backbone "
         f"{metrics['backbone_images_per_s']:.0f} slow {metrics['slow_images_per_s']:.0f} fast "
         f"{metrics['fast_images_per_s']:.0f}"
-        + (f" | control (backbone trained as long) {metrics['control_acc']:.2f}" if control is not None else "")
+        + (f" | control (backbone trained as long) {metrics['control_acc']:.2f}" if "control_acc" in metrics else "")
         + f" | {run_dir}",
         flush=True,
     )
-    return metrics
-
-
-# --------------------------------------------------------------------------------------------------
-# Reporting: the paper's numbers, hierarchical metrics, images/s
-# --------------------------------------------------------------------------------------------------
 
 
 # Table 1 / 2 test accuracies (ResNet, slow, fast) on CIFAR-100.
