@@ -1,145 +1,44 @@
 """HierNet: Image Recognition with Hierarchical Convolutional Networks (Tempfli & Sandor).
 
-A trained CIFAR ResNet is cut into a tree: a shared trunk (stem + the first `--split` residual
-blocks), a super-class node that classifies the trunk's features into groups of confusable
-classes after `--extra-blocks` blocks of its own (section 3.3), and one branch per group with
-the remaining blocks and a leaf classifier over the group's classes. Groups come from the
-confusion probability matrix of the backbone on a validation split (section 4, grouping.py).
-Every part starts as a copy of the trained backbone, so every root-to-leaf path is the
-backbone; the tree is then trained end to end with cross-entropy on the leaf probabilities
-multiplied by their ancestors' probabilities (section 3.2). Reported: the backbone's accuracy,
-the slow (all branches, product probabilities) and fast (routing, Algorithm 1) accuracies, the
-super-class node's accuracy, and images/s of the three forms of inference.
+A trained CIFAR ResNet is cut into a tree: a shared trunk, a super-class node that routes to groups
+of confusable classes (found from the backbone's confusion probability matrix, section 4), one
+branch per group; every root-to-leaf path starts as the backbone, then the tree trains end to end on
+the product of the nodes' softmaxes (section 3.2). Full account of every choice: docs/hiernet.md.
 
-Pipeline (one command; a stage is skipped when its output is given):
-  1. backbone: train `CifarResNet(--n, --elu)` (or load `--backbone-ckpt`)
-  2. CPM of the backbone on the validation half of the test set (or `--cpm file.npy`)
-  3. grouping into a tree, depth `--depth` (or `--groups tree.json` from grouping.py, or
-     `--tree-from dataset` for the dataset's own hierarchy, `--tree-from random` for the control
-     with the CPM tree's group sizes and classes assigned at random)
-  4. HierNet built from the backbone's weights
-  5. end-to-end training with the same schedule
-  6. evaluation on the test half, once: accuracies, per-group accuracies, images/s
-Outputs in the run directory: tree.json / tree.txt / tree.dot (with class names), cpm.npy,
-per_group.json and per_group.txt, metrics.jsonl (per epoch), metrics.json (every number).
+    python hiernet.py --dataset cifar100 --n 9 --split 16       # the paper's Table 1 run, n = 9
+    python hiernet.py --dataset shapes --image-size 32 --n 3 --iterations 4000   # quick, offline
 
-Paper's run (Table 1, n = 9: 68.38 / 72.15 / 72.01 on CIFAR-100):
-    python hiernet.py --dataset cifar100 --n 9 --split 16
-Quick offline run:
-    python hiernet.py --dataset shapes --image-size 32 --n 3 --iterations 4000
-Time (one H100, n = 9 on CIFAR-100, 10 groups): 17.2 minutes with `--compile` (torch.compile
-under the CUDA graph: 1.75 s per backbone epoch and 3.0 s per HierNet epoch, after about a
-minute of compilation per stage). Compiled epochs are 1.27-1.30x faster (bench.py --hiernet
---compile), which at 165 epochs per stage saves an estimated 1.5 minutes more than compiling costs.
+Pipeline (`main`; a stage is skipped when its output is given): 1. backbone (`--backbone-ckpt`);
+2. CPM on the validation half (`--cpm`); 3. grouping into a tree (`--groups`, `--tree-from`);
+4. HierNet from the backbone's weights; 5. end-to-end training; 6. the test half, once. Outputs:
+tree.json/.txt/.dot, cpm.npy, per_group.json/.txt, metrics.jsonl (per epoch), metrics.json.
 
-Schedule: the paper counts iterations at batch 128 (lr 0.01 for 2k, 0.1 to 32k, 0.01 to 48k,
-0.001 to 64k). `--iterations` (default 64000) is the run length; with fewer (or more), every
-boundary scales proportionally, e.g. `--iterations 4000` warms up for 125 iterations and
-drops at 2000 and 3000. Epochs are the iterations over the loader length, rounded up
-(64k / 390 = 165 epochs on 50k images). `--epochs E` instead fixes the length in epochs, and
-the boundaries scale to E x loader length. `--lr` is the peak; the others are lr/10, lr/100.
-
-Paper vs ours:
-- Schedule and weight decay: the default follows the paper's text (coupled weight decay 1e-4,
-  boundaries 2k/32k/48k of 64k). `--schedule code` follows the authors' code instead:
-  boundaries 2k/34k/50k of 78k iterations (their 200 epochs) and decoupled weight decay that
-  follows the learning rate (1e-5, 1e-4, 1e-5, 1e-6, i.e. 1e-3 x lr per step), SGD momentum
-  0.9 without Nesterov in both. The same schedule trains the backbone and the HierNet (the
-  paper: "the same configuration as the baseline model"); `--backbone-iterations` shortens
-  the backbone's alone.
-- Split: the test set is halved per class, 5k validation for the CPM, the grouping and per-epoch
-  monitoring, 5k test evaluated once at the end. For CIFAR-100 the default (`--test-halves
-  authors`) is the authors' own halves (their public code's ds_split_cifar100.json, shipped
-  here as the 10000-bit mask AUTHORS_TEST_HALF_CIFAR100), so the test half is theirs; on load
-  they must give 50 + 50 images per class, which catches a test set in another order. (16
-  hand-added test images of the unpacked copy keep a provisional order inside their class, so
-  at most those may differ from the authors' images.) Other datasets, and `--test-halves
-  seeded`, use `common.split_half` (seeded per class). Nothing is selected on the test half
-  (no early stopping: the last epoch is evaluated).
-- Labels are not rewritten in the dataset: the model keeps the permutation `order` (tree
-  position -> class) and trains on `rank[label]`, which is the paper's reordering; its
-  outputs are mapped back to the dataset's class indices for every reported number.
-- Backbone schedule: the backbone warms up at lr/10 only for n = 18 (section 5.4: He et al.'s
-  schedule, where only ResNet-110 warms up; "all HierNets use a similar schedule to the n = 18
-  ResNet"); HierNet always warms up. The default follows the paper; `--backbone-warmup always`
-  warms up every backbone (this code's earlier behaviour).
-- `--elu`: the ELU ResNet of Shah et al. By default (`--elu-head`, following the authors' code)
-  an ELU follows the last residual block before pooling, in the backbone and in every leaf
-  (their ELU blocks end without an activation, so without it the classifier sees the raw
-  residual sum); `--no-elu-head` pools the block output directly. The super-class node's
-  classifier pools its extra blocks' output directly (the authors' code's leaves only).
-- Shortcuts: option A (subsample + zero channels) by default, the paper's reference ResNet (He
-  et al.'s CIFAR networks, which the paper says it follows); `--shortcut B` uses the authors'
-  code's 1x1 convolution + BN where the shape changes.
-- Weight transfer: trunk, the super-class node's extra blocks (blocks split..split+extra-1)
-  and every branch's blocks are deep copies of the trained backbone's modules (BatchNorm
-  statistics included); a leaf FC takes the backbone FC's rows of its classes (ours: every
-  root-to-leaf path then starts as exactly the backbone); `--leaf-init fresh` leaves the leaf
-  FCs at PyTorch's default init (the authors' transfer stops at pooling); `--no-transfer`
-  builds the HierNet from a freshly initialised backbone (the authors' header: transfer is
-  worth about 1.6 points at n = 5). The super-class
-  FC (and every inner node's FC) is new, PyTorch's default init: its input is the features
-  after split+extra blocks, which the backbone FC was never trained on. The paper's optional
-  pre-training of the super-class node alone (in the authors' code) is not done.
-- Loss: log p(leaf) = log_softmax(node logits)[child] summed along the path + log_softmax(leaf
-  logits), then NLL; equal to the paper's cross-entropy on the product of softmaxes, stable.
-- Slow forward runs every branch on the whole batch (training and slow evaluation: every
-  branch's BatchNorm sees all images, as in the paper's Keras model). The branches of a level
-  run as one computation (class `HierNet`): weights stacked per level, grouped convolutions
-  (groups = branches), one BatchNorm over all branch channels (statistics per branch, as
-  before), one einsum for the node and leaf classifiers. Leaf groups of unequal size share one
-  FC padded to the largest group; the padded outputs are -inf, so they get zero probability
-  and zero gradient and the padded weights stay zero (`hiernet_params` counts without them).
-  `PerBranchHierNet` (one module per branch) is the readable reference the tests compare to.
-  Checkpoints of the earlier per-branch form are refused with a one-line message.
-- Fast evaluation (`--fast-mode`): "all" (default) runs every branch batched and picks each
-  image's routed outputs (no host sync, slow's cost); "sorted" sorts the images by their routed
-  path at each level and runs each path's slice of the stacked weights on its own images only,
-  one host sync per level (Algorithm 1's cost, about the backbone's plus the node classifiers).
-  Both give the same predictions. The default is the faster one measured on the H100
-  (results/hiernet_cifar100_n9, 8 groups): all 70.5k images/s at batch 1000 vs sorted 33.4k, the
-  same batch-1 latency (7.3 ms); the sorted path's per-path kernels are too small to pay for the
-  saved work at this width. metrics.json has the images/s at the evaluation batch and the
-  batch-1 latency of both, the backbone's and slow's.
-- The CPM and every accuracy in metrics.json (validation and test) are computed in fp32 with
-  TF32 off (bf16 logits shift proximities by up to 0.007, the size of p_min); training, the
-  per-epoch validation curve in metrics.jsonl (watched, never chosen on) and the images/s
-  figures use `--dtype` (bf16 autocast on CUDA); exact fp32 after every epoch would slow the
-  run for a curve nothing depends on.
-- `--control` (not in the paper): HierNet trains `--iterations` more after the backbone's, so
-  the plain backbone is also trained on from its trained weights for the same iterations on
-  HierNet's schedule (same image order and augmentation); `control_acc` stands beside
-  HierNet's accuracies, separating the tree's gain from that of training longer.
-- metrics.json's "hierarchical": common.hierarchical_metrics of backbone, slow and fast under
-  the found groups ("groups": group -> class, the super-class node's decision as the group
-  prediction) and, when the dataset has coarse levels (CIFAR-100's 20 superclasses), under the
-  dataset's hierarchy ("dataset"). Fast has no scores: slow's log p with the fast class first.
-- Deeper trees (`--depth D`) are supported: `--split` and `--extra-blocks` then take one value
-  per level (split points increasing); a level-l group's edge runs from split[l-1] to split[l]
-  when it has subgroups and to the backbone's end when its children are classes. The paper
-  gives no depth > 1 settings; grouping.py documents how deeper levels are grouped.
-- The super-class accuracy is the top node's routing decision against the true group (the
-  authors' code reports it as A_pred). `--tree-from dataset` (not in the paper, which allows a
-  manual hierarchy) uses the dataset's own coarse levels nearest the leaves, e.g. shapes'
-  shape_fill (12 groups of 6) at depth 1.
-- `--tree-from random` (not in the paper): a control of the grouping itself. The CPM tree is
-  found as usual (or read from `--groups`), then its classes are assigned to its places at
-  random: every group keeps its size at every level, only which classes share a group changes
-  (grouping.random_tree; its own numpy generator from `--seed`, so the backbone, the weight
-  transfer and the training draw what the CPM tree's run of that seed draws). tree.json records
-  the seed and the CPM tree it copied ("random_tree"; tree_copied.txt prints it). Against the
-  CPM run of the same seed it separates the gain of grouping confusable classes from that of
-  the capacity and training the tree adds.
-- Split/extra defaults follow Tables 1-2 per n (ReLU: 5/9/12/16/38 and 2/3/4/5/4; ELU:
-  6/9/15/19/38 and 2/3/2/5/4 with p_min 0.005); other n need explicit `--split`/`--extra-blocks`.
-- Augmentation: flip and translation by 0.125 of the side (4 px at 32), border filled with grey
-  (128), on the GPU loader.
+Paper vs ours, one line per decision (the reasons: docs/hiernet.md, "Paper vs ours"):
+- schedule: the text's (64k iterations, coupled wd 1e-4) scaled to --iterations; --schedule code (`make_schedule`)
+- backbone warm-up only for n = 18 as the paper; --backbone-warmup always (`stage_schedule`)
+- test set halved per class: the authors' CIFAR-100 halves or seeded; no early stopping (`test_halves`)
+- labels stay; the model keeps `order` / `rank` (the paper's reordering), outputs mapped back (`evaluate_hiernet`)
+- --elu: Shah et al.'s ELU ResNet, ELU before pooling by default (--elu-head, the authors' code) (`make_backbone`)
+- shortcuts: option A (He et al.) by default; --shortcut B, the authors' 1x1 conv + BN (`make_backbone`)
+- weight transfer: every path a copy of the backbone, leaf FCs its rows; --leaf-init fresh, --no-transfer (`build_node`)
+- loss: sum of log-softmaxes along the path, NLL = CE on the product of softmaxes, stable (`hiernet_loss`)
+- slow forward: every branch on the whole batch, run batched per level (`HierNet`, equal to `PerBranchHierNet`)
+- fast evaluation: --fast-mode all (default, faster on the H100) or sorted (Algorithm 1's cost) (`HierNet.route`)
+- CPM and every reported accuracy in exact fp32; training and the per-epoch curve in --dtype (`exact_fp32`)
+- --control (ours): the backbone trained on as long, beside HierNet (`train_control`)
+- metrics.json "hierarchical": metrics under the found groups and the dataset's (`hierarchical_report`)
+- --depth D > 1 (ours: the paper gives no settings): one --split / --extra-blocks per level (`check_args`)
+- super-class accuracy: the top node's routing decision (the authors' A_pred); --tree-from dataset (ours) (`make_tree`)
+- --tree-from random (ours): the CPM tree's group sizes, classes assigned at random, a control (`make_tree`)
+- split / extra blocks / p_min defaults: Tables 1-2 per n (`PAPER_SETTINGS`, `PAPER_P_MIN`)
+- augmentation: flip and 4 px translation (0.125 of the side), grey border, on the GPU loader (`make_loader`)
 """
 
 import argparse
 import base64
 import contextlib
 import copy
+import functools
 import itertools
 import json
 import math
@@ -160,163 +59,58 @@ PAPER_SETTINGS = {
     False: {3: (5, 2), 5: (9, 3), 7: (12, 4), 9: (16, 5), 18: (38, 4)},
     True: {3: (6, 2), 5: (9, 3), 7: (15, 2), 9: (19, 5), 18: (38, 4)},
 }
+
+
 PAPER_P_MIN = {False: 0.0075, True: 0.005}
-# Table 1 / 2 test accuracies (ResNet, slow, fast) on CIFAR-100.
-PAPER_TABLE = {
-    False: {
-        3: (65.96, 68.89, 68.08),
-        5: (67.08, 70.65, 70.45),
-        7: (68.12, 71.25, 70.75),
-        9: (68.38, 72.15, 72.01),
-        18: (71.33, 73.45, 73.27),
-    },
-    True: {
-        3: (65.54, 68.30, 68.16),
-        5: (67.88, 70.71, 70.43),
-        7: (68.79, 70.83, 70.79),
-        9: (69.03, 72.47, 72.29),
-        18: (72.93, 74.37, 74.15),
-    },
-}
-# The HierNet authors' validation / test halves of the CIFAR-100 test set (their public code,
-# github.com/levtempfli/HierNet, ds_split_cifar100.json: ids test_NNNNN = official test index NNNNN,
-# 50 + 50 images per class): bit i (numpy packbits order) is 1 when official test image i is in
-# their test half, 0 when in their validation half; 10000 bits, base64.
-AUTHORS_TEST_HALF_CIFAR100 = (
-    "cjfR8zozObvPYTrWCdcYuMGuuvKSxIazV/GSwqpRIQys3bHTVC5BgRy/U2vrtuX3x3Tvju3lYVhV/MHkNh6AzhFWmnTD3m7KxWV/"
-    "sqF6S+Y3jhort15n7Sc4odXG50lhUvB3eblYYmD8myV95QQdNnEMU2EkVdACgktvFXCzwL7AmH6Pcxa/p03HRg7ac2lQBQ1rUoJ8"
-    "a91m0u9fzITyOd2qrhP6O6hQQgtQsA8v/zNMZ50PRY7xl8+pGcCFW5YEEcqGVLRDBSgWKSqPudUMqwzlgzc1FtLmnpWyI3AeDI6v"
-    "omt/wSSLd4TMi0PWv/kYjG/klQ6UbX2hJu7nhiD8gi5iYrnSTbgejppTIjyn3jR12EpWWaEX+VwHxlbVZhXJzvrSKho1w5t/7yIA"
-    "fNHlGxIW+WyZ3sjgPR8VfbUS5SFLiNBfpyOcGEeX5EMh2Fls7WwmRWIdaG5VTTgB7TDjwGfEfc+qJPyVHhK+xdbjES++HEjMZax8"
-    "I6s7vkjKMeyTVGvGfsj/nGEVkb6sVyL7USRp24mR8nZWjZc3RbQPgagtIHMP3Eaq5RQ0GbJvC4CMWYUKqWc0GwXCfxya8xI/3auG"
-    "KoXP+YLh5Rfa03okjo/lBAG+dxkgD6XVhQ5tRgQeUueneKqEKOycm6SGMfY5EuGCKrrFUqLfxEJjKfqBpvUtw2YF2rdYpaRJAVhr"
-    "OuF9c+zi6zQui6H99aXgcMvWgtDKx4nc1VRZLnCbWdyFlRtjSkG5S4KukkDlaBRcT07VonkPnNWghuT0SbZV4CJzeFILlGk+1rsj"
-    "Vu/FD8FSxYt2sz5l1u18WPN5WQLpYbDF+GVslOYm121rzj1677WxTAdH4kMwoe8H6Qc/hysaez8UaTvxk2DjT20zGgLxA1Fmp0a9"
-    "Q10KESH6K3RZxYdXwpE5FtaMMtHob/ZaVGovtBi2LgmZEahPuDxmgxH9PT3RPpRsz2UlGWYqkwfZvuXg9SeLSrpNqhyj1gj6hMR6"
-    "bRrzELpCYZKZF2BRA2fwmWCAc/bGRwW+RSDKQlo2e2z37mD9ft2Nz9tCKfV205u9ipll38Ey4qLPy5kjY0tp+XEH+YqW5w39F6rH"
-    "up/kWsds6u6iKrds8/6fysMSYVik7HZQnw+CvzHXRB6+bQbmI7R+hQGH1NajFZKLpZbPqJAfBiCwvrYFgfZGiYYzzRgW5ZPB5exR"
-    "/fB/N0zftoey2T7H+nLJ7EkiM9DV/SsyGPwckBV2Hi/YcTvswnJeINX+7TFsaJhu60lOhsjiANVrRi6x/EaNjAAyDDRJhH1Xtebl"
-    "/lQZUYwxIYn+bFK8ITDTbIm101uLOkXibLAVZA5Lr3zy8oE2I8l+QiqZW0aQIh5VtVqifdD4/+UCKjTdNJVZDg2T7WrhFkpHO9xV"
-    "9KAchP7lGB+zcSDrhv7ezt6QnFeu+exarpK07Mkh8ZsDaMR/OFx0zymUL/FDj97pznNtp1CvJ4B42AMq00gjI98kORU8rUsg9Mg7"
-    "6GGLGxcX8FQ9HvWC5ikeY5D356DLbE6AM7KAxjbr2NVc23+wmbASrrpjJSzIp1uzzv8blCZ0Gg5rCvgSwO6jRFL8RYsFxSVctFdc"
-    "tSTTBeD387EVDq5oF8ARbSj78W1govaoTaLG6tOCtU+n452Ia7pRBploOD4CCJ89qDs="
-)
+
+
 # Iteration schedules at batch 128: (nominal run length, lr boundaries).
 SCHEDULES = {"paper": (64000, (2000, 32000, 48000)), "code": (78000, (2000, 34000, 50000))}
 
 
 def get_args(argv=None):
+    """The flags: 19 shared (common.add_common_args) and HierNet's own; the paper-fidelity and ablation
+    flags in their own group (docs/hiernet.md, "Paper vs ours", gives each one's reason)."""
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     common.add_common_args(parser, epochs=None, batch_size=128, lr=0.1, dataset="cifar100")
+    pos, nonneg = common.positive_int, common.nonneg_int
     g = parser.add_argument_group("hiernet")
-    g.add_argument(
-        "--n", type=common.positive_int, default=3, help="CIFAR ResNet size: 6n+2 layers, 3n residual blocks"
-    )
+    g.add_argument("--n", type=pos, default=3, help="CIFAR ResNet size: 6n+2 layers, 3n residual blocks")
     g.add_argument("--elu", action="store_true", help="the ELU ResNet of Shah et al. (Table 2)")
-    g.add_argument(
-        "--split",
-        type=common.positive_int,
-        nargs="+",
-        default=None,
-        help="residual blocks before each level's nodes (default: the paper's, per n)",
-    )
-    g.add_argument(
-        "--extra-blocks",
-        type=common.nonneg_int,
-        nargs="+",
-        default=None,
-        help="extra blocks of each level's node classifier (default: the paper's, per n)",
-    )
-    g.add_argument(
-        "--depth", type=common.positive_int, default=1, help="levels of groups (1: root -> groups -> classes)"
-    )
-    g.add_argument(
-        "--g-max", type=common.positive_int, nargs="+", default=[50], help="largest group (per level; grouping.py)"
-    )
-    g.add_argument(
-        "--p-min",
-        type=common.nonneg_float,
-        nargs="+",
-        default=None,
-        help="proximity a merge must exceed (per level; default 0.0075, 0.005 with --elu)",
-    )
-    g.add_argument(
-        "--iterations",
-        type=common.positive_int,
-        default=None,
-        help="run length in iterations (default 64000; 78000 with --schedule code)",
-    )
-    g.add_argument(
-        "--backbone-iterations",
-        type=common.positive_int,
-        default=None,
-        help="backbone run length (default --iterations)",
-    )
-    g.add_argument(
-        "--schedule",
-        default="paper",
-        choices=tuple(SCHEDULES),
-        help="paper: the text's schedule, coupled wd 1e-4; code: the authors' code's",
-    )
+    g.add_argument("--split", type=pos, nargs="+", help="residual blocks before each level's nodes (default: paper's)")
+    g.add_argument("--extra-blocks", type=nonneg, nargs="+", help="extra blocks of each level's node (paper's)")
+    g.add_argument("--depth", type=pos, default=1, help="levels of groups (1: root -> groups -> classes)")
+    g.add_argument("--g-max", type=pos, nargs="+", default=[50], help="largest group (per level; grouping.py)")
+    g.add_argument("--p-min", type=common.nonneg_float, nargs="+", help="merge proximity per level (0.0075; ELU 0.005)")
+    g.add_argument("--iterations", type=pos, help="run length in iterations (64000; code: 78000)")
+    g.add_argument("--backbone-iterations", type=pos, help="backbone run length (default --iterations)")
     g.add_argument("--weight-decay", type=common.nonneg_float, default=1e-4, help="coupled L2 of --schedule paper")
     g.add_argument("--momentum", type=common.fraction, default=0.9)
-    g.add_argument(
-        "--backbone-ckpt", default=None, help="a trained backbone (fit checkpoint or state dict): skip stage 1"
-    )
-    g.add_argument("--cpm", type=grouping.cpm_file, default=None, help="a saved CPM (.npy): skip stage 2")
-    g.add_argument("--groups", default=None, help="a tree JSON from grouping.py: skip stages 2-3")
-    g.add_argument(
-        "--tree-from",
-        default="cpm",
-        choices=("cpm", "dataset", "random"),
-        help="cpm: the paper's grouping; dataset: the dataset's own hierarchy; random: the CPM tree's group "
-        "sizes with the classes assigned at random (seeded by --seed; a control)",
-    )
-    g.add_argument("--eval-batch-size", type=common.positive_int, default=1000)
-    g.add_argument(
-        "--elu-head",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="with --elu: an ELU after the last residual block, before pooling (the authors' code)",
-    )
-    g.add_argument(
-        "--backbone-warmup",
-        default="paper",
-        choices=("paper", "always"),
-        help="paper: the backbone warms up at lr/10 only for n = 18 (section 5.4); always: every n",
-    )
-    g.add_argument(
-        "--shortcut", default="A", choices=("A", "B"), help="A: zero padding (He et al.); B: 1x1 conv + BN (authors)"
-    )
-    g.add_argument(
-        "--leaf-init",
-        default="backbone",
-        choices=("backbone", "fresh"),
-        help="leaf FCs: the backbone FC's rows of their classes, or fresh (the authors' transfer stops at pooling)",
-    )
-    g.add_argument("--no-transfer", action="store_true", help="HierNet from fresh weights, not the trained backbone")
-    g.add_argument(
-        "--test-halves",
-        default=None,
-        choices=("authors", "seeded"),
-        help="validation / test halves of the test set: the authors' (default for cifar100) or seeded per class",
-    )
-    g.add_argument(
-        "--control",
-        action="store_true",
-        help="also train the plain backbone for HierNet's extra iterations on the same schedule",
-    )
-    g.add_argument(
-        "--fast-mode",
-        default="all",
-        choices=("sorted", "all"),
-        help="fast evaluation: only each image's routed branch (sorted) or every branch, then select",
-    )
+    g.add_argument("--backbone-ckpt", help="a trained backbone (fit checkpoint or state dict): skip stage 1")
+    g.add_argument("--cpm", type=grouping.cpm_file, help="a saved CPM (.npy): skip stage 2")
+    g.add_argument("--groups", help="a tree JSON from grouping.py: skip stages 2-3")
+    g.add_argument("--eval-batch-size", type=pos, default=1000)
+    p = parser.add_argument_group("paper fidelity and ablations (docs/hiernet.md, 'Paper vs ours')")
+    p.add_argument("--schedule", default="paper", choices=tuple(SCHEDULES), help="paper: the text's; code: authors'")
+    p.add_argument("--tree-from", default="cpm", choices=("cpm", "dataset", "random"), help="random: a control")
+    p.add_argument("--elu-head", action=argparse.BooleanOptionalAction, default=True, help="--elu: ELU before pooling")
+    p.add_argument("--backbone-warmup", default="paper", choices=("paper", "always"), help="paper: only for n = 18")
+    p.add_argument("--shortcut", default="A", choices=("A", "B"), help="A: zero padding (He); B: 1x1 conv + BN")
+    p.add_argument("--leaf-init", default="backbone", choices=("backbone", "fresh"), help="leaf FCs: backbone rows")
+    p.add_argument("--no-transfer", action="store_true", help="HierNet from fresh weights, not the trained backbone")
+    p.add_argument("--test-halves", choices=("authors", "seeded"), help="authors' (default for cifar100) or seeded")
+    p.add_argument("--control", action="store_true", help="also train the backbone on for HierNet's iterations")
+    p.add_argument("--fast-mode", default="all", choices=("sorted", "all"), help="fast: routed branch only, or all")
     # No run length grows on resume: the tree and HierNet are built from the trained backbone.
     # A --dry-run's own default (flag not given): 720 test images, so that every shapes class can be halved.
     args = common.parse_args(parser, argv, script="hiernet", resume_longer=(), dry_run={"test_size": 720})
+    return check_args(parser, args)
+
+
+def check_args(parser, args):
+    """Defaults that depend on other flags (the paper's per n) and the range checks."""
     if args.test_halves is None:
         args.test_halves = "authors" if args.dataset == "cifar100" else "seeded"
     if args.test_halves == "authors" and args.dataset != "cifar100":
@@ -359,75 +153,9 @@ def get_args(argv=None):
     return args
 
 
-# ---------------------------------------------------------------------------------------
-# The backbone and the data halves
-# ---------------------------------------------------------------------------------------
-
-
-def make_backbone(args, num_classes, in_channels=3):
-    """`CifarResNet(--n, --elu)` with the authors' details asked for: the ELU before pooling
-    (`--elu --elu-head`) and option-B shortcuts (`--shortcut B`). Reads settings missing from an
-    older run's args.json as that run's behaviour (no ELU head, option A)."""
-    backbone = common.CifarResNet(args.n, num_classes, elu=args.elu, in_channels=in_channels)
-    if args.elu and getattr(args, "elu_head", False):
-        backbone.head.pre = nn.ELU()
-    if getattr(args, "shortcut", "A") == "B":
-        for block in backbone.blocks:
-            if isinstance(block.shortcut, common.ShortcutA):
-                cin, cout = block.conv1.in_channels, block.conv1.out_channels
-                block.shortcut = nn.Sequential(
-                    nn.Conv2d(cin, cout, 1, block.shortcut.stride, bias=False), nn.BatchNorm2d(cout)
-                )
-        common.init_weights(backbone.stages)
-    return backbone
-
-
-def authors_test_mask():
-    """The authors' CIFAR-100 test half as a boolean mask over the official test indices."""
-    bits = np.unpackbits(np.frombuffer(base64.b64decode(AUTHORS_TEST_HALF_CIFAR100), dtype=np.uint8))
-    return bits[:10000].astype(bool)
-
-
-def test_halves(args, labels):
-    """(validation indices, test indices) of the test set: the authors' halves (checked: 50 +
-    50 per class with these labels, which catches a test set in another order) or seeded."""
-    labels = np.asarray(labels)
-    if args.test_halves == "authors":
-        mask = authors_test_mask()
-        ok = len(labels) == len(mask)
-        if ok:
-            counts = [np.bincount(labels[m], minlength=100) for m in (~mask, mask)]
-            ok = all((c == 50).all() for c in counts)
-        if not ok:
-            common.fail(
-                "--test-halves authors: the authors' halves do not give 50 + 50 images per class with this "
-                "test set; it is not CIFAR-100's in the official order (delete --data-dir's cifar-100-python "
-                "and let torchvision download it again), or pass --test-halves seeded"
-            )
-        return np.flatnonzero(~mask), np.flatnonzero(mask)
-    return common.split_half(labels, args.seed)
-
-
-@contextlib.contextmanager
-def exact_fp32():
-    """fp32 without TF32 on CUDA: the CPM and every reported accuracy (bf16 logits shift the
-    proximities by up to 0.007, the size of p_min)."""
-    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
-
-
-def predict_fp32(forward, loader, device):
-    with exact_fp32():
-        return common.predict(forward, loader, device=device, dtype="fp32")
-
-
-# ---------------------------------------------------------------------------------------
-# The model
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
+# The method: HierNet as the paper's tree (sections 3.1-3.3), Algorithm 1, the loss (section 3.2)
+# --------------------------------------------------------------------------------------------------
 
 
 class TreeNode(nn.Module):
@@ -466,8 +194,9 @@ class TreeNode(nn.Module):
         return torch.cat(parts, 1), logits
 
     def route(self, x):
-        """Algorithm 1: the tree position (within this node) of each image's predicted leaf,
-        every branch run only on the images routed to it."""
+        """Algorithm 1 (the reference; HierNet.route_all / route_sorted are its batched forms): the tree
+        position (within this node) of each image's predicted leaf, every branch run only on the images
+        routed to it."""
         h = self.edge(x)
         choice = self.classify(h).argmax(1)
         if self.is_leaf_group:
@@ -557,17 +286,19 @@ def build_per_branch(backbone, tree, splits, extras, leaf_init="backbone"):
     return PerBranchHierNet(root, backbone.head.fc.out_features)
 
 
-def build_hiernet(backbone, tree, splits, extras, leaf_init="backbone"):
-    """The batched HierNet, built from the per-branch one (same weights, same function)."""
-    reference = build_per_branch(backbone, tree, splits, extras, leaf_init)
-    depth = grouping.tree_depth(tree)
-    bounds = list(splits[:depth]) + [len(backbone.blocks)]
-    return HierNet(reference, [b - a for a, b in itertools.pairwise(bounds)])
+def hiernet_loss(model, x, y):
+    """Cross-entropy on the product probabilities; y is the tree-ordered label."""
+    log_p = model(x)
+    return F.nll_loss(log_p, y), {"correct": (log_p.argmax(1) == y).sum()}
 
 
-# ---------------------------------------------------------------------------------------
-# The batched model: every branch of a tree level in one computation
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
+# The batched form that trains: the same HierNet with every branch of a tree level run as one computation
+# (grouped convolutions, stacked BatchNorm and FCs). It equals PerBranchHierNet above, weights and function:
+# tests/test_hiernet.py::test_batched_model_gives_the_per_branch_logits_and_gradients (logits, gradients) and
+# ::test_fast_evaluation_equals_algorithm_1_image_by_image (HierNet.route_all / route_sorted are Algorithm 1,
+# TreeNode.route, in batched form: the same routed positions, image by image).
+# --------------------------------------------------------------------------------------------------
 
 
 def stacked_conv(convs, shared_input=False):
@@ -891,7 +622,8 @@ class HierNet(nn.Module):
         return self.log_probs(node_logits, leaf_logits), node_logits[0][:, 0], route
 
     def route_from(self, node_logits, leaf_logits):
-        """Algorithm 1's decisions, level by level, from every branch's logits."""
+        """Algorithm 1's decisions (TreeNode.route), level by level, read from every branch's logits: a
+        batched form, equal image by image (test_fast_evaluation_equals_algorithm_1_image_by_image)."""
         rows = torch.arange(len(leaf_logits), device=leaf_logits.device)
         path = torch.zeros_like(rows)
         for l in range(self.depth):
@@ -904,9 +636,10 @@ class HierNet(nn.Module):
         return self.leaf_offset[path] + leaf_logits[rows, path].argmax(1)
 
     def route_sorted(self, x):
-        """Algorithm 1 computing only the routed branch of each image: per level, the images are
-        sorted by their path and each path's blocks run on its own images (one host sync per
-        level, for the counts). Evaluation mode only (BatchNorm's running statistics)."""
+        """Algorithm 1 (TreeNode.route) in batched form, equal image by image (tests/test_hiernet.py::
+        test_fast_evaluation_equals_algorithm_1_image_by_image), computing only the routed branch of each
+        image: per level, the images are sorted by their path and each path's blocks run on its own images
+        (one host sync per level, for the counts). Evaluation mode only (BatchNorm's running statistics)."""
         h = self.trunk(x)
         logits = self.node_fc0(pool_groups(self.node_extra0(h), 1))[:, 0]
         nxt = self.child_path0[0][logits.argmax(1)]
@@ -943,9 +676,114 @@ class HierNet(nn.Module):
         return out
 
 
-# ---------------------------------------------------------------------------------------
+def build_hiernet(backbone, tree, splits, extras, leaf_init="backbone"):
+    """The batched HierNet, built from the per-branch one (same weights, same function)."""
+    reference = build_per_branch(backbone, tree, splits, extras, leaf_init)
+    depth = grouping.tree_depth(tree)
+    bounds = list(splits[:depth]) + [len(backbone.blocks)]
+    return HierNet(reference, [b - a for a, b in itertools.pairwise(bounds)])
+
+
+# --------------------------------------------------------------------------------------------------
+# The backbone, the data halves, exact fp32
+# --------------------------------------------------------------------------------------------------
+
+
+def make_backbone(args, num_classes, in_channels=3):
+    """`CifarResNet(--n, --elu)` with the authors' details asked for: the ELU before pooling
+    (`--elu --elu-head`) and option-B shortcuts (`--shortcut B`). Reads settings missing from an
+    older run's args.json as that run's behaviour (no ELU head, option A)."""
+    backbone = common.CifarResNet(args.n, num_classes, elu=args.elu, in_channels=in_channels)
+    if args.elu and getattr(args, "elu_head", False):
+        backbone.head.pre = nn.ELU()
+    if getattr(args, "shortcut", "A") == "B":
+        for block in backbone.blocks:
+            if isinstance(block.shortcut, common.ShortcutA):
+                cin, cout = block.conv1.in_channels, block.conv1.out_channels
+                block.shortcut = nn.Sequential(
+                    nn.Conv2d(cin, cout, 1, block.shortcut.stride, bias=False), nn.BatchNorm2d(cout)
+                )
+        common.init_weights(backbone.stages)
+    return backbone
+
+
+def test_halves(args, labels):
+    """(validation indices, test indices) of the test set: the authors' halves (checked: 50 +
+    50 per class with these labels, which catches a test set in another order) or seeded."""
+    labels = np.asarray(labels)
+    if args.test_halves == "authors":
+        mask = authors_test_mask()
+        ok = len(labels) == len(mask)
+        if ok:
+            counts = [np.bincount(labels[m], minlength=100) for m in (~mask, mask)]
+            ok = all((c == 50).all() for c in counts)
+        if not ok:
+            common.fail(
+                "--test-halves authors: the authors' halves do not give 50 + 50 images per class with this "
+                "test set; it is not CIFAR-100's in the official order (delete --data-dir's cifar-100-python "
+                "and let torchvision download it again), or pass --test-halves seeded"
+            )
+        return np.flatnonzero(~mask), np.flatnonzero(mask)
+    return common.split_half(labels, args.seed)
+
+
+@contextlib.contextmanager
+def exact_fp32():
+    """fp32 without TF32 on CUDA: the CPM and every reported accuracy (bf16 logits shift the
+    proximities by up to 0.007, the size of p_min)."""
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+def predict_fp32(forward, loader, device):
+    with exact_fp32():
+        return common.predict(forward, loader, device=device, dtype="fp32")
+
+
+def split_test_set(args, data):
+    """The validation and test halves of the test set (`test_halves`), reported in one line."""
+    val_idx, test_idx = test_halves(args, data.test.labels.numpy())
+    if len(val_idx) == 0:
+        common.fail(
+            f"the test set ({len(data.test)} images) has a class with fewer than 2 images; "
+            "it cannot be halved into validation and test (raise --test-size)"
+        )
+    val, test = data.test.subset(val_idx), data.test.subset(test_idx)
+    print(
+        f"[hiernet] {data.name}: {len(data.train)} train, {len(val)} validation, {len(test)} test, "
+        f"{data.num_classes} classes, {data.train.images.shape[-1]}px, {args.test_halves} test halves",
+        flush=True,
+    )
+    return val, test
+
+
+def make_loader(args, data, device, split, labels=None, train=False, seed=0):
+    """The GPU loader of a split; training: flip and translation by 0.125 of the side, grey (128) border."""
+    size = data.train.images.shape[-1]
+    return common.GpuLoader(
+        split.images,
+        split.labels if labels is None else labels,
+        args.batch_size if train else args.eval_batch_size,
+        device=device,
+        mean=data.mean,
+        std=data.std,
+        train=train,
+        crop_pad=round(0.125 * size),
+        fill=128,
+        flip=train,
+        seed=args.seed + seed,
+        max_batches=2 if args.dry_run else None,
+        channels_last=device.type == "cuda",
+    )  # channels_last is slow on the CPU
+
+
+# --------------------------------------------------------------------------------------------------
 # Training and evaluation
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 class SGDDecoupledDecay(torch.optim.SGD):
@@ -996,12 +834,6 @@ def stage_schedule(args, steps_per_epoch, stage):
     return make_schedule(args, steps_per_epoch, args.iterations)
 
 
-def hiernet_loss(model, x, y):
-    """Cross-entropy on the product probabilities; y is the tree-ordered label."""
-    log_p = model(x)
-    return F.nll_loss(log_p, y), {"correct": (log_p.argmax(1) == y).sum()}
-
-
 def evaluate_hiernet(model, loader, group_of, *, device, dtype="fp32"):
     """Slow, fast and super-class predictions in dataset class indices, plus log p (dataset
     class order) and the labels; in fp32 (exact, no TF32) unless dtype says otherwise (the
@@ -1026,6 +858,16 @@ def evaluate_hiernet(model, loader, group_of, *, device, dtype="fp32"):
         "fast": order[routed.round().long()],
         "super": super_logits.argmax(1),
         "super_true": torch.as_tensor(group_of)[labels],
+    }
+
+
+def validation_accuracies(model, val_loader, group_of, device, dtype):
+    """Slow, fast and super-class accuracy on the validation half (the curve: --dtype; the final: fp32)."""
+    out = evaluate_hiernet(model, val_loader, group_of, device=device, dtype=dtype)
+    return {
+        "val_slow_acc": percent(out["slow"] == out["labels"]),
+        "val_fast_acc": percent(out["fast"] == out["labels"]),
+        "val_super_acc": percent(out["super"] == out["super_true"]),
     }
 
 
@@ -1103,6 +945,11 @@ def refuse_per_branch_checkpoint(path):
         )
 
 
+# --------------------------------------------------------------------------------------------------
+# Stages 2-3: the tree
+# --------------------------------------------------------------------------------------------------
+
+
 def make_tree(args, data, backbone, val_loader, run_dir, device):
     """Stages 2-3: the CPM on the validation split (saved as cpm.npy) and the grouping, or the given
     tree; with --tree-from random, that tree's shape with the classes assigned at random. Returns
@@ -1169,6 +1016,233 @@ def dataset_tree(hierarchy, levels, classes):
     return [dataset_tree(hierarchy, levels[1:], g) for g in groups]
 
 
+def save_tree(run_dir, tree, tree_settings, names):
+    """tree.json / tree.txt / tree.dot (and tree_copied.txt for a random tree), printed, with warnings."""
+    text = grouping.tree_text(tree, names)
+    print(text, end="", flush=True)
+    common.write_json(run_dir / "tree.json", grouping.tree_json(tree, names, **tree_settings))
+    common.atomic_write_bytes(run_dir / "tree.txt", text.encode())
+    common.atomic_write_bytes(run_dir / "tree.dot", grouping.tree_dot(tree, names).encode())
+    if "random_tree" in tree_settings:  # the tree it copied the sizes of, readable beside it
+        copied = grouping.tree_text(tree_settings["random_tree"]["from_tree"], names)
+        common.atomic_write_bytes(run_dir / "tree_copied.txt", copied.encode())
+    if len(tree) == 1:
+        print(
+            "[hiernet] warning: one group only; the super-class node has nothing to decide "
+            "(lower --g-max or raise --p-min)",
+            file=sys.stderr,
+            flush=True,
+        )
+    if len(tree) > 32:  # e.g. a near-perfect backbone on easy data: few confusions, many singletons
+        print(
+            f"[hiernet] warning: {len(tree)} groups; every branch runs on every image in training, so the cost "
+            "grows with the group count (lower --p-min)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def top_level_groups(tree, num_classes):
+    """(the classes of each top-level group, the top-level group of each class)."""
+    top_groups = [grouping.tree_leaves(child) for child in tree]
+    group_of = np.zeros(num_classes, dtype=np.int64)
+    for g, classes in enumerate(top_groups):
+        group_of[classes] = g
+    return top_groups, group_of
+
+
+# --------------------------------------------------------------------------------------------------
+# The pipeline
+# --------------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = get_args(argv)
+    run_dir, device = common.setup(args, "hiernet")
+    data = common.load_data(args)
+    val, test = split_test_set(args, data)  # validation half (CPM, grouping, the curve) and test half (once)
+    loader = functools.partial(make_loader, args, data, device)
+    val_loader, test_loader = loader(val), loader(test)
+
+    # 1. Backbone (and, with --control, the backbone trained on for HierNet's iterations).
+    backbone, backbone_history = train_backbone(args, data, loader(data.train, train=True), val_loader, run_dir, device)
+    control, control_history = None, []
+    if args.control:  # the same image order and augmentation as HierNet's loader (seed 1)
+        control_loader = loader(data.train, train=True, seed=1)
+        control, control_history = train_control(args, backbone, control_loader, val_loader, run_dir, device)
+
+    # 2-3. CPM on the validation half and grouping into a tree (section 4, grouping.py); tree.json / .txt / .dot.
+    tree, tree_settings = make_tree(args, data, backbone, val_loader, run_dir, device)
+    save_tree(run_dir, tree, tree_settings, data.class_names)
+    top_groups, group_of = top_level_groups(tree, data.num_classes)
+
+    # 4. HierNet from the backbone's weights (section 5.4; --no-transfer: from a fresh backbone).
+    source = make_backbone(args, data.num_classes, data.train.images.shape[1]) if args.no_transfer else backbone
+    reference = build_per_branch(source, tree, args.split, args.extra_blocks, args.leaf_init)
+    hiernet_params = common.count_params(reference)  # the batched form adds only the leaf FCs' zero padding
+    bounds = list(args.split[: grouping.tree_depth(tree)]) + [len(source.blocks)]
+    model = HierNet(reference, [b - a for a, b in itertools.pairwise(bounds)], fast_mode=args.fast_mode)
+    model = common.to_device_model(model, device)
+    del reference
+    print(
+        f"[hiernet] backbone {common.count_params(backbone) / 1e6:.3f}M parameters, HierNet "
+        f"{hiernet_params / 1e6:.3f}M, {len(tree)} groups",
+        flush=True,
+    )
+
+    # 5. End to end on tree-ordered labels: NLL of the product of the nodes' softmaxes (section 3.2).
+    train_loader = loader(data.train, labels=model.rank.cpu()[data.train.labels], train=True, seed=1)
+    optimizer = make_optimizer(args, model)
+    epochs, lr_at = stage_schedule(args, len(train_loader), "hiernet")
+    gpu = {"device": device, "dtype": args.dtype, "cuda_graph": args.cuda_graph}  # the CUDA graph as asked
+    step = common.make_train_step(model, hiernet_loss, optimizer, compile=args.compile, **gpu)
+    refuse_per_branch_checkpoint(run_dir / "hiernet" / "checkpoint.pt")
+    val_accuracies = functools.partial(validation_accuracies, model, val_loader, group_of, device)
+
+    def evaluate(epoch):  # the curve only, in the training dtype; nothing is chosen on it
+        return val_accuracies(args.dtype)
+
+    schedule = {"epochs": epochs, "lr_at": lr_at, "evaluate": evaluate, "log_path": run_dir / "metrics.jsonl"}
+    hiernet_history = common.fit(run_dir / "hiernet", model, optimizer, step, train_loader, stage="hiernet", **schedule)
+
+    # 6. The test half, once, in fp32 (no TF32): every number into metrics.json, then the run's small tables.
+    backbone_logits, labels = predict_fp32(backbone, test_loader, device)
+    out = evaluate_hiernet(model, test_loader, group_of, device=device)
+    control_logits = None if control is None else predict_fp32(control, test_loader, device)[0]
+    histories = {"backbone": backbone_history, "hiernet": hiernet_history, "control": control_history}
+    results = {**out, "backbone_logits": backbone_logits, "labels": labels, "control_logits": control_logits}
+    metrics = final_metrics(args, data, tree, tree_settings, top_groups, group_of, results, histories)
+    metrics.update(val_accuracies("fp32"))  # the final validation figures, exact like the test's
+    metrics.update(epoch_seconds(histories))
+    metrics.update(backbone_params=common.count_params(backbone), hiernet_params=hiernet_params)
+    metrics.update(measure_inference(args, backbone, model, next(iter(test_loader))[0], device))
+    metrics.update(paper_table(args, data))
+    common.write_json(run_dir / "metrics.json", metrics)
+    report(run_dir, data.class_names, top_groups, group_of, results, metrics)
+    return metrics
+
+
+# --------------------------------------------------------------------------------------------------
+# Reporting: the run's numbers and small tables, the paper's numbers, hierarchical metrics, images/s
+# --------------------------------------------------------------------------------------------------
+
+
+def final_metrics(args, data, tree, tree_settings, top_groups, group_of, results, histories):
+    """The run's settings and its test-half numbers (`results`: evaluate_hiernet's, with the backbone's and the
+    control's logits): accuracies of backbone, slow, fast, the super-class node (and the control), per level of
+    the dataset's hierarchy, and the hierarchical metrics."""
+    labels, out, backbone_logits = results["labels"], results, results["backbone_logits"]
+    backbone_pred = backbone_logits.argmax(1)
+    metrics = {
+        "dataset": data.name,
+        "n": args.n,
+        "elu": args.elu,
+        "elu_head": args.elu and args.elu_head,
+        "shortcut": args.shortcut,
+        "transfer": not args.no_transfer,
+        "leaf_init": args.leaf_init,
+        "test_halves": args.test_halves,
+        "split": args.split,
+        "extra_blocks": args.extra_blocks,
+        "tree_source": tree_settings["source"],
+        "depth": grouping.tree_depth(tree),
+        "n_groups": len(tree),
+        "group_sizes": [len(g) for g in top_groups],
+        "test_images": len(labels),
+        "backbone_acc": percent(backbone_pred == labels),
+        "slow_acc": percent(out["slow"] == labels),
+        "fast_acc": percent(out["fast"] == labels),
+        "superclass_acc": percent(out["super"] == out["super_true"]),
+        "backbone_superclass_acc": percent(torch.as_tensor(group_of)[backbone_pred] == out["super_true"]),
+        "fast_equals_slow": percent(out["fast"] == out["slow"]),
+    }
+    if results["control_logits"] is not None:
+        control_history, hiernet_history = histories["control"], histories["hiernet"]
+        metrics["control_acc"] = percent(results["control_logits"].argmax(1) == labels)
+        metrics["control_iterations"] = control_history[-1]["step"] if control_history else 0
+        metrics["hiernet_iterations"] = hiernet_history[-1]["step"] if hiernet_history else 0
+    if data.hierarchy.n_levels > 1:
+        metrics["level_acc_backbone"] = common.level_accuracies(backbone_logits, labels, data.hierarchy)
+        metrics["level_acc_slow"] = common.level_accuracies(out["log_p"], labels, data.hierarchy)
+    metrics["hierarchical"] = hierarchical_report(data, top_groups, group_of, backbone_logits, labels, out)
+    return metrics
+
+
+def epoch_seconds(histories):
+    """The median seconds per epoch of each stage (the first epoch, with graph capture, left out) and its epochs."""
+    metrics = {}
+    for name, history in histories.items():
+        seconds = [r["seconds"] for r in history[1:] or history]  # the first epoch includes graph capture
+        if seconds:
+            metrics[f"{name}_epoch_seconds"] = float(np.median(seconds))
+            metrics[f"{name}_epochs"] = len(history)
+    return metrics
+
+
+def paper_table(args, data):
+    """The paper's Table 1 / 2 numbers of this n, beside ours (CIFAR-100 only)."""
+    if data.name == "cifar100" and args.n in PAPER_TABLE[args.elu]:
+        return {"paper_table": dict(zip(("backbone_acc", "slow_acc", "fast_acc"), PAPER_TABLE[args.elu][args.n]))}
+    return {}
+
+
+def report(run_dir, names, top_groups, group_of, results, metrics):
+    """Per-group accuracies (per_group.json, per_group.txt, printed) and the one-line summary."""
+    labels, backbone_pred = results["labels"], results["backbone_logits"].argmax(1)
+    per_group, lines = (
+        [],
+        [f"{'group':>6} {'classes':>7} {'images':>6} {'backbone':>8} {'slow':>6} {'fast':>6} {'routed':>6}  names"],
+    )
+    for g, classes in enumerate(top_groups):
+        mask = torch.as_tensor(group_of)[labels] == g
+        row = {
+            "group": g + 1,
+            "classes": classes,
+            "names": [names[c] for c in classes],
+            "images": int(mask.sum()),
+            "backbone_acc": percent((backbone_pred == labels)[mask]),
+            "slow_acc": percent((results["slow"] == labels)[mask]),
+            "fast_acc": percent((results["fast"] == labels)[mask]),
+            "routed_acc": percent((results["super"] == g)[mask]),
+        }
+        per_group.append(row)
+        lines.append(
+            f"{g + 1:>6} {len(classes):>7} {row['images']:>6} {row['backbone_acc']:>8.2f} {row['slow_acc']:>6.2f} "
+            f"{row['fast_acc']:>6.2f} {row['routed_acc']:>6.2f}  {', '.join(row['names'])}"
+        )
+    common.write_json(run_dir / "per_group.json", per_group)
+    common.atomic_write_bytes(run_dir / "per_group.txt", ("\n".join(lines) + "\n").encode())
+    print("\n".join(lines))
+    print(
+        f"[hiernet] test: backbone {metrics['backbone_acc']:.2f}  slow {metrics['slow_acc']:.2f}  "
+        f"fast {metrics['fast_acc']:.2f}  super-class {metrics['superclass_acc']:.2f} | images/s backbone "
+        f"{metrics['backbone_images_per_s']:.0f} slow {metrics['slow_images_per_s']:.0f} fast "
+        f"{metrics['fast_images_per_s']:.0f}"
+        + (f" | control (backbone trained as long) {metrics['control_acc']:.2f}" if "control_acc" in metrics else "")
+        + f" | {run_dir}",
+        flush=True,
+    )
+
+
+# Table 1 / 2 test accuracies (ResNet, slow, fast) on CIFAR-100.
+PAPER_TABLE = {
+    False: {
+        3: (65.96, 68.89, 68.08),
+        5: (67.08, 70.65, 70.45),
+        7: (68.12, 71.25, 70.75),
+        9: (68.38, 72.15, 72.01),
+        18: (71.33, 73.45, 73.27),
+    },
+    True: {
+        3: (65.54, 68.30, 68.16),
+        5: (67.88, 70.71, 70.43),
+        7: (68.79, 70.83, 70.79),
+        9: (69.03, 72.47, 72.29),
+        18: (72.93, 74.37, 74.15),
+    },
+}
+
+
 def hierarchical_report(data, top_groups, group_of, backbone_logits, labels, out):
     """common.hierarchical_metrics of backbone, slow and fast under two hierarchies: "groups",
     the found top-level groups over the classes (the tree the model was built on), and, when
@@ -1218,219 +1292,40 @@ def measure_inference(args, backbone, model, x, device):
     return out
 
 
-def main(argv=None):
-    args = get_args(argv)
-    run_dir, device = common.setup(args, "hiernet")
-    max_batches = 2 if args.dry_run else None
-    data = common.load_data(args)
-    val_idx, test_idx = test_halves(args, data.test.labels.numpy())
-    if len(val_idx) == 0:
-        common.fail(
-            f"the test set ({len(data.test)} images) has a class with fewer than 2 images; "
-            "it cannot be halved into validation and test (raise --test-size)"
-        )
-    val, test = data.test.subset(val_idx), data.test.subset(test_idx)
-    size = data.train.images.shape[-1]
-    print(
-        f"[hiernet] {data.name}: {len(data.train)} train, {len(val)} validation, {len(test)} test, "
-        f"{data.num_classes} classes, {size}px, {args.test_halves} test halves",
-        flush=True,
-    )
+# --------------------------------------------------------------------------------------------------
+# Data: the authors' CIFAR-100 test half (10000 bits), decoded when called
+# --------------------------------------------------------------------------------------------------
 
-    def loader(split, labels=None, train=False, seed=0):
-        return common.GpuLoader(
-            split.images,
-            split.labels if labels is None else labels,
-            args.batch_size if train else args.eval_batch_size,
-            device=device,
-            mean=data.mean,
-            std=data.std,
-            train=train,
-            crop_pad=round(0.125 * size),
-            fill=128,
-            flip=train,
-            seed=args.seed + seed,
-            max_batches=max_batches,
-            channels_last=device.type == "cuda",
-        )  # channels_last is slow on the CPU
 
-    val_loader, test_loader = loader(val), loader(test)
+# The HierNet authors' validation / test halves of the CIFAR-100 test set (their public code,
+# github.com/levtempfli/HierNet, ds_split_cifar100.json: ids test_NNNNN = official test index NNNNN,
+# 50 + 50 images per class): bit i (numpy packbits order) is 1 when official test image i is in
+# their test half, 0 when in their validation half; 10000 bits, base64.
+AUTHORS_TEST_HALF_CIFAR100 = (
+    "cjfR8zozObvPYTrWCdcYuMGuuvKSxIazV/GSwqpRIQys3bHTVC5BgRy/U2vrtuX3x3Tvju3lYVhV/MHkNh6AzhFWmnTD3m7KxWV/"
+    "sqF6S+Y3jhort15n7Sc4odXG50lhUvB3eblYYmD8myV95QQdNnEMU2EkVdACgktvFXCzwL7AmH6Pcxa/p03HRg7ac2lQBQ1rUoJ8"
+    "a91m0u9fzITyOd2qrhP6O6hQQgtQsA8v/zNMZ50PRY7xl8+pGcCFW5YEEcqGVLRDBSgWKSqPudUMqwzlgzc1FtLmnpWyI3AeDI6v"
+    "omt/wSSLd4TMi0PWv/kYjG/klQ6UbX2hJu7nhiD8gi5iYrnSTbgejppTIjyn3jR12EpWWaEX+VwHxlbVZhXJzvrSKho1w5t/7yIA"
+    "fNHlGxIW+WyZ3sjgPR8VfbUS5SFLiNBfpyOcGEeX5EMh2Fls7WwmRWIdaG5VTTgB7TDjwGfEfc+qJPyVHhK+xdbjES++HEjMZax8"
+    "I6s7vkjKMeyTVGvGfsj/nGEVkb6sVyL7USRp24mR8nZWjZc3RbQPgagtIHMP3Eaq5RQ0GbJvC4CMWYUKqWc0GwXCfxya8xI/3auG"
+    "KoXP+YLh5Rfa03okjo/lBAG+dxkgD6XVhQ5tRgQeUueneKqEKOycm6SGMfY5EuGCKrrFUqLfxEJjKfqBpvUtw2YF2rdYpaRJAVhr"
+    "OuF9c+zi6zQui6H99aXgcMvWgtDKx4nc1VRZLnCbWdyFlRtjSkG5S4KukkDlaBRcT07VonkPnNWghuT0SbZV4CJzeFILlGk+1rsj"
+    "Vu/FD8FSxYt2sz5l1u18WPN5WQLpYbDF+GVslOYm121rzj1677WxTAdH4kMwoe8H6Qc/hysaez8UaTvxk2DjT20zGgLxA1Fmp0a9"
+    "Q10KESH6K3RZxYdXwpE5FtaMMtHob/ZaVGovtBi2LgmZEahPuDxmgxH9PT3RPpRsz2UlGWYqkwfZvuXg9SeLSrpNqhyj1gj6hMR6"
+    "bRrzELpCYZKZF2BRA2fwmWCAc/bGRwW+RSDKQlo2e2z37mD9ft2Nz9tCKfV205u9ipll38Ey4qLPy5kjY0tp+XEH+YqW5w39F6rH"
+    "up/kWsds6u6iKrds8/6fysMSYVik7HZQnw+CvzHXRB6+bQbmI7R+hQGH1NajFZKLpZbPqJAfBiCwvrYFgfZGiYYzzRgW5ZPB5exR"
+    "/fB/N0zftoey2T7H+nLJ7EkiM9DV/SsyGPwckBV2Hi/YcTvswnJeINX+7TFsaJhu60lOhsjiANVrRi6x/EaNjAAyDDRJhH1Xtebl"
+    "/lQZUYwxIYn+bFK8ITDTbIm101uLOkXibLAVZA5Lr3zy8oE2I8l+QiqZW0aQIh5VtVqifdD4/+UCKjTdNJVZDg2T7WrhFkpHO9xV"
+    "9KAchP7lGB+zcSDrhv7ezt6QnFeu+exarpK07Mkh8ZsDaMR/OFx0zymUL/FDj97pznNtp1CvJ4B42AMq00gjI98kORU8rUsg9Mg7"
+    "6GGLGxcX8FQ9HvWC5ikeY5D356DLbE6AM7KAxjbr2NVc23+wmbASrrpjJSzIp1uzzv8blCZ0Gg5rCvgSwO6jRFL8RYsFxSVctFdc"
+    "tSTTBeD387EVDq5oF8ARbSj78W1govaoTaLG6tOCtU+n452Ia7pRBploOD4CCJ89qDs="
+)
 
-    # 1. Backbone (and, with --control, the backbone trained on for HierNet's iterations).
-    backbone, backbone_history = train_backbone(args, data, loader(data.train, train=True), val_loader, run_dir, device)
-    control, control_history = None, []
-    if args.control:  # the same image order and augmentation as HierNet's loader (seed 1)
-        control_loader = loader(data.train, train=True, seed=1)
-        control, control_history = train_control(args, backbone, control_loader, val_loader, run_dir, device)
 
-    # 2-3. CPM and grouping.
-    tree, tree_settings = make_tree(args, data, backbone, val_loader, run_dir, device)
-    names = data.class_names
-    text = grouping.tree_text(tree, names)
-    print(text, end="", flush=True)
-    common.write_json(run_dir / "tree.json", grouping.tree_json(tree, names, **tree_settings))
-    common.atomic_write_bytes(run_dir / "tree.txt", text.encode())
-    common.atomic_write_bytes(run_dir / "tree.dot", grouping.tree_dot(tree, names).encode())
-    if "random_tree" in tree_settings:  # the tree it copied the sizes of, readable beside it
-        copied = grouping.tree_text(tree_settings["random_tree"]["from_tree"], names)
-        common.atomic_write_bytes(run_dir / "tree_copied.txt", copied.encode())
-    if len(tree) == 1:
-        print(
-            "[hiernet] warning: one group only; the super-class node has nothing to decide "
-            "(lower --g-max or raise --p-min)",
-            file=sys.stderr,
-            flush=True,
-        )
-    if len(tree) > 32:  # e.g. a near-perfect backbone on easy data: few confusions, many singletons
-        print(
-            f"[hiernet] warning: {len(tree)} groups; every branch runs on every image in training, so the cost "
-            "grows with the group count (lower --p-min)",
-            file=sys.stderr,
-            flush=True,
-        )
-    top_groups = [grouping.tree_leaves(child) for child in tree]
-    group_of = np.zeros(data.num_classes, dtype=np.int64)
-    for g, classes in enumerate(top_groups):
-        group_of[classes] = g
-
-    # 4. HierNet from the backbone's weights (--no-transfer: from a fresh backbone).
-    source = make_backbone(args, data.num_classes, data.train.images.shape[1]) if args.no_transfer else backbone
-    reference = build_per_branch(source, tree, args.split, args.extra_blocks, args.leaf_init)
-    hiernet_params = common.count_params(reference)  # the batched form adds only the leaf FCs' zero padding
-    bounds = list(args.split[: grouping.tree_depth(tree)]) + [len(source.blocks)]
-    model = HierNet(reference, [b - a for a, b in itertools.pairwise(bounds)], fast_mode=args.fast_mode)
-    model = common.to_device_model(model, device)
-    del reference
-    print(
-        f"[hiernet] backbone {common.count_params(backbone) / 1e6:.3f}M parameters, HierNet "
-        f"{hiernet_params / 1e6:.3f}M, {len(tree)} groups",
-        flush=True,
-    )
-
-    # 5. End-to-end training on tree-ordered labels.
-    rank = model.rank.cpu()
-    train_loader = loader(data.train, labels=rank[data.train.labels], train=True, seed=1)
-    optimizer = make_optimizer(args, model)
-    epochs, lr_at = stage_schedule(args, len(train_loader), "hiernet")
-    step = common.make_train_step(
-        model,
-        hiernet_loss,
-        optimizer,
-        device=device,
-        dtype=args.dtype,
-        cuda_graph=args.cuda_graph,
-        compile=args.compile,
-    )
-    refuse_per_branch_checkpoint(run_dir / "hiernet" / "checkpoint.pt")
-
-    def val_accuracies(dtype):
-        out = evaluate_hiernet(model, val_loader, group_of, device=device, dtype=dtype)
-        return {
-            "val_slow_acc": percent(out["slow"] == out["labels"]),
-            "val_fast_acc": percent(out["fast"] == out["labels"]),
-            "val_super_acc": percent(out["super"] == out["super_true"]),
-        }
-
-    def evaluate(epoch):  # the curve only, in the training dtype; nothing is chosen on it
-        return val_accuracies(args.dtype)
-
-    hiernet_history = common.fit(
-        run_dir / "hiernet",
-        model,
-        optimizer,
-        step,
-        train_loader,
-        epochs=epochs,
-        lr_at=lr_at,
-        evaluate=evaluate,
-        log_path=run_dir / "metrics.jsonl",
-        stage="hiernet",
-    )
-
-    # 6. Evaluation on the test half, once.
-    backbone_logits, labels = predict_fp32(backbone, test_loader, device)
-    out = evaluate_hiernet(model, test_loader, group_of, device=device)
-    backbone_pred = backbone_logits.argmax(1)
-    metrics = {
-        "dataset": data.name,
-        "n": args.n,
-        "elu": args.elu,
-        "elu_head": args.elu and args.elu_head,
-        "shortcut": args.shortcut,
-        "transfer": not args.no_transfer,
-        "leaf_init": args.leaf_init,
-        "test_halves": args.test_halves,
-        "split": args.split,
-        "extra_blocks": args.extra_blocks,
-        "tree_source": tree_settings["source"],
-        "depth": grouping.tree_depth(tree),
-        "n_groups": len(tree),
-        "group_sizes": [len(g) for g in top_groups],
-        "test_images": len(labels),
-        "backbone_acc": percent(backbone_pred == labels),
-        "slow_acc": percent(out["slow"] == labels),
-        "fast_acc": percent(out["fast"] == labels),
-        "superclass_acc": percent(out["super"] == out["super_true"]),
-        "backbone_superclass_acc": percent(torch.as_tensor(group_of)[backbone_pred] == out["super_true"]),
-        "fast_equals_slow": percent(out["fast"] == out["slow"]),
-    }
-    if control is not None:
-        control_logits, _ = predict_fp32(control, test_loader, device)
-        metrics["control_acc"] = percent(control_logits.argmax(1) == labels)
-        metrics["control_iterations"] = control_history[-1]["step"] if control_history else 0
-        metrics["hiernet_iterations"] = hiernet_history[-1]["step"] if hiernet_history else 0
-    if data.hierarchy.n_levels > 1:
-        metrics["level_acc_backbone"] = common.level_accuracies(backbone_logits, labels, data.hierarchy)
-        metrics["level_acc_slow"] = common.level_accuracies(out["log_p"], labels, data.hierarchy)
-    metrics["hierarchical"] = hierarchical_report(data, top_groups, group_of, backbone_logits, labels, out)
-    metrics.update(val_accuracies("fp32"))  # the final validation figures, exact like the test's
-    for name, history in (("backbone", backbone_history), ("hiernet", hiernet_history), ("control", control_history)):
-        seconds = [r["seconds"] for r in history[1:] or history]  # the first epoch includes graph capture
-        if seconds:
-            metrics[f"{name}_epoch_seconds"] = float(np.median(seconds))
-            metrics[f"{name}_epochs"] = len(history)
-    metrics["backbone_params"] = common.count_params(backbone)
-    metrics["hiernet_params"] = hiernet_params
-    metrics.update(measure_inference(args, backbone, model, next(iter(test_loader))[0], device))
-    if data.name == "cifar100" and args.n in PAPER_TABLE[args.elu]:
-        metrics["paper_table"] = dict(zip(("backbone_acc", "slow_acc", "fast_acc"), PAPER_TABLE[args.elu][args.n]))
-
-    # 7. Per-group accuracies and the final metrics.
-    per_group, lines = (
-        [],
-        [f"{'group':>6} {'classes':>7} {'images':>6} {'backbone':>8} {'slow':>6} {'fast':>6} {'routed':>6}  names"],
-    )
-    for g, classes in enumerate(top_groups):
-        mask = torch.as_tensor(group_of)[labels] == g
-        row = {
-            "group": g + 1,
-            "classes": classes,
-            "names": [names[c] for c in classes],
-            "images": int(mask.sum()),
-            "backbone_acc": percent((backbone_pred == labels)[mask]),
-            "slow_acc": percent((out["slow"] == labels)[mask]),
-            "fast_acc": percent((out["fast"] == labels)[mask]),
-            "routed_acc": percent((out["super"] == g)[mask]),
-        }
-        per_group.append(row)
-        lines.append(
-            f"{g + 1:>6} {len(classes):>7} {row['images']:>6} {row['backbone_acc']:>8.2f} {row['slow_acc']:>6.2f} "
-            f"{row['fast_acc']:>6.2f} {row['routed_acc']:>6.2f}  {', '.join(row['names'])}"
-        )
-    common.write_json(run_dir / "per_group.json", per_group)
-    common.atomic_write_bytes(run_dir / "per_group.txt", ("\n".join(lines) + "\n").encode())
-    common.write_json(run_dir / "metrics.json", metrics)
-    print("\n".join(lines))
-    print(
-        f"[hiernet] test: backbone {metrics['backbone_acc']:.2f}  slow {metrics['slow_acc']:.2f}  "
-        f"fast {metrics['fast_acc']:.2f}  super-class {metrics['superclass_acc']:.2f} | images/s backbone "
-        f"{metrics['backbone_images_per_s']:.0f} slow {metrics['slow_images_per_s']:.0f} fast "
-        f"{metrics['fast_images_per_s']:.0f}"
-        + (f" | control (backbone trained as long) {metrics['control_acc']:.2f}" if control is not None else "")
-        + f" | {run_dir}",
-        flush=True,
-    )
-    return metrics
+def authors_test_mask():
+    """The authors' CIFAR-100 test half as a boolean mask over the official test indices."""
+    bits = np.unpackbits(np.frombuffer(base64.b64decode(AUTHORS_TEST_HALF_CIFAR100), dtype=np.uint8))
+    return bits[:10000].astype(bool)
 
 
 if __name__ == "__main__":
