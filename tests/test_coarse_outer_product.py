@@ -126,10 +126,10 @@ def test_whole_set_channel_statistics():
 
 def test_degenerate_categories_warn_once(capsys):
     assert cop.degenerate_check("CH", [3, 4, 5], "fine labels") is None
-    assert capsys.readouterr().out == ""
+    assert capsys.readouterr().err == ""
     collapsed = cop.ch_assignment(torch.tensor([[1.0, 0.0, 0.0]] * 6), torch.arange(6), 6)  # every label to 0
     entry = cop.degenerate_check("CH", np.bincount(collapsed.numpy(), minlength=3), "fine labels")
-    lines = capsys.readouterr().out.splitlines()
+    lines = capsys.readouterr().err.splitlines()  # warnings go to stderr
     assert len(lines) == 1 and lines[0].startswith("warning: CH: degenerate")
     assert entry["single"] and entry["used"] == 1 and entry["empty"] == 2
     entry = cop.degenerate_check("CVC", [5, 0, 7], "training images")
