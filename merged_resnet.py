@@ -1,120 +1,37 @@
 """Separate and merged coarse/fine networks with classifier adaptation.
 
 Paper: A. Dutt, D. Pellerin, G. Quenot, "Improving Hierarchical Image Classification with Merged
-CNN Architectures", CBMI 2017.
+CNN Architectures", CBMI 2017. The five architectures of Figure 2 (separate, merge-0..3) on a
+pre-activation bottleneck ResNet-164 or DenseNet-BC-100, classifier adaptation (Algorithm 1) swept
+over alpha = 0, 0.1, ..., 2, ensembles of the runs, paired t-tests. The full account of every
+reading and deviation, the protocols, the cost and the outputs: docs/merged_resnet.md.
 
-What it reproduces
-- The five architectures of Figure 2: `separate` (two networks, one per level, trained one after
-  the other), `merge-0` (the same two networks fed the same batches, losses summed), `merge-1`,
-  `merge-2` (the first k stages shared, the rest duplicated), `merge-3` (everything shared but the
-  two soft-max layers). Backbones: pre-activation bottleneck ResNet-164 and DenseNet-BC-100 (k=12).
-- Classifier adaptation, Algorithm 1 (`classifier_adaptation`), swept over alpha = 0, 0.1, ..., 2,
-  top-1 error at both levels for every alpha (the curves of Figures 3 and 4).
-- Ensembles from the runs, as the paper builds them: ensemble-n averages the probabilities of n of
-  the `--runs` trained models, over every combination (C(runs, n)), mean and std over the
-  combinations (`--ensembles`, default 1 2 4 as in Figure 3); no extra training.
-- Repeats (`--runs`, mean +- std) and the paired Student's t-tests of the "statistical
-  significance" paragraph (architectures paired at alpha = 1, and the best alpha against alpha
-  +- 0.1 and +- 0.2), with the t distribution's CDF computed from the regularised incomplete beta
-  function (continued fraction), numpy/math only. The tests need 3 runs (2 give one degree of
-  freedom); summary.txt says what the runs made so far support (tests, bands, ensembles).
-- `--runs` grows on resume (`--resume D --runs 3` on a 2-run directory trains only run 2's
-  models: each model's seed is its architecture's and run's), so the five runs can be made and
-  read one at a time; every table is rebuilt over all the runs.
-- Parameter counts and training time per architecture (the merged ones should cost less).
-
-Protocol (default --val-fraction 0, the paper's): the paper trains on all 50,000 CIFAR-100
-training images and shows whole curves over alpha on the test set, read off as figures; it tunes
-nothing on them. So by default every training image is used and the report is the test curve:
-the error at alpha 0 and at alpha 1 (both fixed in advance) and the curve's minimum, labelled as
-read off the curve, not as a tuned result. With --val-fraction f > 0, f of every fine class is
-held out of training and alpha is chosen there per architecture, ensemble size and level (the
-paper's "alpha can be tuned using a validation set"), the test error reported at that alpha.
-
-Training protocol (each backbone's own CIFAR protocol, as the paper says)
-- ResNet-164 (He et al., "Identity mappings", 2016): SGD momentum 0.9, weight decay 1e-4, batch
-  128, lr 0.1 (0.01 for the first 400 iterations), divided by 10 at 50% and 75% of training,
-  164 epochs (64k iterations at batch 128 on 50k images).
-- DenseNet-BC-100 (Huang et al., 2017): SGD with Nesterov momentum 0.9, weight decay 1e-4, batch
-  64, lr 0.1 divided by 10 at 50% and 75% of 300 epochs, no dropout (with augmentation).
-- Both: random horizontal flip and random 32x32 crops of the image zero-padded by 4 pixels.
-
-Command (the paper's setting on CIFAR-100; five runs of every architecture):
-    python merged_resnet.py --dataset cifar100 --backbone resnet --runs 5
+    python merged_resnet.py --dataset cifar100 --backbone resnet --runs 5     # the paper's setting
     python merged_resnet.py --dataset cifar100 --backbone densenet --runs 5
-Several training processes (torchrun, --distributed sweep by default here): process r of P takes
---tasks r/P of the (architecture, run) models, each run's spread over all P, on GPU r mod G, and
-rank 0 builds the tables once every share is done (resume the same way). Four processes sharing
-one GPU (start the MPS daemon, nvidia-cuda-mps-control -d, so that they run side by side), the
-runs grown one at a time:
-    torchrun --standalone --nproc_per_node 4 merged_resnet.py --dataset cifar100 --runs 1 --compile --out-dir D
+    torchrun --standalone --nproc_per_node 4 merged_resnet.py --dataset cifar100 --runs 1 --out-dir D
     torchrun --standalone --nproc_per_node 4 merged_resnet.py --resume D --runs 2    # ... up to --runs 5
-    python merged_resnet.py --resume D --analyze-only   # every table again, from the saved logits
-Separate `--tasks I/K` processes cannot share a run directory at once (its lock holds one process);
-they run one after another, or under torchrun as above.
-Scaled-down runs (one H100; shorter, shallower, 2 runs; see "Paper vs ours"):
-    python merged_resnet.py --dataset shapes --image-size 32 --train-size 10000 --test-size 2000 \
-        --depth 56 --epochs 15 --runs 2 --val-fraction 0.1                       # all five, ~3 min
-    python merged_resnet.py --dataset cifar10 --data-dir data --depth 56 --epochs 12 --runs 2 \
-        --architectures separate merge-1 merge-2 --val-fraction 0.1              # ~5-6 min
-Offline smoke run: python merged_resnet.py --dry-run --device cpu   (small shapes, --depth 11, --runs 2)
+    python merged_resnet.py --resume D --analyze-only    # every table again, from the saved logits
+    python merged_resnet.py --dry-run --device cpu       # offline smoke run (shapes, --depth 11, 2 runs)
 
-Cost: one ResNet-164 network trains at about 7,000 images/s on an H100 (batch 128, bf16, CUDA
-graph), 17.5 minutes for 164 epochs; separate and merge-0 train two, merge-1..3 share 1/3..3/3 of
-the stages, so one run of all five is 7.5 to 8 such trainings, about 2.3 hours in one process.
-Evaluation is one forward pass per model and split; every alpha, ensemble and metric comes from
-the saved logits. bench.py --mps measures how much k processes sharing the GPU raise the total.
+Pipeline (main): coarse and fine levels -> data (all training images, or a validation hold-out)
+-> this process's share of the (architecture, run) models, each trained with its own seed and its
+test / validation logits saved -> from the saved logits only (analyze): Algorithm 1 at every
+alpha, ensembles, the reference alphas, t-tests, hierarchy metrics -> alpha_curve.csv/.txt,
+summary.txt, metrics.json (Reports).
 
-Outputs in the run directory: predictions/<architecture>-r<run>.pt (each model's test and
-validation logits, bf16 where that is exact, i.e. from a bf16 GPU run, with its seed, parameters
-and training time; torch.load(..., weights_only=True)) and predictions/labels.pt (labels and the
-coarse/fine map), from which `--resume DIR --analyze-only` rebuilds every table without training
-(other alpha grids, ensembles or Figure 1 need only these files); alpha_curve.csv and
-alpha_curve.txt (top-1 error vs alpha for every architecture and ensemble size, test and
-validation, mean and std over runs or combinations), summary.txt (errors at alpha 0 / 1 / chosen
-or curve minimum, t-tests, parameters, training time), metrics.json (all of it, with
-common.hierarchical_metrics of every architecture at alpha 0 and at the chosen alpha).
-
-Paper vs ours
-- Validation split: see Protocol. With --val-fraction f we hold out f of every fine class
-  (common.stratified_split, seeded) and choose alpha on the validation error averaged over runs
-  (or combinations); ties go to the smaller alpha.
-- Where the network is cut: the stem convolution belongs to stage 1 (so merge-1..3 share it and
-  merge-0 does not); merge-3 also shares the final BN-ReLU and pooling, so only the two linear
-  soft-max layers differ ("only the loss function separates the coarse and fine categories").
-  DenseNet's transition layers belong to the stage they follow.
-- Ensembles: the combinations of one architecture's runs share models, so their spread is not
-  that of independent ensembles (the paper's shaded regions have the same limit); with 2 runs,
-  ensemble-2 is one model pair (no spread).
-- Seeds: every (architecture, run) model has its own seed (`model_seed`), for its initialisation
-  and its batch order, so separate and merge-0 (theoretically the same training) are distinct
-  trainings whose difference can be tested, as the paper's first significance claim needs.
-  Separate's two networks are initialised one after the other from that seed and see the same
-  batch order. t-tests pair the architectures by run index.
-- t-tests are paired over runs on single models (ensemble-1; need --runs >= 3: 2 runs leave one
-  degree of freedom, no usable test): combinations of runs are not independent samples. The
-  paper does not say what it paired over. When every run gives the same difference (e.g. the
-  same number of test images), there is no spread to test against: we report "no spread"
-  rather than a p-value. With --val-fraction 0 the alphas compared with their neighbours are
-  the test curve's minima (the paper's own reading, a description, since the minimum is picked
-  on the same data).
-- Algorithm 1's else branch (a coarse class whose fine children all have probability exactly 0)
-  is implemented as written: the adjusted coarse probability is spread evenly over the children.
-- The learning-rate drops are at 50% / 75% of --epochs (so shortened runs keep the schedule's
-  shape); the ResNet warm-up is 400 iterations at lr/10 whatever the run length.
-- Datasets: CIFAR-100 (20 coarse / 100 fine) is the paper's; offline we use `shapes` (coarse level
-  `shape_fill`, 12 classes, fine 72) and the CIFAR-10 copy (vehicles / animals, 2 and 10). The
-  coarse level is `--coarse-level` (default: the level just above the fine classes).
-- The scaled-down commands above train ResNet-56 (bottleneck, 9n+2 with n=6) instead of ResNet-164,
-  for 12-15 epochs instead of 164, twice instead of five times, so that they fit in minutes; the
-  flag defaults are the full protocol.
-- Training time is the sum of the per-epoch wall times that common.fit logs (training only, no
-  evaluation), bf16 autocast and a CUDA graph per train step on GPU. Models trained by processes
-  sharing a GPU have longer epochs than one alone.
-- Consistency (metrics.json): common.hierarchical_metrics on the (adapted) fine log-probabilities,
-  with the coarse head's own (adapted) prediction as level_preds: the share of images whose
-  coarse prediction is the parent of the fine one. Measured at alpha 0 and at the chosen alpha,
-  or at alpha 1 (fixed in advance) without a validation split.
+Paper vs ours, one line per decision (docs/merged_resnet.md, "Paper vs ours", has the reasoning):
+- no validation split by default (the paper's); --val-fraction f chooses alpha on held-out data: reference_alphas
+- the stem belongs to stage 1, merge-3 shares the final BN-ReLU-pool, DenseNet transitions their stage: MergedNet
+- ensembles are every combination of n runs, not independent: ensemble_errors, --ensembles
+- one seed per (architecture, run) model, init and batch order; separate's two nets share it: model_seed
+- t-tests paired over runs on single models, need --runs >= 3, "no spread" when constant: paired_t_test, t_tests
+- Algorithm 1's else branch as written (mass spread evenly over the children): classifier_adaptation
+- lr drops at 50% / 75% of --epochs, ResNet warm-up 400 iterations whatever the length: make_lr_schedule
+- datasets: CIFAR-100 (the paper's), shapes and CIFAR-10 offline; the coarse level: --coarse-level
+- scaled-down commands (ResNet-56, 12-15 epochs, 2 runs) in docs; flag defaults are the full protocol: get_args
+- training time is the sum of common.fit's epoch times, bf16 and CUDA graphs on GPU: train_stage
+- consistency: common.hierarchical_metrics with the coarse head as level_preds: hierarchy_metrics
+- runs grow on resume (--resume D --runs 3 trains only run 2's models); tables over all runs: assign_tasks
 """
 
 import argparse
