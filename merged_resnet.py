@@ -66,73 +66,30 @@ def get_args(argv=None):
     # epochs and batch size depend on the backbone: None means the backbone's paper value.
     common.add_common_args(parser, epochs=None, batch_size=None, lr=0.1, dataset="shapes", distributed="sweep")
     g = parser.add_argument_group("merged architectures")
-    g.add_argument(
-        "--backbone",
-        default="resnet",
-        choices=tuple(BACKBONE_DEFAULTS),
-        help="resnet: pre-activation bottleneck ResNet (depth 9n+2, 164); densenet: DenseNet-BC (100, k=12)",
-    )
-    g.add_argument(
-        "--depth", type=common.positive_int, default=None, help="backbone depth (default 164 / 100; small for tests)"
-    )
-    g.add_argument("--growth", type=common.positive_int, default=12, help="DenseNet-BC growth rate")
+    p = parser.add_argument_group("paper fidelity and ablations (every default is the paper's; docs/merged_resnet.md)")
+    pos, nonneg = common.positive_int, common.nonneg_float
     g.add_argument("--architectures", nargs="+", default=list(ARCHITECTURES), choices=ARCHITECTURES)
-    g.add_argument(
-        "--coarse-level",
-        default=None,
-        help="hierarchy level used as 'coarse' (default: the one just above the fine classes)",
-    )
-    g.add_argument(
-        "--runs",
-        type=common.positive_int,
-        default=5,
-        help="independent repeats (mean +- std, t-tests); a resume may raise it: only the new runs' models train",
-    )
-    g.add_argument(
-        "--ensembles",
-        type=common.positive_int,
-        nargs="+",
-        default=[1, 2, 4],
-        help="ensemble sizes built from the runs (every combination; sizes above --runs are skipped)",
-    )
-    g.add_argument(
-        "--val-fraction",
-        type=common.fraction,
-        default=0.0,
-        help="share of each training class held out to choose alpha (0: train on all, curves on test, the paper's)",
-    )
-    g.add_argument(
-        "--tasks",
-        default=None,
-        metavar="I/K",
-        help="train only share I of K of the (architecture, run) models (one process at a time in a run "
-        "directory; K processes sharing a GPU: torchrun, which sets it); default 0/1, or RANK/WORLD_SIZE under "
-        "torchrun --distributed sweep",
-    )
-    g.add_argument(
-        "--analyze-only",
-        action="store_true",
-        help="with --resume DIR: build every table from DIR/predictions, no training",
-    )
-    g.add_argument("--momentum", type=common.fraction, default=0.9)
-    g.add_argument("--weight-decay", type=common.nonneg_float, default=1e-4)
-    g.add_argument(
+    g.add_argument("--runs", type=pos, default=5, help="repeats (mean +- std, t-tests); a resume may raise it")
+    g.add_argument("--ensembles", type=pos, nargs="+", default=[1, 2, 4], help="ensemble sizes built from the runs")
+    g.add_argument("--coarse-level", default=None, help="level used as 'coarse' (default: the one above the fine)")
+    g.add_argument("--ttest-alpha", type=nonneg, default=1.0, help="alpha at which architectures are t-tested")
+    g.add_argument("--eval-batch-size", type=pos, default=1000)
+    # --tasks and --analyze-only pick what a call does in the run directory, not the experiment.
+    g.add_argument("--tasks", default=None, metavar="I/K", help="train only share I of K of the models (torchrun)")
+    g.add_argument("--analyze-only", action="store_true", help="with --resume DIR: tables from DIR/predictions")
+    p.add_argument("--backbone", default="resnet", choices=tuple(BACKBONE_DEFAULTS), help="ResNet-164 / DenseNet-BC")
+    p.add_argument("--depth", type=pos, default=None, help="backbone depth (default 164 / 100; small for tests)")
+    p.add_argument("--growth", type=pos, default=12, help="DenseNet-BC growth rate")
+    p.add_argument("--val-fraction", type=common.fraction, default=0.0, help="held out to choose alpha (0: paper)")
+    p.add_argument("--momentum", type=common.fraction, default=0.9)
+    p.add_argument("--weight-decay", type=nonneg, default=1e-4)
+    p.add_argument(
         "--nesterov",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="Nesterov momentum (default: DenseNet yes, ResNet no)",
+        help="Nesterov momentum (DenseNet yes, ResNet no)",
     )
-    g.add_argument(
-        "--warmup-iters",
-        type=common.nonneg_int,
-        default=None,
-        help="iterations at lr/10 first, capped at 1%% of training (default: ResNet 400, DenseNet 0)",
-    )
-    g.add_argument(
-        "--ttest-alpha", type=common.nonneg_float, default=1.0, help="alpha at which architectures are t-tested"
-    )
-    g.add_argument("--eval-batch-size", type=common.positive_int, default=1000)
-    # --tasks and --analyze-only pick what a call does in the run directory, not the experiment.
+    p.add_argument("--warmup-iters", type=common.nonneg_int, default=None, help="at lr/10 (ResNet 400, DenseNet 0)")
     # --runs may grow: every model's seed is its (architecture, run)'s, whatever --runs was.
     # A --dry-run's own defaults (flags not given): the smallest backbone of each kind, two runs.
     args = common.parse_args(
@@ -143,6 +100,11 @@ def get_args(argv=None):
         resume_safe=("tasks", "analyze_only"),
         dry_run={"depth": lambda a: 11 if a.backbone == "resnet" else 10, "runs": 2},
     )
+    return check_args(parser, args)
+
+
+def check_args(parser, args):
+    """The backbone's paper defaults, --tasks into (task_index, task_count), and the range checks."""
     for key, value in BACKBONE_DEFAULTS[args.backbone].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -631,34 +593,6 @@ def probabilities(model, split):
     return logits["coarse"].float().softmax(1), logits["fine"].float().softmax(1)
 
 
-def write_alpha_tables(run_dir, curves, level_names, splits):
-    """alpha_curve.csv (one row per architecture, ensemble size and alpha) and alpha_curve.txt."""
-    columns = [f"{split}_{level}_err_{stat}" for split in splits for level in level_names for stat in ("mean", "std")]
-    rows, text = [], []
-    for (architecture, size), errors in curves.items():
-        n = len(errors["members"])
-        over = "runs" if size == 1 else f"combinations of {size} runs"
-        text.append(f"{architecture}, ensemble-{size}: top-1 error % (mean +- std over {n} {over})")
-        text.append(f"{'alpha':>5} " + " ".join(f"{s + ' ' + l:>20}" for s in splits for l in level_names))
-        for a, alpha in enumerate(ALPHAS):
-            row = {"architecture": architecture, "ensemble": size, "members": n, "alpha": f"{alpha:.1f}"}
-            cells = []
-            for split in splits:
-                for level_index, level in enumerate(level_names):
-                    m, s = mean_std(errors[split][:, a, level_index])
-                    row[f"{split}_{level}_err_mean"], row[f"{split}_{level}_err_std"] = f"{m:.3f}", f"{s:.3f}"
-                    cells.append(f"{m:12.2f} +- {s:5.2f}")
-            rows.append(row)
-            text.append(f"{alpha:5.1f} " + " ".join(cells))
-        text.append("")
-    table = io.StringIO(newline="")
-    writer = csv.DictWriter(table, fieldnames=["architecture", "ensemble", "members", "alpha", *columns])
-    writer.writeheader()
-    writer.writerows(rows)
-    common.write_text(run_dir / "alpha_curve.csv", table.getvalue())
-    common.write_text(run_dir / "alpha_curve.txt", "\n".join(text))
-
-
 def reference_alphas(curves, level_names, select_on):
     """Per architecture, ensemble size and level: the alpha of least mean error on `select_on`
     ("val": the chosen alpha; "test": the curve's minimum, a description), with the test error
@@ -745,63 +679,6 @@ def hierarchy_metrics(models, labels, architectures, runs, alpha):
             entry[name] = mean_of_records(per_run)
         result[architecture] = entry
     return result
-
-
-def summary_text(reference, tests, costs, hier, runs, support=()):
-    lines = [
-        "Parameters and training time per model (mean over runs; 'steady' leaves out the first epoch's",
-        "warm-up: median epoch time x epochs)",
-    ]
-    base = costs.get("separate")
-    for architecture, cost in costs.items():
-        ratio = ""
-        if base and base["steady_train_seconds"] > 0:
-            ratio = (
-                f"  ({cost['parameters'] / base['parameters']:.2f}x separate's parameters, "
-                f"{cost['steady_train_seconds'] / base['steady_train_seconds']:.2f}x its steady time)"
-            )
-        lines.append(
-            f"  {architecture:9s} {cost['parameters']:>11,d} parameters  {cost['train_seconds']:9.1f} s"
-            f"  steady {cost['steady_train_seconds']:9.1f} s{ratio}"
-        )
-    chosen = next(iter(reference.values()))["source"] == "validation"
-    lines += [
-        "",
-        "Test top-1 error % (mean +- std over runs, or over combinations of runs for ensembles) at alpha 0,",
-        "at alpha 1, and at "
-        + ("the alpha chosen on validation" if chosen else "the test curve's minimum (read off the curve, not tuned)"),
-    ]
-    for e in reference.values():
-        lines.append(
-            f"  {e['architecture']:9s} ensemble-{e['ensemble']} {e['level']:>10s}: "
-            f"alpha 0 {e['test_err_alpha0_mean']:6.2f} +- {e['test_err_alpha0_std']:.2f}  "
-            f"alpha 1 {e['test_err_alpha1_mean']:6.2f} +- {e['test_err_alpha1_std']:.2f}  "
-            f"{'chosen' if chosen else 'minimum'} alpha {e['alpha']:.1f}: {e['test_err_mean']:6.2f} +- {e['test_err_std']:.2f}"
-        )
-    lines += ["", f"Paired t-tests on single models' test error over {runs} runs (two-sided p)"]
-    if runs < T_TEST_MIN_RUNS:
-        degrees = f"{runs - 1} degree{'' if runs == 2 else 's'} of freedom"
-        lines.append(f"  no test: {runs} run{'s' if runs > 1 else ''} ({degrees}); see below")
-    else:
-        for t in tests:
-            head = f"  {t['level']:>10s}: {t['a']} @ {t['alpha_a']:.1f} vs {t['b']} @ {t['alpha_b']:.1f}: diff {t['mean_diff']:+.3f}"
-            if t["no_spread"]:
-                lines.append(f"{head}  no spread (every run differs by the same amount): not testable")
-            else:
-                lines.append(f"{head}  t {t['t']:.3f}  df {t['df']}  p {t['p']:.4f}" + ("  *" if t["p"] < 0.05 else ""))
-    if support:
-        lines += ["", f"What {runs} run{'s' if runs > 1 else ''} support"] + [f"  {line}" for line in support]
-    if hier:
-        lines += [
-            "",
-            "Consistency % (coarse prediction = parent of the fine one) and fine top-1 %, test, mean over runs",
-        ]
-        for architecture, entry in hier.items():
-            lines.append(
-                f"  {architecture:9s} alpha 0: {entry['at_alpha0']['consistency']:6.2f} / {entry['at_alpha0']['top1']:6.2f}"
-                f"   alpha {entry['alpha']:.1f}: {entry['at_alpha']['consistency']:6.2f} / {entry['at_alpha']['top1']:6.2f}"
-            )
-    return "\n".join(lines) + "\n"
 
 
 def analyze(args, run_dir):
@@ -970,6 +847,96 @@ def main(argv=None):
         )
         return None
     return analyze(args, run_dir)
+
+
+# ---------------------------------------------------------------------------------------
+# Reports: the tables and the summary text (written by analyze)
+# ---------------------------------------------------------------------------------------
+
+
+def write_alpha_tables(run_dir, curves, level_names, splits):
+    """alpha_curve.csv (one row per architecture, ensemble size and alpha) and alpha_curve.txt."""
+    columns = [f"{split}_{level}_err_{stat}" for split in splits for level in level_names for stat in ("mean", "std")]
+    rows, text = [], []
+    for (architecture, size), errors in curves.items():
+        n = len(errors["members"])
+        over = "runs" if size == 1 else f"combinations of {size} runs"
+        text.append(f"{architecture}, ensemble-{size}: top-1 error % (mean +- std over {n} {over})")
+        text.append(f"{'alpha':>5} " + " ".join(f"{s + ' ' + l:>20}" for s in splits for l in level_names))
+        for a, alpha in enumerate(ALPHAS):
+            row = {"architecture": architecture, "ensemble": size, "members": n, "alpha": f"{alpha:.1f}"}
+            cells = []
+            for split in splits:
+                for level_index, level in enumerate(level_names):
+                    m, s = mean_std(errors[split][:, a, level_index])
+                    row[f"{split}_{level}_err_mean"], row[f"{split}_{level}_err_std"] = f"{m:.3f}", f"{s:.3f}"
+                    cells.append(f"{m:12.2f} +- {s:5.2f}")
+            rows.append(row)
+            text.append(f"{alpha:5.1f} " + " ".join(cells))
+        text.append("")
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=["architecture", "ensemble", "members", "alpha", *columns])
+    writer.writeheader()
+    writer.writerows(rows)
+    common.write_text(run_dir / "alpha_curve.csv", table.getvalue())
+    common.write_text(run_dir / "alpha_curve.txt", "\n".join(text))
+
+
+def summary_text(reference, tests, costs, hier, runs, support=()):
+    lines = [
+        "Parameters and training time per model (mean over runs; 'steady' leaves out the first epoch's",
+        "warm-up: median epoch time x epochs)",
+    ]
+    base = costs.get("separate")
+    for architecture, cost in costs.items():
+        ratio = ""
+        if base and base["steady_train_seconds"] > 0:
+            ratio = (
+                f"  ({cost['parameters'] / base['parameters']:.2f}x separate's parameters, "
+                f"{cost['steady_train_seconds'] / base['steady_train_seconds']:.2f}x its steady time)"
+            )
+        lines.append(
+            f"  {architecture:9s} {cost['parameters']:>11,d} parameters  {cost['train_seconds']:9.1f} s"
+            f"  steady {cost['steady_train_seconds']:9.1f} s{ratio}"
+        )
+    chosen = next(iter(reference.values()))["source"] == "validation"
+    lines += [
+        "",
+        "Test top-1 error % (mean +- std over runs, or over combinations of runs for ensembles) at alpha 0,",
+        "at alpha 1, and at "
+        + ("the alpha chosen on validation" if chosen else "the test curve's minimum (read off the curve, not tuned)"),
+    ]
+    for e in reference.values():
+        lines.append(
+            f"  {e['architecture']:9s} ensemble-{e['ensemble']} {e['level']:>10s}: "
+            f"alpha 0 {e['test_err_alpha0_mean']:6.2f} +- {e['test_err_alpha0_std']:.2f}  "
+            f"alpha 1 {e['test_err_alpha1_mean']:6.2f} +- {e['test_err_alpha1_std']:.2f}  "
+            f"{'chosen' if chosen else 'minimum'} alpha {e['alpha']:.1f}: {e['test_err_mean']:6.2f} +- {e['test_err_std']:.2f}"
+        )
+    lines += ["", f"Paired t-tests on single models' test error over {runs} runs (two-sided p)"]
+    if runs < T_TEST_MIN_RUNS:
+        degrees = f"{runs - 1} degree{'' if runs == 2 else 's'} of freedom"
+        lines.append(f"  no test: {runs} run{'s' if runs > 1 else ''} ({degrees}); see below")
+    else:
+        for t in tests:
+            head = f"  {t['level']:>10s}: {t['a']} @ {t['alpha_a']:.1f} vs {t['b']} @ {t['alpha_b']:.1f}: diff {t['mean_diff']:+.3f}"
+            if t["no_spread"]:
+                lines.append(f"{head}  no spread (every run differs by the same amount): not testable")
+            else:
+                lines.append(f"{head}  t {t['t']:.3f}  df {t['df']}  p {t['p']:.4f}" + ("  *" if t["p"] < 0.05 else ""))
+    if support:
+        lines += ["", f"What {runs} run{'s' if runs > 1 else ''} support"] + [f"  {line}" for line in support]
+    if hier:
+        lines += [
+            "",
+            "Consistency % (coarse prediction = parent of the fine one) and fine top-1 %, test, mean over runs",
+        ]
+        for architecture, entry in hier.items():
+            lines.append(
+                f"  {architecture:9s} alpha 0: {entry['at_alpha0']['consistency']:6.2f} / {entry['at_alpha0']['top1']:6.2f}"
+                f"   alpha {entry['alpha']:.1f}: {entry['at_alpha']['consistency']:6.2f} / {entry['at_alpha']['top1']:6.2f}"
+            )
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
