@@ -757,31 +757,10 @@ def analyze(args, run_dir):
     return metrics
 
 
-# ---------------------------------------------------------------------------------------
-# Main
-# ---------------------------------------------------------------------------------------
-
-
-def main(argv=None):
-    args = get_args(argv)
-    run_dir, device = common.setup(args, "merged_resnet")
-    if args.analyze_only:
-        return analyze(args, run_dir) if common.rank() == 0 else None
-
-    # 1. Data and the two levels: coarse = --coarse-level, fine = the leaf classes.
-    data = common.load_data(args)
+def make_splits(args, data, device, level_index):
+    """{"train", "test"[, "val"]: (images, coarse labels, fine labels)} on the device; "val" is
+    --val-fraction of every fine class (common.stratified_split, seeded), held out of training."""
     hierarchy = data.hierarchy
-    if hierarchy.n_levels < 2:
-        common.fail(f"--dataset {args.dataset} has a single class level; give --hierarchy FILE with coarse classes")
-    coarse_level = args.coarse_level or hierarchy.level_names[-2]
-    if coarse_level not in hierarchy.level_names[:-1]:
-        common.fail(f"--coarse-level {coarse_level!r}: choose one of {', '.join(hierarchy.level_names[:-1])}")
-    level_index = hierarchy.level_names.index(coarse_level)
-    fine_to_coarse = hierarchy.parents[level_index]
-    n_coarse, n_fine = hierarchy.num_classes(level_index), hierarchy.num_classes(-1)
-    print(f"coarse level {coarse_level!r} ({n_coarse} classes), fine ({n_fine} classes)", flush=True)
-
-    # 2. Training split: all of it (the paper), or a class-balanced validation hold-out to choose alpha.
     train_labels = data.train.labels.numpy()
     if args.val_fraction > 0:
         smallest = int(np.bincount(train_labels)[np.unique(train_labels)].min())
@@ -806,17 +785,51 @@ def main(argv=None):
                 splits[split] = tuple(t[: 2 * args.eval_batch_size] for t in splits[split])
     n_val = len(splits["val"][0]) if "val" in splits else 0
     print(f"train {len(train_idx)}, validation {n_val}, test {len(splits['test'][0])} images", flush=True)
+    return splits
+
+
+def save_labels(run_dir, splits, hierarchy, level_index):
+    """predictions/labels.pt: the validation and test labels of both levels, the coarse/fine map, the names."""
     save_pt(
         run_dir / "predictions" / "labels.pt",
         {
             "splits": {
                 s: {"coarse": splits[s][1].cpu(), "fine": splits[s][2].cpu()} for s in ("val", "test") if s in splits
             },
-            "fine_to_coarse": torch.as_tensor(fine_to_coarse, dtype=torch.long),
-            "level_names": [coarse_level, hierarchy.level_names[-1]],
+            "fine_to_coarse": torch.as_tensor(hierarchy.parents[level_index], dtype=torch.long),
+            "level_names": [hierarchy.level_names[level_index], hierarchy.level_names[-1]],
             "class_names": [list(hierarchy.class_names[level_index]), list(hierarchy.class_names[-1])],
         },
     )
+
+
+# ---------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = get_args(argv)
+    run_dir, device = common.setup(args, "merged_resnet")
+    if args.analyze_only:
+        return analyze(args, run_dir) if common.rank() == 0 else None
+
+    # 1. Data and the two levels: coarse = --coarse-level, fine = the leaf classes.
+    data = common.load_data(args)
+    hierarchy = data.hierarchy
+    if hierarchy.n_levels < 2:
+        common.fail(f"--dataset {args.dataset} has a single class level; give --hierarchy FILE with coarse classes")
+    coarse_level = args.coarse_level or hierarchy.level_names[-2]
+    if coarse_level not in hierarchy.level_names[:-1]:
+        common.fail(f"--coarse-level {coarse_level!r}: choose one of {', '.join(hierarchy.level_names[:-1])}")
+    level_index = hierarchy.level_names.index(coarse_level)
+    n_coarse, n_fine = hierarchy.num_classes(level_index), hierarchy.num_classes(-1)
+    print(f"coarse level {coarse_level!r} ({n_coarse} classes), fine ({n_fine} classes)", flush=True)
+
+    # 2. Training split: all of it (the paper), or a class-balanced validation hold-out to choose alpha;
+    # the labels and the coarse/fine map saved for analyze.
+    splits = make_splits(args, data, device, level_index)
+    save_labels(run_dir, splits, hierarchy, level_index)
 
     # 3. Train this process's share of the (architecture, run) models; each saves its logits.
     share = assign_tasks(args.architectures, args.runs, args.task_count)[args.task_index]
@@ -834,19 +847,17 @@ def main(argv=None):
 
     # 4. Curves, ensembles, alphas, t-tests and metrics, from the saved logits. Under torchrun
     # rank 0 waits for every process (every share of a sweep; its own writes under ddp), then builds them.
-    if common.is_distributed() and args.tasks is None:
+    wait_for_all = common.is_distributed() and args.tasks is None
+    if wait_for_all:
         common.barrier()
-        if common.rank() != 0:
-            return None
-        return analyze(args, run_dir)
-    if args.task_count > 1:
+    elif args.task_count > 1:
         print(
             f"share {args.task_index}/{args.task_count} done ({len(share)} models); when every share is, "
             f"build the tables with: python merged_resnet.py --resume {run_dir} --analyze-only",
             flush=True,
         )
-        return None
-    return analyze(args, run_dir)
+    report = common.rank() == 0 if wait_for_all else args.task_count == 1
+    return analyze(args, run_dir) if report else None
 
 
 # ---------------------------------------------------------------------------------------
