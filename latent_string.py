@@ -73,113 +73,7 @@ PAPER = {
 }
 
 
-BASE_GROUP = "base model (stage 1)"
-
-
-def make_parser():
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    common.add_common_args(parser, epochs=100, batch_size=128, lr=0.05, dataset="shapes")
-    g = parser.add_argument_group(BASE_GROUP)
-    g.add_argument(
-        "--backbone",
-        default="auto",
-        choices=("auto", "vgg16", "lenet"),
-        help="auto: LeNet for MNIST, the CIFAR VGG16 variant otherwise (Table I)",
-    )
-    g.add_argument("--momentum", type=common.fraction, default=0.9)
-    g.add_argument("--weight-decay", type=common.nonneg_float, default=5e-4)
-    g.add_argument("--dropout", type=common.fraction, default=0.5, help="VGG FC dropout")
-    g.add_argument(
-        "--augment",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="pad-4 crop + flip for colour images (MNIST is never augmented)",
-    )
-    g.add_argument(
-        "--val-per-class", type=common.nonneg_int, default=0, help="hold out N training images per class (0: none)"
-    )
-    g.add_argument(
-        "--base-from",
-        default=None,
-        metavar="RUN_DIR",
-        help="take the trained base model of an earlier latent_string run (same data, split and base-model "
-        "flags, checked) instead of training one: LH variants on one frozen extractor",
-    )
-    g = parser.add_argument_group("LH classifier, Class2Str, Str2Class (stage 2, Eq. 5)")
-    g.add_argument("--bits", type=common.positive_int, default=None, help="string length L (default ceil(log2 C))")
-    g.add_argument("--lstm-hidden", default=None, help="comma list of LSTM layer sizes (default from Table I)")
-    g.add_argument(
-        "--code-hidden", type=common.positive_int, default=None, help="Class2Str / Str2Class hidden width (Table I)"
-    )
-    g.add_argument("--alpha", type=common.nonneg_float, default=10.0, help="weight of H(l, l') (Str2Class)")
-    g.add_argument("--beta", type=common.nonneg_float, default=1.0, help="weight of sum mu^i H(p_i, q_i)")
-    g.add_argument("--gamma", type=common.nonneg_float, default=0.1, help="weight of the bias regulariser (Eq. 3)")
-    g.add_argument("--delta", type=common.nonneg_float, default=1e-4, help="weight of L2(W)")
-    g.add_argument("--mu", type=common.positive_float, default=0.8, help="decay of the per-bit weights mu^i (Eq. 4)")
-    g.add_argument(
-        "--code-input",
-        default="soft",
-        choices=("soft", "hard"),
-        help="what Str2Class reads: the argmax string s(q) with a straight-through gradient, or the soft q",
-    )
-    g.add_argument(
-        "--repair",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="if classes share a string after training, move all but one to the nearest free strings and "
-        "train the LH classifier on with that code fixed",
-    )
-    g.add_argument(
-        "--lstm-impl",
-        default="fused",
-        choices=("fused", "steps"),
-        help="the L steps as one nn.LSTM call per layer (cuDNN) or as the explicit step loop (same numbers)",
-    )
-    g.add_argument(
-        "--repair-epochs", type=common.positive_int, default=10, help="epochs of LH training after a code repair"
-    )
-    g.add_argument(
-        "--lh-input-proj",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="read Table I's 'in - h1 - h2' as Linear(in, h1) + LSTM(h1, h2) (closest to the paper's parameter "
-        "counts) instead of LSTM(in, h1) + LSTM(h1, h2)",
-    )
-    g.add_argument(
-        "--lh-head",
-        default="lstm",
-        choices=("lstm", "mlp"),
-        help="the string classifier: the paper's LSTM, or a control without recurrence (one hidden layer giving "
-        "all L bits at once, as many parameters as the LSTM)",
-    )
-    g.add_argument("--lh-epochs", type=common.positive_int, default=50)
-    g.add_argument("--lh-lr", type=common.positive_float, default=1e-3, help="Adam learning rate")
-    g.add_argument(
-        "--lh-schedule",
-        default="constant",
-        choices=("constant", "step"),
-        help="Adam's learning rate over each stage-2 training (LH, random code, reduced FC, repair): constant, "
-        "or divided by 10 at 50%% and 75%% of its steps",
-    )
-    g.add_argument(
-        "--lh-seed",
-        type=common.seed_int,
-        default=None,
-        help="seed of stage 2 (initialisation, batch order, the random code); default --seed. With --base-from: "
-        "several stage-2 seeds on one frozen extractor",
-    )
-    g.add_argument("--lh-batch-size", type=common.positive_int, default=128)
-    g.add_argument(
-        "--bits-sweep", default="auto", help="comma list of L for the Fig. 8 sweep; 'auto': L0-1 .. L0+2; 'none': skip"
-    )
-    g.add_argument(
-        "--hidden-sweep",
-        default="auto",
-        help="comma list of LSTM sizes (every layer) for the Fig. 7 sweep; 'auto': h/4, h/2, h, 2h, 4h; 'none': skip",
-    )
-    return parser
+BASE_GROUP = "base model (stage 1)"  # base_flags() reads this group: every flag in it must match for --base-from
 
 
 def get_args(argv=None):
@@ -189,6 +83,54 @@ def get_args(argv=None):
     args = common.parse_args(
         parser, argv, script="latent_string", resume_longer=("lh_epochs",), dry_run={"repair_epochs": 1}
     )
+    check_args(parser, args)
+    return args
+
+
+def make_parser():
+    """Every flag, one line each; the longer account of each is in docs/latent_string.md, "Flags"."""
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    common.add_common_args(parser, epochs=100, batch_size=128, lr=0.05, dataset="shapes")
+    b = parser.add_argument_group(BASE_GROUP)
+    g = parser.add_argument_group("LH classifier, Class2Str, Str2Class (stage 2, Eq. 5)")
+    p = parser.add_argument_group("paper fidelity and ablations (docs/latent_string.md)")
+    pos, posf, nonneg = common.positive_int, common.positive_float, common.nonneg_float
+    b.add_argument("--backbone", default="auto", choices=("auto", "vgg16", "lenet"), help="auto: Table I's per dataset")
+    b.add_argument("--momentum", type=common.fraction, default=0.9)
+    b.add_argument("--weight-decay", type=nonneg, default=5e-4)
+    b.add_argument("--dropout", type=common.fraction, default=0.5, help="VGG FC dropout")
+    b.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True, help="crop + flip, colour only")
+    b.add_argument("--val-per-class", type=common.nonneg_int, default=0, help="hold out N train images per class")
+    b.add_argument("--base-from", default=None, metavar="RUN_DIR", help="reuse an earlier run's base model (checked)")
+    g.add_argument("--bits", type=pos, default=None, help="string length L (default ceil(log2 C))")
+    g.add_argument("--lstm-hidden", default=None, help="comma list of LSTM layer sizes (default from Table I)")
+    g.add_argument("--code-hidden", type=pos, default=None, help="Class2Str / Str2Class hidden width (Table I)")
+    g.add_argument("--alpha", type=nonneg, default=10.0, help="weight of H(l, l') (Str2Class)")
+    g.add_argument("--beta", type=nonneg, default=1.0, help="weight of sum mu^i H(p_i, q_i)")
+    g.add_argument("--gamma", type=nonneg, default=0.1, help="weight of the bias regulariser (Eq. 3)")
+    g.add_argument("--delta", type=nonneg, default=1e-4, help="weight of L2(W)")
+    g.add_argument("--mu", type=posf, default=0.8, help="decay of the per-bit weights mu^i (Eq. 4)")
+    p.add_argument("--code-input", default="soft", choices=("soft", "hard"), help="Str2Class reads q, or s(q) (ST)")
+    p.add_argument("--repair", action=argparse.BooleanOptionalAction, default=True, help="make the code one to one")
+    g.add_argument("--lstm-impl", default="fused", choices=("fused", "steps"), help="one nn.LSTM call, or a loop")
+    p.add_argument("--repair-epochs", type=pos, default=10, help="epochs of LH training after a code repair")
+    p.add_argument("--lh-input-proj", action=argparse.BooleanOptionalAction, default=False, help="Linear + LSTM")
+    p.add_argument("--lh-head", default="lstm", choices=("lstm", "mlp"), help="mlp: a control without recurrence")
+    g.add_argument("--lh-epochs", type=pos, default=50)
+    g.add_argument("--lh-lr", type=posf, default=1e-3, help="Adam learning rate")
+    p.add_argument("--lh-schedule", default="constant", choices=("constant", "step"), help="step: /10 at 50%%, 75%%")
+    g.add_argument("--lh-seed", type=common.seed_int, default=None, help="seed of stage 2; default --seed")
+    g.add_argument("--lh-batch-size", type=pos, default=128)
+    p.add_argument("--bits-sweep", default="auto", help="L for Fig. 8, comma list; auto: L0-1 .. L0+2; none")
+    p.add_argument("--hidden-sweep", default="auto", help="LSTM sizes for Fig. 7, comma list; auto: h/4 .. 4h; none")
+    return parser
+
+
+def check_args(parser, args):
+    """Range checks get_args leaves to after parsing; parses the comma lists into args.lstm_hidden_sizes,
+    args.sweep_bits and args.sweep_hidden."""
     if args.bits is not None and not 1 <= args.bits <= 20:
         parser.error("--bits must be between 1 and 20")
     if not 0 < args.mu <= 1:
@@ -211,7 +153,6 @@ def get_args(argv=None):
         parser.error("--bits-sweep values must be between 1 and 20")
     if isinstance(args.sweep_hidden, list) and not all(h >= 1 for h in args.sweep_hidden):
         parser.error("--hidden-sweep sizes must be positive")
-    return args
 
 
 def parse_int_list(text):
@@ -222,7 +163,7 @@ def parse_int_list(text):
 
 
 # ---------------------------------------------------------------------------------------
-# Modules
+# The method, part 1: the LH classifier (LSTM), Class2Str, Str2Class, the fixed code, the reduced FC
 # ---------------------------------------------------------------------------------------
 
 
@@ -400,7 +341,7 @@ class FeatureLoader:
 
 
 # ---------------------------------------------------------------------------------------
-# The method
+# The method, part 2: the base model, Eq. 5, the code, its metrics and repair, the stage-2 trainings
 # ---------------------------------------------------------------------------------------
 
 
@@ -1042,65 +983,6 @@ def sweep_bits_list(args, bits):
     return sorted(set(args.sweep_bits))
 
 
-def sweep_tsv(key, rows):
-    """A sweep as TSV: the swept value, then every numeric column of the rows."""
-    if not rows:
-        return ""
-    columns = [key] + [k for k in rows[0] if k != key]
-
-    def fmt(v):
-        return f"{v:.2f}" if isinstance(v, float) else str(v)
-
-    return "\t".join(columns) + "\n" + "".join("\t".join(fmt(r[k]) for k in columns) + "\n" for r in rows)
-
-
-def test_time_line(t):
-    mode = t["test_time_mode"]
-    return (
-        f"test-time reduction per image ({mode}, batch {t['eval_batch']}): {t['test_time_reduction_pct']:.1f}% "
-        f"(FC {t[mode + '_fc_images_per_s']:.0f} vs LH {t[mode + '_lh_images_per_s']:.0f} images/s; batch-1 latency "
-        f"FC {t.get(mode + '_fc_batch1_ms', float('nan')):.3f} ms vs LH {t.get(mode + '_lh_batch1_ms', float('nan')):.3f} ms)"
-    )
-
-
-def format_table3(m, paper):
-    p = paper or {}
-    rows = [
-        ("FC classifier (base)", m["fc_test_acc"], m["params"]["fc_classifier"], p.get("fc_acc"), p.get("fc_params")),
-        (
-            "LH classifier",
-            m["lh"]["exact_match_acc"],
-            m["params"]["lh_classifier"],
-            p.get("lh_acc"),
-            p.get("lh_params"),
-        ),
-        (
-            "reduced FC classifier",
-            m["reduced_fc_test_acc"],
-            m["params"]["reduced_fc_classifier"],
-            p.get("reduced_fc_acc"),
-            None,
-        ),
-        ("LH, random code (ablation)", m["random_code"]["exact_match_acc"], m["params"]["lh_classifier"], None, None),
-    ]
-    lines = [
-        f"# Table III on {m['dataset']} ({m['num_classes']} classes, L = {m['bits']}, {m['backbone']})",
-        "",
-        "| classifier | test acc % | params | paper acc % | paper params |",
-        "|---|---|---|---|---|",
-    ]
-    for name, acc, params, pacc, pparams in rows:
-        lines.append(f"| {name} | {acc:.2f} | {params:,} | {'' if pacc is None else pacc} | {pparams or ''} |")
-    lines += [
-        "",
-        f"parameter reduction (LH vs FC): {m['params']['reduction_pct']:.1f}%",
-        test_time_line(m["throughput"]),
-        f"LH lookup accuracy (ambiguous strings wrong): {m['lh']['lookup_acc']:.2f}",
-        f"classes sharing a string: {'; '.join(', '.join(g) for g in m['duplicate_class_names']) or 'none'}",
-    ]
-    return "\n".join(lines) + "\n"
-
-
 def main(argv=None):
     args = get_args(argv)
     run_dir, device = common.setup(args, "latent_string")
@@ -1291,6 +1173,70 @@ def main(argv=None):
     print("LSTM size sweep (Fig. 7):\n" + sweep_tsv("hidden", hidden_sweep))
     print(f"done in {common.format_seconds(metrics['seconds'])}; results in {run_dir}")
     return metrics
+
+
+# ---------------------------------------------------------------------------------------
+# Reports: the sweeps' TSV, the test-time line, Table III
+# ---------------------------------------------------------------------------------------
+
+
+def sweep_tsv(key, rows):
+    """A sweep as TSV: the swept value, then every numeric column of the rows."""
+    if not rows:
+        return ""
+    columns = [key] + [k for k in rows[0] if k != key]
+
+    def fmt(v):
+        return f"{v:.2f}" if isinstance(v, float) else str(v)
+
+    return "\t".join(columns) + "\n" + "".join("\t".join(fmt(r[k]) for k in columns) + "\n" for r in rows)
+
+
+def test_time_line(t):
+    mode = t["test_time_mode"]
+    return (
+        f"test-time reduction per image ({mode}, batch {t['eval_batch']}): {t['test_time_reduction_pct']:.1f}% "
+        f"(FC {t[mode + '_fc_images_per_s']:.0f} vs LH {t[mode + '_lh_images_per_s']:.0f} images/s; batch-1 latency "
+        f"FC {t.get(mode + '_fc_batch1_ms', float('nan')):.3f} ms vs LH {t.get(mode + '_lh_batch1_ms', float('nan')):.3f} ms)"
+    )
+
+
+def format_table3(m, paper):
+    p = paper or {}
+    rows = [
+        ("FC classifier (base)", m["fc_test_acc"], m["params"]["fc_classifier"], p.get("fc_acc"), p.get("fc_params")),
+        (
+            "LH classifier",
+            m["lh"]["exact_match_acc"],
+            m["params"]["lh_classifier"],
+            p.get("lh_acc"),
+            p.get("lh_params"),
+        ),
+        (
+            "reduced FC classifier",
+            m["reduced_fc_test_acc"],
+            m["params"]["reduced_fc_classifier"],
+            p.get("reduced_fc_acc"),
+            None,
+        ),
+        ("LH, random code (ablation)", m["random_code"]["exact_match_acc"], m["params"]["lh_classifier"], None, None),
+    ]
+    lines = [
+        f"# Table III on {m['dataset']} ({m['num_classes']} classes, L = {m['bits']}, {m['backbone']})",
+        "",
+        "| classifier | test acc % | params | paper acc % | paper params |",
+        "|---|---|---|---|---|",
+    ]
+    for name, acc, params, pacc, pparams in rows:
+        lines.append(f"| {name} | {acc:.2f} | {params:,} | {'' if pacc is None else pacc} | {pparams or ''} |")
+    lines += [
+        "",
+        f"parameter reduction (LH vs FC): {m['params']['reduction_pct']:.1f}%",
+        test_time_line(m["throughput"]),
+        f"LH lookup accuracy (ambiguous strings wrong): {m['lh']['lookup_acc']:.2f}",
+        f"classes sharing a string: {'; '.join(', '.join(g) for g in m['duplicate_class_names']) or 'none'}",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
