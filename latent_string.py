@@ -983,13 +983,13 @@ def sweep_bits_list(args, bits):
     return sorted(set(args.sweep_bits))
 
 
-def main(argv=None):
-    args = get_args(argv)
-    run_dir, device = common.setup(args, "latent_string")
-    if args.dry_run:
-        args.lh_epochs = 1
-    started = time.time()
-    data = common.load_data(args)
+# ---------------------------------------------------------------------------------------
+# The pipeline's steps (main)
+# ---------------------------------------------------------------------------------------
+
+
+def lh_settings(args, data):
+    """L (default ceil(log2 C), a warning when 2^L < C) and the Table I sizes, unless given."""
     C = data.num_classes
     if C < 2:
         common.fail(f"{data.name} has {C} class; the LH classifier needs at least 2")
@@ -1003,20 +1003,20 @@ def main(argv=None):
     lstm_hidden, code_hidden = default_lh_sizes(data.name, C)
     lstm_hidden = tuple(args.lstm_hidden_sizes or lstm_hidden)
     code_hidden = args.code_hidden or code_hidden
+    return bits, lstm_hidden, code_hidden
 
+
+def train_val_split(args, data):
+    """--val-per-class N images per class held out of train (None: no validation split)."""
     train_split, val_split = data.train, None
     if args.val_per_class:
         val_idx, train_idx = common.stratified_split(data.train.labels.numpy(), args.val_per_class, args.seed)
         train_split, val_split = data.train.subset(train_idx), data.train.subset(val_idx)
+    return train_split, val_split
 
-    # Stage 1: the base model, then the frozen extractor's features, cached once.
-    base, backbone = build_base_model(args, data)
-    base = common.to_device_model(base, device)
-    if args.base_from:
-        load_base_from(base, args, device)
-    else:
-        train_base(base, data, train_split, val_split, args, run_dir, device)
-    freeze(base)
+
+def cache_all_features(base, train_split, val_split, args, data, device):
+    """The frozen extractor's features of train, test (and val), computed once: {split: (features, labels)}."""
     t0 = time.time()
     cached = {
         "train": cache_features(base, train_split.images, train_split.labels, args, data, device),
@@ -1024,27 +1024,15 @@ def main(argv=None):
     }
     if val_split is not None:
         cached["val"] = cache_features(base, val_split.images, val_split.labels, args, data, device)
-    feature_dim = cached["train"][0].shape[1]
     print(
-        f"cached {feature_dim}-d features of {sum(len(v[1]) for v in cached.values())} images "
+        f"cached {cached['train'][0].shape[1]}-d features of {sum(len(v[1]) for v in cached.values())} images "
         f"in {time.time() - t0:.1f}s",
         flush=True,
     )
-    fc_logits, test_labels = common.predict(
-        base.head.fc, FeatureLoader(*cached["test"], 1024, device=device), device=device, dtype=args.dtype
-    )
-    fc_test_acc = common.accuracy(fc_logits, test_labels)
+    return cached
 
-    # Stage 2: the LH classifier with Class2Str and Str2Class (Eq. 5), its code repaired if needed.
-    # Seeded afresh, so that stage 2 is the same whether the base was trained here or taken from
-    # --base-from, and --lh-seed varies it alone on one frozen extractor.
-    common.seed_everything(stage2_seed(args))
-    sizes = (feature_dim, C, code_hidden)
-    lh, codes, lh_scores, stage = train_lh_model(
-        "lh", cached, args, run_dir, device, sizes=sizes, bits=bits, hidden=lstm_hidden
-    )
-    names = data.class_names
-    tree = prefix_tree(codes, names)
+
+def warn_shared_strings(lh, names):
     if lh["duplicate_strings"]:
         shared = "; ".join(", ".join(names[c] for c in g) for g in lh["duplicate_strings"])
         print(
@@ -1053,27 +1041,10 @@ def main(argv=None):
             flush=True,
         )
 
-    # The random-embedding ablation and the reduced FC classifier of Table III.
-    random_result, random_codes, random_scores, _ = train_lh_model(
-        "random_code",
-        cached,
-        args,
-        run_dir,
-        device,
-        sizes=sizes,
-        bits=bits,
-        hidden=lstm_hidden,
-        fixed_code=random_code(C, bits, stage2_seed(args)),
-    )
-    lh_params = common.count_params(stage.classifier)
-    fc_params = common.count_params(base.head)
-    hidden = reduced_fc_hidden(lh_params, feature_dim, C)
-    reduced = train_reduced_fc(hidden, cached, feature_dim, C, args, run_dir, device)
-    reduced_logits, _ = common.predict(
-        reduced, FeatureLoader(*cached["test"], 1024, device=device), device=device, dtype="fp32"
-    )
 
-    # The L sweep (Fig. 8) and the LSTM size sweep (Fig. 7), on the same cached features.
+def run_sweeps(cached, args, run_dir, device, *, sizes, bits, lstm_hidden, lh, lh_params):
+    """The L sweep (Fig. 8) and the LSTM size sweep (Fig. 7); the default L / size is the `lh` stage, reused."""
+
     def sweep_row(result):
         row = {
             "exact_match_acc": result["exact_match_acc"],
@@ -1105,17 +1076,96 @@ def main(argv=None):
             )
             n_params = common.count_params(sweep_stage.classifier)
         hidden_sweep.append({"hidden": h, "lh_params": n_params, **sweep_row(result)})
+    return bits_sweep, hidden_sweep
 
+
+def main(argv=None):
+    # 1. Settings and data: L, the Table I sizes, the optional validation split.
+    args = get_args(argv)
+    run_dir, device = common.setup(args, "latent_string")
+    if args.dry_run:
+        args.lh_epochs = 1
+    started = time.time()
+    data = common.load_data(args)
+    C = data.num_classes
+    bits, lstm_hidden, code_hidden = settings = lh_settings(args, data)
+    train_split, val_split = train_val_split(args, data)
+
+    # 2. Stage 1: the base model (Table I), trained or taken from --base-from, frozen; its features cached once.
+    base, backbone = build_base_model(args, data)
+    base = common.to_device_model(base, device)
+    if args.base_from:
+        load_base_from(base, args, device)
+    else:
+        train_base(base, data, train_split, val_split, args, run_dir, device)
+    freeze(base)
+    cached = cache_all_features(base, train_split, val_split, args, data, device)
+    feature_dim = cached["train"][0].shape[1]
+    test_loader = FeatureLoader(*cached["test"], 1024, device=device)
+    fc_out = common.predict(base.head.fc, test_loader, device=device, dtype=args.dtype)  # (logits, labels)
+
+    # 3. Stage 2: the LH classifier with Class2Str and Str2Class (Eq. 5), its code repaired if needed.
+    # Seeded afresh, so that stage 2 is the same whether the base was trained here or taken from
+    # --base-from, and --lh-seed varies it alone on one frozen extractor.
+    common.seed_everything(stage2_seed(args))
+    sizes = (feature_dim, C, code_hidden)
+    lh_out = train_lh_model("lh", cached, args, run_dir, device, sizes=sizes, bits=bits, hidden=lstm_hidden)
+    lh, _, _, stage = lh_out
+    warn_shared_strings(lh, data.class_names)
+
+    # 4. The random-embedding ablation and the reduced FC classifier of Table III.
+    fixed = random_code(C, bits, stage2_seed(args))
+    random_out = train_lh_model(
+        "random_code", cached, args, run_dir, device, sizes=sizes, bits=bits, hidden=lstm_hidden, fixed_code=fixed
+    )
+    lh_params = common.count_params(stage.classifier)
+    hidden = reduced_fc_hidden(lh_params, feature_dim, C)
+    reduced = train_reduced_fc(hidden, cached, feature_dim, C, args, run_dir, device)
+    test_loader = FeatureLoader(*cached["test"], 1024, device=device)
+    reduced_out = (hidden, reduced, common.predict(reduced, test_loader, device=device, dtype="fp32")[0])
+
+    # 5. The L sweep (Fig. 8) and the LSTM size sweep (Fig. 7), on the same cached features.
+    sweeps = run_sweeps(
+        cached, args, run_dir, device, sizes=sizes, bits=bits, lstm_hidden=lstm_hidden, lh=lh, lh_params=lh_params
+    )
+
+    # 6. Test time per image and the metrics; the reports (metrics.json, table3.md, the code, the sweeps).
+    metrics = collect_metrics(
+        args, data, device, settings, base, backbone, cached, fc_out, lh_out, random_out, reduced_out, sweeps
+    )
+    metrics["seconds"] = time.time() - started
+    report(run_dir, metrics, data, lh_out, sweeps)
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------
+# Reports: metrics.json's content, the files and the summary, the sweeps' TSV, the test-time line, Table III
+# ---------------------------------------------------------------------------------------
+
+
+def collect_metrics(
+    args, data, device, settings, base, backbone, cached, fc_out, lh_out, random_out, reduced_out, sweeps
+):
+    """metrics.json's content (all but `seconds`); measures the test time per image (test_time) on the way."""
+    bits, lstm_hidden, code_hidden = settings
+    fc_logits, test_labels = fc_out
+    lh, codes, lh_scores, stage = lh_out
+    random_result, random_codes, random_scores, _ = random_out
+    hidden, reduced, reduced_logits = reduced_out
+    bits_sweep, hidden_sweep = sweeps
+    names = data.class_names
+    lh_params = common.count_params(stage.classifier)
+    fc_params = common.count_params(base.head)
     metrics = {
         "dataset": data.name + (" (JPEG q75 copy)" if data.name == "cifar10" else ""),
-        "num_classes": C,
+        "num_classes": data.num_classes,
         "bits": bits,
         "backbone": backbone,
-        "feature_dim": feature_dim,
+        "feature_dim": cached["train"][0].shape[1],
         "lstm_hidden": list(lstm_hidden),
         "code_hidden": code_hidden,
         "base_from": str(Path(args.base_from).resolve()) if args.base_from else None,
-        "fc_test_acc": fc_test_acc,
+        "fc_test_acc": common.accuracy(fc_logits, test_labels),
         "lh_test_acc": lh["exact_match_acc"],
         "lh": lh,
         "reduced_fc_hidden": hidden,
@@ -1155,8 +1205,14 @@ def main(argv=None):
             ("random_code", random_scores),
         )
     }
-    metrics["seconds"] = time.time() - started
+    return metrics
 
+
+def report(run_dir, metrics, data, lh_out, sweeps):
+    """metrics.json, class_codes.json, prefix_tree.txt, table3.md, bits_sweep.tsv, hidden_sweep.tsv, and the summary."""
+    lh, codes = lh_out[:2]
+    bits_sweep, hidden_sweep = sweeps
+    tree = prefix_tree(codes, data.class_names)
     common.write_json(run_dir / "metrics.json", metrics)
     common.write_json(
         run_dir / "class_codes.json",
@@ -1172,12 +1228,6 @@ def main(argv=None):
     print("bits sweep (Fig. 8):\n" + sweep_tsv("bits", bits_sweep))
     print("LSTM size sweep (Fig. 7):\n" + sweep_tsv("hidden", hidden_sweep))
     print(f"done in {common.format_seconds(metrics['seconds'])}; results in {run_dir}")
-    return metrics
-
-
-# ---------------------------------------------------------------------------------------
-# Reports: the sweeps' TSV, the test-time line, Table III
-# ---------------------------------------------------------------------------------------
 
 
 def sweep_tsv(key, rows):
