@@ -1,167 +1,38 @@
 """Latent Hierarchy (LH) classifier: an LSTM that emits a binary string per image, with the
 class-to-string code learnt end to end by Class2Str and Str2Class networks.
 
-Paper: the Latent Hierarchy Classifier / Class2Str paper (its title is not in our copy:
-../shared/papers/latent_string.txt), Sections III-VI, Tables I and III, Figs. 1, 5, 6 and 8.
+Paper: the Latent Hierarchy Classifier / Class2Str paper (../shared/papers/latent_string.txt), Sections III-VI,
+Tables I and III, Figs. 1, 5-8. The full account of every reading, deviation and finding, and the commands:
+docs/latent_string.md.
 
-What this script reproduces
-- Stage `base`: the base model of Table I (convolutional feature extractor + FC classifier),
-  trained to convergence with cross-entropy. MNIST: LeNet 16-pool-32-pool-64, FC 3136-500-10
-  (`common.LeNetMNIST`, checked against Table I: same widths, 64 x 7 x 7 = 3136 features).
-  CIFAR-10 / CIFAR-100 / shapes: the CIFAR VGG16 variant, FC 512-1024-1024-C
-  (`common.VGG(16, C, hidden=(1024, 1024))`).
-- The feature extractor is then frozen. Its features for the train / val / test sets are
-  computed ONCE (eval mode, no augmentation) and cached on the device; every later stage trains
-  on these cached features, which is exactly "the convolutional weights are not updated" and far
-  faster than running the extractor again.
-- Stage `lh`: the LH classifier (an L-step LSTM fed the feature vector at every step, a shared
-  FC to 2 and a softmax per bit: p_i), trained jointly with Class2Str (one-hot -> hidden ->
-  2 per bit, softmax: q_i) and Str2Class (2L -> hidden -> C) by Eq. 5 with Adam:
-      alpha H(l, l') + beta sum_i mu^i H(p_i, q_i) - gamma sum_i (q_i(0)^2 + q_i(1)^2) + delta L2(W)
-  No bit is fed back (the feature vector is every step's input), so the L steps run as one fused
-  nn.LSTM call per layer (cuDNN, no host sync, CUDA-graph capturable).
-- One-to-one check and repair (stage `lh_repaired`, only when needed): if classes still share a
-  string after training, all but the most confident class of each group move to the free string
-  with the longest common prefix (repair_code), and the LH classifier trains on for
-  --repair-epochs with that code fixed. metrics.json keeps the numbers before the repair.
-- Test time (Section V): Class2Str and Str2Class are dropped; the learnt string s(q) of every
-  class goes into a lookup table; an image's string s(p) is correct only if ALL bits match its
-  class's string. Classes that share a string are detected and reported (metrics.json,
-  class_codes.json, the prefix tree) and two accuracies are given: `exact_match` (the paper's
-  rule) and `lookup` (the table must return the true class, so images whose string is shared by
-  several classes count as wrong). They are equal when all strings are distinct.
-- Extras: Table III (FC vs LH vs reduced FC accuracy, classifier parameter counts, parameter
-  reduction, test-time per image), the random-embedding ablation (stage `random_code`: Class2Str
-  replaced by a fixed random one-to-one code), per-bit and prefix accuracy (Fig. 6), an L sweep
-  (stages `lh_bits<L>`, Fig. 8, with the lookup accuracy as a column), an LSTM size sweep
-  (stages `lh_hidden<h>`, Fig. 7), and the learnt hierarchy as a prefix tree with class names
-  (Figs. 1 and 5; prefix_tree.txt). On datasets with a known hierarchy (CIFAR-100's superclasses,
-  CIFAR-10's vehicles/animals, shapes) the mean longest common prefix of same-parent vs other
-  class pairs is reported for the learnt code and for the random code (the chance level), and
-  common.hierarchical_metrics for FC, LH, reduced FC and the random code (LH scores: log P of each
-  class's string from the bit probabilities).
+    python latent_string.py                                                            # shapes, VGG16 features
+    python latent_string.py --dataset cifar100 --data-dir /root/data --val-per-class 50  # Table III, CIFAR-100
+    python latent_string.py --dataset cifar100 --data-dir data --base-from RUN --lh-seed 1  # stage 2 on RUN's extractor
 
-Outputs in the run directory: args.json, metrics.jsonl, metrics.json, table3.md,
-class_codes.json, prefix_tree.txt, bits_sweep.tsv, hidden_sweep.tsv, one checkpoint folder per stage.
+Pipeline (main): data (optional validation split) -> stage 1, the base model of Table I (trained, or --base-from)
+-> its frozen features, cached once -> stage 2 on the cached features: the LH classifier with Class2Str and
+Str2Class by Eq. 5,
+    alpha H(l, l') + beta sum_i mu^i H(p_i, q_i) - gamma sum_i (q_i(0)^2 + q_i(1)^2) + delta L2(W)
+-> the one-to-one check and repair -> the random code, the reduced FC and the L / LSTM-size sweeps -> test time
+per image -> table3.md, metrics.json, class_codes.json, prefix_tree.txt, bits_sweep.tsv, hidden_sweep.tsv.
 
-Commands (a validation split of N images per class, held out of train, gives every stage a
-validation column; nothing is selected on the test set)
-    python latent_string.py                                   # shapes (64 px), VGG16 features
-    python latent_string.py --dataset mnist --data-dir /root/data --val-per-class 500       # LeNet
-    python latent_string.py --dataset cifar100 --data-dir /root/data --val-per-class 50     # VGG16 variant
-    python latent_string.py --dataset cifar10 --data-dir data --val-per-class 500  # the JPEG q75 copy
-An LH variant on the frozen extractor of an earlier run (its base model reused; the data, split
-and base-model flags must match, checked), e.g. Table I read for the paper's parameter counts:
-    python latent_string.py --dataset cifar100 --data-dir data --val-per-class 50 --base-from RUN \
-        --bits-sweep none --hidden-sweep none --lh-input-proj
-Stage 2 (everything after the frozen extractor) is seeded afresh with --lh-seed (default --seed),
-so a --base-from run with the base run's flags repeats its stage 2 exactly, and --lh-seed N gives
-other seeds of the LH classifier, the random code and the reduced FC on the same extractor.
-
-What we found (CPU experiments on synthetic frozen features; no GPU numbers here)
-Data: 100 classes in 20 superclasses of 5, 512-d post-ReLU features; training features are clean
-clusters (separable, like an over-fitted extractor's training features: 100% train accuracy),
-validation / test images land in another class's cluster 25% of the time (60% of those in a
-sibling). Linear FC on these: 78.2% test. LH 512-40-40, L = 7, Class2Str / Str2Class 1000,
-Adam 1e-3, batch 128, 5 epochs (exact-match / lookup test accuracy, distinct strings of 100):
-  soft q, alpha 10, gamma 0.1 (the old defaults)   69.4 / 66.3, 96 distinct
-  gamma 0                                          70.0 / 68.0, 97 distinct
-  alpha 100                                        59.0 / 53.4, 92 distinct
-  Str2Class on hard s(q), straight-through         62.1 / 58.5, 96 distinct
-  H(p, q) not reaching Class2Str (q detached)      60.8 / 58.5, 97 distinct
-  random one-to-one code (ablation)                68.8 / 68.8, 100 distinct
-  the first row + repair (4 classes moved) + 2 epochs on the fixed code (7 epochs in all)
-                                                   74.1 / 74.1, 100 distinct (val lookup 74.2)
-The repaired learnt code beats the random one (74.1 vs 68.8, though after 7 epochs vs 5) and is
-4 points below FC here; training on a fixed code fits much faster (train lookup 99.7% vs 78.8%).
-The reading of Table I closest to the paper's parameter counts (--lh-input-proj: Linear 512-40 +
-LSTM 40-40, 33.7 K parameters) with the random code: 58.7 vs 68.8 for our default (two LSTM
-layers, 101.8 K), same 5 epochs; so the default stays.
-Why classes collide: Class2Str starts far from one to one. Its outputs share the bias and the
-ReLU layer, so at initialisation the 100 one-hot inputs give only 8-31 distinct strings (5 seeds;
-independent random strings would give about 70). H(l, l') reads the soft q and is satisfied by
-small soft differences between classes that share the argmax string (it falls to 0.003 while 3-4
-groups still collide), and once q saturates its gradient is too small to flip a bit. The bit
-term is not the cause (detaching q from it leaves as many collisions and costs 9 points); a
-larger alpha or the straight-through hard code did not help (on the unit test's planted
-6-cluster problem, L = 4, the hard code left shared strings in 3 of 8 seeds, the soft q in 0).
-So the default keeps the paper's soft q and alpha 10, gamma 0.1, and makes the code one to one
-by the explicit check and repair. The learnt code groups superclasses only weakly: mean common
-prefix of same-superclass pairs 1.15 vs 0.94 for other pairs (random code: 0.77 vs 0.96).
-The parameter counts are a separate matter (see "paper vs ours" below).
-
-Paper vs ours (every ambiguity or deviation)
-- Base-model training is not given ("trained to convergence"). Ours: SGD, momentum 0.9,
-  weight decay 5e-4, lr 0.05 divided by 10 at 50% and 75% of the epochs, batch 128, 100 epochs;
-  random pad-4 crops and horizontal flips for colour images, no augmentation for MNIST;
-  dropout 0.5 before the VGG FC layers, none in LeNet. LeNet's kernel size (5, padding 2) is
-  not in Table I.
-- Shapes (offline stand-in, 72 classes, 3 known levels) uses the CIFAR VGG16 variant with the
-  CIFAR-100 LH sizes (LSTM 40-40, Class2Str/Str2Class hidden 1000) since it has many classes;
-  a dataset with at most 10 classes gets the CIFAR-10 sizes (20-20, 500).
-- "3136 - 10 - 10" (LH classifier) is read by default as: input 3136, two stacked LSTM layers of
-  10 units ("single or double layered LSTM"), then one FC hidden -> 2 shared across the L steps.
-  The feature vector is the input at every step; the previous bits reach later steps only through
-  the LSTM state. Counts (LH classifier only): MNIST 126.8 K, CIFAR-10 46.1 K, CIFAR-100 101.8 K
-  vs the paper's 31 K / 6 K / 30 K. Readings tried (counts for MNIST / CIFAR-10 / CIFAR-100):
-  two LSTM layers 126.8 / 46.1 / 101.8 K; one LSTM layer + FC h1 -> h2 126.0 / 43.1 / 90.3 K;
-  GRU layers 95.1 / 34.6 / 76.4 K; Linear(in, h1) + LSTM(h1, h2) + FC -> 2 32.3 / 13.7 / 33.7 K;
-  plain RNN layers 31.7 / 11.5 / 25.4 K; LSTM layers on an h1-sized input (the in x h1 input
-  weights not counted) 1.8 / 6.8 / 26.3 K; adding Class2Str + Str2Class 145.8 / 65.1 / 332.0 K.
-  No reading gives all three. The closest with an LSTM is Linear(in, h1) + LSTM(h1, h2)
-  (--lh-input-proj): MNIST and CIFAR-100 within 4% and 12%, CIFAR-10 2.3x the paper's 6 K
-  (which is below the 10,240 weights of any 512 x 20 input layer, so the paper's 6 K cannot
-  count a dense layer from the 512 features). Class2Str and Str2Class are not counted (they are
-  dropped at test time), as in the paper's Table III reductions (98-99%).
-- Class2Str: Linear(C, hidden), ReLU, Linear(hidden, 2L), softmax per bit. Str2Class:
-  Linear(2L, hidden), ReLU, Linear(hidden, C) on the concatenated soft q. The activation is not
-  given; ReLU is ours.
-- H(p_i, q_i) is taken as the cross-entropy with the Class2Str code as the target,
-  -sum_b q_i(b) log p_i(b), the same direction as H(l, l') (target first would be the literal
-  order otherwise); this direction does not saturate when p is confidently wrong. Gradients reach
-  the LH classifier and Class2Str through it. mu^i counts from i = 1.
-- Batch terms are means over the batch; the bias term (Eq. 3) is averaged over the batch too.
-  L2(W) is the sum of squares of every weight matrix of the LH classifier, Class2Str and
-  Str2Class (biases excluded), inside the loss (Adam has no weight decay).
-- alpha, beta, gamma, delta are not given ("same order of magnitude", gamma "as small as
-  possible"). Defaults: alpha 10, beta 1, gamma 0.1, delta 1e-4; LH stages: Adam lr 1e-3,
-  batch 128, 50 epochs, constant lr (the paper names Adam and no schedule; --lh-schedule step
-  divides the lr by 10 at 50% and 75% of each stage-2 training); they run in fp32 (they are
-  tiny). Why alpha 10: with
-  alpha <= 3 (and with gamma 1) Class2Str collapsed within the first epoch to ONE string for
-  all 72 shapes classes in our CPU trials: the LH classifier first learns the average bit, the
-  bit cross-entropy then pulls every class's q towards it, and gamma saturates q before
-  Str2Class can keep the classes apart. alpha 10 / gamma 0.1 kept the strings apart.
-- Str2Class reads the soft q by default (Fig. 3: "concatenate the 2 dimensional probability
-  vectors"). Then H(l, l') can be near zero while two classes still share the argmax string s(q):
-  see "What we found". --code-input hard feeds the one-hot s(q) with a straight-through gradient
-  instead (not in the paper; it did not help, see below). The paper asserts that the code is one
-  to one on convergence; it does not say what happens when it is not. Ours: the repair step
-  above (--no-repair to switch it off). Without the repair, classes sharing a string are listed
-  under duplicates; `lookup_acc` counts their images as wrong, `exact_match_acc` (the paper's
-  rule) does not.
-- The LH stages see un-augmented cached training features (the base model saw augmented
-  images); the paper does not say how augmentation was handled in the second stage.
-- --lh-head mlp (not in the paper) replaces the LSTM by one hidden layer that gives all L bits at
-  once, with the LSTM's parameter count, trained by the same Eq. 5 (learnt code) and on the same
-  random code: a control that separates what the recurrence does from what predicting a short
-  binary code does (every bit an arbitrary split of the classes, the string wrong when any bit is).
-- Reduced FC classifier (Table III, third column): one hidden layer whose width makes its
-  parameter count closest to the LH classifier's, trained on the same frozen features with Adam
-  and cross-entropy for --lh-epochs (the paper does not say how it was trained).
-- Random-embedding ablation: distinct random L-bit strings (seeded) replace Class2Str; the same
-  Eq. 5 is minimised (its alpha and gamma terms are then constant for the LH classifier).
-- The L sweep (Fig. 8) trains one LH stage per L on the cached features; for L < log2 C the
-  code cannot be one to one, which shows as duplicate strings. The default L (ceil(log2 C)) is
-  the `lh` stage and is not trained twice.
-- No validation split is described; --val-per-class 0 (the default) trains on the whole training
-  set and selects nothing. With --val-per-class N, N images per class are held out and every
-  stage reports validation accuracy per epoch. Nothing is ever chosen on the test set.
-- Test time per image (Table III's last column): images/s of the base model (extractor + FC +
-  argmax) vs extractor + LH classifier + lookup at the evaluation batch (512), and batch-1
-  latency, eager and (CUDA, --cuda-graph) with each whole forward captured in one CUDA graph;
-  the reduction is 1 - t_LH / t_FC, from the CUDA-graph numbers when there are any.
-- Fig. 7 (LSTM size) sweep: every layer the same size h; 'auto' sweeps h/4 .. 4h around Table I.
+Paper vs ours, one line per decision (docs/latent_string.md, "Paper vs ours", has the reasoning):
+- base-model training not given: SGD 0.05, step lr, 100 epochs, crop + flip on colour images: get_args, train_base
+- shapes gets the CIFAR-100 LH sizes, at most 10 classes the CIFAR-10 ones: default_lh_sizes
+- Table I's "in - h1 - h2": two stacked LSTM layers (counts above the paper's); Linear + LSTM: --lh-input-proj
+- the feature vector is every step's input, no bit fed back; one fused nn.LSTM call: LHClassifier, --lstm-impl
+- Class2Str / Str2Class with a ReLU hidden layer (activation not given): Class2Str, Str2Class
+- H(p_i, q_i) with the Class2Str code as the target; mu^i from i = 1; batch means; L2 on weights only: eq5_loss
+- alpha 10, beta 1, gamma 0.1, delta 1e-4 (not given); Adam 1e-3, batch 128, 50 epochs, fp32: --alpha .. --lh-*
+- Str2Class reads the soft q (Fig. 3); the hard s(q), straight-through: --code-input hard
+- a code that is not one to one is repaired and trained on (not in the paper): repair_code, --repair
+- stage 2 sees un-augmented cached features; seeded afresh with --lh-seed: cache_features, stage2_seed
+- a control without recurrence (not in the paper): --lh-head mlp, BitMLP
+- reduced FC (Table III): one hidden layer with the LH's parameter count, Adam: reduced_fc_hidden, train_reduced_fc
+- random-embedding ablation: distinct random strings replace Class2Str, same Eq. 5: random_code, FixedCode
+- L sweep (Fig. 8) and LSTM-size sweep (Fig. 7): --bits-sweep, --hidden-sweep
+- no validation in the paper; --val-per-class N reports on a held-out split, nothing selected on test
+- test time per image: eager and CUDA-graph, batch 512 and 1: test_time, --cuda-graph
 """
 
 import argparse
@@ -202,113 +73,7 @@ PAPER = {
 }
 
 
-BASE_GROUP = "base model (stage 1)"
-
-
-def make_parser():
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    common.add_common_args(parser, epochs=100, batch_size=128, lr=0.05, dataset="shapes")
-    g = parser.add_argument_group(BASE_GROUP)
-    g.add_argument(
-        "--backbone",
-        default="auto",
-        choices=("auto", "vgg16", "lenet"),
-        help="auto: LeNet for MNIST, the CIFAR VGG16 variant otherwise (Table I)",
-    )
-    g.add_argument("--momentum", type=common.fraction, default=0.9)
-    g.add_argument("--weight-decay", type=common.nonneg_float, default=5e-4)
-    g.add_argument("--dropout", type=common.fraction, default=0.5, help="VGG FC dropout")
-    g.add_argument(
-        "--augment",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="pad-4 crop + flip for colour images (MNIST is never augmented)",
-    )
-    g.add_argument(
-        "--val-per-class", type=common.nonneg_int, default=0, help="hold out N training images per class (0: none)"
-    )
-    g.add_argument(
-        "--base-from",
-        default=None,
-        metavar="RUN_DIR",
-        help="take the trained base model of an earlier latent_string run (same data, split and base-model "
-        "flags, checked) instead of training one: LH variants on one frozen extractor",
-    )
-    g = parser.add_argument_group("LH classifier, Class2Str, Str2Class (stage 2, Eq. 5)")
-    g.add_argument("--bits", type=common.positive_int, default=None, help="string length L (default ceil(log2 C))")
-    g.add_argument("--lstm-hidden", default=None, help="comma list of LSTM layer sizes (default from Table I)")
-    g.add_argument(
-        "--code-hidden", type=common.positive_int, default=None, help="Class2Str / Str2Class hidden width (Table I)"
-    )
-    g.add_argument("--alpha", type=common.nonneg_float, default=10.0, help="weight of H(l, l') (Str2Class)")
-    g.add_argument("--beta", type=common.nonneg_float, default=1.0, help="weight of sum mu^i H(p_i, q_i)")
-    g.add_argument("--gamma", type=common.nonneg_float, default=0.1, help="weight of the bias regulariser (Eq. 3)")
-    g.add_argument("--delta", type=common.nonneg_float, default=1e-4, help="weight of L2(W)")
-    g.add_argument("--mu", type=common.positive_float, default=0.8, help="decay of the per-bit weights mu^i (Eq. 4)")
-    g.add_argument(
-        "--code-input",
-        default="soft",
-        choices=("soft", "hard"),
-        help="what Str2Class reads: the argmax string s(q) with a straight-through gradient, or the soft q",
-    )
-    g.add_argument(
-        "--repair",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="if classes share a string after training, move all but one to the nearest free strings and "
-        "train the LH classifier on with that code fixed",
-    )
-    g.add_argument(
-        "--lstm-impl",
-        default="fused",
-        choices=("fused", "steps"),
-        help="the L steps as one nn.LSTM call per layer (cuDNN) or as the explicit step loop (same numbers)",
-    )
-    g.add_argument(
-        "--repair-epochs", type=common.positive_int, default=10, help="epochs of LH training after a code repair"
-    )
-    g.add_argument(
-        "--lh-input-proj",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="read Table I's 'in - h1 - h2' as Linear(in, h1) + LSTM(h1, h2) (closest to the paper's parameter "
-        "counts) instead of LSTM(in, h1) + LSTM(h1, h2)",
-    )
-    g.add_argument(
-        "--lh-head",
-        default="lstm",
-        choices=("lstm", "mlp"),
-        help="the string classifier: the paper's LSTM, or a control without recurrence (one hidden layer giving "
-        "all L bits at once, as many parameters as the LSTM)",
-    )
-    g.add_argument("--lh-epochs", type=common.positive_int, default=50)
-    g.add_argument("--lh-lr", type=common.positive_float, default=1e-3, help="Adam learning rate")
-    g.add_argument(
-        "--lh-schedule",
-        default="constant",
-        choices=("constant", "step"),
-        help="Adam's learning rate over each stage-2 training (LH, random code, reduced FC, repair): constant, "
-        "or divided by 10 at 50%% and 75%% of its steps",
-    )
-    g.add_argument(
-        "--lh-seed",
-        type=common.seed_int,
-        default=None,
-        help="seed of stage 2 (initialisation, batch order, the random code); default --seed. With --base-from: "
-        "several stage-2 seeds on one frozen extractor",
-    )
-    g.add_argument("--lh-batch-size", type=common.positive_int, default=128)
-    g.add_argument(
-        "--bits-sweep", default="auto", help="comma list of L for the Fig. 8 sweep; 'auto': L0-1 .. L0+2; 'none': skip"
-    )
-    g.add_argument(
-        "--hidden-sweep",
-        default="auto",
-        help="comma list of LSTM sizes (every layer) for the Fig. 7 sweep; 'auto': h/4, h/2, h, 2h, 4h; 'none': skip",
-    )
-    return parser
+BASE_GROUP = "base model (stage 1)"  # base_flags() reads this group: every flag in it must match for --base-from
 
 
 def get_args(argv=None):
@@ -318,6 +83,54 @@ def get_args(argv=None):
     args = common.parse_args(
         parser, argv, script="latent_string", resume_longer=("lh_epochs",), dry_run={"repair_epochs": 1}
     )
+    check_args(parser, args)
+    return args
+
+
+def make_parser():
+    """Every flag, one line each; the longer account of each is in docs/latent_string.md, "Flags"."""
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    common.add_common_args(parser, epochs=100, batch_size=128, lr=0.05, dataset="shapes")
+    b = parser.add_argument_group(BASE_GROUP)
+    g = parser.add_argument_group("LH classifier, Class2Str, Str2Class (stage 2, Eq. 5)")
+    p = parser.add_argument_group("paper fidelity and ablations (docs/latent_string.md)")
+    pos, posf, nonneg = common.positive_int, common.positive_float, common.nonneg_float
+    b.add_argument("--backbone", default="auto", choices=("auto", "vgg16", "lenet"), help="auto: Table I's per dataset")
+    b.add_argument("--momentum", type=common.fraction, default=0.9)
+    b.add_argument("--weight-decay", type=nonneg, default=5e-4)
+    b.add_argument("--dropout", type=common.fraction, default=0.5, help="VGG FC dropout")
+    b.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True, help="crop + flip, colour only")
+    b.add_argument("--val-per-class", type=common.nonneg_int, default=0, help="hold out N train images per class")
+    b.add_argument("--base-from", default=None, metavar="RUN_DIR", help="reuse an earlier run's base model (checked)")
+    g.add_argument("--bits", type=pos, default=None, help="string length L (default ceil(log2 C))")
+    g.add_argument("--lstm-hidden", default=None, help="comma list of LSTM layer sizes (default from Table I)")
+    g.add_argument("--code-hidden", type=pos, default=None, help="Class2Str / Str2Class hidden width (Table I)")
+    g.add_argument("--alpha", type=nonneg, default=10.0, help="weight of H(l, l') (Str2Class)")
+    g.add_argument("--beta", type=nonneg, default=1.0, help="weight of sum mu^i H(p_i, q_i)")
+    g.add_argument("--gamma", type=nonneg, default=0.1, help="weight of the bias regulariser (Eq. 3)")
+    g.add_argument("--delta", type=nonneg, default=1e-4, help="weight of L2(W)")
+    g.add_argument("--mu", type=posf, default=0.8, help="decay of the per-bit weights mu^i (Eq. 4)")
+    p.add_argument("--code-input", default="soft", choices=("soft", "hard"), help="Str2Class reads q, or s(q) (ST)")
+    p.add_argument("--repair", action=argparse.BooleanOptionalAction, default=True, help="make the code one to one")
+    g.add_argument("--lstm-impl", default="fused", choices=("fused", "steps"), help="one nn.LSTM call, or a loop")
+    p.add_argument("--repair-epochs", type=pos, default=10, help="epochs of LH training after a code repair")
+    p.add_argument("--lh-input-proj", action=argparse.BooleanOptionalAction, default=False, help="Linear + LSTM")
+    p.add_argument("--lh-head", default="lstm", choices=("lstm", "mlp"), help="mlp: a control without recurrence")
+    g.add_argument("--lh-epochs", type=pos, default=50)
+    g.add_argument("--lh-lr", type=posf, default=1e-3, help="Adam learning rate")
+    p.add_argument("--lh-schedule", default="constant", choices=("constant", "step"), help="step: /10 at 50%%, 75%%")
+    g.add_argument("--lh-seed", type=common.seed_int, default=None, help="seed of stage 2; default --seed")
+    g.add_argument("--lh-batch-size", type=pos, default=128)
+    p.add_argument("--bits-sweep", default="auto", help="L for Fig. 8, comma list; auto: L0-1 .. L0+2; none")
+    p.add_argument("--hidden-sweep", default="auto", help="LSTM sizes for Fig. 7, comma list; auto: h/4 .. 4h; none")
+    return parser
+
+
+def check_args(parser, args):
+    """Range checks get_args leaves to after parsing; parses the comma lists into args.lstm_hidden_sizes,
+    args.sweep_bits and args.sweep_hidden."""
     if args.bits is not None and not 1 <= args.bits <= 20:
         parser.error("--bits must be between 1 and 20")
     if not 0 < args.mu <= 1:
@@ -340,7 +153,6 @@ def get_args(argv=None):
         parser.error("--bits-sweep values must be between 1 and 20")
     if isinstance(args.sweep_hidden, list) and not all(h >= 1 for h in args.sweep_hidden):
         parser.error("--hidden-sweep sizes must be positive")
-    return args
 
 
 def parse_int_list(text):
@@ -351,7 +163,7 @@ def parse_int_list(text):
 
 
 # ---------------------------------------------------------------------------------------
-# Modules
+# The method, part 1: the LH classifier (LSTM), Class2Str, Str2Class, the fixed code, the reduced FC
 # ---------------------------------------------------------------------------------------
 
 
@@ -529,7 +341,7 @@ class FeatureLoader:
 
 
 # ---------------------------------------------------------------------------------------
-# The method
+# The method, part 2: the base model, Eq. 5, the code, its metrics and repair, the stage-2 trainings
 # ---------------------------------------------------------------------------------------
 
 
@@ -1171,6 +983,253 @@ def sweep_bits_list(args, bits):
     return sorted(set(args.sweep_bits))
 
 
+# ---------------------------------------------------------------------------------------
+# The pipeline's steps (main)
+# ---------------------------------------------------------------------------------------
+
+
+def lh_settings(args, data):
+    """L (default ceil(log2 C), a warning when 2^L < C) and the Table I sizes, unless given."""
+    C = data.num_classes
+    if C < 2:
+        common.fail(f"{data.name} has {C} class; the LH classifier needs at least 2")
+    bits = args.bits or default_bits(C)
+    if 2**bits < C:
+        print(
+            f"warning: L = {bits} bits give {2**bits} strings for {C} classes; some classes must share a string",
+            file=sys.stderr,
+            flush=True,
+        )
+    lstm_hidden, code_hidden = default_lh_sizes(data.name, C)
+    lstm_hidden = tuple(args.lstm_hidden_sizes or lstm_hidden)
+    code_hidden = args.code_hidden or code_hidden
+    return bits, lstm_hidden, code_hidden
+
+
+def train_val_split(args, data):
+    """--val-per-class N images per class held out of train (None: no validation split)."""
+    train_split, val_split = data.train, None
+    if args.val_per_class:
+        val_idx, train_idx = common.stratified_split(data.train.labels.numpy(), args.val_per_class, args.seed)
+        train_split, val_split = data.train.subset(train_idx), data.train.subset(val_idx)
+    return train_split, val_split
+
+
+def cache_all_features(base, train_split, val_split, args, data, device):
+    """The frozen extractor's features of train, test (and val), computed once: {split: (features, labels)}."""
+    t0 = time.time()
+    cached = {
+        "train": cache_features(base, train_split.images, train_split.labels, args, data, device),
+        "test": cache_features(base, data.test.images, data.test.labels, args, data, device),
+    }
+    if val_split is not None:
+        cached["val"] = cache_features(base, val_split.images, val_split.labels, args, data, device)
+    print(
+        f"cached {cached['train'][0].shape[1]}-d features of {sum(len(v[1]) for v in cached.values())} images "
+        f"in {time.time() - t0:.1f}s",
+        flush=True,
+    )
+    return cached
+
+
+def warn_shared_strings(lh, names):
+    if lh["duplicate_strings"]:
+        shared = "; ".join(", ".join(names[c] for c in g) for g in lh["duplicate_strings"])
+        print(
+            f"warning: {len(lh['duplicate_strings'])} strings are shared by several classes: {shared}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def run_sweeps(cached, args, run_dir, device, *, sizes, bits, lstm_hidden, lh, lh_params):
+    """The L sweep (Fig. 8) and the LSTM size sweep (Fig. 7); the default L / size is the `lh` stage, reused."""
+
+    def sweep_row(result):
+        row = {
+            "exact_match_acc": result["exact_match_acc"],
+            "lookup_acc": result["lookup_acc"],
+            "n_duplicate_groups": len(result["duplicate_strings"]),
+            "n_duplicate_groups_before_repair": len(result.get("before_repair", result)["duplicate_strings"]),
+        }
+        if "val" in cached:
+            row["val_lookup_acc"] = result["val_lookup_acc"]
+        return row
+
+    bits_sweep = []
+    for b in sweep_bits_list(args, bits):
+        if b == bits:
+            result = lh
+        else:
+            result = train_lh_model(
+                f"lh_bits{b}", cached, args, run_dir, device, sizes=sizes, bits=b, hidden=lstm_hidden
+            )[0]
+        bits_sweep.append({"bits": b, **sweep_row(result)})
+    hidden_sweep = []
+    for h in sweep_hidden_list(args, lstm_hidden):
+        sweep_hidden = (h,) * len(lstm_hidden)
+        if sweep_hidden == lstm_hidden:
+            result, n_params = lh, lh_params
+        else:
+            result, _, _, sweep_stage = train_lh_model(
+                f"lh_hidden{h}", cached, args, run_dir, device, sizes=sizes, bits=bits, hidden=sweep_hidden
+            )
+            n_params = common.count_params(sweep_stage.classifier)
+        hidden_sweep.append({"hidden": h, "lh_params": n_params, **sweep_row(result)})
+    return bits_sweep, hidden_sweep
+
+
+def main(argv=None):
+    # 1. Settings and data: L, the Table I sizes, the optional validation split.
+    args = get_args(argv)
+    run_dir, device = common.setup(args, "latent_string")
+    if args.dry_run:
+        args.lh_epochs = 1
+    started = time.time()
+    data = common.load_data(args)
+    C = data.num_classes
+    bits, lstm_hidden, code_hidden = settings = lh_settings(args, data)
+    train_split, val_split = train_val_split(args, data)
+
+    # 2. Stage 1: the base model (Table I), trained or taken from --base-from, frozen; its features cached once.
+    base, backbone = build_base_model(args, data)
+    base = common.to_device_model(base, device)
+    if args.base_from:
+        load_base_from(base, args, device)
+    else:
+        train_base(base, data, train_split, val_split, args, run_dir, device)
+    freeze(base)
+    cached = cache_all_features(base, train_split, val_split, args, data, device)
+    feature_dim = cached["train"][0].shape[1]
+    test_loader = FeatureLoader(*cached["test"], 1024, device=device)
+    fc_out = common.predict(base.head.fc, test_loader, device=device, dtype=args.dtype)  # (logits, labels)
+
+    # 3. Stage 2: the LH classifier with Class2Str and Str2Class (Eq. 5), its code repaired if needed.
+    # Seeded afresh, so that stage 2 is the same whether the base was trained here or taken from
+    # --base-from, and --lh-seed varies it alone on one frozen extractor.
+    common.seed_everything(stage2_seed(args))
+    sizes = (feature_dim, C, code_hidden)
+    lh_out = train_lh_model("lh", cached, args, run_dir, device, sizes=sizes, bits=bits, hidden=lstm_hidden)
+    lh, _, _, stage = lh_out
+    warn_shared_strings(lh, data.class_names)
+
+    # 4. The random-embedding ablation and the reduced FC classifier of Table III.
+    fixed = random_code(C, bits, stage2_seed(args))
+    random_out = train_lh_model(
+        "random_code", cached, args, run_dir, device, sizes=sizes, bits=bits, hidden=lstm_hidden, fixed_code=fixed
+    )
+    lh_params = common.count_params(stage.classifier)
+    hidden = reduced_fc_hidden(lh_params, feature_dim, C)
+    reduced = train_reduced_fc(hidden, cached, feature_dim, C, args, run_dir, device)
+    test_loader = FeatureLoader(*cached["test"], 1024, device=device)
+    reduced_out = (hidden, reduced, common.predict(reduced, test_loader, device=device, dtype="fp32")[0])
+
+    # 5. The L sweep (Fig. 8) and the LSTM size sweep (Fig. 7), on the same cached features.
+    sweeps = run_sweeps(
+        cached, args, run_dir, device, sizes=sizes, bits=bits, lstm_hidden=lstm_hidden, lh=lh, lh_params=lh_params
+    )
+
+    # 6. Test time per image and the metrics; the reports (metrics.json, table3.md, the code, the sweeps).
+    metrics = collect_metrics(
+        args, data, device, settings, base, backbone, cached, fc_out, lh_out, random_out, reduced_out, sweeps
+    )
+    metrics["seconds"] = time.time() - started
+    report(run_dir, metrics, data, lh_out, sweeps)
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------
+# Reports: metrics.json's content, the files and the summary, the sweeps' TSV, the test-time line, Table III
+# ---------------------------------------------------------------------------------------
+
+
+def collect_metrics(
+    args, data, device, settings, base, backbone, cached, fc_out, lh_out, random_out, reduced_out, sweeps
+):
+    """metrics.json's content (all but `seconds`); measures the test time per image (test_time) on the way."""
+    bits, lstm_hidden, code_hidden = settings
+    fc_logits, test_labels = fc_out
+    lh, codes, lh_scores, stage = lh_out
+    random_result, random_codes, random_scores, _ = random_out
+    hidden, reduced, reduced_logits = reduced_out
+    bits_sweep, hidden_sweep = sweeps
+    names = data.class_names
+    lh_params = common.count_params(stage.classifier)
+    fc_params = common.count_params(base.head)
+    metrics = {
+        "dataset": data.name + (" (JPEG q75 copy)" if data.name == "cifar10" else ""),
+        "num_classes": data.num_classes,
+        "bits": bits,
+        "backbone": backbone,
+        "feature_dim": cached["train"][0].shape[1],
+        "lstm_hidden": list(lstm_hidden),
+        "code_hidden": code_hidden,
+        "base_from": str(Path(args.base_from).resolve()) if args.base_from else None,
+        "fc_test_acc": common.accuracy(fc_logits, test_labels),
+        "lh_test_acc": lh["exact_match_acc"],
+        "lh": lh,
+        "reduced_fc_hidden": hidden,
+        "reduced_fc_test_acc": common.accuracy(reduced_logits, test_labels),
+        "random_code": {**random_result, "codes": [code_string(r) for r in random_codes]},
+        "random_code_drop": lh["exact_match_acc"] - random_result["exact_match_acc"],
+        "params": {
+            "fc_classifier": fc_params,
+            "lh_classifier": lh_params,
+            "reduced_fc_classifier": common.count_params(reduced),
+            "reduction_pct": 100.0 * (1 - lh_params / fc_params),
+            "class2str": common.count_params(stage.class2str),
+            "str2class": common.count_params(stage.str2class),
+            "feature_extractor": common.count_params(base) - fc_params,
+        },
+        "codes": {n: code_string(r) for n, r in zip(names, codes)},
+        "duplicate_class_names": [[names[c] for c in g] for g in lh["duplicate_strings"]],
+        "bits_sweep": bits_sweep,
+        "hidden_sweep": hidden_sweep,
+        "throughput": test_time(base, stage.classifier, lookup_table(codes), data, args, device),
+        "paper": PAPER.get(data.name),
+    }
+    if data.hierarchy.n_levels > 1:
+        # Does the learnt tree group similar classes? Mean common-prefix length of same-parent pairs vs
+        # other pairs, for the learnt code and, as the chance level, for the random code.
+        metrics["hierarchy_prefix_agreement"] = hierarchy_prefix_agreement(codes, data.hierarchy)
+        metrics["random_code"]["hierarchy_prefix_agreement"] = hierarchy_prefix_agreement(random_codes, data.hierarchy)
+    # Flat and hierarchical measures from each model's class scores (the LH models: log P(class string)
+    # from the bit probabilities, so their top1 here decodes to the most probable class string, where
+    # exact_match_acc / lookup_acc follow the paper's all-bits rule).
+    metrics["hierarchical_metrics"] = {
+        name: common.hierarchical_metrics(scores, test_labels, data.hierarchy)
+        for name, scores in (
+            ("fc", fc_logits),
+            ("lh", lh_scores),
+            ("reduced_fc", reduced_logits.log_softmax(1)),
+            ("random_code", random_scores),
+        )
+    }
+    return metrics
+
+
+def report(run_dir, metrics, data, lh_out, sweeps):
+    """metrics.json, class_codes.json, prefix_tree.txt, table3.md, bits_sweep.tsv, hidden_sweep.tsv, and the summary."""
+    lh, codes = lh_out[:2]
+    bits_sweep, hidden_sweep = sweeps
+    tree = prefix_tree(codes, data.class_names)
+    common.write_json(run_dir / "metrics.json", metrics)
+    common.write_json(
+        run_dir / "class_codes.json",
+        {"codes": metrics["codes"], "duplicates": metrics["duplicate_class_names"]},
+    )
+    common.write_text(run_dir / "prefix_tree.txt", tree + "\n")
+    common.write_text(run_dir / "table3.md", format_table3(metrics, PAPER.get(data.name)))
+    common.write_text(run_dir / "bits_sweep.tsv", sweep_tsv("bits", bits_sweep))
+    common.write_text(run_dir / "hidden_sweep.tsv", sweep_tsv("hidden", hidden_sweep))
+    print(tree)
+    print(format_table3(metrics, PAPER.get(data.name)))
+    print(f"per-bit accuracy: {' '.join(f'{a:.1f}' for a in lh['per_bit_acc'])}")
+    print("bits sweep (Fig. 8):\n" + sweep_tsv("bits", bits_sweep))
+    print("LSTM size sweep (Fig. 7):\n" + sweep_tsv("hidden", hidden_sweep))
+    print(f"done in {common.format_seconds(metrics['seconds'])}; results in {run_dir}")
+
+
 def sweep_tsv(key, rows):
     """A sweep as TSV: the swept value, then every numeric column of the rows."""
     if not rows:
@@ -1228,198 +1287,6 @@ def format_table3(m, paper):
         f"classes sharing a string: {'; '.join(', '.join(g) for g in m['duplicate_class_names']) or 'none'}",
     ]
     return "\n".join(lines) + "\n"
-
-
-def main(argv=None):
-    args = get_args(argv)
-    run_dir, device = common.setup(args, "latent_string")
-    if args.dry_run:
-        args.lh_epochs = 1
-    started = time.time()
-    data = common.load_data(args)
-    C = data.num_classes
-    if C < 2:
-        common.fail(f"{data.name} has {C} class; the LH classifier needs at least 2")
-    bits = args.bits or default_bits(C)
-    if 2**bits < C:
-        print(
-            f"warning: L = {bits} bits give {2**bits} strings for {C} classes; some classes must share a string",
-            file=sys.stderr,
-            flush=True,
-        )
-    lstm_hidden, code_hidden = default_lh_sizes(data.name, C)
-    lstm_hidden = tuple(args.lstm_hidden_sizes or lstm_hidden)
-    code_hidden = args.code_hidden or code_hidden
-
-    train_split, val_split = data.train, None
-    if args.val_per_class:
-        val_idx, train_idx = common.stratified_split(data.train.labels.numpy(), args.val_per_class, args.seed)
-        train_split, val_split = data.train.subset(train_idx), data.train.subset(val_idx)
-
-    # Stage 1: the base model, then the frozen extractor's features, cached once.
-    base, backbone = build_base_model(args, data)
-    base = common.to_device_model(base, device)
-    if args.base_from:
-        load_base_from(base, args, device)
-    else:
-        train_base(base, data, train_split, val_split, args, run_dir, device)
-    freeze(base)
-    t0 = time.time()
-    cached = {
-        "train": cache_features(base, train_split.images, train_split.labels, args, data, device),
-        "test": cache_features(base, data.test.images, data.test.labels, args, data, device),
-    }
-    if val_split is not None:
-        cached["val"] = cache_features(base, val_split.images, val_split.labels, args, data, device)
-    feature_dim = cached["train"][0].shape[1]
-    print(
-        f"cached {feature_dim}-d features of {sum(len(v[1]) for v in cached.values())} images "
-        f"in {time.time() - t0:.1f}s",
-        flush=True,
-    )
-    fc_logits, test_labels = common.predict(
-        base.head.fc, FeatureLoader(*cached["test"], 1024, device=device), device=device, dtype=args.dtype
-    )
-    fc_test_acc = common.accuracy(fc_logits, test_labels)
-
-    # Stage 2: the LH classifier with Class2Str and Str2Class (Eq. 5), its code repaired if needed.
-    # Seeded afresh, so that stage 2 is the same whether the base was trained here or taken from
-    # --base-from, and --lh-seed varies it alone on one frozen extractor.
-    common.seed_everything(stage2_seed(args))
-    sizes = (feature_dim, C, code_hidden)
-    lh, codes, lh_scores, stage = train_lh_model(
-        "lh", cached, args, run_dir, device, sizes=sizes, bits=bits, hidden=lstm_hidden
-    )
-    names = data.class_names
-    tree = prefix_tree(codes, names)
-    if lh["duplicate_strings"]:
-        shared = "; ".join(", ".join(names[c] for c in g) for g in lh["duplicate_strings"])
-        print(
-            f"warning: {len(lh['duplicate_strings'])} strings are shared by several classes: {shared}",
-            file=sys.stderr,
-            flush=True,
-        )
-
-    # The random-embedding ablation and the reduced FC classifier of Table III.
-    random_result, random_codes, random_scores, _ = train_lh_model(
-        "random_code",
-        cached,
-        args,
-        run_dir,
-        device,
-        sizes=sizes,
-        bits=bits,
-        hidden=lstm_hidden,
-        fixed_code=random_code(C, bits, stage2_seed(args)),
-    )
-    lh_params = common.count_params(stage.classifier)
-    fc_params = common.count_params(base.head)
-    hidden = reduced_fc_hidden(lh_params, feature_dim, C)
-    reduced = train_reduced_fc(hidden, cached, feature_dim, C, args, run_dir, device)
-    reduced_logits, _ = common.predict(
-        reduced, FeatureLoader(*cached["test"], 1024, device=device), device=device, dtype="fp32"
-    )
-
-    # The L sweep (Fig. 8) and the LSTM size sweep (Fig. 7), on the same cached features.
-    def sweep_row(result):
-        row = {
-            "exact_match_acc": result["exact_match_acc"],
-            "lookup_acc": result["lookup_acc"],
-            "n_duplicate_groups": len(result["duplicate_strings"]),
-            "n_duplicate_groups_before_repair": len(result.get("before_repair", result)["duplicate_strings"]),
-        }
-        if "val" in cached:
-            row["val_lookup_acc"] = result["val_lookup_acc"]
-        return row
-
-    bits_sweep = []
-    for b in sweep_bits_list(args, bits):
-        if b == bits:
-            result = lh
-        else:
-            result = train_lh_model(
-                f"lh_bits{b}", cached, args, run_dir, device, sizes=sizes, bits=b, hidden=lstm_hidden
-            )[0]
-        bits_sweep.append({"bits": b, **sweep_row(result)})
-    hidden_sweep = []
-    for h in sweep_hidden_list(args, lstm_hidden):
-        sweep_hidden = (h,) * len(lstm_hidden)
-        if sweep_hidden == lstm_hidden:
-            result, n_params = lh, lh_params
-        else:
-            result, _, _, sweep_stage = train_lh_model(
-                f"lh_hidden{h}", cached, args, run_dir, device, sizes=sizes, bits=bits, hidden=sweep_hidden
-            )
-            n_params = common.count_params(sweep_stage.classifier)
-        hidden_sweep.append({"hidden": h, "lh_params": n_params, **sweep_row(result)})
-
-    metrics = {
-        "dataset": data.name + (" (JPEG q75 copy)" if data.name == "cifar10" else ""),
-        "num_classes": C,
-        "bits": bits,
-        "backbone": backbone,
-        "feature_dim": feature_dim,
-        "lstm_hidden": list(lstm_hidden),
-        "code_hidden": code_hidden,
-        "base_from": str(Path(args.base_from).resolve()) if args.base_from else None,
-        "fc_test_acc": fc_test_acc,
-        "lh_test_acc": lh["exact_match_acc"],
-        "lh": lh,
-        "reduced_fc_hidden": hidden,
-        "reduced_fc_test_acc": common.accuracy(reduced_logits, test_labels),
-        "random_code": {**random_result, "codes": [code_string(r) for r in random_codes]},
-        "random_code_drop": lh["exact_match_acc"] - random_result["exact_match_acc"],
-        "params": {
-            "fc_classifier": fc_params,
-            "lh_classifier": lh_params,
-            "reduced_fc_classifier": common.count_params(reduced),
-            "reduction_pct": 100.0 * (1 - lh_params / fc_params),
-            "class2str": common.count_params(stage.class2str),
-            "str2class": common.count_params(stage.str2class),
-            "feature_extractor": common.count_params(base) - fc_params,
-        },
-        "codes": {n: code_string(r) for n, r in zip(names, codes)},
-        "duplicate_class_names": [[names[c] for c in g] for g in lh["duplicate_strings"]],
-        "bits_sweep": bits_sweep,
-        "hidden_sweep": hidden_sweep,
-        "throughput": test_time(base, stage.classifier, lookup_table(codes), data, args, device),
-        "paper": PAPER.get(data.name),
-    }
-    if data.hierarchy.n_levels > 1:
-        # Does the learnt tree group similar classes? Mean common-prefix length of same-parent pairs vs
-        # other pairs, for the learnt code and, as the chance level, for the random code.
-        metrics["hierarchy_prefix_agreement"] = hierarchy_prefix_agreement(codes, data.hierarchy)
-        metrics["random_code"]["hierarchy_prefix_agreement"] = hierarchy_prefix_agreement(random_codes, data.hierarchy)
-    # Flat and hierarchical measures from each model's class scores (the LH models: log P(class string)
-    # from the bit probabilities, so their top1 here decodes to the most probable class string, where
-    # exact_match_acc / lookup_acc follow the paper's all-bits rule).
-    metrics["hierarchical_metrics"] = {
-        name: common.hierarchical_metrics(scores, test_labels, data.hierarchy)
-        for name, scores in (
-            ("fc", fc_logits),
-            ("lh", lh_scores),
-            ("reduced_fc", reduced_logits.log_softmax(1)),
-            ("random_code", random_scores),
-        )
-    }
-    metrics["seconds"] = time.time() - started
-
-    common.write_json(run_dir / "metrics.json", metrics)
-    common.write_json(
-        run_dir / "class_codes.json",
-        {"codes": metrics["codes"], "duplicates": metrics["duplicate_class_names"]},
-    )
-    common.write_text(run_dir / "prefix_tree.txt", tree + "\n")
-    common.write_text(run_dir / "table3.md", format_table3(metrics, PAPER.get(data.name)))
-    common.write_text(run_dir / "bits_sweep.tsv", sweep_tsv("bits", bits_sweep))
-    common.write_text(run_dir / "hidden_sweep.tsv", sweep_tsv("hidden", hidden_sweep))
-    print(tree)
-    print(format_table3(metrics, PAPER.get(data.name)))
-    print(f"per-bit accuracy: {' '.join(f'{a:.1f}' for a in lh['per_bit_acc'])}")
-    print("bits sweep (Fig. 8):\n" + sweep_tsv("bits", bits_sweep))
-    print("LSTM size sweep (Fig. 7):\n" + sweep_tsv("hidden", hidden_sweep))
-    print(f"done in {common.format_seconds(metrics['seconds'])}; results in {run_dir}")
-    return metrics
 
 
 if __name__ == "__main__":
