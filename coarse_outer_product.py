@@ -1,117 +1,36 @@
 """Coarse network x VGG16 features by outer product, with CH / CVC / ETE coarse categories.
 
-Paper: a CIFAR-100 course-project report asking whether hierarchical classification helps
-("Can hierarchical classification improve the classification accuracy of neural networks when
-the number of categories is large?"; ../shared/papers/coarse_outer_product.txt).
+Paper: a CIFAR-100 course-project report, "Can hierarchical classification improve the classification
+accuracy of neural networks when the number of categories is large?" (../shared/papers/coarse_outer_product.txt).
+Reproduces Tables I-VII and Fig. 1-4. The full account of every reading and deviation: docs/coarse_outer_product.md.
 
-What it reproduces (Tables I-VII, Fig. 1-4):
-- baseline: VGG16 with batch norm after every convolution and two dropout layers before the three
-  linear layers (Table I);
-- the composite of Fig. 1: a frozen VGG13 coarse network gives K=10 softmax probabilities; their
-  outer product with the 512 VGG16 convolutional features (K x 512 = 5120 inputs) feeds the VGG16
-  classification layers, which predict the fine classes. The coarse network is trained first;
-- three ways to build the K coarse categories (--method ch|cvc|ete, or all):
-  CH  (Table II-IV): an early-stopped VGG16 gets, on its frozen 100-way output, batch norm, a
-      K-unit ReLU "coarse layer" and a 100-unit "recovery layer" (L1 0.005 on its weights),
-      trained with cross-entropy (Fig. 2); each fine label goes to the coarse neuron its training
-      images activate most. Several restarts of the two layers; the most balanced hierarchy
-      (label counts, measured on the training split only) is kept, as the paper "selects the one
-      that has a roughly balanced fine label distribution";
-  CVC (Table V-VI): the same network, each image gets the neuron it activates most;
-  ETE (Table VII, Fig. 4): shared VGG16 convolutions, the three VGG13 linear layers with a softmax
-      as the coarse head, trained end to end with no hierarchy (--diversity none, the default), and,
-      as our extension (--diversity none eq3 eq4), with the diversity losses of Eq. 3 (Mexican hat
-      plus overlap) or Eq. 4 (lambda sum_{i!=j} o_i^T o_j), which no table reports.
-      The paper gives no weights for Eq. 3 / 4: we train one ETE network per --diversity-scales
-      factor and keep, on the validation split only, the most accurate one among those whose
-      coarse head still uses at least two categories (each with >= 1% of the validation images).
-- protocol: per-channel zero mean / unit std, random flip and pad-4 crop, a seeded per-run
-  stratified train/validation split (400/100 per class on CIFAR-100), SGD momentum 0.9, lr 0.01
-  times 0.3 when the validation loss has not decreased for 5 consecutive epochs, L2 1e-3.
-
-Degenerate categories: when CH or CVC leaves a coarse category empty (no fine label, no training
-image) or uses a single one, or an ETE coarse head sends the training images to one category or
-leaves one empty, one warning line is printed and metrics.json gets an entry under "degenerate"
-(the tables mark it too): a coarse network that classifies into one category reports 100% and
-means nothing.
-
-Outputs in the run directory (rebuilt after every call from every finished stage found there, so a
-run made in several calls, e.g. one --method per call with --resume, ends with one set of tables):
-tables.md (Tables I-VII and Fig. 3 in the paper's layout, ours beside the paper's CIFAR-100
-numbers, the ETE diversity sweep), metrics.json (every number; "hierarchical" holds
-common.hierarchical_metrics of every fine network on the test split against the dataset's
-hierarchy, e.g. CIFAR-100's 20 superclasses), accuracy_table.md (one compact table),
-coarse_categories.md (the CH categories with class names like Table II, every restart's balance,
-the CVC categories by their most frequent labels), coarse_accuracy_per_category.md (Fig. 3).
-Every stage (a network's training, the category construction) leaves <stage>/result.json when it
-is finished; --resume skips finished stages and continues an unfinished one from its last epoch.
-
-Command (the paper's settings, CIFAR-100 under --data-dir):
-    python coarse_outer_product.py --dataset cifar100 --data-dir data --method all
-One method per call, in one run directory (each call fits in about 10 minutes on an H100):
+    python coarse_outer_product.py --dataset cifar100 --data-dir data --method all      # the paper's settings
     python coarse_outer_product.py --dataset cifar100 --data-dir data --method baseline --out-dir runs/cop100
-    python coarse_outer_product.py --resume runs/cop100 --method ch      # then cvc (reuses CH's VGG16), ete
-    python coarse_outer_product.py --resume runs/cop100 --method ete --diversity none eq4
-Smoke run:
-    python coarse_outer_product.py --dry-run --device cpu   # small shapes, see get_args
+    python coarse_outer_product.py --resume runs/cop100 --method ch     # then cvc (reuses CH's VGG16), ete
+    python coarse_outer_product.py --dry-run --device cpu              # smoke run, small shapes
 
-Paper vs ours (ambiguities and deviations), the settings that move absolute accuracy first:
-- Weight decay (--wd-convention pytorch, default): "L2 regularization is set to 0.001" is read as
-  PyTorch's SGD weight_decay=0.001 on every parameter. Why: the report says its "base code for VGG
-  on CIFAR100 has been taken from" a reference it cites, and the classification layers it
-  describes (dropout before each of the two 512-wide hidden linear layers) with the convolution
-  initialisation N(0, sqrt(2 / (k*k*out))) are exactly those of the PyTorch VGG-CIFAR code base
-  (chengyangfu/pytorch-vgg-cifar10: VGG.classifier and its init loop), whose SGD applies
-  weight_decay to model.parameters(), biases and batch norm included. The report's Keras-sounding
-  words ("kernel", "patience", L1 "for the weights of the recovery layer") name ideas, not an API.
-  --wd-convention keras: Keras' kernel_regularizer=l2(0.001) on every convolution and linear
-  weight (loss + wd * sum(w^2): weight_decay 2 wd on the kernels, none on biases and batch norm).
-- Epochs and stopping rule per table: the paper reports "after 81 epochs" (Table I, baseline),
-  31 (Table III, CH coarse VGG13), 66 (Table IV, CH composite), 32 (Table V, CVC coarse VGG13),
-  76 (Table VI, CVC composite) and 67 (Table VII, ETE), and says "early stopping" only for the
-  VGG16 that builds CH/CVC (67.77% train / 62.50% validation, far below the baseline's 94.37% /
-  69.03%, so the baseline was not stopped by that rule). Default (--stopping fixed): every
-  network trains exactly its table's epoch count and reports its last epoch; only the CH/CVC
-  VGG16 early-stops (validation loss, --early-stop-patience 5, at most --pretrain-epochs 81, best
-  weights kept). --stopping early: every network early-stops that way, its table's count as the
-  maximum. --epochs N / --coarse-epochs N replace the table counts of all fine / coarse networks.
-- Normalisation statistics: per-channel mean and std over all images of the training split (the
-  40,000 images the networks train on; the validation split, like everything we select on, is
-  not used for anything fitted), computed exactly in float64 over the whole split.
-- CH rule, "the neuron that gets activated the most by the 500 images of this label"
-  (--ch-rule sum, default): sum the ReLU coarse-layer activations over the label's training
-  images and take the largest neuron; the amount of activation a neuron receives from the images
-  is the plain reading of "activated the most by the images". --ch-rule vote: every image votes
-  for its most activated neuron (argmax of the coarse layer, the same as of its softmax), an
-  image whose coarse layer is all zero abstains (its softmax is flat), the label goes to the
-  neuron with most votes. The paper uses all 500 training images of a label; we use the label's
-  400 training-split images, so the validation split stays unused.
-- The recovery layers' training length (--recovery-epochs 10), the number of restarts to pick a
-  balanced hierarchy from (--ch-restarts 3) and the balance measure (normalised entropy of the
-  number of fine labels per coarse category) are ours; the paper picks "roughly balanced" by hand.
-  The restart picked by CH balance is used for CVC too (the paper uses "the same network").
-- CVC coarse labels of the validation and test images come from the same frozen network (needed to
-  report the coarse network's validation/test accuracy as Table V does).
-- Classification layers: dropout, linear 512, ReLU, dropout, linear 512, ReLU, linear (the
-  CIFAR VGG of the paper's base code; "two dropout layers before the linear layers"); dropout 0.5.
-  The coarse networks use the same three layers with K outputs. Batch size 128 (not given).
-- Pad-4 crop pads with black (0) before normalisation, as torchvision's RandomCrop does.
-- Eq. 3 / Eq. 4 lambdas are not given in the paper; base values: lambda1 1e-3, lambda2 3e-3
-  (the Mexican hat's minimum ||sigma_c||^2 = 1/(2 lambda2) ~ 167, about (128/10)^2, i.e. a
-  batch of 128 spread evenly over 10 confident categories), lambda3 1e-4, lambda4 1e-4 (Eq. 4 is a
-  sum over ~16k pairs for a batch of 128). --diversity-scales multiplies lambda1 and lambda3
-  (Eq. 3; lambda2 sets the hat's shape and stays) or lambda4 (Eq. 4); default 0.1 1 10. The losses
-  act on the softmax outputs of the coarse head, per mini-batch, summed (not averaged) as written.
-- Trainset column: the running training-mode accuracy of the reported epoch (augmented images,
-  dropout on, averaged over the epoch's mini-batches), which is what the base code prints as the
-  training Prec@1; the evaluation-mode accuracy on the un-augmented training split is reported
-  beside it as "train (eval mode)".
-- The ETE networks with the Eq. 3 / Eq. 4 diversity terms feed no table of the paper: off by
-  default (--diversity none); --diversity none eq3 eq4 runs them as our extension.
-- Non-CIFAR-100 data: --coarse-k sets K (10 as the paper). We use K=12 on shapes (72 classes; the
-  number of its shape x fill classes) and K=2 on CIFAR-10 (5 fine classes per coarse category, and
-  the built-in vehicles/animals split to compare with); coarse_categories.md gives the purity of
-  the CH categories against the dataset's built-in levels.
+Pipeline (main): seeded 400/100 train/validation split, normalised with the training split's statistics ->
+Table I: VGG16 baseline -> Fig. 2: an early-stopped VGG16 + coarse (K=10) and recovery layers give the CH
+hierarchy (label -> coarse neuron) and CVC categories (image -> coarse neuron) -> Tables III-VI: a VGG13
+coarse network on them, frozen, its K probabilities x the 512 VGG16 features (outer product, Fig. 1) feed
+the fine classifier -> Table VII: ETE, coarse head and VGG16 trained end to end -> tables.md, metrics.json,
+accuracy_table.md, coarse_categories.md, coarse_accuracy_per_category.md (Reports, rebuilt from every
+finished stage; --resume skips finished stages). Degenerate categories get a warning and metrics.json "degenerate".
+
+Paper vs ours, one line per decision (docs/coarse_outer_product.md, "Paper vs ours", has the reasoning):
+- weight decay: PyTorch SGD weight_decay=1e-3 on every parameter (keras: 2 wd on kernels only): --wd-convention
+- epochs per table (81 / 31 / 66 / 32 / 76 / 67), last epoch reported: PAPER_EPOCHS, stage_epochs, --stopping
+- only the CH/CVC VGG16 early-stops (patience 5, at most 81 epochs): --early-stop-patience, --pretrain-epochs
+- normalisation: exact float64 per-channel statistics of the training split: whole_set_channel_stats
+- CH rule: a label's largest summed ReLU activation over its 400 training-split images: ch_assignment, --ch-rule
+- recovery epochs, restarts and the balance measure (normalised entropy) are ours: --recovery-epochs, --ch-restarts
+- CVC labels of validation / test images from the same frozen network: cvc_assignment, build_coarse_categories
+- classification layers dropout-512-ReLU-dropout-512-ReLU-linear, batch 128 (not given): ClassificationLayers
+- pad-4 crop pads with black before normalisation: main (train_loader)
+- Eq. 3 / Eq. 4 lambdas are ours, one ETE per --diversity-scales factor, picked on validation: diversity_lambdas
+- diversity losses off by default (no table reports them): --diversity none (eq3 / eq4 as our extension)
+- Trainset column: running training-mode accuracy of the reported epoch, eval mode beside it: train_stage
+- K: --coarse-k (10 as the paper; 12 on shapes, 2 on CIFAR-10), CH purity vs built-in levels: categories_text
 """
 
 import argparse
