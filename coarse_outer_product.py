@@ -81,81 +81,55 @@ def get_args(argv=None):
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     common.add_common_args(parser, epochs=None, batch_size=128, lr=0.01, dataset="shapes")
-    g = parser.add_argument_group("coarse_outer_product")
+    pi, nf, pf = common.positive_int, common.nonneg_float, common.positive_float
+    g = parser.add_argument_group("coarse_outer_product: the paper's settings")
     g.add_argument("--method", default="all", choices=METHODS + ("all",), help="which networks to train")
-    g.add_argument("--coarse-k", type=common.positive_int, default=10, help="number of coarse categories K")
-    g.add_argument(
-        "--val-per-class", type=common.positive_int, default=100, help="validation images per class (400/100 split)"
-    )
+    g.add_argument("--coarse-k", type=pi, default=10, help="number of coarse categories K")
+    g.add_argument("--val-per-class", type=pi, default=100, help="validation images per class (400/100 split)")
     g.add_argument("--momentum", type=common.fraction, default=0.9)
-    g.add_argument("--weight-decay", type=common.nonneg_float, default=1e-3, help="L2 regularisation coefficient")
+    g.add_argument("--weight-decay", type=nf, default=1e-3, help="L2 regularisation coefficient")
+    g.add_argument("--lr-factor", type=common.positive_fraction, default=0.3, help="lr factor on a val-loss plateau")
+    g.add_argument("--lr-patience", type=pi, default=5, help="epochs without a lower validation loss")
+    g.add_argument("--hidden", type=pi, default=512, help="width of the two hidden linear layers")
+    g.add_argument("--dropout", type=common.fraction, default=0.5)
+    g.add_argument("--coarse-epochs", type=pi, default=None, help="both VGG13 coarse networks (default 31 CH / 32 CVC)")
+    g.add_argument("--pretrain-epochs", type=pi, default=81, help="at most this many epochs of the early-stopped VGG16")
+    g.add_argument("--early-stop-patience", type=pi, default=5)
+    g.add_argument("--recovery-epochs", type=pi, default=10, help="epochs of the coarse + recovery layers (ours)")
+    g.add_argument("--recovery-l1", type=nf, default=0.005, help="L1 on the recovery layer's weights")
+    g.add_argument("--ch-restarts", type=pi, default=3, help="recovery-layer restarts; the most balanced is kept")
+    g = parser.add_argument_group("paper fidelity and ablations (docs/coarse_outer_product.md, Paper vs ours)")
     g.add_argument(
         "--wd-convention",
         default="pytorch",
         choices=("pytorch", "keras"),
-        help="keras: + wd * sum(w^2) of conv/linear weights in the loss (gradient 2 wd w); "
-        "pytorch: SGD weight_decay=wd on every parameter",
+        help="pytorch: SGD weight_decay on every parameter; keras: + wd * sum(w^2) of conv/linear weights",
     )
-    g.add_argument(
-        "--lr-factor", type=common.positive_fraction, default=0.3, help="lr factor on a validation-loss plateau"
-    )
-    g.add_argument("--lr-patience", type=common.positive_int, default=5, help="epochs without a lower validation loss")
-    g.add_argument("--hidden", type=common.positive_int, default=512, help="width of the two hidden linear layers")
-    g.add_argument("--dropout", type=common.fraction, default=0.5)
     g.add_argument(
         "--stopping",
         default="fixed",
         choices=("fixed", "early"),
-        help="fixed: each network trains its table's epoch count; early: early stopping on the validation "
-        "loss for every network (the count is the maximum)",
+        help="fixed: each network its table's epoch count; early: early-stop every network (count = maximum)",
     )
-    g.add_argument(
-        "--coarse-epochs",
-        type=common.positive_int,
-        default=None,
-        help="epochs of both VGG13 coarse networks (default: the paper's 31 for CH, 32 for CVC); "
-        "--epochs likewise replaces the fine networks' 81 / 66 / 76 / 67",
-    )
-    g.add_argument(
-        "--pretrain-epochs",
-        type=common.positive_int,
-        default=81,
-        help="at most this many epochs of the early-stopped VGG16",
-    )
-    g.add_argument("--early-stop-patience", type=common.positive_int, default=5)
-    g.add_argument(
-        "--recovery-epochs", type=common.positive_int, default=10, help="epochs of the coarse + recovery layers"
-    )
-    g.add_argument("--recovery-l1", type=common.nonneg_float, default=0.005, help="L1 on the recovery layer's weights")
-    g.add_argument(
-        "--ch-restarts", type=common.positive_int, default=3, help="recovery-layer restarts; the most balanced is kept"
-    )
-    g.add_argument(
-        "--ch-rule",
-        default="sum",
-        choices=("sum", "vote"),
-        help="CH: a label's category is the neuron with the largest summed activation (sum) or most per-image wins (vote)",
-    )
+    g.add_argument("--ch-rule", default="sum", choices=("sum", "vote"), help="CH: summed activation or per-image votes")
     g.add_argument(
         "--diversity",
         nargs="+",
         default=["none"],
         choices=DIVERSITY_LOSSES,
-        help="ETE networks to train: without a diversity loss (Table VII, the default); eq3 / eq4 add the "
-        "Eq. 3 / Eq. 4 diversity losses (ours: no table of the paper reports them)",
+        help="ETE networks: none (Table VII); eq3 / eq4 add the Eq. 3 / 4 diversity losses (ours)",
     )
     g.add_argument(
         "--diversity-scales",
         nargs="+",
-        type=common.positive_float,
+        type=pf,
         default=[0.1, 1.0, 10.0],
-        help="Eq. 3 / Eq. 4: one ETE network per factor on the lambdas; the best on validation that keeps "
-        ">= 2 categories is kept",
+        help="Eq. 3 / 4: one ETE per factor on the lambdas; best on validation with >= 2 categories kept",
     )
-    g.add_argument("--lambda1", type=common.nonneg_float, default=1e-3, help="Eq. 3: weight of the Mexican hat")
-    g.add_argument("--lambda2", type=common.nonneg_float, default=3e-3, help="Eq. 3: quartic coefficient of the hat")
-    g.add_argument("--lambda3", type=common.nonneg_float, default=1e-4, help="Eq. 3: weight of the overlap term")
-    g.add_argument("--lambda4", type=common.nonneg_float, default=1e-4, help="Eq. 4: lambda")
+    g.add_argument("--lambda1", type=nf, default=1e-3, help="Eq. 3: weight of the Mexican hat")
+    g.add_argument("--lambda2", type=nf, default=3e-3, help="Eq. 3: quartic coefficient of the hat")
+    g.add_argument("--lambda3", type=nf, default=1e-4, help="Eq. 3: weight of the overlap term")
+    g.add_argument("--lambda4", type=nf, default=1e-4, help="Eq. 4: lambda")
     # A resume may lengthen --epochs (stages nothing builds on), not the coarse, pre-training or
     # recovery stages that later stages are trained from; --method and the diversity flags pick
     # which stages a call runs (each stage is named by them), so a resume may change them.
@@ -168,6 +142,11 @@ def get_args(argv=None):
         # them to assign the coarse categories), one held out per class, one restart.
         dry_run={"train_size": 144, "test_size": 32, "batch_size": 8, "val_per_class": 1, "ch_restarts": 1},
     )
+    return check_args(parser, args)
+
+
+def check_args(parser, args):
+    """Range checks the flag types cannot make."""
     if args.coarse_k < 2:
         parser.error("--coarse-k must be at least 2")
     return args
@@ -855,7 +834,145 @@ def select_on_validation(runs):
 
 
 # ---------------------------------------------------------------------------------------
-# Results of the finished stages, and the reports
+# Main
+# ---------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = get_args(argv)
+    run_dir, device = common.setup(args, "coarse_outer_product")
+    if args.dry_run:
+        args.coarse_epochs = args.pretrain_epochs = args.recovery_epochs = 1
+    methods = METHODS if args.method == "all" else (args.method,)
+
+    # 1. Data: the per-run, seeded, class-balanced train/validation split (400/100 per class on
+    #    CIFAR-100), normalised with the statistics of the whole training split.
+    data = common.load_data(args)
+    if data.train.images.shape[-1] < 32:
+        common.fail(f"VGG's five max-pools need images of at least 32 pixels; got {data.train.images.shape[-1]}")
+    if args.coarse_k > data.num_classes:
+        common.fail(f"--coarse-k {args.coarse_k} is more than the {data.num_classes} fine classes")
+    val_idx, train_idx = common.stratified_split(data.train.labels.numpy(), args.val_per_class, seed=args.seed)
+    splits = {"train": data.train.subset(train_idx), "val": data.train.subset(val_idx), "test": data.test}
+    mean, std = whole_set_channel_stats(splits["train"].images)
+    max_batches = 2 if args.dry_run else None
+
+    def train_loader(labels):
+        return common.GpuLoader(
+            splits["train"].images,
+            labels,
+            args.batch_size,
+            device=device,
+            mean=mean,
+            std=std,
+            train=True,
+            crop_pad=4,
+            flip=True,
+            seed=args.seed,
+            max_batches=max_batches,
+        )
+
+    eval_loaders = {}
+    for name, split in splits.items():
+        labels = (split.labels, torch.arange(len(split)))  # the index maps outputs back to images
+        eval_loaders[name] = common.GpuLoader(
+            split.images, labels, args.batch_size, device=device, mean=mean, std=std, max_batches=max_batches
+        )
+        # CH/CVC need the coarse activations of every image, so "_full" is never truncated by --dry-run.
+        eval_loaders[name + "_full"] = eval_loaders[name]
+        if max_batches is not None:
+            eval_loaders[name + "_full"] = common.GpuLoader(
+                split.images, labels, args.batch_size, device=device, mean=mean, std=std
+            )
+    ctx = {
+        "args": args,
+        "run_dir": run_dir,
+        "device": device,
+        "train_loader": train_loader,
+        "eval_loaders": eval_loaders,
+        "fine": {name: s.labels for name, s in splits.items()},
+        "num_classes": data.num_classes,
+        "class_names": data.class_names,
+        "hierarchy": data.hierarchy,
+    }
+    print(
+        f"{data.name}: {len(splits['train'])} train / {len(splits['val'])} validation / {len(splits['test'])} test "
+        f"images, {data.num_classes} classes, K={args.coarse_k}, methods {', '.join(methods)}; "
+        f"L2 {args.weight_decay} ({args.wd_convention}), stopping {args.stopping}, CH rule {args.ch_rule}",
+        flush=True,
+    )
+
+    # 2. Table I: the VGG16 baseline.
+    if "baseline" in methods:
+        train_fine_network(ctx, "baseline", make_vgg(16, data.num_classes, 512, args.hidden, args.dropout))
+
+    # 3. Fig. 2: an early-stopped VGG16, coarse + recovery layers, the CH hierarchy and CVC categories.
+    purity_by_level = {}
+    if "ch" in methods or "cvc" in methods:
+        pretrained, _ = train_fine_network(
+            ctx,
+            "pretrain",
+            make_vgg(16, data.num_classes, 512, args.hidden, args.dropout),
+            early_stopping=True,
+            keep_weights=True,
+        )
+        hierarchy, cvc, _ = build_coarse_categories(ctx, pretrained)
+        purity_by_level = {
+            data.hierarchy.level_names[l]: purity(hierarchy.numpy(), data.hierarchy.parents[l])
+            for l in range(data.hierarchy.n_levels - 1)
+        }
+
+        # 4. Tables III-VI: the VGG13 coarse network on the CH / CVC categories, then the composite.
+        for kind in ("ch", "cvc"):
+            if kind not in methods:
+                continue
+            if kind == "ch":
+                targets = {s: hierarchy[y] for s, y in ctx["fine"].items()}
+                level = matching_level(hierarchy.numpy(), data.hierarchy)
+            else:
+                targets, level = cvc, None  # per-image categories are never a level of a label hierarchy
+            train_coarse_then_main(ctx, kind, targets, level)
+
+    # 5. Table VII: ETE without a diversity loss, and the Eq. 3 / Eq. 4 sweeps over the weight.
+    if "ete" in methods:
+        for loss in args.diversity:
+            for scale in [None] if loss == "none" else args.diversity_scales:
+                train_end_to_end(ctx, loss, scale)
+
+    # 6. Reports from every finished stage of the run directory.
+    metrics = collect_results(run_dir, data.name, args.coarse_k, data.class_names)
+    metrics["methods"] = list(methods)
+    metrics["settings"] = {
+        "wd_convention": args.wd_convention,
+        "weight_decay": args.weight_decay,
+        "stopping": args.stopping,
+        "ch_rule": args.ch_rule,
+        "normalisation": {"mean": mean, "std": std, "images": len(splits["train"])},
+    }
+    common.write_json(run_dir / "metrics.json", metrics)
+    table = accuracy_table(metrics)
+    common.atomic_write_bytes(run_dir / "accuracy_table.md", table.encode())
+    common.atomic_write_bytes(run_dir / "tables.md", tables_text(metrics, data.class_names).encode())
+    categories = read_result(run_dir, "categories")
+    if categories is not None:
+        text = categories_text(categories, data.class_names, args.coarse_k, ctx["fine"]["train"], purity_by_level)
+        common.atomic_write_bytes(run_dir / "coarse_categories.md", text.encode())
+    if metrics["coarse_per_category_accuracy"]:
+        text = per_category_text(metrics["coarse_per_category_accuracy"])
+        common.atomic_write_bytes(run_dir / "coarse_accuracy_per_category.md", text.encode())
+    print(table)
+    for key, info in metrics["accuracy"].items():
+        if "epoch_seconds_median" in info:
+            print(
+                f"{key}: {info['epochs']} epochs, median {info['epoch_seconds_median']:.2f} s/epoch "
+                f"({info['train_images_per_s_median']:.0f} train images/s)"
+            )
+    print(f"wrote {run_dir}")
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------
+# Reports: results of the finished stages, tables.md, accuracy_table.md, coarse_categories.md
 # ---------------------------------------------------------------------------------------
 
 
@@ -1168,144 +1285,6 @@ def per_category_text(per_category):
             lines.append(f"| {split} | " + " | ".join(fmt(a) for a in accs) + " |")
         lines.append("")
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------
-# Main
-# ---------------------------------------------------------------------------------------
-
-
-def main(argv=None):
-    args = get_args(argv)
-    run_dir, device = common.setup(args, "coarse_outer_product")
-    if args.dry_run:
-        args.coarse_epochs = args.pretrain_epochs = args.recovery_epochs = 1
-    methods = METHODS if args.method == "all" else (args.method,)
-
-    # 1. Data: the per-run, seeded, class-balanced train/validation split (400/100 per class on
-    #    CIFAR-100), normalised with the statistics of the whole training split.
-    data = common.load_data(args)
-    if data.train.images.shape[-1] < 32:
-        common.fail(f"VGG's five max-pools need images of at least 32 pixels; got {data.train.images.shape[-1]}")
-    if args.coarse_k > data.num_classes:
-        common.fail(f"--coarse-k {args.coarse_k} is more than the {data.num_classes} fine classes")
-    val_idx, train_idx = common.stratified_split(data.train.labels.numpy(), args.val_per_class, seed=args.seed)
-    splits = {"train": data.train.subset(train_idx), "val": data.train.subset(val_idx), "test": data.test}
-    mean, std = whole_set_channel_stats(splits["train"].images)
-    max_batches = 2 if args.dry_run else None
-
-    def train_loader(labels):
-        return common.GpuLoader(
-            splits["train"].images,
-            labels,
-            args.batch_size,
-            device=device,
-            mean=mean,
-            std=std,
-            train=True,
-            crop_pad=4,
-            flip=True,
-            seed=args.seed,
-            max_batches=max_batches,
-        )
-
-    eval_loaders = {}
-    for name, split in splits.items():
-        labels = (split.labels, torch.arange(len(split)))  # the index maps outputs back to images
-        eval_loaders[name] = common.GpuLoader(
-            split.images, labels, args.batch_size, device=device, mean=mean, std=std, max_batches=max_batches
-        )
-        # CH/CVC need the coarse activations of every image, so "_full" is never truncated by --dry-run.
-        eval_loaders[name + "_full"] = eval_loaders[name]
-        if max_batches is not None:
-            eval_loaders[name + "_full"] = common.GpuLoader(
-                split.images, labels, args.batch_size, device=device, mean=mean, std=std
-            )
-    ctx = {
-        "args": args,
-        "run_dir": run_dir,
-        "device": device,
-        "train_loader": train_loader,
-        "eval_loaders": eval_loaders,
-        "fine": {name: s.labels for name, s in splits.items()},
-        "num_classes": data.num_classes,
-        "class_names": data.class_names,
-        "hierarchy": data.hierarchy,
-    }
-    print(
-        f"{data.name}: {len(splits['train'])} train / {len(splits['val'])} validation / {len(splits['test'])} test "
-        f"images, {data.num_classes} classes, K={args.coarse_k}, methods {', '.join(methods)}; "
-        f"L2 {args.weight_decay} ({args.wd_convention}), stopping {args.stopping}, CH rule {args.ch_rule}",
-        flush=True,
-    )
-
-    # 2. Table I: the VGG16 baseline.
-    if "baseline" in methods:
-        train_fine_network(ctx, "baseline", make_vgg(16, data.num_classes, 512, args.hidden, args.dropout))
-
-    # 3. Fig. 2: an early-stopped VGG16, coarse + recovery layers, the CH hierarchy and CVC categories.
-    purity_by_level = {}
-    if "ch" in methods or "cvc" in methods:
-        pretrained, _ = train_fine_network(
-            ctx,
-            "pretrain",
-            make_vgg(16, data.num_classes, 512, args.hidden, args.dropout),
-            early_stopping=True,
-            keep_weights=True,
-        )
-        hierarchy, cvc, _ = build_coarse_categories(ctx, pretrained)
-        purity_by_level = {
-            data.hierarchy.level_names[l]: purity(hierarchy.numpy(), data.hierarchy.parents[l])
-            for l in range(data.hierarchy.n_levels - 1)
-        }
-
-        # 4. Tables III-VI: the VGG13 coarse network on the CH / CVC categories, then the composite.
-        for kind in ("ch", "cvc"):
-            if kind not in methods:
-                continue
-            if kind == "ch":
-                targets = {s: hierarchy[y] for s, y in ctx["fine"].items()}
-                level = matching_level(hierarchy.numpy(), data.hierarchy)
-            else:
-                targets, level = cvc, None  # per-image categories are never a level of a label hierarchy
-            train_coarse_then_main(ctx, kind, targets, level)
-
-    # 5. Table VII: ETE without a diversity loss, and the Eq. 3 / Eq. 4 sweeps over the weight.
-    if "ete" in methods:
-        for loss in args.diversity:
-            for scale in [None] if loss == "none" else args.diversity_scales:
-                train_end_to_end(ctx, loss, scale)
-
-    # 6. Reports from every finished stage of the run directory.
-    metrics = collect_results(run_dir, data.name, args.coarse_k, data.class_names)
-    metrics["methods"] = list(methods)
-    metrics["settings"] = {
-        "wd_convention": args.wd_convention,
-        "weight_decay": args.weight_decay,
-        "stopping": args.stopping,
-        "ch_rule": args.ch_rule,
-        "normalisation": {"mean": mean, "std": std, "images": len(splits["train"])},
-    }
-    common.write_json(run_dir / "metrics.json", metrics)
-    table = accuracy_table(metrics)
-    common.atomic_write_bytes(run_dir / "accuracy_table.md", table.encode())
-    common.atomic_write_bytes(run_dir / "tables.md", tables_text(metrics, data.class_names).encode())
-    categories = read_result(run_dir, "categories")
-    if categories is not None:
-        text = categories_text(categories, data.class_names, args.coarse_k, ctx["fine"]["train"], purity_by_level)
-        common.atomic_write_bytes(run_dir / "coarse_categories.md", text.encode())
-    if metrics["coarse_per_category_accuracy"]:
-        text = per_category_text(metrics["coarse_per_category_accuracy"])
-        common.atomic_write_bytes(run_dir / "coarse_accuracy_per_category.md", text.encode())
-    print(table)
-    for key, info in metrics["accuracy"].items():
-        if "epoch_seconds_median" in info:
-            print(
-                f"{key}: {info['epochs']} epochs, median {info['epoch_seconds_median']:.2f} s/epoch "
-                f"({info['train_images_per_s_median']:.0f} train images/s)"
-            )
-    print(f"wrote {run_dir}")
-    return metrics
 
 
 if __name__ == "__main__":
