@@ -26,7 +26,7 @@ Paper vs ours, one line per decision (docs/coarse_outer_product.md, "Paper vs ou
 - recovery epochs, restarts and the balance measure (normalised entropy) are ours: --recovery-epochs, --ch-restarts
 - CVC labels of validation / test images from the same frozen network: cvc_assignment, build_coarse_categories
 - classification layers dropout-512-ReLU-dropout-512-ReLU-linear, batch 128 (not given): ClassificationLayers
-- pad-4 crop pads with black before normalisation: main (train_loader)
+- pad-4 crop pads with black before normalisation: make_loaders (common.GpuLoader)
 - Eq. 3 / Eq. 4 lambdas are ours, one ETE per --diversity-scales factor, picked on validation: diversity_lambdas
 - diversity losses off by default (no table reports them): --diversity none (eq3 / eq4 as our extension)
 - Trainset column: running training-mode accuracy of the reported epoch, eval mode beside it: train_stage
@@ -847,43 +847,8 @@ def main(argv=None):
 
     # 1. Data: the per-run, seeded, class-balanced train/validation split (400/100 per class on
     #    CIFAR-100), normalised with the statistics of the whole training split.
-    data = common.load_data(args)
-    if data.train.images.shape[-1] < 32:
-        common.fail(f"VGG's five max-pools need images of at least 32 pixels; got {data.train.images.shape[-1]}")
-    if args.coarse_k > data.num_classes:
-        common.fail(f"--coarse-k {args.coarse_k} is more than the {data.num_classes} fine classes")
-    val_idx, train_idx = common.stratified_split(data.train.labels.numpy(), args.val_per_class, seed=args.seed)
-    splits = {"train": data.train.subset(train_idx), "val": data.train.subset(val_idx), "test": data.test}
-    mean, std = whole_set_channel_stats(splits["train"].images)
-    max_batches = 2 if args.dry_run else None
-
-    def train_loader(labels):
-        return common.GpuLoader(
-            splits["train"].images,
-            labels,
-            args.batch_size,
-            device=device,
-            mean=mean,
-            std=std,
-            train=True,
-            crop_pad=4,
-            flip=True,
-            seed=args.seed,
-            max_batches=max_batches,
-        )
-
-    eval_loaders = {}
-    for name, split in splits.items():
-        labels = (split.labels, torch.arange(len(split)))  # the index maps outputs back to images
-        eval_loaders[name] = common.GpuLoader(
-            split.images, labels, args.batch_size, device=device, mean=mean, std=std, max_batches=max_batches
-        )
-        # CH/CVC need the coarse activations of every image, so "_full" is never truncated by --dry-run.
-        eval_loaders[name + "_full"] = eval_loaders[name]
-        if max_batches is not None:
-            eval_loaders[name + "_full"] = common.GpuLoader(
-                split.images, labels, args.batch_size, device=device, mean=mean, std=std
-            )
+    data, splits, mean, std = load_splits(args)
+    train_loader, eval_loaders = make_loaders(args, splits, mean, std, device)
     ctx = {
         "args": args,
         "run_dir": run_dir,
@@ -940,6 +905,65 @@ def main(argv=None):
                 train_end_to_end(ctx, loss, scale)
 
     # 6. Reports from every finished stage of the run directory.
+    return report(ctx, data, methods, mean, std, len(splits["train"]), purity_by_level)
+
+
+def load_splits(args):
+    """The dataset, its seeded stratified train/validation split and the training split's channel statistics."""
+    data = common.load_data(args)
+    if data.train.images.shape[-1] < 32:
+        common.fail(f"VGG's five max-pools need images of at least 32 pixels; got {data.train.images.shape[-1]}")
+    if args.coarse_k > data.num_classes:
+        common.fail(f"--coarse-k {args.coarse_k} is more than the {data.num_classes} fine classes")
+    val_idx, train_idx = common.stratified_split(data.train.labels.numpy(), args.val_per_class, seed=args.seed)
+    splits = {"train": data.train.subset(train_idx), "val": data.train.subset(val_idx), "test": data.test}
+    mean, std = whole_set_channel_stats(splits["train"].images)
+    return data, splits, mean, std
+
+
+def make_loaders(args, splits, mean, std, device):
+    """The augmented training loader (a function of the targets) and the evaluation loaders of every split."""
+    max_batches = 2 if args.dry_run else None
+
+    def train_loader(labels):
+        return common.GpuLoader(
+            splits["train"].images,
+            labels,
+            args.batch_size,
+            device=device,
+            mean=mean,
+            std=std,
+            train=True,
+            crop_pad=4,
+            flip=True,
+            seed=args.seed,
+            max_batches=max_batches,
+        )
+
+    eval_loaders = {}
+    for name, split in splits.items():
+        labels = (split.labels, torch.arange(len(split)))  # the index maps outputs back to images
+        eval_loaders[name] = common.GpuLoader(
+            split.images, labels, args.batch_size, device=device, mean=mean, std=std, max_batches=max_batches
+        )
+        # CH/CVC need the coarse activations of every image, so "_full" is never truncated by --dry-run.
+        eval_loaders[name + "_full"] = eval_loaders[name]
+        if max_batches is not None:
+            eval_loaders[name + "_full"] = common.GpuLoader(
+                split.images, labels, args.batch_size, device=device, mean=mean, std=std
+            )
+    return train_loader, eval_loaders
+
+
+# ---------------------------------------------------------------------------------------
+# Reports: results of the finished stages, tables.md, accuracy_table.md, coarse_categories.md
+# ---------------------------------------------------------------------------------------
+
+
+def report(ctx, data, methods, mean, std, train_images, purity_by_level):
+    """metrics.json, accuracy_table.md, tables.md, coarse_categories.md and coarse_accuracy_per_category.md
+    from every finished stage of the run directory; the accuracy table and the epoch timings printed."""
+    args, run_dir = ctx["args"], ctx["run_dir"]
     metrics = collect_results(run_dir, data.name, args.coarse_k, data.class_names)
     metrics["methods"] = list(methods)
     metrics["settings"] = {
@@ -947,7 +971,7 @@ def main(argv=None):
         "weight_decay": args.weight_decay,
         "stopping": args.stopping,
         "ch_rule": args.ch_rule,
-        "normalisation": {"mean": mean, "std": std, "images": len(splits["train"])},
+        "normalisation": {"mean": mean, "std": std, "images": train_images},
     }
     common.write_json(run_dir / "metrics.json", metrics)
     table = accuracy_table(metrics)
@@ -969,11 +993,6 @@ def main(argv=None):
             )
     print(f"wrote {run_dir}")
     return metrics
-
-
-# ---------------------------------------------------------------------------------------
-# Reports: results of the finished stages, tables.md, accuracy_table.md, coarse_categories.md
-# ---------------------------------------------------------------------------------------
 
 
 def read_result(run_dir, name):
