@@ -1,117 +1,36 @@
 """Coarse network x VGG16 features by outer product, with CH / CVC / ETE coarse categories.
 
-Paper: a CIFAR-100 course-project report asking whether hierarchical classification helps
-("Can hierarchical classification improve the classification accuracy of neural networks when
-the number of categories is large?"; ../shared/papers/coarse_outer_product.txt).
+Paper: a CIFAR-100 course-project report, "Can hierarchical classification improve the classification
+accuracy of neural networks when the number of categories is large?" (../shared/papers/coarse_outer_product.txt).
+Reproduces Tables I-VII and Fig. 1-4. The full account of every reading and deviation: docs/coarse_outer_product.md.
 
-What it reproduces (Tables I-VII, Fig. 1-4):
-- baseline: VGG16 with batch norm after every convolution and two dropout layers before the three
-  linear layers (Table I);
-- the composite of Fig. 1: a frozen VGG13 coarse network gives K=10 softmax probabilities; their
-  outer product with the 512 VGG16 convolutional features (K x 512 = 5120 inputs) feeds the VGG16
-  classification layers, which predict the fine classes. The coarse network is trained first;
-- three ways to build the K coarse categories (--method ch|cvc|ete, or all):
-  CH  (Table II-IV): an early-stopped VGG16 gets, on its frozen 100-way output, batch norm, a
-      K-unit ReLU "coarse layer" and a 100-unit "recovery layer" (L1 0.005 on its weights),
-      trained with cross-entropy (Fig. 2); each fine label goes to the coarse neuron its training
-      images activate most. Several restarts of the two layers; the most balanced hierarchy
-      (label counts, measured on the training split only) is kept, as the paper "selects the one
-      that has a roughly balanced fine label distribution";
-  CVC (Table V-VI): the same network, each image gets the neuron it activates most;
-  ETE (Table VII, Fig. 4): shared VGG16 convolutions, the three VGG13 linear layers with a softmax
-      as the coarse head, trained end to end with no hierarchy (--diversity none, the default), and,
-      as our extension (--diversity none eq3 eq4), with the diversity losses of Eq. 3 (Mexican hat
-      plus overlap) or Eq. 4 (lambda sum_{i!=j} o_i^T o_j), which no table reports.
-      The paper gives no weights for Eq. 3 / 4: we train one ETE network per --diversity-scales
-      factor and keep, on the validation split only, the most accurate one among those whose
-      coarse head still uses at least two categories (each with >= 1% of the validation images).
-- protocol: per-channel zero mean / unit std, random flip and pad-4 crop, a seeded per-run
-  stratified train/validation split (400/100 per class on CIFAR-100), SGD momentum 0.9, lr 0.01
-  times 0.3 when the validation loss has not decreased for 5 consecutive epochs, L2 1e-3.
-
-Degenerate categories: when CH or CVC leaves a coarse category empty (no fine label, no training
-image) or uses a single one, or an ETE coarse head sends the training images to one category or
-leaves one empty, one warning line is printed and metrics.json gets an entry under "degenerate"
-(the tables mark it too): a coarse network that classifies into one category reports 100% and
-means nothing.
-
-Outputs in the run directory (rebuilt after every call from every finished stage found there, so a
-run made in several calls, e.g. one --method per call with --resume, ends with one set of tables):
-tables.md (Tables I-VII and Fig. 3 in the paper's layout, ours beside the paper's CIFAR-100
-numbers, the ETE diversity sweep), metrics.json (every number; "hierarchical" holds
-common.hierarchical_metrics of every fine network on the test split against the dataset's
-hierarchy, e.g. CIFAR-100's 20 superclasses), accuracy_table.md (one compact table),
-coarse_categories.md (the CH categories with class names like Table II, every restart's balance,
-the CVC categories by their most frequent labels), coarse_accuracy_per_category.md (Fig. 3).
-Every stage (a network's training, the category construction) leaves <stage>/result.json when it
-is finished; --resume skips finished stages and continues an unfinished one from its last epoch.
-
-Command (the paper's settings, CIFAR-100 under --data-dir):
-    python coarse_outer_product.py --dataset cifar100 --data-dir data --method all
-One method per call, in one run directory (each call fits in about 10 minutes on an H100):
+    python coarse_outer_product.py --dataset cifar100 --data-dir data --method all      # the paper's settings
     python coarse_outer_product.py --dataset cifar100 --data-dir data --method baseline --out-dir runs/cop100
-    python coarse_outer_product.py --resume runs/cop100 --method ch      # then cvc (reuses CH's VGG16), ete
-    python coarse_outer_product.py --resume runs/cop100 --method ete --diversity none eq4
-Smoke run:
-    python coarse_outer_product.py --dry-run --device cpu   # small shapes, see get_args
+    python coarse_outer_product.py --resume runs/cop100 --method ch     # then cvc (reuses CH's VGG16), ete
+    python coarse_outer_product.py --dry-run --device cpu              # smoke run, small shapes
 
-Paper vs ours (ambiguities and deviations), the settings that move absolute accuracy first:
-- Weight decay (--wd-convention pytorch, default): "L2 regularization is set to 0.001" is read as
-  PyTorch's SGD weight_decay=0.001 on every parameter. Why: the report says its "base code for VGG
-  on CIFAR100 has been taken from" a reference it cites, and the classification layers it
-  describes (dropout before each of the two 512-wide hidden linear layers) with the convolution
-  initialisation N(0, sqrt(2 / (k*k*out))) are exactly those of the PyTorch VGG-CIFAR code base
-  (chengyangfu/pytorch-vgg-cifar10: VGG.classifier and its init loop), whose SGD applies
-  weight_decay to model.parameters(), biases and batch norm included. The report's Keras-sounding
-  words ("kernel", "patience", L1 "for the weights of the recovery layer") name ideas, not an API.
-  --wd-convention keras: Keras' kernel_regularizer=l2(0.001) on every convolution and linear
-  weight (loss + wd * sum(w^2): weight_decay 2 wd on the kernels, none on biases and batch norm).
-- Epochs and stopping rule per table: the paper reports "after 81 epochs" (Table I, baseline),
-  31 (Table III, CH coarse VGG13), 66 (Table IV, CH composite), 32 (Table V, CVC coarse VGG13),
-  76 (Table VI, CVC composite) and 67 (Table VII, ETE), and says "early stopping" only for the
-  VGG16 that builds CH/CVC (67.77% train / 62.50% validation, far below the baseline's 94.37% /
-  69.03%, so the baseline was not stopped by that rule). Default (--stopping fixed): every
-  network trains exactly its table's epoch count and reports its last epoch; only the CH/CVC
-  VGG16 early-stops (validation loss, --early-stop-patience 5, at most --pretrain-epochs 81, best
-  weights kept). --stopping early: every network early-stops that way, its table's count as the
-  maximum. --epochs N / --coarse-epochs N replace the table counts of all fine / coarse networks.
-- Normalisation statistics: per-channel mean and std over all images of the training split (the
-  40,000 images the networks train on; the validation split, like everything we select on, is
-  not used for anything fitted), computed exactly in float64 over the whole split.
-- CH rule, "the neuron that gets activated the most by the 500 images of this label"
-  (--ch-rule sum, default): sum the ReLU coarse-layer activations over the label's training
-  images and take the largest neuron; the amount of activation a neuron receives from the images
-  is the plain reading of "activated the most by the images". --ch-rule vote: every image votes
-  for its most activated neuron (argmax of the coarse layer, the same as of its softmax), an
-  image whose coarse layer is all zero abstains (its softmax is flat), the label goes to the
-  neuron with most votes. The paper uses all 500 training images of a label; we use the label's
-  400 training-split images, so the validation split stays unused.
-- The recovery layers' training length (--recovery-epochs 10), the number of restarts to pick a
-  balanced hierarchy from (--ch-restarts 3) and the balance measure (normalised entropy of the
-  number of fine labels per coarse category) are ours; the paper picks "roughly balanced" by hand.
-  The restart picked by CH balance is used for CVC too (the paper uses "the same network").
-- CVC coarse labels of the validation and test images come from the same frozen network (needed to
-  report the coarse network's validation/test accuracy as Table V does).
-- Classification layers: dropout, linear 512, ReLU, dropout, linear 512, ReLU, linear (the
-  CIFAR VGG of the paper's base code; "two dropout layers before the linear layers"); dropout 0.5.
-  The coarse networks use the same three layers with K outputs. Batch size 128 (not given).
-- Pad-4 crop pads with black (0) before normalisation, as torchvision's RandomCrop does.
-- Eq. 3 / Eq. 4 lambdas are not given in the paper; base values: lambda1 1e-3, lambda2 3e-3
-  (the Mexican hat's minimum ||sigma_c||^2 = 1/(2 lambda2) ~ 167, about (128/10)^2, i.e. a
-  batch of 128 spread evenly over 10 confident categories), lambda3 1e-4, lambda4 1e-4 (Eq. 4 is a
-  sum over ~16k pairs for a batch of 128). --diversity-scales multiplies lambda1 and lambda3
-  (Eq. 3; lambda2 sets the hat's shape and stays) or lambda4 (Eq. 4); default 0.1 1 10. The losses
-  act on the softmax outputs of the coarse head, per mini-batch, summed (not averaged) as written.
-- Trainset column: the running training-mode accuracy of the reported epoch (augmented images,
-  dropout on, averaged over the epoch's mini-batches), which is what the base code prints as the
-  training Prec@1; the evaluation-mode accuracy on the un-augmented training split is reported
-  beside it as "train (eval mode)".
-- The ETE networks with the Eq. 3 / Eq. 4 diversity terms feed no table of the paper: off by
-  default (--diversity none); --diversity none eq3 eq4 runs them as our extension.
-- Non-CIFAR-100 data: --coarse-k sets K (10 as the paper). We use K=12 on shapes (72 classes; the
-  number of its shape x fill classes) and K=2 on CIFAR-10 (5 fine classes per coarse category, and
-  the built-in vehicles/animals split to compare with); coarse_categories.md gives the purity of
-  the CH categories against the dataset's built-in levels.
+Pipeline (main): seeded 400/100 train/validation split, normalised with the training split's statistics ->
+Table I: VGG16 baseline -> Fig. 2: an early-stopped VGG16 + coarse (K=10) and recovery layers give the CH
+hierarchy (label -> coarse neuron) and CVC categories (image -> coarse neuron) -> Tables III-VI: a VGG13
+coarse network on them, frozen, its K probabilities x the 512 VGG16 features (outer product, Fig. 1) feed
+the fine classifier -> Table VII: ETE, coarse head and VGG16 trained end to end -> tables.md, metrics.json,
+accuracy_table.md, coarse_categories.md, coarse_accuracy_per_category.md (Reports, rebuilt from every
+finished stage; --resume skips finished stages). Degenerate categories get a warning and metrics.json "degenerate".
+
+Paper vs ours, one line per decision (docs/coarse_outer_product.md, "Paper vs ours", has the reasoning):
+- weight decay: PyTorch SGD weight_decay=1e-3 on every parameter (keras: 2 wd on kernels only): --wd-convention
+- epochs per table (81 / 31 / 66 / 32 / 76 / 67), last epoch reported: PAPER_EPOCHS, stage_epochs, --stopping
+- only the CH/CVC VGG16 early-stops (patience 5, at most 81 epochs): --early-stop-patience, --pretrain-epochs
+- normalisation: exact float64 per-channel statistics of the training split: whole_set_channel_stats
+- CH rule: a label's largest summed ReLU activation over its 400 training-split images: ch_assignment, --ch-rule
+- recovery epochs, restarts and the balance measure (normalised entropy) are ours: --recovery-epochs, --ch-restarts
+- CVC labels of validation / test images from the same frozen network: cvc_assignment, build_coarse_categories
+- classification layers dropout-512-ReLU-dropout-512-ReLU-linear, batch 128 (not given): ClassificationLayers
+- pad-4 crop pads with black before normalisation: make_loaders (common.GpuLoader)
+- Eq. 3 / Eq. 4 lambdas are ours, one ETE per --diversity-scales factor, picked on validation: diversity_lambdas
+- diversity losses off by default (no table reports them): --diversity none (eq3 / eq4 as our extension)
+- Trainset column: running training-mode accuracy of the reported epoch, eval mode beside it: train_stage
+- K: --coarse-k (10 as the paper; 12 on shapes, 2 on CIFAR-10), CH purity vs built-in levels: categories_text
 """
 
 import argparse
@@ -162,81 +81,55 @@ def get_args(argv=None):
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     common.add_common_args(parser, epochs=None, batch_size=128, lr=0.01, dataset="shapes")
-    g = parser.add_argument_group("coarse_outer_product")
+    pi, nf, pf = common.positive_int, common.nonneg_float, common.positive_float
+    g = parser.add_argument_group("coarse_outer_product: the paper's settings")
     g.add_argument("--method", default="all", choices=METHODS + ("all",), help="which networks to train")
-    g.add_argument("--coarse-k", type=common.positive_int, default=10, help="number of coarse categories K")
-    g.add_argument(
-        "--val-per-class", type=common.positive_int, default=100, help="validation images per class (400/100 split)"
-    )
+    g.add_argument("--coarse-k", type=pi, default=10, help="number of coarse categories K")
+    g.add_argument("--val-per-class", type=pi, default=100, help="validation images per class (400/100 split)")
     g.add_argument("--momentum", type=common.fraction, default=0.9)
-    g.add_argument("--weight-decay", type=common.nonneg_float, default=1e-3, help="L2 regularisation coefficient")
+    g.add_argument("--weight-decay", type=nf, default=1e-3, help="L2 regularisation coefficient")
+    g.add_argument("--lr-factor", type=common.positive_fraction, default=0.3, help="lr factor on a val-loss plateau")
+    g.add_argument("--lr-patience", type=pi, default=5, help="epochs without a lower validation loss")
+    g.add_argument("--hidden", type=pi, default=512, help="width of the two hidden linear layers")
+    g.add_argument("--dropout", type=common.fraction, default=0.5)
+    g.add_argument("--coarse-epochs", type=pi, default=None, help="both VGG13 coarse networks (default 31 CH / 32 CVC)")
+    g.add_argument("--pretrain-epochs", type=pi, default=81, help="at most this many epochs of the early-stopped VGG16")
+    g.add_argument("--early-stop-patience", type=pi, default=5)
+    g.add_argument("--recovery-epochs", type=pi, default=10, help="epochs of the coarse + recovery layers (ours)")
+    g.add_argument("--recovery-l1", type=nf, default=0.005, help="L1 on the recovery layer's weights")
+    g.add_argument("--ch-restarts", type=pi, default=3, help="recovery-layer restarts; the most balanced is kept")
+    g = parser.add_argument_group("paper fidelity and ablations (docs/coarse_outer_product.md, Paper vs ours)")
     g.add_argument(
         "--wd-convention",
         default="pytorch",
         choices=("pytorch", "keras"),
-        help="keras: + wd * sum(w^2) of conv/linear weights in the loss (gradient 2 wd w); "
-        "pytorch: SGD weight_decay=wd on every parameter",
+        help="pytorch: SGD weight_decay on every parameter; keras: + wd * sum(w^2) of conv/linear weights",
     )
-    g.add_argument(
-        "--lr-factor", type=common.positive_fraction, default=0.3, help="lr factor on a validation-loss plateau"
-    )
-    g.add_argument("--lr-patience", type=common.positive_int, default=5, help="epochs without a lower validation loss")
-    g.add_argument("--hidden", type=common.positive_int, default=512, help="width of the two hidden linear layers")
-    g.add_argument("--dropout", type=common.fraction, default=0.5)
     g.add_argument(
         "--stopping",
         default="fixed",
         choices=("fixed", "early"),
-        help="fixed: each network trains its table's epoch count; early: early stopping on the validation "
-        "loss for every network (the count is the maximum)",
+        help="fixed: each network its table's epoch count; early: early-stop every network (count = maximum)",
     )
-    g.add_argument(
-        "--coarse-epochs",
-        type=common.positive_int,
-        default=None,
-        help="epochs of both VGG13 coarse networks (default: the paper's 31 for CH, 32 for CVC); "
-        "--epochs likewise replaces the fine networks' 81 / 66 / 76 / 67",
-    )
-    g.add_argument(
-        "--pretrain-epochs",
-        type=common.positive_int,
-        default=81,
-        help="at most this many epochs of the early-stopped VGG16",
-    )
-    g.add_argument("--early-stop-patience", type=common.positive_int, default=5)
-    g.add_argument(
-        "--recovery-epochs", type=common.positive_int, default=10, help="epochs of the coarse + recovery layers"
-    )
-    g.add_argument("--recovery-l1", type=common.nonneg_float, default=0.005, help="L1 on the recovery layer's weights")
-    g.add_argument(
-        "--ch-restarts", type=common.positive_int, default=3, help="recovery-layer restarts; the most balanced is kept"
-    )
-    g.add_argument(
-        "--ch-rule",
-        default="sum",
-        choices=("sum", "vote"),
-        help="CH: a label's category is the neuron with the largest summed activation (sum) or most per-image wins (vote)",
-    )
+    g.add_argument("--ch-rule", default="sum", choices=("sum", "vote"), help="CH: summed activation or per-image votes")
     g.add_argument(
         "--diversity",
         nargs="+",
         default=["none"],
         choices=DIVERSITY_LOSSES,
-        help="ETE networks to train: without a diversity loss (Table VII, the default); eq3 / eq4 add the "
-        "Eq. 3 / Eq. 4 diversity losses (ours: no table of the paper reports them)",
+        help="ETE networks: none (Table VII); eq3 / eq4 add the Eq. 3 / 4 diversity losses (ours)",
     )
     g.add_argument(
         "--diversity-scales",
         nargs="+",
-        type=common.positive_float,
+        type=pf,
         default=[0.1, 1.0, 10.0],
-        help="Eq. 3 / Eq. 4: one ETE network per factor on the lambdas; the best on validation that keeps "
-        ">= 2 categories is kept",
+        help="Eq. 3 / 4: one ETE per factor on the lambdas; best on validation with >= 2 categories kept",
     )
-    g.add_argument("--lambda1", type=common.nonneg_float, default=1e-3, help="Eq. 3: weight of the Mexican hat")
-    g.add_argument("--lambda2", type=common.nonneg_float, default=3e-3, help="Eq. 3: quartic coefficient of the hat")
-    g.add_argument("--lambda3", type=common.nonneg_float, default=1e-4, help="Eq. 3: weight of the overlap term")
-    g.add_argument("--lambda4", type=common.nonneg_float, default=1e-4, help="Eq. 4: lambda")
+    g.add_argument("--lambda1", type=nf, default=1e-3, help="Eq. 3: weight of the Mexican hat")
+    g.add_argument("--lambda2", type=nf, default=3e-3, help="Eq. 3: quartic coefficient of the hat")
+    g.add_argument("--lambda3", type=nf, default=1e-4, help="Eq. 3: weight of the overlap term")
+    g.add_argument("--lambda4", type=nf, default=1e-4, help="Eq. 4: lambda")
     # A resume may lengthen --epochs (stages nothing builds on), not the coarse, pre-training or
     # recovery stages that later stages are trained from; --method and the diversity flags pick
     # which stages a call runs (each stage is named by them), so a resume may change them.
@@ -249,6 +142,11 @@ def get_args(argv=None):
         # them to assign the coarse categories), one held out per class, one restart.
         dry_run={"train_size": 144, "test_size": 32, "batch_size": 8, "val_per_class": 1, "ch_restarts": 1},
     )
+    return check_args(parser, args)
+
+
+def check_args(parser, args):
+    """Range checks the flag types cannot make."""
     if args.coarse_k < 2:
         parser.error("--coarse-k must be at least 2")
     return args
@@ -936,8 +834,165 @@ def select_on_validation(runs):
 
 
 # ---------------------------------------------------------------------------------------
-# Results of the finished stages, and the reports
+# Main
 # ---------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = get_args(argv)
+    run_dir, device = common.setup(args, "coarse_outer_product")
+    if args.dry_run:
+        args.coarse_epochs = args.pretrain_epochs = args.recovery_epochs = 1
+    methods = METHODS if args.method == "all" else (args.method,)
+
+    # 1. Data: the per-run, seeded, class-balanced train/validation split (400/100 per class on
+    #    CIFAR-100), normalised with the statistics of the whole training split.
+    data, splits, mean, std = load_splits(args)
+    train_loader, eval_loaders = make_loaders(args, splits, mean, std, device)
+    ctx = {
+        "args": args,
+        "run_dir": run_dir,
+        "device": device,
+        "train_loader": train_loader,
+        "eval_loaders": eval_loaders,
+        "fine": {name: s.labels for name, s in splits.items()},
+        "num_classes": data.num_classes,
+        "class_names": data.class_names,
+        "hierarchy": data.hierarchy,
+    }
+    print(
+        f"{data.name}: {len(splits['train'])} train / {len(splits['val'])} validation / {len(splits['test'])} test "
+        f"images, {data.num_classes} classes, K={args.coarse_k}, methods {', '.join(methods)}; "
+        f"L2 {args.weight_decay} ({args.wd_convention}), stopping {args.stopping}, CH rule {args.ch_rule}",
+        flush=True,
+    )
+
+    # 2. Table I: the VGG16 baseline.
+    if "baseline" in methods:
+        train_fine_network(ctx, "baseline", make_vgg(16, data.num_classes, 512, args.hidden, args.dropout))
+
+    # 3. Fig. 2: an early-stopped VGG16, coarse + recovery layers, the CH hierarchy and CVC categories.
+    purity_by_level = {}
+    if "ch" in methods or "cvc" in methods:
+        pretrained, _ = train_fine_network(
+            ctx,
+            "pretrain",
+            make_vgg(16, data.num_classes, 512, args.hidden, args.dropout),
+            early_stopping=True,
+            keep_weights=True,
+        )
+        hierarchy, cvc, _ = build_coarse_categories(ctx, pretrained)
+        purity_by_level = {
+            data.hierarchy.level_names[l]: purity(hierarchy.numpy(), data.hierarchy.parents[l])
+            for l in range(data.hierarchy.n_levels - 1)
+        }
+
+        # 4. Tables III-VI: the VGG13 coarse network on the CH / CVC categories, then the composite.
+        for kind in ("ch", "cvc"):
+            if kind not in methods:
+                continue
+            if kind == "ch":
+                targets = {s: hierarchy[y] for s, y in ctx["fine"].items()}
+                level = matching_level(hierarchy.numpy(), data.hierarchy)
+            else:
+                targets, level = cvc, None  # per-image categories are never a level of a label hierarchy
+            train_coarse_then_main(ctx, kind, targets, level)
+
+    # 5. Table VII: ETE without a diversity loss, and the Eq. 3 / Eq. 4 sweeps over the weight.
+    if "ete" in methods:
+        for loss in args.diversity:
+            for scale in [None] if loss == "none" else args.diversity_scales:
+                train_end_to_end(ctx, loss, scale)
+
+    # 6. Reports from every finished stage of the run directory.
+    return report(ctx, data, methods, mean, std, len(splits["train"]), purity_by_level)
+
+
+def load_splits(args):
+    """The dataset, its seeded stratified train/validation split and the training split's channel statistics."""
+    data = common.load_data(args)
+    if data.train.images.shape[-1] < 32:
+        common.fail(f"VGG's five max-pools need images of at least 32 pixels; got {data.train.images.shape[-1]}")
+    if args.coarse_k > data.num_classes:
+        common.fail(f"--coarse-k {args.coarse_k} is more than the {data.num_classes} fine classes")
+    val_idx, train_idx = common.stratified_split(data.train.labels.numpy(), args.val_per_class, seed=args.seed)
+    splits = {"train": data.train.subset(train_idx), "val": data.train.subset(val_idx), "test": data.test}
+    mean, std = whole_set_channel_stats(splits["train"].images)
+    return data, splits, mean, std
+
+
+def make_loaders(args, splits, mean, std, device):
+    """The augmented training loader (a function of the targets) and the evaluation loaders of every split."""
+    max_batches = 2 if args.dry_run else None
+
+    def train_loader(labels):
+        return common.GpuLoader(
+            splits["train"].images,
+            labels,
+            args.batch_size,
+            device=device,
+            mean=mean,
+            std=std,
+            train=True,
+            crop_pad=4,
+            flip=True,
+            seed=args.seed,
+            max_batches=max_batches,
+        )
+
+    eval_loaders = {}
+    for name, split in splits.items():
+        labels = (split.labels, torch.arange(len(split)))  # the index maps outputs back to images
+        eval_loaders[name] = common.GpuLoader(
+            split.images, labels, args.batch_size, device=device, mean=mean, std=std, max_batches=max_batches
+        )
+        # CH/CVC need the coarse activations of every image, so "_full" is never truncated by --dry-run.
+        eval_loaders[name + "_full"] = eval_loaders[name]
+        if max_batches is not None:
+            eval_loaders[name + "_full"] = common.GpuLoader(
+                split.images, labels, args.batch_size, device=device, mean=mean, std=std
+            )
+    return train_loader, eval_loaders
+
+
+# ---------------------------------------------------------------------------------------
+# Reports: results of the finished stages, tables.md, accuracy_table.md, coarse_categories.md
+# ---------------------------------------------------------------------------------------
+
+
+def report(ctx, data, methods, mean, std, train_images, purity_by_level):
+    """metrics.json, accuracy_table.md, tables.md, coarse_categories.md and coarse_accuracy_per_category.md
+    from every finished stage of the run directory; the accuracy table and the epoch timings printed."""
+    args, run_dir = ctx["args"], ctx["run_dir"]
+    metrics = collect_results(run_dir, data.name, args.coarse_k, data.class_names)
+    metrics["methods"] = list(methods)
+    metrics["settings"] = {
+        "wd_convention": args.wd_convention,
+        "weight_decay": args.weight_decay,
+        "stopping": args.stopping,
+        "ch_rule": args.ch_rule,
+        "normalisation": {"mean": mean, "std": std, "images": train_images},
+    }
+    common.write_json(run_dir / "metrics.json", metrics)
+    table = accuracy_table(metrics)
+    common.atomic_write_bytes(run_dir / "accuracy_table.md", table.encode())
+    common.atomic_write_bytes(run_dir / "tables.md", tables_text(metrics, data.class_names).encode())
+    categories = read_result(run_dir, "categories")
+    if categories is not None:
+        text = categories_text(categories, data.class_names, args.coarse_k, ctx["fine"]["train"], purity_by_level)
+        common.atomic_write_bytes(run_dir / "coarse_categories.md", text.encode())
+    if metrics["coarse_per_category_accuracy"]:
+        text = per_category_text(metrics["coarse_per_category_accuracy"])
+        common.atomic_write_bytes(run_dir / "coarse_accuracy_per_category.md", text.encode())
+    print(table)
+    for key, info in metrics["accuracy"].items():
+        if "epoch_seconds_median" in info:
+            print(
+                f"{key}: {info['epochs']} epochs, median {info['epoch_seconds_median']:.2f} s/epoch "
+                f"({info['train_images_per_s_median']:.0f} train images/s)"
+            )
+    print(f"wrote {run_dir}")
+    return metrics
 
 
 def read_result(run_dir, name):
@@ -1249,144 +1304,6 @@ def per_category_text(per_category):
             lines.append(f"| {split} | " + " | ".join(fmt(a) for a in accs) + " |")
         lines.append("")
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------
-# Main
-# ---------------------------------------------------------------------------------------
-
-
-def main(argv=None):
-    args = get_args(argv)
-    run_dir, device = common.setup(args, "coarse_outer_product")
-    if args.dry_run:
-        args.coarse_epochs = args.pretrain_epochs = args.recovery_epochs = 1
-    methods = METHODS if args.method == "all" else (args.method,)
-
-    # 1. Data: the per-run, seeded, class-balanced train/validation split (400/100 per class on
-    #    CIFAR-100), normalised with the statistics of the whole training split.
-    data = common.load_data(args)
-    if data.train.images.shape[-1] < 32:
-        common.fail(f"VGG's five max-pools need images of at least 32 pixels; got {data.train.images.shape[-1]}")
-    if args.coarse_k > data.num_classes:
-        common.fail(f"--coarse-k {args.coarse_k} is more than the {data.num_classes} fine classes")
-    val_idx, train_idx = common.stratified_split(data.train.labels.numpy(), args.val_per_class, seed=args.seed)
-    splits = {"train": data.train.subset(train_idx), "val": data.train.subset(val_idx), "test": data.test}
-    mean, std = whole_set_channel_stats(splits["train"].images)
-    max_batches = 2 if args.dry_run else None
-
-    def train_loader(labels):
-        return common.GpuLoader(
-            splits["train"].images,
-            labels,
-            args.batch_size,
-            device=device,
-            mean=mean,
-            std=std,
-            train=True,
-            crop_pad=4,
-            flip=True,
-            seed=args.seed,
-            max_batches=max_batches,
-        )
-
-    eval_loaders = {}
-    for name, split in splits.items():
-        labels = (split.labels, torch.arange(len(split)))  # the index maps outputs back to images
-        eval_loaders[name] = common.GpuLoader(
-            split.images, labels, args.batch_size, device=device, mean=mean, std=std, max_batches=max_batches
-        )
-        # CH/CVC need the coarse activations of every image, so "_full" is never truncated by --dry-run.
-        eval_loaders[name + "_full"] = eval_loaders[name]
-        if max_batches is not None:
-            eval_loaders[name + "_full"] = common.GpuLoader(
-                split.images, labels, args.batch_size, device=device, mean=mean, std=std
-            )
-    ctx = {
-        "args": args,
-        "run_dir": run_dir,
-        "device": device,
-        "train_loader": train_loader,
-        "eval_loaders": eval_loaders,
-        "fine": {name: s.labels for name, s in splits.items()},
-        "num_classes": data.num_classes,
-        "class_names": data.class_names,
-        "hierarchy": data.hierarchy,
-    }
-    print(
-        f"{data.name}: {len(splits['train'])} train / {len(splits['val'])} validation / {len(splits['test'])} test "
-        f"images, {data.num_classes} classes, K={args.coarse_k}, methods {', '.join(methods)}; "
-        f"L2 {args.weight_decay} ({args.wd_convention}), stopping {args.stopping}, CH rule {args.ch_rule}",
-        flush=True,
-    )
-
-    # 2. Table I: the VGG16 baseline.
-    if "baseline" in methods:
-        train_fine_network(ctx, "baseline", make_vgg(16, data.num_classes, 512, args.hidden, args.dropout))
-
-    # 3. Fig. 2: an early-stopped VGG16, coarse + recovery layers, the CH hierarchy and CVC categories.
-    purity_by_level = {}
-    if "ch" in methods or "cvc" in methods:
-        pretrained, _ = train_fine_network(
-            ctx,
-            "pretrain",
-            make_vgg(16, data.num_classes, 512, args.hidden, args.dropout),
-            early_stopping=True,
-            keep_weights=True,
-        )
-        hierarchy, cvc, _ = build_coarse_categories(ctx, pretrained)
-        purity_by_level = {
-            data.hierarchy.level_names[l]: purity(hierarchy.numpy(), data.hierarchy.parents[l])
-            for l in range(data.hierarchy.n_levels - 1)
-        }
-
-        # 4. Tables III-VI: the VGG13 coarse network on the CH / CVC categories, then the composite.
-        for kind in ("ch", "cvc"):
-            if kind not in methods:
-                continue
-            if kind == "ch":
-                targets = {s: hierarchy[y] for s, y in ctx["fine"].items()}
-                level = matching_level(hierarchy.numpy(), data.hierarchy)
-            else:
-                targets, level = cvc, None  # per-image categories are never a level of a label hierarchy
-            train_coarse_then_main(ctx, kind, targets, level)
-
-    # 5. Table VII: ETE without a diversity loss, and the Eq. 3 / Eq. 4 sweeps over the weight.
-    if "ete" in methods:
-        for loss in args.diversity:
-            for scale in [None] if loss == "none" else args.diversity_scales:
-                train_end_to_end(ctx, loss, scale)
-
-    # 6. Reports from every finished stage of the run directory.
-    metrics = collect_results(run_dir, data.name, args.coarse_k, data.class_names)
-    metrics["methods"] = list(methods)
-    metrics["settings"] = {
-        "wd_convention": args.wd_convention,
-        "weight_decay": args.weight_decay,
-        "stopping": args.stopping,
-        "ch_rule": args.ch_rule,
-        "normalisation": {"mean": mean, "std": std, "images": len(splits["train"])},
-    }
-    common.write_json(run_dir / "metrics.json", metrics)
-    table = accuracy_table(metrics)
-    common.atomic_write_bytes(run_dir / "accuracy_table.md", table.encode())
-    common.atomic_write_bytes(run_dir / "tables.md", tables_text(metrics, data.class_names).encode())
-    categories = read_result(run_dir, "categories")
-    if categories is not None:
-        text = categories_text(categories, data.class_names, args.coarse_k, ctx["fine"]["train"], purity_by_level)
-        common.atomic_write_bytes(run_dir / "coarse_categories.md", text.encode())
-    if metrics["coarse_per_category_accuracy"]:
-        text = per_category_text(metrics["coarse_per_category_accuracy"])
-        common.atomic_write_bytes(run_dir / "coarse_accuracy_per_category.md", text.encode())
-    print(table)
-    for key, info in metrics["accuracy"].items():
-        if "epoch_seconds_median" in info:
-            print(
-                f"{key}: {info['epochs']} epochs, median {info['epoch_seconds_median']:.2f} s/epoch "
-                f"({info['train_images_per_s_median']:.0f} train images/s)"
-            )
-    print(f"wrote {run_dir}")
-    return metrics
 
 
 if __name__ == "__main__":
