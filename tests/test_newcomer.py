@@ -1,4 +1,4 @@
-"""Issue 28, the rest: sizes too large for memory, 16-bit PNGs and untested classes in image folders,
+"""Sizes too large for memory, 16-bit PNGs and untested classes in image folders,
 and what a newcomer meets (quick dry runs on shapes, warnings on stderr, a refused flag in one line,
 error messages that point at things that exist and never at an unsafe load)."""
 

@@ -1,4 +1,4 @@
-"""Issue 28: the program deletes or replaces only the files it wrote itself; a resume does what it
+"""The program deletes or replaces only the files it wrote itself; a resume does what it
 says (a longer run trains and reports the new epochs, other data are refused, a torn log line is
 survived); wrong inputs are one line, not a traceback. Subprocess tests where the exit status or
 the whole command is the point."""
@@ -20,7 +20,7 @@ import hiernet
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_HDL = ["--device", "cpu", "--train-size", "64", "--test-size", "32", "--image-size", "16", "--batch-size", "32"]
-# The suffix of our temp files (".tmp" before issue 28, when every *.tmp counted as ours).
+# The suffix of our temp files (".tmp" in older versions, when every *.tmp counted as ours).
 TEMP_SUFFIX = getattr(common, "TEMP_SUFFIX", ".tmp")
 
 
