@@ -1166,15 +1166,35 @@ class Data:
         return self.hierarchy.class_names[-1]
 
 
-def _unpickle(path, remedy):
-    """A CIFAR pickle as a dict with str keys; an unreadable file stops with one line.
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles only what a CIFAR file holds (dicts, lists, bytes, numbers and numpy arrays): any
+    other global, the way a planted pickle runs code, is refused before it is looked up."""
 
-    The CIFAR format is pickle, which can run code: dataset files are trusted input."""
+    ALLOWED = {
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        *(
+            (module, name)
+            for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+            for name in ("_reconstruct", "scalar")
+        ),
+    }
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which a CIFAR file never holds; not loaded")
+        return super().find_class(module, name)
+
+
+def _unpickle(path, remedy):
+    """A CIFAR pickle as a dict with str keys; an unreadable or planted file stops with one line.
+
+    The CIFAR format is pickle: only numpy arrays and plain values are unpickled (_CifarUnpickler)."""
     try:
         with open(path, "rb") as f:
-            obj = pickle.load(f, encoding="bytes")
+            obj = _CifarUnpickler(f, encoding="bytes").load()
     except Exception as e:  # a damaged pickle can fail in many ways (EOFError, UnpicklingError, ...)
-        fail(f"{path}: truncated or corrupted ({type(e).__name__}: {e}); {remedy}")
+        fail(f"{path}: truncated, corrupted or not a CIFAR file ({type(e).__name__}: {e}); {remedy}")
     if not isinstance(obj, dict):
         fail(f"{path}: not a CIFAR pickle (holds a {type(obj).__name__}, not a dict); {remedy}")
     return {(k.decode() if isinstance(k, bytes) else k): v for k, v in obj.items()}

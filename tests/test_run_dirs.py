@@ -404,3 +404,19 @@ def test_ctrl_c_and_the_lock(tmp_path):
     assert len(lines) == 1 and "interrupted" in lines[0] and str(ckpt) in lines[0] and f"--resume {out}" in lines[0]
     assert common.load_checkpoint(ckpt)["epoch"] >= 1
     assert not list(out.rglob(f"*{common.TEMP_SUFFIX}"))
+
+
+def test_planted_cifar_pickle_does_not_execute(tmp_path):
+    # The CIFAR format is pickle: a planted batch file is refused in one line, its code never runs.
+    marker = tmp_path / "pwned"
+    base = tmp_path / "cifar-100-python"
+    base.mkdir()
+    names = {b"fine_label_names": [b"a"] * 100, b"coarse_label_names": [b"b"] * 20}
+    (base / "meta").write_bytes(pickle.dumps(names))
+    batch = {b"data": np.zeros((2, 3072), np.uint8), b"fine_labels": [0, 1], b"coarse_labels": [0, 0]}
+    (base / "test").write_bytes(pickle.dumps(batch))
+    (base / "train").write_bytes(pickle.dumps({**batch, b"payload": Payload(marker)}))
+    with pytest.raises(SystemExit) as excinfo:
+        common.load_cifar100(tmp_path)
+    assert "io.open, which a CIFAR file never holds" in one_line(excinfo)
+    assert not marker.exists()
