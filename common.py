@@ -1173,6 +1173,7 @@ class _CifarUnpickler(pickle.Unpickler):
     ALLOWED = {
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
+        ("_codecs", "encode"),  # bytes in a protocol-2 pickle written by Python 3
         *(
             (module, name)
             for module in ("numpy.core.multiarray", "numpy._core.multiarray")
@@ -1194,7 +1195,7 @@ def _unpickle(path, remedy):
         with open(path, "rb") as f:
             obj = _CifarUnpickler(f, encoding="bytes").load()
     except Exception as e:  # a damaged pickle can fail in many ways (EOFError, UnpicklingError, ...)
-        fail(f"{path}: truncated, corrupted or not a CIFAR file ({type(e).__name__}: {e}); {remedy}")
+        fail(f"{path}: truncated or corrupted ({type(e).__name__}: {e}); {remedy}")
     if not isinstance(obj, dict):
         fail(f"{path}: not a CIFAR pickle (holds a {type(obj).__name__}, not a dict); {remedy}")
     return {(k.decode() if isinstance(k, bytes) else k): v for k, v in obj.items()}
