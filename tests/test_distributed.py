@@ -140,22 +140,27 @@ def test_sharded_loader_splits_each_global_batch_without_overlap():
 # ---- a torchrun sweep: merged's models split over the processes ------------------------------
 
 
-def test_torchrun_sweep_trains_every_merged_model_once_and_rank0_builds_the_tables(tmp_path):
-    out = tmp_path / "run"
-    argv = ["--dataset", "shapes", "--train-size", "200", "--test-size", "60", "--image-size", "8", "--epochs", "1"]
-    argv += ["--batch-size", "32", "--device", "cpu", "--eval-batch-size", "250", "--backbone", "densenet"]
-    argv += ["--depth", "10", "--architectures", "separate", "merge-2", "--runs", "2", "--out-dir", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+def torchrun_merged(flags):
+    """merged_resnet.py under torchrun with 2 CPU processes (a sweep); fails the test on a non-zero exit."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     done = subprocess.run(
-        [*command, str(ROOT / "merged_resnet.py"), *argv],
-        env=env,
+        [*command, str(ROOT / "merged_resnet.py"), *flags],
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
         capture_output=True,
         text=True,
         timeout=300,
         check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def test_torchrun_sweep_trains_every_merged_model_once_and_rank0_builds_the_tables(tmp_path):
+    out = tmp_path / "run"
+    argv = ["--dataset", "shapes", "--train-size", "200", "--test-size", "60", "--image-size", "8", "--epochs", "1"]
+    argv += ["--batch-size", "32", "--device", "cpu", "--eval-batch-size", "250", "--backbone", "densenet"]
+    argv += ["--depth", "10", "--architectures", "separate", "merge-2", "--runs", "2", "--out-dir", str(out)]
+    done = torchrun_merged(argv)
     trained = re.findall(r"\[((?:separate|merge-2)-r\d)\] seed", done.stdout)
     expected = {f"{a}-r{r}" for a in ("separate", "merge-2") for r in range(2)}
     assert sorted(trained) == sorted(expected)  # each model once: no overlap, none left out
@@ -176,19 +181,9 @@ def test_torchrun_sweep_whose_processes_train_different_numbers_of_epochs_then_g
     argv = ["--dataset", "shapes", "--train-size", "128", "--test-size", "60", "--image-size", "8", "--epochs", "1"]
     argv += ["--batch-size", "32", "--device", "cpu", "--eval-batch-size", "250", "--dtype", "fp32", "--depth", "11"]
     argv += ["--architectures", "separate", "merge-2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     trained = []
     for flags in ([*argv, "--runs", "1", "--out-dir", str(out)], ["--resume", str(out), "--runs", "2"]):
-        done = subprocess.run(
-            [*command, str(ROOT / "merged_resnet.py"), *flags],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            check=False,
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
+        done = torchrun_merged(flags)
         trained.append(sorted(re.findall(r"\[((?:separate|merge-2)-r\d)\] seed", done.stdout)))
     assert trained == [["merge-2-r0", "separate-r0"], ["merge-2-r1", "separate-r1"]]
     assert "What 2 runs support" in (out / "summary.txt").read_text()

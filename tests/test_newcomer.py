@@ -4,11 +4,8 @@ error messages that point at things that exist and never at an unsafe load)."""
 
 import ast
 import importlib
-import os
 import pickle
 import resource
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,22 +15,10 @@ import torch
 from PIL import Image
 
 import common
+from test_run_dirs import run_script  # one subprocess runner for the tests' command lines
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ["hiernet", "merged_resnet", "coarse_outer_product", "latent_string", "hdl_stack"]
-
-
-def run_script(args, cwd=ROOT, preexec_fn=None, timeout=None):
-    return subprocess.run(
-        [sys.executable, *args],
-        check=False,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        preexec_fn=preexec_fn,
-        timeout=timeout,
-    )
 
 
 # --- a --train-size too large for memory ---------------------------------------------------------------

@@ -5,9 +5,6 @@ the whole command is the point."""
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +12,7 @@ import pytest
 import torch
 
 import common
+from test_run_dirs import run_script  # one subprocess runner for the tests' command lines
 import grouping
 import hiernet
 
@@ -22,18 +20,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY_HDL = ["--device", "cpu", "--train-size", "64", "--test-size", "32", "--image-size", "16", "--batch-size", "32"]
 # The suffix of our temp files (".tmp" in older versions, when every *.tmp counted as ours).
 TEMP_SUFFIX = getattr(common, "TEMP_SUFFIX", ".tmp")
-
-
-def run_script(args, cwd=ROOT, **kw):
-    return subprocess.run(
-        [sys.executable, *args],
-        check=False,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        **kw,
-    )
 
 
 def one_error_line(result):
