@@ -879,10 +879,15 @@ def load_checkpoint(path, device="cpu"):
         fail(f"cannot load the checkpoint {path}: {_load_failure(e)}")
 
 
+def _refused_as_unsafe(error):
+    """True when torch.load(weights_only=True) refused a file for holding more than tensors and plain values."""
+    return isinstance(error, pickle.UnpicklingError) and "weights only" in str(error).lower()
+
+
 def _load_failure(error):
     """Why torch.load(weights_only=True) refused a file, in our words. torch's own message advises
     loading with weights_only=False, which is the one unsafe step for a planted file: never quoted."""
-    if isinstance(error, pickle.UnpicklingError) and "weights only" in str(error).lower():
+    if _refused_as_unsafe(error):
         return (
             "it holds Python objects besides tensors and plain values, so this project did not write it (or it "
             "was altered) and loading it could run code; it is not loaded. Use a checkpoint.pt a run of these "
@@ -1466,8 +1471,11 @@ def _read_folder_cache(cache, n_train, n_test):
                 raise ValueError(f"its {part} labels are out of range")
         return obj
     except Exception as e:
-        weights_only = isinstance(e, pickle.UnpicklingError) and "weights only" in str(e).lower()
-        reason = "it holds more than tensors and plain values; not loaded" if weights_only else _first_sentence(e, 120)
+        reason = (
+            "it holds more than tensors and plain values; not loaded"
+            if _refused_as_unsafe(e)
+            else _first_sentence(e, 120)
+        )
         print(
             f"warning: the image cache {cache} is unreadable ({reason}); decoding the images again",
             file=sys.stderr,
