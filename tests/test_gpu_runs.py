@@ -162,4 +162,4 @@ def test_random_tree_jobs_are_the_cpm_runs_with_tree_from_random():
     jobs = load("gpu_runs").JOBS
     for n in (3, 9):
         cpm = [a for a in jobs[f"hiernet_cifar100_n{n}"] if a != "--control"]
-        assert jobs[f"hiernet_cifar100_n{n}_randomtree"] == [*cpm, "--tree-from", "random"]
+        assert jobs[f"hiernet_cifar100_n{n}_randomtree"] == [*cpm, "--tree-from", "random", "--compile"]
