@@ -163,3 +163,11 @@ def test_random_tree_jobs_are_the_cpm_runs_with_tree_from_random():
     for n in (3, 9):
         cpm = [a for a in jobs[f"hiernet_cifar100_n{n}"] if a != "--control"]
         assert jobs[f"hiernet_cifar100_n{n}_randomtree"] == [*cpm, "--tree-from", "random", "--compile"]
+
+
+def test_a_job_stopped_after_it_wrote_its_metrics_is_done_and_a_crash_is_not():
+    status = load("gpu_runs").call_status
+    assert status(0, over=False, finished=True) == "done"
+    assert status(-15, over=True, finished=True) == "done"  # the stop reached it while it was exiting
+    assert status(-15, over=True, finished=False) == "stopped"
+    assert status(1, over=False, finished=True) == "failed rc=1"  # crashed after metrics.json: shown

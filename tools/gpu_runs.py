@@ -431,6 +431,14 @@ def waits(name):
     return not (base / "metrics.json").exists()
 
 
+def call_status(rc, over, finished):
+    """A job's status at the end of a call. A job that the deadline's stop reached while it was
+    exiting, its metrics.json written, is done, not stopped."""
+    if rc == 0 or (over and finished):
+        return "done"
+    return "stopped" if over else f"failed rc={rc}"
+
+
 def record(name, **update):
     path = RUNS / f"{name}.run.json"
     info = json.loads(path.read_text()) if path.exists() else {"name": name, "calls": []}
@@ -610,7 +618,7 @@ def main(argv=None):
                     continue
                 log.close()
                 del running[name], placed[name]
-                status = "done" if rc == 0 else ("stopped" if over else f"failed rc={rc}")
+                status = call_status(rc, over, finished=(RUNS / name / "metrics.json").exists())
                 record(
                     name,
                     call={
