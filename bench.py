@@ -41,14 +41,16 @@ import torch
 import torch.nn.functional as F
 
 import common
+import hiernet
+import merged_resnet
 
 BACKBONES = {
-    "resnet20": lambda: common.CifarResNet(3, 10),
-    "resnet56": lambda: common.CifarResNet(9, 10),
-    "resnet110": lambda: common.CifarResNet(18, 10),
+    "resnet20": lambda: hiernet.CifarResNet(3, 10),
+    "resnet56": lambda: hiernet.CifarResNet(9, 10),
+    "resnet110": lambda: hiernet.CifarResNet(18, 10),
     "vgg16": lambda: common.VGG(16, 10),
-    "preact164": lambda: common.PreActResNetCifar(164, 10),
-    "densenet100": lambda: common.DenseNetBC(100, 12, 10),
+    "preact164": lambda: merged_resnet.PreActResNetCifar(164, 10),
+    "densenet100": lambda: merged_resnet.DenseNetBC(100, 12, 10),
 }
 
 
@@ -204,9 +206,7 @@ def bench_ours(name, batch, images, labels, args, device, ceiling=False):
 
 def compile_arg(args):
     """make_train_step's compile for --compile: the whole model, or every residual block."""
-    import hiernet
-
-    blocks = (common.CifarBasicBlock, hiernet.GroupedBlock, hiernet.TreeNode)
+    blocks = (hiernet.CifarBasicBlock, hiernet.GroupedBlock, hiernet.TreeNode)
     return {None: False, "whole": True, "regional": blocks}[args.compile]
 
 
@@ -237,8 +237,6 @@ def random_batch_step(model, loss_fn, args, device):
 
 def bench_hiernet_step(model, args, device):
     """Training images/s of one HierNet form: hiernet.py's loss and step on one random batch."""
-    import hiernet
-
     step, x, y, first = random_batch_step(model, hiernet.hiernet_loss, args, device)
     run_step, total = loader_steps(step, [(x, y)], device)
     seconds = time_steps(run_step, args.steps, args.warmup, device)
@@ -249,14 +247,12 @@ def bench_hiernet_step(model, args, device):
 
 def bench_hiernet(args, device):
     """Per-branch vs batched HierNet training images/s, and the backbone's, per group count."""
-    import hiernet
-
     n_blocks = 3 * args.hiernet_n
     if not 1 <= args.hiernet_split < n_blocks or not 0 <= args.hiernet_extra <= n_blocks - args.hiernet_split:
         common.fail(
             f"--hiernet-split {args.hiernet_split} / --hiernet-extra {args.hiernet_extra} do not fit n={args.hiernet_n}"
         )
-    backbone = common.CifarResNet(args.hiernet_n, 100)
+    backbone = hiernet.CifarResNet(args.hiernet_n, 100)
     rows = [{"model": "backbone", "groups": 0, "images_per_s": None}]
     common.seed_everything(0)
     step, x, y, rows[0]["first_steps_s"] = random_batch_step(
@@ -318,9 +314,9 @@ def bench_hiernet(args, device):
 # ---------------------------------------------------------------------------------------
 
 MPS_BACKBONES = {  # CIFAR-100's 100 classes, as in the sweeps
-    "preact164": lambda: common.PreActResNetCifar(164, 100),
-    "densenet100": lambda: common.DenseNetBC(100, 12, 100),
-    "preact11": lambda: common.PreActResNetCifar(11, 100),  # tiny, for a CPU smoke test
+    "preact164": lambda: merged_resnet.PreActResNetCifar(164, 100),
+    "densenet100": lambda: merged_resnet.DenseNetBC(100, 12, 100),
+    "preact11": lambda: merged_resnet.PreActResNetCifar(11, 100),  # tiny, for a CPU smoke test
 }
 MPS_CONFIGS = ["preact164:128", "densenet100:128"]
 

@@ -515,7 +515,7 @@ def train_stage(ctx, name, model, loss_fn, train_loader, validate, epochs, param
     params = list(model.parameters()) if params is None else list(params)
     groups = sgd_param_groups(params, args.weight_decay, args.wd_convention)
     optimizer = common.make_sgd(groups, args.lr, momentum=args.momentum, weight_decay=0.0)
-    plateau = common.ReduceOnPlateau(args.lr, factor=args.lr_factor, patience=args.lr_patience)
+    plateau = ReduceOnPlateau(args.lr, factor=args.lr_factor, patience=args.lr_patience)
     early_stopping = early_stopping or args.stopping == "early"
     stopper = EarlyStopping(stage_dir, args.early_stop_patience) if early_stopping else None
     extra_state = {"plateau": plateau, **({"early_stopping": stopper} if stopper else {})}
@@ -831,6 +831,38 @@ def select_on_validation(runs):
     at least two categories alive (>= 1% of the validation images each); None if none does."""
     alive = [r for r in runs if r["usage"]["val"]["used_over_1pct"] >= 2]
     return max(alive, key=lambda r: r["val"]) if alive else None
+
+
+# ---------------------------------------------------------------------------------------
+# The plateau schedule of the trainings: lr times a factor when the validation loss stalls
+# ---------------------------------------------------------------------------------------
+
+
+class ReduceOnPlateau:
+    """lr times `factor` when the monitored validation loss has not decreased for `patience`
+    consecutive checks. Plain state so it checkpoints with the run."""
+
+    def __init__(self, lr, factor=0.3, patience=5, min_lr=0.0):
+        self.lr, self.factor, self.patience, self.min_lr = lr, factor, patience, min_lr
+        self.best, self.bad = float("inf"), 0
+
+    def update(self, value):
+        if value < self.best:
+            self.best, self.bad = value, 0
+        else:
+            self.bad += 1
+            if self.bad >= self.patience:
+                self.lr, self.bad = max(self.lr * self.factor, self.min_lr), 0
+        return self.lr
+
+    def __call__(self, step):
+        return self.lr
+
+    def state_dict(self):
+        return {"lr": self.lr, "best": self.best, "bad": self.bad}
+
+    def load_state_dict(self, state):
+        self.lr, self.best, self.bad = state["lr"], state["best"], state["bad"]
 
 
 # ---------------------------------------------------------------------------------------

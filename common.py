@@ -1,17 +1,23 @@
-"""Shared toolbox for the hierarchical-classification scripts.
+"""Shared toolbox for the hierarchical-classification scripts: what several of them use.
 
-Plain functions and nn.Modules, read top to bottom:
+Plain functions and nn.Modules, in sections read top to bottom:
 
-1. errors, flags, seeding, run directories, atomic files
-2. data: CIFAR-100 / CIFAR-10 pickles, MNIST, image folders, the synthetic `shapes`
-   dataset, class hierarchies, class-balanced splits
-3. GpuLoader: the whole split as uint8 on the device, augmented there in batch
-4. backbones: CIFAR ResNet (6n+2, ELU variant), pre-activation ResNet-164, DenseNet-BC,
-   VGG with batch norm, ResNet-18 / PreAct ResNet-18, the MNIST LeNet
-5. training: optimizers, schedules, one train step (bf16 autocast, channels_last, optional
-   CUDA graph), `fit` with checkpoints and resume, `predict`, metrics
+1. data: CIFAR-100 / CIFAR-10 pickles, MNIST, image folders, the synthetic `shapes`
+   dataset, class hierarchies, load_data, class-balanced splits
+2. GpuLoader: the whole split as uint8 on the device, augmented there in batch
+3. backbones shared by several scripts: the stem / stages / head interface, VGG with batch
+   norm, weight init. A backbone that one script uses lives in that script: the CIFAR ResNet
+   (6n+2, ELU variant) in hiernet.py, pre-activation ResNet-164 and DenseNet-BC in
+   merged_resnet.py, ResNet-18 / PreAct ResNet-18 in hdl_stack.py, the MNIST LeNet in
+   latent_string.py
+4. training: optimizers, schedules, one train step (bf16 autocast, channels_last, optional
+   CUDA graph), `fit` with a checkpoint every epoch and resume
+5. evaluation and metrics: `predict`, accuracies, hierarchical measures, images/s
+6. runs: the shared flags and what a resume may change, run directories (setup, locks, the
+   files a run wrote), the data's fingerprint, atomic files, checkpoints and RNG states
+7. several processes (torchrun): the ddp and sweep modes
 
-Every script imports this file; a script's method lives in the script.
+Every script imports this file; a script's method, and what only that script uses, live in the script.
 """
 
 import argparse
@@ -39,967 +45,27 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# ---------------------------------------------------------------------------------------
-# 1. Errors, flags, seeding, run directories
-# ---------------------------------------------------------------------------------------
-
 
 def fail(message):
     """Stop with one clear line on stderr and exit status 1 (no traceback)."""
     raise SystemExit(f"error: {message}")
 
 
+def _cannot(what, error):
+    """fail() for a file-system error: `cannot <what>: <the system's reason>`."""
+    fail(f"cannot {what}: {error.strerror or error}")
+
+
+# =============================================================================================
+# 1. Data: the datasets (CIFAR-100 / CIFAR-10 pickles, MNIST, image folders, the synthetic shapes),
+#    class hierarchies, load_data, class-balanced splits
+# =============================================================================================
+
+
 DATASETS = ("shapes", "cifar100", "cifar10", "mnist", "folder")
 
 
-# argparse `type=` checks: an impossible value stops at parse time with the usage and one line
-# ("argument --epochs: must be at least 1, got 0"), exit status 2, before anything is loaded.
-
-
-def _parse_number(text, kind):
-    try:
-        return kind(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected {'an integer' if kind is int else 'a number'}, got {text!r}"
-        ) from None
-
-
-def positive_int(text):
-    """An integer >= 1 (epochs, sizes, counts)."""
-    value = _parse_number(text, int)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
-    return value
-
-
-def nonneg_int(text):
-    """An integer >= 0."""
-    value = _parse_number(text, int)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {text}")
-    return value
-
-
-def seed_int(text):
-    """A seed numpy accepts: 0 <= seed < 2**32."""
-    value = _parse_number(text, int)
-    if not 0 <= value < 2**32:
-        raise argparse.ArgumentTypeError(f"must be in 0..{2**32 - 1}, got {text}")
-    return value
-
-
-def positive_float(text):
-    """A finite number > 0 (learning rates)."""
-    value = _parse_number(text, float)
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
-
-
-def nonneg_float(text):
-    """A finite number >= 0 (loss weights, weight decay)."""
-    value = _parse_number(text, float)
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
-
-
-def fraction(text):
-    """A number in [0, 1) (momentum, dropout)."""
-    value = _parse_number(text, float)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
-    return value
-
-
-def positive_fraction(text):
-    """A number in (0, 1) (a held-out share, a decay factor)."""
-    value = _parse_number(text, float)
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
-    return value
-
-
-def device_name(text):
-    """auto, cpu, cuda, cuda:N or mps; whether the device exists is checked by get_device."""
-    kind, _, index = text.partition(":")
-    if text in ("auto", "cpu", "cuda", "mps") or (kind == "cuda" and index.isdigit()):
-        return text
-    raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda, cuda:N or mps, got {text!r}")
-
-
-def one_line_errors(parser):
-    """Make the parser refuse a flag in one line, `prog: error: ... (prog -h lists the flags)`, exit
-    status 2, instead of argparse's usage block (20-30 lines) before it. Returns the parser."""
-
-    def error(message):
-        parser.exit(2, f"{parser.prog}: error: {message} ({parser.prog} -h lists the flags)\n")
-
-    parser.error = error
-    return parser
-
-
-def add_common_args(parser, *, epochs, batch_size, lr, dataset="shapes", datasets=DATASETS, distributed="ddp"):
-    """The flags every script shares; the defaults passed in are the script's paper settings.
-
-    `distributed` is what the script does when started by torchrun with several processes
-    (see init_distributed); a plain `python script.py` ignores --distributed."""
-    one_line_errors(parser)
-    g = parser.add_argument_group("common")
-    g.add_argument("--dataset", default=dataset, choices=datasets)
-    g.add_argument("--data-dir", default="./data", help="root of the on-disk datasets")
-    g.add_argument("--hierarchy", default=None, help="JSON {coarse: [fine, ...]} (nested for more levels)")
-    g.add_argument("--image-size", type=positive_int, default=None, help="shapes/folder image side (shapes default 64)")
-    g.add_argument("--train-size", type=positive_int, default=20000, help="shapes: number of training images")
-    g.add_argument("--test-size", type=positive_int, default=6000, help="shapes: number of test images")
-    g.add_argument("--seed", type=seed_int, default=0)
-    g.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    g.add_argument("--epochs", type=positive_int, default=epochs)
-    g.add_argument("--batch-size", type=positive_int, default=batch_size)
-    g.add_argument("--lr", type=positive_float, default=lr)
-    g.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="autocast dtype on CUDA (CPU: fp32)")
-    g.add_argument("--out-dir", default=None, help="run directory (default runs/<script>-<time>)")
-    g.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR where it stopped")
-    g.add_argument("--force", action="store_true", help="overwrite an existing --out-dir")
-    g.add_argument(
-        "--dry-run",
-        action="store_true",
-        help="one epoch of two batches per stage, on small settings for the flags not given (shapes data)",
-    )
-    g.add_argument(
-        "--compile", action="store_true", help="torch.compile the model (then CUDA-graphed, unless --no-cuda-graph)"
-    )
-    g.add_argument(
-        "--distributed",
-        default=distributed,
-        choices=("ddp", "sweep"),
-        help="under torchrun only (WORLD_SIZE > 1): ddp = one run over the GPUs (--batch-size per GPU), "
-        "sweep = each process its own share of independent runs",
-    )
-    g.add_argument(
-        "--cuda-graph",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="capture the whole train step in one CUDA graph",
-    )
-    return parser
-
-
-# Flags a resume may change: where and how fast the same arithmetic runs. --dtype is not among
-# them (bf16 and fp32 are different experiments); --data-dir is, except for --dataset folder,
-# where the folder is the dataset. Run lengths that may grow are each script's resume_longer.
-RESUME_SAFE = ("device", "cuda_graph", "compile")
-
-
-def read_run_args(run_dir, flag="--resume"):
-    """A run directory's args.json as a dict (one line on failure)."""
-    path = Path(run_dir) / "args.json"
-    if not path.is_file():
-        fail(f"{flag} {run_dir}: no args.json there; not a run directory")
-    try:
-        saved = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        fail(f"{flag} {run_dir}: args.json is unreadable ({e}); the run directory is damaged")
-    if not isinstance(saved, dict):
-        fail(f"{flag} {run_dir}: args.json holds no settings object; the run directory is damaged")
-    return saved
-
-
-def run_settings(saved):
-    """The settings a run continues with: args.json's flags with its recorded overrides applied."""
-    settings = {k: v for k, v in saved.items() if k not in ("script", "overrides")}
-    try:
-        for override in saved.get("overrides", []):
-            settings.update({k: change["to"] for k, change in override["changes"].items()})
-    except (AttributeError, KeyError, TypeError):
-        fail("args.json: its overrides list is damaged; each entry is {time, changes: {flag: {from, to}}}")
-    return settings
-
-
-def check_run_script(saved, script, run_dir, flag="--resume"):
-    """Fail unless args.json says the run directory was written by `script`."""
-    owner = saved.get("script")
-    if owner is None:
-        fail(
-            f"{flag} {run_dir}: its args.json names no script (written before run directories recorded "
-            f'theirs); add "script": "{script}" to it if it is a {script} run'
-        )
-    if owner != script:
-        fail(f"{flag} {run_dir}: a {owner} run, not a {script} run")
-
-
-def _plain(obj):
-    """obj as JSON would give it back: numpy and tensor values to Python ones, tuples to lists."""
-    return json.loads(json.dumps(obj, default=_json_default))
-
-
-def _given_flags(parser, argv):
-    """{dest: value} of the flags given on the command line (not from defaults)."""
-    unset = object()
-    ns = argparse.Namespace(**{a.dest: unset for a in parser._actions if a.dest != argparse.SUPPRESS})
-    parser.parse_args(argv, namespace=ns)
-    return {k: v for k, v in vars(ns).items() if v is not unset}
-
-
-# What a --dry-run uses for the flags the command line does not give (a new run only; a resumed
-# dry run keeps its own): the synthetic shapes data, small, so that every script's dry run takes
-# well under a minute on two CPU cores. Scripts add their own (a small model, fewer runs).
-DRY_RUN_DEFAULTS = {"dataset": "shapes", "train_size": 1024, "test_size": 256, "image_size": 32, "batch_size": 32}
-
-
-def _apply_dry_run_defaults(parser, argv, args, script_defaults):
-    """Set DRY_RUN_DEFAULTS and the script's on args, for the flags not given; one line says which."""
-    given = _given_flags(parser, argv)
-    values = {**DRY_RUN_DEFAULTS, **(script_defaults or {})}
-    dataset = given.get("dataset", values["dataset"])
-    if dataset != "shapes":  # sizes and the image side are the shapes data's alone
-        values = {k: v for k, v in values.items() if k not in ("train_size", "test_size", "image_size")}
-    options = {a.dest: a.option_strings[-1] for a in parser._actions if a.option_strings}
-    applied = {k: v for k, v in values.items() if k not in given and k in options}
-    for dest, value in applied.items():
-        applied[dest] = value(args) if callable(value) else value  # a value that depends on other flags
-        setattr(args, dest, applied[dest])
-    if applied:
-        shown = " ".join(
-            f"{options[k]} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in applied.items()
-        )
-        print(f"dry run: {shown} (a flag given keeps its value)", flush=True)
-
-
-def parse_args(parser, argv=None, *, script=None, resume_longer=("epochs",), resume_safe=(), dry_run=None):
-    """Parse argv; with --resume DIR, the run's saved settings fill every flag not given.
-
-    A new --dry-run takes DRY_RUN_DEFAULTS and the script's `dry_run` {dest: value} for the flags
-    the command line does not give (the paper's defaults stay those of real runs).
-
-    A resume continues the same experiment: DIR must be a run of `script`, and a flag that
-    differs from the run's value is refused (one line naming it) unless it is in RESUME_SAFE,
-    --data-dir (not for --dataset folder), a script's own `resume_safe` flags (ones that pick what
-    a call does, not what the experiment is), or a run length in `resume_longer` that grows. What
-    a script may lengthen is its choice: stages that later stages build on are not extended."""
-    args = parser.parse_args(argv)
-    if not args.resume:
-        if args.dry_run:
-            _apply_dry_run_defaults(parser, argv, args, dry_run)
-        return args
-    if args.force:
-        fail("--resume continues a run and --force starts one over; give one of them")
-    saved = read_run_args(args.resume)
-    if script is not None:
-        check_run_script(saved, script, args.resume)
-    settings = run_settings(saved)
-    defaults = {a.dest: a.default for a in parser._actions}
-    options = {a.dest: a.option_strings[-1] for a in parser._actions if a.option_strings}
-    allowed = (
-        set(RESUME_SAFE)
-        | set(resume_safe)
-        | {"resume"}
-        | ({"data_dir"} if settings.get("dataset") != "folder" else set())
-    )
-    longer = () if settings.get("dry_run") else tuple(resume_longer)
-    changed, shorter = [], []
-    for dest, value in _given_flags(parser, argv).items():
-        old = settings.get(dest, defaults.get(dest))
-        if dest in allowed or _plain(value) == _plain(old):
-            continue
-        grows = isinstance(value, int) and isinstance(old, int) and not isinstance(value, bool)
-        if dest in longer and grows and value > old:
-            continue
-        (shorter if dest in longer and grows else changed).append(f"{options.get(dest, dest)} {value} (run: {old})")
-    if changed or shorter:
-        lengths = ", ".join(options.get(d, d) for d in longer) or "no run length"
-        fail(
-            f"--resume {args.resume}: {'; '.join(changed + shorter)} would change the experiment; a resume may "
-            f"change {', '.join(options[d] for d in (*RESUME_SAFE, *resume_safe))} and --data-dir, and lengthen {lengths}"
-            + (" (this is a --dry-run directory)" if settings.get("dry_run") else "")
-        )
-    known = {a.dest for a in parser._actions}
-    parser.set_defaults(**{k: v for k, v in settings.items() if k in known})
-    return parser.parse_args(argv)
-
-
-def seed_everything(seed):
-    """The one place where every random generator is seeded."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)  # also seeds every CUDA device
-
-
-def get_device(name="auto"):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        fail(f"--device {name}: CUDA is not available here; use --device cpu")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        fail(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        fail(f"--device {name}: MPS is not available here; use --device cpu")
-    return device
-
-
-# ---- Several processes (torchrun) ----------------------------------------------------
-# Started by torchrun with WORLD_SIZE > 1, a script runs in one of two modes (--distributed):
-# "ddp", one run over all the processes (DistributedDataParallel; each process sees 1/W of
-# every global batch, so --batch-size is per GPU and the global batch is W x --batch-size), or
-# "sweep", independent runs split over the processes (each its own share, no gradient traffic).
-# A plain `python script.py` (no WORLD_SIZE, or 1) never touches torch.distributed.
-_DIST = {"rank": 0, "world": 1, "local_rank": 0, "mode": None, "cpu_group": None}
-
-
-def launched_distributed():
-    """True when torchrun started this process as one of several (WORLD_SIZE > 1)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-def init_distributed(device, mode="ddp"):
-    """Join torchrun's process group; returns this process's device (on CUDA: process_gpu).
-
-    Reads RANK, LOCAL_RANK and WORLD_SIZE from the environment torchrun sets. Backend: nccl for
-    ddp on CUDA, gloo otherwise (on the CPU, and in sweep mode, where the group only carries a
-    barrier and the run directory's path). The sweep group waits up to 7 days at a barrier: its
-    shares of runs may end hours apart. Returns the device; rank() and world_size() give the rest."""
-    if mode not in ("ddp", "sweep"):
-        fail(f"--distributed {mode}: choose ddp or sweep")
-    try:
-        rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-    except (KeyError, ValueError):
-        fail("WORLD_SIZE > 1 but RANK/LOCAL_RANK are not set: start several processes with torchrun")
-    device = torch.device(device)
-    if device.type == "cuda":
-        device = torch.device("cuda", process_gpu(local_rank, torch.cuda.device_count(), mode))
-        torch.cuda.set_device(device)
-    elif mode == "ddp" and device.type != "cpu":
-        fail(f"--distributed ddp runs on CUDA or the CPU, not on {device.type}")
-    if not torch.distributed.is_initialized():
-        backend = "nccl" if device.type == "cuda" and mode == "ddp" else "gloo"
-        timeout = datetime.timedelta(days=7) if mode == "sweep" else datetime.timedelta(minutes=30)
-        torch.distributed.init_process_group(backend, rank=rank, world_size=world, timeout=timeout)
-        atexit.register(_end_distributed)
-        # Host-side objects (the run directory's path) and barriers go through gloo.
-        cpu_group = torch.distributed.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else None
-        _DIST.update(cpu_group=cpu_group)
-    _DIST.update(rank=rank, world=world, local_rank=local_rank, mode=mode)
-    return device
-
-
-def process_gpu(local_rank, gpus, mode):
-    """The GPU of torchrun's process LOCAL_RANK: its own under ddp (one process per GPU); in a
-    sweep, GPU local_rank mod gpus, so that more processes than GPUs share them (through MPS when
-    its daemon runs: small networks leave most of a GPU idle)."""
-    if mode == "sweep" and gpus > 0:
-        return local_rank % gpus
-    if local_rank >= gpus:
-        fail(f"torchrun LOCAL_RANK {local_rank}: this machine has {gpus} CUDA device(s); ddp runs one process per GPU")
-    return local_rank
-
-
-def _end_distributed():
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
-
-def is_distributed():
-    """True after init_distributed (in either mode)."""
-    return _DIST["mode"] is not None
-
-
-def ddp_active():
-    """True when this process is one of several sharing one run (--distributed ddp)."""
-    return _DIST["mode"] == "ddp" and _DIST["world"] > 1
-
-
-def rank():
-    return _DIST["rank"]
-
-
-def world_size():
-    return _DIST["world"]
-
-
-def writes_files():
-    """Whether this process writes the run's files: always, except ranks > 0 of a ddp run."""
-    return not ddp_active() or _DIST["rank"] == 0
-
-
-def barrier():
-    """Wait for every process of torchrun's group (a no-op in a plain process)."""
-    if is_distributed():
-        torch.distributed.barrier(group=_DIST["cpu_group"])
-
-
-class DistributedModel(nn.parallel.DistributedDataParallel):
-    """DistributedDataParallel whose other attributes are the model's (model.centers, model.head).
-
-    A loss_fn may read them, and use parameters after the forward pass, as long as it calls
-    the wrapper itself (model(x)) once per step: that call is what arms the gradient
-    all-reduce (make_train_step checks that it happened)."""
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "module":
-                raise
-            return getattr(self.module, name)
-
-
-def distributed_model(model):
-    """The model wrapped in DistributedDataParallel (its gradients averaged over the processes).
-
-    The parameters stay the model's own: optimizers, checkpoints and evaluation keep using the
-    plain model. Buffers (batch-norm statistics) are rank 0's, broadcast at every forward; batch
-    norm normalises with each rank's own batch (as usual with DDP, no SyncBatchNorm)."""
-    device_ids = [model_device(model).index] if model_device(model).type == "cuda" else None
-    return DistributedModel(model, device_ids=device_ids)
-
-
-def model_device(model):
-    return next(model.parameters()).device
-
-
-# This process's run: its directory, the lock files it holds, the directories it created, the
-# files waiting for the run's first written file (args.json; the replacement of an old run), the
-# args setup was called with, and the run's files it has recorded in WRITTEN.
-_RUN = {"dir": None, "pending": None, "locks": {}, "created": [], "args": None, "written": set()}
-
-# A run directory's own list of the files the run wrote (paths relative to it, one a line): a run
-# reused or cleaned up removes these and nothing else, so a user's files beside them survive.
-WRITTEN = ".written"
-# Temp files of atomic writes end in this; only these are removed as stale (never a user's *.tmp).
-TEMP_SUFFIX = ".hiercls-tmp"
-
-
-def setup(args, script):
-    """Seed, pick the device, and open the run directory: new, resumed or replaced.
-
-    Returns (run_dir, device). Nothing on disk changes before the run writes its first file
-    (a checkpoint, a JSON, a log line): until then inputs may still fail, and a run that fails
-    on them leaves an existing run intact. At that first write, args.json is saved (with a
-    "script" key naming `script`), and a run directory being replaced is renamed aside and
-    removed.
-
-    - A new run gets --out-dir, or runs/<script>-<time> (a counter suffix when taken). An
-      existing non-empty directory is reused only when it is a run of this script without any
-      checkpoint (a run that failed early): the files that run listed in its WRITTEN list go,
-      anything else (a user's notes) stays. It is replaced as a whole with --force only when it
-      is a run of this script (its args.json says so), and refused otherwise.
-    - --resume DIR continues the run (parse_args has checked the flags). Overrides are recorded
-      in args.json's "overrides" list ({time, changes: {flag: {from, to}}}); args.json's own
-      values stay the run's original ones. A longer --epochs (or a script's other lengths):
-      learning-rate schedules are computed by each script from the run length, so the schedule
-      is the one of the new length from the first step; epochs already run keep the learning
-      rates they had, and the rest follow the new schedule from the step reached. A
-      --dry-run directory resumes as a dry run: it cannot become a real run.
-    - A lock on DIR/.lock (held for the process's life) refuses a second process on the same run.
-    - Stale temp files of killed writes (ours: named *TEMP_SUFFIX) are removed when the
-      directory is opened; a user's *.tmp files are not ours.
-    - Every file a run writes in its directory is listed in WRITTEN before it is written.
-    - Started by torchrun with several processes: init_distributed first (each process on
-      cuda:LOCAL_RANK), then rank 0 alone opens the directory (see _setup_run_dir)."""
-    _release_run()
-    sys.excepthook = _excepthook
-    if args.dry_run:
-        args.epochs = 1
-    seed_everything(args.seed)
-    device = get_device(args.device)
-    if launched_distributed():
-        device = init_distributed(device, mode=getattr(args, "distributed", "ddp"))
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    run_dir = _setup_run_dir(args, script)
-    _RUN.update(dir=run_dir, args=args)
-    return run_dir, device
-
-
-def _open_run_dir(args, script):
-    """setup's run directory in this process: checked, created or reused, and locked."""
-    if args.resume:
-        run_dir = Path(args.resume)
-        saved = read_run_args(run_dir)
-        check_run_script(saved, script, run_dir)
-        _lock(run_dir)
-        _remove_stale_temps(run_dir)
-        _RUN.update(dir=run_dir, written=_read_written(run_dir))
-        settings = run_settings(saved)
-        if settings.get("dry_run"):
-            print(f"[{script}] {run_dir} is a --dry-run directory: it resumes as a dry run", flush=True)
-        current = _plain(vars(args))
-        changes = {
-            k: {"from": settings[k], "to": v}
-            for k, v in current.items()
-            if k != "resume" and k in settings and _plain(settings[k]) != v
-        }
-        files = {}
-        if changes:
-            when = datetime.datetime.now().isoformat(timespec="seconds")
-            saved = {**saved, "overrides": saved.get("overrides", []) + [{"time": when, "changes": changes}]}
-            files["args.json"] = _json_bytes(saved)
-        _RUN["pending"] = {"dir": run_dir, "files": files, "new": False, "replace": False, "remove": []}
-    else:
-        run_dir = Path(args.out_dir) if args.out_dir else _new_default_dir(script)
-        reuse = _check_out_dir(run_dir, script, args.force)
-        if reuse != "directory":
-            if not run_dir.exists():
-                _RUN["created"].append(run_dir)
-            try:
-                run_dir.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                fail(f"cannot create the run directory {run_dir}: {e.strerror or e}")
-        _lock(run_dir)
-        _remove_stale_temps(run_dir)
-        remove = sorted(_read_written(run_dir)) if reuse == "files" else []
-        _RUN.update(dir=run_dir, written=set())
-        _RUN["pending"] = {
-            "dir": run_dir,
-            "files": {"args.json": _json_bytes({"script": script, **_plain(vars(args))})},
-            "new": True,
-            "replace": reuse == "directory",
-            "remove": remove,
-        }
-    return run_dir
-
-
-def _setup_run_dir(args, script):
-    """The run directory of setup: opened by this process, or, under torchrun, by rank 0 alone.
-
-    Under torchrun rank 0 opens it (lock, args.json, replacement of an old run written at once
-    rather than at the first write, so no rank writes into a directory about to be replaced)
-    and the other ranks take its path from rank 0 after a barrier, holding no lock."""
-    if not is_distributed():
-        return _open_run_dir(args, script)
-    run_dir = _open_run_dir(args, script) if _DIST["rank"] == 0 else None
-    if _DIST["rank"] == 0:
-        _claim(run_dir)
-    shared = [str(run_dir) if run_dir is not None else None]
-    torch.distributed.broadcast_object_list(shared, src=0, group=_DIST["cpu_group"])
-    barrier()
-    return Path(shared[0])
-
-
-def _new_default_dir(script):
-    """runs/<script>-<time>, created exclusively: jobs started in the same second get -2, -3, ..."""
-    stamp = _timestamp()
-    for i in range(1, 1000):
-        run_dir = Path("runs") / (f"{script}-{stamp}" if i == 1 else f"{script}-{stamp}-{i}")
-        try:
-            run_dir.mkdir(parents=True)
-        except FileExistsError:
-            continue
-        except OSError as e:
-            fail(f"cannot create the run directory {run_dir}: {e.strerror or e}")
-        _RUN["created"].append(run_dir)
-        return run_dir
-    fail(f"runs/{script}-{stamp}: a thousand run directories in one second; pass --out-dir")
-
-
-def _timestamp():
-    return datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-
-
-def _run_contents(run_dir):
-    """What a directory holds besides our lock file, list of written files and temp files."""
-    return [p for p in run_dir.iterdir() if p.name not in (".lock", WRITTEN) and not p.name.endswith(TEMP_SUFFIX)]
-
-
-def _check_out_dir(run_dir, script, force):
-    """How a new run takes run_dir: None (absent or empty), "files" (an earlier run of this script
-    whose own files go at the first write) or "directory" (--force: the whole directory is
-    replaced at the first write); fails when it may not be taken."""
-    if not run_dir.exists():
-        return None
-    if not run_dir.is_dir():
-        fail(f"--out-dir {run_dir} is a file, not a directory")
-    if not _run_contents(run_dir):
-        return None
-    here = Path.cwd().resolve()
-    if run_dir.resolve() in (here, *here.parents):
-        fail(f"--out-dir {run_dir} is the working directory or holds it; choose a new directory")
-    try:
-        saved = json.loads((run_dir / "args.json").read_text())
-    except (OSError, UnicodeDecodeError, ValueError):
-        saved = None
-    owner = saved.get("script") if isinstance(saved, dict) else None
-    if not force and owner == script and (run_dir / WRITTEN).is_file() and not any(run_dir.rglob("checkpoint.pt")):
-        return "files"  # a run of this script that failed before its first checkpoint: its files, listed, go
-    if not force:
-        fail(f"{run_dir} exists and is not empty; pass --resume {run_dir} to continue it or --force to replace it")
-    if saved is None:
-        fail(f"--force {run_dir}: not a run directory (no readable args.json); refusing to delete it")
-    if owner is None:
-        fail(
-            f"--force {run_dir}: its args.json names no script (written before run directories recorded "
-            "theirs); refusing to delete it; remove it yourself if it is to go"
-        )
-    if owner != script:
-        fail(f"--force {run_dir}: a {owner} run, not a {script} run; refusing to replace it")
-    return "directory"
-
-
-def _lock(run_dir):
-    """Hold an exclusive lock on run_dir/.lock for this process's life (one line when taken)."""
-    key = str(Path(run_dir).resolve())
-    if key in _RUN["locks"]:
-        return
-    path = Path(run_dir) / ".lock"
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
-    except OSError as e:
-        fail(f"cannot write in {run_dir}: {e.strerror or e}")
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        other = os.read(fd, 32).decode(errors="replace").strip()
-        os.close(fd)
-        fail(f"{run_dir} is in use by another process{f' (pid {other})' if other else ''}; wait until it ends")
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
-    _RUN["locks"][key] = fd
-
-
-def _release_run():
-    """Forget the previous run of this process (several runs in one process, as in tests)."""
-    for fd in _RUN["locks"].values():
-        os.close(fd)
-    _RUN.update(dir=None, pending=None, locks={}, args=None, written=set())
-
-
-def _remove_stale_temps(run_dir):
-    """Our temp files of writes killed half-way (checkpoints, JSON); we hold the lock, so none is live."""
-    for tmp in Path(run_dir).rglob(f"*{TEMP_SUFFIX}"):
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-
-
-def _read_written(run_dir):
-    """The run's list of the files it wrote (a torn last line, from a kill mid-write, is left out)."""
-    try:
-        lines = (Path(run_dir) / WRITTEN).read_text().split("\n")
-    except (OSError, UnicodeDecodeError):
-        return set()
-    return {line for line in lines[:-1] if line}
-
-
-def _record_written(path):
-    """Add path, if it lies in the run directory, to the run's list of its files (before writing it)."""
-    run_dir = _RUN["dir"]
-    if run_dir is None or not writes_files():
-        return
-    try:
-        rel = Path(path).resolve().relative_to(Path(run_dir).resolve()).as_posix()
-    except ValueError:
-        return
-    if rel in _RUN["written"]:
-        return
-    try:
-        with open(Path(run_dir) / WRITTEN, "a") as f:
-            f.write(rel + "\n")
-    except OSError as e:
-        fail(f"cannot write {Path(run_dir) / WRITTEN}: {e.strerror or e}")
-    _RUN["written"].add(rel)
-
-
-def _remove_written(run_dir, written):
-    """Remove an earlier run's own files (its list) and the folders they leave empty; returns how many went."""
-    removed = 0
-    for rel in written:
-        if Path(rel).is_absolute() or ".." in Path(rel).parts:
-            continue  # not a name this program records
-        path = run_dir / rel
-        if path.is_file() or path.is_symlink():
-            path.unlink()
-            removed += 1
-        for folder in path.parents:
-            if folder == run_dir or run_dir not in folder.parents:
-                break
-            try:
-                folder.rmdir()  # only when empty: a user's file keeps its folder
-            except OSError:
-                break
-    return removed
-
-
-def _claim(path):
-    """Before the run's first write under its directory: replace the old run (--force) or remove
-    the files it listed (a reused run), then write the pending files (args.json, the data's
-    fingerprint), each listed in WRITTEN."""
-    pending = _RUN["pending"]
-    if pending is None:
-        return
-    run_dir = pending["dir"]
-    try:
-        Path(path).resolve().relative_to(run_dir.resolve())
-    except ValueError:
-        return
-    _RUN["pending"] = None
-    try:
-        if pending["replace"]:
-            # The directory itself, not a symbolic link naming it: the link stays and names the new one.
-            real = run_dir.resolve()
-            aside = real.with_name(f"{real.name}.replaced-{os.getpid()}")
-            os.replace(real, aside)
-            real.mkdir()
-            old_lock = _RUN["locks"].pop(str(real))
-            _lock(run_dir)
-            shutil.rmtree(aside)
-            os.close(old_lock)
-        if pending["remove"]:
-            removed = _remove_written(run_dir, pending["remove"])
-            kept = sorted(p.name for p in _run_contents(run_dir))
-            print(
-                f"{run_dir}: removed the {removed} files of an earlier run that stopped before its first checkpoint"
-                + (f"; kept {', '.join(kept)}" if kept else ""),
-                flush=True,
-            )
-        if pending["new"]:
-            (run_dir / WRITTEN).unlink(missing_ok=True)  # a new run lists its own files
-        for name, data in pending["files"].items():
-            _record_written(run_dir / name)
-            _atomic_write(run_dir / name, data)
-    except OSError as e:
-        fail(f"cannot write {e.filename or run_dir}: {e.strerror or e}")
-
-
-@atexit.register
-def _remove_unused_run_dirs():
-    """A run directory this process created and never wrote to does not outlive it."""
-    for run_dir in _RUN["created"]:
-        try:
-            if run_dir.is_dir() and not _run_contents(run_dir):
-                for p in run_dir.iterdir():
-                    p.unlink()
-                run_dir.rmdir()
-        except OSError:
-            pass
-
-
-def _excepthook(kind, value, tb):
-    """One line, not a traceback, for Ctrl-C and for file-system errors on a named path."""
-    if issubclass(kind, KeyboardInterrupt):
-        print("interrupted", file=sys.stderr)
-    elif issubclass(kind, OSError) and value.filename:
-        print(f"error: {value.filename}: {value.strerror or value}", file=sys.stderr)
-    else:
-        sys.__excepthook__(kind, value, tb)
-
-
-def write_json(path, obj):
-    """Write JSON atomically: a reader sees the old file or the new one, never half of one."""
-    atomic_write_bytes(path, _json_bytes(obj))
-
-
-def _json_bytes(obj):
-    return (json.dumps(obj, indent=2, default=_json_default) + "\n").encode()
-
-
-def _json_default(o):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, torch.Tensor):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o)}")
-
-
-def _umask():
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _atomic_write(path, data):
-    """Write through a temp file and a rename; the file gets the usual mode (0666 less the umask)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=TEMP_SUFFIX)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o666 & ~_umask())
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_bytes(path, data):
-    """Write a file atomically: a reader sees the old file or the new one, never half of one.
-
-    A file-system error (read-only, full disk) is one line naming the path. Ranks > 0 of a ddp
-    run write nothing (rank 0 writes the run's files)."""
-    if not writes_files():
-        return
-    _claim(path)
-    _record_written(path)
-    try:
-        _atomic_write(path, data)
-    except OSError as e:
-        fail(f"cannot write {path}: {e.strerror or e}")
-
-
-def write_text(path, text):
-    """A text result file (tables, trees, summaries), written as write_json writes: atomically,
-    one line on a file-system error, by rank 0 alone under ddp."""
-    atomic_write_bytes(path, text.encode())
-
-
-def write_npy(path, array):
-    """np.save, atomically."""
-    buffer = io.BytesIO()
-    np.save(buffer, np.asarray(array))
-    atomic_write_bytes(path, buffer.getvalue())
-
-
-def save_checkpoint(path, state):
-    """torch.save, atomically. Keep `state` to tensors and plain values: it is read back with
-    weights_only=True."""
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
-def load_checkpoint(path, device="cpu"):
-    """torch.load with weights_only=True: tensors and plain values only, never code from the file.
-    A missing, truncated or foreign file is one line."""
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:
-        fail(f"cannot load the checkpoint {path}: {_load_failure(e)}")
-
-
-def _refused_as_unsafe(error):
-    """True when torch.load(weights_only=True) refused a file for holding more than tensors and plain values."""
-    return isinstance(error, pickle.UnpicklingError) and "weights only" in str(error).lower()
-
-
-def _load_failure(error):
-    """Why torch.load(weights_only=True) refused a file, in our words. torch's own message advises
-    loading with weights_only=False, which is the one unsafe step for a planted file: never quoted."""
-    if _refused_as_unsafe(error):
-        return (
-            "it holds Python objects besides tensors and plain values, so this project did not write it (or it "
-            "was altered) and loading it could run code; it is not loaded. Use a checkpoint.pt a run of these "
-            "scripts wrote, or train again"
-        )
-    if isinstance(error, FileNotFoundError):
-        return "no such file"
-    return (
-        f"not a readable PyTorch file ({_first_sentence(error)}): truncated or damaged, or another kind of file; "
-        "use an intact checkpoint.pt of a run, or train again"
-    )
-
-
-def _first_sentence(error, limit=160):
-    text = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
-    return text.split(". ")[0][:limit]
-
-
-def _misfit(model, error):
-    """One line for a checkpoint whose state does not fit the model (load_state_dict's many lines)."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    reason = lines[1] if len(lines) > 1 else (lines[0] if lines else type(error).__name__)
-    if isinstance(error, KeyError):
-        reason = f"no {error} in it"
-    return (
-        f"does not fit this {type(model).__name__} ({reason[:200]}); it was written with another architecture "
-        "or other flags"
-    )
-
-
-def load_weights(model, state, path):
-    """model.load_state_dict(state); weights that do not fit (another architecture) are one line."""
-    try:
-        model.load_state_dict(state)
-    except (RuntimeError, KeyError, ValueError, TypeError) as e:
-        fail(f"{path}: {_misfit(model, e)}")
-
-
-def append_jsonl(path, record):
-    """Append one JSON line. A torn last line (a kill during an earlier append) is cut off first,
-    so that this record does not get glued onto it."""
-    if not writes_files():
-        return
-    _claim(path)
-    _record_written(path)
-    line = (json.dumps(record, default=_json_default) + "\n").encode()
-    try:
-        with open(path, "a+b") as f:
-            _cut_torn_line(f)
-            f.write(line)
-    except OSError as e:
-        fail(f"cannot write {path}: {e.strerror or e}")
-
-
-def _cut_torn_line(f):
-    """Truncate an open JSON-lines file after its last newline (a torn line is only half a record),
-    or end a whole last record that lacks its newline."""
-    size = f.seek(0, os.SEEK_END)
-    if size == 0:
-        return
-    f.seek(max(0, size - 65536))
-    tail = f.read()
-    if tail.endswith(b"\n"):
-        return
-    cut = tail.rfind(b"\n")
-    if cut < 0 and len(tail) < size:  # a last line longer than the tail read: read it all
-        f.seek(0)
-        tail = f.read()
-        cut = tail.rfind(b"\n")
-    start = size - len(tail) + cut + 1
-    f.seek(start)
-    last = f.read()
-    try:
-        whole = isinstance(json.loads(last), dict)  # a record is an object; "12" of "123" is not one
-    except ValueError:
-        whole = False
-    if whole:
-        f.write(b"\n")
-    else:
-        f.truncate(start)
-
-
-def read_jsonl(path):
-    """The records of a JSON-lines file. A torn last line (a kill during the write) is left out;
-    a damaged line elsewhere is skipped with a warning."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    text = path.read_text(errors="replace")
-    lines = text.split("\n")
-    records, damaged = [], 0
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            if i < len(lines) - 1:  # the last piece has no newline: a torn write, not damage
-                damaged += 1
-    if damaged:
-        print(f"warning: {path}: skipped {damaged} damaged line(s)", file=sys.stderr, flush=True)
-    return records
-
-
-def format_seconds(s):
-    s = int(round(s))
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
-
-
-# ---------------------------------------------------------------------------------------
-# 2. Data
-# ---------------------------------------------------------------------------------------
+# ---- Class hierarchies, and the containers of a loaded dataset
 
 
 @dataclass
@@ -1169,6 +235,9 @@ class Data:
     @property
     def class_names(self):
         return self.hierarchy.class_names[-1]
+
+
+# ---- The on-disk formats: CIFAR pickles, MNIST IDX files, image folders
 
 
 class _CifarUnpickler(pickle.Unpickler):
@@ -1504,6 +573,8 @@ def _write_folder_cache(cache, obj, prefix):
         )
 
 
+# ---- The synthetic shapes dataset (generated, nothing on disk)
+
 # The shapes dataset of the HDL paper (section 3): triangle or square, one of six fill colours,
 # one of six outline colours; 2 x 6 x 6 = 72 leaf classes.
 SHAPE_NAMES = ["triangle", "square"]
@@ -1652,6 +723,9 @@ def load_shapes(n_train=20000, n_test=6000, image_size=64, seed=0):
     return splits[0], splits[1], shapes_hierarchy()
 
 
+# ---- load_data (--dataset, --hierarchy) and class-balanced splits
+
+
 def channel_stats(images, max_images=10000):
     x = images[:max_images].float() / 255
     return tuple(x.mean((0, 2, 3)).tolist()), tuple(x.std((0, 2, 3)).clamp(min=1e-3).tolist())
@@ -1685,69 +759,6 @@ def load_data(args):
     return data
 
 
-DATA_FINGERPRINT = "data_fingerprint.json"
-
-
-def data_fingerprint(data):
-    """What identifies the data a run trained on: sizes, and hashes of the labels, the class names
-    and an evenly spaced sample of 64 images per split (cheap, and any other data set differs)."""
-
-    def sha(array):
-        return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()[:16]
-
-    def split(s):
-        sample = np.linspace(0, len(s) - 1, num=min(len(s), 64)).astype(np.int64)
-        return {
-            "images": list(s.images.shape),
-            "labels": sha(s.labels.numpy().astype("<i8")),
-            "image_sample": sha(s.images[torch.from_numpy(sample)].numpy()),
-        }
-
-    names = sha(np.frombuffer(json.dumps(data.class_names).encode(), dtype=np.uint8))
-    splits = {part: split(getattr(data, part)) for part in ("train", "test")}
-    return {"dataset": data.name, "classes": data.num_classes, "class_names": names, **splits}
-
-
-def _fingerprint_differences(recorded, current):
-    """Names of the parts two data fingerprints disagree on: "dataset", "train labels", ..."""
-    recorded = recorded if isinstance(recorded, dict) else {}
-    differ = []
-    for part in current:
-        if isinstance(current[part], dict):
-            old = recorded.get(part) if isinstance(recorded.get(part), dict) else {}
-            differ += [f"{part} {key}" for key in current[part] if old.get(key) != current[part][key]]
-        elif recorded.get(part) != current[part]:
-            differ.append(part)
-    return differ or ["their fingerprints"]
-
-
-def _check_run_data(args, data):
-    """In a run (the args setup was given): record the data's fingerprint; on --resume, refuse data
-    other than the run's (another --data-dir) in one line. Runs from before fingerprints record one."""
-    run_dir = _RUN["dir"]
-    if run_dir is None or _RUN["args"] is not args:
-        return
-    fingerprint = _plain(data_fingerprint(data))
-    path = Path(run_dir) / DATA_FINGERPRINT
-    if getattr(args, "resume", None) and path.is_file():
-        try:
-            recorded = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, ValueError) as e:
-            fail(f"--resume {run_dir}: {DATA_FINGERPRINT} is unreadable ({e}); the run directory is damaged")
-        if recorded != fingerprint:
-            differ = _fingerprint_differences(recorded, fingerprint)
-            fail(
-                f"--resume {run_dir}: these are not the data the run trained on ({', '.join(differ)} differ); "
-                f"give --data-dir {run_settings(read_run_args(run_dir)).get('data_dir')} or the same data"
-            )
-        return
-    pending = _RUN["pending"]
-    if pending is not None and pending["dir"] == run_dir:
-        pending["files"][DATA_FINGERPRINT] = _json_bytes(fingerprint)  # written with args.json
-    else:
-        atomic_write_bytes(path, _json_bytes(fingerprint))
-
-
 def stratified_split(labels, n_per_class, seed):
     """Pick n_per_class images of every class (a seeded, class-balanced draw).
 
@@ -1766,15 +777,9 @@ def stratified_split(labels, n_per_class, seed):
     return picked, rest
 
 
-def split_half(labels, seed):
-    """HierNet's split of a test set: half of every class for validation, half for test."""
-    counts = np.bincount(np.asarray(labels))
-    return stratified_split(labels, int(counts[counts > 0].min()) // 2, seed)
-
-
-# ---------------------------------------------------------------------------------------
-# 3. The GPU-resident loader
-# ---------------------------------------------------------------------------------------
+# =============================================================================================
+# 2. The GPU-resident loader: the whole split as uint8 on the device, augmented there in batch
+# =============================================================================================
 
 
 class GpuLoader:
@@ -1907,54 +912,17 @@ class GpuLoader:
             yield x, (ys[0] if self.single else ys)
 
 
-# ---------------------------------------------------------------------------------------
-# 4. Backbones
-# ---------------------------------------------------------------------------------------
+# =============================================================================================
+# 3. Backbones shared by several scripts: the interface (stem, stages, head), VGG, weight init.
+#    A backbone that one script uses lives in that script.
+# =============================================================================================
+
+
 # Every backbone has `stem`, `stages` (an nn.ModuleList), `head` (pool + flatten + fc) and
 # `features(x)` (the pooled vector before the classifier), so a script can cut the network at
 # a stage or a block.
-
-
 def conv3x3(cin, cout, stride=1):
     return nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-
-
-class ShortcutA(nn.Module):
-    """He et al.'s option A: subsample and pad the new channels with zeros (no parameters)."""
-
-    def __init__(self, cin, cout, stride):
-        super().__init__()
-        self.stride, self.extra = stride, cout - cin
-
-    def forward(self, x):
-        if self.stride > 1:
-            x = x[:, :, :: self.stride, :: self.stride]
-        if self.extra:
-            x = F.pad(x, (0, 0, 0, 0, self.extra // 2, self.extra - self.extra // 2))
-        return x
-
-
-class CifarBasicBlock(nn.Module):
-    """conv-BN-ReLU-conv-BN + shortcut, ReLU (He et al. 2016).
-
-    With elu=True, the block of Shah et al. (2016): conv-ELU-conv-BN + shortcut, no
-    activation after the addition."""
-
-    def __init__(self, cin, cout, stride=1, elu=False):
-        super().__init__()
-        self.elu = elu
-        self.conv1, self.conv2 = conv3x3(cin, cout, stride), conv3x3(cout, cout)
-        self.bn1 = nn.Identity() if elu else nn.BatchNorm2d(cout)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut = ShortcutA(cin, cout, stride) if (stride > 1 or cin != cout) else nn.Identity()
-
-    def forward(self, x):
-        if self.elu:
-            out = self.bn2(self.conv2(F.elu(self.conv1(x))))
-            return out + self.shortcut(x)
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
 
 
 class Head(nn.Module):
@@ -1983,119 +951,6 @@ class Backbone(nn.Module):
 
     def forward(self, x):
         return self.head.fc(self.features(x))
-
-
-class CifarResNet(Backbone):
-    """The 6n+2-layer CIFAR ResNet of He et al. (2016), widths 16/32/64, option-A shortcuts.
-
-    n = 3, 5, 7, 9, 18 gives ResNet-20, 32, 44, 56, 110. `blocks` lists the 3n residual blocks
-    in order, which is what HierNet splits."""
-
-    def __init__(self, n=3, num_classes=10, elu=False, in_channels=3):
-        super().__init__()
-        self.n, self.elu = n, elu
-        act = nn.ELU() if elu else nn.ReLU()
-        self.stem = nn.Sequential(conv3x3(in_channels, 16), nn.BatchNorm2d(16), act)
-        stages, cin = [], 16
-        for i, width in enumerate((16, 32, 64)):
-            blocks = []
-            for j in range(n):
-                stride = 2 if (i > 0 and j == 0) else 1
-                blocks.append(CifarBasicBlock(cin, width, stride, elu))
-                cin = width
-            stages.append(nn.Sequential(*blocks))
-        self.stages = nn.ModuleList(stages)
-        self.head = Head(64, num_classes)
-        init_weights(self)
-
-    @property
-    def blocks(self):
-        return [b for stage in self.stages for b in stage]
-
-
-class PreActBottleneck(nn.Module):
-    """BN-ReLU-conv1x1-BN-ReLU-conv3x3-BN-ReLU-conv1x1 + shortcut (He et al., identity mappings)."""
-
-    expansion = 4
-
-    def __init__(self, cin, width, stride=1):
-        super().__init__()
-        cout = width * 4
-        self.bn1, self.conv1 = nn.BatchNorm2d(cin), nn.Conv2d(cin, width, 1, bias=False)
-        self.bn2, self.conv2 = nn.BatchNorm2d(width), conv3x3(width, width, stride)
-        self.bn3, self.conv3 = nn.BatchNorm2d(width), nn.Conv2d(width, cout, 1, bias=False)
-        self.shortcut = nn.Conv2d(cin, cout, 1, stride, bias=False) if (stride > 1 or cin != cout) else None
-
-    def forward(self, x):
-        out = F.relu(self.bn1(x))
-        shortcut = self.shortcut(out) if self.shortcut is not None else x
-        out = self.conv1(out)
-        out = self.conv2(F.relu(self.bn2(out)))
-        out = self.conv3(F.relu(self.bn3(out)))
-        return out + shortcut
-
-
-class PreActResNetCifar(Backbone):
-    """Pre-activation bottleneck ResNet for CIFAR, depth 9n+2 (164: n=18; 1.7M parameters)."""
-
-    def __init__(self, depth=164, num_classes=10):
-        super().__init__()
-        if (depth - 2) % 9:
-            fail(f"pre-activation bottleneck ResNet depth must be 9n+2, got {depth}")
-        n = (depth - 2) // 9
-        self.stem = conv3x3(3, 16)
-        stages, cin = [], 16
-        for i, width in enumerate((16, 32, 64)):
-            blocks = []
-            for j in range(n):
-                blocks.append(PreActBottleneck(cin, width, 2 if (i > 0 and j == 0) else 1))
-                cin = width * 4
-            stages.append(nn.Sequential(*blocks))
-        self.stages = nn.ModuleList(stages)
-        self.head = Head(cin, num_classes, pre=nn.Sequential(nn.BatchNorm2d(cin), nn.ReLU()))
-        init_weights(self)
-
-
-class DenseLayer(nn.Module):
-    """BN-ReLU-conv1x1 (4k) - BN-ReLU-conv3x3 (k), concatenated to the input."""
-
-    def __init__(self, cin, growth):
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.BatchNorm2d(cin),
-            nn.ReLU(),
-            nn.Conv2d(cin, 4 * growth, 1, bias=False),
-            nn.BatchNorm2d(4 * growth),
-            nn.ReLU(),
-            conv3x3(4 * growth, growth),
-        )
-
-    def forward(self, x):
-        return torch.cat([x, self.body(x)], 1)
-
-
-class DenseNetBC(Backbone):
-    """DenseNet-BC (Huang et al.) for CIFAR: depth 100, growth 12, compression 0.5 (0.8M)."""
-
-    def __init__(self, depth=100, growth=12, num_classes=10, compression=0.5):
-        super().__init__()
-        n = (depth - 4) // 6
-        c = 2 * growth
-        self.stem = conv3x3(3, c)
-        stages = []
-        for i in range(3):
-            layers = []
-            for _ in range(n):
-                layers.append(DenseLayer(c, growth))
-                c += growth
-            if i < 2:  # transition: BN-ReLU-conv1x1-avgpool
-                out = int(math.floor(c * compression))
-                layers += [nn.BatchNorm2d(c), nn.ReLU(), nn.Conv2d(c, out, 1, bias=False), nn.AvgPool2d(2)]
-                c = out
-            stages.append(nn.Sequential(*layers))
-        self.stages = nn.ModuleList(stages)
-        self.head = Head(c, num_classes, pre=nn.Sequential(nn.BatchNorm2d(c), nn.ReLU()))
-        init_weights(self)
 
 
 VGG_CONFIGS = {
@@ -2152,106 +1007,6 @@ class MLPHead(nn.Module):
         return self.fc(self.pool(x))
 
 
-class BasicBlock(nn.Module):
-    """ResNet-18's block with a 1x1 projection shortcut when the shape changes (option B)."""
-
-    def __init__(self, cin, cout, stride=1):
-        super().__init__()
-        self.conv1, self.bn1 = conv3x3(cin, cout, stride), nn.BatchNorm2d(cout)
-        self.conv2, self.bn2 = conv3x3(cout, cout), nn.BatchNorm2d(cout)
-        self.shortcut = nn.Identity()
-        if stride > 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
-
-
-class PreActBlock(nn.Module):
-    """BN-ReLU-conv-BN-ReLU-conv + shortcut (He et al., identity mappings)."""
-
-    def __init__(self, cin, cout, stride=1):
-        super().__init__()
-        self.bn1, self.conv1 = nn.BatchNorm2d(cin), conv3x3(cin, cout, stride)
-        self.bn2, self.conv2 = nn.BatchNorm2d(cout), conv3x3(cout, cout)
-        self.shortcut = nn.Conv2d(cin, cout, 1, stride, bias=False) if (stride > 1 or cin != cout) else None
-
-    def forward(self, x):
-        out = F.relu(self.bn1(x))
-        shortcut = self.shortcut(out) if self.shortcut is not None else x
-        out = self.conv2(F.relu(self.bn2(self.conv1(out))))
-        return out + shortcut
-
-
-class ResNet18(Backbone):
-    """ResNet-18: 4 stages of 2 blocks, 64-128-256-512, adaptive average pooling.
-
-    stem='imagenet' is the 7x7 stride-2 convolution, BN, ReLU and 3x3 stride-2 max-pool (the
-    HDL paper's); stem='cifar' is one 3x3 stride-1 convolution. preact=True uses
-    pre-activation blocks (PreAct ResNet-18)."""
-
-    def __init__(self, num_classes=10, stem="imagenet", preact=False, in_channels=3):
-        super().__init__()
-        if stem == "imagenet":
-            layers = [nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)]
-            if not preact:
-                layers += [nn.BatchNorm2d(64), nn.ReLU(inplace=True)]
-            self.stem = nn.Sequential(*layers, nn.MaxPool2d(3, 2, 1))
-        elif stem == "cifar":
-            layers = [conv3x3(in_channels, 64)]
-            self.stem = (
-                nn.Sequential(*layers) if preact else nn.Sequential(*layers, nn.BatchNorm2d(64), nn.ReLU(inplace=True))
-            )
-        else:
-            fail(f"ResNet-18 stem must be 'imagenet' or 'cifar', got {stem!r}")
-        block = PreActBlock if preact else BasicBlock
-        stages, cin = [], 64
-        for i, width in enumerate((64, 128, 256, 512)):
-            stages.append(nn.Sequential(block(cin, width, 1 if i == 0 else 2), block(width, width)))
-            cin = width
-        self.stages = nn.ModuleList(stages)
-        pre = nn.Sequential(nn.BatchNorm2d(512), nn.ReLU()) if preact else None
-        self.head = Head(512, num_classes, pre=pre)
-        init_weights(self)
-
-
-class LeNetMNIST(Backbone):
-    """The MNIST network of the latent-string paper: conv 16 - pool - conv 32 - pool - conv 64,
-    flattened to 64 x 7 x 7 = 3136 features, then FC 3136-500-10."""
-
-    def __init__(self, num_classes=10, hidden=500, in_channels=1):
-        super().__init__()
-        self.stem = nn.Identity()
-        self.stages = nn.ModuleList(
-            [
-                nn.Sequential(nn.Conv2d(in_channels, 16, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2)),
-                nn.Sequential(nn.Conv2d(16, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2)),
-                nn.Sequential(nn.Conv2d(32, 64, 5, padding=2), nn.ReLU()),
-            ]
-        )
-        self.head = FlattenHead(64 * 7 * 7, num_classes, hidden)
-        init_weights(self)
-
-
-class FlattenHead(nn.Module):
-    """Flatten (no pooling), then FC hidden-ReLU-FC."""
-
-    def __init__(self, cin, num_classes, hidden):
-        super().__init__()
-        self.hidden = nn.Sequential(nn.Linear(cin, hidden), nn.ReLU())
-        self.out = nn.Linear(hidden, num_classes)
-
-    def pool(self, x):
-        return torch.flatten(x, 1)
-
-    def fc(self, x):
-        return self.out(self.hidden(x))
-
-    def forward(self, x):
-        return self.fc(self.pool(x))
-
-
 def init_weights(model):
     """He (fan-out) init for convolutions, BN to (1, 0); linear layers keep PyTorch's default."""
     for m in model.modules():
@@ -2268,9 +1023,18 @@ def count_params(module):
     return sum(p.numel() for p in module.parameters())
 
 
-# ---------------------------------------------------------------------------------------
-# 5. Training and metrics
-# ---------------------------------------------------------------------------------------
+def to_device_model(model, device):
+    """Move a model to the device, channels_last on CUDA."""
+    model = model.to(device)
+    if torch.device(device).type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+# =============================================================================================
+# 4. Training: optimizers, schedules, the train step (bf16 autocast, channels_last, CUDA graph),
+#    the epoch and `fit` (checkpoint every epoch, resume)
+# =============================================================================================
 
 
 def make_sgd(params, lr, momentum=0.9, weight_decay=1e-4, nesterov=False):
@@ -2294,33 +1058,6 @@ def piecewise_lr(boundaries, values):
         return values[-1]
 
     return lr_at
-
-
-class ReduceOnPlateau:
-    """lr times `factor` when the monitored validation loss has not decreased for `patience`
-    consecutive checks. Plain state so it checkpoints with the run."""
-
-    def __init__(self, lr, factor=0.3, patience=5, min_lr=0.0):
-        self.lr, self.factor, self.patience, self.min_lr = lr, factor, patience, min_lr
-        self.best, self.bad = float("inf"), 0
-
-    def update(self, value):
-        if value < self.best:
-            self.best, self.bad = value, 0
-        else:
-            self.bad += 1
-            if self.bad >= self.patience:
-                self.lr, self.bad = max(self.lr * self.factor, self.min_lr), 0
-        return self.lr
-
-    def __call__(self, step):
-        return self.lr
-
-    def state_dict(self):
-        return {"lr": self.lr, "best": self.best, "bad": self.bad}
-
-    def load_state_dict(self, state):
-        self.lr, self.best, self.bad = state["lr"], state["best"], state["bad"]
 
 
 def autocast(device, dtype="bf16", cache_enabled=True):
@@ -2473,93 +1210,6 @@ def _sum_over_ranks(sums, images, device):
     return {k: flat[i] for i, k in enumerate(keys)}, round(flat[-1].item())
 
 
-def get_rng_state(device):
-    """Every generator's state as tensors and plain lists (weights_only-safe in a checkpoint)."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    version, internal, next_gauss = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-        "numpy": {
-            "kind": kind,
-            "keys": torch.from_numpy(keys.astype(np.int64)),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "gauss": float(gauss),
-        },
-        "python": [version, list(internal), next_gauss],
-    }
-
-
-def set_rng_state(rng, device):
-    torch.set_rng_state(rng["torch"].cpu())
-    if device.type == "cuda" and rng.get("cuda") is not None:
-        torch.cuda.set_rng_state(rng["cuda"].cpu(), device)
-    n = rng["numpy"]
-    np.random.set_state((n["kind"], n["keys"].cpu().numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    version, internal, next_gauss = rng["python"]
-    random.setstate((version, tuple(internal), next_gauss))
-
-
-def _weights_only_safe(obj):
-    """numpy values in a state dict as tensors and Python numbers (weights_only=True reads them)."""
-    if isinstance(obj, dict):
-        return {k: _weights_only_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_weights_only_safe(v) for v in obj)
-    if isinstance(obj, np.ndarray):
-        return torch.from_numpy(obj.copy())
-    if isinstance(obj, np.generic):
-        return obj.item()
-    return obj
-
-
-def _snapshot(obj):
-    """A copy of a checkpoint's state that later training steps cannot change (tensors on the CPU)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu() if obj.is_cuda else obj.detach().clone()
-    if isinstance(obj, dict):
-        return {k: _snapshot(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_snapshot(v) for v in obj)
-    return obj
-
-
-class CheckpointWriter:
-    """fit's checkpoint, then its log line, written on a background thread while the next epoch
-    trains (serialising and fsync-ing HierNet's 48 MB state takes about a quarter of a second).
-    One write at a time and in order: the state is copied before training goes on, and the next
-    write, the end of fit and an interruption each wait for the one in flight. A write's error is
-    raised in the training thread at the next wait. The thread is not a daemon, so a process
-    that is exiting still finishes the write it started."""
-
-    def __init__(self):
-        self.thread, self.error = None, None
-
-    def submit(self, path, state, log_path=None, record=None):
-        self.wait()
-        state = _snapshot(state)
-
-        def write():
-            try:
-                save_checkpoint(path, state)
-                if log_path is not None:
-                    append_jsonl(log_path, record)
-            except BaseException as e:  # SystemExit from fail() included: raised again by wait()
-                self.error = e
-
-        self.thread = threading.Thread(target=write, name="checkpoint-writer")
-        self.thread.start()
-
-    def wait(self):
-        if self.thread is not None:
-            self.thread.join()
-            self.thread = None
-        if self.error is not None:
-            error, self.error = self.error, None
-            raise error
-
-
 def fit(
     stage_dir,
     model,
@@ -2599,7 +1249,7 @@ def fit(
         try:
             stage_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            fail(f"cannot create {stage_dir}: {e.strerror or e}")
+            _cannot(f"create {stage_dir}", e)
     ckpt_path = stage_dir / "checkpoint.pt"
     extra_state = extra_state or {}
     device = next(model.parameters()).device
@@ -2700,6 +1350,16 @@ def fit(
     return history
 
 
+def format_seconds(s):
+    s = int(round(s))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+# =============================================================================================
+# 5. Evaluation and metrics: predict, accuracies, hierarchical measures, inference images/s
+# =============================================================================================
+
+
 @torch.no_grad()
 def predict(forward, loader, *, device, dtype="bf16"):
     """Run forward(x) over a loader; returns (outputs, labels) concatenated on the CPU.
@@ -2732,17 +1392,6 @@ def ranked_classes(scores, k):
 def accuracy(scores, labels):
     """Top-1 accuracy in percent (ties: the lower class index, as in ranked_classes)."""
     return 100.0 * (scores.argmax(1) == labels).float().mean().item()
-
-
-def topk_accuracy(scores, labels, k=5):
-    """Top-k accuracy in percent, from ranked_classes' ranking (ties: the lower class index first)."""
-    return 100.0 * (ranked_classes(scores, k) == labels[:, None]).any(1).float().mean().item()
-
-
-def confusion_matrix(pred, labels, num_classes):
-    """counts[true, predicted]."""
-    idx = labels.long() * num_classes + pred.long()
-    return torch.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
 
 
 def level_accuracies(fine_scores, labels, hierarchy):
@@ -2875,9 +1524,1082 @@ def measure_throughput(forward, x, *, device, dtype="bf16", iters=20, warmup=5):
     return iters * len(x) / (time.perf_counter() - t0)
 
 
-def to_device_model(model, device):
-    """Move a model to the device, channels_last on CUDA."""
-    model = model.to(device)
-    if torch.device(device).type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    return model
+# =============================================================================================
+# 6. Runs: the shared flags and what a resume may change, run directories (setup, locks, the
+#    files a run wrote), the data's fingerprint, atomic files, checkpoints and RNG states
+# =============================================================================================
+
+
+# ---- The shared flags (argparse types, add_common_args) and what a resume may change (parse_args)
+
+# argparse `type=` checks: an impossible value stops at parse time with the usage and one line
+# ("argument --epochs: must be at least 1, got 0"), exit status 2, before anything is loaded.
+
+
+def _number_check(name, kind, ok, rule):
+    """An argparse `type=` named `name`: the text as `kind` (int or float), refused with
+    "<rule>, got <text>" unless ok(value)."""
+
+    def check(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if kind is int else 'a number'}, got {text!r}"
+            ) from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{rule}, got {text}")
+        return value
+
+    check.__name__ = check.__qualname__ = name
+    return check
+
+
+positive_int = _number_check("positive_int", int, lambda v: v >= 1, "must be at least 1")  # epochs, sizes, counts
+nonneg_int = _number_check("nonneg_int", int, lambda v: v >= 0, "must be at least 0")
+seed_int = _number_check("seed_int", int, lambda v: 0 <= v < 2**32, f"must be in 0..{2**32 - 1}")  # numpy's seeds
+positive_float = _number_check(  # learning rates
+    "positive_float", float, lambda v: math.isfinite(v) and v > 0, "must be a finite number > 0"
+)
+nonneg_float = _number_check(  # loss weights, weight decay
+    "nonneg_float", float, lambda v: math.isfinite(v) and v >= 0, "must be a finite number >= 0"
+)
+fraction = _number_check("fraction", float, lambda v: 0 <= v < 1, "must be in [0, 1)")  # momentum, dropout
+positive_fraction = _number_check(  # a held-out share, a decay factor
+    "positive_fraction", float, lambda v: 0 < v < 1, "must be in (0, 1)"
+)
+
+
+def device_name(text):
+    """auto, cpu, cuda, cuda:N or mps; whether the device exists is checked by get_device."""
+    kind, _, index = text.partition(":")
+    if text in ("auto", "cpu", "cuda", "mps") or (kind == "cuda" and index.isdigit()):
+        return text
+    raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda, cuda:N or mps, got {text!r}")
+
+
+def one_line_errors(parser):
+    """Make the parser refuse a flag in one line, `prog: error: ... (prog -h lists the flags)`, exit
+    status 2, instead of argparse's usage block (20-30 lines) before it. Returns the parser."""
+
+    def error(message):
+        parser.exit(2, f"{parser.prog}: error: {message} ({parser.prog} -h lists the flags)\n")
+
+    parser.error = error
+    return parser
+
+
+def add_common_args(parser, *, epochs, batch_size, lr, dataset="shapes", datasets=DATASETS, distributed="ddp"):
+    """The flags every script shares; the defaults passed in are the script's paper settings.
+
+    `distributed` is what the script does when started by torchrun with several processes
+    (see init_distributed); a plain `python script.py` ignores --distributed."""
+    one_line_errors(parser)
+    g = parser.add_argument_group("common")
+    g.add_argument("--dataset", default=dataset, choices=datasets)
+    g.add_argument("--data-dir", default="./data", help="root of the on-disk datasets")
+    g.add_argument("--hierarchy", default=None, help="JSON {coarse: [fine, ...]} (nested for more levels)")
+    g.add_argument("--image-size", type=positive_int, default=None, help="shapes/folder image side (shapes default 64)")
+    g.add_argument("--train-size", type=positive_int, default=20000, help="shapes: number of training images")
+    g.add_argument("--test-size", type=positive_int, default=6000, help="shapes: number of test images")
+    g.add_argument("--seed", type=seed_int, default=0)
+    g.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    g.add_argument("--epochs", type=positive_int, default=epochs)
+    g.add_argument("--batch-size", type=positive_int, default=batch_size)
+    g.add_argument("--lr", type=positive_float, default=lr)
+    g.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="autocast dtype on CUDA (CPU: fp32)")
+    g.add_argument("--out-dir", default=None, help="run directory (default runs/<script>-<time>)")
+    g.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR where it stopped")
+    g.add_argument("--force", action="store_true", help="overwrite an existing --out-dir")
+    g.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="one epoch of two batches per stage, on small settings for the flags not given (shapes data)",
+    )
+    g.add_argument(
+        "--compile", action="store_true", help="torch.compile the model (then CUDA-graphed, unless --no-cuda-graph)"
+    )
+    g.add_argument(
+        "--distributed",
+        default=distributed,
+        choices=("ddp", "sweep"),
+        help="under torchrun only (WORLD_SIZE > 1): ddp = one run over the GPUs (--batch-size per GPU), "
+        "sweep = each process its own share of independent runs",
+    )
+    g.add_argument(
+        "--cuda-graph",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="capture the whole train step in one CUDA graph",
+    )
+    return parser
+
+
+# Flags a resume may change: where and how fast the same arithmetic runs. --dtype is not among
+# them (bf16 and fp32 are different experiments); --data-dir is, except for --dataset folder,
+# where the folder is the dataset. Run lengths that may grow are each script's resume_longer.
+RESUME_SAFE = ("device", "cuda_graph", "compile")
+
+
+def read_run_args(run_dir, flag="--resume"):
+    """A run directory's args.json as a dict (one line on failure)."""
+    path = Path(run_dir) / "args.json"
+    if not path.is_file():
+        fail(f"{flag} {run_dir}: no args.json there; not a run directory")
+    saved = _read_run_json(run_dir, "args.json", flag)
+    if not isinstance(saved, dict):
+        fail(f"{flag} {run_dir}: args.json holds no settings object; the run directory is damaged")
+    return saved
+
+
+def run_settings(saved):
+    """The settings a run continues with: args.json's flags with its recorded overrides applied."""
+    settings = {k: v for k, v in saved.items() if k not in ("script", "overrides")}
+    try:
+        for override in saved.get("overrides", []):
+            settings.update({k: change["to"] for k, change in override["changes"].items()})
+    except (AttributeError, KeyError, TypeError):
+        fail("args.json: its overrides list is damaged; each entry is {time, changes: {flag: {from, to}}}")
+    return settings
+
+
+def _read_run_json(run_dir, name, flag="--resume"):
+    """A JSON file of a run directory; one that does not parse stops with one line (the run is damaged)."""
+    try:
+        return json.loads((Path(run_dir) / name).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        fail(f"{flag} {run_dir}: {name} is unreadable ({e}); the run directory is damaged")
+
+
+def _names_no_script(flag, run_dir):
+    """The start of the line refusing a run directory whose args.json names no script."""
+    return f"{flag} {run_dir}: its args.json names no script (written before run directories recorded theirs)"
+
+
+def check_run_script(saved, script, run_dir, flag="--resume"):
+    """Fail unless args.json says the run directory was written by `script`."""
+    owner = saved.get("script")
+    if owner is None:
+        fail(f'{_names_no_script(flag, run_dir)}; add "script": "{script}" to it if it is a {script} run')
+    if owner != script:
+        fail(f"{flag} {run_dir}: a {owner} run, not a {script} run")
+
+
+def _plain(obj):
+    """obj as JSON would give it back: numpy and tensor values to Python ones, tuples to lists."""
+    return json.loads(json.dumps(obj, default=_json_default))
+
+
+def _given_flags(parser, argv):
+    """{dest: value} of the flags given on the command line (not from defaults)."""
+    unset = object()
+    ns = argparse.Namespace(**{a.dest: unset for a in parser._actions if a.dest != argparse.SUPPRESS})
+    parser.parse_args(argv, namespace=ns)
+    return {k: v for k, v in vars(ns).items() if v is not unset}
+
+
+# What a --dry-run uses for the flags the command line does not give (a new run only; a resumed
+# dry run keeps its own): the synthetic shapes data, small, so that every script's dry run takes
+# well under a minute on two CPU cores. Scripts add their own (a small model, fewer runs).
+DRY_RUN_DEFAULTS = {"dataset": "shapes", "train_size": 1024, "test_size": 256, "image_size": 32, "batch_size": 32}
+
+
+def _apply_dry_run_defaults(parser, argv, args, script_defaults):
+    """Set DRY_RUN_DEFAULTS and the script's on args, for the flags not given; one line says which."""
+    given = _given_flags(parser, argv)
+    values = {**DRY_RUN_DEFAULTS, **(script_defaults or {})}
+    dataset = given.get("dataset", values["dataset"])
+    if dataset != "shapes":  # sizes and the image side are the shapes data's alone
+        values = {k: v for k, v in values.items() if k not in ("train_size", "test_size", "image_size")}
+    options = {a.dest: a.option_strings[-1] for a in parser._actions if a.option_strings}
+    applied = {k: v for k, v in values.items() if k not in given and k in options}
+    for dest, value in applied.items():
+        applied[dest] = value(args) if callable(value) else value  # a value that depends on other flags
+        setattr(args, dest, applied[dest])
+    if applied:
+        shown = " ".join(
+            f"{options[k]} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in applied.items()
+        )
+        print(f"dry run: {shown} (a flag given keeps its value)", flush=True)
+
+
+def parse_args(parser, argv=None, *, script=None, resume_longer=("epochs",), resume_safe=(), dry_run=None):
+    """Parse argv; with --resume DIR, the run's saved settings fill every flag not given.
+
+    A new --dry-run takes DRY_RUN_DEFAULTS and the script's `dry_run` {dest: value} for the flags
+    the command line does not give (the paper's defaults stay those of real runs).
+
+    A resume continues the same experiment: DIR must be a run of `script`, and a flag that
+    differs from the run's value is refused (one line naming it) unless it is in RESUME_SAFE,
+    --data-dir (not for --dataset folder), a script's own `resume_safe` flags (ones that pick what
+    a call does, not what the experiment is), or a run length in `resume_longer` that grows. What
+    a script may lengthen is its choice: stages that later stages build on are not extended."""
+    args = parser.parse_args(argv)
+    if not args.resume:
+        if args.dry_run:
+            _apply_dry_run_defaults(parser, argv, args, dry_run)
+        return args
+    if args.force:
+        fail("--resume continues a run and --force starts one over; give one of them")
+    saved = read_run_args(args.resume)
+    if script is not None:
+        check_run_script(saved, script, args.resume)
+    settings = run_settings(saved)
+    defaults = {a.dest: a.default for a in parser._actions}
+    options = {a.dest: a.option_strings[-1] for a in parser._actions if a.option_strings}
+    allowed = (
+        set(RESUME_SAFE)
+        | set(resume_safe)
+        | {"resume"}
+        | ({"data_dir"} if settings.get("dataset") != "folder" else set())
+    )
+    longer = () if settings.get("dry_run") else tuple(resume_longer)
+    changed, shorter = [], []
+    for dest, value in _given_flags(parser, argv).items():
+        old = settings.get(dest, defaults.get(dest))
+        if dest in allowed or _plain(value) == _plain(old):
+            continue
+        grows = isinstance(value, int) and isinstance(old, int) and not isinstance(value, bool)
+        if dest in longer and grows and value > old:
+            continue
+        (shorter if dest in longer and grows else changed).append(f"{options.get(dest, dest)} {value} (run: {old})")
+    if changed or shorter:
+        lengths = ", ".join(options.get(d, d) for d in longer) or "no run length"
+        fail(
+            f"--resume {args.resume}: {'; '.join(changed + shorter)} would change the experiment; a resume may "
+            f"change {', '.join(options[d] for d in (*RESUME_SAFE, *resume_safe))} and --data-dir, and lengthen {lengths}"
+            + (" (this is a --dry-run directory)" if settings.get("dry_run") else "")
+        )
+    known = {a.dest for a in parser._actions}
+    parser.set_defaults(**{k: v for k, v in settings.items() if k in known})
+    return parser.parse_args(argv)
+
+
+# ---- Run directories: setup (seed, device, the directory), its lock, the files a run wrote
+
+
+def seed_everything(seed):
+    """The one place where every random generator is seeded."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def get_device(name="auto"):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail(f"--device {name}: CUDA is not available here; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        fail(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        fail(f"--device {name}: MPS is not available here; use --device cpu")
+    return device
+
+
+# This process's run: its directory, the lock files it holds, the directories it created, the
+# files waiting for the run's first written file (args.json; the replacement of an old run), the
+# args setup was called with, and the run's files it has recorded in WRITTEN.
+_RUN = {"dir": None, "pending": None, "locks": {}, "created": [], "args": None, "written": set()}
+
+# A run directory's own list of the files the run wrote (paths relative to it, one a line): a run
+# reused or cleaned up removes these and nothing else, so a user's files beside them survive.
+WRITTEN = ".written"
+# Temp files of atomic writes end in this; only these are removed as stale (never a user's *.tmp).
+TEMP_SUFFIX = ".hiercls-tmp"
+
+
+def setup(args, script):
+    """Seed, pick the device, and open the run directory: new, resumed or replaced.
+
+    Returns (run_dir, device). Nothing on disk changes before the run writes its first file
+    (a checkpoint, a JSON, a log line): until then inputs may still fail, and a run that fails
+    on them leaves an existing run intact. At that first write, args.json is saved (with a
+    "script" key naming `script`), and a run directory being replaced is renamed aside and
+    removed.
+
+    - A new run gets --out-dir, or runs/<script>-<time> (a counter suffix when taken). An
+      existing non-empty directory is reused only when it is a run of this script without any
+      checkpoint (a run that failed early): the files that run listed in its WRITTEN list go,
+      anything else (a user's notes) stays. It is replaced as a whole with --force only when it
+      is a run of this script (its args.json says so), and refused otherwise.
+    - --resume DIR continues the run (parse_args has checked the flags). Overrides are recorded
+      in args.json's "overrides" list ({time, changes: {flag: {from, to}}}); args.json's own
+      values stay the run's original ones. A longer --epochs (or a script's other lengths):
+      learning-rate schedules are computed by each script from the run length, so the schedule
+      is the one of the new length from the first step; epochs already run keep the learning
+      rates they had, and the rest follow the new schedule from the step reached. A
+      --dry-run directory resumes as a dry run: it cannot become a real run.
+    - A lock on DIR/.lock (held for the process's life) refuses a second process on the same run.
+    - Stale temp files of killed writes (ours: named *TEMP_SUFFIX) are removed when the
+      directory is opened; a user's *.tmp files are not ours.
+    - Every file a run writes in its directory is listed in WRITTEN before it is written.
+    - Started by torchrun with several processes: init_distributed first (each process on
+      cuda:LOCAL_RANK), then rank 0 alone opens the directory (see _setup_run_dir)."""
+    _release_run()
+    sys.excepthook = _excepthook
+    if args.dry_run:
+        args.epochs = 1
+    seed_everything(args.seed)
+    device = get_device(args.device)
+    if launched_distributed():
+        device = init_distributed(device, mode=getattr(args, "distributed", "ddp"))
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    run_dir = _setup_run_dir(args, script)
+    _RUN.update(dir=run_dir, args=args)
+    return run_dir, device
+
+
+def _open_run_dir(args, script):
+    """setup's run directory in this process: checked, created or reused, and locked."""
+    if args.resume:
+        run_dir = Path(args.resume)
+        saved = read_run_args(run_dir)
+        check_run_script(saved, script, run_dir)
+        _lock(run_dir)
+        _remove_stale_temps(run_dir)
+        _RUN.update(dir=run_dir, written=_read_written(run_dir))
+        settings = run_settings(saved)
+        if settings.get("dry_run"):
+            print(f"[{script}] {run_dir} is a --dry-run directory: it resumes as a dry run", flush=True)
+        current = _plain(vars(args))
+        changes = {
+            k: {"from": settings[k], "to": v}
+            for k, v in current.items()
+            if k != "resume" and k in settings and _plain(settings[k]) != v
+        }
+        files = {}
+        if changes:
+            when = datetime.datetime.now().isoformat(timespec="seconds")
+            saved = {**saved, "overrides": saved.get("overrides", []) + [{"time": when, "changes": changes}]}
+            files["args.json"] = _json_bytes(saved)
+        _RUN["pending"] = {"dir": run_dir, "files": files, "new": False, "replace": False, "remove": []}
+    else:
+        run_dir = Path(args.out_dir) if args.out_dir else _new_default_dir(script)
+        reuse = _check_out_dir(run_dir, script, args.force)
+        if reuse != "directory":
+            if not run_dir.exists():
+                _RUN["created"].append(run_dir)
+            try:
+                run_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                _cannot(f"create the run directory {run_dir}", e)
+        _lock(run_dir)
+        _remove_stale_temps(run_dir)
+        remove = sorted(_read_written(run_dir)) if reuse == "files" else []
+        _RUN.update(dir=run_dir, written=set())
+        _RUN["pending"] = {
+            "dir": run_dir,
+            "files": {"args.json": _json_bytes({"script": script, **_plain(vars(args))})},
+            "new": True,
+            "replace": reuse == "directory",
+            "remove": remove,
+        }
+    return run_dir
+
+
+def _setup_run_dir(args, script):
+    """The run directory of setup: opened by this process, or, under torchrun, by rank 0 alone.
+
+    Under torchrun rank 0 opens it (lock, args.json, replacement of an old run written at once
+    rather than at the first write, so no rank writes into a directory about to be replaced)
+    and the other ranks take its path from rank 0 after a barrier, holding no lock."""
+    if not is_distributed():
+        return _open_run_dir(args, script)
+    run_dir = _open_run_dir(args, script) if _DIST["rank"] == 0 else None
+    if _DIST["rank"] == 0:
+        _claim(run_dir)
+    shared = [str(run_dir) if run_dir is not None else None]
+    torch.distributed.broadcast_object_list(shared, src=0, group=_DIST["cpu_group"])
+    barrier()
+    return Path(shared[0])
+
+
+def _new_default_dir(script):
+    """runs/<script>-<time>, created exclusively: jobs started in the same second get -2, -3, ..."""
+    stamp = _timestamp()
+    for i in range(1, 1000):
+        run_dir = Path("runs") / (f"{script}-{stamp}" if i == 1 else f"{script}-{stamp}-{i}")
+        try:
+            run_dir.mkdir(parents=True)
+        except FileExistsError:
+            continue
+        except OSError as e:
+            _cannot(f"create the run directory {run_dir}", e)
+        _RUN["created"].append(run_dir)
+        return run_dir
+    fail(f"runs/{script}-{stamp}: a thousand run directories in one second; pass --out-dir")
+
+
+def _timestamp():
+    return datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def _run_contents(run_dir):
+    """What a directory holds besides our lock file, list of written files and temp files."""
+    return [p for p in run_dir.iterdir() if p.name not in (".lock", WRITTEN) and not p.name.endswith(TEMP_SUFFIX)]
+
+
+def _check_out_dir(run_dir, script, force):
+    """How a new run takes run_dir: None (absent or empty), "files" (an earlier run of this script
+    whose own files go at the first write) or "directory" (--force: the whole directory is
+    replaced at the first write); fails when it may not be taken."""
+    if not run_dir.exists():
+        return None
+    if not run_dir.is_dir():
+        fail(f"--out-dir {run_dir} is a file, not a directory")
+    if not _run_contents(run_dir):
+        return None
+    here = Path.cwd().resolve()
+    if run_dir.resolve() in (here, *here.parents):
+        fail(f"--out-dir {run_dir} is the working directory or holds it; choose a new directory")
+    try:
+        saved = json.loads((run_dir / "args.json").read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        saved = None
+    owner = saved.get("script") if isinstance(saved, dict) else None
+    if not force and owner == script and (run_dir / WRITTEN).is_file() and not any(run_dir.rglob("checkpoint.pt")):
+        return "files"  # a run of this script that failed before its first checkpoint: its files, listed, go
+    if not force:
+        fail(f"{run_dir} exists and is not empty; pass --resume {run_dir} to continue it or --force to replace it")
+    if saved is None:
+        fail(f"--force {run_dir}: not a run directory (no readable args.json); refusing to delete it")
+    if owner is None:
+        fail(f"{_names_no_script('--force', run_dir)}; refusing to delete it; remove it yourself if it is to go")
+    if owner != script:
+        fail(f"--force {run_dir}: a {owner} run, not a {script} run; refusing to replace it")
+    return "directory"
+
+
+def _lock(run_dir):
+    """Hold an exclusive lock on run_dir/.lock for this process's life (one line when taken)."""
+    key = str(Path(run_dir).resolve())
+    if key in _RUN["locks"]:
+        return
+    path = Path(run_dir) / ".lock"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+    except OSError as e:
+        _cannot(f"write in {run_dir}", e)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        other = os.read(fd, 32).decode(errors="replace").strip()
+        os.close(fd)
+        fail(f"{run_dir} is in use by another process{f' (pid {other})' if other else ''}; wait until it ends")
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _RUN["locks"][key] = fd
+
+
+def _release_run():
+    """Forget the previous run of this process (several runs in one process, as in tests)."""
+    for fd in _RUN["locks"].values():
+        os.close(fd)
+    _RUN.update(dir=None, pending=None, locks={}, args=None, written=set())
+
+
+def _remove_stale_temps(run_dir):
+    """Our temp files of writes killed half-way (checkpoints, JSON); we hold the lock, so none is live."""
+    for tmp in Path(run_dir).rglob(f"*{TEMP_SUFFIX}"):
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+
+
+def _read_written(run_dir):
+    """The run's list of the files it wrote (a torn last line, from a kill mid-write, is left out)."""
+    try:
+        lines = (Path(run_dir) / WRITTEN).read_text().split("\n")
+    except (OSError, UnicodeDecodeError):
+        return set()
+    return {line for line in lines[:-1] if line}
+
+
+def _record_written(path):
+    """Add path, if it lies in the run directory, to the run's list of its files (before writing it)."""
+    run_dir = _RUN["dir"]
+    if run_dir is None or not writes_files():
+        return
+    try:
+        rel = Path(path).resolve().relative_to(Path(run_dir).resolve()).as_posix()
+    except ValueError:
+        return
+    if rel in _RUN["written"]:
+        return
+    try:
+        with open(Path(run_dir) / WRITTEN, "a") as f:
+            f.write(rel + "\n")
+    except OSError as e:
+        _cannot(f"write {Path(run_dir) / WRITTEN}", e)
+    _RUN["written"].add(rel)
+
+
+def _remove_written(run_dir, written):
+    """Remove an earlier run's own files (its list) and the folders they leave empty; returns how many went."""
+    removed = 0
+    for rel in written:
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:
+            continue  # not a name this program records
+        path = run_dir / rel
+        if path.is_file() or path.is_symlink():
+            path.unlink()
+            removed += 1
+        for folder in path.parents:
+            if folder == run_dir or run_dir not in folder.parents:
+                break
+            try:
+                folder.rmdir()  # only when empty: a user's file keeps its folder
+            except OSError:
+                break
+    return removed
+
+
+def _claim(path):
+    """Before the run's first write under its directory: replace the old run (--force) or remove
+    the files it listed (a reused run), then write the pending files (args.json, the data's
+    fingerprint), each listed in WRITTEN."""
+    pending = _RUN["pending"]
+    if pending is None:
+        return
+    run_dir = pending["dir"]
+    try:
+        Path(path).resolve().relative_to(run_dir.resolve())
+    except ValueError:
+        return
+    _RUN["pending"] = None
+    try:
+        if pending["replace"]:
+            # The directory itself, not a symbolic link naming it: the link stays and names the new one.
+            real = run_dir.resolve()
+            aside = real.with_name(f"{real.name}.replaced-{os.getpid()}")
+            os.replace(real, aside)
+            real.mkdir()
+            old_lock = _RUN["locks"].pop(str(real))
+            _lock(run_dir)
+            shutil.rmtree(aside)
+            os.close(old_lock)
+        if pending["remove"]:
+            removed = _remove_written(run_dir, pending["remove"])
+            kept = sorted(p.name for p in _run_contents(run_dir))
+            print(
+                f"{run_dir}: removed the {removed} files of an earlier run that stopped before its first checkpoint"
+                + (f"; kept {', '.join(kept)}" if kept else ""),
+                flush=True,
+            )
+        if pending["new"]:
+            (run_dir / WRITTEN).unlink(missing_ok=True)  # a new run lists its own files
+        for name, data in pending["files"].items():
+            _record_written(run_dir / name)
+            _atomic_write(run_dir / name, data)
+    except OSError as e:
+        _cannot(f"write {e.filename or run_dir}", e)
+
+
+@atexit.register
+def _remove_unused_run_dirs():
+    """A run directory this process created and never wrote to does not outlive it."""
+    for run_dir in _RUN["created"]:
+        try:
+            if run_dir.is_dir() and not _run_contents(run_dir):
+                for p in run_dir.iterdir():
+                    p.unlink()
+                run_dir.rmdir()
+        except OSError:
+            pass
+
+
+def _excepthook(kind, value, tb):
+    """One line, not a traceback, for Ctrl-C and for file-system errors on a named path."""
+    if issubclass(kind, KeyboardInterrupt):
+        print("interrupted", file=sys.stderr)
+    elif issubclass(kind, OSError) and value.filename:
+        print(f"error: {value.filename}: {value.strerror or value}", file=sys.stderr)
+    else:
+        sys.__excepthook__(kind, value, tb)
+
+
+# ---- The data's fingerprint: a resume refuses data other than the run's
+
+
+DATA_FINGERPRINT = "data_fingerprint.json"
+
+
+def data_fingerprint(data):
+    """What identifies the data a run trained on: sizes, and hashes of the labels, the class names
+    and an evenly spaced sample of 64 images per split (cheap, and any other data set differs)."""
+
+    def sha(array):
+        return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()[:16]
+
+    def split(s):
+        sample = np.linspace(0, len(s) - 1, num=min(len(s), 64)).astype(np.int64)
+        return {
+            "images": list(s.images.shape),
+            "labels": sha(s.labels.numpy().astype("<i8")),
+            "image_sample": sha(s.images[torch.from_numpy(sample)].numpy()),
+        }
+
+    names = sha(np.frombuffer(json.dumps(data.class_names).encode(), dtype=np.uint8))
+    splits = {part: split(getattr(data, part)) for part in ("train", "test")}
+    return {"dataset": data.name, "classes": data.num_classes, "class_names": names, **splits}
+
+
+def _fingerprint_differences(recorded, current):
+    """Names of the parts two data fingerprints disagree on: "dataset", "train labels", ..."""
+    recorded = recorded if isinstance(recorded, dict) else {}
+    differ = []
+    for part in current:
+        if isinstance(current[part], dict):
+            old = recorded.get(part) if isinstance(recorded.get(part), dict) else {}
+            differ += [f"{part} {key}" for key in current[part] if old.get(key) != current[part][key]]
+        elif recorded.get(part) != current[part]:
+            differ.append(part)
+    return differ or ["their fingerprints"]
+
+
+def _check_run_data(args, data):
+    """In a run (the args setup was given): record the data's fingerprint; on --resume, refuse data
+    other than the run's (another --data-dir) in one line. Runs from before fingerprints record one."""
+    run_dir = _RUN["dir"]
+    if run_dir is None or _RUN["args"] is not args:
+        return
+    fingerprint = _plain(data_fingerprint(data))
+    path = Path(run_dir) / DATA_FINGERPRINT
+    if getattr(args, "resume", None) and path.is_file():
+        recorded = _read_run_json(run_dir, DATA_FINGERPRINT)
+        if recorded != fingerprint:
+            differ = _fingerprint_differences(recorded, fingerprint)
+            fail(
+                f"--resume {run_dir}: these are not the data the run trained on ({', '.join(differ)} differ); "
+                f"give --data-dir {run_settings(read_run_args(run_dir)).get('data_dir')} or the same data"
+            )
+        return
+    pending = _RUN["pending"]
+    if pending is not None and pending["dir"] == run_dir:
+        pending["files"][DATA_FINGERPRINT] = _json_bytes(fingerprint)  # written with args.json
+    else:
+        atomic_write_bytes(path, _json_bytes(fingerprint))
+
+
+# ---- Files written atomically, JSON lines
+
+
+def write_json(path, obj):
+    """Write JSON atomically: a reader sees the old file or the new one, never half of one."""
+    atomic_write_bytes(path, _json_bytes(obj))
+
+
+def _json_bytes(obj):
+    return (json.dumps(obj, indent=2, default=_json_default) + "\n").encode()
+
+
+def _json_default(o):
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, (np.ndarray, torch.Tensor)):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def _umask():
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _atomic_write(path, data):
+    """Write through a temp file and a rename; the file gets the usual mode (0666 less the umask)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=TEMP_SUFFIX)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _will_write(path):
+    """Before this process writes path: False on ranks > 0 of a ddp run (they write nothing); else
+    the run takes its directory (_claim) and lists path among its files, and True."""
+    if not writes_files():
+        return False
+    _claim(path)
+    _record_written(path)
+    return True
+
+
+def atomic_write_bytes(path, data):
+    """Write a file atomically: a reader sees the old file or the new one, never half of one.
+
+    A file-system error (read-only, full disk) is one line naming the path. Ranks > 0 of a ddp
+    run write nothing (rank 0 writes the run's files)."""
+    if not _will_write(path):
+        return
+    try:
+        _atomic_write(path, data)
+    except OSError as e:
+        _cannot(f"write {path}", e)
+
+
+def write_text(path, text):
+    """A text result file (tables, trees, summaries), written as write_json writes: atomically,
+    one line on a file-system error, by rank 0 alone under ddp."""
+    atomic_write_bytes(path, text.encode())
+
+
+def append_jsonl(path, record):
+    """Append one JSON line. A torn last line (a kill during an earlier append) is cut off first,
+    so that this record does not get glued onto it."""
+    if not _will_write(path):
+        return
+    line = (json.dumps(record, default=_json_default) + "\n").encode()
+    try:
+        with open(path, "a+b") as f:
+            _cut_torn_line(f)
+            f.write(line)
+    except OSError as e:
+        _cannot(f"write {path}", e)
+
+
+def _cut_torn_line(f):
+    """Truncate an open JSON-lines file after its last newline (a torn line is only half a record),
+    or end a whole last record that lacks its newline."""
+    size = f.seek(0, os.SEEK_END)
+    if size == 0:
+        return
+    f.seek(max(0, size - 65536))
+    tail = f.read()
+    if tail.endswith(b"\n"):
+        return
+    cut = tail.rfind(b"\n")
+    if cut < 0 and len(tail) < size:  # a last line longer than the tail read: read it all
+        f.seek(0)
+        tail = f.read()
+        cut = tail.rfind(b"\n")
+    start = size - len(tail) + cut + 1
+    f.seek(start)
+    last = f.read()
+    try:
+        whole = isinstance(json.loads(last), dict)  # a record is an object; "12" of "123" is not one
+    except ValueError:
+        whole = False
+    if whole:
+        f.write(b"\n")
+    else:
+        f.truncate(start)
+
+
+def read_jsonl(path):
+    """The records of a JSON-lines file. A torn last line (a kill during the write) is left out;
+    a damaged line elsewhere is skipped with a warning."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    text = path.read_text(errors="replace")
+    lines = text.split("\n")
+    records, damaged = [], 0
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if i < len(lines) - 1:  # the last piece has no newline: a torn write, not damage
+                damaged += 1
+    if damaged:
+        print(f"warning: {path}: skipped {damaged} damaged line(s)", file=sys.stderr, flush=True)
+    return records
+
+
+# ---- Checkpoints (weights_only) and RNG states
+
+
+def save_checkpoint(path, state):
+    """torch.save, atomically. Keep `state` to tensors and plain values: it is read back with
+    weights_only=True."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_checkpoint(path, device="cpu"):
+    """torch.load with weights_only=True: tensors and plain values only, never code from the file.
+    A missing, truncated or foreign file is one line."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        fail(f"cannot load the checkpoint {path}: {_load_failure(e)}")
+
+
+def _refused_as_unsafe(error):
+    """True when torch.load(weights_only=True) refused a file for holding more than tensors and plain values."""
+    return isinstance(error, pickle.UnpicklingError) and "weights only" in str(error).lower()
+
+
+def _load_failure(error):
+    """Why torch.load(weights_only=True) refused a file, in our words. torch's own message advises
+    loading with weights_only=False, which is the one unsafe step for a planted file: never quoted."""
+    if _refused_as_unsafe(error):
+        return (
+            "it holds Python objects besides tensors and plain values, so this project did not write it (or it "
+            "was altered) and loading it could run code; it is not loaded. Use a checkpoint.pt a run of these "
+            "scripts wrote, or train again"
+        )
+    if isinstance(error, FileNotFoundError):
+        return "no such file"
+    return (
+        f"not a readable PyTorch file ({_first_sentence(error)}): truncated or damaged, or another kind of file; "
+        "use an intact checkpoint.pt of a run, or train again"
+    )
+
+
+def _first_sentence(error, limit=160):
+    text = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+    return text.split(". ")[0][:limit]
+
+
+def _misfit(model, error):
+    """One line for a checkpoint whose state does not fit the model (load_state_dict's many lines)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    reason = lines[1] if len(lines) > 1 else (lines[0] if lines else type(error).__name__)
+    if isinstance(error, KeyError):
+        reason = f"no {error} in it"
+    return (
+        f"does not fit this {type(model).__name__} ({reason[:200]}); it was written with another architecture "
+        "or other flags"
+    )
+
+
+def load_weights(model, state, path):
+    """model.load_state_dict(state); weights that do not fit (another architecture) are one line."""
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:
+        fail(f"{path}: {_misfit(model, e)}")
+
+
+def get_rng_state(device):
+    """Every generator's state as tensors and plain lists (weights_only-safe in a checkpoint)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, next_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
+        "python": [version, list(internal), next_gauss],
+    }
+
+
+def set_rng_state(rng, device):
+    torch.set_rng_state(rng["torch"].cpu())
+    if device.type == "cuda" and rng.get("cuda") is not None:
+        torch.cuda.set_rng_state(rng["cuda"].cpu(), device)
+    n = rng["numpy"]
+    np.random.set_state((n["kind"], n["keys"].cpu().numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    version, internal, next_gauss = rng["python"]
+    random.setstate((version, tuple(internal), next_gauss))
+
+
+def _weights_only_safe(obj):
+    """numpy values in a state dict as tensors and Python numbers (weights_only=True reads them)."""
+    if isinstance(obj, dict):
+        return {k: _weights_only_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_weights_only_safe(v) for v in obj)
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj.copy())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+def _snapshot(obj):
+    """A copy of a checkpoint's state that later training steps cannot change (tensors on the CPU)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu() if obj.is_cuda else obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_snapshot(v) for v in obj)
+    return obj
+
+
+class CheckpointWriter:
+    """fit's checkpoint, then its log line, written on a background thread while the next epoch
+    trains (serialising and fsync-ing HierNet's 48 MB state takes about a quarter of a second).
+    One write at a time and in order: the state is copied before training goes on, and the next
+    write, the end of fit and an interruption each wait for the one in flight. A write's error is
+    raised in the training thread at the next wait. The thread is not a daemon, so a process
+    that is exiting still finishes the write it started."""
+
+    def __init__(self):
+        self.thread, self.error = None, None
+
+    def submit(self, path, state, log_path=None, record=None):
+        self.wait()
+        state = _snapshot(state)
+
+        def write():
+            try:
+                save_checkpoint(path, state)
+                if log_path is not None:
+                    append_jsonl(log_path, record)
+            except BaseException as e:  # SystemExit from fail() included: raised again by wait()
+                self.error = e
+
+        self.thread = threading.Thread(target=write, name="checkpoint-writer")
+        self.thread.start()
+
+    def wait(self):
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+
+# =============================================================================================
+# 7. Several processes (torchrun): process groups, ddp and sweep modes, the DDP wrapper
+# =============================================================================================
+
+
+# Started by torchrun with WORLD_SIZE > 1, a script runs in one of two modes (--distributed):
+# "ddp", one run over all the processes (DistributedDataParallel; each process sees 1/W of
+# every global batch, so --batch-size is per GPU and the global batch is W x --batch-size), or
+# "sweep", independent runs split over the processes (each its own share, no gradient traffic).
+# A plain `python script.py` (no WORLD_SIZE, or 1) never touches torch.distributed.
+_DIST = {"rank": 0, "world": 1, "local_rank": 0, "mode": None, "cpu_group": None}
+
+
+def launched_distributed():
+    """True when torchrun started this process as one of several (WORLD_SIZE > 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_distributed(device, mode="ddp"):
+    """Join torchrun's process group; returns this process's device (on CUDA: process_gpu).
+
+    Reads RANK, LOCAL_RANK and WORLD_SIZE from the environment torchrun sets. Backend: nccl for
+    ddp on CUDA, gloo otherwise (on the CPU, and in sweep mode, where the group only carries a
+    barrier and the run directory's path). The sweep group waits up to 7 days at a barrier: its
+    shares of runs may end hours apart. Returns the device; rank() and world_size() give the rest."""
+    if mode not in ("ddp", "sweep"):
+        fail(f"--distributed {mode}: choose ddp or sweep")
+    try:
+        rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    except (KeyError, ValueError):
+        fail("WORLD_SIZE > 1 but RANK/LOCAL_RANK are not set: start several processes with torchrun")
+    device = torch.device(device)
+    if device.type == "cuda":
+        device = torch.device("cuda", process_gpu(local_rank, torch.cuda.device_count(), mode))
+        torch.cuda.set_device(device)
+    elif mode == "ddp" and device.type != "cpu":
+        fail(f"--distributed ddp runs on CUDA or the CPU, not on {device.type}")
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if device.type == "cuda" and mode == "ddp" else "gloo"
+        timeout = datetime.timedelta(days=7) if mode == "sweep" else datetime.timedelta(minutes=30)
+        torch.distributed.init_process_group(backend, rank=rank, world_size=world, timeout=timeout)
+        atexit.register(_end_distributed)
+        # Host-side objects (the run directory's path) and barriers go through gloo.
+        cpu_group = torch.distributed.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else None
+        _DIST.update(cpu_group=cpu_group)
+    _DIST.update(rank=rank, world=world, local_rank=local_rank, mode=mode)
+    return device
+
+
+def process_gpu(local_rank, gpus, mode):
+    """The GPU of torchrun's process LOCAL_RANK: its own under ddp (one process per GPU); in a
+    sweep, GPU local_rank mod gpus, so that more processes than GPUs share them (through MPS when
+    its daemon runs: small networks leave most of a GPU idle)."""
+    if mode == "sweep" and gpus > 0:
+        return local_rank % gpus
+    if local_rank >= gpus:
+        fail(f"torchrun LOCAL_RANK {local_rank}: this machine has {gpus} CUDA device(s); ddp runs one process per GPU")
+    return local_rank
+
+
+def _end_distributed():
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def is_distributed():
+    """True after init_distributed (in either mode)."""
+    return _DIST["mode"] is not None
+
+
+def ddp_active():
+    """True when this process is one of several sharing one run (--distributed ddp)."""
+    return _DIST["mode"] == "ddp" and _DIST["world"] > 1
+
+
+def rank():
+    return _DIST["rank"]
+
+
+def world_size():
+    return _DIST["world"]
+
+
+def writes_files():
+    """Whether this process writes the run's files: always, except ranks > 0 of a ddp run."""
+    return not ddp_active() or _DIST["rank"] == 0
+
+
+def barrier():
+    """Wait for every process of torchrun's group (a no-op in a plain process)."""
+    if is_distributed():
+        torch.distributed.barrier(group=_DIST["cpu_group"])
+
+
+class DistributedModel(nn.parallel.DistributedDataParallel):
+    """DistributedDataParallel whose other attributes are the model's (model.centers, model.head).
+
+    A loss_fn may read them, and use parameters after the forward pass, as long as it calls
+    the wrapper itself (model(x)) once per step: that call is what arms the gradient
+    all-reduce (make_train_step checks that it happened)."""
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "module":
+                raise
+            return getattr(self.module, name)
+
+
+def distributed_model(model):
+    """The model wrapped in DistributedDataParallel (its gradients averaged over the processes).
+
+    The parameters stay the model's own: optimizers, checkpoints and evaluation keep using the
+    plain model. Buffers (batch-norm statistics) are rank 0's, broadcast at every forward; batch
+    norm normalises with each rank's own batch (as usual with DDP, no SyncBatchNorm)."""
+    device_ids = [model_device(model).index] if model_device(model).type == "cuda" else None
+    return DistributedModel(model, device_ids=device_ids)
+
+
+def model_device(model):
+    return next(model.parameters()).device

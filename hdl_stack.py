@@ -285,7 +285,7 @@ def baseline_loss_fn(model, x, y):
 
 def build_model(args, num_fine, levels, hidden_sizes, device, with_stacks):
     torch.manual_seed(args.seed)  # the baseline and HDL start from the same backbone weights
-    backbone = common.ResNet18(num_fine, stem=args.stem, preact=args.arch == "preact_resnet18")
+    backbone = ResNet18(num_fine, stem=args.stem, preact=args.arch == "preact_resnet18")
     model = HDLNet(
         backbone,
         num_fine,
@@ -576,6 +576,75 @@ def validation_split(labels, fraction, seed):
     if len(val) == 0:
         common.fail(f"--val-fraction {fraction}: the validation split would be empty")
     return val, np.setdiff1d(np.arange(len(labels)), val)
+
+
+# ---------------------------------------------------------------------------------------
+# The backbone: ResNet-18 and PreAct ResNet-18
+# ---------------------------------------------------------------------------------------
+
+
+class BasicBlock(nn.Module):
+    """ResNet-18's block with a 1x1 projection shortcut when the shape changes (option B)."""
+
+    def __init__(self, cin, cout, stride=1):
+        super().__init__()
+        self.conv1, self.bn1 = common.conv3x3(cin, cout, stride), nn.BatchNorm2d(cout)
+        self.conv2, self.bn2 = common.conv3x3(cout, cout), nn.BatchNorm2d(cout)
+        self.shortcut = nn.Identity()
+        if stride > 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class PreActBlock(nn.Module):
+    """BN-ReLU-conv-BN-ReLU-conv + shortcut (He et al., identity mappings)."""
+
+    def __init__(self, cin, cout, stride=1):
+        super().__init__()
+        self.bn1, self.conv1 = nn.BatchNorm2d(cin), common.conv3x3(cin, cout, stride)
+        self.bn2, self.conv2 = nn.BatchNorm2d(cout), common.conv3x3(cout, cout)
+        self.shortcut = nn.Conv2d(cin, cout, 1, stride, bias=False) if (stride > 1 or cin != cout) else None
+
+    def forward(self, x):
+        out = F.relu(self.bn1(x))
+        shortcut = self.shortcut(out) if self.shortcut is not None else x
+        out = self.conv2(F.relu(self.bn2(self.conv1(out))))
+        return out + shortcut
+
+
+class ResNet18(common.Backbone):
+    """ResNet-18: 4 stages of 2 blocks, 64-128-256-512, adaptive average pooling.
+
+    stem='imagenet' is the 7x7 stride-2 convolution, BN, ReLU and 3x3 stride-2 max-pool (the
+    HDL paper's); stem='cifar' is one 3x3 stride-1 convolution. preact=True uses
+    pre-activation blocks (PreAct ResNet-18)."""
+
+    def __init__(self, num_classes=10, stem="imagenet", preact=False, in_channels=3):
+        super().__init__()
+        if stem == "imagenet":
+            layers = [nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)]
+            if not preact:
+                layers += [nn.BatchNorm2d(64), nn.ReLU(inplace=True)]
+            self.stem = nn.Sequential(*layers, nn.MaxPool2d(3, 2, 1))
+        elif stem == "cifar":
+            layers = [common.conv3x3(in_channels, 64)]
+            self.stem = (
+                nn.Sequential(*layers) if preact else nn.Sequential(*layers, nn.BatchNorm2d(64), nn.ReLU(inplace=True))
+            )
+        else:
+            common.fail(f"ResNet-18 stem must be 'imagenet' or 'cifar', got {stem!r}")
+        block = PreActBlock if preact else BasicBlock
+        stages, cin = [], 64
+        for i, width in enumerate((64, 128, 256, 512)):
+            stages.append(nn.Sequential(block(cin, width, 1 if i == 0 else 2), block(width, width)))
+            cin = width
+        self.stages = nn.ModuleList(stages)
+        pre = nn.Sequential(nn.BatchNorm2d(512), nn.ReLU()) if preact else None
+        self.head = common.Head(512, num_classes, pre=pre)
+        common.init_weights(self)
 
 
 # ---------------------------------------------------------------------------------------

@@ -363,7 +363,7 @@ def build_base_model(args, data):
     if backbone == "lenet":
         if size != 28:
             common.fail(f"--backbone lenet needs 28x28 images (Table I: 64 x 7 x 7 = 3136 features), got {size}x{size}")
-        return common.LeNetMNIST(data.num_classes, hidden=500, in_channels=channels), backbone
+        return LeNetMNIST(data.num_classes, hidden=500, in_channels=channels), backbone
     if size < 32:
         common.fail(f"--backbone vgg16 has five 2x2 pools and needs images of at least 32 pixels, got {size}")
     return common.VGG(16, data.num_classes, hidden=(1024, 1024), dropout=args.dropout, in_channels=channels), backbone
@@ -981,6 +981,47 @@ def sweep_bits_list(args, bits):
     if args.sweep_bits == "auto":
         return [b for b in range(bits - 1, bits + 3) if b >= 1]
     return sorted(set(args.sweep_bits))
+
+
+# ---------------------------------------------------------------------------------------
+# The MNIST backbone: the LeNet of Table I
+# ---------------------------------------------------------------------------------------
+
+
+class LeNetMNIST(common.Backbone):
+    """The MNIST network of the latent-string paper: conv 16 - pool - conv 32 - pool - conv 64,
+    flattened to 64 x 7 x 7 = 3136 features, then FC 3136-500-10."""
+
+    def __init__(self, num_classes=10, hidden=500, in_channels=1):
+        super().__init__()
+        self.stem = nn.Identity()
+        self.stages = nn.ModuleList(
+            [
+                nn.Sequential(nn.Conv2d(in_channels, 16, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2)),
+                nn.Sequential(nn.Conv2d(16, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2)),
+                nn.Sequential(nn.Conv2d(32, 64, 5, padding=2), nn.ReLU()),
+            ]
+        )
+        self.head = FlattenHead(64 * 7 * 7, num_classes, hidden)
+        common.init_weights(self)
+
+
+class FlattenHead(nn.Module):
+    """Flatten (no pooling), then FC hidden-ReLU-FC."""
+
+    def __init__(self, cin, num_classes, hidden):
+        super().__init__()
+        self.hidden = nn.Sequential(nn.Linear(cin, hidden), nn.ReLU())
+        self.out = nn.Linear(hidden, num_classes)
+
+    def pool(self, x):
+        return torch.flatten(x, 1)
+
+    def fc(self, x):
+        return self.out(self.hidden(x))
+
+    def forward(self, x):
+        return self.fc(self.pool(x))
 
 
 # ---------------------------------------------------------------------------------------

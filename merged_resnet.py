@@ -135,8 +135,8 @@ def check_args(parser, args):
 
 def make_backbone(args, num_classes):
     if args.backbone == "resnet":
-        return common.PreActResNetCifar(args.depth, num_classes)
-    return common.DenseNetBC(args.depth, args.growth, num_classes)
+        return PreActResNetCifar(args.depth, num_classes)
+    return DenseNetBC(args.depth, args.growth, num_classes)
 
 
 class MergedNet(nn.Module):
@@ -801,6 +801,96 @@ def save_labels(run_dir, splits, hierarchy, level_index):
             "class_names": [list(hierarchy.class_names[level_index]), list(hierarchy.class_names[-1])],
         },
     )
+
+
+# ---------------------------------------------------------------------------------------
+# The two backbones: pre-activation bottleneck ResNet (9n+2, 164 in the paper) and DenseNet-BC
+# ---------------------------------------------------------------------------------------
+
+
+class PreActBottleneck(nn.Module):
+    """BN-ReLU-conv1x1-BN-ReLU-conv3x3-BN-ReLU-conv1x1 + shortcut (He et al., identity mappings)."""
+
+    expansion = 4
+
+    def __init__(self, cin, width, stride=1):
+        super().__init__()
+        cout = width * 4
+        self.bn1, self.conv1 = nn.BatchNorm2d(cin), nn.Conv2d(cin, width, 1, bias=False)
+        self.bn2, self.conv2 = nn.BatchNorm2d(width), common.conv3x3(width, width, stride)
+        self.bn3, self.conv3 = nn.BatchNorm2d(width), nn.Conv2d(width, cout, 1, bias=False)
+        self.shortcut = nn.Conv2d(cin, cout, 1, stride, bias=False) if (stride > 1 or cin != cout) else None
+
+    def forward(self, x):
+        out = F.relu(self.bn1(x))
+        shortcut = self.shortcut(out) if self.shortcut is not None else x
+        out = self.conv1(out)
+        out = self.conv2(F.relu(self.bn2(out)))
+        out = self.conv3(F.relu(self.bn3(out)))
+        return out + shortcut
+
+
+class PreActResNetCifar(common.Backbone):
+    """Pre-activation bottleneck ResNet for CIFAR, depth 9n+2 (164: n=18; 1.7M parameters)."""
+
+    def __init__(self, depth=164, num_classes=10):
+        super().__init__()
+        if (depth - 2) % 9:
+            common.fail(f"pre-activation bottleneck ResNet depth must be 9n+2, got {depth}")
+        n = (depth - 2) // 9
+        self.stem = common.conv3x3(3, 16)
+        stages, cin = [], 16
+        for i, width in enumerate((16, 32, 64)):
+            blocks = []
+            for j in range(n):
+                blocks.append(PreActBottleneck(cin, width, 2 if (i > 0 and j == 0) else 1))
+                cin = width * 4
+            stages.append(nn.Sequential(*blocks))
+        self.stages = nn.ModuleList(stages)
+        self.head = common.Head(cin, num_classes, pre=nn.Sequential(nn.BatchNorm2d(cin), nn.ReLU()))
+        common.init_weights(self)
+
+
+class DenseLayer(nn.Module):
+    """BN-ReLU-conv1x1 (4k) - BN-ReLU-conv3x3 (k), concatenated to the input."""
+
+    def __init__(self, cin, growth):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.BatchNorm2d(cin),
+            nn.ReLU(),
+            nn.Conv2d(cin, 4 * growth, 1, bias=False),
+            nn.BatchNorm2d(4 * growth),
+            nn.ReLU(),
+            common.conv3x3(4 * growth, growth),
+        )
+
+    def forward(self, x):
+        return torch.cat([x, self.body(x)], 1)
+
+
+class DenseNetBC(common.Backbone):
+    """DenseNet-BC (Huang et al.) for CIFAR: depth 100, growth 12, compression 0.5 (0.8M)."""
+
+    def __init__(self, depth=100, growth=12, num_classes=10, compression=0.5):
+        super().__init__()
+        n = (depth - 4) // 6
+        c = 2 * growth
+        self.stem = common.conv3x3(3, c)
+        stages = []
+        for i in range(3):
+            layers = []
+            for _ in range(n):
+                layers.append(DenseLayer(c, growth))
+                c += growth
+            if i < 2:  # transition: BN-ReLU-conv1x1-avgpool
+                out = int(math.floor(c * compression))
+                layers += [nn.BatchNorm2d(c), nn.ReLU(), nn.Conv2d(c, out, 1, bias=False), nn.AvgPool2d(2)]
+                c = out
+            stages.append(nn.Sequential(*layers))
+        self.stages = nn.ModuleList(stages)
+        self.head = common.Head(c, num_classes, pre=nn.Sequential(nn.BatchNorm2d(c), nn.ReLU()))
+        common.init_weights(self)
 
 
 # ---------------------------------------------------------------------------------------

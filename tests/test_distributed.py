@@ -21,6 +21,15 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs the gloo backend")
 
 
+@pytest.fixture(autouse=True)
+def keep_thread_count():
+    """Tests here run torch on one thread, as each worker process does; the tests after them keep
+    the process's own count (CPU results, such as the golden runs', depend on it)."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -12,12 +12,13 @@ import torch.nn.functional as F
 
 import common
 import hdl_stack
+import hiernet
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_hdl(num_fine=8, level_sizes=(4, 2), hidden=(5, 3)):
-    backbone = common.CifarResNet(n=1, num_classes=num_fine)
+    backbone = hiernet.CifarResNet(n=1, num_classes=num_fine)
     return hdl_stack.HDLNet(backbone, num_fine, list(level_sizes), list(hidden))
 
 
@@ -86,9 +87,9 @@ def test_head_shapes_follow_the_paper_stacks():
     hidden = hdl_stack.stack_hidden_sizes("auto", args, levels)
     assert hidden == [100, 10, 4]  # experiment 6: FC 100 then 12, FC 10 then 6, FC 4 then 2
     # Cascade: linear1 reads the fine classifier's 100 outputs, linear2 linear1's 12, linear3 linear2's 6.
-    cascade = hdl_stack.HDLNet(common.ResNet18(100), 100, [12, 6, 2], hidden, heads="cascade")
+    cascade = hdl_stack.HDLNet(hdl_stack.ResNet18(100), 100, [12, 6, 2], hidden, heads="cascade")
     # Parallel: every stack reads the 512 pooled features.
-    parallel = hdl_stack.HDLNet(common.ResNet18(100), 100, [12, 6, 2], hidden, heads="parallel")
+    parallel = hdl_stack.HDLNet(hdl_stack.ResNet18(100), 100, [12, 6, 2], hidden, heads="parallel")
     for model, inputs in ((cascade, (100, 12, 6)), (parallel, (512, 512, 512))):
         for stack, i, (h, n) in zip(model.stacks, inputs, ((100, 12), (10, 6), (4, 2))):
             linears = [m for m in stack if isinstance(m, torch.nn.Linear)]
@@ -104,7 +105,7 @@ def test_head_shapes_follow_the_paper_stacks():
     assert torch.allclose(l1, cascade.stacks[0](fine), atol=1e-6)
     assert torch.allclose(l3, cascade.stacks[2](cascade.stacks[1](l1)), atol=1e-6)
     # Shapes (section 4.1): one linear layer per level, replacing the output layer: 512 -> 6 -> 6 -> 2.
-    single = hdl_stack.HDLNet(common.ResNet18(72), 72, [6, 6, 2], [None, None, None], fine_head=False)
+    single = hdl_stack.HDLNet(hdl_stack.ResNet18(72), 72, [6, 6, 2], [None, None, None], fine_head=False)
     assert [(s[0].in_features, s[0].out_features) for s in single.stacks] == [(512, 6), (6, 6), (6, 2)]
     assert all(len(s) == 1 for s in single.stacks)
     single.eval()
@@ -112,7 +113,7 @@ def test_head_shapes_follow_the_paper_stacks():
     assert fine is None and [tuple(l.shape) for l in level_logits] == [(2, 6), (2, 6), (2, 2)]
     assert sum(p.numel() for p in single.backbone.head.parameters()) == 0  # no fine classifier left
     with pytest.raises(ValueError, match="heads"):
-        hdl_stack.HDLNet(common.ResNet18(72), 72, [6], heads="tree")
+        hdl_stack.HDLNet(hdl_stack.ResNet18(72), 72, [6], heads="tree")
 
 
 def test_cascade_passes_gradients_down_the_chain_and_parallel_does_not():
@@ -132,7 +133,7 @@ def test_cascade_passes_gradients_down_the_chain_and_parallel_does_not():
         assert model.backbone.stem[0].weight.grad.abs().sum() > 0
     # Without a fine classifier the first level's layer reads the pooled features; the fine loss of the
     # model with one still reaches the backbone through the fine classifier.
-    model = hdl_stack.HDLNet(common.CifarResNet(n=1, num_classes=8), 8, [4, 2], heads="cascade")
+    model = hdl_stack.HDLNet(hiernet.CifarResNet(n=1, num_classes=8), 8, [4, 2], heads="cascade")
     _, fine, _ = model(x)
     F.cross_entropy(fine, torch.tensor([0, 1, 2, 3])).backward()
     assert model.backbone.stem[0].weight.grad.abs().sum() > 0 and model.stacks[0][0].weight.grad is None

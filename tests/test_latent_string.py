@@ -178,7 +178,7 @@ def test_repair_code_makes_a_planted_code_one_to_one_and_keeps_subtrees():
 
 def test_frozen_feature_extractor_gets_no_gradient():
     torch.manual_seed(0)
-    base = ls.freeze(common.LeNetMNIST(num_classes=4, in_channels=1))
+    base = ls.freeze(ls.LeNetMNIST(num_classes=4, in_channels=1))
     stage = ls.make_lh_stage(3136, 4, 2, (5,), 8)
     x, y = torch.randn(3, 1, 28, 28), torch.tensor([0, 1, 3])
     loss, _ = ls.eq5_loss(stage, base.features(x), y, alpha=1, beta=1, gamma=0.1, delta=1e-4, mu=0.8)
@@ -213,7 +213,7 @@ def test_classifier_parameter_counts_from_table1(dataset, in_features, num_class
         == 2 * bits * code_hidden + code_hidden + code_hidden * num_classes + num_classes
     )
     if dataset == "mnist":  # FC 3136-500-10
-        fc = common.count_params(common.LeNetMNIST(10).head)
+        fc = common.count_params(ls.LeNetMNIST(10).head)
         assert fc == 3136 * 500 + 500 + 500 * 10 + 10
     else:  # FC 512-1024-1024-C
         fc = common.count_params(common.VGG(16, num_classes, hidden=(1024, 1024)).head)

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+import coarse_outer_product
 import common
 import hdl_stack
 import hiernet
@@ -298,7 +299,7 @@ def test_every_checkpoint_fit_writes_loads_weights_only(tmp_path):
     loader = common.GpuLoader(
         x.view(16, 1, 2, 2).mul(50).to(torch.uint8), y, 8, device="cpu", mean=(0,), std=(1,), train=True
     )
-    plateau = common.ReduceOnPlateau(0.1)
+    plateau = coarse_outer_product.ReduceOnPlateau(0.1)
 
     def loss_fn(m, xb, yb):
         return torch.nn.functional.cross_entropy(m(xb.flatten(1)), yb)
