@@ -1,8 +1,10 @@
 """The report: every paper's tables, from the run files in results/ (and any run directory).
 
 The one module that renders a paper's table beside ours, and the one place the papers' published numbers
-are held (PAPERS below). The training scripts write metrics.json and the small files of a run (tree,
-per-group table, prefix tree, sweeps); everything beside the paper is made here, from those files:
+are held (PAPERS below; coarse_outer_product.py and hdl_stack.py still record two of them in metrics.json,
+whose numbers the golden smoke records fix, and a test keeps those copies equal to these). The training
+scripts write metrics.json and the small files of a run (tree, per-group table, prefix tree, sweeps);
+everything beside the paper is made here, from those files:
 
     python tools/results_table.py                        # print the README's generated blocks
     python tools/results_table.py --write README.md      # replace each block between its markers
