@@ -13,9 +13,10 @@ Pipeline (main): seeded 400/100 train/validation split, normalised with the trai
 Table I: VGG16 baseline -> Fig. 2: an early-stopped VGG16 + coarse (K=10) and recovery layers give the CH
 hierarchy (label -> coarse neuron) and CVC categories (image -> coarse neuron) -> Tables III-VI: a VGG13
 coarse network on them, frozen, its K probabilities x the 512 VGG16 features (outer product, Fig. 1) feed
-the fine classifier -> Table VII: ETE, coarse head and VGG16 trained end to end -> tables.md, metrics.json,
-accuracy_table.md, coarse_categories.md, coarse_accuracy_per_category.md (Reports, rebuilt from every
-finished stage; --resume skips finished stages). Degenerate categories get a warning and metrics.json "degenerate".
+the fine classifier -> Table VII: ETE, coarse head and VGG16 trained end to end -> metrics.json,
+coarse_categories.md, coarse_accuracy_per_category.md (Reports, rebuilt from every finished stage; --resume
+skips finished stages; Tables I-VII beside the paper's: python tools/results_table.py --run RUN_DIR).
+Degenerate categories get a warning and metrics.json "degenerate".
 
 Paper vs ours, one line per decision (docs/coarse_outer_product.md, "Paper vs ours", has the reasoning):
 - weight decay: PyTorch SGD weight_decay=1e-3 on every parameter (keras: 2 wd on kernels only): --wd-convention
@@ -49,7 +50,9 @@ import common
 METHODS = ("baseline", "ch", "cvc", "ete")
 DIVERSITY_LOSSES = ("none", "eq3", "eq4")
 
-# The paper's CIFAR-100 accuracies (train, validation, test), Tables I, III-VII and the text.
+# The paper's CIFAR-100 accuracies (train, validation, test), Tables I, III-VII and the text. Recorded in every
+# run's metrics.json ("paper_cifar100"), as before the report moved out (the smoke run's golden record holds
+# them); the tables beside ours are tools/results_table.py's, which holds every paper number.
 PAPER_ACCURACY = {
     "baseline": (94.37, 69.03, 68.74),
     "pretrain": (67.77, 62.50, None),
@@ -63,17 +66,6 @@ PAPER_ACCURACY = {
 }
 # The paper's epoch counts: Table I (81), III (31), IV (66), V (32), VI (76), VII (67).
 PAPER_EPOCHS = {"baseline": 81, "coarse_ch": 31, "main_ch": 66, "coarse_cvc": 32, "main_cvc": 76, "ete": 67}
-ROW_NAMES = {
-    "baseline": "VGG16 baseline",
-    "pretrain": "VGG16 early-stopped (builds CH/CVC)",
-    "coarse_ch": "CH coarse network (VGG13)",
-    "main_ch": "CH outer-product network",
-    "coarse_cvc": "CVC coarse network (VGG13)",
-    "main_cvc": "CVC outer-product network",
-    "ete": "ETE end-to-end network",
-    "ete_eq3": "ETE + Eq. 3 diversity loss (weight chosen on validation)",
-    "ete_eq4": "ETE + Eq. 4 diversity loss (weight chosen on validation)",
-}
 
 
 def get_args(argv=None):
@@ -988,13 +980,14 @@ def make_loaders(args, splits, mean, std, device):
 
 
 # ---------------------------------------------------------------------------------------
-# Reports: results of the finished stages, tables.md, accuracy_table.md, coarse_categories.md
+# Reports: results of the finished stages, metrics.json, coarse_categories.md
 # ---------------------------------------------------------------------------------------
 
 
 def report(ctx, data, methods, mean, std, train_images, purity_by_level):
-    """metrics.json, accuracy_table.md, tables.md, coarse_categories.md and coarse_accuracy_per_category.md
-    from every finished stage of the run directory; the accuracy table and the epoch timings printed."""
+    """metrics.json, coarse_categories.md and coarse_accuracy_per_category.md from every finished stage of the
+    run directory; each network's accuracies and epoch timings printed (Tables I-VII beside the paper's:
+    python tools/results_table.py --run RUN_DIR)."""
     args, run_dir = ctx["args"], ctx["run_dir"]
     metrics = collect_results(run_dir, data.name, args.coarse_k, data.class_names)
     metrics["methods"] = list(methods)
@@ -1006,9 +999,6 @@ def report(ctx, data, methods, mean, std, train_images, purity_by_level):
         "normalisation": {"mean": mean, "std": std, "images": train_images},
     }
     common.write_json(run_dir / "metrics.json", metrics)
-    table = accuracy_table(metrics)
-    common.atomic_write_bytes(run_dir / "accuracy_table.md", table.encode())
-    common.atomic_write_bytes(run_dir / "tables.md", tables_text(metrics, data.class_names).encode())
     categories = read_result(run_dir, "categories")
     if categories is not None:
         text = categories_text(categories, data.class_names, args.coarse_k, ctx["fine"]["train"], purity_by_level)
@@ -1016,14 +1006,15 @@ def report(ctx, data, methods, mean, std, train_images, purity_by_level):
     if metrics["coarse_per_category_accuracy"]:
         text = per_category_text(metrics["coarse_per_category_accuracy"])
         common.atomic_write_bytes(run_dir / "coarse_accuracy_per_category.md", text.encode())
-    print(table)
     for key, info in metrics["accuracy"].items():
+        line = f"{key}: train {fmt(info['train'])} / val {fmt(info['val'])} / test {fmt(info['test'])} %"
         if "epoch_seconds_median" in info:
-            print(
-                f"{key}: {info['epochs']} epochs, median {info['epoch_seconds_median']:.2f} s/epoch "
+            line += (
+                f"; {info['epochs']} epochs, median {info['epoch_seconds_median']:.2f} s/epoch "
                 f"({info['train_images_per_s_median']:.0f} train images/s)"
             )
-    print(f"wrote {run_dir}")
+        print(line + (" (degenerate coarse categories)" if info.get("degenerate") else ""))
+    print(f"wrote {run_dir} (Tables I-VII beside the paper's: python tools/results_table.py --run DIR)")
     return metrics
 
 
@@ -1109,174 +1100,6 @@ def collect_results(run_dir, dataset, k, class_names):
 
 def fmt(value):
     return "-" if value is None else f"{value:.2f}"
-
-
-def degenerate_note(key, metrics):
-    kind = "ch" if key.endswith("_ch") else "cvc" if key.endswith("_cvc") else None
-    if key.startswith("ete"):
-        d = metrics["accuracy"][key]["diversity"]
-        kind = ete_stage_name(d["loss"], d["scale"])
-    entry = metrics["degenerate"].get(kind)
-    if entry is None:
-        return ""
-    return f" **degenerate: {entry['used']} of {entry['of']} coarse categories used**"
-
-
-def accuracy_table(metrics):
-    rows, dataset = metrics["accuracy"], metrics["dataset"]
-    lines = [
-        f"# Accuracy (%) on {dataset}" + (" (JPEG q75 copy)" if dataset == "cifar10" else ""),
-        "",
-        "| network | epochs | train | validation | test | paper train / val / test (CIFAR-100) |",
-        "|---|---|---|---|---|---|",
-    ]
-    for key, info in rows.items():
-        paper = " / ".join(fmt(v) for v in PAPER_ACCURACY[key])
-        name = ROW_NAMES[key]
-        if key.startswith("ete_eq"):
-            name += f" (x{info['diversity']['scale']:g})"
-        epochs = f"{info.get('epochs', '-')}" + (f" (best {info['best_epoch']})" if "best_epoch" in info else "")
-        lines.append(
-            f"| {name}{degenerate_note(key, metrics)} | {epochs} | {fmt(info['train'])} | {fmt(info['val'])} "
-            f"| {fmt(info['test'])} | {paper} |"
-        )
-    if metrics.get("ete_usage"):
-        lines += ["", "ETE coarse categories actually used (argmax of the coarse softmax):", ""]
-        for key, usage in metrics["ete_usage"].items():
-            for split, u in usage.items():
-                lines.append(
-                    f"- {key}, {split}: {u['used']} used ({u['used_over_1pct']} with >= 1% of the images), "
-                    f"counts {u['counts']}, mean max probability {u['mean_max_prob']:.3f}"
-                )
-    return "\n".join(lines) + "\n"
-
-
-def three_split_table(title, key, metrics, paper_epochs):
-    """One of Tables I, III-VII: train / validation / test, ours beside the paper's."""
-    info = metrics["accuracy"].get(key)
-    if info is None:
-        return [f"## {title}", "", "(not run)", ""]
-    paper = PAPER_ACCURACY[key]
-    epochs = f"{info.get('epochs', '-')}" + (f", best epoch {info['best_epoch']}" if "best_epoch" in info else "")
-    lines = [
-        f"## {title}{degenerate_note(key, metrics)}",
-        "",
-        "| Dataset | ours | paper (CIFAR-100) |",
-        "|---|---|---|",
-    ]
-    for name, split, p in zip(("Trainset", "Validation set", "Test set"), ("train", "val", "test"), paper):
-        lines.append(f"| {name} | {fmt(info[split])} | {fmt(p)} |")
-    if "train_eval_mode" in info:  # ours beside the paper's column: no augmentation, dropout off
-        lines.append(f"| Trainset, eval mode | {fmt(info['train_eval_mode'])} | - |")
-    lines += ["", f"Epochs: ours {epochs}; paper {paper_epochs}.", ""]
-    return lines
-
-
-def tables_text(metrics, class_names):
-    """Tables I-VII and Fig. 3 in the paper's layout, ours beside the paper's CIFAR-100 numbers."""
-    k = metrics["coarse_k"]
-    lines = [f"# Tables I-VII on {metrics['dataset']}, K = {k} (paper: CIFAR-100, K = 10)", ""]
-    lines += three_split_table("Table I. VGG16 baseline", "baseline", metrics, 81)
-    lines += three_split_table(
-        "Section IV.B text. Early-stopped VGG16 that builds CH / CVC", "pretrain", metrics, "not given"
-    )
-    lines += ["## Table II. CH category hierarchy", ""]
-    ch = metrics.get("ch_hierarchy")
-    if ch is None:
-        lines += ["(not run)", ""]
-    else:
-        note = " **degenerate**" if "ch" in metrics["degenerate"] else ""
-        lines += [
-            (
-                f"Rule: --ch-rule {ch['ch_rule']}; restart {ch['chosen_restart']} of {len(ch['restarts'])} kept "
-                f"(most balanced on the training split){note}."
-            ),
-            "",
-            "| Category | fine labels |",
-            "|---|---|",
-        ]
-        for c in range(k):
-            members = ch["categories"][str(c + 1)]
-            lines.append(f"| {c + 1} ({len(members)}) | {', '.join(members) or '(empty)'} |")
-        lines.append("")
-    lines += three_split_table("Table III. CH coarse network (VGG13)", "coarse_ch", metrics, 31)
-    lines += ["## Fig. 3. Coarse network accuracy per coarse category (%)", ""]
-    per_category = metrics["coarse_per_category_accuracy"]
-    if not per_category:
-        lines += ["(not run)", ""]
-    for kind, splits in per_category.items():
-        lines += [
-            f"{kind.upper()}:",
-            "",
-            "| split | " + " | ".join(str(c + 1) for c in range(k)) + " |",
-            "|---|" + "---|" * k,
-        ]
-        for split, accs in splits.items():
-            lines.append(f"| {split} | " + " | ".join(fmt(a) for a in accs) + " |")
-        lines.append("")
-    lines += three_split_table("Table IV. CH outer-product network", "main_ch", metrics, 66)
-    lines += three_split_table("Table V. CVC coarse network (VGG13)", "coarse_cvc", metrics, 32)
-    lines += three_split_table("Table VI. CVC outer-product network", "main_cvc", metrics, 76)
-    lines += three_split_table("Table VII. ETE end-to-end network, no diversity loss", "ete", metrics, 67)
-    for loss, eq in (("eq3", "Eq. 3"), ("eq4", "Eq. 4")):
-        sweep = metrics["ete_sweep"].get(loss)
-        if sweep is None:
-            continue
-        chosen = sweep["selected_scale"]
-        lines += three_split_table(
-            f"Table VII with the {eq} diversity loss (x{chosen:g}, chosen on validation)"
-            if chosen is not None
-            else f"Table VII with the {eq} diversity loss: no weight keeps two categories alive",
-            f"ete_{loss}",
-            metrics,
-            "67 (no numbers reported)",
-        )
-        lines += [
-            (
-                f"{eq} sweep (selection: highest validation accuracy among runs with >= 2 categories holding "
-                ">= 1% of the validation images; the test column is not used to select):"
-            ),
-            "",
-            "| factor | lambdas | categories used (train) | alive on validation | train | validation | test |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for r in sweep["runs"]:
-            lambdas = ", ".join(f"{n} {r[n]:.3g}" for n in ("lambda1", "lambda2", "lambda3", "lambda4") if n in r)
-            mark = " (chosen)" if r["scale"] == chosen else ""
-            lines.append(
-                f"| {r['scale']:g}{mark} | {lambdas} | {r['train_used']} of {k} | {r['val_used_over_1pct']} "
-                f"| {fmt(r['train'])} | {fmt(r['val'])} | {fmt(r['test'])} |"
-            )
-        lines.append("")
-    if metrics["ete_usage"]:
-        lines += ["ETE coarse categories used on the test split (argmax of the coarse softmax):", ""]
-        for key, usage in metrics["ete_usage"].items():
-            u = usage["test"]
-            lines.append(f"- {key}: {u['used']} of {k}, counts {u['counts']}")
-        lines.append("")
-    if metrics["degenerate"]:
-        lines += ["Degenerate coarse categories (empty, or all in one):", ""]
-        for key, d in metrics["degenerate"].items():
-            lines.append(f"- {key}: {d['used']} of {d['of']} used; {d['unit']} per category {d['per_category']}")
-        lines.append("")
-    hier = metrics["hierarchical"]
-    if hier:
-        names = [
-            n
-            for n in ("top1", "top5", "mistake_severity", "hdist@1", "hdist@5", "hf1")
-            if any(n in h for h in hier.values())
-        ]
-        lines += [
-            "## Hierarchical metrics on the test split (the dataset's own hierarchy)",
-            "",
-            "| network | " + " | ".join(names) + " | level accuracy |",
-            "|---|" + "---|" * (len(names) + 1),
-        ]
-        for key, h in hier.items():
-            levels = ", ".join(f"{n} {v:.2f}" for n, v in h.get("level_acc", {}).items())
-            lines.append(f"| {ROW_NAMES[key]} | " + " | ".join(fmt(h.get(n)) for n in names) + f" | {levels} |")
-        lines.append("")
-    return "\n".join(lines)
 
 
 def categories_text(categories, class_names, k, train_fine, purity_by_level):

@@ -7,17 +7,8 @@ across them. Starting from singletons, the closest pair of groups is merged whil
 size stays within g_max and the proximity exceeds p_min. Applied again inside every group it
 builds deeper trees (`--depth`).
 
-Command line (either a saved CPM or a hiernet.py run directory, whose backbone is evaluated on
-the validation half of the test set):
-
-    python grouping.py --cpm runs/hiernet-x/cpm.npy --names runs/hiernet-x/class_names.json
-    python grouping.py --run-dir runs/hiernet-x --p-min 0.0075 --g-max 50 --depth 2
-
-With --run-dir, --g-max, --p-min and --depth not given are the run's own (its args.json);
-otherwise they default to the paper's 50, 0.0075 and 1.
-
-Output: a tree JSON (class indices and names) and a readable printout (`--out`, default
-stdout only).
+The command line (a saved CPM, or a hiernet.py run's cpm.npy, grouped again) is tools/regroup.py;
+this module is the algorithm and the tree files, imported by hiernet.py and the tool.
 
 Paper vs ours:
 - The paper only says that the algorithm is "applied recursively on the created groups" for
@@ -34,7 +25,6 @@ Paper vs ours:
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -72,88 +62,6 @@ def cpm_file(text):
     if problem:
         raise argparse.ArgumentTypeError(problem)
     return text
-
-
-def names_file(text):
-    """argparse type of --names: a JSON list of class-name strings (the path is returned)."""
-    try:
-        names = json.loads(Path(text).read_text())
-    except (OSError, ValueError) as e:
-        raise argparse.ArgumentTypeError(f"{text}: unreadable JSON ({type(e).__name__}: {e})") from None
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise argparse.ArgumentTypeError(f"{text}: expected a JSON list of class names (strings)")
-    return text
-
-
-def get_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    common.one_line_errors(parser)
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--cpm", type=cpm_file, help="a saved confusion probability matrix (.npy, C x C)")
-    source.add_argument(
-        "--run-dir", help="a hiernet.py run directory: its backbone is evaluated on the validation split"
-    )
-    parser.add_argument(
-        "--names", type=names_file, help="JSON list of class names for --cpm (default: class0, class1, ...)"
-    )
-    parser.add_argument(
-        "--g-max",
-        type=common.positive_int,
-        nargs="+",
-        default=None,
-        help="largest group size, per level (default 50, or the run's)",
-    )
-    parser.add_argument(
-        "--p-min",
-        type=common.nonneg_float,
-        nargs="+",
-        default=None,
-        help="proximity a merge must exceed, per level (default 0.0075, or the run's)",
-    )
-    parser.add_argument(
-        "--depth",
-        type=common.positive_int,
-        default=None,
-        help="levels of groups (1: root -> groups -> classes; default 1, or the run's)",
-    )
-    parser.add_argument("--out", help="write the tree JSON here (and the printout beside it, .txt)")
-    parser.add_argument(
-        "--device", type=common.device_name, default="auto", help="for --run-dir: where to evaluate the backbone"
-    )
-    args = parser.parse_args(argv)
-    saved = Path(args.run_dir) / "args.json" if args.run_dir else None
-    run = json.loads(saved.read_text()) if saved is not None and saved.is_file() else {}
-    for name, default in (("g_max", [50]), ("p_min", [0.0075]), ("depth", 1)):
-        if getattr(args, name) is None:
-            setattr(args, name, run.get(name, default))
-    if len(args.g_max) > args.depth or len(args.p_min) > args.depth:
-        parser.error(f"--g-max / --p-min take at most one value per level (--depth {args.depth})")
-    if args.out and Path(args.out).suffix.lower() in (".txt", ".dot"):
-        parser.error(
-            f"--out {args.out}: names the tree JSON; the .txt and .dot printouts go beside it (use e.g. tree.json)"
-        )
-    if args.out and Path(args.out).is_dir():
-        parser.error(f"--out {args.out}: is a directory; give a file name such as {Path(args.out) / 'tree.json'}")
-    if args.out:
-        check_not_a_runs_file(Path(args.out))
-    return args
-
-
-def check_not_a_runs_file(out):
-    """A regrouping never writes over a run's own files (hiernet.py --resume reads its tree.json):
-    --out and its .txt / .dot must not be existing files of a run directory (a folder up the path
-    with an args.json)."""
-    for path in (out, out.with_suffix(".txt"), out.with_suffix(".dot")):
-        if not path.exists():
-            continue
-        run = next((d for d in path.resolve().parents if (d / "args.json").is_file()), None)
-        if run is not None:
-            common.fail(
-                f"--out {out}: {path} is a file of the run directory {run}; a regrouping does not replace a "
-                f"run's files: choose another name (e.g. {out.with_name('regrouped.json')})"
-            )
 
 
 def group_proximity(cpm, group_a, group_b):
@@ -366,68 +274,3 @@ def confusion_probability_matrix(forward, loader, num_classes, *, device, dtype=
     sums = torch.zeros(num_classes, num_classes, dtype=torch.float64).index_add_(0, labels, probs)
     counts = torch.bincount(labels, minlength=num_classes).clamp(min=1).double()
     return (sums / counts[:, None]).numpy()
-
-
-def cpm_from_run(run_dir, device_name="auto"):
-    """Evaluate a hiernet.py run's backbone on its validation split; returns (cpm, names)."""
-    run_dir = Path(run_dir)
-    saved = run_dir / "args.json"
-    ckpt = run_dir / "backbone" / "checkpoint.pt"
-    if not saved.is_file():
-        common.fail(f"--run-dir {run_dir}: no args.json; not a hiernet.py run directory")
-    if not ckpt.is_file():
-        common.fail(f"--run-dir {run_dir}: no backbone/checkpoint.pt (the backbone stage has not run)")
-    settings = common.read_run_args(run_dir, "--run-dir")
-    common.check_run_script(settings, "hiernet", run_dir, "--run-dir")
-    args = argparse.Namespace(**common.run_settings(settings))
-    args.test_halves = getattr(args, "test_halves", "seeded")  # runs before the authors' halves used seeded ones
-    import hiernet  # the run's backbone and halves (hiernet imports this module: imported here, when used)
-
-    device = common.get_device(device_name)
-    data = common.load_data(args)
-    val_idx, _ = hiernet.test_halves(args, data.test.labels.numpy())
-    if len(val_idx) == 0:
-        common.fail(f"--run-dir {run_dir}: the test set has a class with fewer than 2 images; no validation half")
-    val = data.test.subset(val_idx)
-    model = hiernet.make_backbone(args, data.num_classes, data.train.images.shape[1])
-    state = common.load_checkpoint(ckpt)
-    common.load_weights(model, state.get("model") if isinstance(state, dict) else state, ckpt)
-    model = common.to_device_model(model, device).eval()
-    loader = common.GpuLoader(
-        val.images, val.labels, 500, device=device, mean=data.mean, std=data.std, channels_last=device.type == "cuda"
-    )
-    with hiernet.exact_fp32():
-        cpm = confusion_probability_matrix(model, loader, data.num_classes, device=device, dtype="fp32")
-    return cpm, data.class_names
-
-
-def main(argv=None):
-    args = get_args(argv)
-    if args.cpm:
-        path = Path(args.cpm)
-        if not path.is_file():
-            common.fail(f"--cpm {path}: file not found")
-        cpm = np.load(path)
-        if cpm.ndim != 2 or cpm.shape[0] != cpm.shape[1]:
-            common.fail(f"--cpm {path}: expected a square C x C matrix, got shape {cpm.shape}")
-        names = [f"class{i}" for i in range(len(cpm))]
-        if args.names:
-            names = json.loads(Path(args.names).read_text())
-            if len(names) != len(cpm):
-                common.fail(f"--names {args.names}: {len(names)} names for a {len(cpm)}-class CPM")
-    else:
-        cpm, names = cpm_from_run(args.run_dir, args.device)
-    tree = build_tree(cpm, args.depth, args.g_max, args.p_min)
-    text = tree_text(tree, names)
-    sys.stdout.write(text)
-    if args.out:
-        out = Path(args.out)
-        common.write_json(out, tree_json(tree, names, g_max=args.g_max, p_min=args.p_min))
-        common.atomic_write_bytes(out.with_suffix(".txt"), text.encode())
-        common.atomic_write_bytes(out.with_suffix(".dot"), tree_dot(tree, names).encode())
-        print(f"wrote {out}, {out.with_suffix('.txt')} and {out.with_suffix('.dot')}")
-    return tree
-
-
-if __name__ == "__main__":
-    main()

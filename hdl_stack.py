@@ -7,7 +7,7 @@ every reading and deviation, and the commands: docs/hdl_stack.md.
 
     python hdl_stack.py --out-dir runs/hdl_shapes             # shapes, baseline + HDL, 20 epochs
     python hdl_stack.py --dataset cifar100 --data-dir data    # experiment 6, Table 3 row 1 (800 epochs)
-    python hdl_stack.py --sweep-table runs/sweep               # a lambda0 sweep's table and SWEEP_RULE's pick
+    python tools/results_table.py --sweep-table runs/sweep    # a lambda0 sweep's table and SWEEP_RULE's pick
 
 Pipeline (main): levels of the class hierarchy -> data (optional validation split) -> the baseline
 ResNet-18 (fine cross-entropy) -> HDL from the same initialisation and batch order:
@@ -15,7 +15,8 @@ ResNet-18 (fine cross-entropy) -> HDL from the same initialisation and batch ord
     L = lambda0 * L_center + lambda_fine * CE_fine + sum_l lambda_l * CE_l     (eq. 4-5, all lambdas 1)
     L_center = mean_i || x_i - c_{y_i} ||^2        (eq. 1), class centres moved to the epoch's class means
 
-then the last epoch on the test set, once; table3.md, metrics.json, metrics.jsonl, levels.json (Reports).
+then the last epoch on the test set, once; metrics.json, metrics.jsonl, levels.json (Reports; Tables 3 and 4
+beside the paper's: python tools/results_table.py --run RUN_DIR).
 
 Paper vs ours, one line per decision (docs/hdl_stack.md, "Paper vs ours", has the reasoning):
 - topology: a chain, finest level first, from the fine logits (CIFAR) or the pooled features (shapes): HDLNet, --heads
@@ -26,7 +27,7 @@ Paper vs ours, one line per decision (docs/hdl_stack.md, "Paper vs ours", has th
 - CIFAR-100's WordNet mapping is not given: two readings derived offline, tables at the end: --levels
 - center loss as a batch mean, fine-class centres from zero, moved per epoch: center_loss, end_of_epoch_centers
 - the paper's center-loss setting stalls early training; Wen's / SGD / normalised variants are flags: --center-*
-- a short sweep cannot choose Table 3's setting; SWEEP_RULE picks one extra 800-epoch row, ours: write_sweep_table
+- a short sweep cannot choose Table 3's setting; SWEEP_RULE picks one extra 800-epoch row, ours: tools/results_table.py
 - Adam lr 0.001 constant, batch 64, 800 epochs (CIFAR) / 20 (shapes, not given): get_args, default_epochs
 - no normalisation; crop + flip on CIFAR only: --normalize, --augment
 - ImageNet stem also on 32 px (--stem cifar: 3x3); PreAct ResNet-101 / 152 not included: build_model
@@ -36,9 +37,7 @@ Paper vs ours, one line per decision (docs/hdl_stack.md, "Paper vs ours", has th
 """
 
 import argparse
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -47,12 +46,9 @@ import torch.nn.functional as F
 
 import common
 
-# Table 3 (error rates %, CIFAR-100): baseline, HDL fine, 1L (12), 2L (6), 3L (2).
-PAPER_TABLE3 = {
-    "resnet18": (35.70, 35.70, 12.23, 11.43, 1.20),
-    "preact_resnet18": (27.40, 27.40, 9.68, 9.18, 1.0),
-}
-# Table 4: shapes at 100% on every level (fill 6, outline 6, shape 2) for every learning rate.
+# Table 4: shapes at 100% on every level (fill 6, outline 6, shape 2) for every learning rate. Recorded in a
+# shapes run's metrics.json ("paper"), as before the report moved out (the smoke run's golden record holds it);
+# every paper number the tables use, this one too, is in tools/results_table.py.
 PAPER_SHAPES_ACCURACY = {"fill": 100.0, "outline": 100.0, "shape": 100.0}
 
 
@@ -81,7 +77,6 @@ def get_args(argv=None):
     p.add_argument("--augment", default="auto", choices=("auto", "none", "crop-flip"), help="auto: crop-flip on CIFAR")
     p.add_argument("--normalize", action="store_true", help="normalise by the channel mean / std (the paper does not)")
     g.add_argument("--val-fraction", type=common.fraction, default=0.0, help="hold out; report on it, not on test")
-    g.add_argument("--sweep-table", default=None, metavar="DIR", help="train nothing: DIR/sweep.md, .json from DIR/*/")
     g.add_argument("--eval-batch-size", type=common.positive_int, default=500)
     args = common.parse_args(parser, argv, script="hdl_stack")
     check_args(parser, args)
@@ -774,9 +769,6 @@ def level_results(fine_logits, level_logits, fine_labels, levels):
 
 def main(argv=None):
     args = get_args(argv)
-    if args.sweep_table:  # train nothing: the sweep's table and SWEEP_RULE's pick from its runs
-        print(write_sweep_table(args.sweep_table), flush=True)
-        return None
     if args.epochs is None:
         args.epochs = default_epochs(args.dataset)
     if args.fine_head == "auto":
@@ -828,7 +820,7 @@ def main(argv=None):
         results["hdl"]["parameters"] = common.count_params(model)
         results["hdl"]["stack_parameters"] = common.count_params(model.stacks)
 
-    # 5. Reports: table3.md (Tables 3 and 4 with the majority-category errors), metrics.json, the tables printed.
+    # 5. Reports: metrics.json and the errors printed (Tables 3 and 4: python tools/results_table.py --run DIR).
     report(
         run_dir, args, data, levels, hidden_sizes, lambda_levels, train, evaluated, eval_split, majority, tree, results
     )
@@ -836,7 +828,7 @@ def main(argv=None):
 
 
 # ---------------------------------------------------------------------------------------
-# Reports: table3.md, metrics.json, the sweep's table
+# Reports: levels.json, metrics.json, the summary printed (the tables: tools/results_table.py --run DIR)
 # ---------------------------------------------------------------------------------------
 
 
@@ -875,19 +867,10 @@ def print_setup(args, data, train, evaluated, eval_split, levels, hidden_sizes, 
 def report(
     run_dir, args, data, levels, hidden_sizes, lambda_levels, train, evaluated, eval_split, majority, tree, results
 ):
-    """The end of a run: table3.md (Tables 3 and 4 with the majority-category errors), metrics.json (every
-    reported number, the HDL configuration, the paper's numbers), and the tables printed."""
-    table = write_tables(run_dir / "table3.md", args, levels, results, majority, eval_split)
-    paper = None
-    if args.dataset == "cifar100" and not args.hierarchy:
-        paper = dict(
-            zip(
-                ("baseline_error", "hdl_fine_error", "1L_error", "2L_error", "3L_error"),
-                PAPER_TABLE3.get(args.arch, ()),
-            )
-        )
-    elif args.dataset == "shapes" and not args.hierarchy:
-        paper = {"level_accuracy": PAPER_SHAPES_ACCURACY}
+    """The end of a run: metrics.json (every reported number and the HDL configuration) and a few lines of
+    errors printed; Tables 3 and 4 beside the paper's, with the majority-category rows:
+    python tools/results_table.py --run RUN_DIR."""
+    paper = {"level_accuracy": PAPER_SHAPES_ACCURACY} if args.dataset == "shapes" and not args.hierarchy else None
     common.write_json(
         run_dir / "metrics.json",
         {
@@ -929,245 +912,17 @@ def report(
             "paper": paper,
         },
     )
-    print(table, flush=True)
-
-
-def fmt(value):
-    return "-" if value is None else f"{value:.2f}"
-
-
-def write_tables(path, args, levels, results, majority, eval_split="test"):
-    """table3.md: Table 3's layout (errors %), Table 4's (accuracies %), each with the majority-category
-    row, and the violation rates."""
-    base, hdl = results.get("baseline"), results.get("hdl")
-    level_cols = [f"{i + 1}L {l.name} ({l.num_classes} cls)" for i, l in enumerate(levels)]
-    head_note = "" if args.fine_head == "on" else " (HDL's fine: the level heads' joint argmax; no fine classifier)"
-    lines = [
-        f"# HDL stack: {args.dataset}, {args.arch}, {args.epochs} epochs, lr {args.lr}, batch {args.batch_size}",
-        "",
-        f"Evaluated on the {eval_split} split"
-        + (f"; CIFAR-100's WordNet levels: the {levels_reading(args)} reading" if levels_reading(args) else "")
-        + f". HDL: {args.heads} heads, fine classifier {args.fine_head}, "
-        f"lambda0 {args.lambda_center}, centres updated '{args.center_update}' (alpha {args.center_alpha}) "
-        f"on {args.center_features} features.",
-        "",
-        f"## Error rates (%), Table 3 layout{head_note}",
-        "",
-        "| Model | Baseline | HDL | " + " | ".join(level_cols) + " |",
-        "|---" * (3 + len(levels)) + "|",
-    ]
-    row = [fmt(base["fine_error"]) if base else "-", fmt(hdl["fine_error"]) if hdl else "-"]
-    row += [fmt(hdl["level_error"][l.name]) if hdl else "-" for l in levels]
-    lines.append(f"| {args.arch} (ours) | " + " | ".join(row) + " |")
-    lines.append(
-        "| majority category (largest in train) | "
-        + " | ".join([fmt(majority["fine"])] * 2 + [fmt(majority[l.name]) for l in levels])
-        + " |"
-    )
-    if args.dataset == "cifar100" and not args.hierarchy and args.arch in PAPER_TABLE3:
-        lines.append(f"| {args.arch} (paper) | " + " | ".join(fmt(v) for v in PAPER_TABLE3[args.arch]) + " |")
-    if args.dataset == "shapes" and not args.hierarchy:
-        lines.append(
-            "| ResNet-18 (paper, Table 4) | - | - | "
-            + " | ".join(fmt(100.0 - PAPER_SHAPES_ACCURACY[l.name]) for l in levels)
-            + " |"
+    for name, res in results.items():
+        levels_text = ", ".join(
+            f"{l.name} {res['level_error'][l.name]:.2f}" for l in levels if l.name in res.get("level_error", {})
         )
-    lines += [
-        "",
-        "Per-level errors from the fine scores summed per category (the baseline has no level heads):",
-        "",
-        "| Model | " + " | ".join(level_cols) + " |",
-        "|---" * (1 + len(levels)) + "|",
-    ]
-    for name, res in (("baseline (summed fine)", base), ("HDL (summed fine)", hdl)):
-        if res:
-            lines.append(
-                f"| {name} | " + " | ".join(fmt(res["summed_fine_level_error"][l.name]) for l in levels) + " |"
-            )
-    lines.append("| majority category | " + " | ".join(fmt(majority[l.name]) for l in levels) + " |")
-    if hdl:
-        lines += [
-            "",
-            "## Accuracy (%) per level, Table 4 layout",
-            "",
-            "| Dataset | " + " | ".join(f"{i + 1}L" for i in range(len(levels))) + " | fine |",
-            "|---" * (2 + len(levels)) + "|",
-            f"| {args.dataset}, lr {args.lr} (ours) | "
-            + " | ".join(f"{100 - hdl['level_error'][l.name]:.2f}% ({l.num_classes})" for l in levels)
-            + f" | {100 - hdl['fine_error']:.2f}% |",
-            "| majority category | "
-            + " | ".join(f"{100 - majority[l.name]:.2f}% ({l.num_classes})" for l in levels)
-            + f" | {100 - majority['fine']:.2f}% |",
-        ]
-        if args.dataset == "shapes" and not args.hierarchy:
-            lines.append(
-                "| Shapes (paper, every lr) | "
-                + " | ".join(f"{PAPER_SHAPES_ACCURACY[l.name]:.0f}% ({l.num_classes})" for l in levels)
-                + " | - |"
-            )
-        lines += [
-            "",
-            f"## Hierarchy violations of HDL (% of {eval_split} images)",
-            "",
-            f"- a level head disagrees with the category of the predicted fine class: "
-            f"{hdl['violation_rate']['with_fine']:.2f}",
-            f"- the level heads' categories fit no fine class together: {hdl['violation_rate']['levels_only']:.2f}",
-        ]
-        if "hierarchical" in hdl and "consistency" in hdl["hierarchical"]:
-            lines.append(
-                f"- consistency (common.hierarchical_metrics: every checked head agrees with the fine "
-                f"prediction's ancestor): {hdl['hierarchical']['consistency']:.2f}"
-            )
-    measured = [(n, r["hierarchical"]) for n, r in (("baseline", base), ("HDL", hdl)) if r and "hierarchical" in r]
-    if measured:
-        lines += ["", f"## Hierarchical measures ({eval_split})", ""]
-        lines += [f"- {n}: {common.format_hierarchical_metrics(m)}" for n, m in measured]
-    common.write_text(path, "\n".join(lines) + "\n")
-    return "\n".join(lines)
-
-
-# The centre-loss sweep's decision rule, written into README.md's HDL section before the sweep runs. It
-# reads validation errors only; its pick becomes one extra 800-epoch row, labelled as ours.
-SWEEP_MARGIN = 1.0
-
-
-SWEEP_RULE = (
-    "Among the HDL cells whose validation fine error is at most the baseline's + 1.0 point (the baseline "
-    "trained as many epochs on the same split), pick the one with the largest lambda0 (the closest to the "
-    "paper's 1); at equal lambda0 the paper's centre update and features (per-epoch, raw) go first, then the "
-    "lower validation fine error. No cell within 1 point: no pick."
-)
-
-
-PAPER_CENTER_VARIANT = ("epoch", "raw")
-
-
-def pick_sweep_cell(rows, margin=SWEEP_MARGIN):
-    """SWEEP_RULE on the sweep's rows (dicts with lambda0, val_fine_error, baseline_val_fine_error,
-    center_update, center_features); returns the picked row or None."""
-    within = [
-        r
-        for r in rows
-        if r["baseline_val_fine_error"] is not None and r["val_fine_error"] <= r["baseline_val_fine_error"] + margin
-    ]
-    if not within:
-        return None
-    return min(
-        within,
-        key=lambda r: (
-            -r["lambda0"],
-            (r["center_update"], r["center_features"]) != PAPER_CENTER_VARIANT,
-            r["val_fine_error"],
-            r["run"],
-        ),
-    )
-
-
-def sweep_cell_flags(config, levels=None):
-    """hdl_stack.py flags that reproduce a sweep cell's HDL configuration (hdl_config in metrics.json) and,
-    where it is not the default, its WordNet reading."""
-    return [
-        *("--heads", config["heads"], "--center-update", config["center_update"]),
-        *("--center-features", config["center_features"], "--center-alpha", f"{config['center_alpha']:g}"),
-        *("--lambda-center", f"{config['lambda_center']:g}"),
-        *(("--levels", levels) if levels not in (None, DEFAULT_LEVELS) else ()),
-    ]
-
-
-def write_sweep_table(sweep_dir):
-    """Collect the validation runs under sweep_dir into sweep.md / sweep.json: one row per run
-    (center-loss variant, lambda0) with HDL's validation fine and level errors and its difference
-    to the baseline trained as long; then SWEEP_RULE's pick."""
-    sweep_dir = Path(sweep_dir)
-    rows, baseline_runs = [], []
-    for metrics_path in sorted(sweep_dir.glob("*/metrics.json")):
-        m = json.loads(metrics_path.read_text())
-        if m.get("eval_split") != "val":
-            common.fail(f"{metrics_path}: evaluated on the test set; the sweep takes --val-fraction runs only")
-        if "hdl" not in m:  # a baseline-only run: the cells' reference
-            if "baseline" in m:
-                baseline_runs.append((metrics_path.parent.name, m["epochs"], m["baseline"]["fine_error"]))
-            continue
-        c = m["hdl_config"]
-        rows.append(
-            {
-                "run": metrics_path.parent.name,
-                "variant": f"{c['heads']}/{c['center_update']}/{c['center_features']}/a{c['center_alpha']:g}",
-                "center_update": c["center_update"],
-                "center_features": c["center_features"],
-                "lambda0": c["lambda_center"],
-                "flags": sweep_cell_flags(c, m.get("levels_reading")),
-                "epochs": m["epochs"],
-                "val_fine_error": m["hdl"]["fine_error"],
-                "val_level_error": m["hdl"]["level_error"],
-                "own_baseline_val_fine_error": m.get("baseline", {}).get("fine_error"),
-                "train_acc": m["hdl"].get("final_train_acc", {}).get("train_acc"),
-                "majority_error": m["majority_error"],
-            }
+        print(
+            f"[hdl_stack] {name}, {eval_split} error %: fine {res['fine_error']:.2f}"
+            + (f" | level heads {levels_text}" if levels_text else "")
+            + (f" | violations {res['violation_rate']['with_fine']:.2f}" if "violation_rate" in res else ""),
+            flush=True,
         )
-    if not rows:
-        common.fail(f"--sweep-table {sweep_dir}: no run directories with metrics.json in it")
-    for r in rows:  # the reference: the cell's own baseline (--method both), else the baseline runs as long
-        same_length = [e for _, n, e in baseline_runs if n == r["epochs"]]
-        own = r["own_baseline_val_fine_error"]
-        r["baseline_val_fine_error"] = own if own is not None else (np.mean(same_length) if same_length else None)
-        if r["baseline_val_fine_error"] is not None:
-            r["baseline_val_fine_error"] = float(r["baseline_val_fine_error"])
-    rows.sort(key=lambda r: (r["variant"], r["lambda0"]))
-    pick = pick_sweep_cell(rows)
-    level_names = list(rows[0]["val_level_error"])
-    majority = rows[0]["majority_error"]
-    lines = [
-        f"# lambda0 sweep, validation errors (%), {len(rows)} runs",
-        "",
-        "| variant (heads/update/features/alpha) | lambda0 | epochs | fine | fine - baseline | "
-        + " | ".join(level_names)
-        + " | train acc | run |",
-        "|---" * (7 + len(level_names)) + "|",
-    ]
-    for r in rows:
-        diff = r["val_fine_error"] - r["baseline_val_fine_error"] if r["baseline_val_fine_error"] is not None else None
-        lines.append(
-            f"| {r['variant']} | {r['lambda0']:g} | {r['epochs']} | {fmt(r['val_fine_error'])} | "
-            + ("-" if diff is None else f"{diff:+.2f}")
-            + " | "
-            + " | ".join(fmt(r["val_level_error"].get(n)) for n in level_names)
-            + f" | {fmt(r['train_acc'])} | {r['run']} |"
-        )
-    lines.append(
-        "| majority category | | | "
-        + fmt(majority["fine"])
-        + " | | "
-        + " | ".join(fmt(majority.get(n)) for n in level_names)
-        + " | | |"
-    )
-    baseline_runs += [
-        (r["run"], r["epochs"], r["own_baseline_val_fine_error"])
-        for r in rows
-        if r["own_baseline_val_fine_error"] is not None
-    ]
-    if baseline_runs:
-        lines += [
-            "",
-            "Baseline validation fine error: "
-            + ", ".join(f"{fmt(e)} ({run}, {n} epochs)" for run, n, e in baseline_runs),
-        ]
-    lines += ["", f"Decision rule (fixed before the sweep ran; validation only): {SWEEP_RULE}", ""]
-    if pick is None:
-        lines.append("Pick: none (no cell within 1 point of its baseline, or no baseline): no extra 800-epoch row.")
-    else:
-        lines += [
-            f"Pick: {pick['run']} ({pick['variant']}, lambda0 {pick['lambda0']:g}), validation fine error "
-            f"{fmt(pick['val_fine_error'])} against the baseline's {fmt(pick['baseline_val_fine_error'])}. "
-            "Its 800-epoch row (ours, not the paper's setting): "
-            f"`python hdl_stack.py --dataset cifar100 --method hdl {' '.join(pick['flags'])}`.",
-        ]
-    text = "\n".join(lines) + "\n"
-    common.write_text(sweep_dir / "sweep.md", text)
-    common.write_json(
-        sweep_dir / "sweep.json", {"rule": SWEEP_RULE, "margin": SWEEP_MARGIN, "pick": pick, "rows": rows}
-    )
-    return text
+    print(f"[hdl_stack] results in {run_dir} (Tables 3 and 4: python tools/results_table.py --run DIR)", flush=True)
 
 
 # --- CIFAR-100 WordNet levels: generated by tools/derive_cifar100_wordnet.py, do not edit ---

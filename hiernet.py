@@ -11,7 +11,8 @@ the product of the nodes' softmaxes (section 3.2). Full account of every choice:
 Pipeline (`main`; a stage is skipped when its output is given): 1. backbone (`--backbone-ckpt`);
 2. CPM on the validation half (`--cpm`); 3. grouping into a tree (`--groups`, `--tree-from`);
 4. HierNet from the backbone's weights; 5. end-to-end training; 6. the test half, once. Outputs:
-tree.json/.txt/.dot, cpm.npy, per_group.json/.txt, metrics.jsonl (per epoch), metrics.json.
+tree.json/.txt/.dot, cpm.npy, per_group.json/.txt, metrics.jsonl (per epoch), metrics.json; Table 1 / 2 beside
+the paper's: python tools/results_table.py --run RUN_DIR.
 
 Paper vs ours, one line per decision (the reasons: docs/hiernet.md, "Paper vs ours"):
 - schedule: the text's (64k iterations, coupled wd 1e-4) scaled to --iterations; --schedule code (`make_schedule`)
@@ -91,7 +92,7 @@ def get_args(argv=None):
     g.add_argument("--momentum", type=common.fraction, default=0.9)
     g.add_argument("--backbone-ckpt", help="a trained backbone (fit checkpoint or state dict): skip stage 1")
     g.add_argument("--cpm", type=grouping.cpm_file, help="a saved CPM (.npy): skip stage 2")
-    g.add_argument("--groups", help="a tree JSON from grouping.py: skip stages 2-3")
+    g.add_argument("--groups", help="a tree JSON from tools/regroup.py: skip stages 2-3")
     g.add_argument("--eval-batch-size", type=pos, default=1000)
     p = parser.add_argument_group("paper fidelity and ablations (docs/hiernet.md, 'Paper vs ours')")
     p.add_argument("--schedule", default="paper", choices=tuple(SCHEDULES), help="paper: the text's; code: authors'")
@@ -1202,14 +1203,14 @@ def main(argv=None):
     metrics.update(epoch_seconds(histories))
     metrics.update(backbone_params=common.count_params(backbone), hiernet_params=hiernet_params)
     metrics.update(measure_inference(args, backbone, model, next(iter(test_loader))[0], device))
-    metrics.update(paper_table(args, data))
     common.write_json(run_dir / "metrics.json", metrics)
     report(run_dir, data.class_names, top_groups, group_of, results, metrics)
     return metrics
 
 
 # --------------------------------------------------------------------------------------------------
-# Reporting: the run's numbers and small tables, the paper's numbers, hierarchical metrics, images/s
+# Reporting: the run's numbers and per-group table, hierarchical metrics, images/s (the paper's
+# Table 1 / 2 beside ours: python tools/results_table.py --run RUN_DIR)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -1265,13 +1266,6 @@ def epoch_seconds(histories):
     return metrics
 
 
-def paper_table(args, data):
-    """The paper's Table 1 / 2 numbers of this n, beside ours (CIFAR-100 only)."""
-    if data.name == "cifar100" and args.n in PAPER_TABLE[args.elu]:
-        return {"paper_table": dict(zip(("backbone_acc", "slow_acc", "fast_acc"), PAPER_TABLE[args.elu][args.n]))}
-    return {}
-
-
 def report(run_dir, names, top_groups, group_of, results, metrics):
     """Per-group accuracies (per_group.json, per_group.txt, printed) and the one-line summary."""
     labels, backbone_pred = results["labels"], results["backbone_logits"].argmax(1)
@@ -1308,25 +1302,6 @@ def report(run_dir, names, top_groups, group_of, results, metrics):
         + f" | {run_dir}",
         flush=True,
     )
-
-
-# Table 1 / 2 test accuracies (ResNet, slow, fast) on CIFAR-100.
-PAPER_TABLE = {
-    False: {
-        3: (65.96, 68.89, 68.08),
-        5: (67.08, 70.65, 70.45),
-        7: (68.12, 71.25, 70.75),
-        9: (68.38, 72.15, 72.01),
-        18: (71.33, 73.45, 73.27),
-    },
-    True: {
-        3: (65.54, 68.30, 68.16),
-        5: (67.88, 70.71, 70.43),
-        7: (68.79, 70.83, 70.79),
-        9: (69.03, 72.47, 72.29),
-        18: (72.93, 74.37, 74.15),
-    },
-}
 
 
 def hierarchical_report(data, top_groups, group_of, backbone_logits, labels, out):

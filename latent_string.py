@@ -14,7 +14,8 @@ Pipeline (main): data (optional validation split) -> stage 1, the base model of 
 Str2Class by Eq. 5,
     alpha H(l, l') + beta sum_i mu^i H(p_i, q_i) - gamma sum_i (q_i(0)^2 + q_i(1)^2) + delta L2(W)
 -> the one-to-one check and repair -> the random code, the reduced FC and the L / LSTM-size sweeps -> test time
-per image -> table3.md, metrics.json, class_codes.json, prefix_tree.txt, bits_sweep.tsv, hidden_sweep.tsv.
+per image -> metrics.json, class_codes.json, prefix_tree.txt, bits_sweep.tsv, hidden_sweep.tsv (Table III beside
+the paper's: python tools/results_table.py --run RUN_DIR).
 
 Paper vs ours, one line per decision (docs/latent_string.md, "Paper vs ours", has the reasoning):
 - base-model training not given: SGD 0.05, step lr, 100 epochs, crop + flip on colour images: get_args, train_base
@@ -51,28 +52,6 @@ import common
 
 # Table I: LSTM hidden sizes of the LH classifier and the hidden width of Class2Str / Str2Class.
 TABLE1_LH = {"mnist": ((10, 10), 500), "cifar10": ((20, 20), 500), "cifar100": ((40, 40), 1000)}
-# Table III (and Section VI for the random-embedding drop), for the side-by-side report.
-PAPER = {
-    "mnist": {"fc_acc": 99.38, "lh_acc": 99.36, "reduced_fc_acc": 98.45, "fc_params": "1.61 M", "lh_params": "31 K"},
-    "cifar10": {
-        "fc_acc": 90.43,
-        "lh_acc": 90.51,
-        "reduced_fc_acc": 88.40,
-        "fc_params": "1.58 M",
-        "lh_params": "6 K",
-        "random_code_drop": 5.0,
-    },
-    "cifar100": {
-        "fc_acc": 64.65,
-        "lh_acc": 64.67,
-        "reduced_fc_acc": 57.90,
-        "fc_params": "1.58 M",
-        "lh_params": "30 K",
-        "random_code_drop": 4.3,
-    },
-}
-
-
 BASE_GROUP = "base model (stage 1)"  # base_flags() reads this group: every flag in it must match for --base-from
 
 
@@ -1170,7 +1149,7 @@ def main(argv=None):
         cached, args, run_dir, device, sizes=sizes, bits=bits, lstm_hidden=lstm_hidden, lh=lh, lh_params=lh_params
     )
 
-    # 6. Test time per image and the metrics; the reports (metrics.json, table3.md, the code, the sweeps).
+    # 6. Test time per image and the metrics; the run's files (metrics.json, the code, the prefix tree, the sweeps).
     metrics = collect_metrics(
         args, data, device, settings, base, backbone, cached, fc_out, lh_out, random_out, reduced_out, sweeps
     )
@@ -1180,7 +1159,7 @@ def main(argv=None):
 
 
 # ---------------------------------------------------------------------------------------
-# Reports: metrics.json's content, the files and the summary, the sweeps' TSV, the test-time line, Table III
+# Reports: metrics.json's content, the run's files and the summary, the sweeps' TSV
 # ---------------------------------------------------------------------------------------
 
 
@@ -1227,7 +1206,6 @@ def collect_metrics(
         "bits_sweep": bits_sweep,
         "hidden_sweep": hidden_sweep,
         "throughput": test_time(base, stage.classifier, lookup_table(codes), data, args, device),
-        "paper": PAPER.get(data.name),
     }
     if data.hierarchy.n_levels > 1:
         # Does the learnt tree group similar classes? Mean common-prefix length of same-parent pairs vs
@@ -1250,25 +1228,28 @@ def collect_metrics(
 
 
 def report(run_dir, metrics, data, lh_out, sweeps):
-    """metrics.json, class_codes.json, prefix_tree.txt, table3.md, bits_sweep.tsv, hidden_sweep.tsv, and the summary."""
+    """metrics.json, class_codes.json, prefix_tree.txt, bits_sweep.tsv, hidden_sweep.tsv, and a few lines of summary
+    (Table III beside the paper's: python tools/results_table.py --run RUN_DIR)."""
     lh, codes = lh_out[:2]
     bits_sweep, hidden_sweep = sweeps
-    tree = prefix_tree(codes, data.class_names)
     common.write_json(run_dir / "metrics.json", metrics)
     common.write_json(
         run_dir / "class_codes.json",
         {"codes": metrics["codes"], "duplicates": metrics["duplicate_class_names"]},
     )
-    common.write_text(run_dir / "prefix_tree.txt", tree + "\n")
-    common.write_text(run_dir / "table3.md", format_table3(metrics, PAPER.get(data.name)))
+    common.write_text(run_dir / "prefix_tree.txt", prefix_tree(codes, data.class_names) + "\n")
     common.write_text(run_dir / "bits_sweep.tsv", sweep_tsv("bits", bits_sweep))
     common.write_text(run_dir / "hidden_sweep.tsv", sweep_tsv("hidden", hidden_sweep))
-    print(tree)
-    print(format_table3(metrics, PAPER.get(data.name)))
-    print(f"per-bit accuracy: {' '.join(f'{a:.1f}' for a in lh['per_bit_acc'])}")
-    print("bits sweep (Fig. 8):\n" + sweep_tsv("bits", bits_sweep))
-    print("LSTM size sweep (Fig. 7):\n" + sweep_tsv("hidden", hidden_sweep))
-    print(f"done in {common.format_seconds(metrics['seconds'])}; results in {run_dir}")
+    shared = "; ".join(", ".join(g) for g in metrics["duplicate_class_names"]) or "none"
+    print(
+        f"[latent_string] test: FC {metrics['fc_test_acc']:.2f}  LH {lh['exact_match_acc']:.2f} (lookup "
+        f"{lh['lookup_acc']:.2f})  reduced FC {metrics['reduced_fc_test_acc']:.2f}  LH random code "
+        f"{metrics['random_code']['exact_match_acc']:.2f} | classes sharing a string: {shared}\n"
+        f"per-bit accuracy: {' '.join(f'{a:.1f}' for a in lh['per_bit_acc'])}\n"
+        f"done in {common.format_seconds(metrics['seconds'])}; results in {run_dir} (prefix_tree.txt, the sweeps' "
+        "TSVs; Table III beside the paper's: python tools/results_table.py --run DIR)",
+        flush=True,
+    )
 
 
 def sweep_tsv(key, rows):
@@ -1281,53 +1262,6 @@ def sweep_tsv(key, rows):
         return f"{v:.2f}" if isinstance(v, float) else str(v)
 
     return "\t".join(columns) + "\n" + "".join("\t".join(fmt(r[k]) for k in columns) + "\n" for r in rows)
-
-
-def test_time_line(t):
-    mode = t["test_time_mode"]
-    return (
-        f"test-time reduction per image ({mode}, batch {t['eval_batch']}): {t['test_time_reduction_pct']:.1f}% "
-        f"(FC {t[mode + '_fc_images_per_s']:.0f} vs LH {t[mode + '_lh_images_per_s']:.0f} images/s; batch-1 latency "
-        f"FC {t.get(mode + '_fc_batch1_ms', float('nan')):.3f} ms vs LH {t.get(mode + '_lh_batch1_ms', float('nan')):.3f} ms)"
-    )
-
-
-def format_table3(m, paper):
-    p = paper or {}
-    rows = [
-        ("FC classifier (base)", m["fc_test_acc"], m["params"]["fc_classifier"], p.get("fc_acc"), p.get("fc_params")),
-        (
-            "LH classifier",
-            m["lh"]["exact_match_acc"],
-            m["params"]["lh_classifier"],
-            p.get("lh_acc"),
-            p.get("lh_params"),
-        ),
-        (
-            "reduced FC classifier",
-            m["reduced_fc_test_acc"],
-            m["params"]["reduced_fc_classifier"],
-            p.get("reduced_fc_acc"),
-            None,
-        ),
-        ("LH, random code (ablation)", m["random_code"]["exact_match_acc"], m["params"]["lh_classifier"], None, None),
-    ]
-    lines = [
-        f"# Table III on {m['dataset']} ({m['num_classes']} classes, L = {m['bits']}, {m['backbone']})",
-        "",
-        "| classifier | test acc % | params | paper acc % | paper params |",
-        "|---|---|---|---|---|",
-    ]
-    for name, acc, params, pacc, pparams in rows:
-        lines.append(f"| {name} | {acc:.2f} | {params:,} | {'' if pacc is None else pacc} | {pparams or ''} |")
-    lines += [
-        "",
-        f"parameter reduction (LH vs FC): {m['params']['reduction_pct']:.1f}%",
-        test_time_line(m["throughput"]),
-        f"LH lookup accuracy (ambiguous strings wrong): {m['lh']['lookup_acc']:.2f}",
-        f"classes sharing a string: {'; '.join(', '.join(g) for g in m['duplicate_class_names']) or 'none'}",
-    ]
-    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ Python and torch start-up) and each is reported as its own test.
 import argparse
 import gzip
 import importlib
+import importlib.util
 import os
 import pickle
 import subprocess
@@ -207,10 +208,10 @@ CASES = [
     Case("coarse-dropout-1", "coarse_outer_product.py", ["--dropout", "1"], 2, "--dropout"),
     Case("merged-val-fraction-1", "merged_resnet.py", ["--val-fraction", "1"], 2, "--val-fraction"),
     Case("hdl-center-alpha-2", "hdl_stack.py", ["--center-alpha", "2"], 2, "--center-alpha"),
-    # grouping.py: the same checks as hiernet.py, a CPM that is not one, outputs that collide.
+    # tools/regroup.py (the grouping command line): the same checks as hiernet.py, a CPM that is not one, outputs that collide.
     Case(
         "grouping-g-max-0",
-        "grouping.py",
+        "tools/regroup.py",
         ["--cpm", "{tmp}/cpm.npy", "--g-max", "0"],
         2,
         "--g-max",
@@ -218,19 +219,26 @@ CASES = [
     ),
     Case(
         "grouping-p-min-negative",
-        "grouping.py",
+        "tools/regroup.py",
         ["--cpm", "{tmp}/cpm.npy", "--p-min", "-1"],
         2,
         "--p-min",
         _npy("cpm.npy", GOOD_CPM),
     ),
-    Case("grouping-cpm-nan", "grouping.py", ["--cpm", "{tmp}/cpm.npy"], 2, "NaN", _npy("cpm.npy", _cpm_with(np.nan))),
     Case(
-        "grouping-cpm-inf", "grouping.py", ["--cpm", "{tmp}/cpm.npy"], 2, "infinite", _npy("cpm.npy", _cpm_with(np.inf))
+        "grouping-cpm-nan", "tools/regroup.py", ["--cpm", "{tmp}/cpm.npy"], 2, "NaN", _npy("cpm.npy", _cpm_with(np.nan))
+    ),
+    Case(
+        "grouping-cpm-inf",
+        "tools/regroup.py",
+        ["--cpm", "{tmp}/cpm.npy"],
+        2,
+        "infinite",
+        _npy("cpm.npy", _cpm_with(np.inf)),
     ),
     Case(
         "grouping-cpm-negative",
-        "grouping.py",
+        "tools/regroup.py",
         ["--cpm", "{tmp}/cpm.npy"],
         2,
         "negative",
@@ -238,27 +246,32 @@ CASES = [
     ),
     Case(
         "grouping-cpm-not-square",
-        "grouping.py",
+        "tools/regroup.py",
         ["--cpm", "{tmp}/cpm.npy"],
         2,
         "square",
         _npy("cpm.npy", np.ones((3, 4))),
     ),
     Case(
-        "grouping-cpm-empty", "grouping.py", ["--cpm", "{tmp}/cpm.npy"], 2, "square", _npy("cpm.npy", np.ones((0, 0)))
+        "grouping-cpm-empty",
+        "tools/regroup.py",
+        ["--cpm", "{tmp}/cpm.npy"],
+        2,
+        "square",
+        _npy("cpm.npy", np.ones((0, 0))),
     ),
     Case(
         "grouping-cpm-not-npy",
-        "grouping.py",
+        "tools/regroup.py",
         ["--cpm", "{tmp}/cpm.npy"],
         2,
         "not a readable .npy file",
         write_text("cpm.npy", "0.1, 0.2\n0.3, 0.4\n"),
     ),
-    Case("grouping-cpm-missing", "grouping.py", ["--cpm", "{tmp}/nothing.npy"], 2, "not found"),
+    Case("grouping-cpm-missing", "tools/regroup.py", ["--cpm", "{tmp}/nothing.npy"], 2, "not found"),
     Case(
         "grouping-out-txt",
-        "grouping.py",
+        "tools/regroup.py",
         ["--cpm", "{tmp}/cpm.npy", "--out", "{tmp}/tree.txt"],
         2,
         "--out",
@@ -266,7 +279,7 @@ CASES = [
     ),
     Case(
         "grouping-out-is-dir",
-        "grouping.py",
+        "tools/regroup.py",
         ["--cpm", "{tmp}/cpm.npy", "--out", "{tmp}/data"],
         2,
         "directory",
@@ -274,7 +287,7 @@ CASES = [
     ),
     Case(
         "grouping-names-malformed",
-        "grouping.py",
+        "tools/regroup.py",
         ["--cpm", "{tmp}/cpm.npy", "--names", "{tmp}/names.json"],
         2,
         "names.json",
@@ -383,7 +396,7 @@ def run_case(case, tmp):
         case.prepare(tmp)
     before = snapshot(tmp)
     argv = [a.replace("{tmp}", str(tmp)) for a in case.argv]
-    if case.script != "grouping.py":
+    if case.script != "tools/regroup.py":
         argv += ["--out-dir", str(tmp / "run")]
     env = dict(os.environ, HIERCLS_NO_DOWNLOAD="1", OMP_NUM_THREADS="1")
     result = subprocess.run(
@@ -446,7 +459,7 @@ def test_the_acceptance_count():
     assert len(CASES) >= 40 and len({c.id for c in CASES}) == len(CASES)
     assert scripts == {
         "hiernet.py",
-        "grouping.py",
+        "tools/regroup.py",
         "coarse_outer_product.py",
         "merged_resnet.py",
         "latent_string.py",
@@ -489,11 +502,11 @@ FLAG_CASES = [
     ("hiernet", ["--weight-decay", "-1e-4"], "--weight-decay"),
     ("hiernet", ["--eval-batch-size", "0"], "--eval-batch-size"),
     ("hiernet", ["--seed", str(2**32)], "--seed"),
-    ("grouping", ["--run-dir", "x", "--depth", "0"], "--depth"),
-    ("grouping", ["--run-dir", "x", "--g-max", "50", "0"], "--g-max"),
-    ("grouping", ["--run-dir", "x", "--p-min", "nan"], "--p-min"),
-    ("grouping", ["--run-dir", "x", "--device", "gpu"], "--device"),
-    ("grouping", ["--run-dir", "x", "--out", "tree.dot"], "--out"),
+    ("tools/regroup", ["--run-dir", "x", "--depth", "0"], "--depth"),
+    ("tools/regroup", ["--run-dir", "x", "--g-max", "50", "0"], "--g-max"),
+    ("tools/regroup", ["--run-dir", "x", "--p-min", "nan"], "--p-min"),
+    ("tools/regroup", ["--cpm", "no_such_cpm.npy"], "--cpm"),
+    ("tools/regroup", ["--run-dir", "x", "--out", "tree.dot"], "--out"),
     ("coarse_outer_product", ["--coarse-k", "0"], "--coarse-k"),
     ("coarse_outer_product", ["--val-per-class", "0"], "--val-per-class"),
     ("coarse_outer_product", ["--lr-factor", "0"], "--lr-factor"),
@@ -531,8 +544,14 @@ SCRIPTS = ["hiernet", "coarse_outer_product", "merged_resnet", "latent_string", 
 
 @pytest.mark.parametrize("module,argv,flag", FLAG_CASES, ids=[f"{m}{''.join(a)}" for m, a, _ in FLAG_CASES])
 def test_flag_refused_while_parsing(module, argv, flag, capsys):
+    if module.startswith("tools/"):  # a command line of tools/, loaded from its file
+        spec = importlib.util.spec_from_file_location(module, ROOT / f"{module}.py")
+        script = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(script)
+    else:
+        script = importlib.import_module(module)
     with pytest.raises(SystemExit) as stop:
-        importlib.import_module(module).get_args(argv)
+        script.get_args(argv)
     assert stop.value.code == 2
     lines = error_lines(capsys.readouterr().err)
     assert len(lines) == 1 and "error:" in lines[0] and flag in lines[0], lines

@@ -473,8 +473,9 @@ def test_smoke_tiny_shapes_baseline_and_hdl(tmp_path, capsys):
         str(out),
     ]
     results = hdl_stack.main(argv)
-    for name in ("args.json", "metrics.jsonl", "metrics.json", "table3.md", "levels.json"):
+    for name in ("args.json", "metrics.jsonl", "metrics.json", "levels.json"):
         assert (out / name).is_file(), name
+    assert not (out / "table3.md").exists()  # the tables beside the paper's: tools/results_table.py --run
     metrics = json.loads((out / "metrics.json").read_text())
     assert [l["num_classes"] for l in metrics["levels"]] == [6, 6, 2]
     for level in ("fill", "outline", "shape"):
@@ -494,7 +495,7 @@ def test_smoke_tiny_shapes_baseline_and_hdl(tmp_path, capsys):
     records = common.read_jsonl(out / "metrics.jsonl")
     assert [(r["stage"], r["epoch"]) for r in records] == [("baseline", 1), ("hdl", 1)]
     assert all(np.isfinite(r["loss"]) for r in records) and "ce_3L" in records[-1] and "center" in records[-1]
-    table = (out / "table3.md").read_text()
+    table = load_report().run_tables(out)
     assert "1L fill (6 cls)" in table and "3L shape (2 cls)" in table
     assert "majority category" in table and "Table 4 layout" in table and "violations" in table
     ckpt = common.load_checkpoint(out / "hdl" / "checkpoint.pt")
@@ -515,7 +516,8 @@ def test_validation_runs_and_the_sweep_table(tmp_path):
     assert metrics["eval_split"] == "val" and metrics["eval_size"] + metrics["train_size"] == 96
     records = common.read_jsonl(tmp_path / "sweep" / "a" / "metrics.jsonl")
     assert "val_fine_acc" in records[0] and "val_acc_outline" in records[0]  # validation every epoch
-    hdl_stack.main(["--sweep-table", str(tmp_path / "sweep")])
+    report = load_report()
+    report.main(["--sweep-table", str(tmp_path / "sweep")])
     rows = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["rows"]
     assert sorted((r["variant"], r["lambda0"]) for r in rows) == [
         ("cascade/wen/raw/a0.5", 0.01),
@@ -526,74 +528,7 @@ def test_validation_runs_and_the_sweep_table(tmp_path):
     (tmp_path / "sweep" / "c").mkdir()
     (tmp_path / "sweep" / "c" / "metrics.json").write_text(json.dumps(dict(metrics, eval_split="test")))
     with pytest.raises(SystemExit, match="test set"):
-        hdl_stack.main(["--sweep-table", str(tmp_path / "sweep")])
-
-
-def plant_sweep(sweep_dir, baseline, cells, epochs=40):
-    """Fake validation runs: a baseline-only run and HDL cells (update, features, lambda0, val fine error)."""
-    majority = {"fine": 99.0, "category12": 31.0, "category6": 28.0, "category2": 2.0}
-    runs = {"baseline": {"eval_split": "val", "epochs": epochs, "baseline": {"fine_error": baseline}}}
-    for update, features, lam, error in cells:
-        runs[f"{update}_{features}_{lam:g}"] = {
-            "eval_split": "val",
-            "epochs": epochs,
-            "hdl_config": {
-                "heads": "cascade",
-                "center_update": update,
-                "center_features": features,
-                "center_alpha": 1.0 if update == "epoch" else 0.5,
-                "lambda_center": lam,
-            },
-            "hdl": {"fine_error": error, "level_error": {"category12": 20.0, "category6": 18.0, "category2": 1.5}},
-            "majority_error": majority,
-        }
-    for name, metrics in runs.items():
-        (sweep_dir / name).mkdir(parents=True, exist_ok=True)
-        (sweep_dir / name / "metrics.json").write_text(json.dumps(metrics))
-
-
-def test_sweep_rule_picks_the_largest_lambda0_within_one_point_of_the_baseline(tmp_path):
-    # Baseline 40.0 on validation. The paper's cell (epoch/raw, 1) trains slowly (55.0): out. Within
-    # 1 point: normalized at 1 (40.8), wen at 0.005 (39.0, the lowest error), raw at 0.001 (exactly +1.0).
-    cells = [
-        ("epoch", "raw", 1.0, 55.0),
-        ("epoch", "raw", 0.1, 41.2),
-        ("epoch", "raw", 0.001, 41.0),
-        ("epoch", "normalized", 1.0, 40.8),
-        ("wen", "raw", 0.005, 39.0),
-    ]
-    plant_sweep(tmp_path / "a", 40.0, cells)
-    text = hdl_stack.write_sweep_table(tmp_path / "a")
-    sweep = json.loads((tmp_path / "a" / "sweep.json").read_text())
-    assert sweep["rule"] == hdl_stack.SWEEP_RULE and sweep["margin"] == 1.0
-    assert sweep["pick"]["run"] == "epoch_normalized_1"  # the largest lambda0 within the margin, not the lowest error
-    assert sweep["pick"]["flags"] == [
-        *("--heads", "cascade", "--center-update", "epoch", "--center-features", "normalized"),
-        *("--center-alpha", "1", "--lambda-center", "1"),
-    ]
-    assert "Pick: epoch_normalized_1" in text and hdl_stack.SWEEP_RULE in text and "| +15.00 |" in text
-    assert "`python hdl_stack.py --dataset cifar100 --method hdl --heads cascade --center-update epoch" in text
-    # At equal lambda0 the paper's update and features go first, even at a higher error.
-    plant_sweep(tmp_path / "b", 40.0, [("epoch", "raw", 1.0, 40.9)] + cells[1:])
-    hdl_stack.write_sweep_table(tmp_path / "b")
-    assert json.loads((tmp_path / "b" / "sweep.json").read_text())["pick"]["run"] == "epoch_raw_1"
-    # The margin is inclusive; below it, smaller lambda0 only.
-    pick = hdl_stack.pick_sweep_cell(
-        [
-            {"run": r, "lambda0": lam, "val_fine_error": e, "baseline_val_fine_error": 40.0, **variant}
-            for r, lam, e in (("x", 0.001, 41.0), ("y", 0.01, 41.01))
-            for variant in [{"center_update": "epoch", "center_features": "raw"}]
-        ]
-    )
-    assert pick["run"] == "x"
-    # No cell within 1 point: no pick, and the table says so.
-    plant_sweep(tmp_path / "c", 30.0, cells)
-    text = hdl_stack.write_sweep_table(tmp_path / "c")
-    assert json.loads((tmp_path / "c" / "sweep.json").read_text())["pick"] is None and "Pick: none" in text
-    # A baseline trained for another number of epochs is no reference: no pick either.
-    plant_sweep(tmp_path / "d", 40.0, cells)
-    plant_sweep(tmp_path / "d", 40.0, [], epochs=800)  # overwrites the baseline with an 800-epoch one
-    assert "Pick: none" in hdl_stack.write_sweep_table(tmp_path / "d")
+        report.main(["--sweep-table", str(tmp_path / "sweep")])
 
 
 def test_bad_flags_fail_with_one_line(tmp_path):
@@ -675,4 +610,22 @@ def test_gpu_queue_runs_table3_at_the_papers_setting_and_the_sweeps_pick_as_ours
 
 def test_readme_states_the_sweep_rule_the_table_applies():
     readme = " ".join((ROOT / "README.md").read_text().split())
-    assert " ".join(hdl_stack.SWEEP_RULE.split()) in readme
+    assert " ".join(load_report().SWEEP_RULE.split()) in readme
+
+
+def test_the_reports_default_reading_is_the_scripts():
+    """A sweep pick's flags name --levels only for a reading other than hdl_stack.py's default."""
+    assert load_report().HDL_DEFAULT_LEVELS == hdl_stack.DEFAULT_LEVELS
+
+
+def test_a_shapes_runs_recorded_paper_accuracies_are_the_reports():
+    """metrics.json still records Table 4's shapes accuracies (the golden smoke record holds them); they must
+    be the numbers the report holds."""
+    assert hdl_stack.PAPER_SHAPES_ACCURACY == load_report().HDL_PAPER_SHAPES_ACCURACY
+
+
+def load_report():
+    spec = importlib.util.spec_from_file_location("results_table", ROOT / "tools" / "results_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -312,7 +312,6 @@ def test_smoke_tiny_shapes_and_resume(tmp_path):
         "args.json",
         "metrics.jsonl",
         "metrics.json",
-        "table3.md",
         "class_codes.json",
         "prefix_tree.txt",
         "bits_sweep.tsv",

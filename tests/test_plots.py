@@ -67,7 +67,7 @@ def fake_latent(run, hidden_sweep=True):
     write_json(run / "args.json", {"script": "latent_string"})
     write_json(
         run / "metrics.json",
-        {"dataset": "mnist", "num_classes": 4, "bits": 2, "fc_test_acc": 99.0, "paper": {"lh_acc": 99.36}},
+        {"dataset": "mnist", "num_classes": 4, "bits": 2, "fc_test_acc": 99.0},
     )
     write_json(run / "class_codes.json", {"codes": codes, "duplicates": []})
     (run / "bits_sweep.tsv").write_text(
@@ -89,7 +89,6 @@ def fake_hdl(run):
             "hdl": {"fine_error": 25.0, "level_error": {"coarse": 5.0}, "summed_fine_level_error": {"coarse": 4.5}},
             "majority_error": {"fine": 90.0, "coarse": 40.0},
             "eval_split": "test",
-            "paper": None,
         },
     )
     lines = [

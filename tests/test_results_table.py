@@ -1,8 +1,12 @@
-"""The README's results section is exactly what tools/results_table.py builds from results/."""
+"""The README's generated blocks are exactly what tools/results_table.py builds from results/; the report's
+tables of one run, the HDL sweep's table, and the tool's independence of the training scripts."""
 
+import ast
 import importlib.util
 import json
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -17,7 +21,8 @@ def load_tool():
 def test_readme_results_section_is_built_from_results_dir():
     tool = load_tool()
     readme = (ROOT / "README.md").read_text()
-    assert tool.section(ROOT / "results") in readme, "run: python tools/results_table.py --write README.md"
+    for name, block in tool.blocks(ROOT / "results").items():
+        assert block in readme, f"{name}: run python tools/results_table.py --write README.md"
 
 
 def test_every_run_in_results_has_metrics_and_its_command(tmp_path):
@@ -26,14 +31,18 @@ def test_every_run_in_results_has_metrics_and_its_command(tmp_path):
         assert "python " in run_json.read_text()
 
 
-def test_write_replaces_only_the_marked_section(tmp_path):
+def test_write_replaces_only_the_marked_blocks(tmp_path):
     tool = load_tool()
     readme = tmp_path / "README.md"
-    readme.write_text(f"before\n{tool.START}\nold numbers\n{tool.END}\nafter\n")
+    text = "before\n" + "".join(f"{tool.markers(n)[0]}\nold numbers\n{tool.markers(n)[1]}\nhand\n" for n in tool.BLOCKS)
+    readme.write_text(text + "after\n")
     tool.main(["--write", str(readme)])
     text = readme.read_text()
-    assert text.startswith("before\n") and text.endswith("\nafter\n")
+    assert text.startswith("before\n") and text.endswith("\nhand\nafter\n") and text.count("\nhand\n") == 7
     assert "old numbers" not in text and "| resnet56 | 128 |" in text
+    readme.write_text("no markers\n")
+    with pytest.raises(SystemExit, match="has no runs markers"):
+        tool.main(["--write", str(readme)])
 
 
 def test_section_builds_from_a_partial_results_dir(tmp_path):
@@ -178,12 +187,29 @@ def test_cifar100_rows_say_not_run_and_the_hdl_sweep_table_is_included(tmp_path)
     ):
         assert f"`{run}`" in text and "not run yet" in text.split(f"`{run}`")[1].splitlines()[0]
     assert "centre-loss sweep (`hdl_sweep_cifar100_*` in tools/gpu_runs.py): not run yet." in text
-    (tmp_path / "hdl_sweep_cifar100").mkdir()
-    (tmp_path / "hdl_sweep_cifar100" / "sweep.md").write_text(
-        "# lambda0 sweep\n\n| variant | lambda0 |\n|---|---|\n| a | 1 |\n"
-    )
+    sweep = tmp_path / "hdl_sweep_cifar100"
+    plant_sweep_run(sweep / "baseline", None, 30.0)
+    plant_sweep_run(sweep / "epoch_raw_1", ("epoch", "raw", 1.0), 30.5)
     text = tool.section(tmp_path)
-    assert "held out (`hdl_stack.py --sweep-table`):\n\n| variant | lambda0 |\n|---|---|\n| a | 1 |\n" in text
+    expected = tool.hdl_sweep(sweep)[0].strip().splitlines()[2:]
+    assert expected[0].startswith("| variant (heads/update/features/alpha) | lambda0 |")
+    assert "held out (`tools/results_table.py --sweep-table`):\n\n" + "\n".join(expected) in text
+
+
+def plant_sweep_run(run, config, fine_error, epochs=40):
+    """A --val-fraction run of hdl_stack.py as metrics.json records it: the baseline (config None) or one
+    HDL cell (center_update, center_features, lambda0)."""
+    run.mkdir(parents=True)
+    m = {"eval_split": "val", "epochs": epochs, "majority_error": {"fine": 99.0, "coarse": 80.0}}
+    if config is None:
+        m["baseline"] = {"fine_error": fine_error}
+    else:
+        update, features, lam = config
+        m["hdl_config"] = {"heads": "cascade", "fine_head": "on", "center_update": update}
+        m["hdl_config"] |= {"center_features": features, "center_alpha": 1.0, "lambda_center": lam}
+        m["hdl"] = {"fine_error": fine_error, "level_error": {"coarse": fine_error / 2}}
+        m["levels_reading"] = "first-sense"
+    (run / "metrics.json").write_text(json.dumps(m))
 
 
 def test_merged_cifar100_rows_and_figure3_tables_come_from_the_longest_grown_run(tmp_path):
@@ -320,3 +346,216 @@ def test_hiernet_controls_table_and_commit_columns(tmp_path):
     table1 = tool.section(tmp_path).split("#### HierNet on CIFAR-100, Table 1")[1].split("\n\n")[1].splitlines()
     assert table1[0].endswith("| commit |") and table1[2].endswith("| ddddddd |")
     assert all(line.count("|") == 15 for line in table1)
+
+
+def plant_sweep(sweep_dir, baseline, cells, epochs=40):
+    """Fake validation runs: a baseline-only run and HDL cells (update, features, lambda0, val fine error)."""
+    majority = {"fine": 99.0, "category12": 31.0, "category6": 28.0, "category2": 2.0}
+    runs = {"baseline": {"eval_split": "val", "epochs": epochs, "baseline": {"fine_error": baseline}}}
+    for update, features, lam, error in cells:
+        runs[f"{update}_{features}_{lam:g}"] = {
+            "eval_split": "val",
+            "epochs": epochs,
+            "hdl_config": {
+                "heads": "cascade",
+                "center_update": update,
+                "center_features": features,
+                "center_alpha": 1.0 if update == "epoch" else 0.5,
+                "lambda_center": lam,
+            },
+            "hdl": {"fine_error": error, "level_error": {"category12": 20.0, "category6": 18.0, "category2": 1.5}},
+            "majority_error": majority,
+        }
+    for name, metrics in runs.items():
+        (sweep_dir / name).mkdir(parents=True, exist_ok=True)
+        (sweep_dir / name / "metrics.json").write_text(json.dumps(metrics))
+
+
+def test_sweep_rule_picks_the_largest_lambda0_within_one_point_of_the_baseline(tmp_path):
+    tool = load_tool()
+    # Baseline 40.0 on validation. The paper's cell (epoch/raw, 1) trains slowly (55.0): out. Within
+    # 1 point: normalized at 1 (40.8), wen at 0.005 (39.0, the lowest error), raw at 0.001 (exactly +1.0).
+    cells = [
+        ("epoch", "raw", 1.0, 55.0),
+        ("epoch", "raw", 0.1, 41.2),
+        ("epoch", "raw", 0.001, 41.0),
+        ("epoch", "normalized", 1.0, 40.8),
+        ("wen", "raw", 0.005, 39.0),
+    ]
+    plant_sweep(tmp_path / "a", 40.0, cells)
+    text = tool.write_hdl_sweep(tmp_path / "a")
+    sweep = json.loads((tmp_path / "a" / "sweep.json").read_text())
+    assert sweep["rule"] == tool.SWEEP_RULE and sweep["margin"] == 1.0
+    assert sweep["pick"]["run"] == "epoch_normalized_1"  # the largest lambda0 within the margin, not the lowest error
+    assert sweep["pick"]["flags"] == [
+        *("--heads", "cascade", "--center-update", "epoch", "--center-features", "normalized"),
+        *("--center-alpha", "1", "--lambda-center", "1"),
+    ]
+    assert "Pick: epoch_normalized_1" in text and tool.SWEEP_RULE in text and "| +15.00 |" in text
+    assert "`python hdl_stack.py --dataset cifar100 --method hdl --heads cascade --center-update epoch" in text
+    # At equal lambda0 the paper's update and features go first, even at a higher error.
+    plant_sweep(tmp_path / "b", 40.0, [("epoch", "raw", 1.0, 40.9)] + cells[1:])
+    tool.write_hdl_sweep(tmp_path / "b")
+    assert json.loads((tmp_path / "b" / "sweep.json").read_text())["pick"]["run"] == "epoch_raw_1"
+    # The margin is inclusive; below it, smaller lambda0 only.
+    pick = tool.pick_sweep_cell(
+        [
+            {"run": r, "lambda0": lam, "val_fine_error": e, "baseline_val_fine_error": 40.0, **variant}
+            for r, lam, e in (("x", 0.001, 41.0), ("y", 0.01, 41.01))
+            for variant in [{"center_update": "epoch", "center_features": "raw"}]
+        ]
+    )
+    assert pick["run"] == "x"
+    # No cell within 1 point: no pick, and the table says so.
+    plant_sweep(tmp_path / "c", 30.0, cells)
+    text = tool.write_hdl_sweep(tmp_path / "c")
+    assert json.loads((tmp_path / "c" / "sweep.json").read_text())["pick"] is None and "Pick: none" in text
+    # A baseline trained for another number of epochs is no reference: no pick either.
+    plant_sweep(tmp_path / "d", 40.0, cells)
+    plant_sweep(tmp_path / "d", 40.0, [], epochs=800)  # overwrites the baseline with an 800-epoch one
+    assert "Pick: none" in tool.write_hdl_sweep(tmp_path / "d")
+
+
+TRAINING_SCRIPTS = {"hiernet", "merged_resnet", "coarse_outer_product", "latent_string", "hdl_stack"}
+
+
+def imported_modules(path):
+    tree = ast.parse(path.read_text())
+    names = {
+        alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names
+    }
+    names |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    calls = {  # importlib.import_module("name") / __import__("name")
+        node.args[0].value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and getattr(node.func, "attr", getattr(node.func, "id", None)) in ("import_module", "__import__")
+        and node.args
+        and isinstance(node.args[0], ast.Constant)
+    }
+    return names | calls
+
+
+def test_no_tool_imports_a_training_script():
+    """tools/ reads run files and may run a script as a subprocess (gpu_runs.py), never import one."""
+    tools = sorted((ROOT / "tools").glob("*.py"))
+    assert len(tools) >= 6
+    for path in tools:
+        assert not imported_modules(path) & TRAINING_SCRIPTS, path.name
+
+
+def test_run_tables_reproduce_the_tables_the_scripts_wrote():
+    """Before the report moved out of the scripts, latent_string.py wrote table3.md and coarse_outer_product.py
+    tables.md and accuracy_table.md; for runs whose metrics.json has every key, the report gives them again."""
+    tool = load_tool()
+    run = ROOT / "results" / "latent_string_cifar100"
+    assert tool.run_tables(run) == (run / "table3.md").read_text()
+    run = ROOT / "results" / "coarse_outer_product_cifar100"
+    old = (run / "tables.md").read_text() + "\n\n" + (run / "accuracy_table.md").read_text()
+    assert tool.run_tables(run) == old
+
+
+def test_every_run_in_results_has_its_tables():
+    tool = load_tool()
+    runs = [p.parent for p in (ROOT / "results").glob("**/args.json") if (p.parent / "metrics.json").is_file()]
+    assert len(runs) > 20
+    for run in runs:
+        assert tool.run_tables(run).startswith("# ") or "`" in tool.run_tables(run), run
+
+
+def plant_run(run, script, metrics, **args):
+    run.mkdir(parents=True)
+    (run / "args.json").write_text(json.dumps({"script": script, **args}))
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    return run
+
+
+def test_hdl_table3_puts_the_papers_row_under_ours(tmp_path):
+    tool = load_tool()
+    names = [("1L", "category12", 12), ("2L", "category6", 6), ("3L", "category2", 2)]
+    errors = {"category12": 20.0, "category6": 15.0, "category2": 2.5}
+    m = {
+        "dataset": "cifar100",
+        "arch": "resnet18",
+        "epochs": 800,
+        "lr": 0.001,
+        "batch_size": 64,
+        "eval_split": "test",
+        "levels": [{"level": level, "name": name, "num_classes": k} for level, name, k in names],
+        "majority_error": {"fine": 99.0, **{name: 90.0 for _, name, _ in names}},
+        "baseline": {"fine_error": 40.0, "summed_fine_level_error": errors},
+        "hdl": {"fine_error": 41.5, "level_error": errors, "summed_fine_level_error": errors},
+    }
+    m["hdl"]["violation_rate"] = {"with_fine": 3.0, "levels_only": 1.0}
+    text = tool.run_tables(plant_run(tmp_path / "run", "hdl_stack", m))
+    assert "| resnet18 (ours) | 40.00 | 41.50 | 20.00 | 15.00 | 2.50 |" in text
+    assert "| resnet18 (paper) | 35.70 | 35.70 | 12.23 | 11.43 | 1.20 |" in text
+    assert "| majority category (largest in train) | 99.00 | 99.00 | 90.00 | 90.00 | 90.00 |" in text
+    own = tool.run_tables(plant_run(tmp_path / "own", "hdl_stack", m, hierarchy="levels.json"))
+    assert "(paper)" not in own  # another hierarchy: the paper's numbers do not apply
+
+
+def test_latent_table3_takes_the_papers_numbers_of_the_dataset(tmp_path):
+    tool = load_tool()
+    m = {
+        "dataset": "mnist",
+        "num_classes": 10,
+        "bits": 4,
+        "backbone": "lenet",
+        "fc_test_acc": 99.42,
+        "lh": {"exact_match_acc": 98.71, "lookup_acc": 98.70},
+        "reduced_fc_test_acc": 99.16,
+        "random_code": {"exact_match_acc": 98.86},
+        "params": {"fc_classifier": 1573510, "lh_classifier": 126822, "reduced_fc_classifier": 126000},
+        "duplicate_class_names": [],
+        "throughput": {"test_time_reduction_pct": -16.7, "fc_images_per_s": 388000.0, "lh_images_per_s": 333000.0},
+    }
+    m["params"]["reduction_pct"] = 100.0 * (1 - 126822 / 1573510)
+    text = tool.run_tables(plant_run(tmp_path / "run", "latent_string", m))
+    assert "| FC classifier (base) | 99.42 | 1,573,510 | 99.38 | 1.61 M |" in text
+    assert "| LH classifier | 98.71 | 126,822 | 99.36 | 31 K |" in text
+    assert "parameter reduction (LH vs FC): 91.9%" in text and "classes sharing a string: none" in text
+    m["dataset"] = "shapes"
+    text = tool.run_tables(plant_run(tmp_path / "shapes", "latent_string", m))
+    assert "| LH classifier | 98.71 | 126,822 |  |  |" in text
+
+
+def test_hiernet_run_table_is_table1_at_its_n(tmp_path):
+    tool = load_tool()
+    m = {"dataset": "cifar100", "n": 3, "elu": False, "n_groups": 8, "test_images": 5000}
+    m |= {"backbone_acc": 66.64, "slow_acc": 70.44, "fast_acc": 69.82, "superclass_acc": 87.4}
+    text = tool.run_tables(plant_run(tmp_path / "run", "hiernet", m))
+    assert (
+        "| ours | 66.64 | 70.44 | 69.82 | 87.40 |" in text
+        and "| paper, Table 1 | 65.96 | 68.89 | 68.08 | 86.23 |" in text
+    )
+    m |= {"dataset": "shapes"}
+    assert "CIFAR-100 at n = 3, 5, 7, 9, 18 only" in tool.run_tables(plant_run(tmp_path / "s", "hiernet", m))
+
+
+def test_run_tables_refuse_what_is_not_a_run(tmp_path):
+    tool = load_tool()
+    with pytest.raises(SystemExit, match="not a finished run directory"):
+        tool.main(["--run", str(tmp_path)])
+    with pytest.raises(SystemExit, match="names no script of this project"):
+        tool.main(["--run", str(plant_run(tmp_path / "other", "bench", {}))])
+
+
+def test_what_the_report_holds_of_the_scripts_is_theirs():
+    """The report imports no training script; what it needs of one is held in it and checked here."""
+    import coarse_outer_product
+    import latent_string
+    import merged_resnet
+
+    tool = load_tool()
+    defaults = {a.dest: a.default for a in latent_string.make_parser()._actions if a.dest != "help"}
+    assert {k: defaults[k] for k in tool.LH_FLAGS_OLDER_RUNS_LACK} == tool.LH_FLAGS_OLDER_RUNS_LACK
+    for args_json in (ROOT / "results").glob("**/args.json"):
+        args = json.loads(args_json.read_text())
+        if args.get("script", "latent_string") == "latent_string" and "latent_string" in str(args_json):
+            assert set(defaults) - set(args) <= set(tool.LH_FLAGS_OLDER_RUNS_LACK), args_json
+    for runs in (1, 2):
+        assert tool.merged_runs_support({"runs": runs}) == merged_resnet.runs_support(runs, [1, 2, 4])
+    # coarse_outer_product.py records the paper's accuracies in metrics.json (the golden record holds them).
+    assert coarse_outer_product.PAPER_ACCURACY == tool.OUTER_PRODUCT_PAPER
+    assert coarse_outer_product.PAPER_EPOCHS == tool.OUTER_PRODUCT_PAPER_EPOCHS

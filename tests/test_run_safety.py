@@ -4,12 +4,12 @@ survived); wrong inputs are one line, not a traceback. Subprocess tests where th
 the whole command is the point."""
 
 import argparse
+import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import common
 from test_run_dirs import run_script  # one subprocess runner for the tests' command lines
@@ -90,14 +90,14 @@ def test_resume_removes_only_its_own_stale_temps(tmp_path):
 
 
 def fake_hiernet_run(run_dir):
-    """A hiernet run directory with a trained-looking backbone and its own tree files."""
+    """A hiernet run directory with its CPM and its own tree files."""
     argv = ["--dataset", "shapes", "--train-size", "64", "--test-size", "1600", "--image-size", "8", "--n", "1"]
     args = hiernet.get_args([*argv, "--split", "1", "--extra-blocks", "0", "--g-max", "3", "--p-min", "0.0"])
     run_dir.mkdir()
     (run_dir / "args.json").write_text(json.dumps({**vars(args), "script": "hiernet"}))
-    torch.manual_seed(0)
-    backbone = hiernet.make_backbone(args, 72)
-    common.save_checkpoint(run_dir / "backbone" / "checkpoint.pt", {"model": backbone.state_dict()})
+    rng = np.random.default_rng(0)
+    cpm = rng.uniform(0, 1, (72, 72))
+    np.save(run_dir / "cpm.npy", cpm / cpm.sum(1, keepdims=True))
     for name in ("tree.json", "tree.txt", "tree.dot"):
         (run_dir / name).write_text(f"the run's own {name}\n")
     return run_dir
@@ -106,14 +106,15 @@ def fake_hiernet_run(run_dir):
 def test_regrouping_never_writes_over_a_runs_own_tree(tmp_path):
     run_dir = fake_hiernet_run(tmp_path / "run")
     before = files(run_dir)
-    result = run_script(["grouping.py", "--run-dir", str(run_dir), "--out", str(run_dir / "tree.json")])
+    result = run_script(["tools/regroup.py", "--run-dir", str(run_dir), "--out", str(run_dir / "tree.json")])
     assert "a file of the run directory" in one_error_line(result)
     (run_dir / "tree.json").unlink()  # the .txt beside it is still the run's
-    result = run_script(["grouping.py", "--run-dir", str(run_dir), "--out", str(run_dir / "tree.json")])
+    result = run_script(["tools/regroup.py", "--run-dir", str(run_dir), "--out", str(run_dir / "tree.json")])
     assert "tree.txt is a file of the run directory" in one_error_line(result)
     assert files(run_dir) == {k: v for k, v in before.items() if k != "tree.json"}
     # A new name in the run directory, or anywhere else, is written.
-    grouping.main(["--run-dir", str(run_dir), "--device", "cpu", "--out", str(run_dir / "regrouped.json")])
+    result = run_script(["tools/regroup.py", "--run-dir", str(run_dir), "--out", str(run_dir / "regrouped.json")])
+    assert result.returncode == 0, result.stderr
     assert (run_dir / "regrouped.json").is_file() and (run_dir / "tree.txt").read_bytes() == before["tree.txt"]
 
 
@@ -177,7 +178,10 @@ def test_coarse_outer_product_longer_resume_trains_and_reports_the_new_epochs(ti
     assert [r["epoch"] for r in records] == [1, 2, 3]
     assert longer["accuracy"]["baseline"]["epochs"] == 3 and longer["accuracy"]["baseline"]["max_epochs"] == 3
     assert json.loads((out / "baseline" / "result.json").read_text())["epochs"] == 3
-    assert f"| {cop.ROW_NAMES['baseline']} | 3 |" in (out / "accuracy_table.md").read_text()
+    spec = importlib.util.spec_from_file_location("results_table", ROOT / "tools" / "results_table.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    assert "| VGG16 baseline | 3 |" in report.run_tables(out)  # the report reads the longer run's metrics.json
 
 
 # --- 8: --resume with another data set --------------------------------------------------------------------

@@ -57,8 +57,9 @@ HDL_800 = ["hdl_stack.py", *C100]  # hdl_stack.py's defaults are Table 3's setti
 
 
 def hdl_sweep_pick_job(path=Path(__file__).resolve().parent.parent / "results" / "hdl_sweep_cifar100" / "sweep.json"):
-    """The centre-loss sweep's pick (hdl_stack.SWEEP_RULE) as one extra 800-epoch HDL job, ours, not the
-    paper's setting; queued once results/hdl_sweep_cifar100/sweep.json (--sweep-table) names a pick."""
+    """The centre-loss sweep's pick (results_table.SWEEP_RULE) as one extra 800-epoch HDL job, ours, not the
+    paper's setting; queued once results/hdl_sweep_cifar100/sweep.json (results_table.py --sweep-table) names a
+    pick."""
     pick = json.loads(path.read_text()).get("pick") if path.exists() else None
     return {"hdl_cifar100_sweep_pick_800": [*HDL_800, "--method", "hdl", *pick["flags"]]} if pick else {}
 
@@ -158,7 +159,7 @@ JOBS = {
     # HDL's center loss on CIFAR-100: a lambda0 x variant sweep on 10% of train held out (40 epochs
     # each), the baseline beside it: evidence of why the paper's setting trains slowly, not a choice of
     # Table 3's setting. --collect puts the cells into results/hdl_sweep_cifar100/; then `python
-    # hdl_stack.py --sweep-table results/hdl_sweep_cifar100` writes its table and the rule's pick.
+    # tools/results_table.py --sweep-table results/hdl_sweep_cifar100` writes its table and the rule's pick.
     "hdl_sweep_cifar100_baseline": [*HDL_SWEEP, "--method", "baseline"],
     **{
         f"hdl_sweep_cifar100_{update}_{features}_{lam}": [

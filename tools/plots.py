@@ -52,9 +52,6 @@ NO_MATPLOTLIB = (
 
 # Paper, Table I: the LSTM size of the LH classifier per dataset, where Table III's accuracy was measured.
 LATENT_TABLE1_HIDDEN = {"mnist": 10, "cifar10": 20, "cifar100": 40}
-# Paper (merged ResNets), section 4: "the optimal value for the alpha parameter is quite close to 1"
-# (slightly above for the coarse level, slightly below for the fine one); the figures give no other number.
-MERGED_PAPER_ALPHA = 1.0
 
 OURS, PAPER, CONTROL, OTHER = "tab:blue", "tab:red", "tab:gray", "tab:green"
 
@@ -249,7 +246,9 @@ def plot_merged_alpha(run_dir, out):
             best = m.get("best_alpha", {}).get(f"{key}/{level}")
             if best:  # our alpha, chosen on the validation split
                 ax.plot(best["alpha"], best["test_err_mean"], "o", color=line.get_color(), ms=5)
-        ax.axvline(MERGED_PAPER_ALPHA, color=PAPER, ls="--", lw=1, label="paper: optimum near alpha = 1")
+        ax.axvline(
+            results_table.MERGED_PAPER_OPTIMUM_ALPHA, color=PAPER, ls="--", lw=1, label="paper: optimum near alpha = 1"
+        )
         ax.set_xlabel("alpha (0: none, 1: full adaptation, 2: coarse from fine)")
         ax.set_ylabel("test top-1 error %")
         ax.set_title(title, fontsize=10)
@@ -271,8 +270,7 @@ def read_tsv(path):
 
 def latent_paper_point(m):
     """The paper's Table III LH accuracy for this dataset, or None (shapes, another hierarchy)."""
-    paper = m.get("paper") or {}
-    return paper.get("lh_acc")
+    return results_table.latent_paper(m).get("lh_acc")
 
 
 def plot_latent_sweep(run_dir, out, kind):
@@ -408,7 +406,8 @@ def plot_hdl_levels(run_dir, out):
         raise Skip(f"{run_dir / 'metrics.json'} has no HDL level errors (run without --method hdl?)")
     levels = [(level["level"], level["name"], level["num_classes"]) for level in m["levels"]]
     names = [name for _, name, _ in levels]
-    paper = m.get("paper") or {}
+    args = read_json(run_dir / "args.json") if (run_dir / "args.json").is_file() else {}
+    paper = results_table.hdl_paper_level_errors(m, args)
     series = {
         "HDL level heads": [m["hdl"]["level_error"].get(n) for n in names],
         "HDL, summed fine probabilities": [m["hdl"].get("summed_fine_level_error", {}).get(n) for n in names],
@@ -419,10 +418,8 @@ def plot_hdl_levels(run_dir, out):
     majority = m.get("majority_error")
     if majority:
         series["majority category (largest in train)"] = [majority.get(n) for n in names]
-    if "level_accuracy" in paper:
-        series["paper"] = [100.0 - paper["level_accuracy"][n] if n in paper["level_accuracy"] else None for n in names]
-    elif paper:
-        series["paper"] = [paper.get(f"{level}_error") for level, _, _ in levels]
+    if paper:
+        series["paper"] = [paper.get(n) for n in names]
     series = {label: values for label, values in series.items() if any(v is not None for v in values)}
     colours = {"paper": PAPER, "majority category (largest in train)": CONTROL}
     width = 0.8 / len(series)

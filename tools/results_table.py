@@ -1,20 +1,33 @@
-"""Build the README's results section from the metrics files in results/.
+"""The report: every paper's tables, from the run files in results/ (and any run directory).
 
-Every number in the section is read from results/<run>/metrics.json (or results/bench.json); the
-command and wall time come from results/<run>/run.json, written by tools/gpu_runs.py. A few figures of
-results/figures/ go under their tables, those that `python tools/plots.py` has drawn (run it first).
+The one module that renders a paper's table beside ours, and the one place the papers' published numbers
+are held (PAPERS below; coarse_outer_product.py and hdl_stack.py still record two of them in metrics.json,
+whose numbers the golden smoke records fix, and a test keeps those copies equal to these). The training
+scripts write metrics.json and the small files of a run (tree, per-group table, prefix tree, sweeps);
+everything beside the paper is made here, from those files:
 
-    python tools/results_table.py                 # print the section
-    python tools/results_table.py --write README.md   # replace it between the markers
+    python tools/results_table.py                        # print the README's generated blocks
+    python tools/results_table.py --write README.md      # replace each block between its markers
+    python tools/results_table.py --run RUN_DIR          # one run's tables beside the paper's (any script)
+    python tools/results_table.py --sweep-table DIR      # HDL's centre-loss sweep: DIR/sweep.md, DIR/sweep.json
+
+Every README number is read from results/<run>/metrics.json (or results/bench*.json); the command and wall
+time come from results/<run>/run.json, written by tools/gpu_runs.py. A few figures of results/figures/ go
+under their tables, those that `python tools/plots.py` has drawn (run it first).
+
+Why one file, and this one: the README and tools/plots.py already read their tables and paper numbers from
+here, so extending it keeps one import for both and one place to change a paper's number. It imports no
+training script (a test checks): what it needs of one (the flags older latent_string.py runs lack, the
+sentences merged_resnet.py writes for a number of runs, hdl_stack.py's default WordNet reading) is held
+here, checked against the script by the tests.
 """
 
 import argparse
 import json
-import sys
+import math
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-START, END = "<!-- results:start (tools/results_table.py) -->", "<!-- results:end -->"
 
 
 def load(run, results):
@@ -114,6 +127,114 @@ def without_blank_column(header, body, name):
     return header[:i] + header[i + 1 :], [cells[:i] + cells[i + 1 :] for cells in body]
 
 
+# --------------------------------------------------------------------------------------------------
+# PAPERS: the papers' published numbers, the one place they are held (the tables below and tools/plots.py
+# read them from here; no training script holds them for a table)
+# --------------------------------------------------------------------------------------------------
+
+# HierNet, Tables 1 and 2 (CIFAR-100): n -> (layers, backbone, slow, fast); the authors' code's super-class
+# accuracy for n = 3..9 (their file header, ReLU runs).
+HIERNET_TABLE1 = {
+    3: (20, 65.96, 68.89, 68.08),
+    5: (32, 67.08, 70.65, 70.45),
+    7: (44, 68.12, 71.25, 70.75),
+    9: (56, 68.38, 72.15, 72.01),
+    18: (110, 71.33, 73.45, 73.27),
+}
+HIERNET_TABLE2 = {
+    3: (20, 65.54, 68.30, 68.16),
+    5: (32, 67.88, 70.71, 70.43),
+    7: (44, 68.79, 70.83, 70.79),
+    9: (56, 69.03, 72.47, 72.29),
+    18: (110, 72.93, 74.37, 74.15),
+}
+HIERNET_AUTHORS_SUPER = {3: 86.23, 5: 90.28, 7: 88.40, 9: 90.60}
+
+# Latent hierarchy strings, Table III per dataset: test accuracies %, the classifiers' parameter counts as
+# printed, the "reduction in test time per image" of LH against FC (%), and (Section VI) how much worse a
+# random code is than the learnt one.
+LATENT_PAPER = {
+    "mnist": {
+        "fc_acc": 99.38,
+        "lh_acc": 99.36,
+        "reduced_fc_acc": 98.45,
+        "fc_params": "1.61 M",
+        "lh_params": "31 K",
+        "test_time_reduction_pct": 13.9,
+    },
+    "cifar10": {
+        "fc_acc": 90.43,
+        "lh_acc": 90.51,
+        "reduced_fc_acc": 88.40,
+        "fc_params": "1.58 M",
+        "lh_params": "6 K",
+        "random_code_drop": 5.0,
+        "test_time_reduction_pct": 15.9,
+    },
+    "cifar100": {
+        "fc_acc": 64.65,
+        "lh_acc": 64.67,
+        "reduced_fc_acc": 57.90,
+        "fc_params": "1.58 M",
+        "lh_params": "30 K",
+        "random_code_drop": 4.3,
+        "test_time_reduction_pct": 14.8,
+    },
+}
+
+# Merged ResNets, section 4: "the optimal value for the alpha parameter is quite close to 1" (slightly above
+# for the coarse level, slightly below for the fine one); Figures 3 and 4 give no other number.
+MERGED_PAPER_OPTIMUM_ALPHA = 1.0
+
+# Coarse network x VGG16, CIFAR-100, Tables I, III-VII and the text: (train, validation, test) accuracy %
+# (None: not given), and the epochs each table's network trained.
+OUTER_PRODUCT_PAPER = {
+    "baseline": (94.37, 69.03, 68.74),
+    "pretrain": (67.77, 62.50, None),
+    "coarse_ch": (82.09, 75.90, 75.88),
+    "main_ch": (84.46, 69.90, 65.45),
+    "coarse_cvc": (81.92, 77.72, 77.61),
+    "main_cvc": (85.01, 67.22, 65.71),
+    "ete": (92.56, 68.94, 68.42),
+    "ete_eq3": (None, None, None),  # the paper reports no numbers for the diversity losses
+    "ete_eq4": (None, None, None),
+}
+OUTER_PRODUCT_PAPER_EPOCHS = {
+    "baseline": 81,
+    "coarse_ch": 31,
+    "main_ch": 66,
+    "coarse_cvc": 32,
+    "main_cvc": 76,
+    "ete": 67,
+}
+
+# Hierarchical deep loss, Table 3 (CIFAR-100, error %): baseline, HDL fine, 1L (12), 2L (6), 3L (2); Table 4:
+# shapes at 100% on every level (fill 6, outline 6, shape 2) for every learning rate.
+HDL_PAPER_TABLE3 = {
+    "resnet18": (35.70, 35.70, 12.23, 11.43, 1.20),
+    "preact_resnet18": (27.40, 27.40, 9.68, 9.18, 1.0),
+}
+HDL_PAPER_SHAPES_ACCURACY = {"fill": 100.0, "outline": 100.0, "shape": 100.0}
+
+
+def latent_paper(m):
+    """Table III's numbers for a latent_string.py run's dataset (metrics.json), or {} (shapes, others)."""
+    return LATENT_PAPER.get(m["dataset"].split()[0], {})
+
+
+def hdl_paper_level_errors(m, args):
+    """The paper's error % per level name of an hdl_stack.py run (Table 3 on CIFAR-100 with the WordNet
+    levels, Table 4 on shapes; {} for another dataset or a --hierarchy file of one's own)."""
+    if args.get("hierarchy"):
+        return {}
+    names = [level["name"] for level in m["levels"]]
+    if m.get("dataset") == "shapes":
+        return {n: 100.0 - HDL_PAPER_SHAPES_ACCURACY[n] for n in names if n in HDL_PAPER_SHAPES_ACCURACY}
+    if m.get("dataset") == "cifar100" and m.get("arch") in HDL_PAPER_TABLE3:
+        return dict(zip(names, HDL_PAPER_TABLE3[m["arch"]][2:]))
+    return {}
+
+
 def hiernet_rows(results, runs):
     out = []
     for run in runs:
@@ -137,25 +258,6 @@ def hiernet_rows(results, runs):
             ]
         )
     return out
-
-
-# Paper, Tables 1 and 2 (CIFAR-100): n -> (layers, backbone, slow, fast); the authors' code's super-class
-# accuracy for n = 3..9 (their file header, ReLU runs).
-HIERNET_TABLE1 = {
-    3: (20, 65.96, 68.89, 68.08),
-    5: (32, 67.08, 70.65, 70.45),
-    7: (44, 68.12, 71.25, 70.75),
-    9: (56, 68.38, 72.15, 72.01),
-    18: (110, 71.33, 73.45, 73.27),
-}
-HIERNET_TABLE2 = {
-    3: (20, 65.54, 68.30, 68.16),
-    5: (32, 67.88, 70.71, 70.43),
-    7: (44, 68.79, 70.83, 70.79),
-    9: (56, 69.03, 72.47, 72.29),
-    18: (110, 72.93, 74.37, 74.15),
-}
-HIERNET_AUTHORS_SUPER = {3: 86.23, 5: 90.28, 7: 88.40, 9: 90.60}
 
 
 def hiernet_cifar100_rows(results, elu=False):
@@ -215,10 +317,6 @@ def cell_signed(values):
     return mean_std(values) if len(values) > 1 else f"{values[0]:+.2f}"
 
 
-# Table III's "reduction in test time per image" of the LH classifier against the FC one.
-LATENT_PAPER_TEST_TIME = {"latent_string_mnist": 13.9, "latent_string_cifar10": 15.9, "latent_string_cifar100": 14.8}
-
-
 def hiernet_seed_runs(results, n, elu=False):
     """[(seed, metrics, run info)] of HierNet at n on CIFAR-100 (ReLU, or ELU): seed 0 is the plain run."""
     found = []
@@ -257,20 +355,29 @@ def cell(values):
     return mean_std(values) if len(values) > 1 else f2(values[0])
 
 
-def latent_string_defaults():
-    """Every flag of latent_string.py with its default."""
-    sys.path.insert(0, str(ROOT))
-    import latent_string
-
-    return {a.dest: a.default for a in latent_string.make_parser()._actions if a.dest != "help"}
+# Flags that latent_string.py gained after some runs in results/ were made, with the default those runs
+# had (a flag missing from an older args.json had its default then, as --resume reads it). A test checks
+# them against latent_string.py's parser and every args.json under results/.
+LH_FLAGS_OLDER_RUNS_LACK = {
+    "base_from": None,
+    "code_input": "soft",
+    "distributed": "ddp",
+    "hidden_sweep": "auto",
+    "lh_head": "lstm",
+    "lh_input_proj": False,
+    "lh_schedule": "constant",
+    "lh_seed": None,
+    "lstm_impl": "fused",
+    "repair": True,
+    "repair_epochs": 10,
+}
 
 
 def lh_variant_rows(run_dirs, base_dir):
     """Stage-2 experiments on one frozen extractor (latent_string.py --base-from base_dir): one row
     per set of stage-2 flags that differ from the base run's, its --lh-seed runs pooled (mean +-
     sample std). Validation columns first: choices are made there. Returns (rows, FC test acc)."""
-    # A flag missing from an older args.json had its default then, as --resume reads it.
-    defaults = latent_string_defaults()
+    defaults = LH_FLAGS_OLDER_RUNS_LACK
     base_args = {**defaults, **json.loads((base_dir / "args.json").read_text())}
     groups = {}
     for run in sorted(run_dirs, key=lambda d: d.name):
@@ -470,14 +577,33 @@ def merged_cifar100_run(results):
 
 
 def merged_runs_support(m):
-    """What a merged run's number of runs supports: its metrics' own sentences, or for an older
-    run (before they were written) the script's, from the number of runs."""
+    """What a merged run's number of runs supports: its metrics' own sentences (runs_support, written by
+    merged_resnet.py since it has them). Runs older than that key had 1 or 2 runs; for those the same
+    sentences are written here (merged_resnet.runs_support's words; at 1 degree of freedom the two-sided
+    critical |t| at p = 0.05 is tan(0.475 pi) = 12.71, the t distribution being Cauchy's)."""
     if "runs_support" in m:
         return m["runs_support"]
-    sys.path.insert(0, str(ROOT))
-    import merged_resnet  # imports torch: only for runs older than runs_support
-
-    return merged_resnet.runs_support(m["runs"], [1, 2, 4])
+    runs = m["runs"]
+    if runs > 2:
+        fail(f"a merged_resnet.py run of {runs} runs without runs_support in its metrics.json: rerun --analyze-only")
+    plural = "s" if runs > 1 else ""
+    degrees = f"{runs - 1} degree{'' if runs == 2 else 's'} of freedom"
+    lines = [
+        f"t-tests: none. {runs} run{plural} give{'' if plural else 's'} {degrees}; a paired t-test needs 3 runs to "
+        f"say anything (at 1 degree of freedom two-sided p < 0.05 needs |t| > {math.tan(0.475 * math.pi):.2f})."
+    ]
+    if runs == 1:
+        lines.append("Bands: none (one run).")
+    else:
+        lines.append(
+            "Bands: the std of two runs is their difference / sqrt(2), one number: not a spread to read curves by."
+        )
+    for size in (2, 4):  # the ensemble sizes of those runs' command (merged_resnet.py's default)
+        if size > runs:
+            lines.append(f"ensemble-{size}: needs {size} runs.")
+        else:
+            lines.append(f"ensemble-{size}: one ensemble of all {runs} runs, no band.")
+    return lines
 
 
 def merged_alpha_tables(run, m):
@@ -538,7 +664,8 @@ def outer_product_paper_tables(results):
     m, info = load("coarse_outer_product_cifar100", results)
     if m is None:
         return []
-    a, paper = m["accuracy"], m["paper_cifar100"]
+    a = m["accuracy"]
+    paper = {key: dict(zip(("train", "val", "test"), v)) for key, v in OUTER_PRODUCT_PAPER.items()}
     header = ["table", "epochs", "train", "train (eval mode)", "val", "test", "paper train / val / test"]
     body = []
     for key, title in OUTER_PRODUCT_TABLES:
@@ -589,8 +716,619 @@ def outer_product_paper_tables(results):
     return lines
 
 
-def section(results):
-    lines = [START, ""]
+# --------------------------------------------------------------------------------------------------
+# One run's tables beside the paper's (python tools/results_table.py --run RUN_DIR), from its metrics.json
+# and args.json: what the scripts once wrote as table3.md / tables.md / accuracy_table.md
+# --------------------------------------------------------------------------------------------------
+
+
+def fmt(value):
+    return "-" if value is None else f"{value:.2f}"
+
+
+def hierarchical_line(m):
+    """One line of a common.hierarchical_metrics dict: top-1/5, level accuracies, severity, hdist@k, hP/hR/hF."""
+    levels = " ".join(f"{name} {acc:.2f}" for name, acc in m["level_acc"].items())
+    severity = "-" if m["mistake_severity"] is None else f"{m['mistake_severity']:.3f}"
+    line = (
+        f"top1 {m['top1']:.2f} top5 {m['top5']:.2f} | levels {levels} | severity {severity}"
+        f" hdist@1 {m['hdist@1']:.3f} hdist@5 {m['hdist@5']:.3f}"
+        f" | hP {m['hprecision']:.2f} hR {m['hrecall']:.2f} hF1 {m['hf1']:.2f}"
+    )
+    if "consistency" in m:
+        line += f" | consistency {m['consistency']:.2f}"
+    return line
+
+
+def hiernet_run_tables(m, args):
+    """Table 1 (or 2 with --elu) at the run's n, ours beside the paper's (CIFAR-100 only)."""
+    table = HIERNET_TABLE2 if m["elu"] else HIERNET_TABLE1
+    lines = [
+        f"# HierNet on {m['dataset']}, n = {m['n']}, {m['n_groups']} groups, test half ({m['test_images']} images)"
+    ]
+    lines += ["", "| accuracy % | backbone | slow | fast | super-class |", "|---|---|---|---|---|"]
+    lines.append(
+        f"| ours | {fmt(m['backbone_acc'])} | {fmt(m['slow_acc'])} | {fmt(m['fast_acc'])} | {fmt(m['superclass_acc'])} |"
+    )
+    if m["dataset"] == "cifar100" and m["n"] in table:
+        _, backbone, slow, fast = table[m["n"]]
+        authors = "" if m["elu"] else HIERNET_AUTHORS_SUPER.get(m["n"], "")
+        lines.append(
+            f"| paper, Table {2 if m['elu'] else 1} | {fmt(backbone)} | {fmt(slow)} | {fmt(fast)} | {authors} |"
+        )
+    else:
+        lines += ["", "The paper gives accuracies for CIFAR-100 at n = 3, 5, 7, 9, 18 only."]
+    if "control_acc" in m:
+        lines += ["", f"Control, the backbone trained as long: {fmt(m['control_acc'])}."]
+    return "\n".join(lines) + "\n"
+
+
+def latent_test_time_line(t):
+    if "test_time_mode" not in t:  # runs before the eager / CUDA-graph modes (results/latent_string_cifar10, _shapes)
+        return (
+            f"test-time reduction per image: {t['test_time_reduction_pct']:.1f}% "
+            f"({t['fc_images_per_s']:.0f} vs {t['lh_images_per_s']:.0f} images/s)"
+        )
+    mode = t["test_time_mode"]
+    return (
+        f"test-time reduction per image ({mode}, batch {t['eval_batch']}): {t['test_time_reduction_pct']:.1f}% "
+        f"(FC {t[mode + '_fc_images_per_s']:.0f} vs LH {t[mode + '_lh_images_per_s']:.0f} images/s; batch-1 latency "
+        f"FC {t.get(mode + '_fc_batch1_ms', float('nan')):.3f} ms vs LH {t.get(mode + '_lh_batch1_ms', float('nan')):.3f} ms)"
+    )
+
+
+def latent_run_tables(m, args=None):
+    """Table III: the run's FC, LH, reduced FC and random-code LH beside the paper's (table3.md before)."""
+    p = latent_paper(m)
+    rows = [
+        ("FC classifier (base)", m["fc_test_acc"], m["params"]["fc_classifier"], p.get("fc_acc"), p.get("fc_params")),
+        (
+            "LH classifier",
+            m["lh"]["exact_match_acc"],
+            m["params"]["lh_classifier"],
+            p.get("lh_acc"),
+            p.get("lh_params"),
+        ),
+        (
+            "reduced FC classifier",
+            m["reduced_fc_test_acc"],
+            m["params"]["reduced_fc_classifier"],
+            p.get("reduced_fc_acc"),
+            None,
+        ),
+        ("LH, random code (ablation)", m["random_code"]["exact_match_acc"], m["params"]["lh_classifier"], None, None),
+    ]
+    lines = [
+        f"# Table III on {m['dataset']} ({m['num_classes']} classes, L = {m['bits']}, {m['backbone']})",
+        "",
+        "| classifier | test acc % | params | paper acc % | paper params |",
+        "|---|---|---|---|---|",
+    ]
+    for name, acc, params, pacc, pparams in rows:
+        lines.append(f"| {name} | {acc:.2f} | {params:,} | {'' if pacc is None else pacc} | {pparams or ''} |")
+    lines += [
+        "",
+        f"parameter reduction (LH vs FC): {m['params']['reduction_pct']:.1f}%",
+        latent_test_time_line(m["throughput"]),
+        f"LH lookup accuracy (ambiguous strings wrong): {m['lh']['lookup_acc']:.2f}",
+        f"classes sharing a string: {'; '.join(', '.join(g) for g in m['duplicate_class_names']) or 'none'}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def merged_run_tables(m, args=None, run="this run"):
+    """Figure 3 as tables (merged_resnet.py has no table of numbers beside ours: the paper gives curves)."""
+    return "\n".join(merged_alpha_tables(run, m))
+
+
+OUTER_PRODUCT_ROW_NAMES = {
+    "baseline": "VGG16 baseline",
+    "pretrain": "VGG16 early-stopped (builds CH/CVC)",
+    "coarse_ch": "CH coarse network (VGG13)",
+    "main_ch": "CH outer-product network",
+    "coarse_cvc": "CVC coarse network (VGG13)",
+    "main_cvc": "CVC outer-product network",
+    "ete": "ETE end-to-end network",
+    "ete_eq3": "ETE + Eq. 3 diversity loss (weight chosen on validation)",
+    "ete_eq4": "ETE + Eq. 4 diversity loss (weight chosen on validation)",
+}
+
+
+def outer_product_degenerate_note(key, metrics):
+    if not metrics.get("degenerate"):  # none degenerate, or a run before the check
+        return ""
+    kind = "ch" if key.endswith("_ch") else "cvc" if key.endswith("_cvc") else None
+    if key.startswith("ete"):
+        d = metrics["accuracy"][key]["diversity"]
+        kind = "ete" if d["loss"] == "none" else f"ete_{d['loss']}_x{d['scale']:g}"  # the ETE stage's name
+    entry = metrics.get("degenerate", {}).get(kind)  # runs before the check have no "degenerate"
+    if entry is None:
+        return ""
+    return f" **degenerate: {entry['used']} of {entry['of']} coarse categories used**"
+
+
+def outer_product_accuracy_table(metrics):
+    """Every network's train / validation / test accuracy beside the paper's (accuracy_table.md before)."""
+    rows, dataset = metrics["accuracy"], metrics["dataset"]
+    lines = [
+        f"# Accuracy (%) on {dataset}" + (" (JPEG q75 copy)" if dataset == "cifar10" else ""),
+        "",
+        "| network | epochs | train | validation | test | paper train / val / test (CIFAR-100) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for key, info in rows.items():
+        paper = " / ".join(fmt(v) for v in OUTER_PRODUCT_PAPER[key])
+        name = OUTER_PRODUCT_ROW_NAMES[key]
+        if key.startswith("ete_eq"):
+            name += f" (x{info['diversity']['scale']:g})"
+        epochs = f"{info.get('epochs', '-')}" + (f" (best {info['best_epoch']})" if "best_epoch" in info else "")
+        lines.append(
+            f"| {name}{outer_product_degenerate_note(key, metrics)} | {epochs} | {fmt(info['train'])} "
+            f"| {fmt(info['val'])} | {fmt(info['test'])} | {paper} |"
+        )
+    if metrics.get("ete_usage"):
+        lines += ["", "ETE coarse categories actually used (argmax of the coarse softmax):", ""]
+        for key, usage in metrics["ete_usage"].items():
+            for split, u in usage.items():
+                lines.append(
+                    f"- {key}, {split}: {u['used']} used ({u['used_over_1pct']} with >= 1% of the images), "
+                    f"counts {u['counts']}, mean max probability {u['mean_max_prob']:.3f}"
+                )
+    return "\n".join(lines) + "\n"
+
+
+def outer_product_three_split_table(title, key, metrics, paper_epochs):
+    """One of Tables I, III-VII: train / validation / test, ours beside the paper's."""
+    info = metrics["accuracy"].get(key)
+    if info is None:
+        return [f"## {title}", "", "(not run)", ""]
+    paper = OUTER_PRODUCT_PAPER[key]
+    epochs = f"{info.get('epochs', '-')}" + (f", best epoch {info['best_epoch']}" if "best_epoch" in info else "")
+    lines = [
+        f"## {title}{outer_product_degenerate_note(key, metrics)}",
+        "",
+        "| Dataset | ours | paper (CIFAR-100) |",
+        "|---|---|---|",
+    ]
+    for name, split, p in zip(("Trainset", "Validation set", "Test set"), ("train", "val", "test"), paper):
+        lines.append(f"| {name} | {fmt(info[split])} | {fmt(p)} |")
+    if "train_eval_mode" in info:  # ours beside the paper's column: no augmentation, dropout off
+        lines.append(f"| Trainset, eval mode | {fmt(info['train_eval_mode'])} | - |")
+    lines += ["", f"Epochs: ours {epochs}; paper {paper_epochs}.", ""]
+    return lines
+
+
+def outer_product_run_tables(metrics, args=None):
+    """Tables I-VII and Fig. 3 in the paper's layout, ours beside the paper's CIFAR-100 numbers (tables.md
+    before), then every network's accuracies (accuracy_table.md before). Runs older than a key (the
+    degenerate check, the diversity sweeps, the hierarchical measures, --ch-rule, whose only rule was then
+    'sum') leave out what it holds."""
+    k = metrics["coarse_k"]
+    lines = [f"# Tables I-VII on {metrics['dataset']}, K = {k} (paper: CIFAR-100, K = 10)", ""]
+    lines += outer_product_three_split_table(
+        "Table I. VGG16 baseline", "baseline", metrics, OUTER_PRODUCT_PAPER_EPOCHS["baseline"]
+    )
+    lines += outer_product_three_split_table(
+        "Section IV.B text. Early-stopped VGG16 that builds CH / CVC", "pretrain", metrics, "not given"
+    )
+    lines += ["## Table II. CH category hierarchy", ""]
+    ch = metrics.get("ch_hierarchy")
+    if ch is None:
+        lines += ["(not run)", ""]
+    else:
+        note = " **degenerate**" if "ch" in metrics.get("degenerate", {}) else ""
+        lines += [
+            (
+                f"Rule: --ch-rule {ch.get('ch_rule', 'sum')}; restart {ch['chosen_restart']} of {len(ch['restarts'])} kept "
+                f"(most balanced on the training split){note}."
+            ),
+            "",
+            "| Category | fine labels |",
+            "|---|---|",
+        ]
+        for c in range(k):
+            members = ch["categories"][str(c + 1)]
+            lines.append(f"| {c + 1} ({len(members)}) | {', '.join(members) or '(empty)'} |")
+        lines.append("")
+    lines += outer_product_three_split_table(
+        "Table III. CH coarse network (VGG13)", "coarse_ch", metrics, OUTER_PRODUCT_PAPER_EPOCHS["coarse_ch"]
+    )
+    lines += ["## Fig. 3. Coarse network accuracy per coarse category (%)", ""]
+    per_category = metrics["coarse_per_category_accuracy"]
+    if not per_category:
+        lines += ["(not run)", ""]
+    for kind, splits in per_category.items():
+        lines += [
+            f"{kind.upper()}:",
+            "",
+            "| split | " + " | ".join(str(c + 1) for c in range(k)) + " |",
+            "|---|" + "---|" * k,
+        ]
+        for split, accs in splits.items():
+            lines.append(f"| {split} | " + " | ".join(fmt(a) for a in accs) + " |")
+        lines.append("")
+    lines += outer_product_three_split_table(
+        "Table IV. CH outer-product network", "main_ch", metrics, OUTER_PRODUCT_PAPER_EPOCHS["main_ch"]
+    )
+    lines += outer_product_three_split_table(
+        "Table V. CVC coarse network (VGG13)", "coarse_cvc", metrics, OUTER_PRODUCT_PAPER_EPOCHS["coarse_cvc"]
+    )
+    lines += outer_product_three_split_table(
+        "Table VI. CVC outer-product network", "main_cvc", metrics, OUTER_PRODUCT_PAPER_EPOCHS["main_cvc"]
+    )
+    lines += outer_product_three_split_table(
+        "Table VII. ETE end-to-end network, no diversity loss", "ete", metrics, OUTER_PRODUCT_PAPER_EPOCHS["ete"]
+    )
+    for loss, eq in (("eq3", "Eq. 3"), ("eq4", "Eq. 4")):
+        sweep = metrics.get("ete_sweep", {}).get(loss)
+        if sweep is None:
+            continue
+        chosen = sweep["selected_scale"]
+        lines += outer_product_three_split_table(
+            f"Table VII with the {eq} diversity loss (x{chosen:g}, chosen on validation)"
+            if chosen is not None
+            else f"Table VII with the {eq} diversity loss: no weight keeps two categories alive",
+            f"ete_{loss}",
+            metrics,
+            f"{OUTER_PRODUCT_PAPER_EPOCHS['ete']} (no numbers reported)",
+        )
+        lines += [
+            (
+                f"{eq} sweep (selection: highest validation accuracy among runs with >= 2 categories holding "
+                ">= 1% of the validation images; the test column is not used to select):"
+            ),
+            "",
+            "| factor | lambdas | categories used (train) | alive on validation | train | validation | test |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in sweep["runs"]:
+            lambdas = ", ".join(f"{n} {r[n]:.3g}" for n in ("lambda1", "lambda2", "lambda3", "lambda4") if n in r)
+            mark = " (chosen)" if r["scale"] == chosen else ""
+            lines.append(
+                f"| {r['scale']:g}{mark} | {lambdas} | {r['train_used']} of {k} | {r['val_used_over_1pct']} "
+                f"| {fmt(r['train'])} | {fmt(r['val'])} | {fmt(r['test'])} |"
+            )
+        lines.append("")
+    if metrics.get("ete_usage", {}):
+        lines += ["ETE coarse categories used on the test split (argmax of the coarse softmax):", ""]
+        for key, usage in metrics.get("ete_usage", {}).items():
+            u = usage["test"]
+            lines.append(f"- {key}: {u['used']} of {k}, counts {u['counts']}")
+        lines.append("")
+    if metrics.get("degenerate", {}):
+        lines += ["Degenerate coarse categories (empty, or all in one):", ""]
+        for key, d in metrics.get("degenerate", {}).items():
+            lines.append(f"- {key}: {d['used']} of {d['of']} used; {d['unit']} per category {d['per_category']}")
+        lines.append("")
+    hier = metrics.get("hierarchical", {})
+    if hier:
+        names = [
+            n
+            for n in ("top1", "top5", "mistake_severity", "hdist@1", "hdist@5", "hf1")
+            if any(n in h for h in hier.values())
+        ]
+        lines += [
+            "## Hierarchical metrics on the test split (the dataset's own hierarchy)",
+            "",
+            "| network | " + " | ".join(names) + " | level accuracy |",
+            "|---|" + "---|" * (len(names) + 1),
+        ]
+        for key, h in hier.items():
+            levels = ", ".join(f"{n} {v:.2f}" for n, v in h.get("level_acc", {}).items())
+            lines.append(
+                f"| {OUTER_PRODUCT_ROW_NAMES[key]} | " + " | ".join(fmt(h.get(n)) for n in names) + f" | {levels} |"
+            )
+        lines.append("")
+    return "\n".join(lines) + "\n\n" + outer_product_accuracy_table(metrics)
+
+
+class HdlLevel:
+    """A level of an hdl_stack.py run as its metrics.json records it: name and number of categories."""
+
+    def __init__(self, name, num_classes):
+        self.name, self.num_classes = name, num_classes
+
+
+def hdl_run_tables(m, args):
+    """Table 3's layout (errors %), Table 4's (accuracies %), each with the majority-category row, the
+    paper's beside ours, and the violation rates (table3.md before); m: metrics.json, args: args.json."""
+    levels = [HdlLevel(level["name"], level["num_classes"]) for level in m["levels"]]
+    # Runs older than these keys (results/hdl_stack_shapes, _cifar10): no majority rows, no HDL settings line.
+    majority, eval_split, reading = m.get("majority_error"), m.get("eval_split", "test"), m.get("levels_reading")
+    c = m.get("hdl_config")
+    base, hdl = m.get("baseline"), m.get("hdl")
+    own_hierarchy = bool(args.get("hierarchy"))
+    level_cols = [f"{i + 1}L {l.name} ({l.num_classes} cls)" for i, l in enumerate(levels)]
+    head_note = (
+        ""
+        if c is None or c["fine_head"] == "on"
+        else " (HDL's fine: the level heads' joint argmax; no fine classifier)"
+    )
+    lines = [
+        f"# HDL stack: {m['dataset']}, {m['arch']}, {m['epochs']} epochs, lr {m['lr']}, batch {m['batch_size']}",
+        "",
+        f"Evaluated on the {eval_split} split"
+        + (f"; CIFAR-100's WordNet levels: the {reading} reading" if reading else "")
+        + (
+            f". HDL: {c['heads']} heads, fine classifier {c['fine_head']}, "
+            f"lambda0 {c['lambda_center']}, centres updated '{c['center_update']}' (alpha {c['center_alpha']}) "
+            f"on {c['center_features']} features."
+            if c
+            else "."
+        ),
+        "",
+        f"## Error rates (%), Table 3 layout{head_note}",
+        "",
+        "| Model | Baseline | HDL | " + " | ".join(level_cols) + " |",
+        "|---" * (3 + len(levels)) + "|",
+    ]
+    row = [fmt(base["fine_error"]) if base else "-", fmt(hdl["fine_error"]) if hdl else "-"]
+    row += [fmt(hdl["level_error"][l.name]) if hdl else "-" for l in levels]
+    lines.append(f"| {m['arch']} (ours) | " + " | ".join(row) + " |")
+    if majority:
+        lines.append(
+            "| majority category (largest in train) | "
+            + " | ".join([fmt(majority["fine"])] * 2 + [fmt(majority[l.name]) for l in levels])
+            + " |"
+        )
+    if m["dataset"] == "cifar100" and not own_hierarchy and m["arch"] in HDL_PAPER_TABLE3:
+        lines.append(f"| {m['arch']} (paper) | " + " | ".join(fmt(v) for v in HDL_PAPER_TABLE3[m["arch"]]) + " |")
+    if m["dataset"] == "shapes" and not own_hierarchy:
+        lines.append(
+            "| ResNet-18 (paper, Table 4) | - | - | "
+            + " | ".join(fmt(100.0 - HDL_PAPER_SHAPES_ACCURACY[l.name]) for l in levels)
+            + " |"
+        )
+    lines += [
+        "",
+        "Per-level errors from the fine scores summed per category (the baseline has no level heads):",
+        "",
+        "| Model | " + " | ".join(level_cols) + " |",
+        "|---" * (1 + len(levels)) + "|",
+    ]
+    for name, res in (("baseline (summed fine)", base), ("HDL (summed fine)", hdl)):
+        if res:
+            lines.append(
+                f"| {name} | " + " | ".join(fmt(res["summed_fine_level_error"][l.name]) for l in levels) + " |"
+            )
+    if majority:
+        lines.append("| majority category | " + " | ".join(fmt(majority[l.name]) for l in levels) + " |")
+    if hdl:
+        lines += [
+            "",
+            "## Accuracy (%) per level, Table 4 layout",
+            "",
+            "| Dataset | " + " | ".join(f"{i + 1}L" for i in range(len(levels))) + " | fine |",
+            "|---" * (2 + len(levels)) + "|",
+            f"| {m['dataset']}, lr {m['lr']} (ours) | "
+            + " | ".join(f"{100 - hdl['level_error'][l.name]:.2f}% ({l.num_classes})" for l in levels)
+            + f" | {100 - hdl['fine_error']:.2f}% |",
+        ]
+        if majority:
+            lines.append(
+                "| majority category | "
+                + " | ".join(f"{100 - majority[l.name]:.2f}% ({l.num_classes})" for l in levels)
+                + f" | {100 - majority['fine']:.2f}% |"
+            )
+        if m["dataset"] == "shapes" and not own_hierarchy:
+            lines.append(
+                "| Shapes (paper, every lr) | "
+                + " | ".join(f"{HDL_PAPER_SHAPES_ACCURACY[l.name]:.0f}% ({l.num_classes})" for l in levels)
+                + " | - |"
+            )
+        lines += [
+            "",
+            f"## Hierarchy violations of HDL (% of {eval_split} images)",
+            "",
+            f"- a level head disagrees with the category of the predicted fine class: "
+            f"{hdl['violation_rate']['with_fine']:.2f}",
+            f"- the level heads' categories fit no fine class together: {hdl['violation_rate']['levels_only']:.2f}",
+        ]
+        if "hierarchical" in hdl and "consistency" in hdl["hierarchical"]:
+            lines.append(
+                f"- consistency (common.hierarchical_metrics: every checked head agrees with the fine "
+                f"prediction's ancestor): {hdl['hierarchical']['consistency']:.2f}"
+            )
+    measured = [(n, r["hierarchical"]) for n, r in (("baseline", base), ("HDL", hdl)) if r and "hierarchical" in r]
+    if measured:
+        lines += ["", f"## Hierarchical measures ({eval_split})", ""]
+        lines += [f"- {n}: {hierarchical_line(h)}" for n, h in measured]
+    return "\n".join(lines) + "\n"
+
+
+RUN_TABLES = {
+    "hiernet": hiernet_run_tables,
+    "merged_resnet": merged_run_tables,
+    "coarse_outer_product": outer_product_run_tables,
+    "latent_string": latent_run_tables,
+    "hdl_stack": hdl_run_tables,
+}
+
+
+def run_tables(run_dir):
+    """The tables of one run directory beside the paper's, by the script its args.json names."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "metrics.json").is_file() or not (run_dir / "args.json").is_file():
+        fail(f"--run {run_dir}: no metrics.json and args.json there; not a finished run directory")
+    m, args = json.loads((run_dir / "metrics.json").read_text()), json.loads((run_dir / "args.json").read_text())
+    script = args.get("script")
+    if script is None and (run_dir / "run.json").is_file():  # args.json of runs before it named its script
+        words = json.loads((run_dir / "run.json").read_text())["command"].split()
+        script = next((Path(w).stem for w in words if w.endswith(".py")), None)
+    if script not in RUN_TABLES:
+        fail(
+            f"--run {run_dir}: args.json names no script of this project ({script!r}); expected one of {', '.join(RUN_TABLES)}"
+        )
+    if script == "merged_resnet":
+        return merged_run_tables(m, args, run=run_dir.name)
+    return RUN_TABLES[script](m, args)
+
+
+# --------------------------------------------------------------------------------------------------
+# HDL's centre-loss sweep (python tools/results_table.py --sweep-table DIR): its table and the decision
+# rule's pick, from the validation runs under DIR; tools/gpu_runs.py queues the pick from DIR/sweep.json
+# --------------------------------------------------------------------------------------------------
+
+# The centre-loss sweep's decision rule, written into README.md's HDL section before the sweep runs. It
+# reads validation errors only; its pick becomes one extra 800-epoch row, labelled as ours.
+SWEEP_MARGIN = 1.0
+HDL_DEFAULT_LEVELS = "first-sense"  # hdl_stack.py's --levels default: a pick's flags name another reading only
+
+
+SWEEP_RULE = (
+    "Among the HDL cells whose validation fine error is at most the baseline's + 1.0 point (the baseline "
+    "trained as many epochs on the same split), pick the one with the largest lambda0 (the closest to the "
+    "paper's 1); at equal lambda0 the paper's centre update and features (per-epoch, raw) go first, then the "
+    "lower validation fine error. No cell within 1 point: no pick."
+)
+
+
+PAPER_CENTER_VARIANT = ("epoch", "raw")
+
+
+def pick_sweep_cell(rows, margin=SWEEP_MARGIN):
+    """SWEEP_RULE on the sweep's rows (dicts with lambda0, val_fine_error, baseline_val_fine_error,
+    center_update, center_features); returns the picked row or None."""
+    within = [
+        r
+        for r in rows
+        if r["baseline_val_fine_error"] is not None and r["val_fine_error"] <= r["baseline_val_fine_error"] + margin
+    ]
+    if not within:
+        return None
+    return min(
+        within,
+        key=lambda r: (
+            -r["lambda0"],
+            (r["center_update"], r["center_features"]) != PAPER_CENTER_VARIANT,
+            r["val_fine_error"],
+            r["run"],
+        ),
+    )
+
+
+def sweep_cell_flags(config, levels=None):
+    """hdl_stack.py flags that reproduce a sweep cell's HDL configuration (hdl_config in metrics.json) and,
+    where it is not the default, its WordNet reading."""
+    return [
+        *("--heads", config["heads"], "--center-update", config["center_update"]),
+        *("--center-features", config["center_features"], "--center-alpha", f"{config['center_alpha']:g}"),
+        *("--lambda-center", f"{config['lambda_center']:g}"),
+        *(("--levels", levels) if levels not in (None, HDL_DEFAULT_LEVELS) else ()),
+    ]
+
+
+def hdl_sweep(sweep_dir):
+    """The validation runs under sweep_dir as (sweep.md's text, sweep.json's record): one row per run
+    (center-loss variant, lambda0) with HDL's validation fine and level errors and its difference
+    to the baseline trained as long; then SWEEP_RULE's pick."""
+    sweep_dir = Path(sweep_dir)
+    rows, baseline_runs = [], []
+    for metrics_path in sorted(sweep_dir.glob("*/metrics.json")):
+        m = json.loads(metrics_path.read_text())
+        if m.get("eval_split") != "val":
+            fail(f"{metrics_path}: evaluated on the test set; the sweep takes --val-fraction runs only")
+        if "hdl" not in m:  # a baseline-only run: the cells' reference
+            if "baseline" in m:
+                baseline_runs.append((metrics_path.parent.name, m["epochs"], m["baseline"]["fine_error"]))
+            continue
+        c = m["hdl_config"]
+        rows.append(
+            {
+                "run": metrics_path.parent.name,
+                "variant": f"{c['heads']}/{c['center_update']}/{c['center_features']}/a{c['center_alpha']:g}",
+                "center_update": c["center_update"],
+                "center_features": c["center_features"],
+                "lambda0": c["lambda_center"],
+                "flags": sweep_cell_flags(c, m.get("levels_reading")),
+                "epochs": m["epochs"],
+                "val_fine_error": m["hdl"]["fine_error"],
+                "val_level_error": m["hdl"]["level_error"],
+                "own_baseline_val_fine_error": m.get("baseline", {}).get("fine_error"),
+                "train_acc": m["hdl"].get("final_train_acc", {}).get("train_acc"),
+                "majority_error": m["majority_error"],
+            }
+        )
+    if not rows:
+        fail(f"--sweep-table {sweep_dir}: no run directories with metrics.json in it")
+    for r in rows:  # the reference: the cell's own baseline (--method both), else the baseline runs as long
+        same_length = [e for _, n, e in baseline_runs if n == r["epochs"]]
+        own = r["own_baseline_val_fine_error"]
+        r["baseline_val_fine_error"] = (
+            own if own is not None else (sum(same_length) / len(same_length) if same_length else None)
+        )
+        if r["baseline_val_fine_error"] is not None:
+            r["baseline_val_fine_error"] = float(r["baseline_val_fine_error"])
+    rows.sort(key=lambda r: (r["variant"], r["lambda0"]))
+    pick = pick_sweep_cell(rows)
+    level_names = list(rows[0]["val_level_error"])
+    majority = rows[0]["majority_error"]
+    lines = [
+        f"# lambda0 sweep, validation errors (%), {len(rows)} runs",
+        "",
+        "| variant (heads/update/features/alpha) | lambda0 | epochs | fine | fine - baseline | "
+        + " | ".join(level_names)
+        + " | train acc | run |",
+        "|---" * (7 + len(level_names)) + "|",
+    ]
+    for r in rows:
+        diff = r["val_fine_error"] - r["baseline_val_fine_error"] if r["baseline_val_fine_error"] is not None else None
+        lines.append(
+            f"| {r['variant']} | {r['lambda0']:g} | {r['epochs']} | {fmt(r['val_fine_error'])} | "
+            + ("-" if diff is None else f"{diff:+.2f}")
+            + " | "
+            + " | ".join(fmt(r["val_level_error"].get(n)) for n in level_names)
+            + f" | {fmt(r['train_acc'])} | {r['run']} |"
+        )
+    lines.append(
+        "| majority category | | | "
+        + fmt(majority["fine"])
+        + " | | "
+        + " | ".join(fmt(majority.get(n)) for n in level_names)
+        + " | | |"
+    )
+    baseline_runs += [
+        (r["run"], r["epochs"], r["own_baseline_val_fine_error"])
+        for r in rows
+        if r["own_baseline_val_fine_error"] is not None
+    ]
+    if baseline_runs:
+        lines += [
+            "",
+            "Baseline validation fine error: "
+            + ", ".join(f"{fmt(e)} ({run}, {n} epochs)" for run, n, e in baseline_runs),
+        ]
+    lines += ["", f"Decision rule (fixed before the sweep ran; validation only): {SWEEP_RULE}", ""]
+    if pick is None:
+        lines.append("Pick: none (no cell within 1 point of its baseline, or no baseline): no extra 800-epoch row.")
+    else:
+        lines += [
+            f"Pick: {pick['run']} ({pick['variant']}, lambda0 {pick['lambda0']:g}), validation fine error "
+            f"{fmt(pick['val_fine_error'])} against the baseline's {fmt(pick['baseline_val_fine_error'])}. "
+            "Its 800-epoch row (ours, not the paper's setting): "
+            f"`python hdl_stack.py --dataset cifar100 --method hdl {' '.join(pick['flags'])}`.",
+        ]
+    text = "\n".join(lines) + "\n"
+    return text, {"rule": SWEEP_RULE, "margin": SWEEP_MARGIN, "pick": pick, "rows": rows}
+
+
+def write_hdl_sweep(sweep_dir):
+    """sweep.md and sweep.json into sweep_dir (the latter read by tools/gpu_runs.py); returns the text."""
+    text, record = hdl_sweep(sweep_dir)
+    (Path(sweep_dir) / "sweep.md").write_text(text)
+    (Path(sweep_dir) / "sweep.json").write_text(json.dumps(record, indent=2) + "\n")
+    return text
+
+
+# --------------------------------------------------------------------------------------------------
+# The README's generated blocks, one per paper (between <!-- results:NAME:start ... --> and
+# <!-- results:NAME:end --> markers), read from results/
+# --------------------------------------------------------------------------------------------------
+
+
+def runs_block(results):
+    """How the runs were made: the queue, the GPUs, what a run's folder holds."""
+    lines = []
     devices = sorted(
         {
             f"{d['gpu']}, torch {d['torch']}"
@@ -608,16 +1346,22 @@ def section(results):
         f"Runs made by `python tools/gpu_runs.py` on one {' / '.join(devices)}. Wall times count the whole run; "
         "a run marked with the number of jobs that shared the GPU ran beside others (through MPS), so alone "
         "it is faster. Each run's folder in `results/` "
-        "holds `metrics.json`, `metrics.jsonl` (per epoch), its tables, `train.log` and `run.json` "
+        "holds `metrics.json`, `metrics.jsonl` (per epoch), its small files (tree, per-group table, prefix tree, "
+        "sweeps), `train.log` and `run.json` "
         "(command, device, wall time and, for runs since the queue records it, the git commit of the code: a "
         "table shows a commit column once one of its runs has it; `(dirty)`: the checkout had uncommitted "
         "changes). CIFAR-10 here is the JPEG quality-75 copy of the real images, "
         f"which costs accuracy against the original files{resnet20}.",
         "",
     ]
+    return lines
 
+
+def hiernet_block(results):
+    """HierNet: the CIFAR-10 and shapes runs, Tables 1 and 2 beside the paper's, the seeds, the controls."""
+    lines = []
     lines += [
-        "### HierNet (`hiernet.py`), accuracy % on the test half (5k images for CIFAR-10)",
+        "#### HierNet (`hiernet.py`), accuracy % on the test half (5k images for CIFAR-10)",
         "",
     ]
     hiernet_runs = ["hiernet_cifar10_n3", "hiernet_cifar10_n3_pmin0.075", "hiernet_cifar10_n9", "hiernet_shapes"]
@@ -680,95 +1424,14 @@ def section(results):
         )
         if not elu:
             lines += hiernet_control_table(results)
+    return lines
 
-    lines += [
-        "### Latent hierarchy strings (`latent_string.py`), Table III: test accuracy %, ours then the paper's",
-        "",
-    ]
-    body = []
-    for run, data in (
-        ("latent_string_cifar100", "CIFAR-100 (VGG16, L = 7)"),
-        ("latent_string_mnist", "MNIST (LeNet, L = 4)"),
-        ("latent_string_cifar10", "CIFAR-10 (JPEG q75 copy; VGG16, L = 4)"),
-        ("latent_string_shapes", "shapes"),
-    ):
-        r, ri = load(run, results)
-        if r is None:
-            body.append([data, "not run yet", "", "", "", "", "", "", "", "", ""])
-            continue
-        t = r["throughput"]
-        mode = t.get("test_time_mode")
-        speed = (
-            f"{t[f'{mode}_fc_images_per_s'] / 1e3:.0f}k / {t[f'{mode}_lh_images_per_s'] / 1e3:.0f}k "
-            f"({t[f'{mode}_fc_batch1_ms']:.2f} / {t[f'{mode}_lh_batch1_ms']:.2f} ms)"
-            if mode
-            else f"{t['fc_images_per_s'] / 1e3:.0f}k / {t['lh_images_per_s'] / 1e3:.0f}k"
-        )
-        speed += f"; {t['test_time_reduction_pct']:+.1f}%"
-        random = r["random_code"]["exact_match_acc"]
-        body.append(
-            [
-                f"{data}: `{ri['command']}`",
-                f2(r["fc_test_acc"]),
-                f2(r["lh_test_acc"]),
-                f2(r["reduced_fc_test_acc"]),
-                f2(random),
-                f"{r['lh_test_acc'] - random:+.2f}",
-                str(len(r["duplicate_class_names"])),
-                f"{r['params']['lh_classifier']:,} / {r['params']['fc_classifier']:,}",
-                speed,
-                wall(ri),
-                severity_cell(r),
-            ]
-        )
-        paper = r.get("paper")
-        if paper:
-            drop = paper.get("random_code_drop")
-            body.append(
-                [
-                    "paper" + (", original CIFAR-10" if run == "latent_string_cifar10" else ""),
-                    paper["fc_acc"],
-                    paper["lh_acc"],
-                    paper["reduced_fc_acc"],
-                    "",
-                    f"+{drop} (random is worse)" if drop else "",
-                    "",
-                    f"{paper['lh_params']} / {paper['fc_params']}",
-                    f"{LATENT_PAPER_TEST_TIME[run]:+.1f}%",
-                    "",
-                    "",
-                ]
-            )
-    lines += with_severity(
-        [
-            "data, command",
-            "FC",
-            "LH",
-            "reduced FC",
-            "LH random code",
-            "LH learnt - random",
-            "classes sharing a string",
-            "LH / FC classifier params",
-            "images/s FC / LH (batch-1 latency); test-time reduction",
-            "wall",
-        ],
-        body,
-    )
-    lines += [
-        "",
-        "Each run's learnt prefix tree with class names is `prefix_tree.txt` in its folder, the L sweep "
-        "(Fig. 8) `bits_sweep.tsv` and the hidden-size sweep (Fig. 7) `hidden_sweep.tsv`.",
-        "",
-    ]
-    lines += figure_lines(
-        results,
-        ("latent_string_cifar100_bits.png", "CIFAR-100 accuracy vs string length (Fig. 8)"),
-        ("latent_string_mnist_prefix_tree.png", "the learnt MNIST prefix tree"),
-    )
-    lines += lh_variant_tables(results)
 
+def merged_resnet_block(results):
+    """Merged ResNets: error at alpha 0 and at the chosen alpha per architecture, Figure 3 as tables."""
+    lines = []
     lines += [
-        "### Merged coarse/fine networks (`merged_resnet.py`), top-1 error %, mean over runs",
+        "#### Merged coarse/fine networks (`merged_resnet.py`), top-1 error %, mean over runs",
         "",
     ]
     body = []
@@ -833,9 +1496,14 @@ def section(results):
         ("merged_resnet_cifar100_resnet164_alpha.png", "CIFAR-100 error vs alpha (Fig. 3)"),
         ("merged_resnet_cifar10_alpha.png", "CIFAR-10 error vs alpha"),
     )
+    return lines
 
+
+def coarse_outer_product_block(results):
+    """Coarse network x VGG16: every method's test accuracy beside the paper's, Tables I, III-VII."""
+    lines = []
     lines += [
-        "### Coarse network x VGG16 by outer product (`coarse_outer_product.py`), test accuracy %",
+        "#### Coarse network x VGG16 by outer product (`coarse_outer_product.py`), test accuracy %",
         "",
     ]
     body = []
@@ -862,24 +1530,17 @@ def section(results):
                 severity_cell(m),
             ]
         )
-    paper = load("coarse_outer_product_cifar10", results)[0] or load("coarse_outer_product_shapes", results)[0]
-    if paper:
-        p = paper["paper_cifar100"]
-        body.append(
-            [
-                "paper, CIFAR-100, K=10",
-                p["baseline"]["test"],
-                p["main_ch"]["test"],
-                p["main_cvc"]["test"],
-                p["ete"]["test"],
-                p["coarse_ch"]["test"],
-                p["coarse_cvc"]["test"],
-                "1 of 10",
-                "",
-                "",
-                "",
-            ]
-        )
+    test = {key: accuracies[2] for key, accuracies in OUTER_PRODUCT_PAPER.items()}
+    body.append(
+        [
+            "paper, CIFAR-100, K=10",
+            *(test[key] for key in ("baseline", "main_ch", "main_cvc", "ete", "coarse_ch", "coarse_cvc")),
+            "1 of 10",
+            "",
+            "",
+            "",
+        ]
+    )
     header = [
         "run",
         "baseline",
@@ -900,9 +1561,105 @@ def section(results):
         "",
     ]
     lines += outer_product_paper_tables(results)
+    return lines
 
+
+def latent_string_block(results):
+    """Latent strings: Table III beside the paper's, the stage-2 experiments."""
+    lines = []
     lines += [
-        "### Hierarchical deep loss (`hdl_stack.py`), test error %",
+        "#### Latent hierarchy strings (`latent_string.py`), Table III: test accuracy %, ours then the paper's",
+        "",
+    ]
+    body = []
+    for run, data in (
+        ("latent_string_cifar100", "CIFAR-100 (VGG16, L = 7)"),
+        ("latent_string_mnist", "MNIST (LeNet, L = 4)"),
+        ("latent_string_cifar10", "CIFAR-10 (JPEG q75 copy; VGG16, L = 4)"),
+        ("latent_string_shapes", "shapes"),
+    ):
+        r, ri = load(run, results)
+        if r is None:
+            body.append([data, "not run yet", "", "", "", "", "", "", "", "", ""])
+            continue
+        t = r["throughput"]
+        mode = t.get("test_time_mode")
+        speed = (
+            f"{t[f'{mode}_fc_images_per_s'] / 1e3:.0f}k / {t[f'{mode}_lh_images_per_s'] / 1e3:.0f}k "
+            f"({t[f'{mode}_fc_batch1_ms']:.2f} / {t[f'{mode}_lh_batch1_ms']:.2f} ms)"
+            if mode
+            else f"{t['fc_images_per_s'] / 1e3:.0f}k / {t['lh_images_per_s'] / 1e3:.0f}k"
+        )
+        speed += f"; {t['test_time_reduction_pct']:+.1f}%"
+        random = r["random_code"]["exact_match_acc"]
+        body.append(
+            [
+                f"{data}: `{ri['command']}`",
+                f2(r["fc_test_acc"]),
+                f2(r["lh_test_acc"]),
+                f2(r["reduced_fc_test_acc"]),
+                f2(random),
+                f"{r['lh_test_acc'] - random:+.2f}",
+                str(len(r["duplicate_class_names"])),
+                f"{r['params']['lh_classifier']:,} / {r['params']['fc_classifier']:,}",
+                speed,
+                wall(ri),
+                severity_cell(r),
+            ]
+        )
+        paper = latent_paper(r)
+        if paper:
+            drop = paper.get("random_code_drop")
+            body.append(
+                [
+                    "paper" + (", original CIFAR-10" if run == "latent_string_cifar10" else ""),
+                    paper["fc_acc"],
+                    paper["lh_acc"],
+                    paper["reduced_fc_acc"],
+                    "",
+                    f"+{drop} (random is worse)" if drop else "",
+                    "",
+                    f"{paper['lh_params']} / {paper['fc_params']}",
+                    f"{paper['test_time_reduction_pct']:+.1f}%",
+                    "",
+                    "",
+                ]
+            )
+    lines += with_severity(
+        [
+            "data, command",
+            "FC",
+            "LH",
+            "reduced FC",
+            "LH random code",
+            "LH learnt - random",
+            "classes sharing a string",
+            "LH / FC classifier params",
+            "images/s FC / LH (batch-1 latency); test-time reduction",
+            "wall",
+        ],
+        body,
+    )
+    lines += [
+        "",
+        "Each run's learnt prefix tree with class names is `prefix_tree.txt` in its folder, the L sweep "
+        "(Fig. 8) `bits_sweep.tsv` and the hidden-size sweep (Fig. 7) `hidden_sweep.tsv`.",
+        "",
+    ]
+    lines += figure_lines(
+        results,
+        ("latent_string_cifar100_bits.png", "CIFAR-100 accuracy vs string length (Fig. 8)"),
+        ("latent_string_mnist_prefix_tree.png", "the learnt MNIST prefix tree"),
+    )
+    lines += lh_variant_tables(results)
+    return lines
+
+
+def hdl_stack_block(results):
+    """HDL: Tables 3 and 4's errors beside the paper's, the centre-loss sweep."""
+    lines = []
+    lines += [
+        "#### Hierarchical deep loss (`hdl_stack.py`), test error %",
         "",
     ]
     body = []
@@ -946,8 +1703,23 @@ def section(results):
             ]
         )
     body += [
-        ["paper, shapes (Table 4)", "", "", "fill 0, outline 0, shape 0", "", "", ""],
-        ["paper, CIFAR-100 ResNet-18, 800 epochs (Table 3)", "35.70", "35.70", "12.23 / 11.43 / 1.20", "", "", ""],
+        [
+            "paper, shapes (Table 4)",
+            "",
+            "",
+            ", ".join(f"{name} {100 - acc:.0f}" for name, acc in HDL_PAPER_SHAPES_ACCURACY.items()),
+            "",
+            "",
+            "",
+        ],
+        [
+            "paper, CIFAR-100 ResNet-18, 800 epochs (Table 3)",
+            *(f2(e) for e in HDL_PAPER_TABLE3["resnet18"][:2]),
+            " / ".join(f2(e) for e in HDL_PAPER_TABLE3["resnet18"][2:]),
+            "",
+            "",
+            "",
+        ],
     ]
     lines += with_severity(["command", "baseline fine", "HDL fine", "HDL level heads", "HDL violations", "wall"], body)
     lines += [""]
@@ -956,15 +1728,20 @@ def section(results):
         ("hdl_stack_cifar100_fine_error.png", "CIFAR-100 fine error per epoch, baseline vs HDL"),
         ("hdl_stack_cifar10_fine_error.png", "CIFAR-10 fine error per epoch, baseline vs HDL"),
     )
-    sweep = results / "hdl_sweep_cifar100" / "sweep.md"
+    sweep = results / "hdl_sweep_cifar100"
     lines += (
-        ["CIFAR-100 centre-loss sweep on a tenth of train held out (`hdl_stack.py --sweep-table`):", ""]
-        + sweep.read_text().strip().splitlines()[2:]  # the table, without its own title
+        ["CIFAR-100 centre-loss sweep on a tenth of train held out (`tools/results_table.py --sweep-table`):", ""]
+        + hdl_sweep(sweep)[0].strip().splitlines()[2:]  # the table, without its own title
         + [""]
-        if sweep.exists()
+        if any(sweep.glob("*/metrics.json"))
         else ["CIFAR-100 centre-loss sweep (`hdl_sweep_cifar100_*` in tools/gpu_runs.py): not run yet.", ""]
     )
+    return lines
 
+
+def speed_block(results):
+    """bench.py: training images/s against the usual loop and the model-only ceiling; HierNet's batched branches."""
+    lines = []
     bench = results / "bench.json"
     if bench.exists():
         b = json.loads(bench.read_text())
@@ -1026,25 +1803,76 @@ def section(results):
                     )
                 )
         lines.append("")
-    lines.append(END)
-    return "\n".join(lines)
+    return lines
+
+
+BLOCKS = {
+    "runs": runs_block,
+    "hiernet": hiernet_block,
+    "merged_resnet": merged_resnet_block,
+    "coarse_outer_product": coarse_outer_product_block,
+    "latent_string": latent_string_block,
+    "hdl_stack": hdl_stack_block,
+    "speed": speed_block,
+}
+
+
+def markers(name):
+    return f"<!-- results:{name}:start (tools/results_table.py) -->", f"<!-- results:{name}:end -->"
+
+
+def blocks(results):
+    """{block name: its README text, markers included}."""
+    out = {}
+    for name, build in BLOCKS.items():
+        start, end = markers(name)
+        out[name] = "\n".join([start, "", *build(results), end])
+    return out
+
+
+def section(results):
+    """Every block, markers included, one after the other (what the tool prints)."""
+    return "\n\n".join(blocks(results).values())
+
+
+def replace_blocks(text, new_blocks, name="README"):
+    """text with every block between its markers replaced; a missing marker is an error."""
+    for block, content in new_blocks.items():
+        start, end = markers(block)
+        if start not in text or end not in text:
+            fail(f"{name} has no {block} markers ({start} ... {end})")
+        head, rest = text.split(start, 1)
+        text = head + content + rest.split(end, 1)[1]
+    return text
+
+
+def fail(message):
+    """Stop with one line on stderr and exit status 1."""
+    raise SystemExit(f"error: {message}")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results", default=str(ROOT / "results"))
-    p.add_argument("--write", default=None, metavar="README", help="replace the section between the markers")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--write", default=None, metavar="README", help="replace the blocks between their markers")
+    what.add_argument("--run", default=None, metavar="RUN_DIR", help="print one run's tables beside the paper's")
+    what.add_argument(
+        "--sweep-table", default=None, metavar="DIR", help="HDL's centre-loss sweep: DIR/sweep.md, .json from DIR/*/"
+    )
     a = p.parse_args(argv)
-    text = section(Path(a.results))
+    if a.run:
+        print(run_tables(a.run), end="")
+        return
+    if a.sweep_table:
+        print(write_hdl_sweep(a.sweep_table), end="")
+        return
+    new_blocks = blocks(Path(a.results))
     if not a.write:
-        print(text)
+        print(section(Path(a.results)))
         return
     readme = Path(a.write)
-    old = readme.read_text()
-    if START not in old or END not in old:
-        sys.exit(f"error: {readme} has no results markers ({START} ... {END})")
-    head, rest = old.split(START, 1)
-    readme.write_text(head + text + rest.split(END, 1)[1])
+    readme.write_text(replace_blocks(readme.read_text(), new_blocks, name=str(readme)))
 
 
 if __name__ == "__main__":
