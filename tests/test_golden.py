@@ -4,7 +4,9 @@ meant to move a number rewrites the record, in its own commit, saying why:
 
     python tests/test_golden.py write NAME      # reruns NAME's command and records its metrics
 
-Timings (seconds, images/s, latency) are left out: they differ from run to run.
+Timings (seconds, images/s, latency) are left out: they differ from run to run. On another
+processor a few accuracies (at most 1% of a record's numbers, each by at most FLIP_POINTS) may
+move: its vector units round differently and flip near-tied predictions of these tiny runs.
 """
 
 import importlib
@@ -69,6 +71,7 @@ RUNS = {
     ),
 }
 
+FLIP_POINTS = 2.5  # one or two images of the smallest evaluation set, in accuracy points
 TIMING = re.compile(r"second|per_s|latency|_ms\b|ms_|wall|time|throughput|speed", re.IGNORECASE)
 
 
@@ -117,8 +120,28 @@ def test_same_seed_gives_the_recorded_metrics(name, tmp_path):
     got = run(name, tmp_path / "run")
     expected = recorded["metrics"]
     assert sorted(got) == sorted(expected), "metrics.json gained or lost numbers"
+    assert same_metrics(got, expected)
+
+
+def same_metrics(got, expected):
+    """Equal within float tolerance, but for a few near-tie flips: processors with other vector
+    units round differently, which can flip a near-tied prediction of the tiny smoke runs, moving an
+    accuracy by an image or two; a change of behaviour moves more numbers, or further."""
     differ = {k: (got[k], v) for k, v in expected.items() if not math.isclose(got[k], v, rel_tol=1e-4, abs_tol=1e-4)}
-    assert not differ, f"{len(differ)} numbers moved, e.g. {dict(list(differ.items())[:5])}"
+    flips = {k: d for k, d in differ.items() if abs(d[0] - d[1]) <= FLIP_POINTS}
+    assert len(differ) == len(flips) <= max(1, len(expected) // 100), (
+        f"{len(differ)} numbers moved, e.g. {dict(list(differ.items())[:5])}"
+    )
+    return True
+
+
+def test_a_near_tie_flip_passes_and_a_change_of_behaviour_fails():
+    expected = {f"/acc/{i}": 50.0 + i / 10 for i in range(300)}
+    assert same_metrics({**expected, "/acc/7": expected["/acc/7"] + 1.39}, expected)  # one image of 72
+    with pytest.raises(AssertionError, match="4 numbers moved"):  # more than 1% of the numbers
+        same_metrics({**expected, **{f"/acc/{i}": 0.0 + i for i in range(4)}}, expected)
+    with pytest.raises(AssertionError, match="1 numbers moved"):  # one number, but far
+        same_metrics({**expected, "/acc/7": expected["/acc/7"] + 5}, expected)
 
 
 if __name__ == "__main__":
