@@ -312,7 +312,7 @@ def test_hiernet_controls_table_and_commit_columns(tmp_path):
         (n, tree)
         for n in ("3", "9")
         for tree in ("CPM tree (the paper's)", "random tree", "backbone trained as long (`--control`)")
-    ]
+    ] + [("3, ELU", "CPM tree, p_min 0.005 (Table 2's)"), ("3, ELU", "CPM tree, p_min 0.0075 (ours)")]
     m = json.loads((tmp_path / "hiernet_cifar100_n3" / "metrics.json").read_text())
     gain = m["slow_acc"] - m["backbone_acc"]
     assert rows[0][3:6] == [f"{m['backbone_acc']:.2f}", f"{m['slow_acc']:.2f}", f"{gain:+.2f}"]

@@ -470,11 +470,18 @@ def hiernet_control_rows(results):
     """Per n (3, 9): HierNet on the CPM tree and on the random tree (seed 0; the random tree is its own run:
     the same seed, so the same backbone up to GPU nondeterminism, the CPM tree's group sizes, classes
     assigned at random), and the backbone trained on as long (--control, part of a CPM run: seed 0's, else
-    the lowest seed's that has it); each against its own run's backbone."""
+    the lowest seed's that has it); then ELU at n = 3 on Table 2's p_min and on the ReLU runs' (a coarser
+    or a finer CPM tree). Each against its own run's backbone."""
     out = []
-    for n in (3, 9):
-        trees = (("CPM tree (the paper's)", ""), ("random tree", "_randomtree"))
-        for label, run in ((label, f"hiernet_cifar100_n{n}{suffix}") for label, suffix in trees):
+    for n in (3, 9, "3, ELU"):
+        if n == "3, ELU":  # the tree's coarseness: Table 2's p_min against the ReLU runs'
+            trees = (
+                ("CPM tree, p_min 0.005 (Table 2's)", "_elu"),
+                ("CPM tree, p_min 0.0075 (ours)", "_elu_pmin0.0075"),
+            )
+        else:
+            trees = (("CPM tree (the paper's)", ""), ("random tree", "_randomtree"))
+        for label, run in ((label, f"hiernet_cifar100_n{str(n)[0]}{suffix}") for label, suffix in trees):
             m, info = load(run, results)
             if m is None:
                 out.append([n, label, f"`{run}`: not run yet", *[""] * 8])
@@ -494,6 +501,8 @@ def hiernet_control_rows(results):
                     commit_cell(info),
                 ]
             )
+        if n == "3, ELU":
+            continue
         label = "backbone trained as long (`--control`)"
         controlled = [(seed, m, info) for seed, m, info in hiernet_seed_runs(results, n) if "control_acc" in m]
         if not controlled:
@@ -515,7 +524,8 @@ def hiernet_control_table(results):
         "Controls: where HierNet's gain comes from. The random tree (`--tree-from random`) keeps "
         "the number and sizes of the groups the CPM gives for the run's backbone and assigns the classes to them "
         "at random (seeded; `tree.json` records the seed and the CPM tree); everything else is the paper's run. "
-        "The control trains the backbone on for HierNet's iterations on the same schedule. Each row's gain is "
+        "The control trains the backbone on for HierNet's iterations on the same schedule. The ELU rows group the "
+        "same kind of CPM at Table 2's p_min and at the ReLU runs' (a coarser or a finer tree). Each row's gain is "
         "against its own run's backbone.",
         "",
         *table(*without_blank_column(header, hiernet_control_rows(results), COMMIT_HEADER)),
