@@ -595,9 +595,9 @@ def test_gpu_queue_runs_table3_at_the_papers_setting_and_the_sweeps_pick_as_ours
         script, *argv = gpu_runs.JOBS[name]
         assert script == "hdl_stack.py"
         args, defaults = hdl_stack.get_args(argv), hdl_stack.get_args(["--dataset", "cifar100"])
-        assert args.method == method and args.data_dir == "data"
-        assert {k: v for k, v in vars(args).items() if k not in ("method", "data_dir")} == {
-            k: v for k, v in vars(defaults).items() if k not in ("method", "data_dir")
+        assert args.method == method and args.data_dir == "data" and args.compile  # compiled: same setting, faster
+        assert {k: v for k, v in vars(args).items() if k not in ("method", "data_dir", "compile")} == {
+            k: v for k, v in vars(defaults).items() if k not in ("method", "data_dir", "compile")
         }
     assert gpu_runs.hdl_sweep_pick_job(tmp_path / "missing.json") == {}
     (tmp_path / "sweep.json").write_text(json.dumps({"pick": None, "rows": []}))
@@ -605,7 +605,17 @@ def test_gpu_queue_runs_table3_at_the_papers_setting_and_the_sweeps_pick_as_ours
     flags = ["--heads", "cascade", "--center-update", "wen", "--lambda-center", "0.005"]
     (tmp_path / "sweep.json").write_text(json.dumps({"pick": {"flags": flags}}))
     job = gpu_runs.hdl_sweep_pick_job(tmp_path / "sweep.json")["hdl_cifar100_sweep_pick_800"]
-    assert job == ["hdl_stack.py", "--dataset", "cifar100", "--data-dir", "data", "--method", "hdl", *flags]
+    assert job == [
+        "hdl_stack.py",
+        "--dataset",
+        "cifar100",
+        "--data-dir",
+        "data",
+        "--compile",
+        "--method",
+        "hdl",
+        *flags,
+    ]
 
 
 def test_readme_states_the_sweep_rule_the_table_applies():
