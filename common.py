@@ -1492,21 +1492,6 @@ def hierarchical_metrics(scores, labels, hierarchy, level_preds=None):
     return result
 
 
-def format_hierarchical_metrics(m):
-    """One line for logs: top-1/5, level accuracies, severity, hdist@k, hP/hR/hF, consistency."""
-    levels = " ".join(f"{name} {acc:.2f}" for name, acc in m["level_acc"].items())
-    severity = "-" if m["mistake_severity"] is None else f"{m['mistake_severity']:.3f}"
-    line = (
-        f"top1 {m['top1']:.2f} top5 {m['top5']:.2f} | levels {levels} | severity {severity}"
-        f" hdist@1 {m['hdist@1']:.3f} hdist@5 {m['hdist@5']:.3f}"
-        f" | hP {m['hprecision']:.2f} hR {m['hrecall']:.2f} hF1 {m['hf1']:.2f}"
-    )
-    if "consistency" in m:
-        line += f" | consistency {m['consistency']:.2f}"
-    return line
-
-
-@torch.no_grad()
 def measure_throughput(forward, x, *, device, dtype="bf16", iters=20, warmup=5):
     """Inference images/s of forward on the batch x (device-synchronised wall clock)."""
     device = torch.device(device)

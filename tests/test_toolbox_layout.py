@@ -13,8 +13,8 @@ PROGRAMS = (*SCRIPTS, "grouping.py", "bench.py", *sorted(p.name for p in (ROOT /
 # Names that stay in common.py although one script alone uses them, each with its reason.
 ONE_SCRIPT_EXCEPTIONS = {
     "positive_fraction": "one of the argparse number checks that _number_check makes; the family stays together",
-    "format_hierarchical_metrics": "the one-line form of hierarchical_metrics' result, beside the function "
-    "whose keys it reads",
+    "load_weights": "the checkpoint family: a model's weights with the same one-line misfit error (_misfit) as "
+    "the resume code beside it",
 }
 
 
