@@ -26,7 +26,7 @@ Paper vs ours, one line per decision (the reasons: docs/hiernet.md, "Paper vs ou
 - slow forward: every branch on the whole batch, run batched per level (`HierNet`, equal to `PerBranchHierNet`)
 - fast evaluation: --fast-mode all (default, faster on the H100) or sorted (Algorithm 1's cost) (`HierNet.route`)
 - CPM and every reported accuracy in exact fp32; training and the per-epoch curve in --dtype (`exact_fp32`)
-- --control (ours): the backbone trained on as long, beside HierNet (`train_control`)
+- --control (ours): the backbone trained on as long, beside HierNet (`main`, stage 1)
 - metrics.json "hierarchical": metrics under the found groups and the dataset's (`hierarchical_report`)
 - --depth D > 1 (ours: the paper gives no settings): one --split / --extra-blocks per level (`check_args`)
 - super-class accuracy: the top node's routing decision (the authors' A_pred); --tree-from dataset (ours) (`make_tree`)
@@ -868,8 +868,7 @@ def percent(mask):
 
 
 def train_backbone(args, data, train_loader, val_loader, run_dir, device):
-    backbone = make_backbone(args, data.num_classes, data.train.images.shape[1])
-    backbone = common.to_device_model(backbone, device)
+    backbone = common.to_device_model(make_backbone(args, data.num_classes, data.train.images.shape[1]), device)
     if args.backbone_ckpt:
         path = Path(args.backbone_ckpt)
         if not path.is_file():
@@ -965,7 +964,7 @@ def tree_from_data(args, data, backbone, val_loader, run_dir, device):
                 f"{hierarchy.n_levels - 1} coarse level(s)"
             )
         levels = list(range(hierarchy.n_levels - 1 - args.depth, hierarchy.n_levels - 1))
-        return dataset_tree(hierarchy, levels, np.arange(data.num_classes))
+        return grouping.dataset_tree(hierarchy, levels, np.arange(data.num_classes))
     if args.cpm:
         cpm = np.load(args.cpm)
         if cpm.shape != (data.num_classes, data.num_classes):
@@ -977,15 +976,6 @@ def tree_from_data(args, data, backbone, val_loader, run_dir, device):
             )
     write_npy(run_dir / "cpm.npy", cpm)
     return grouping.build_tree(cpm, args.depth, args.g_max, args.p_min)
-
-
-def dataset_tree(hierarchy, levels, classes):
-    """Nested groups from the hierarchy's coarse `levels` (coarsest first) over `classes`."""
-    parent = hierarchy.parents[levels[0]][classes]
-    groups = [classes[parent == p] for p in np.unique(parent)]
-    if len(levels) == 1:
-        return [g.tolist() for g in groups]
-    return [dataset_tree(hierarchy, levels[1:], g) for g in groups]
 
 
 def save_tree(run_dir, tree, tree_settings, names):
@@ -1012,15 +1002,6 @@ def save_tree(run_dir, tree, tree_settings, names):
             file=sys.stderr,
             flush=True,
         )
-
-
-def top_level_groups(tree, num_classes):
-    """(the classes of each top-level group, the top-level group of each class)."""
-    top_groups = [grouping.tree_leaves(child) for child in tree]
-    group_of = np.zeros(num_classes, dtype=np.int64)
-    for g, classes in enumerate(top_groups):
-        group_of[classes] = g
-    return top_groups, group_of
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1132,7 +1113,7 @@ def main(argv=None):
     # 2-3. CPM on the validation half and grouping into a tree (section 4, grouping.py); tree.json / .txt / .dot.
     tree, tree_settings = make_tree(args, data, backbone, val_loader, run_dir, device)
     save_tree(run_dir, tree, tree_settings, data.class_names)
-    top_groups, group_of = top_level_groups(tree, data.num_classes)
+    top_groups, group_of = grouping.top_level_groups(tree, data.num_classes)
 
     # 4. HierNet from the backbone's weights (section 5.4; --no-transfer: from a fresh backbone).
     source = make_backbone(args, data.num_classes, data.train.images.shape[1]) if args.no_transfer else backbone
@@ -1251,15 +1232,12 @@ def report(run_dir, names, top_groups, results, metrics):
     common.write_json(run_dir / "per_group.json", per_group)
     common.write_text(run_dir / "per_group.txt", "\n".join(lines) + "\n")
     print("\n".join(lines))
-    print(
-        f"[hiernet] test: backbone {metrics['backbone_acc']:.2f}  slow {metrics['slow_acc']:.2f}  "
-        f"fast {metrics['fast_acc']:.2f}  super-class {metrics['superclass_acc']:.2f} | images/s backbone "
-        f"{metrics['backbone_images_per_s']:.0f} slow {metrics['slow_images_per_s']:.0f} fast "
-        f"{metrics['fast_images_per_s']:.0f}"
-        + (f" | control (backbone trained as long) {metrics['control_acc']:.2f}" if "control_acc" in metrics else "")
-        + f" | {run_dir}",
-        flush=True,
-    )
+    m = metrics
+    accuracies = f"backbone {m['backbone_acc']:.2f}  slow {m['slow_acc']:.2f}  fast {m['fast_acc']:.2f}  "
+    accuracies += f"super-class {m['superclass_acc']:.2f}"
+    speeds = " ".join(f"{form} {m[f'{form}_images_per_s']:.0f}" for form in ("backbone", "slow", "fast"))
+    control = f" | control (backbone trained as long) {m['control_acc']:.2f}" if "control_acc" in m else ""
+    print(f"[hiernet] test: {accuracies} | images/s {speeds}{control} | {run_dir}", flush=True)
 
 
 def hierarchical_report(data, top_groups, group_of, results):
@@ -1292,9 +1270,13 @@ def measure_inference(args, backbone, model, x, device):
     timing = {"iters": 20, "warmup": 5}
     if device.type != "cuda":  # a rough CPU figure only; keeps CPU runs and tests short
         x, timing = x[:32], {"iters": 1, "warmup": 1}
-    forms = dict(
-        backbone=backbone, slow=model, fast=model.route, fast_sorted=model.route_sorted, fast_all=model.route_all
-    )
+    forms = {
+        "backbone": backbone,
+        "slow": model,
+        "fast": model.route,
+        "fast_sorted": model.route_sorted,
+        "fast_all": model.route_all,
+    }
     out = {"throughput_batch": len(x), "fast_mode": model.fast_mode}
     for name, forward in forms.items():
         out[f"{name}_images_per_s"] = common.measure_throughput(forward, x, device=device, dtype=args.dtype, **timing)
