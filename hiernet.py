@@ -1213,16 +1213,23 @@ def report(run_dir, names, top_groups, results, metrics):
     """Per-group accuracies (per_group.json, per_group.txt, printed) and the one-line summary."""
     labels, group = results["labels"], results["super_true"]  # each image's true top-level group
     correct = {
-        "backbone_acc": results["backbone_logits"].argmax(1) == labels,
-        "slow_acc": results["slow"] == labels,
-        "fast_acc": results["fast"] == labels,
+        "backbone": results["backbone_logits"].argmax(1) == labels,
+        "slow": results["slow"] == labels,
+        "fast": results["fast"] == labels,
     }
-    per_group = [
-        {"group": g + 1, "classes": classes, "names": [names[c] for c in classes], "images": int((group == g).sum())}
-        | {key: percent(right[group == g]) for key, right in correct.items()}
-        | {"routed_acc": percent((results["super"] == g)[group == g])}
-        for g, classes in enumerate(top_groups)
-    ]
+
+    def row(g, classes):
+        mask = group == g
+        return {
+            "group": g + 1,
+            "classes": classes,
+            "names": [names[c] for c in classes],
+            "images": int(mask.sum()),
+            **{f"{form}_acc": percent(right[mask]) for form, right in correct.items()},
+            "routed_acc": percent((results["super"] == g)[mask]),
+        }
+
+    per_group = [row(g, classes) for g, classes in enumerate(top_groups)]
     lines = [f"{'group':>6} {'classes':>7} {'images':>6} {'backbone':>8} {'slow':>6} {'fast':>6} {'routed':>6}  names"]
     lines += [
         f"{r['group']:>6} {len(r['classes']):>7} {r['images']:>6} {r['backbone_acc']:>8.2f} {r['slow_acc']:>6.2f} "
@@ -1232,11 +1239,11 @@ def report(run_dir, names, top_groups, results, metrics):
     common.write_json(run_dir / "per_group.json", per_group)
     common.write_text(run_dir / "per_group.txt", "\n".join(lines) + "\n")
     print("\n".join(lines))
-    m = metrics
-    accuracies = f"backbone {m['backbone_acc']:.2f}  slow {m['slow_acc']:.2f}  fast {m['fast_acc']:.2f}  "
-    accuracies += f"super-class {m['superclass_acc']:.2f}"
-    speeds = " ".join(f"{form} {m[f'{form}_images_per_s']:.0f}" for form in ("backbone", "slow", "fast"))
-    control = f" | control (backbone trained as long) {m['control_acc']:.2f}" if "control_acc" in m else ""
+    forms = ("backbone", "slow", "fast")
+    accuracies = "  ".join(f"{form} {metrics[f'{form}_acc']:.2f}" for form in forms)
+    accuracies += f"  super-class {metrics['superclass_acc']:.2f}"
+    speeds = " ".join(f"{form} {metrics[f'{form}_images_per_s']:.0f}" for form in forms)
+    control = f" | control (backbone trained as long) {metrics['control_acc']:.2f}" if "control_acc" in metrics else ""
     print(f"[hiernet] test: {accuracies} | images/s {speeds}{control} | {run_dir}", flush=True)
 
 
