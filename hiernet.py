@@ -901,8 +901,8 @@ def fit_stage(args, model, stage, loss_fn, train_loader, evaluate, run_dir, devi
     never chosen on."""
     optimizer = make_optimizer(args, model)
     epochs, lr_at = stage_schedule(args, len(train_loader), stage)
-    gpu = {"device": device, "dtype": args.dtype, "cuda_graph": args.cuda_graph, "compile": args.compile}
-    step = common.make_train_step(model, loss_fn, optimizer, **gpu)
+    gpu = {"device": device, "dtype": args.dtype, "cuda_graph": args.cuda_graph}
+    step = common.make_train_step(model, loss_fn, optimizer, compile=args.compile, **gpu)
     per_epoch = {"evaluate": evaluate, "log_path": run_dir / "metrics.jsonl", "stage": stage}  # a line each epoch
     return common.fit(run_dir / stage, model, optimizer, step, train_loader, epochs=epochs, lr_at=lr_at, **per_epoch)
 
