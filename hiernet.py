@@ -886,7 +886,7 @@ def train_backbone(args, data, train_loader, val_loader, run_dir, device):
 
 
 def fit_plain_stage(args, model, stage, train_loader, val_loader, run_dir, device):
-    """`fit_stage` for a plain ResNet (the backbone, the control): cross-entropy; the curve is the validation accuracy."""
+    """`fit_stage` for a plain ResNet (the backbone, the control): cross-entropy, validation accuracy as the curve."""
 
     def evaluate(epoch):
         logits, labels = common.predict(model, val_loader, device=device, dtype=args.dtype)
