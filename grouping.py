@@ -8,7 +8,8 @@ size stays within g_max and the proximity exceeds p_min. Applied again inside ev
 builds deeper trees (`--depth`).
 
 The command line (a saved CPM, or a hiernet.py run's cpm.npy, grouped again) is tools/regroup.py;
-this module is the algorithm and the tree files, imported by hiernet.py and the tool.
+this module is the algorithm, the trees of --tree-from random and dataset, and the tree files,
+imported by hiernet.py and the tool.
 
 Paper vs ours:
 - The paper only says that the algorithm is "applied recursively on the created groups" for
@@ -145,6 +146,15 @@ def tree_sizes(tree):
     return [tree_sizes(child) for child in tree]
 
 
+def top_level_groups(tree, num_classes):
+    """(the classes of each top-level group, the top-level group of each class)."""
+    top_groups = [tree_leaves(child) for child in tree]
+    group_of = np.zeros(num_classes, dtype=np.int64)
+    for g, classes in enumerate(top_groups):
+        group_of[classes] = g
+    return top_groups, group_of
+
+
 # Mixed into the random tree's seed so that its generator is its own, apart from any other use of the seed.
 RANDOM_TREE_STREAM = 0x7A3E
 
@@ -163,6 +173,16 @@ def random_tree(tree, seed):
         return [fill(child) for child in node]
 
     return fill(tree)
+
+
+def dataset_tree(hierarchy, levels, classes):
+    """`hiernet.py --tree-from dataset`: nested groups from the hierarchy's coarse `levels` (coarsest first)
+    over `classes`."""
+    parent = hierarchy.parents[levels[0]][classes]
+    groups = [classes[parent == p] for p in np.unique(parent)]
+    if len(levels) == 1:
+        return [g.tolist() for g in groups]
+    return [dataset_tree(hierarchy, levels[1:], g) for g in groups]
 
 
 def validate_tree(tree, num_classes, source="tree"):

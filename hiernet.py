@@ -26,7 +26,7 @@ Paper vs ours, one line per decision (the reasons: docs/hiernet.md, "Paper vs ou
 - slow forward: every branch on the whole batch, run batched per level (`HierNet`, equal to `PerBranchHierNet`)
 - fast evaluation: --fast-mode all (default, faster on the H100) or sorted (Algorithm 1's cost) (`HierNet.route`)
 - CPM and every reported accuracy in exact fp32; training and the per-epoch curve in --dtype (`exact_fp32`)
-- --control (ours): the backbone trained on as long, beside HierNet (`train_control`)
+- --control (ours): the backbone trained on as long, beside HierNet (`main`, stage 1)
 - metrics.json "hierarchical": metrics under the found groups and the dataset's (`hierarchical_report`)
 - --depth D > 1 (ours: the paper gives no settings): one --split / --extra-blocks per level (`check_args`)
 - super-class accuracy: the top node's routing decision (the authors' A_pred); --tree-from dataset (ours) (`make_tree`)
@@ -713,20 +713,16 @@ def test_halves(args, labels):
     """(validation indices, test indices) of the test set: the authors' halves (checked: 50 +
     50 per class with these labels, which catches a test set in another order) or seeded."""
     labels = np.asarray(labels)
-    if args.test_halves == "authors":
-        mask = authors_test_mask()
-        ok = len(labels) == len(mask)
-        if ok:
-            counts = [np.bincount(labels[m], minlength=100) for m in (~mask, mask)]
-            ok = all((c == 50).all() for c in counts)
-        if not ok:
-            common.fail(
-                "--test-halves authors: the authors' halves do not give 50 + 50 images per class with this "
-                "test set; it is not CIFAR-100's in the official order (delete --data-dir's cifar-100-python "
-                "and let torchvision download it again), or pass --test-halves seeded"
-            )
-        return np.flatnonzero(~mask), np.flatnonzero(mask)
-    return split_half(labels, args.seed)
+    if args.test_halves == "seeded":
+        return split_half(labels, args.seed)
+    mask = authors_test_mask()
+    if len(labels) != len(mask) or any((np.bincount(labels[m], minlength=100) != 50).any() for m in (~mask, mask)):
+        common.fail(
+            "--test-halves authors: the authors' halves do not give 50 + 50 images per class with this "
+            "test set; it is not CIFAR-100's in the official order (delete --data-dir's cifar-100-python "
+            "and let torchvision download it again), or pass --test-halves seeded"
+        )
+    return np.flatnonzero(~mask), np.flatnonzero(mask)
 
 
 @contextlib.contextmanager
@@ -741,9 +737,10 @@ def exact_fp32():
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
 
 
-def predict_fp32(forward, loader, device):
-    with exact_fp32():
-        return common.predict(forward, loader, device=device, dtype="fp32")
+def predict(forward, loader, device, dtype="fp32"):
+    """common.predict, in fp32 without TF32 (`exact_fp32`) unless another dtype is asked for."""
+    with exact_fp32() if dtype == "fp32" else contextlib.nullcontext():
+        return common.predict(forward, loader, device=device, dtype=dtype)
 
 
 def split_test_set(args, data):
@@ -838,23 +835,16 @@ def stage_schedule(args, steps_per_epoch, stage):
 
 def evaluate_hiernet(model, loader, group_of, *, device, dtype="fp32"):
     """Slow, fast and super-class predictions in dataset class indices, plus log p (dataset
-    class order) and the labels; in fp32 (exact, no TF32) unless dtype says otherwise (the
-    per-epoch validation curve runs in the training dtype). One pass when fast_mode is "all"."""
-
-    def run(forward):
-        if dtype == "fp32":
-            return predict_fp32(forward, loader, device)
-        return common.predict(forward, loader, device=device, dtype=dtype)
-
+    class order) and the labels; in exact fp32 unless dtype says otherwise (the per-epoch
+    validation curve runs in the training dtype). One pass when fast_mode is "all"."""
     if model.fast_mode == "all":
-        (log_p, super_logits, routed), labels = run(model.outputs_and_route)
+        (log_p, super_logits, routed), labels = predict(model.outputs_and_route, loader, device, dtype)
     else:
-        (log_p, super_logits), labels = run(model.outputs)
-        routed, _ = run(model.route)
+        (log_p, super_logits), labels = predict(model.outputs, loader, device, dtype)
+        routed, _ = predict(model.route, loader, device, dtype)
     order = model.order.cpu()
-    log_p_classes = log_p[:, model.rank.cpu()]  # columns back in dataset order
     return {
-        "log_p": log_p_classes,
+        "log_p": log_p[:, model.rank.cpu()],  # columns back in dataset order
         "labels": labels,
         "slow": order[log_p.argmax(1)],
         "fast": order[routed.round().long()],
@@ -878,8 +868,7 @@ def percent(mask):
 
 
 def train_backbone(args, data, train_loader, val_loader, run_dir, device):
-    backbone = make_backbone(args, data.num_classes, data.train.images.shape[1])
-    backbone = common.to_device_model(backbone, device)
+    backbone = common.to_device_model(make_backbone(args, data.num_classes, data.train.images.shape[1]), device)
     if args.backbone_ckpt:
         path = Path(args.backbone_ckpt)
         if not path.is_file():
@@ -893,49 +882,29 @@ def train_backbone(args, data, train_loader, val_loader, run_dir, device):
                 f"shortcut {args.shortcut}, {data.num_classes} classes): {str(e).splitlines()[0]}"
             )
         return backbone.eval(), []
-    return fit_plain_stage(args, backbone, "backbone", train_loader, val_loader, run_dir, device)
-
-
-def train_control(args, backbone, train_loader, val_loader, run_dir, device):
-    """The training-length control: the trained backbone continued for HierNet's iterations on
-    HierNet's schedule (a fresh optimizer, as HierNet's), so that the gain of the tree is
-    separated from the gain of training longer."""
-    return fit_plain_stage(args, copy.deepcopy(backbone), "control", train_loader, val_loader, run_dir, device)
+    return backbone, fit_plain_stage(args, backbone, "backbone", train_loader, val_loader, run_dir, device)
 
 
 def fit_plain_stage(args, model, stage, train_loader, val_loader, run_dir, device):
-    """Train a plain ResNet with cross-entropy on the stage's schedule (common.fit, resumable);
-    validation accuracy every epoch in the training dtype (the curve). Returns (model in eval
-    mode, history)."""
-    optimizer = make_optimizer(args, model)
-    epochs, lr_at = stage_schedule(args, len(train_loader), stage)
-    step = common.make_train_step(
-        model,
-        common.cross_entropy_loss,
-        optimizer,
-        device=device,
-        dtype=args.dtype,
-        cuda_graph=args.cuda_graph,
-        compile=args.compile,
-    )
+    """`fit_stage` for a plain ResNet (the backbone, the control): cross-entropy, validation accuracy as the curve."""
 
-    def evaluate(epoch):  # the curve only, in the training dtype; nothing is chosen on it
+    def evaluate(epoch):
         logits, labels = common.predict(model, val_loader, device=device, dtype=args.dtype)
         return {"val_acc": common.accuracy(logits, labels)}
 
-    history = common.fit(
-        run_dir / stage,
-        model,
-        optimizer,
-        step,
-        train_loader,
-        epochs=epochs,
-        lr_at=lr_at,
-        evaluate=evaluate,
-        log_path=run_dir / "metrics.jsonl",
-        stage=stage,
-    )
-    return model.eval(), history
+    return fit_stage(args, model, stage, common.cross_entropy_loss, train_loader, evaluate, run_dir, device)
+
+
+def fit_stage(args, model, stage, loss_fn, train_loader, evaluate, run_dir, device):
+    """Train a stage on its schedule with common.fit (a checkpoint every epoch, resumable; the model ends in
+    eval mode) and return its history. evaluate(epoch) is the validation curve, in the training dtype: watched,
+    never chosen on."""
+    optimizer = make_optimizer(args, model)
+    epochs, lr_at = stage_schedule(args, len(train_loader), stage)
+    gpu = {"device": device, "dtype": args.dtype, "cuda_graph": args.cuda_graph}
+    step = common.make_train_step(model, loss_fn, optimizer, compile=args.compile, **gpu)
+    per_epoch = {"evaluate": evaluate, "log_path": run_dir / "metrics.jsonl", "stage": stage}  # a line each epoch
+    return common.fit(run_dir / stage, model, optimizer, step, train_loader, epochs=epochs, lr_at=lr_at, **per_epoch)
 
 
 def refuse_per_branch_checkpoint(path):
@@ -995,7 +964,7 @@ def tree_from_data(args, data, backbone, val_loader, run_dir, device):
                 f"{hierarchy.n_levels - 1} coarse level(s)"
             )
         levels = list(range(hierarchy.n_levels - 1 - args.depth, hierarchy.n_levels - 1))
-        return dataset_tree(hierarchy, levels, np.arange(data.num_classes))
+        return grouping.dataset_tree(hierarchy, levels, np.arange(data.num_classes))
     if args.cpm:
         cpm = np.load(args.cpm)
         if cpm.shape != (data.num_classes, data.num_classes):
@@ -1009,25 +978,16 @@ def tree_from_data(args, data, backbone, val_loader, run_dir, device):
     return grouping.build_tree(cpm, args.depth, args.g_max, args.p_min)
 
 
-def dataset_tree(hierarchy, levels, classes):
-    """Nested groups from the hierarchy's coarse `levels` (coarsest first) over `classes`."""
-    parent = hierarchy.parents[levels[0]][classes]
-    groups = [classes[parent == p] for p in np.unique(parent)]
-    if len(levels) == 1:
-        return [g.tolist() for g in groups]
-    return [dataset_tree(hierarchy, levels[1:], g) for g in groups]
-
-
 def save_tree(run_dir, tree, tree_settings, names):
     """tree.json / tree.txt / tree.dot (and tree_copied.txt for a random tree), printed, with warnings."""
     text = grouping.tree_text(tree, names)
     print(text, end="", flush=True)
     common.write_json(run_dir / "tree.json", grouping.tree_json(tree, names, **tree_settings))
-    common.atomic_write_bytes(run_dir / "tree.txt", text.encode())
-    common.atomic_write_bytes(run_dir / "tree.dot", grouping.tree_dot(tree, names).encode())
+    common.write_text(run_dir / "tree.txt", text)
+    common.write_text(run_dir / "tree.dot", grouping.tree_dot(tree, names))
     if "random_tree" in tree_settings:  # the tree it copied the sizes of, readable beside it
         copied = grouping.tree_text(tree_settings["random_tree"]["from_tree"], names)
-        common.atomic_write_bytes(run_dir / "tree_copied.txt", copied.encode())
+        common.write_text(run_dir / "tree_copied.txt", copied)
     if len(tree) == 1:
         print(
             "[hiernet] warning: one group only; the super-class node has nothing to decide "
@@ -1042,15 +1002,6 @@ def save_tree(run_dir, tree, tree_settings, names):
             file=sys.stderr,
             flush=True,
         )
-
-
-def top_level_groups(tree, num_classes):
-    """(the classes of each top-level group, the top-level group of each class)."""
-    top_groups = [grouping.tree_leaves(child) for child in tree]
-    group_of = np.zeros(num_classes, dtype=np.int64)
-    for g, classes in enumerate(top_groups):
-        group_of[classes] = g
-    return top_groups, group_of
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1151,17 +1102,18 @@ def main(argv=None):
     loader = functools.partial(make_loader, args, data, device)
     val_loader, test_loader = loader(val), loader(test)
 
-    # 1. Backbone (and, with --control, the backbone trained on for HierNet's iterations).
+    # 1. Backbone; with --control, a copy of it trained on for HierNet's iterations on HierNet's schedule, with
+    # HierNet's image order and augmentation (seed 1), to separate the tree's gain from training longer.
     backbone, backbone_history = train_backbone(args, data, loader(data.train, train=True), val_loader, run_dir, device)
     control, control_history = None, []
-    if args.control:  # the same image order and augmentation as HierNet's loader (seed 1)
-        control_loader = loader(data.train, train=True, seed=1)
-        control, control_history = train_control(args, backbone, control_loader, val_loader, run_dir, device)
+    if args.control:
+        control, control_loader = copy.deepcopy(backbone), loader(data.train, train=True, seed=1)
+        control_history = fit_plain_stage(args, control, "control", control_loader, val_loader, run_dir, device)
 
     # 2-3. CPM on the validation half and grouping into a tree (section 4, grouping.py); tree.json / .txt / .dot.
     tree, tree_settings = make_tree(args, data, backbone, val_loader, run_dir, device)
     save_tree(run_dir, tree, tree_settings, data.class_names)
-    top_groups, group_of = top_level_groups(tree, data.num_classes)
+    top_groups, group_of = grouping.top_level_groups(tree, data.num_classes)
 
     # 4. HierNet from the backbone's weights (section 5.4; --no-transfer: from a fresh backbone).
     source = make_backbone(args, data.num_classes, data.train.images.shape[1]) if args.no_transfer else backbone
@@ -1178,33 +1130,25 @@ def main(argv=None):
     )
 
     # 5. End to end on tree-ordered labels: NLL of the product of the nodes' softmaxes (section 3.2).
-    train_loader = loader(data.train, labels=model.rank.cpu()[data.train.labels], train=True, seed=1)
-    optimizer = make_optimizer(args, model)
-    epochs, lr_at = stage_schedule(args, len(train_loader), "hiernet")
-    gpu = {"device": device, "dtype": args.dtype, "cuda_graph": args.cuda_graph}  # the CUDA graph as asked
-    step = common.make_train_step(model, hiernet_loss, optimizer, compile=args.compile, **gpu)
     refuse_per_branch_checkpoint(run_dir / "hiernet" / "checkpoint.pt")
+    train_loader = loader(data.train, labels=model.rank.cpu()[data.train.labels], train=True, seed=1)
     val_accuracies = functools.partial(validation_accuracies, model, val_loader, group_of, device)
-
-    def evaluate(epoch):  # the curve only, in the training dtype; nothing is chosen on it
-        return val_accuracies(args.dtype)
-
-    schedule = {"epochs": epochs, "lr_at": lr_at, "evaluate": evaluate, "log_path": run_dir / "metrics.jsonl"}
-    hiernet_history = common.fit(run_dir / "hiernet", model, optimizer, step, train_loader, stage="hiernet", **schedule)
+    hiernet_history = fit_stage(
+        args, model, "hiernet", hiernet_loss, train_loader, lambda epoch: val_accuracies(args.dtype), run_dir, device
+    )
 
     # 6. The test half, once, in fp32 (no TF32): every number into metrics.json, then the run's small tables.
-    backbone_logits, labels = predict_fp32(backbone, test_loader, device)
-    out = evaluate_hiernet(model, test_loader, group_of, device=device)
-    control_logits = None if control is None else predict_fp32(control, test_loader, device)[0]
+    results = evaluate_hiernet(model, test_loader, group_of, device=device)
+    results["backbone_logits"] = predict(backbone, test_loader, device)[0]
+    results["control_logits"] = None if control is None else predict(control, test_loader, device)[0]
     histories = {"backbone": backbone_history, "hiernet": hiernet_history, "control": control_history}
-    results = {**out, "backbone_logits": backbone_logits, "labels": labels, "control_logits": control_logits}
     metrics = final_metrics(args, data, tree, tree_settings, top_groups, group_of, results, histories)
     metrics.update(val_accuracies("fp32"))  # the final validation figures, exact like the test's
     metrics.update(epoch_seconds(histories))
     metrics.update(backbone_params=common.count_params(backbone), hiernet_params=hiernet_params)
     metrics.update(measure_inference(args, backbone, model, next(iter(test_loader))[0], device))
     common.write_json(run_dir / "metrics.json", metrics)
-    report(run_dir, data.class_names, top_groups, group_of, results, metrics)
+    report(run_dir, data.class_names, top_groups, results, metrics)
     return metrics
 
 
@@ -1218,7 +1162,7 @@ def final_metrics(args, data, tree, tree_settings, top_groups, group_of, results
     """The run's settings and its test-half numbers (`results`: evaluate_hiernet's, with the backbone's and the
     control's logits): accuracies of backbone, slow, fast, the super-class node (and the control), per level of
     the dataset's hierarchy, and the hierarchical metrics."""
-    labels, out, backbone_logits = results["labels"], results, results["backbone_logits"]
+    labels, backbone_logits = results["labels"], results["backbone_logits"]
     backbone_pred = backbone_logits.argmax(1)
     metrics = {
         "dataset": data.name,
@@ -1237,21 +1181,20 @@ def final_metrics(args, data, tree, tree_settings, top_groups, group_of, results
         "group_sizes": [len(g) for g in top_groups],
         "test_images": len(labels),
         "backbone_acc": percent(backbone_pred == labels),
-        "slow_acc": percent(out["slow"] == labels),
-        "fast_acc": percent(out["fast"] == labels),
-        "superclass_acc": percent(out["super"] == out["super_true"]),
-        "backbone_superclass_acc": percent(torch.as_tensor(group_of)[backbone_pred] == out["super_true"]),
-        "fast_equals_slow": percent(out["fast"] == out["slow"]),
+        "slow_acc": percent(results["slow"] == labels),
+        "fast_acc": percent(results["fast"] == labels),
+        "superclass_acc": percent(results["super"] == results["super_true"]),
+        "backbone_superclass_acc": percent(torch.as_tensor(group_of)[backbone_pred] == results["super_true"]),
+        "fast_equals_slow": percent(results["fast"] == results["slow"]),
     }
     if results["control_logits"] is not None:
-        control_history, hiernet_history = histories["control"], histories["hiernet"]
         metrics["control_acc"] = percent(results["control_logits"].argmax(1) == labels)
-        metrics["control_iterations"] = control_history[-1]["step"] if control_history else 0
-        metrics["hiernet_iterations"] = hiernet_history[-1]["step"] if hiernet_history else 0
+        for stage in ("control", "hiernet"):
+            metrics[f"{stage}_iterations"] = histories[stage][-1]["step"] if histories[stage] else 0
     if data.hierarchy.n_levels > 1:
         metrics["level_acc_backbone"] = common.level_accuracies(backbone_logits, labels, data.hierarchy)
-        metrics["level_acc_slow"] = common.level_accuracies(out["log_p"], labels, data.hierarchy)
-    metrics["hierarchical"] = hierarchical_report(data, top_groups, group_of, backbone_logits, labels, out)
+        metrics["level_acc_slow"] = common.level_accuracies(results["log_p"], labels, data.hierarchy)
+    metrics["hierarchical"] = hierarchical_report(data, top_groups, group_of, results)
     return metrics
 
 
@@ -1266,64 +1209,60 @@ def epoch_seconds(histories):
     return metrics
 
 
-def report(run_dir, names, top_groups, group_of, results, metrics):
+def report(run_dir, names, top_groups, results, metrics):
     """Per-group accuracies (per_group.json, per_group.txt, printed) and the one-line summary."""
-    labels, backbone_pred = results["labels"], results["backbone_logits"].argmax(1)
-    per_group, lines = (
-        [],
-        [f"{'group':>6} {'classes':>7} {'images':>6} {'backbone':>8} {'slow':>6} {'fast':>6} {'routed':>6}  names"],
-    )
-    for g, classes in enumerate(top_groups):
-        mask = torch.as_tensor(group_of)[labels] == g
-        row = {
+    labels, group = results["labels"], results["super_true"]  # each image's true top-level group
+    correct = {
+        "backbone": results["backbone_logits"].argmax(1) == labels,
+        "slow": results["slow"] == labels,
+        "fast": results["fast"] == labels,
+    }
+
+    def row(g, classes):
+        mask = group == g
+        return {
             "group": g + 1,
             "classes": classes,
             "names": [names[c] for c in classes],
             "images": int(mask.sum()),
-            "backbone_acc": percent((backbone_pred == labels)[mask]),
-            "slow_acc": percent((results["slow"] == labels)[mask]),
-            "fast_acc": percent((results["fast"] == labels)[mask]),
+            **{f"{form}_acc": percent(right[mask]) for form, right in correct.items()},
             "routed_acc": percent((results["super"] == g)[mask]),
         }
-        per_group.append(row)
-        lines.append(
-            f"{g + 1:>6} {len(classes):>7} {row['images']:>6} {row['backbone_acc']:>8.2f} {row['slow_acc']:>6.2f} "
-            f"{row['fast_acc']:>6.2f} {row['routed_acc']:>6.2f}  {', '.join(row['names'])}"
-        )
+
+    per_group = [row(g, classes) for g, classes in enumerate(top_groups)]
+    lines = [f"{'group':>6} {'classes':>7} {'images':>6} {'backbone':>8} {'slow':>6} {'fast':>6} {'routed':>6}  names"]
+    lines += [
+        f"{r['group']:>6} {len(r['classes']):>7} {r['images']:>6} {r['backbone_acc']:>8.2f} {r['slow_acc']:>6.2f} "
+        f"{r['fast_acc']:>6.2f} {r['routed_acc']:>6.2f}  {', '.join(r['names'])}"
+        for r in per_group
+    ]
     common.write_json(run_dir / "per_group.json", per_group)
-    common.atomic_write_bytes(run_dir / "per_group.txt", ("\n".join(lines) + "\n").encode())
+    common.write_text(run_dir / "per_group.txt", "\n".join(lines) + "\n")
     print("\n".join(lines))
-    print(
-        f"[hiernet] test: backbone {metrics['backbone_acc']:.2f}  slow {metrics['slow_acc']:.2f}  "
-        f"fast {metrics['fast_acc']:.2f}  super-class {metrics['superclass_acc']:.2f} | images/s backbone "
-        f"{metrics['backbone_images_per_s']:.0f} slow {metrics['slow_images_per_s']:.0f} fast "
-        f"{metrics['fast_images_per_s']:.0f}"
-        + (f" | control (backbone trained as long) {metrics['control_acc']:.2f}" if "control_acc" in metrics else "")
-        + f" | {run_dir}",
-        flush=True,
-    )
+    forms = ("backbone", "slow", "fast")
+    accuracies = "  ".join(f"{form} {metrics[f'{form}_acc']:.2f}" for form in forms)
+    accuracies += f"  super-class {metrics['superclass_acc']:.2f}"
+    speeds = " ".join(f"{form} {metrics[f'{form}_images_per_s']:.0f}" for form in forms)
+    control = f" | control (backbone trained as long) {metrics['control_acc']:.2f}" if "control_acc" in metrics else ""
+    print(f"[hiernet] test: {accuracies} | images/s {speeds}{control} | {run_dir}", flush=True)
 
 
-def hierarchical_report(data, top_groups, group_of, backbone_logits, labels, out):
-    """common.hierarchical_metrics of backbone, slow and fast under two hierarchies: "groups",
-    the found top-level groups over the classes (the tree the model was built on), and, when
-    the dataset has coarse levels (CIFAR-100's 20 superclasses, shapes'), "dataset". The
-    super-class node's decision is the "group" level prediction of slow and fast (level_preds).
-    Fast predicts one class, no scores: its scores are slow's log p with the fast class moved
-    to the top, so top-1 is fast's and the rest follow slow's order."""
+def hierarchical_report(data, top_groups, group_of, results):
+    """common.hierarchical_metrics of backbone, slow and fast under the found top-level groups ("groups"; the
+    super-class node's decision is slow's and fast's group prediction) and the dataset's coarse levels if any
+    ("dataset"). Fast's scores: slow's log p with the fast class moved to the top (docs/hiernet.md)."""
     groups = common.Hierarchy(
         ["group", "fine"],
         [[f"group{g + 1}" for g in range(len(top_groups))], list(data.class_names)],
         [np.asarray(group_of), np.arange(data.num_classes)],
     )
-    log_p = out["log_p"]
+    labels, log_p, routed = results["labels"], results["log_p"], results["super"]
     fast_scores = log_p.clone()
-    rows = torch.arange(len(log_p))
-    fast_scores[rows, out["fast"]] = log_p.max(1).values + 1.0
-    forms = {"backbone": (backbone_logits, None), "slow": (log_p, out["super"]), "fast": (fast_scores, out["super"])}
+    fast_scores[torch.arange(len(log_p)), results["fast"]] = log_p.max(1).values + 1.0
+    forms = {"backbone": (results["backbone_logits"], None), "slow": (log_p, routed), "fast": (fast_scores, routed)}
     report = {"groups": {}}
-    for name, (scores, super_pred) in forms.items():
-        level_preds = None if super_pred is None else {"group": super_pred.numpy()}
+    for name, (scores, group_pred) in forms.items():
+        level_preds = None if group_pred is None else {"group": group_pred.numpy()}
         report["groups"][name] = common.hierarchical_metrics(scores, labels, groups, level_preds=level_preds)
     if data.hierarchy.n_levels > 1:
         report["dataset"] = {
