@@ -38,7 +38,7 @@ def test_write_replaces_only_the_marked_blocks(tmp_path):
     readme.write_text(text + "after\n")
     tool.main(["--write", str(readme)])
     text = readme.read_text()
-    assert text.startswith("before\n") and text.endswith("\nhand\nafter\n") and text.count("\nhand\n") == 7
+    assert text.startswith("before\n") and text.endswith("\nhand\nafter\n") and text.count("\nhand\n") == len(tool.BLOCKS)
     assert "old numbers" not in text and "| resnet56 | 128 |" in text
     readme.write_text("no markers\n")
     with pytest.raises(SystemExit, match="has no runs markers"):
@@ -559,3 +559,20 @@ def test_what_the_report_holds_of_the_scripts_is_theirs():
     # coarse_outer_product.py records the paper's accuracies in metrics.json (the golden record holds them).
     assert coarse_outer_product.PAPER_ACCURACY == tool.OUTER_PRODUCT_PAPER
     assert coarse_outer_product.PAPER_EPOCHS == tool.OUTER_PRODUCT_PAPER_EPOCHS
+
+
+def test_scaling_block_computes_the_sweep_speedup_and_names_the_row_not_measured(tmp_path):
+    tool = load_tool()
+    assert "Not measured yet" in tool.scaling_block(tmp_path)[0]
+    one = {"name": "1gpu", "gpus": 1, "models": 4, "epochs_per_model": 2, "wall_seconds": 60.0, "command": "python m"}
+    result = {"device": "GPU", "gpus": 2, "torch": "2.11", "ddp": [], "sweep": [one]}
+    (tmp_path / "scaling").mkdir()
+    (tmp_path / "scaling" / "scaling.json").write_text(json.dumps(result))
+    text = "\n".join(tool.scaling_block(tmp_path))
+    assert "| `1gpu` | 1 | 1 | 4 x 2 | 60.0 s | 240 | 1.00x |" in text  # 4 models in a minute: 240 an hour
+    assert "`2gpu_sweep`: not measured yet" in text
+    two = {**one, "name": "2gpu_sweep", "gpus": 2, "processes": 2, "wall_seconds": 40.0}
+    result["sweep"].append(two)
+    (tmp_path / "scaling" / "scaling.json").write_text(json.dumps(result))
+    text = "\n".join(tool.scaling_block(tmp_path))
+    assert "| `2gpu_sweep` | 2 | 2 | 4 x 2 | 40.0 s | 360 | 1.50x |" in text and "not measured yet" not in text

@@ -1331,8 +1331,8 @@ def write_hdl_sweep(sweep_dir):
 
 
 # --------------------------------------------------------------------------------------------------
-# The README's generated blocks, one per paper (between <!-- results:NAME:start ... --> and
-# <!-- results:NAME:end --> markers), read from results/
+# The README's generated blocks, one per paper, the runs note, speed and scaling (between <!-- results:NAME:start ... -->
+# and <!-- results:NAME:end --> markers), read from results/
 # --------------------------------------------------------------------------------------------------
 
 
@@ -1816,6 +1816,81 @@ def speed_block(results):
     return lines
 
 
+def scaling_block(results):
+    """tools/scaling.py on several GPUs: ddp of one run against one GPU, and the sweep of independent runs."""
+    path = results / "scaling" / "scaling.json"
+    if not path.exists():
+        return ["Not measured yet: `python tools/scaling.py` on a machine with several GPUs.", ""]
+    s = json.loads(path.read_text())
+    ddp, sweep = s["ddp"], s["sweep"]
+    lines = [
+        f"Measured on {s['gpus']} x {s['device']} (torch {s['torch']}, `python tools/scaling.py`, "
+        "`results/scaling/`): `hdl_stack.py --dataset cifar100 --method hdl`, images/s over all GPUs (median of "
+        "the epochs after the first) and wall time of the whole command:",
+        "",
+        row(["run", "GPUs", "batch per GPU (global)", "CUDA graph", "epochs", "images/s", "wall"]),
+        row(["---"] * 7),
+    ]
+    for r in ddp:
+        launcher = "python" if r["gpus"] == 1 else f"torchrun --nproc_per_node {r['gpus']} --"
+        flags = f"--batch-size {r['per_gpu_batch']}" + ("" if r["cuda_graph"] or r["gpus"] > 1 else " --no-cuda-graph")
+        lines.append(
+            row(
+                [
+                    f"`{launcher} hdl_stack.py ... {flags}`",
+                    r["gpus"],
+                    f"{r['per_gpu_batch']} ({r['global_batch']})",
+                    "yes" if r["cuda_graph"] else "no",
+                    r["epochs"],
+                    f"{r['images_per_s']:.0f}",
+                    f"{r['wall_seconds']:.1f} s",
+                ]
+            )
+        )
+    graph = next((r for r in ddp if r["gpus"] == 1 and r["cuda_graph"]), None)
+    eager = next((r for r in ddp if r["gpus"] == 1 and not r["cuda_graph"]), None)
+    same = next((r for r in ddp if r["gpus"] > 1 and graph and r["global_batch"] == graph["global_batch"]), None)
+    double = next((r for r in ddp if r["gpus"] > 1 and eager and r["per_gpu_batch"] == eager["per_gpu_batch"]), None)
+    if graph and eager and same and double:
+        lines += [
+            "",
+            f"One GPU with the CUDA graph is {graph['images_per_s'] / same['images_per_s']:.1f}x faster than "
+            f"{same['gpus']} GPUs under ddp at the same global batch ({graph['images_per_s'] / double['images_per_s']:.1f}x "
+            f"faster than {double['gpus']} GPUs at {double['gpus']} times the batch); ddp scales the eager step "
+            f"{double['images_per_s'] / eager['images_per_s']:.1f}x ({eager['images_per_s']:.0f} -> "
+            f"{double['images_per_s']:.0f} images/s at {eager['per_gpu_batch']} per GPU).",
+        ]
+    lines += [
+        "",
+        "The sweep: independent `merged_resnet.py` models, one process against torchrun's processes over the GPUs "
+        "(several per GPU through MPS); wall time of the whole command.",
+        "",
+        row(["run", "GPUs", "processes", "models x epochs", "wall", "models per hour", "speed-up"]),
+        row(["---"] * 7),
+    ]
+    first = sweep[0]["wall_seconds"] if sweep else None
+    for r in sweep:
+        lines.append(
+            row(
+                [
+                    f"`{r['name']}`",
+                    r["gpus"],
+                    r.get("processes", 1),
+                    f"{r['models']} x {r['epochs_per_model']}",
+                    f"{r['wall_seconds']:.1f} s",
+                    f"{3600 * r['models'] / r['wall_seconds']:.0f}",
+                    f"{first / r['wall_seconds']:.2f}x",
+                ]
+            )
+        )
+    if not any(r["gpus"] > 1 for r in sweep):
+        lines.append(row([f"`{s['gpus']}gpu_sweep`: not measured yet", *[""] * 6]))
+    if sweep:
+        lines += ["", f"Sweep command: `{sweep[0]['command']}`."]
+    lines.append("")
+    return lines
+
+
 BLOCKS = {
     "runs": runs_block,
     "hiernet": hiernet_block,
@@ -1824,6 +1899,7 @@ BLOCKS = {
     "latent_string": latent_string_block,
     "hdl_stack": hdl_stack_block,
     "speed": speed_block,
+    "scaling": scaling_block,
 }
 
 
