@@ -1331,8 +1331,8 @@ def write_hdl_sweep(sweep_dir):
 
 
 # --------------------------------------------------------------------------------------------------
-# The README's generated blocks, one per paper, the runs note, speed and scaling (between <!-- results:NAME:start ... -->
-# and <!-- results:NAME:end --> markers), read from results/
+# The README's generated blocks, one per paper, the runs note, speed and scaling, between
+# <!-- results:NAME:start ... --> and <!-- results:NAME:end --> markers, read from results/
 # --------------------------------------------------------------------------------------------------
 
 
