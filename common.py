@@ -2339,7 +2339,7 @@ def _refused_as_unsafe(error):
 
 def _load_failure(error):
     """Why torch.load(weights_only=True) refused a file, in our words. torch's own message advises
-    loading with weights_only=False, which is the one unsafe step for a planted file: never quoted."""
+    turning the weights-only check off, the one unsafe step for a planted file: never quoted."""
     if _refused_as_unsafe(error):
         return (
             "it holds Python objects besides tensors and plain values, so this project did not write it (or it "

@@ -92,7 +92,7 @@ def get_args(argv=None):
     g.add_argument("--momentum", type=common.fraction, default=0.9)
     g.add_argument("--backbone-ckpt", help="a trained backbone (fit checkpoint or state dict): skip stage 1")
     g.add_argument("--cpm", type=grouping.cpm_file, help="a saved CPM (.npy): skip stage 2")
-    g.add_argument("--groups", help="a tree JSON from tools/regroup.py: skip stages 2-3")
+    g.add_argument("--groups", help="a tree JSON from grouping.py: skip stages 2-3")
     g.add_argument("--eval-batch-size", type=pos, default=1000)
     p = parser.add_argument_group("paper fidelity and ablations (docs/hiernet.md, 'Paper vs ours')")
     p.add_argument("--schedule", default="paper", choices=tuple(SCHEDULES), help="paper: the text's; code: authors'")
@@ -966,7 +966,7 @@ def tree_from_data(args, data, backbone, val_loader, run_dir, device):
         levels = list(range(hierarchy.n_levels - 1 - args.depth, hierarchy.n_levels - 1))
         return grouping.dataset_tree(hierarchy, levels, np.arange(data.num_classes))
     if args.cpm:
-        cpm = np.load(args.cpm)
+        cpm = np.load(args.cpm, allow_pickle=False)
         if cpm.shape != (data.num_classes, data.num_classes):
             common.fail(f"--cpm {args.cpm}: shape {cpm.shape}, expected {data.num_classes} x {data.num_classes}")
     else:

@@ -208,10 +208,10 @@ CASES = [
     Case("coarse-dropout-1", "coarse_outer_product.py", ["--dropout", "1"], 2, "--dropout"),
     Case("merged-val-fraction-1", "merged_resnet.py", ["--val-fraction", "1"], 2, "--val-fraction"),
     Case("hdl-center-alpha-2", "hdl_stack.py", ["--center-alpha", "2"], 2, "--center-alpha"),
-    # tools/regroup.py (the grouping command line): the same checks as hiernet.py, a CPM that is not one, outputs that collide.
+    # grouping.py (the grouping command line): the same checks as hiernet.py, a CPM that is not one, outputs that collide.
     Case(
         "grouping-g-max-0",
-        "tools/regroup.py",
+        "grouping.py",
         ["--cpm", "{tmp}/cpm.npy", "--g-max", "0"],
         2,
         "--g-max",
@@ -219,18 +219,16 @@ CASES = [
     ),
     Case(
         "grouping-p-min-negative",
-        "tools/regroup.py",
+        "grouping.py",
         ["--cpm", "{tmp}/cpm.npy", "--p-min", "-1"],
         2,
         "--p-min",
         _npy("cpm.npy", GOOD_CPM),
     ),
-    Case(
-        "grouping-cpm-nan", "tools/regroup.py", ["--cpm", "{tmp}/cpm.npy"], 2, "NaN", _npy("cpm.npy", _cpm_with(np.nan))
-    ),
+    Case("grouping-cpm-nan", "grouping.py", ["--cpm", "{tmp}/cpm.npy"], 2, "NaN", _npy("cpm.npy", _cpm_with(np.nan))),
     Case(
         "grouping-cpm-inf",
-        "tools/regroup.py",
+        "grouping.py",
         ["--cpm", "{tmp}/cpm.npy"],
         2,
         "infinite",
@@ -238,7 +236,7 @@ CASES = [
     ),
     Case(
         "grouping-cpm-negative",
-        "tools/regroup.py",
+        "grouping.py",
         ["--cpm", "{tmp}/cpm.npy"],
         2,
         "negative",
@@ -246,7 +244,7 @@ CASES = [
     ),
     Case(
         "grouping-cpm-not-square",
-        "tools/regroup.py",
+        "grouping.py",
         ["--cpm", "{tmp}/cpm.npy"],
         2,
         "square",
@@ -254,7 +252,7 @@ CASES = [
     ),
     Case(
         "grouping-cpm-empty",
-        "tools/regroup.py",
+        "grouping.py",
         ["--cpm", "{tmp}/cpm.npy"],
         2,
         "square",
@@ -262,16 +260,16 @@ CASES = [
     ),
     Case(
         "grouping-cpm-not-npy",
-        "tools/regroup.py",
+        "grouping.py",
         ["--cpm", "{tmp}/cpm.npy"],
         2,
         "not a readable .npy file",
         write_text("cpm.npy", "0.1, 0.2\n0.3, 0.4\n"),
     ),
-    Case("grouping-cpm-missing", "tools/regroup.py", ["--cpm", "{tmp}/nothing.npy"], 2, "not found"),
+    Case("grouping-cpm-missing", "grouping.py", ["--cpm", "{tmp}/nothing.npy"], 2, "not found"),
     Case(
         "grouping-out-txt",
-        "tools/regroup.py",
+        "grouping.py",
         ["--cpm", "{tmp}/cpm.npy", "--out", "{tmp}/tree.txt"],
         2,
         "--out",
@@ -279,7 +277,7 @@ CASES = [
     ),
     Case(
         "grouping-out-is-dir",
-        "tools/regroup.py",
+        "grouping.py",
         ["--cpm", "{tmp}/cpm.npy", "--out", "{tmp}/data"],
         2,
         "directory",
@@ -287,7 +285,7 @@ CASES = [
     ),
     Case(
         "grouping-names-malformed",
-        "tools/regroup.py",
+        "grouping.py",
         ["--cpm", "{tmp}/cpm.npy", "--names", "{tmp}/names.json"],
         2,
         "names.json",
@@ -396,7 +394,7 @@ def run_case(case, tmp):
         case.prepare(tmp)
     before = snapshot(tmp)
     argv = [a.replace("{tmp}", str(tmp)) for a in case.argv]
-    if case.script != "tools/regroup.py":
+    if case.script != "grouping.py":
         argv += ["--out-dir", str(tmp / "run")]
     env = dict(os.environ, HIERCLS_NO_DOWNLOAD="1", OMP_NUM_THREADS="1")
     result = subprocess.run(
@@ -459,7 +457,7 @@ def test_the_acceptance_count():
     assert len(CASES) >= 40 and len({c.id for c in CASES}) == len(CASES)
     assert scripts == {
         "hiernet.py",
-        "tools/regroup.py",
+        "grouping.py",
         "coarse_outer_product.py",
         "merged_resnet.py",
         "latent_string.py",
@@ -502,11 +500,11 @@ FLAG_CASES = [
     ("hiernet", ["--weight-decay", "-1e-4"], "--weight-decay"),
     ("hiernet", ["--eval-batch-size", "0"], "--eval-batch-size"),
     ("hiernet", ["--seed", str(2**32)], "--seed"),
-    ("tools/regroup", ["--run-dir", "x", "--depth", "0"], "--depth"),
-    ("tools/regroup", ["--run-dir", "x", "--g-max", "50", "0"], "--g-max"),
-    ("tools/regroup", ["--run-dir", "x", "--p-min", "nan"], "--p-min"),
-    ("tools/regroup", ["--cpm", "no_such_cpm.npy"], "--cpm"),
-    ("tools/regroup", ["--run-dir", "x", "--out", "tree.dot"], "--out"),
+    ("grouping", ["--run-dir", "x", "--depth", "0"], "--depth"),
+    ("grouping", ["--run-dir", "x", "--g-max", "50", "0"], "--g-max"),
+    ("grouping", ["--run-dir", "x", "--p-min", "nan"], "--p-min"),
+    ("grouping", ["--cpm", "no_such_cpm.npy"], "--cpm"),
+    ("grouping", ["--run-dir", "x", "--out", "tree.dot"], "--out"),
     ("coarse_outer_product", ["--coarse-k", "0"], "--coarse-k"),
     ("coarse_outer_product", ["--val-per-class", "0"], "--val-per-class"),
     ("coarse_outer_product", ["--lr-factor", "0"], "--lr-factor"),

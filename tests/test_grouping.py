@@ -1,5 +1,4 @@
 import ast
-import importlib.util
 import json
 from pathlib import Path
 
@@ -10,14 +9,6 @@ import torch
 import grouping
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def load_regroup():
-    """tools/regroup.py, the grouping command line, as a module."""
-    spec = importlib.util.spec_from_file_location("regroup", ROOT / "tools" / "regroup.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def planted_cpm(blocks, n, within=0.05, across=0.002, seed=0):
@@ -154,14 +145,13 @@ def test_confusion_probability_matrix_against_a_loop():
 
 
 def test_command_line_writes_tree_files(tmp_path, capsys):
-    regroup = load_regroup()
     blocks = shuffled_blocks([3, 3, 2], seed=5)
     cpm = planted_cpm(blocks, 8, seed=5)
     np.save(tmp_path / "cpm.npy", cpm)
     names = [f"c{i}" for i in range(8)]
     (tmp_path / "names.json").write_text(json.dumps(names))
     out = tmp_path / "tree.json"
-    regroup.main(["--cpm", str(tmp_path / "cpm.npy"), "--names", str(tmp_path / "names.json"), "--out", str(out)])
+    grouping.main(["--cpm", str(tmp_path / "cpm.npy"), "--names", str(tmp_path / "names.json"), "--out", str(out)])
     obj = json.loads(out.read_text())
     assert sorted(obj["groups"]) == sorted(blocks)
     assert obj["named_tree"][0] == [names[c] for c in obj["tree"][0]]
@@ -175,25 +165,24 @@ def test_run_dir_regroups_the_runs_cpm_with_its_own_g_max_and_p_min(tmp_path):
     import common
     import hiernet
 
-    regroup = load_regroup()
     argv = ["--dataset", "shapes", "--train-size", "64", "--test-size", "1600", "--image-size", "8", "--n", "1"]
     args = hiernet.get_args([*argv, "--split", "1", "--extra-blocks", "0", "--g-max", "3", "--p-min", "0.0"])
     common.write_json(tmp_path / "args.json", {**vars(args), "script": "hiernet"})
     assert (
-        regroup.get_args(["--run-dir", str(tmp_path)]).g_max,
-        regroup.get_args(["--run-dir", str(tmp_path)]).p_min,
+        grouping.get_args(["--run-dir", str(tmp_path)]).g_max,
+        grouping.get_args(["--run-dir", str(tmp_path)]).p_min,
     ) == ([3], [0.0])
-    given = regroup.get_args(["--run-dir", str(tmp_path), "--g-max", "7", "--p-min", "0.5"])
+    given = grouping.get_args(["--run-dir", str(tmp_path), "--g-max", "7", "--p-min", "0.5"])
     assert (given.g_max, given.p_min, given.depth) == ([7], [0.5], 1)
     with pytest.raises(SystemExit, match="no cpm.npy"):  # the grouping stage has not run: nothing to regroup
-        regroup.main(["--run-dir", str(tmp_path)])
+        grouping.main(["--run-dir", str(tmp_path)])
     np.save(tmp_path / "cpm.npy", np.eye(4))  # --cpm is read and checked while parsing
-    assert regroup.get_args(["--cpm", str(tmp_path / "cpm.npy")]).g_max == [50]
+    assert grouping.get_args(["--cpm", str(tmp_path / "cpm.npy")]).g_max == [50]
     with pytest.raises(SystemExit, match="72 classes in its dataset, a 4-class cpm.npy"):
-        regroup.main(["--run-dir", str(tmp_path)])
+        grouping.main(["--run-dir", str(tmp_path)])
     blocks = shuffled_blocks([3] * 24, seed=2)
     np.save(tmp_path / "cpm.npy", planted_cpm(blocks, 72, seed=2))
-    tree = regroup.main(["--run-dir", str(tmp_path)])
+    tree = grouping.main(["--run-dir", str(tmp_path)])
     sizes = [len(g) for g in tree]
     assert max(sizes) <= 3 and max(sizes) > 1  # the run's g_max, and p_min 0 lets every pair merge
 

@@ -165,19 +165,14 @@ def warning_prints_to_stdout(path):
 
 
 def test_warnings_go_to_stderr():
-    paths = [ROOT / f"{name}.py" for name in [*SCRIPTS, "grouping", "common", "tools/regroup"]]
+    paths = [ROOT / f"{name}.py" for name in [*SCRIPTS, "grouping", "common"]]
     assert [hit for path in paths for hit in warning_prints_to_stdout(path)] == []
 
 
-@pytest.mark.parametrize("script", [*SCRIPTS, "tools/regroup"])
+@pytest.mark.parametrize("script", [*SCRIPTS, "grouping"])
 def test_a_refused_flag_is_one_line_without_the_usage(script, capsys):
-    argv = ["--cpm", "x.npy", "--p-min", "-1"] if script == "tools/regroup" else ["--epochs", "0"]
-    if script.startswith("tools/"):  # a command line of tools/, loaded from its file
-        spec = importlib.util.spec_from_file_location("regroup", ROOT / f"{script}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    else:
-        module = importlib.import_module(script)
+    argv = ["--cpm", "x.npy", "--p-min", "-1"] if script == "grouping" else ["--epochs", "0"]
+    module = importlib.import_module(script)
     with pytest.raises(SystemExit) as stop:
         module.get_args(argv)
     assert stop.value.code == 2

@@ -106,14 +106,14 @@ def fake_hiernet_run(run_dir):
 def test_regrouping_never_writes_over_a_runs_own_tree(tmp_path):
     run_dir = fake_hiernet_run(tmp_path / "run")
     before = files(run_dir)
-    result = run_script(["tools/regroup.py", "--run-dir", str(run_dir), "--out", str(run_dir / "tree.json")])
+    result = run_script(["grouping.py", "--run-dir", str(run_dir), "--out", str(run_dir / "tree.json")])
     assert "a file of the run directory" in one_error_line(result)
     (run_dir / "tree.json").unlink()  # the .txt beside it is still the run's
-    result = run_script(["tools/regroup.py", "--run-dir", str(run_dir), "--out", str(run_dir / "tree.json")])
+    result = run_script(["grouping.py", "--run-dir", str(run_dir), "--out", str(run_dir / "tree.json")])
     assert "tree.txt is a file of the run directory" in one_error_line(result)
     assert files(run_dir) == {k: v for k, v in before.items() if k != "tree.json"}
     # A new name in the run directory, or anywhere else, is written.
-    result = run_script(["tools/regroup.py", "--run-dir", str(run_dir), "--out", str(run_dir / "regrouped.json")])
+    result = run_script(["grouping.py", "--run-dir", str(run_dir), "--out", str(run_dir / "regrouped.json")])
     assert result.returncode == 0, result.stderr
     assert (run_dir / "regrouped.json").is_file() and (run_dir / "tree.txt").read_bytes() == before["tree.txt"]
 

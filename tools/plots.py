@@ -106,7 +106,7 @@ def cpm_figsize(n_classes):
 
 
 def plot_hiernet_cpm(run_dir, out):
-    cpm = np.load(need(run_dir / "cpm.npy"))
+    cpm = np.load(need(run_dir / "cpm.npy"), allow_pickle=False)
     tree_info = read_json(need(run_dir / "tree.json"))
     names, tree = tree_info["class_names"], tree_info["tree"]
     order = tree_leaves(tree)
