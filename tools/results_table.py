@@ -472,23 +472,24 @@ def hiernet_control_rows(results):
     assigned at random), and the backbone trained on as long (--control, part of a CPM run: seed 0's, else
     the lowest seed's that has it); then ELU at n = 3 on Table 2's p_min and on the ReLU runs' (a coarser
     or a finer CPM tree). Each against its own run's backbone."""
+    cpm_random = (("CPM tree (the paper's)", ""), ("random tree", "_randomtree"))
+    elu_p_min = (("CPM tree, p_min 0.005 (Table 2's)", "_elu"), ("CPM tree, p_min 0.0075 (ours)", "_elu_pmin0.0075"))
     out = []
-    for n in (3, 9, "3, ELU"):
-        if n == "3, ELU":  # the tree's coarseness: Table 2's p_min against the ReLU runs'
-            trees = (
-                ("CPM tree, p_min 0.005 (Table 2's)", "_elu"),
-                ("CPM tree, p_min 0.0075 (ours)", "_elu_pmin0.0075"),
-            )
-        else:
-            trees = (("CPM tree (the paper's)", ""), ("random tree", "_randomtree"))
-        for label, run in ((label, f"hiernet_cifar100_n{str(n)[0]}{suffix}") for label, suffix in trees):
+    # (row label, n, the trees compared, whether the backbone trained as long is a row)
+    for label_n, n, trees, with_control in (
+        (3, 3, cpm_random, True),
+        (9, 9, cpm_random, True),
+        ("3, ELU", 3, elu_p_min, False),
+    ):
+        for label, suffix in trees:
+            run = f"hiernet_cifar100_n{n}{suffix}"
             m, info = load(run, results)
             if m is None:
-                out.append([n, label, f"`{run}`: not run yet", *[""] * 8])
+                out.append([label_n, label, f"`{run}`: not run yet", *[""] * 8])
                 continue
             out.append(
                 [
-                    n,
+                    label_n,
                     label,
                     f"`{run}`",
                     f2(m["backbone_acc"]),
@@ -501,7 +502,7 @@ def hiernet_control_rows(results):
                     commit_cell(info),
                 ]
             )
-        if n == "3, ELU":
+        if not with_control:
             continue
         label = "backbone trained as long (`--control`)"
         controlled = [(seed, m, info) for seed, m, info in hiernet_seed_runs(results, n) if "control_acc" in m]
