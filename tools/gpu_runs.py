@@ -520,8 +520,10 @@ def main(argv=None):
     p.add_argument("--budget", type=float, default=550, help="seconds before running jobs are stopped")
     p.add_argument("--parallel", type=int, default=4, help="jobs at once on each GPU")
     p.add_argument("--gpus", type=int, default=1, help="GPUs to spread the jobs over (CUDA_VISIBLE_DEVICES)")
-    p.add_argument("--alone", nargs="+", default=[], choices=tuple(JOBS), help="jobs that get a GPU to themselves")
-    p.add_argument("--only", nargs="+", default=None, choices=tuple(JOBS))
+    p.add_argument(
+        "--alone", nargs="+", default=[], choices=tuple(JOBS), metavar="NAME", help="jobs that get a GPU to themselves"
+    )
+    p.add_argument("--only", nargs="+", default=None, choices=tuple(JOBS), metavar="NAME", help="these jobs (--list)")
     p.add_argument("--out", default=None, help="folder for results.tar.gz (and checkpoints)")
     p.add_argument("--save-checkpoints", action="store_true", help="also pack the unfinished runs' checkpoints")
     p.add_argument("--no-mps", action="store_true")
