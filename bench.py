@@ -22,8 +22,10 @@ images of the same shape: the throughput does not depend on the pixel values.
 --mps K [K ...]: the total training images/s of K processes sharing the GPU (through MPS when its
 control daemon runs, else time-sliced), each running (b) on its own model for --steps steps after
 --warmup; the K processes start timing together, and the total is their images over the wall time
-of the slowest. Writes --mps-out with whether the MPS daemon was found:
+of the slowest (--compile: each model compiled, as the queued jobs). Writes --mps-out with whether the
+MPS daemon was found:
     python bench.py --mps 1 2 4 --mps-config preact164:128 --mps-config densenet100:128
+    python bench.py --mps 1 2 4 --mps-config resnet18in:64 --compile --mps-out results/bench_mps_hdl.json
 """
 
 import argparse
@@ -41,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+import hdl_stack
 import hiernet
 import merged_resnet
 
@@ -189,7 +192,7 @@ def bench_ours(name, batch, images, labels, args, device, ceiling=False):
     mean, std = common.channel_stats(images)
     model = common.to_device_model(BACKBONES[name](), device)
     opt = common.make_sgd(model.parameters(), 0.1)
-    step = common.make_train_step(model, common.cross_entropy_loss, opt, device=device, cuda_graph=True)
+    step = common.make_train_step(model, common.cross_entropy_loss, opt, device=device, compile=bool(args.compile))
     loader = common.GpuLoader(
         images, labels, batch, device=device, mean=mean, std=std, train=True, crop_pad=4, flip=True
     )
@@ -316,6 +319,7 @@ def bench_hiernet(args, device):
 MPS_BACKBONES = {  # CIFAR-100's 100 classes, as in the sweeps
     "preact164": lambda: merged_resnet.PreActResNetCifar(164, 100),
     "densenet100": lambda: merged_resnet.DenseNetBC(100, 12, 100),
+    "resnet18in": lambda: hdl_stack.ResNet18(100, stem="imagenet"),  # hdl_stack.py's (batch 64: latency-bound)
     "preact11": lambda: merged_resnet.PreActResNetCifar(11, 100),  # tiny, for a CPU smoke test
 }
 MPS_CONFIGS = ["preact164:128", "densenet100:128"]
@@ -359,7 +363,7 @@ def mps_worker(args):
     labels = torch.randint(0, 100, (n,), generator=g)
     model = common.to_device_model(MPS_BACKBONES[name](), device)
     opt = common.make_sgd(model.parameters(), 0.1)
-    step = common.make_train_step(model, common.cross_entropy_loss, opt, device=device, cuda_graph=True)
+    step = common.make_train_step(model, common.cross_entropy_loss, opt, device=device, compile=bool(args.compile))
     loader = common.GpuLoader(
         images, labels, batch, device=device, mean=(0.5,) * 3, std=(0.25,) * 3, train=True, crop_pad=4, flip=True
     )
@@ -395,6 +399,7 @@ def run_processes(config, k, args):
     name, batch = config.split(":")
     command = [sys.executable, str(Path(__file__).resolve()), "--steps", str(args.steps)]
     command += ["--warmup", str(args.warmup), "--device", args.device]
+    command += ["--compile", args.compile] if args.compile else []
     procs = [
         subprocess.Popen(
             command + ["--mps-worker", f"{name}:{batch}:{rank}"],
@@ -440,6 +445,8 @@ def run_processes(config, k, args):
 
 
 def bench_mps(args):
+    if args.compile == "regional":
+        common.fail("bench --mps: --compile regional is not measured with --mps; give --compile (whole models)")
     mps = mps_status()
     device = common.get_device(args.device)
     print(f"MPS: {mps}", flush=True)
@@ -466,6 +473,7 @@ def bench_mps(args):
         "images": "random uint8 32x32 images, 100 classes",
         "steps": args.steps,
         "warmup": args.warmup,
+        "compile": bool(args.compile),
         "rows": rows,
     }
     common.write_json(args.mps_out, result)

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 import bench
 
@@ -35,3 +36,30 @@ def test_mps_bench_times_k_processes_together(tmp_path):
 def test_mps_bench_rejects_an_unknown_backbone(tmp_path):
     with pytest.raises(SystemExit, match="backbone:batch"):
         bench.main(["--mps", "1", "--mps-config", "nope:8", "--device", "cpu", "--mps-out", str(tmp_path / "x")])
+
+
+def test_mps_bench_workers_build_hdl_backbone_and_record_compile(tmp_path, monkeypatch):
+    """resnet18in is hdl_stack.py's backbone; --compile reaches every worker's command line and the record."""
+    commands = []
+
+    class FakeProcess:  # a worker that is ready at once and reports 8 images in one second
+        def __init__(self, command, **kwargs):
+            commands.append(command)
+            self.stdout = iter(["READY\n", 'RESULT {"start": 0.0, "end": 1.0, "images": 8}\n'])
+            self.stdin = type("Sink", (), {"write": lambda *a: None, "flush": lambda *a: None})()
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(bench.subprocess, "Popen", FakeProcess)
+    out = tmp_path / "bench_mps.json"
+    bench.main(["--mps", "2", "--mps-config", "resnet18in:64", "--compile", "--device", "cpu", "--mps-out", str(out)])
+    assert len(commands) == 2 and all(c[c.index("--compile") + 1] == "whole" for c in commands)
+    assert json.loads(out.read_text())["compile"] is True
+    model = bench.MPS_BACKBONES["resnet18in"]()
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 100) and isinstance(model.stem[-1], torch.nn.MaxPool2d)
+
+
+def test_mps_bench_refuses_regional_compile(tmp_path):
+    with pytest.raises(SystemExit, match="regional"):
+        bench.main(["--mps", "1", "--compile", "regional", "--device", "cpu", "--mps-out", str(tmp_path / "x")])
