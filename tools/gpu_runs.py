@@ -14,6 +14,8 @@ call too.
 
     python tools/gpu_runs.py --collect DIR                                  # back here: into results/
 
+CIFAR-100 travels to the GPU machine in three pieces, one per call, joined and checked there
+(tools/device_data.py gives the calls); --data-root links the unpacked folder into data/.
 CIFAR-10 comes from the JPEG copy: put cifar10_jpeg.npz and unpack_cifar10_jpeg.py in the ignored
 data/ folder (and carry both); the first call unpacks them there. Back on this machine, unpack
 results.tar.gz into DIR; --collect copies each finished run into results/<name>/ (no checkpoints;

@@ -1,0 +1,104 @@
+"""CIFAR-100's two WebP parts cut into pieces that travel to the GPU machine beside the checkout.
+
+A device call carries at most 64 MiB, the checkout's tracked files included. One CIFAR-100 part
+(../shared/data/cifar100_webp_a.npz, 50.8 MiB) beside a checkout of 10 MiB leaves little room, and
+every landed run makes the checkout larger. So the two parts go as equal pieces (three of 33.7 MiB
+by default), one per call, and are joined and checked on the GPU machine:
+
+    python tools/device_data.py split ../shared/data data             # here: data/cifar100_piece{0,1,2}.bin
+                                                                      # and data/cifar100_pieces.json
+    call 1, carry data/cifar100_piece0.bin data/cifar100_pieces.json data/cifar100_official_order.npz
+        data/unpack_cifar100.py:  mkdir -p /root/data && cp data/cifar100_* data/unpack_cifar100.py /root/data/
+    call 2, carry data/cifar100_piece1.bin:  cp data/cifar100_piece1.bin /root/data/
+    call 3, carry data/cifar100_piece2.bin:  cp data/cifar100_piece2.bin /root/data/ &&
+        python3 tools/device_data.py join /root/data &&
+        python3 /root/data/unpack_cifar100.py /root/data --parts /root/data && <the queue>
+
+Make the calls one after another (the machine stays warm about 30 s). `join` checks every piece's
+and every part's SHA-256 against the manifest and names a missing or damaged piece in one line.
+"""
+
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+PARTS = ("cifar100_webp_a.npz", "cifar100_webp_b.npz")
+MANIFEST = "cifar100_pieces.json"
+
+
+def sha256(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+def split(src, dst, pieces):
+    """The parts in src, concatenated and cut into `pieces` pieces in dst, with a manifest; returns its path."""
+    parts = []
+    for name in PARTS:
+        path = Path(src) / name
+        if not path.is_file():
+            sys.exit(f"device_data: {path} not found; the CIFAR-100 parts are in ../shared/data")
+        parts.append(path.read_bytes())
+    blob = b"".join(parts)
+    size = -(-len(blob) // pieces)
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    manifest = {
+        "parts": [{"name": n, "bytes": len(p), "sha256": sha256(p)} for n, p in zip(PARTS, parts)],
+        "pieces": [],
+    }
+    for i in range(pieces):
+        piece = blob[i * size : (i + 1) * size]
+        (dst / f"cifar100_piece{i}.bin").write_bytes(piece)
+        manifest["pieces"].append({"name": f"cifar100_piece{i}.bin", "bytes": len(piece), "sha256": sha256(piece)})
+    (dst / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return dst / MANIFEST
+
+
+def join(folder):
+    """The pieces in folder joined back into the two parts, every piece and part checked."""
+    folder = Path(folder)
+    if not (folder / MANIFEST).is_file():
+        sys.exit(f"device_data: {folder / MANIFEST} not found; carry it with the first piece")
+    manifest = json.loads((folder / MANIFEST).read_text())
+    chunks = []
+    for piece in manifest["pieces"]:
+        path = folder / piece["name"]
+        if not path.is_file():
+            sys.exit(f"device_data: {path} not found; carry it in its own call")
+        data = path.read_bytes()
+        if sha256(data) != piece["sha256"]:
+            sys.exit(f"device_data: {path} is damaged (SHA-256 differs); carry it again")
+        chunks.append(data)
+    blob, start = b"".join(chunks), 0
+    for part in manifest["parts"]:
+        data = blob[start : start + part["bytes"]]
+        if sha256(data) != part["sha256"]:
+            sys.exit(f"device_data: joined {part['name']} does not match its SHA-256; split the parts again")
+        (folder / part["name"]).write_bytes(data)
+        start += part["bytes"]
+    return [folder / part["name"] for part in manifest["parts"]]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("split", help="here: the parts into pieces and a manifest")
+    s.add_argument("src", help="folder with cifar100_webp_a.npz and cifar100_webp_b.npz")
+    s.add_argument("dst", help="folder for the pieces (git-ignored, e.g. data)")
+    s.add_argument("--pieces", type=int, default=3, help="pieces, one per device call")
+    j = sub.add_parser("join", help="on the GPU machine: the pieces back into the parts, checked")
+    j.add_argument("folder", help="where the pieces and the manifest were copied (e.g. /root/data)")
+    a = p.parse_args(argv)
+    if a.command == "split":
+        if a.pieces < 1:
+            p.error(f"--pieces must be at least 1, got {a.pieces}")
+        print(split(a.src, a.dst, a.pieces))
+    else:
+        for path in join(a.folder):
+            print(path)
+
+
+if __name__ == "__main__":
+    main()
