@@ -171,3 +171,27 @@ def test_a_job_stopped_after_it_wrote_its_metrics_is_done_and_a_crash_is_not():
     assert status(-15, over=True, finished=True) == "done"  # the stop reached it while it was exiting
     assert status(-15, over=True, finished=False) == "stopped"
     assert status(1, over=False, finished=True) == "failed rc=1"  # crashed after metrics.json: shown
+
+
+def test_a_new_job_that_the_budget_cannot_fit_is_skipped_and_a_shorter_one_starts(tmp_path, capsys):
+    gpu_runs = load("gpu_runs")
+    code = "import sys, pathlib; d = pathlib.Path(sys.argv[-1]); d.mkdir(); (d / 'metrics.json').write_text('{}')"
+    gpu_runs.JOBS = {"long": ["-c", code], "short": ["-c", code], "unmeasured": ["-c", code]}
+    gpu_runs.expected_minutes = lambda name, parallel: {"long": 10, "short": 1, "unmeasured": None}[name]
+    runs = tmp_path / "runs"
+    gpu_runs.main(["--only", "long", "short", "unmeasured", "--no-mps", "--runs-dir", str(runs), "--budget", "120"])
+    assert not (runs / "long").exists() and not (runs / "long.run.json").exists()
+    assert (runs / "short" / "metrics.json").exists() and (runs / "unmeasured" / "metrics.json").exists()
+    assert "skip long: needs about 10 min, 2.0 left" in capsys.readouterr().out
+
+
+def test_every_queued_cifar100_paper_run_has_an_expected_length():
+    gpu_runs = load("gpu_runs")
+    cifar100 = [n for n, argv in gpu_runs.JOBS.items() if "cifar100" in argv and not n.startswith("latent_string")]
+    cifar100 = [n for n in cifar100 if not n.startswith("coarse_outer_product")]  # done; lengths in their run.json
+    assert all(gpu_runs.expected_minutes(n) for n in cifar100)
+    # --control trains the backbone on for HierNet's iterations: longer than the same run without it.
+    assert gpu_runs.expected_minutes("hiernet_cifar100_n3_seed1") > gpu_runs.expected_minutes("hiernet_cifar100_n3_elu")
+    assert gpu_runs.expected_minutes("hiernet_cifar100_n18") > gpu_runs.expected_minutes("hiernet_cifar100_n9_elu")
+    # Alone a job is faster (n = 9: 17.2 minutes alone, compiled), so a lease of about 20 can start it.
+    assert gpu_runs.expected_minutes("hiernet_cifar100_n9_elu", parallel=1) <= 20

@@ -3,7 +3,8 @@
 Each job is one script command with its own run directory under runs/gpu/<name>. A call runs the
 queue for at most --budget seconds, several jobs at once, and stops the jobs still running at the
 deadline (their checkpoints are written atomically after every epoch); the next call continues
-them with --resume. A finished job (metrics.json written) is skipped. A GROWN job starts as a copy of
+them with --resume. A finished job (metrics.json written) is skipped, and so is a new one whose measured
+length (expected_minutes) is more than what is left of --budget: it could not land. A GROWN job starts as a copy of
 another's finished run (its trained models' predictions) and lengthens it (merged's --runs). Every job gets
 <name>.run.json beside it: its command, device, torch version, wall seconds per call, how many jobs shared the GPU,
 and the git commit of the code (git_commit; git_dirty: the checkout had uncommitted changes; null without git), per
@@ -304,6 +305,35 @@ AFTER = {
     **{f"latent_string_mnist_cpu_{name}": "latent_string_mnist_cpu_seed0" for name, _ in lh_variants(0)},
 }
 
+# Minutes a job needs on one H100, compiled, four jobs sharing it through MPS (the run.json of the runs in
+# results/). A call starts a job only while that many minutes of --budget are left: a run that a lease's end
+# stops cannot land (its checkpoints do not outlive the machine), so starting it would spend the GPU for
+# nothing. HierNet by n: n = 3 11.8 and n = 5 20.9 measured; n = 7 27 (its HierNet stage took 6.3 s an epoch);
+# n = 9 35 and n = 18 70 (n = 9 took 17.2 alone, and four sharing about halve a job's speed; n = 18 is twice
+# n = 9); --control adds 40% (n = 3's control stage: 165 epochs at the backbone's speed). HDL at 800 epochs:
+# 27 alone, eager (24,600 images/s); a 40-epoch sweep cell about 3 shared. Merged: a run of the five
+# architectures about 72 (four compiled trainings sharing: 14,691 images/s in all). Alone (--parallel 1) a
+# job takes about half as long (n = 9: 17.2; HDL's 27 is already alone).
+HIERNET_MINUTES = {3: 12, 5: 21, 7: 27, 9: 35, 18: 70}
+
+
+def expected_minutes(name, parallel=4):
+    """The minutes above for a job, with `parallel` jobs at once on its GPU; None where none was measured
+    (it starts whatever is left)."""
+    argv = JOBS[name]
+    minutes = None
+    if argv[0] == "hiernet.py" and "cifar100" in argv and "--n" in argv:
+        minutes = HIERNET_MINUTES.get(int(argv[argv.index("--n") + 1]))
+        minutes = minutes * 1.4 if minutes and "--control" in argv else minutes
+    elif name in ("hdl_cifar100_baseline_800", "hdl_cifar100_hdl_800"):
+        return 27
+    elif name.startswith("hdl_sweep_cifar100_"):
+        minutes = 3
+    elif name.startswith("merged_resnet_cifar100_resnet164_runs"):
+        minutes = 72
+    return minutes / 2 if minutes and parallel == 1 else minutes
+
+
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = ROOT / "runs" / "gpu"  # --runs-dir moves it (on the GPU machine: outside the checkout)
 
@@ -583,6 +613,13 @@ def main(argv=None):
                     break
                 if waits(name):
                     continue  # its base run is not finished yet
+                need, left = expected_minutes(name, a.parallel), (a.budget - (time.time() - t0)) / 60
+                if need and need > left and not (RUNS / name / "args.json").exists():
+                    queue.remove(name)  # a new run that this call's end would stop: it could not land
+                    print(
+                        f"{time.time() - t0:6.0f}s skip {name}: needs about {need:.0f} min, {left:.1f} left", flush=True
+                    )
+                    continue
                 gpu = pick_gpu(name, placed, a.gpus, a.parallel, a.alone)
                 if gpu is None:
                     continue
