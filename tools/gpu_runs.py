@@ -310,8 +310,10 @@ AFTER = {
 # stops cannot land (its checkpoints do not outlive the machine), so starting it would spend the GPU for
 # nothing. HierNet by n: n = 3 11.8 and n = 5 20.9 measured; n = 7 27 (its HierNet stage took 6.3 s an epoch);
 # n = 9 35 and n = 18 70 (n = 9 took 17.2 alone, and four sharing about halve a job's speed; n = 18 is twice
-# n = 9); --control adds 40% (n = 3's control stage: 165 epochs at the backbone's speed). HDL at 800 epochs:
-# 27 alone, eager (24,600 images/s); a 40-epoch sweep cell about 3 shared. Merged: a run of the five
+# n = 9); --control adds 40% (n = 3's control stage: 165 epochs at the backbone's speed). HDL at 800 epochs
+# took 27 alone, eager (24,600 images/s); compiled it is not measured yet, so it starts whatever is left and
+# its first epochs' ETA tells (bench.py --mps 1 2 --mps-config resnet18in:64 --compile measures it). A
+# 40-epoch sweep cell about 3 shared. Merged: a run of the five
 # architectures about 72 (four compiled trainings sharing: 14,691 images/s in all). Alone (--parallel 1) a
 # job takes about half as long (n = 9: 17.2; HDL's 27 is already alone).
 HIERNET_MINUTES = {3: 12, 5: 21, 7: 27, 9: 35, 18: 70}
@@ -325,8 +327,6 @@ def expected_minutes(name, parallel=4):
     if argv[0] == "hiernet.py" and "cifar100" in argv and "--n" in argv:
         minutes = HIERNET_MINUTES.get(int(argv[argv.index("--n") + 1]))
         minutes = minutes * 1.4 if minutes and "--control" in argv else minutes
-    elif name in ("hdl_cifar100_baseline_800", "hdl_cifar100_hdl_800"):
-        return 27
     elif name.startswith("hdl_sweep_cifar100_"):
         minutes = 3
     elif name.startswith("merged_resnet_cifar100_resnet164_runs"):
