@@ -97,6 +97,17 @@ def fake_hdl(run):
     (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
 
 
+def fake_outer_product(run):
+    write_json(run / "args.json", {"script": "coarse_outer_product", "dataset": "cifar100"})
+    write_json(run / "metrics.json", {"baseline": {"test_acc": 60.0}})
+    lines = [
+        {"stage": stage, "epoch": epoch, "train_acc": 40.0 + epoch, "val_acc": 30.0 + epoch}
+        for stage in ("baseline", "pretrain", "main_ch")
+        for epoch in (1, 2, 3)
+    ]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
 def fake_bench(path):
     row = {"backbone": "resnet56", "batch": 128, "usual": 5000.0, "ours": 22000.0, "ceiling": 23000.0}
     write_json(path, {"device": "fake GPU", "torch": "2.x", "rows": [row]})
@@ -110,6 +121,7 @@ def results(tmp_path):
     fake_merged(folder / "merged_resnet_x")
     fake_latent(folder / "latent_string_x")
     fake_hdl(folder / "hdl_stack_x")
+    fake_outer_product(folder / "coarse_outer_product_x")
     fake_bench(folder / "bench.json")
     return folder
 
@@ -137,6 +149,7 @@ def test_every_plot_writes_a_png_of_the_expected_size(results, capsys):
         "latent_string_x_prefix_tree.png": plots.prefix_tree_figsize(4),
         "hdl_stack_x_fine_error.png": (6, 4),
         "hdl_stack_x_levels.png": (7, 4),
+        "coarse_outer_product_x_curves.png": (10, 4.2),
     }
     assert sorted(p.name for p in written) == sorted(inches)
     for name, (width, height) in inches.items():

@@ -10,6 +10,8 @@ Figures, each beside the paper's numbers where the paper gives them:
   training-length control (results mode only: it reads several runs).
 - Merged ResNets: top-1 error vs alpha per architecture, coarse and fine, mean and a +-1 std band
   over the runs, the paper's optimum (alpha near 1, Figs. 3-4) marked.
+- Coarse network x VGG16: training-mode and validation accuracy per epoch of each table's network,
+  the paper's figures (Tables I, III-VII) at the epoch each reports.
 - Latent strings: accuracy vs the string length L (Fig. 8) and vs the LSTM size (Fig. 7), with the
   paper's Table III point; the learnt prefix tree.
 - HDL: fine error per epoch, baseline vs HDL; the level errors beside the majority-category ones.
@@ -260,6 +262,48 @@ def plot_merged_alpha(run_dir, out):
     return save(fig, out)
 
 
+# ---------------------------------------------------------------- coarse network x VGG16
+
+# The networks of Tables I and III-VII, in the order they train (the pretrain / recovery stages only build CH).
+OUTER_PRODUCT_STAGES = (
+    ("baseline", "I, VGG16 baseline"),
+    ("coarse_ch", "III, CH coarse"),
+    ("main_ch", "IV, CH outer product"),
+    ("coarse_cvc", "V, CVC coarse"),
+    ("main_cvc", "VI, CVC outer product"),
+    ("ete", "VII, ETE"),
+)
+
+
+def plot_outer_product_curves(run_dir, out):
+    """Training-mode and validation accuracy per epoch of each table's network; crosses: the paper's
+    figures at the epoch its table reports."""
+    records = read_jsonl(need(run_dir / "metrics.jsonl"))
+    stages = [(s, label) for s, label in OUTER_PRODUCT_STAGES if any(r.get("stage") == s for r in records)]
+    if not stages:
+        raise Skip(f"{run_dir / 'metrics.jsonl'} has no epochs of the tables' networks")
+    paper = read_json(need(run_dir / "args.json")).get("dataset") == "cifar100"
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), layout="constrained", sharey=True)
+    for (stage, label), colour in zip(stages, plt.get_cmap("tab10").colors):
+        epochs = sorted((r["epoch"], r["train_acc"], r["val_acc"]) for r in records if r.get("stage") == stage)
+        x, train, val = zip(*epochs)
+        for ax, y, index in ((axes[0], train, 0), (axes[1], val, 1)):
+            ax.plot(x, y, color=colour, lw=1.2, label=label)
+            reported = results_table.OUTER_PRODUCT_PAPER[stage][index] if paper else None
+            if reported is not None:
+                ax.plot(results_table.OUTER_PRODUCT_PAPER_EPOCHS[stage], reported, "x", color=colour, ms=8, mew=2)
+    axes[0].set_title("train (training mode, running over the epoch)", fontsize=10)
+    axes[1].set_title("validation", fontsize=10)
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[0].set_ylabel("accuracy %")
+    axes[1].legend(fontsize=8, loc="lower right")
+    crosses = "; crosses: the paper's (Tables I, III-VII)" if paper else ""
+    fig.suptitle(f"{run_dir.name}: accuracy per epoch of each table's network{crosses}", fontsize=10)
+    return save(fig, out)
+
+
 # ---------------------------------------------------------------- latent strings
 
 
@@ -500,6 +544,8 @@ def run_figures(run_dir):
         return [(f"{name}_cpm.png", lambda out: plot_hiernet_cpm(run_dir, out))]
     if script == "merged_resnet":
         return [(f"{name}_alpha.png", lambda out: plot_merged_alpha(run_dir, out))]
+    if script == "coarse_outer_product":
+        return [(f"{name}_curves.png", lambda out: plot_outer_product_curves(run_dir, out))]
     if script == "latent_string":
         return [
             (f"{name}_bits.png", lambda out: plot_latent_sweep(run_dir, out, "bits")),
