@@ -177,7 +177,7 @@ def test_a_new_job_that_the_budget_cannot_fit_is_skipped_and_a_shorter_one_start
     gpu_runs = load("gpu_runs")
     code = "import sys, pathlib; d = pathlib.Path(sys.argv[-1]); d.mkdir(); (d / 'metrics.json').write_text('{}')"
     gpu_runs.JOBS = {"long": ["-c", code], "short": ["-c", code], "unmeasured": ["-c", code]}
-    gpu_runs.expected_minutes = lambda name, parallel: {"long": 10, "short": 1, "unmeasured": None}[name]
+    gpu_runs.expected_minutes = lambda name, sharing: {"long": 10, "short": 1, "unmeasured": None}[name]
     runs = tmp_path / "runs"
     gpu_runs.main(["--only", "long", "short", "unmeasured", "--no-mps", "--runs-dir", str(runs), "--budget", "120"])
     assert not (runs / "long").exists() and not (runs / "long.run.json").exists()
@@ -195,4 +195,6 @@ def test_every_queued_cifar100_paper_run_has_an_expected_length():
     assert gpu_runs.expected_minutes("hiernet_cifar100_n3_seed1") > gpu_runs.expected_minutes("hiernet_cifar100_n3_elu")
     assert gpu_runs.expected_minutes("hiernet_cifar100_n18") > gpu_runs.expected_minutes("hiernet_cifar100_n9_elu")
     # Alone a job is faster (n = 9: 17.2 minutes alone, compiled), so a lease of about 20 can start it.
-    assert gpu_runs.expected_minutes("hiernet_cifar100_n9_elu", parallel=1) <= 20
+    assert gpu_runs.expected_minutes("hiernet_cifar100_n9_elu", sharing=1) <= 20
+    shared = [gpu_runs.expected_minutes("hiernet_cifar100_n7", sharing=k) for k in (1, 2, 3, 4)]
+    assert shared == sorted(shared) and shared[-1] == gpu_runs.HIERNET_MINUTES[7]

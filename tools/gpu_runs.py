@@ -314,13 +314,13 @@ AFTER = {
 # took 27 alone, eager (24,600 images/s); compiled it is not measured yet, so it starts whatever is left and
 # its first epochs' ETA tells (bench.py --mps 1 2 --mps-config resnet18in:64 --compile measures it). A
 # 40-epoch sweep cell about 3 shared. Merged: a run of the five
-# architectures about 72 (four compiled trainings sharing: 14,691 images/s in all). Alone (--parallel 1) a
-# job takes about half as long (n = 9: 17.2; HDL's 27 is already alone).
+# architectures about 72 (four compiled trainings sharing: 14,691 images/s in all). Alone a job takes about
+# half as long (n = 9: 17.2); between one and four sharing, the length is taken as linear in their number.
 HIERNET_MINUTES = {3: 12, 5: 21, 7: 27, 9: 35, 18: 70}
 
 
-def expected_minutes(name, parallel=4):
-    """The minutes above for a job, with `parallel` jobs at once on its GPU; None where none was measured
+def expected_minutes(name, sharing=4):
+    """The minutes above for a job, with `sharing` jobs at once on its GPU; None where none was measured
     (it starts whatever is left)."""
     argv = JOBS[name]
     minutes = None
@@ -331,7 +331,7 @@ def expected_minutes(name, parallel=4):
         minutes = 3
     elif name.startswith("merged_resnet_cifar100_resnet164_runs"):
         minutes = 72
-    return minutes / 2 if minutes and parallel == 1 else minutes
+    return minutes and minutes / 2 * (1 + (sharing - 1) / 3)
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -613,7 +613,8 @@ def main(argv=None):
                     break
                 if waits(name):
                     continue  # its base run is not finished yet
-                need, left = expected_minutes(name, a.parallel), (a.budget - (time.time() - t0)) / 60
+                sharing = min(a.parallel, len(queue) + len(running))  # at most this many at once from now on
+                need, left = expected_minutes(name, sharing), (a.budget - (time.time() - t0)) / 60
                 if need and need > left and not (RUNS / name / "args.json").exists():
                     queue.remove(name)  # a new run that this call's end would stop: it could not land
                     print(
