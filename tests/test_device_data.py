@@ -80,3 +80,10 @@ def test_checkout_leaves_room_for_a_piece_in_one_device_call():
     tracked = sum(os.path.getsize(ROOT / f) for f in listed.stdout.decode().split("\0") if f and (ROOT / f).is_file())
     piece = -(-sum(PART_BYTES) // 3)
     assert tracked + piece + 200_000 + 10_000 < 64 * 2**20 - 4 * 2**20, f"tracked files: {tracked / 2**20:.1f} MiB"
+
+
+def test_a_folder_that_cannot_be_written_is_one_line(parts, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with pytest.raises(SystemExit, match="cannot write"):
+        device_data.split(parts, blocker / "data", 3)

@@ -32,6 +32,18 @@ def sha256(data):
     return hashlib.sha256(data).hexdigest()
 
 
+def write(path, data):
+    """Write bytes or text; a folder that cannot take it is one line, not a traceback."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(data, bytes):
+            path.write_bytes(data)
+        else:
+            path.write_text(data)
+    except OSError as e:
+        sys.exit(f"device_data: cannot write {path}: {e.strerror or e}")
+
+
 def split(src, dst, pieces):
     """The parts in src, concatenated and cut into `pieces` pieces in dst, with a manifest; returns its path."""
     parts = []
@@ -43,16 +55,15 @@ def split(src, dst, pieces):
     blob = b"".join(parts)
     size = -(-len(blob) // pieces)
     dst = Path(dst)
-    dst.mkdir(parents=True, exist_ok=True)
     manifest = {
         "parts": [{"name": n, "bytes": len(p), "sha256": sha256(p)} for n, p in zip(PARTS, parts)],
         "pieces": [],
     }
     for i in range(pieces):
         piece = blob[i * size : (i + 1) * size]
-        (dst / f"cifar100_piece{i}.bin").write_bytes(piece)
+        write(dst / f"cifar100_piece{i}.bin", piece)
         manifest["pieces"].append({"name": f"cifar100_piece{i}.bin", "bytes": len(piece), "sha256": sha256(piece)})
-    (dst / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    write(dst / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return dst / MANIFEST
 
 
@@ -76,7 +87,7 @@ def join(folder):
         data = blob[start : start + part["bytes"]]
         if sha256(data) != part["sha256"]:
             sys.exit(f"device_data: joined {part['name']} does not match its SHA-256; split the parts again")
-        (folder / part["name"]).write_bytes(data)
+        write(folder / part["name"], data)
         start += part["bytes"]
     return [folder / part["name"] for part in manifest["parts"]]
 
