@@ -198,3 +198,68 @@ def test_every_queued_cifar100_paper_run_has_an_expected_length():
     assert gpu_runs.expected_minutes("hiernet_cifar100_n9_elu", sharing=1) <= 20
     shared = [gpu_runs.expected_minutes("hiernet_cifar100_n7", sharing=k) for k in (1, 2, 3, 4)]
     assert shared == sorted(shared) and shared[-1] == gpu_runs.HIERNET_MINUTES[7]
+
+
+TIMING = ("seconds", "per_s", "latency")  # wall-clock figures differ between any two runs
+
+
+def test_a_parked_run_resumes_past_its_finished_stages_to_the_uninterrupted_runs_metrics(tmp_path):
+    """park() keeps a stopped run's finished stages (backbone, control) without their optimizers' momentum;
+    resuming the parked copy retrains only the stage in progress and ends with the same numbers."""
+    import shutil
+
+    import torch
+
+    import hiernet
+
+    gpu_runs = load("gpu_runs")
+    whole = tmp_path / "whole"
+    expected = hiernet.main(["--dry-run", "--control", "--device", "cpu", "--out-dir", str(whole)])
+    stopped = tmp_path / "stopped"  # the same run as a lease's end leaves it: no metrics.json yet
+    shutil.copytree(whole, stopped)
+    (stopped / "metrics.json").unlink()
+    (tmp_path / "record.json").write_text(json.dumps({"name": "x", "calls": [{"seconds": 5.0}]}))
+    parked = tmp_path / "parked" / "x"
+    assert gpu_runs.park(stopped, parked, tmp_path / "record.json") == ["backbone", "control"]
+    assert not (parked / "hiernet" / "checkpoint.pt").exists() and (parked / "run.json").exists()
+    stages = [json.loads(line)["stage"] for line in (parked / "metrics.jsonl").read_text().splitlines()]
+    assert set(stages) == {"backbone", "control"}
+    checkpoint = torch.load(parked / "backbone" / "checkpoint.pt", weights_only=True)
+    assert checkpoint["optimizer"]["state"] == {} and checkpoint["model"]  # weights kept, momentum dropped
+
+    gpu_runs.RUNS = tmp_path / "runs"
+    assert gpu_runs.restore_parked("x", tmp_path / "parked") and not gpu_runs.restore_parked("x", tmp_path / "parked")
+    assert json.loads((gpu_runs.RUNS / "x.run.json").read_text())["calls"] == [{"seconds": 5.0}]
+    got = hiernet.main(["--resume", str(gpu_runs.RUNS / "x"), "--device", "cpu"])
+    same = {k: v for k, v in expected.items() if not any(t in k for t in TIMING)}
+    assert {k: got[k] for k in same} == same
+    stages = [json.loads(line)["stage"] for line in (gpu_runs.RUNS / "x" / "metrics.jsonl").read_text().splitlines()]
+    assert stages == [json.loads(line)["stage"] for line in (whole / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_collect_lands_parked_stages_and_drops_them_once_the_run_finishes(tmp_path):
+    import torch
+
+    gpu_runs = load("gpu_runs")
+    gpu_runs.RUNS = tmp_path / "runs"
+    run = gpu_runs.RUNS / "job"
+    for stage in ("a", "b"):
+        (run / stage).mkdir(parents=True)
+        torch.save(
+            {"model": {"w": torch.ones(2)}, "optimizer": {"state": {0: torch.ones(2)}}}, run / stage / "checkpoint.pt"
+        )
+    (run / "args.json").write_text("{}")
+    (run / "metrics.jsonl").write_text('{"stage": "a", "epoch": 1}\n{"stage": "b", "epoch": 1}\n')
+    out, results = tmp_path / "out", tmp_path / "results"
+    gpu_runs.pack(out, False, ["job"])
+    assert [p.name for p in out.glob("parked.tar.part*")] == ["parked.tar.part00"]
+    assert gpu_runs.collect(out, results) == []  # nothing finished: only the parked stages land
+    assert (results / "parked" / "job" / "a" / "checkpoint.pt").is_file()
+    assert not (results / "parked" / "job" / "b").exists()  # the stage in progress starts over
+    (out / "job").mkdir()  # the run finished in a later session: collected, its parked stages dropped
+    (out / "job" / "metrics.json").write_text("{}")
+    (out / "job.run.json").write_text(json.dumps({"name": "job", "calls": []}))
+    for part in out.glob("parked.tar.part*"):
+        part.unlink()
+    assert gpu_runs.collect(out, results) == ["job"]
+    assert not (results / "parked" / "job").exists() and (results / "job" / "metrics.json").is_file()

@@ -23,6 +23,12 @@ results.tar.gz into DIR; --collect copies each finished run into results/<name>/
 <name>.log becomes train.log, <name>.run.json run.json). Then rebuild the README's tables with
 tools/results_table.py --write README.md.
 
+A run longer than a lease can go on in the next session: --park NAME... (on the GPU machine) packs
+the finished stages of those runs still unfinished at the deadline into parked.tar.part* (each finished
+stage's checkpoint without its optimizer's momentum: a backbone of HierNet's n = 18 is 7 MB); --collect
+lands them in results/parked/<name>/, which travels with the checkout, and the next call resumes the
+run from there. A --park job starts even when its expected length is more than the budget left.
+
 When the MPS control daemon starts, the jobs share the GPU through it (their small kernels then
 run side by side); otherwise they time-slice. Epoch times of jobs that shared the GPU are longer
 than those of a job alone: run.json says how many ran at once.
@@ -42,6 +48,7 @@ epoch), one at a time:
 """
 
 import argparse
+import io
 import json
 import os
 import shlex
@@ -336,6 +343,7 @@ def expected_minutes(name, sharing=4):
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = ROOT / "runs" / "gpu"  # --runs-dir moves it (on the GPU machine: outside the checkout)
+PARKED = ROOT / "results" / "parked"  # stopped runs' finished stages, landed between sessions (--park)
 
 
 def sh(cmd):
@@ -490,7 +498,57 @@ def record(name, **update):
     path.write_text(json.dumps(info, indent=2) + "\n")
 
 
-def pack(out, with_checkpoints):
+def finished_stages(run_dir):
+    """The stages of a run that are complete: each followed by another stage's epochs in metrics.jsonl."""
+    stages = []
+    path = run_dir / "metrics.jsonl"
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        stage = json.loads(line).get("stage") if line.strip() else None
+        if stage and stage not in stages:
+            stages.append(stage)
+    return stages[:-1]
+
+
+def park(run_dir, dst, record_path=None):
+    """What a later session needs to resume a stopped run past its finished stages, written to dst: the
+    run's small files, metrics.jsonl cut to those stages, and each finished stage's checkpoint without the
+    optimizer's per-parameter state (a finished stage never steps again; that halves the file), plus the
+    queue's record as run.json. The stage in progress starts over on resume. Returns the stages parked."""
+    import torch
+
+    stages = [s for s in finished_stages(run_dir) if (run_dir / s / "checkpoint.pt").is_file()]
+    if not stages:
+        return []
+    for path in run_dir.rglob("*"):
+        small = path.is_file() and path.suffix != ".pt" and path.stat().st_size < 4 << 20
+        if small and path.name != "metrics.jsonl":
+            (dst / path.relative_to(run_dir)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, dst / path.relative_to(run_dir))
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line).get("stage") in stages]
+    (dst / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
+    for stage in stages:
+        checkpoint = torch.load(run_dir / stage / "checkpoint.pt", map_location="cpu", weights_only=True)
+        checkpoint["optimizer"]["state"] = {}
+        (dst / stage).mkdir(parents=True, exist_ok=True)
+        torch.save(checkpoint, dst / stage / "checkpoint.pt")
+    if record_path is not None and record_path.is_file():
+        shutil.copy2(record_path, dst / "run.json")
+    return stages
+
+
+def restore_parked(name, parked=None):
+    """A parked run (results/parked/<name>) as the job's run directory, when it has none yet; True if so."""
+    src, dst = (parked or PARKED) / name, RUNS / name
+    if not (src / "args.json").is_file() or (dst / "args.json").exists():
+        return False
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("run.json"), dirs_exist_ok=True)
+    if (src / "run.json").is_file():
+        shutil.copy2(src / "run.json", RUNS / f"{name}.run.json")
+    return True
+
+
+def pack(out, with_checkpoints, park_names=()):
     """Small files of every run into results.tar.gz; checkpoints of unfinished runs in 15 MiB parts."""
     out.mkdir(parents=True, exist_ok=True)
     with tarfile.open(out / "results.tar.gz", "w:gz") as tar:
@@ -512,6 +570,15 @@ def pack(out, with_checkpoints):
                 cwd=RUNS,
                 check=True,
             )
+    staging = out / "parked"
+    for name in park_names:
+        run_dir = RUNS / name
+        if run_dir.is_dir() and not (run_dir / "metrics.json").exists():
+            stages = park(run_dir, staging / name, RUNS / f"{name}.run.json")
+            print(f"park {name}: {', '.join(stages) or 'no finished stage'}", flush=True)
+    if staging.is_dir() and any(staging.iterdir()):
+        subprocess.run(f"tar cf - * | split -b 15m -d - {out}/parked.tar.part", shell=True, cwd=staging, check=True)
+        shutil.rmtree(staging)
 
 
 # Runs collected into one folder of results/ together (prefix -> folder; each run a subfolder).
@@ -544,6 +611,14 @@ def collect(src, results=ROOT / "results"):
             shutil.copy(src / f"{name}.log", dst / "train.log")
         for stage in [d for d in dst.iterdir() if d.is_dir() and not any(d.iterdir())]:
             stage.rmdir()  # a stage folder that held only its checkpoint
+    parts = sorted(src.glob("parked.tar.part*"))
+    if parts:  # stopped runs' finished stages (--park): results/parked/<name>, replaced as a whole
+        with tarfile.open(fileobj=io.BytesIO(b"".join(p.read_bytes() for p in parts))) as tar:
+            for name in {member.name.split("/")[0] for member in tar.getmembers()}:
+                shutil.rmtree(results / "parked" / name, ignore_errors=True)
+            tar.extractall(results / "parked", filter="data")
+    for name in names:  # a run that finished needs its parked stages no more
+        shutil.rmtree(results / "parked" / name, ignore_errors=True)
     return names
 
 
@@ -558,6 +633,9 @@ def main(argv=None):
     p.add_argument("--only", nargs="+", default=None, choices=tuple(JOBS), metavar="NAME", help="these jobs (--list)")
     p.add_argument("--out", default=None, help="folder for results.tar.gz (and checkpoints)")
     p.add_argument("--save-checkpoints", action="store_true", help="also pack the unfinished runs' checkpoints")
+    p.add_argument(
+        "--park", nargs="+", default=[], choices=tuple(JOBS), metavar="NAME", help="land these runs' finished stages"
+    )
     p.add_argument("--no-mps", action="store_true")
     p.add_argument("--list", action="store_true")
     p.add_argument("--collect", metavar="DIR", help="copy the finished runs unpacked in DIR into results/")
@@ -614,8 +692,10 @@ def main(argv=None):
                 if waits(name):
                     continue  # its base run is not finished yet
                 sharing = min(a.parallel, len(queue) + len(running))  # at most this many at once from now on
+                if restore_parked(name):
+                    print(f"{time.time() - t0:6.0f}s {name}: resumes the stages parked in results/parked", flush=True)
                 need, left = expected_minutes(name, sharing), (a.budget - (time.time() - t0)) / 60
-                if need and need > left and not (RUNS / name / "args.json").exists():
+                if need and need > left and name not in a.park and not (RUNS / name / "args.json").exists():
                     queue.remove(name)  # a new run that this call's end would stop: it could not land
                     print(
                         f"{time.time() - t0:6.0f}s skip {name}: needs about {need:.0f} min, {left:.1f} left", flush=True
@@ -688,7 +768,7 @@ def main(argv=None):
         if mps:
             stop_mps()
         if a.out:
-            pack(Path(a.out), a.save_checkpoints)
+            pack(Path(a.out), a.save_checkpoints, a.park)
     print("\njob                              finished  wall_s")
     for name in JOBS:
         path = RUNS / f"{name}.run.json"
