@@ -1319,6 +1319,7 @@ def fit(
                         "loader": loader.state_dict(),
                         "extra": {k: _weights_only_safe(v.state_dict()) for k, v in extra_state.items()},
                         "epoch": epoch,
+                        "epochs": epochs,  # the stage's length: epoch == epochs marks it finished (gpu_runs --park)
                         "step": global_step,
                         "history": _plain(history),
                         "rng": get_rng_state(device),

@@ -215,9 +215,10 @@ def test_a_parked_run_resumes_past_its_finished_stages_to_the_uninterrupted_runs
     gpu_runs = load("gpu_runs")
     whole = tmp_path / "whole"
     expected = hiernet.main(["--dry-run", "--control", "--device", "cpu", "--out-dir", str(whole)])
-    stopped = tmp_path / "stopped"  # the same run as a lease's end leaves it: no metrics.json yet
+    stopped = tmp_path / "stopped"  # the same run as a lease's end leaves it in HierNet's first epoch
     shutil.copytree(whole, stopped)
     (stopped / "metrics.json").unlink()
+    shutil.rmtree(stopped / "hiernet")  # no HierNet checkpoint yet (its logged epoch is dropped by park)
     (tmp_path / "record.json").write_text(json.dumps({"name": "x", "calls": [{"seconds": 5.0}]}))
     parked = tmp_path / "parked" / "x"
     assert gpu_runs.park(stopped, parked, tmp_path / "record.json") == ["backbone", "control"]
@@ -243,19 +244,22 @@ def test_collect_lands_parked_stages_and_drops_them_once_the_run_finishes(tmp_pa
     gpu_runs = load("gpu_runs")
     gpu_runs.RUNS = tmp_path / "runs"
     run = gpu_runs.RUNS / "job"
-    for stage in ("a", "b"):
+    # Two processes log into one metrics.jsonl (merged's sweep): stage a has ended, b is at epoch 2 of 3.
+    for stage, epoch in (("a", 3), ("b", 2)):
         (run / stage).mkdir(parents=True)
-        torch.save(
-            {"model": {"w": torch.ones(2)}, "optimizer": {"state": {0: torch.ones(2)}}}, run / stage / "checkpoint.pt"
-        )
+        state = {"model": {"w": torch.ones(2)}, "optimizer": {"state": {0: torch.ones(2)}}, "epoch": epoch, "epochs": 3}
+        torch.save(state, run / stage / "checkpoint.pt")
     (run / "args.json").write_text("{}")
-    (run / "metrics.jsonl").write_text('{"stage": "a", "epoch": 1}\n{"stage": "b", "epoch": 1}\n')
+    lines = [("a", 1), ("b", 1), ("a", 2), ("b", 2), ("a", 3)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"stage": s, "epoch": e}) + "\n" for s, e in lines))
     out, results = tmp_path / "out", tmp_path / "results"
     gpu_runs.pack(out, False, ["job"])
     assert [p.name for p in out.glob("parked.tar.part*")] == ["parked.tar.part00"]
     assert gpu_runs.collect(out, results) == []  # nothing finished: only the parked stages land
     assert (results / "parked" / "job" / "a" / "checkpoint.pt").is_file()
     assert not (results / "parked" / "job" / "b").exists()  # the stage in progress starts over
+    parked_lines = (results / "parked" / "job" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in parked_lines] == [1, 2, 3]  # a's lines alone
     (out / "job").mkdir()  # the run finished in a later session: collected, its parked stages dropped
     (out / "job" / "metrics.json").write_text("{}")
     (out / "job.run.json").write_text(json.dumps({"name": "job", "calls": []}))

@@ -24,8 +24,8 @@ results.tar.gz into DIR; --collect copies each finished run into results/<name>/
 tools/results_table.py --write README.md.
 
 A run longer than a lease can go on in the next session: --park NAME... (on the GPU machine) packs
-the finished stages of those runs still unfinished at the deadline into parked.tar.part* (each finished
-stage's checkpoint without its optimizer's momentum: a backbone of HierNet's n = 18 is 7 MB); --collect
+the finished stages (their checkpoint's epoch is the stage's last) of those runs still unfinished at the
+deadline into parked.tar.part* (each finished stage's checkpoint without its optimizer's momentum: a backbone of HierNet's n = 18 is 7 MB); --collect
 lands them in results/parked/<name>/, which travels with the checkout, and the next call resumes the
 run from there. A --park job starts even when its expected length is more than the budget left.
 
@@ -499,14 +499,24 @@ def record(name, **update):
 
 
 def finished_stages(run_dir):
-    """The stages of a run that are complete: each followed by another stage's epochs in metrics.jsonl."""
-    stages = []
+    """The stages of a run whose checkpoint says they are complete (epoch == epochs, written by common.fit),
+    in the order metrics.jsonl first logs them."""
+    import torch
+
+    order = []
     path = run_dir / "metrics.jsonl"
     for line in path.read_text().splitlines() if path.is_file() else []:
         stage = json.loads(line).get("stage") if line.strip() else None
-        if stage and stage not in stages:
-            stages.append(stage)
-    return stages[:-1]
+        if stage and stage not in order:
+            order.append(stage)
+    finished = []
+    for stage in order:
+        checkpoint = run_dir / stage / "checkpoint.pt"
+        if checkpoint.is_file():
+            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+            if state.get("epochs") is not None and state["epoch"] == state["epochs"]:
+                finished.append(stage)
+    return finished
 
 
 def park(run_dir, dst, record_path=None):
@@ -516,7 +526,7 @@ def park(run_dir, dst, record_path=None):
     queue's record as run.json. The stage in progress starts over on resume. Returns the stages parked."""
     import torch
 
-    stages = [s for s in finished_stages(run_dir) if (run_dir / s / "checkpoint.pt").is_file()]
+    stages = finished_stages(run_dir)
     if not stages:
         return []
     for path in run_dir.rglob("*"):
