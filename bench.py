@@ -192,7 +192,7 @@ def bench_ours(name, batch, images, labels, args, device, ceiling=False):
     mean, std = common.channel_stats(images)
     model = common.to_device_model(BACKBONES[name](), device)
     opt = common.make_sgd(model.parameters(), 0.1)
-    step = common.make_train_step(model, common.cross_entropy_loss, opt, device=device, compile=bool(args.compile))
+    step = common.make_train_step(model, common.cross_entropy_loss, opt, device=device, cuda_graph=True)
     loader = common.GpuLoader(
         images, labels, batch, device=device, mean=mean, std=std, train=True, crop_pad=4, flip=True
     )

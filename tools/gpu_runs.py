@@ -23,11 +23,12 @@ results.tar.gz into DIR; --collect copies each finished run into results/<name>/
 <name>.log becomes train.log, <name>.run.json run.json). Then rebuild the README's tables with
 tools/results_table.py --write README.md.
 
-A run longer than a lease can go on in the next session: --park NAME... (on the GPU machine) packs
-the finished stages (their checkpoint's epoch is the stage's last) of those runs still unfinished at the
-deadline into parked.tar.part* (each finished stage's checkpoint without its optimizer's momentum: a backbone of HierNet's n = 18 is 7 MB); --collect
-lands them in results/parked/<name>/, which travels with the checkout, and the next call resumes the
-run from there. A --park job starts even when its expected length is more than the budget left.
+A run longer than a lease can go on in the next session: --park NAME... (on the GPU machine) packs the
+finished stages (their checkpoint's epoch is the stage's last) of those runs still unfinished at the
+deadline into parked.tar.part*, each finished stage's checkpoint without its optimizer's momentum (a
+backbone of HierNet's n = 18: 7 MB); --collect lands them in results/parked/<name>/, which travels with
+the checkout, and the next call resumes the run from there. A --park job starts even when its expected
+length is more than the budget left.
 
 When the MPS control daemon starts, the jobs share the GPU through it (their small kernels then
 run side by side); otherwise they time-slice. Epoch times of jobs that shared the GPU are longer
@@ -320,9 +321,9 @@ AFTER = {
 # n = 9); --control adds 40% (n = 3's control stage: 165 epochs at the backbone's speed). HDL at 800 epochs
 # took 27 alone, eager (24,600 images/s); compiled it is not measured yet, so it starts whatever is left and
 # its first epochs' ETA tells (bench.py --mps 1 2 --mps-config resnet18in:64 --compile measures it). A
-# 40-epoch sweep cell about 3 shared. Merged: a run of the five
-# architectures about 72 (four compiled trainings sharing: 14,691 images/s in all). Alone a job takes about
-# half as long (n = 9: 17.2); between one and four sharing, the length is taken as linear in their number.
+# 40-epoch sweep cell about 3 shared. Merged: a run of the five architectures about 72 (four compiled
+# trainings sharing: 14,691 images/s in all). Alone a job takes about half as long (n = 9: 17.2); between
+# one and four sharing, the length is taken as linear in their number.
 HIERNET_MINUTES = {3: 12, 5: 21, 7: 27, 9: 35, 18: 70}
 
 
