@@ -1370,8 +1370,7 @@ def runs_block(results):
 
 def hiernet_block(results):
     """HierNet: the CIFAR-10 and shapes runs, Tables 1 and 2 beside the paper's, the seeds, the controls."""
-    lines = []
-    lines += [
+    lines = [
         "#### HierNet (`hiernet.py`), accuracy % on the test half (5k images for CIFAR-10)",
         "",
     ]
@@ -1440,8 +1439,7 @@ def hiernet_block(results):
 
 def merged_resnet_block(results):
     """Merged ResNets: error at alpha 0 and at the chosen alpha per architecture, Figure 3 as tables."""
-    lines = []
-    lines += [
+    lines = [
         "#### Merged coarse/fine networks (`merged_resnet.py`), top-1 error %, mean over runs",
         "",
     ]
@@ -1512,8 +1510,7 @@ def merged_resnet_block(results):
 
 def coarse_outer_product_block(results):
     """Coarse network x VGG16: every method's test accuracy beside the paper's, Tables I, III-VII."""
-    lines = []
-    lines += [
+    lines = [
         "#### Coarse network x VGG16 by outer product (`coarse_outer_product.py`), test accuracy %",
         "",
     ]
@@ -1577,8 +1574,7 @@ def coarse_outer_product_block(results):
 
 def latent_string_block(results):
     """Latent strings: Table III beside the paper's, the stage-2 experiments."""
-    lines = []
-    lines += [
+    lines = [
         "#### Latent hierarchy strings (`latent_string.py`), Table III: test accuracy %, ours then the paper's",
         "",
     ]
@@ -1668,8 +1664,7 @@ def latent_string_block(results):
 
 def hdl_stack_block(results):
     """HDL: Tables 3 and 4's errors beside the paper's, the centre-loss sweep."""
-    lines = []
-    lines += [
+    lines = [
         "#### Hierarchical deep loss (`hdl_stack.py`), test error %",
         "",
     ]
