@@ -500,8 +500,8 @@ def record(name, **update):
 
 
 def finished_stages(run_dir):
-    """The stages of a run whose checkpoint says they are complete (epoch == epochs, written by common.fit),
-    in the order metrics.jsonl first logs them."""
+    """{stage: its checkpoint} for the stages whose checkpoint says they are complete (epoch == epochs, written
+    by common.fit), in the order metrics.jsonl first logs them."""
     import torch
 
     order = []
@@ -510,13 +510,13 @@ def finished_stages(run_dir):
         stage = json.loads(line).get("stage") if line.strip() else None
         if stage and stage not in order:
             order.append(stage)
-    finished = []
+    finished = {}
     for stage in order:
-        checkpoint = run_dir / stage / "checkpoint.pt"
-        if checkpoint.is_file():
-            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-            if state.get("epochs") is not None and state["epoch"] == state["epochs"]:
-                finished.append(stage)
+        path = run_dir / stage / "checkpoint.pt"
+        if path.is_file():
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+            if checkpoint.get("epochs") is not None and checkpoint["epoch"] == checkpoint["epochs"]:
+                finished[stage] = checkpoint
     return finished
 
 
@@ -527,8 +527,8 @@ def park(run_dir, dst, record_path=None):
     queue's record as run.json. The stage in progress starts over on resume. Returns the stages parked."""
     import torch
 
-    stages = finished_stages(run_dir)
-    if not stages:
+    finished = finished_stages(run_dir)
+    if not finished:
         return []
     for path in run_dir.rglob("*"):
         small = path.is_file() and path.suffix != ".pt" and path.stat().st_size < 4 << 20
@@ -536,16 +536,15 @@ def park(run_dir, dst, record_path=None):
             (dst / path.relative_to(run_dir)).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(path, dst / path.relative_to(run_dir))
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    kept = [line for line in lines if line.strip() and json.loads(line).get("stage") in stages]
+    kept = [line for line in lines if line.strip() and json.loads(line).get("stage") in finished]
     (dst / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
-    for stage in stages:
-        checkpoint = torch.load(run_dir / stage / "checkpoint.pt", map_location="cpu", weights_only=True)
+    for stage, checkpoint in finished.items():
         checkpoint["optimizer"]["state"] = {}
         (dst / stage).mkdir(parents=True, exist_ok=True)
         torch.save(checkpoint, dst / stage / "checkpoint.pt")
     if record_path is not None and record_path.is_file():
         shutil.copy2(record_path, dst / "run.json")
-    return stages
+    return list(finished)
 
 
 def restore_parked(name, parked=None):
