@@ -578,3 +578,25 @@ def test_scaling_block_computes_the_sweep_speedup_and_names_the_row_not_measured
     (tmp_path / "scaling" / "scaling.json").write_text(json.dumps(result))
     text = "\n".join(tool.scaling_block(tmp_path))
     assert "| `2gpu_sweep` | 2 | 2 | 4 x 2 | 40.0 s | 360 | 1.50x |" in text and "not measured yet" not in text
+
+
+def test_speed_block_shows_a_rerun_on_another_card_and_the_mps_probe(tmp_path):
+    tool = load_tool()
+    rows = [{"backbone": "resnet56", "batch": 128, "usual": 5000.0, "ours": 20000.0, "ceiling": 25000.0}]
+    rows[0].update(ours_over_usual=4.0, ours_over_ceiling=0.8)
+    rerun = {"device": "Card X", "torch": "t", "images": "random images", "rows": rows}
+    (tmp_path / "bench_cardx.json").write_text(json.dumps(rerun))
+    mps_rows = [
+        {"backbone": "resnet18in", "batch": 64, "k": k, "total_images_per_s": total, "per_process_images_per_s": each}
+        for k, total, each in ((1, 100.0, [100.0]), (2, 150.0, [80.0, 70.0]))
+    ]
+    for r in mps_rows:
+        r["total_over_one"] = r["total_images_per_s"] / 100.0
+    probe = {"device": "Card X", "compile": True, "steps": 9, "images": "random images", "rows": mps_rows}
+    (tmp_path / "bench_mps_probe.json").write_text(json.dumps(probe))
+    text = "\n".join(tool.speed_block(tmp_path))
+    assert (
+        "The same measurement on Card X" in text and "| resnet56 | 128 | 5000 | 20000 | 25000 | 4.00 | 0.80 |" in text
+    )
+    assert "compiled, 9 steps" in text and "| resnet18in | 64 | 2 | 150 | 80 / 70 | 1.50 |" in text
+    assert text.count("The same measurement") == 1  # the MPS file is not taken for a rerun

@@ -318,10 +318,11 @@ AFTER = {
 # stops cannot land (its checkpoints do not outlive the machine), so starting it would spend the GPU for
 # nothing. HierNet by n: n = 3 11.8 and n = 5 20.9 measured; n = 7 27 (its HierNet stage took 6.3 s an epoch);
 # n = 9 35 and n = 18 70 (n = 9 took 17.2 alone, and four sharing about halve a job's speed; n = 18 is twice
-# n = 9); --control adds 40% (n = 3's control stage: 165 epochs at the backbone's speed). HDL at 800 epochs
-# took 27 alone, eager (24,600 images/s); compiled it is not measured yet, so it starts whatever is left and
-# its first epochs' ETA tells (bench.py --mps 1 2 --mps-config resnet18in:64 --compile measures it). A
-# 40-epoch sweep cell about 3 shared. Merged: a run of the five architectures about 72 (four compiled
+# n = 9); --control adds 40% (n = 3's control stage: 165 epochs at the backbone's speed; on an H200 the
+# n = 3 seeds with it took 17.7-17.8 against 12 x 1.4 = 16.8). HDL at 800 epochs (40M training images) took
+# 27 alone, eager; compiled, results/bench_mps_hdl.json measured 49,300 images/s alone and 37,900 each with
+# two sharing (H200), so 34 here: about 17 alone (13.6 of steps, 800 validation passes and epoch ends) and
+# 23 with two sharing. A 40-epoch sweep cell took 3.5-3.9 beside three HierNet jobs (H200): 4. Merged: a run of the five architectures about 72 (four compiled
 # trainings sharing: 14,691 images/s in all). Alone a job takes about half as long (n = 9: 17.2); between
 # one and four sharing, the length is taken as linear in their number.
 HIERNET_MINUTES = {3: 12, 5: 21, 7: 27, 9: 35, 18: 70}
@@ -336,7 +337,9 @@ def expected_minutes(name, sharing=4):
         minutes = HIERNET_MINUTES.get(int(argv[argv.index("--n") + 1]))
         minutes = minutes * 1.4 if minutes and "--control" in argv else minutes
     elif name.startswith("hdl_sweep_cifar100_"):
-        minutes = 3
+        minutes = 4
+    elif name.startswith("hdl_cifar100_") and name.endswith("_800"):
+        minutes = 34
     elif name.startswith("merged_resnet_cifar100_resnet164_runs"):
         minutes = 72
     return minutes and minutes / 2 * (1 + (sharing - 1) / 3)
@@ -634,7 +637,13 @@ def collect(src, results=ROOT / "results"):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--budget", type=float, default=550, help="seconds before running jobs are stopped")
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=550,
+        metavar="SECONDS",
+        help="seconds (not minutes) before running jobs are stopped",
+    )
     p.add_argument("--parallel", type=int, default=4, help="jobs at once on each GPU")
     p.add_argument("--gpus", type=int, default=1, help="GPUs to spread the jobs over (CUDA_VISIBLE_DEVICES)")
     p.add_argument(

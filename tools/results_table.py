@@ -1775,6 +1775,7 @@ def speed_block(results):
             )
         lines.append("")
         lines += figure_lines(results, ("bench.png", "bench.py: usual loop, ours, model-only ceiling"))
+    lines += bench_reruns(results) + bench_mps(results)
     bench = results / "bench_hiernet.json"
     if bench.exists():
         b = json.loads(bench.read_text())
@@ -1808,6 +1809,50 @@ def speed_block(results):
                         ]
                     )
                 )
+        lines.append("")
+    return lines
+
+
+def bench_reruns(results):
+    """bench.py's table measured again on another card (results/bench_<card>.json): the ratios to compare."""
+    lines = []
+    for path in sorted(results.glob("bench_*.json")):
+        b = json.loads(path.read_text())
+        if not b.get("rows") or "ours_over_ceiling" not in b["rows"][0]:
+            continue
+        lines += [
+            f"The same measurement on {b['device']}, torch {b['torch']} (`results/{path.name}`, on {b['images']}):",
+            "",
+            row(["backbone", "batch", "usual loop", "ours", "model-only ceiling", "ours / usual", "ours / ceiling"]),
+            row(["---"] * 7),
+        ]
+        for r in b["rows"]:
+            cells = [r["backbone"], r["batch"], *(f"{r[k]:.0f}" for k in ("usual", "ours", "ceiling"))]
+            lines.append(row(cells + [f2(r["ours_over_usual"]), f2(r["ours_over_ceiling"])]))
+        lines.append("")
+    return lines
+
+
+def bench_mps(results):
+    """bench.py --mps: total training images/s of K processes sharing one GPU through MPS."""
+    lines = []
+    for path in sorted(results.glob("bench_mps*.json")):
+        b = json.loads(path.read_text())
+        compiled = "compiled" if b.get("compile") else "eager"
+        lines += [
+            f"Processes sharing one {b['device']} through MPS (`python bench.py --mps`, {compiled}, "
+            f"{b['steps']} steps on {b['images']}; `results/{path.name}`):",
+            "",
+            row(["backbone", "batch", "processes", "images/s in all", "images/s each", "in all / one process"]),
+            row(["---"] * 6),
+        ]
+        for r in b["rows"]:
+            each = " / ".join(f"{v:.0f}" for v in r["per_process_images_per_s"])
+            lines.append(
+                row(
+                    [r["backbone"], r["batch"], r["k"], f"{r['total_images_per_s']:.0f}", each, f2(r["total_over_one"])]
+                )
+            )
         lines.append("")
     return lines
 
