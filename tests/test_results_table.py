@@ -193,8 +193,10 @@ def test_cifar100_rows_say_not_run_and_the_hdl_sweep_table_is_included(tmp_path)
     plant_sweep_run(sweep / "baseline", None, 30.0)
     plant_sweep_run(sweep / "epoch_raw_1", ("epoch", "raw", 1.0), 30.5)
     text = tool.section(tmp_path)
-    expected = tool.hdl_sweep(sweep)[0].strip().splitlines()[2:]
-    assert expected[0].startswith("| variant (heads/update/features/alpha) | lambda0 |")
+    expected = tool.hdl_sweep(sweep, tool.queued_sweep_cells(sweep))[0].strip().splitlines()[2:]
+    assert "Pick: not yet; 2 of 11 cells" in text and expected[0].startswith(
+        "| variant (heads/update/features/alpha) | lambda0 |"
+    )
     assert "held out (`tools/results_table.py --sweep-table`):\n\n" + "\n".join(expected) in text
 
 
@@ -600,3 +602,21 @@ def test_speed_block_shows_a_rerun_on_another_card_and_the_mps_probe(tmp_path):
     )
     assert "compiled, 9 steps" in text and "| resnet18in | 64 | 2 | 150 | 80 / 70 | 1.50 |" in text
     assert text.count("The same measurement") == 1  # the MPS file is not taken for a rerun
+
+
+def test_sweep_rule_waits_for_every_queued_cell(tmp_path):
+    tool = load_tool()
+    sweep = tmp_path / "hdl_sweep_cifar100"  # the queue's folder: its cells are gpu_runs' hdl_sweep_cifar100_* jobs
+    expected = tool.queued_sweep_cells(sweep)
+    assert "baseline" in expected and "epoch_raw_1" in expected and len(expected) == 11
+    # A small lambda0 within the margin has run; the paper's 1 (the rule's first choice) has not.
+    plant_sweep(sweep, 40.0, [("epoch", "raw", 0.001, 40.5)])
+    text = tool.write_hdl_sweep(sweep)
+    record = json.loads((sweep / "sweep.json").read_text())
+    assert record["pick"] is None and "epoch_raw_1" in record["missing"] and "Pick: not yet; 2 of 11 cells" in text
+    # Every cell in: the rule picks, and the largest lambda0 within the margin wins.
+    cells = [tuple(name.split("_")[:2]) + (float(name.split("_")[2]), 45.0) for name in expected if name != "baseline"]
+    cells = [c if c[:3] != ("epoch", "raw", 1.0) else ("epoch", "raw", 1.0, 40.9) for c in cells]
+    plant_sweep(sweep, 40.0, cells)
+    record = json.loads((sweep / "sweep.json").read_text()) if tool.write_hdl_sweep(sweep) else None
+    assert record["missing"] == [] and record["pick"]["run"] == "epoch_raw_1"

@@ -23,6 +23,7 @@ here, checked against the script by the tests.
 """
 
 import argparse
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -1229,11 +1230,26 @@ def sweep_cell_flags(config, levels=None):
     ]
 
 
-def hdl_sweep(sweep_dir):
+def queued_sweep_cells(sweep_dir):
+    """The cell folders tools/gpu_runs.py's queue lands in results/hdl_sweep_cifar100 (job hdl_sweep_cifar100_X:
+    folder X); None for another folder, whose cells are whatever it holds."""
+    if Path(sweep_dir).name != "hdl_sweep_cifar100":
+        return None
+    spec = importlib.util.spec_from_file_location("gpu_runs", Path(__file__).resolve().parent / "gpu_runs.py")
+    gpu_runs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_runs)
+    prefix = "hdl_sweep_cifar100_"
+    return sorted(name[len(prefix) :] for name in gpu_runs.JOBS if name.startswith(prefix))
+
+
+def hdl_sweep(sweep_dir, expected=None):
     """The validation runs under sweep_dir as (sweep.md's text, sweep.json's record): one row per run
     (center-loss variant, lambda0) with HDL's validation fine and level errors and its difference
-    to the baseline trained as long; then SWEEP_RULE's pick."""
+    to the baseline trained as long; then SWEEP_RULE's pick, once every cell named in expected (folder
+    names; None: those present) has run: the rule's largest lambda0 can only be read off the whole sweep."""
     sweep_dir = Path(sweep_dir)
+    present = {path.parent.name for path in sweep_dir.glob("*/metrics.json")}
+    missing = sorted(set(expected or ()) - present)
     rows, baseline_runs = [], []
     for metrics_path in sorted(sweep_dir.glob("*/metrics.json")):
         m = json.loads(metrics_path.read_text())
@@ -1271,7 +1287,7 @@ def hdl_sweep(sweep_dir):
         if r["baseline_val_fine_error"] is not None:
             r["baseline_val_fine_error"] = float(r["baseline_val_fine_error"])
     rows.sort(key=lambda r: (r["variant"], r["lambda0"]))
-    pick = pick_sweep_cell(rows)
+    pick = None if missing else pick_sweep_cell(rows)
     level_names = list(rows[0]["val_level_error"])
     majority = rows[0]["majority_error"]
     lines = [
@@ -1310,7 +1326,13 @@ def hdl_sweep(sweep_dir):
             + ", ".join(f"{fmt(e)} ({run}, {n} epochs)" for run, n, e in baseline_runs),
         ]
     lines += ["", f"Decision rule (fixed before the sweep ran; validation only): {SWEEP_RULE}", ""]
-    if pick is None:
+    if missing:
+        lines.append(
+            f"Pick: not yet; {len(expected) - len(missing)} of {len(expected)} cells have run (to run: "
+            + ", ".join(missing)
+            + "). The rule is applied once all have."
+        )
+    elif pick is None:
         lines.append("Pick: none (no cell within 1 point of its baseline, or no baseline): no extra 800-epoch row.")
     else:
         lines += [
@@ -1320,12 +1342,12 @@ def hdl_sweep(sweep_dir):
             f"`python hdl_stack.py --dataset cifar100 --method hdl {' '.join(pick['flags'])}`.",
         ]
     text = "\n".join(lines) + "\n"
-    return text, {"rule": SWEEP_RULE, "margin": SWEEP_MARGIN, "pick": pick, "rows": rows}
+    return text, {"rule": SWEEP_RULE, "margin": SWEEP_MARGIN, "pick": pick, "missing": missing, "rows": rows}
 
 
 def write_hdl_sweep(sweep_dir):
     """sweep.md and sweep.json into sweep_dir (the latter read by tools/gpu_runs.py); returns the text."""
-    text, record = hdl_sweep(sweep_dir)
+    text, record = hdl_sweep(sweep_dir, queued_sweep_cells(sweep_dir))
     (Path(sweep_dir) / "sweep.md").write_text(text)
     (Path(sweep_dir) / "sweep.json").write_text(json.dumps(record, indent=2) + "\n")
     return text
@@ -1737,7 +1759,7 @@ def hdl_stack_block(results):
     sweep = results / "hdl_sweep_cifar100"
     lines += (
         ["CIFAR-100 centre-loss sweep on a tenth of train held out (`tools/results_table.py --sweep-table`):", ""]
-        + hdl_sweep(sweep)[0].strip().splitlines()[2:]  # the table, without its own title
+        + hdl_sweep(sweep, queued_sweep_cells(sweep))[0].strip().splitlines()[2:]  # the table, no title
         + [""]
         if any(sweep.glob("*/metrics.json"))
         else ["CIFAR-100 centre-loss sweep (`hdl_sweep_cifar100_*` in tools/gpu_runs.py): not run yet.", ""]
