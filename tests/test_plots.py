@@ -140,6 +140,7 @@ def test_every_plot_writes_a_png_of_the_expected_size(results, capsys):
     written, skipped = plots.draw(plots.results_figures(results), out)
     inches = {
         "hiernet_table1.png": (8, 4.5),
+        "hiernet_controls.png": (6.5, 4.5),
         "bench.png": (7, 4),
         "hiernet_cifar100_n3_cpm.png": plots.cpm_figsize(4),
         "hiernet_cifar100_n3_seed1_cpm.png": plots.cpm_figsize(4),
@@ -230,3 +231,17 @@ def test_the_scripts_never_import_matplotlib():
     code = f"import {', '.join(SCRIPTS)}, sys; assert 'matplotlib' not in sys.modules, 'imported'"
     done = subprocess.run([sys.executable, "-c", code], check=False, cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_controls_figure_reads_the_random_tree_and_control_runs(tmp_path):
+    plots = pytest.importorskip("plots")
+    pytest.importorskip("matplotlib")
+    with pytest.raises(plots.Skip, match="no hiernet_cifar100_n\\*_randomtree run or --control run"):
+        plots.plot_hiernet_controls(tmp_path, tmp_path / "c.png")
+    fake_hiernet(tmp_path / "hiernet_cifar100_n3_randomtree", control=False)  # slow 70.0, backbone 66.0
+    write_json(
+        tmp_path / "hiernet_cifar100_n3_randomtree_seed1" / "metrics.json", {"slow_acc": 60.0, "backbone_acc": 65.0}
+    )
+    assert plots.random_tree_gains(tmp_path, 3) == [4.0, -5.0] and plots.random_tree_gains(tmp_path, 9) == []
+    plots.plot_hiernet_controls(tmp_path, tmp_path / "c.png")
+    assert png_size(tmp_path / "c.png") == (round(6.5 * plots.DPI), round(4.5 * plots.DPI))

@@ -7,7 +7,8 @@ Figures, each beside the paper's numbers where the paper gives them:
 
 - HierNet: the confusion probability matrix of a run, classes in the tree's order with the group
   borders; Tables 1-2 as slow - backbone per n, ours (seed bars) beside the paper's, with the
-  training-length control (results mode only: it reads several runs).
+  training-length control (results mode only: it reads several runs); the controls: HierNet on the
+  CPM tree and on a random tree of the same group sizes, and the backbone trained as long.
 - Merged ResNets: top-1 error vs alpha per architecture, coarse and fine, mean and a +-1 std band
   over the runs, the paper's optimum (alpha near 1, Figs. 3-4) marked.
 - Coarse network x VGG16: training-mode and validation accuracy per epoch of each table's network,
@@ -222,6 +223,79 @@ def plot_hiernet_table(results, out, elu=False):
     ax.legend(fontsize=8, loc="upper right")
     ax.set_ylim(top=ax.get_ylim()[1] * 1.25)  # room for the legend above the bars
     return save(fig, out)
+
+
+def plot_hiernet_controls(results, out):
+    """Where HierNet's gain comes from, per n on CIFAR-100 (ResNet): accuracy - backbone of HierNet on the
+    CPM tree (every seed), on the random tree (--tree-from random) and of the backbone trained as long
+    (--control, every seed that has it); bars are means, dots the runs, whiskers +-1 std where several."""
+    controlled = lambda n: any("control_acc" in m for m in hiernet_table_runs(results, n, False))
+    ns = [n for n in results_table.HIERNET_TABLE1 if random_tree_gains(results, n) or controlled(n)]
+    if not ns:
+        raise Skip(f"no hiernet_cifar100_n*_randomtree run or --control run in {results}")
+    series = (
+        (
+            "HierNet, CPM tree (the paper's)",
+            OURS,
+            lambda n: [m["slow_acc"] - m["backbone_acc"] for m in hiernet_table_runs(results, n, False)],
+        ),
+        ("HierNet, random tree (same group sizes)", OTHER, lambda n: random_tree_gains(results, n)),
+        (
+            "backbone trained as long (--control)",
+            CONTROL,
+            lambda n: [
+                m["control_acc"] - m["backbone_acc"]
+                for m in hiernet_table_runs(results, n, False)
+                if "control_acc" in m
+            ],
+        ),
+    )
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(6.5, 4.5), layout="constrained")
+    for k, (label, colour, gains) in enumerate(series):
+        for i, n in enumerate(ns):
+            values = gains(n)
+            if not values:
+                continue
+            x = i + (k - (len(series) - 1) / 2) * width
+            mean = float(np.mean(values))
+            std = float(np.std(values, ddof=1)) if len(values) > 1 else None
+            ax.bar(x, mean, width, color=colour, yerr=std, capsize=3, label=label if i == 0 else None)
+            ax.plot([x] * len(values), values, "k.", ms=4)
+            tip = max(values + [mean + (std or 0)]) if mean >= 0 else min(values + [mean - (std or 0)])
+            ax.annotate(
+                f"{mean:+.2f} ({len(values)})",
+                (x, tip),
+                xytext=(0, 3 if mean >= 0 else -3),
+                textcoords="offset points",
+                ha="center",
+                va="bottom" if mean >= 0 else "top",
+                fontsize=7,
+            )
+    ax.set_xticks(range(len(ns)), [f"n = {n}" for n in ns])
+    ax.set_xlim(-0.6, len(ns) - 0.4)
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_ylabel("accuracy - its own backbone, points")
+    ax.set_title(
+        "HierNet on CIFAR-100: the CPM tree, a random tree of the same sizes,\nand the backbone trained as long "
+        "(bars: mean; dots: runs; (k): runs)",
+        fontsize=9,
+    )
+    ax.legend(fontsize=8, loc="upper right")
+    low, high = ax.get_ylim()
+    ax.set_ylim(low - 0.5, high + 0.35 * (high - low))  # room for the labels and the legend
+    return save(fig, out)
+
+
+def random_tree_gains(results, n):
+    """accuracy - backbone of the random-tree runs at n (seed 0 the plain run, then _seedK)."""
+    found = []
+    for seed in range(10):
+        metrics = results / (f"hiernet_cifar100_n{n}_randomtree" + (f"_seed{seed}" if seed else "")) / "metrics.json"
+        if metrics.is_file():
+            m = read_json(metrics)
+            found.append(m["slow_acc"] - m["backbone_acc"])
+    return found
 
 
 # ---------------------------------------------------------------- merged ResNets
@@ -565,6 +639,7 @@ def results_figures(results):
     figures = [
         ("hiernet_table1.png", lambda out: plot_hiernet_table(results, out, elu=False)),
         ("hiernet_table2.png", lambda out: plot_hiernet_table(results, out, elu=True)),
+        ("hiernet_controls.png", lambda out: plot_hiernet_controls(results, out)),
         ("bench.png", lambda out: plot_bench(results / "bench.json", out)),
     ]
     for run_dir in sorted(d for d in results.iterdir() if d.is_dir()):

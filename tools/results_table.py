@@ -532,6 +532,9 @@ def hiernet_control_table(results):
         "",
         *table(*without_blank_column(header, hiernet_control_rows(results), COMMIT_HEADER)),
         "",
+        *figure_lines(
+            results, ("hiernet_controls.png", "HierNet's gain: CPM tree, random tree, backbone trained as long")
+        ),
     ]
 
 
