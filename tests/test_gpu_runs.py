@@ -4,6 +4,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -268,3 +270,11 @@ def test_collect_lands_parked_stages_and_drops_them_once_the_run_finishes(tmp_pa
         part.unlink()
     assert gpu_runs.collect(out, results) == ["job"]
     assert not (results / "parked" / "job").exists() and (results / "job" / "metrics.json").is_file()
+
+
+def test_a_budget_given_in_minutes_is_refused_in_one_line(tmp_path, capsys):
+    gpu_runs = load("gpu_runs")
+    with pytest.raises(SystemExit) as stop:
+        gpu_runs.main(["--only", "hiernet_shapes", "--no-mps", "--runs-dir", str(tmp_path), "--budget", "21"])
+    assert stop.value.code == 2 and "--budget 21: seconds, not minutes" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # refused before anything was started or written

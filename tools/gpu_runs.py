@@ -664,6 +664,8 @@ def main(argv=None):
         "--commit", default=None, help="the clean commit the checkout was copied from, when its .git is not its own"
     )
     a = p.parse_args(argv)
+    if a.budget < 60 and not (a.collect or a.list):  # the queue stops its jobs 30 s before the deadline
+        p.error(f"--budget {a.budget:g}: seconds, not minutes; under 60 no job has time to start")
     global RUNS
     if a.runs_dir:
         RUNS = Path(a.runs_dir).resolve()
