@@ -322,9 +322,10 @@ AFTER = {
 # n = 3 seeds with it took 17.7-17.8 against 12 x 1.4 = 16.8). HDL at 800 epochs (40M training images) took
 # 27 alone, eager; compiled, results/bench_mps_hdl.json measured 49,300 images/s alone and 37,900 each with
 # two sharing (H200), so 34 here: about 17 alone (13.6 of steps, 800 validation passes and epoch ends) and
-# 23 with two sharing. A 40-epoch sweep cell took 3.5-3.9 beside three HierNet jobs (H200): 4. Merged: a run of the five architectures about 72 (four compiled
-# trainings sharing: 14,691 images/s in all). Alone a job takes about half as long (n = 9: 17.2); between
-# one and four sharing, the length is taken as linear in their number.
+# 23 with two sharing. A 40-epoch sweep cell took 3.5-3.9 beside three HierNet jobs (H200): 4. Merged: a
+# run of the five architectures about 72 (four compiled trainings sharing: 14,691 images/s in all). Alone
+# a job takes about half as long (n = 9: 17.2); between one and four sharing, the length is taken as
+# linear in their number.
 HIERNET_MINUTES = {3: 12, 5: 21, 7: 27, 9: 35, 18: 70}
 
 
