@@ -620,3 +620,18 @@ def test_sweep_rule_waits_for_every_queued_cell(tmp_path):
     plant_sweep(sweep, 40.0, cells)
     record = json.loads((sweep / "sweep.json").read_text()) if tool.write_hdl_sweep(sweep) else None
     assert record["missing"] == [] and record["pick"]["run"] == "epoch_raw_1"
+
+
+def test_wall_names_the_card_each_run_used():
+    tool = load_tool()
+    calls = [{"seconds": 600.0, "jobs_sharing_gpu": 4}]
+    h100 = {"device": {"gpu": "NVIDIA H100 80GB HBM3", "torch": "t"}, "calls": calls, "wall_seconds": 600.0}
+    h200 = {**h100, "device": {"gpu": "NVIDIA H200", "torch": "t"}}
+    cpu = {
+        **h100,
+        "device": {"cpu": "AMD EPYC (2 cores)", "torch": "t"},
+        "calls": [{"seconds": 1, "jobs_sharing_gpu": 1}],
+    }
+    assert tool.wall(h100) == "10.0 min, H100 (4 jobs shared the GPU)"
+    assert tool.wall(h200) == "10.0 min, H200 (4 jobs shared the GPU)"
+    assert tool.wall(cpu) == "10.0 min, CPU"

@@ -26,6 +26,7 @@ import argparse
 import importlib.util
 import json
 import math
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,9 +39,23 @@ def load(run, results):
     return json.loads((path / "metrics.json").read_text()), json.loads((path / "run.json").read_text())
 
 
+def card(info):
+    """The run's card in a word (H100, H200), from run.json's device; CPU for a run without a GPU."""
+    device = info.get("device", {})
+    gpu = device.get("gpu")
+    if not gpu:
+        return "CPU" if device else "device not recorded"
+    model = re.search(r"\b[A-Z]\d{2,4}[A-Za-z]*\b", gpu)
+    return model.group(0) if model else gpu
+
+
 def wall(info):
+    """Wall time of the whole run, the card it ran on, and how many jobs shared it (timings compare only on
+    the same card)."""
     share = max(c["jobs_sharing_gpu"] for c in info["calls"])
-    return f"{info['wall_seconds'] / 60:.1f} min" + (f" ({share} jobs shared the GPU)" if share > 1 else "")
+    return f"{info['wall_seconds'] / 60:.1f} min, {card(info)}" + (
+        f" ({share} jobs shared the GPU)" if share > 1 else ""
+    )
 
 
 def f2(x):
@@ -1368,7 +1383,11 @@ def runs_block(results):
     devices = sorted(
         {
             f"{d['gpu']}, torch {d['torch']}"
-            for d in (json.loads(p.read_text())["device"] for p in results.glob("*/run.json"))
+            for d in (
+                json.loads(p.read_text())["device"]
+                for p in sorted(results.glob("*/run.json")) + sorted(results.glob("*/*/run.json"))
+            )
+            if "gpu" in d
         }
     )
     backbone, _ = load("hiernet_cifar10_n3", results)
@@ -1379,7 +1398,8 @@ def runs_block(results):
         else ""
     )
     lines += [
-        f"Runs made by `python tools/gpu_runs.py` on one {' / '.join(devices)}. Wall times count the whole run; "
+        f"Runs made by `python tools/gpu_runs.py`, each on one GPU: {'; '.join(devices)}. Wall times count the "
+        "whole run and name the card (compare them only on the same card); "
         "a run marked with the number of jobs that shared the GPU ran beside others (through MPS), so alone "
         "it is faster. Each run's folder in `results/` "
         "holds `metrics.json`, `metrics.jsonl` (per epoch), its small files (tree, per-group table, prefix tree, "
