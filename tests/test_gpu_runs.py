@@ -278,3 +278,34 @@ def test_a_budget_given_in_minutes_is_refused_in_one_line(tmp_path, capsys):
         gpu_runs.main(["--only", "hiernet_shapes", "--no-mps", "--runs-dir", str(tmp_path), "--budget", "21"])
     assert stop.value.code == 2 and "--budget 21: seconds, not minutes" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # refused before anything was started or written
+
+
+def test_plan_plays_the_gate_forward_and_starts_a_job_when_a_slot_frees():
+    gpu_runs = load("gpu_runs")
+    gpu_runs.AFTER = {"after_a": "a"}
+    minutes = {"a": 6, "b": 10, "c": 30, "after_a": 3, "d": 5}
+    gpu_runs.expected_minutes = lambda name, sharing: minutes[name]
+    lines = gpu_runs.plan(["a", "b", "c", "after_a", "d"], minutes=20, parallel=2)
+    assert lines[0] == "  0.0 start a: about 6.0 min with 2 sharing, ends 6.0"
+    assert lines[1] == "  0.0 start b: about 10.0 min with 2 sharing, ends 10.0"
+    # At 6 a's slot frees: c (30) cannot fit the 14 left; after_a may start now that a is done.
+    assert lines[2] == "  6.0 skip c: needs about 30 min, 14.0 left"
+    assert lines[3] == "  6.0 start after_a: about 3.0 min with 2 sharing, ends 9.0"
+    assert lines[4] == "  9.0 start d: about 5.0 min with 2 sharing, ends 14.0"  # b still runs
+    assert lines[-1] == " 14.0 all done; 4 slot-minutes idle of 2 x 14.0"
+
+
+def test_left_leaves_out_the_runs_in_results_and_their_grouped_folders(tmp_path, capsys):
+    gpu_runs = load("gpu_runs")
+    assert gpu_runs.landed_path("hdl_sweep_cifar100_baseline", tmp_path) == tmp_path / "hdl_sweep_cifar100" / "baseline"
+    for done in ("hiernet_cifar100_n3", "hdl_sweep_cifar100_baseline"):
+        (gpu_runs.landed_path(done, tmp_path)).mkdir(parents=True)
+        (gpu_runs.landed_path(done, tmp_path) / "metrics.json").write_text("{}")
+    assert gpu_runs.landed("hdl_sweep_cifar100_baseline", tmp_path) and not gpu_runs.landed(
+        "hiernet_cifar100_n5", tmp_path
+    )
+    # The checkout's own results/: every listed job is one whose run has not landed.
+    gpu_runs.main(["--list", "--left"])
+    listed = [line.split(":")[0] for line in capsys.readouterr().out.splitlines()]
+    assert listed and all(not gpu_runs.landed(name) for name in listed)
+    assert "hiernet_cifar100_n3" not in listed and "hiernet_cifar100_n7" in listed

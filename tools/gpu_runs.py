@@ -12,6 +12,7 @@ call too.
 
     python tools/gpu_runs.py --budget 550 --parallel 4 --out $OUT           # on the GPU machine
     python tools/gpu_runs.py --list                                         # the commands
+    python tools/gpu_runs.py --left --plan 23 --parallel 4                  # what a 23-minute lease starts
 
     python tools/gpu_runs.py --collect DIR                                  # back here: into results/
 
@@ -603,14 +604,58 @@ GROUPED = {
 }
 
 
+def landed_path(name, results=ROOT / "results"):
+    """Where --collect puts a job's run: results/<name>/, a GROUPED job's results/<folder>/<rest of its name>/."""
+    prefix = next((k for k in GROUPED if name.startswith(k)), None)
+    return results / GROUPED[prefix] / name[len(prefix) :] if prefix else results / name
+
+
+def landed(name, results=ROOT / "results"):
+    """True when the job's finished run is in results/ (its metrics.json)."""
+    return (landed_path(name, results) / "metrics.json").is_file()
+
+
+def plan(names, minutes, parallel):
+    """The queue's gate played forward without a GPU: the jobs in order, each started when a slot is free and
+    its expected length (expected_minutes, at the sharing of that moment) fits what is left of `minutes`.
+    Lengths are held fixed, so a job that ends early (others having finished) is not credited: conservative.
+    Returns the lines to print."""
+    t, running, queue, lines, busy = 0.0, [], list(names), [], 0.0
+    while queue or running:
+        for name in list(queue):
+            if len(running) >= parallel:
+                break
+            if AFTER.get(name) in queue or AFTER.get(name) in [n for _, n in running]:
+                continue  # its base run has not finished by then
+            sharing = min(parallel, len(queue) + len(running))
+            need = expected_minutes(name, sharing)
+            queue.remove(name)
+            if need is None:
+                lines.append(f"{t:5.1f} start {name}: length not measured; takes the rest")
+                need = minutes - t
+            elif need > minutes - t:
+                lines.append(f"{t:5.1f} skip {name}: needs about {need:.0f} min, {minutes - t:.1f} left")
+                continue
+            else:
+                lines.append(f"{t:5.1f} start {name}: about {need:.1f} min with {sharing} sharing, ends {t + need:.1f}")
+            running.append((t + need, name))
+            busy += need
+        if not running:
+            break
+        running.sort()
+        t, _ = running.pop(0)
+    idle = parallel * t - busy
+    lines.append(f"{t:5.1f} all done; {idle:.0f} slot-minutes idle of {parallel} x {t:.1f}")
+    return lines
+
+
 def collect(src, results=ROOT / "results"):
     """Copy the finished runs unpacked in src into results/<name>/ (a GROUPED run into
     results/<folder>/<rest of its name>/); returns their names."""
     src = Path(src)
     names = sorted(p.parent.name for p in src.glob("*/metrics.json") if (src / f"{p.parent.name}.run.json").exists())
     for name in names:
-        prefix = next((k for k in GROUPED if name.startswith(k)), None)
-        dst = results / GROUPED[prefix] / name[len(prefix) :] if prefix else results / name
+        dst = landed_path(name, results)
         if dst.exists():
             shutil.rmtree(dst)
         shutil.copytree(
@@ -651,6 +696,8 @@ def main(argv=None):
         "--alone", nargs="+", default=[], choices=tuple(JOBS), metavar="NAME", help="jobs that get a GPU to themselves"
     )
     p.add_argument("--only", nargs="+", default=None, choices=tuple(JOBS), metavar="NAME", help="these jobs (--list)")
+    p.add_argument("--left", action="store_true", help="leave out the jobs whose runs are in results/ already")
+    p.add_argument("--plan", type=float, metavar="MINUTES", help="print what a lease of MINUTES would start; no GPU")
     p.add_argument("--out", default=None, help="folder for results.tar.gz (and checkpoints)")
     p.add_argument("--save-checkpoints", action="store_true", help="also pack the unfinished runs' checkpoints")
     p.add_argument(
@@ -665,6 +712,10 @@ def main(argv=None):
         "--commit", default=None, help="the clean commit the checkout was copied from, when its .git is not its own"
     )
     a = p.parse_args(argv)
+    jobs = [n for n in (a.only or JOBS) if not (a.left and landed(n))]
+    if a.plan is not None:
+        print("\n".join(plan(jobs, a.plan, a.parallel)))
+        return
     if a.budget < 60 and not (a.collect or a.list):  # the queue stops its jobs 30 s before the deadline
         p.error(f"--budget {a.budget:g}: seconds, not minutes; under 60 no job has time to start")
     global RUNS
@@ -675,8 +726,8 @@ def main(argv=None):
             print(f"results/{name}")
         return
     if a.list:
-        for name, args in JOBS.items():
-            print(f"{name}: python {shlex.join(args)}")
+        for name in jobs:
+            print(f"{name}: python {shlex.join(JOBS[name])}")
         return
     t0 = time.time()
     os.chdir(ROOT)
@@ -701,7 +752,7 @@ def main(argv=None):
     # code's own (a copy of the working tree whose .git is older); it is then a clean commit.
     git_commit, git_dirty = (a.commit, False) if a.commit else git_state()
     print(f"git commit {git_commit}" + (" with uncommitted changes" if git_dirty else ""), flush=True)
-    wanted = [n for n in (a.only or JOBS) if not (RUNS / n / "metrics.json").exists()]
+    wanted = [n for n in jobs if not (RUNS / n / "metrics.json").exists()]
     queue = [n for n in wanted if n in a.alone] + [n for n in wanted if n not in a.alone]  # alone ones first
     running = {}  # name -> (Popen, start time, log file)
     placed = {}  # name -> GPU index
