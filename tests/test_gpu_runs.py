@@ -309,3 +309,19 @@ def test_left_leaves_out_the_runs_in_results_and_their_grouped_folders(tmp_path,
     listed = [line.split(":")[0] for line in capsys.readouterr().out.splitlines()]
     assert listed and all(not gpu_runs.landed(name) for name in listed)
     assert "hiernet_cifar100_n3" not in listed and "hiernet_cifar100_n7" in listed
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--plan", "-5"], "argument --plan: '-5': want a number above 0"),
+        (["--parallel", "0", "--plan", "10"], "argument --parallel: '0': want a whole number of at least 1"),
+        (["--gpus", "x", "--plan", "10"], "argument --gpus: 'x': want a whole number of at least 1"),
+        (["--collect", "/no/such/folder"], "--collect /no/such/folder: no such folder"),
+    ],
+)
+def test_bad_queue_flags_are_refused_in_one_line(argv, message, capsys):
+    gpu_runs = load("gpu_runs")
+    with pytest.raises(SystemExit) as stop:
+        gpu_runs.main(argv)
+    assert stop.value.code == 2 and message in capsys.readouterr().err

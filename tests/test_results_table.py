@@ -635,3 +635,11 @@ def test_wall_names_the_card_each_run_used():
     assert tool.wall(h100) == "10.0 min, H100 (4 jobs shared the GPU)"
     assert tool.wall(h200) == "10.0 min, H200 (4 jobs shared the GPU)"
     assert tool.wall(cpu) == "10.0 min, CPU"
+
+
+def test_a_missing_readme_or_results_folder_is_one_line(tmp_path):
+    tool = load_tool()
+    with pytest.raises(SystemExit, match="--write .*README.md: no such file"):
+        tool.main(["--write", str(tmp_path / "README.md")])
+    with pytest.raises(SystemExit, match="--results .*nothing: no such folder"):
+        tool.main(["--results", str(tmp_path / "nothing")])

@@ -681,6 +681,23 @@ def collect(src, results=ROOT / "results"):
     return names
 
 
+def positive_int(text):
+    value = int(text) if text.strip().lstrip("+").isdigit() else 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: want a whole number of at least 1")
+    return value
+
+
+def positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: want a number above 0")
+    return value
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
@@ -690,14 +707,16 @@ def main(argv=None):
         metavar="SECONDS",
         help="seconds (not minutes) before running jobs are stopped",
     )
-    p.add_argument("--parallel", type=int, default=4, help="jobs at once on each GPU")
-    p.add_argument("--gpus", type=int, default=1, help="GPUs to spread the jobs over (CUDA_VISIBLE_DEVICES)")
+    p.add_argument("--parallel", type=positive_int, default=4, help="jobs at once on each GPU")
+    p.add_argument("--gpus", type=positive_int, default=1, help="GPUs to spread the jobs over (CUDA_VISIBLE_DEVICES)")
     p.add_argument(
         "--alone", nargs="+", default=[], choices=tuple(JOBS), metavar="NAME", help="jobs that get a GPU to themselves"
     )
     p.add_argument("--only", nargs="+", default=None, choices=tuple(JOBS), metavar="NAME", help="these jobs (--list)")
     p.add_argument("--left", action="store_true", help="leave out the jobs whose runs are in results/ already")
-    p.add_argument("--plan", type=float, metavar="MINUTES", help="print what a lease of MINUTES would start; no GPU")
+    p.add_argument(
+        "--plan", type=positive_float, metavar="MINUTES", help="print what a lease of MINUTES would start; no GPU"
+    )
     p.add_argument("--out", default=None, help="folder for results.tar.gz (and checkpoints)")
     p.add_argument("--save-checkpoints", action="store_true", help="also pack the unfinished runs' checkpoints")
     p.add_argument(
@@ -722,6 +741,8 @@ def main(argv=None):
     if a.runs_dir:
         RUNS = Path(a.runs_dir).resolve()
     if a.collect:
+        if not Path(a.collect).is_dir():
+            p.error(f"--collect {a.collect}: no such folder (unpack results.tar.gz into it first)")
         for name in collect(a.collect):
             print(f"results/{name}")
         return

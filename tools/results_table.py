@@ -2039,11 +2039,15 @@ def main(argv=None):
     if a.sweep_table:
         print(write_hdl_sweep(a.sweep_table), end="")
         return
+    if not Path(a.results).is_dir():
+        fail(f"--results {a.results}: no such folder")
     new_blocks = blocks(Path(a.results))
     if not a.write:
         print(section(Path(a.results)))
         return
     readme = Path(a.write)
+    if not readme.is_file():
+        fail(f"--write {readme}: no such file (give the README whose marked blocks to replace)")
     readme.write_text(replace_blocks(readme.read_text(), new_blocks, name=str(readme)))
 
 
