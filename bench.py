@@ -450,11 +450,17 @@ def bench_mps(args):
     mps = mps_status()
     device = common.get_device(args.device)
     print(f"MPS: {mps}", flush=True)
-    rows = []
-    for config in args.mps_config or MPS_CONFIGS:
+    configs = args.mps_config or MPS_CONFIGS
+    for config in configs:  # every one checked before the first is measured
         name, _, batch = config.partition(":")
-        if name not in MPS_BACKBONES or not batch.isdigit():
-            common.fail(f"--mps-config {config!r}: want backbone:batch, backbone one of {', '.join(MPS_BACKBONES)}")
+        if name not in MPS_BACKBONES or not batch.isdigit() or int(batch) < 1:
+            common.fail(
+                f"--mps-config {config!r}: want backbone:batch (batch at least 1), backbone one of "
+                f"{', '.join(MPS_BACKBONES)}"
+            )
+    rows = []
+    for config in configs:
+        name, _, batch = config.partition(":")
         single = None
         for k in args.mps:
             if k < 1:

@@ -148,6 +148,9 @@ def check_args(parser, args):
             )
         if not 0 <= extra <= blocks - split:
             parser.error(f"--extra-blocks {extra} at split {split}: valid range is 0..{blocks - split}")
+    for flag, path in (("--groups", args.groups), ("--backbone-ckpt", args.backbone_ckpt)):
+        if path and not args.resume and not Path(path).is_file():  # before stage 1 trains, not after
+            parser.error(f"{flag} {path}: file not found")
     if args.p_min is None:
         args.p_min = [PAPER_P_MIN[args.elu]]
     if len(args.g_max) > args.depth or len(args.p_min) > args.depth:

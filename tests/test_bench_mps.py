@@ -33,9 +33,14 @@ def test_mps_bench_times_k_processes_together(tmp_path):
     assert rows[0]["total_over_one"] == 1.0 and rows[1]["total_over_one"] > 0
 
 
-def test_mps_bench_rejects_an_unknown_backbone(tmp_path):
-    with pytest.raises(SystemExit, match="backbone:batch"):
-        bench.main(["--mps", "1", "--mps-config", "nope:8", "--device", "cpu", "--mps-out", str(tmp_path / "x")])
+@pytest.mark.parametrize("bad", ["nope:8", "preact11:0", "preact11:x"])
+def test_mps_bench_rejects_a_bad_config_before_measuring_any(bad, tmp_path, monkeypatch):
+    started = []
+    monkeypatch.setattr(bench, "run_processes", lambda *a: started.append(a))
+    argv = ["--mps", "1", "--mps-config", "preact11:8", "--mps-config", bad]
+    with pytest.raises(SystemExit, match="backbone:batch \\(batch at least 1\\)"):
+        bench.main(argv + ["--device", "cpu", "--mps-out", str(tmp_path / "x")])
+    assert started == []  # the good first config was not measured either
 
 
 def test_mps_bench_workers_build_hdl_backbone_and_record_compile(tmp_path, monkeypatch):

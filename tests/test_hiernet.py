@@ -478,3 +478,14 @@ def backbone_cpm_on_validation_half(run_dir):
     loader = common.GpuLoader(val.images, val.labels, 500, device=torch.device("cpu"), mean=data.mean, std=data.std)
     with hiernet.exact_fp32():
         return grouping.confusion_probability_matrix(model.eval(), loader, data.num_classes, device="cpu", dtype="fp32")
+
+
+@pytest.mark.parametrize("flag", ["--groups", "--backbone-ckpt"])
+def test_a_missing_input_file_is_refused_before_the_backbone_trains(flag, tmp_path, capsys):
+    argv = ["--dataset", "shapes", "--n", "1", "--split", "1", "--extra-blocks", "1", "--dry-run"]
+    argv += ["--out-dir", str(tmp_path / "run"), flag, str(tmp_path / "missing")]
+    with pytest.raises(SystemExit) as stop:
+        hiernet.main(argv)
+    out = capsys.readouterr()
+    assert stop.value.code == 2 and f"{flag} {tmp_path / 'missing'}: file not found" in out.err
+    assert "[backbone] epoch" not in out.out and not (tmp_path / "run").exists()
