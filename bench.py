@@ -33,6 +33,7 @@ import copy
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -93,6 +94,7 @@ def get_args(argv=None):
     p.add_argument("--mps-out", default="results/bench_mps.json")
     p.add_argument("--mps-worker", default=None, help=argparse.SUPPRESS)  # one of the K processes
     args = p.parse_args(argv)
+    args.command = "python bench.py " + shlex.join(sys.argv[1:] if argv is None else argv)  # recorded with the result
     args.out = args.out or ("results/bench_hiernet.json" if args.hiernet else "results/bench.json")
     args.config = args.config or ["resnet56:128", "resnet56:512", "vgg16:128"]
     return args
@@ -307,6 +309,7 @@ def bench_hiernet(args, device):
         "steps": args.steps,
         "warmup": args.warmup,
         "rows": rows,
+        "command": args.command,
     }
     common.write_json(args.out, result)
     return result
@@ -481,6 +484,7 @@ def bench_mps(args):
         "warmup": args.warmup,
         "compile": bool(args.compile),
         "rows": rows,
+        "command": args.command,
     }
     common.write_json(args.mps_out, result)
     print(f"\n{device_name}, torch {torch.__version__}, MPS daemon {'on' if mps['clients_use_mps'] else 'off'}")
@@ -536,6 +540,7 @@ def main(argv=None):
         "warmup": args.warmup,
         "workers": args.workers,
         "rows": rows,
+        "command": args.command,
     }
     common.write_json(args.out, result)
     print(f"\n{device_name}, torch {torch.__version__}, {source}; images/s over {args.steps} steps")

@@ -21,6 +21,7 @@ def test_mps_bench_times_k_processes_together(tmp_path):
     argv = ["--mps", "1", "2", "--mps-config", "preact11:8", "--steps", "3", "--warmup", "1"]
     bench.main(argv + ["--device", "cpu", "--mps-out", str(out)])
     result = json.loads(out.read_text())
+    assert result["command"] == "python bench.py " + " ".join(argv + ["--device", "cpu", "--mps-out", str(out)])
     assert set(result["mps"]) >= {"control_daemon_running", "server_running", "clients_use_mps"}
     rows = result["rows"]
     assert [(r["backbone"], r["batch"], r["k"]) for r in rows] == [("preact11", 8, 1), ("preact11", 8, 2)]

@@ -1866,7 +1866,9 @@ def bench_reruns(results):
         if not b.get("rows") or "ours_over_ceiling" not in b["rows"][0]:
             continue
         lines += [
-            f"The same measurement on {b['device']}, torch {b['torch']} (`results/{path.name}`, on {b['images']}):",
+            f"The same measurement on {b['device']}, torch {b['torch']} (`results/{path.name}`"
+            + (f", `{b['command']}`" if "command" in b else "")
+            + f", on {b['images']}):",
             "",
             row(["backbone", "batch", "usual loop", "ours", "model-only ceiling", "ours / usual", "ours / ceiling"]),
             row(["---"] * 7),
@@ -1885,7 +1887,7 @@ def bench_mps(results):
         b = json.loads(path.read_text())
         compiled = "compiled" if b.get("compile") else "eager"
         lines += [
-            f"Processes sharing one {b['device']} through MPS (`python bench.py --mps`, {compiled}, "
+            f"Processes sharing one {b['device']} through MPS (`{b.get('command', 'python bench.py --mps')}`, {compiled}, "
             f"{b['steps']} steps on {b['images']}; `results/{path.name}`):",
             "",
             row(["backbone", "batch", "processes", "images/s in all", "images/s each", "in all / one process"]),
