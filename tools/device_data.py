@@ -16,6 +16,20 @@ by default), one per call, and are joined and checked on the GPU machine:
 
 Make the calls one after another (the machine stays warm about 30 s). `join` checks every piece's
 and every part's SHA-256 against the manifest and names a missing or damaged piece in one line.
+
+A lease end to end (the commands of the calls; M minutes of device time left once the data is in):
+
+    here:  python tools/gpu_runs.py --left --plan M --parallel K --only NAME ...   # choose the jobs
+    call 1 also copies the checkout out of the way of later calls:
+        rm -rf /root/code && mkdir -p /root/code && cp -r $(ls -A | grep -v '^data$') /root/code/
+    call 3 ends with the queue, in its own session so that it outlives the call, then waits:
+        cd /root/code && (setsid nohup python3 tools/gpu_runs.py --commit <HEAD, clean> --runs-dir /root/runs
+        --data-root /root/data --parallel K --budget <SECONDS, about 60 M - 90> --out /root/pack --only NAME ...
+        > /root/queue.log 2>&1 < /dev/null &); sleep 540; tail /root/queue.log
+    calls 4...: sleep and look (the machine goes back 30 s after a call ends, the queue with it)
+    last call: wait for the queue to exit (it packs /root/pack/results.tar.gz at its deadline), cp /root/pack/* $OUT
+    here:  tar xzf results.tar.gz -C /tmp/X; python tools/gpu_runs.py --collect /tmp/X; python tools/plots.py;
+           python tools/results_table.py --write README.md
 """
 
 import argparse
