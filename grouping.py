@@ -43,14 +43,14 @@ import common
 
 
 def names_file(text):
-    """argparse type of --names: a JSON list of class-name strings (the path is returned)."""
+    """argparse type of --names: a JSON list of class-name strings (the list is returned)."""
     try:
         names = json.loads(Path(text).read_text())
     except (OSError, ValueError) as e:
         raise argparse.ArgumentTypeError(f"{text}: unreadable JSON ({type(e).__name__}: {e})") from None
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise argparse.ArgumentTypeError(f"{text}: expected a JSON list of class names (strings)")
-    return text
+    return names
 
 
 def get_args(argv=None):
@@ -61,29 +61,14 @@ def get_args(argv=None):
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--cpm", type=cpm_file, help="a saved confusion probability matrix (.npy, C x C)")
     source.add_argument("--run-dir", help="a hiernet.py run directory: its cpm.npy is grouped again")
+    parser.add_argument("--names", type=names_file, help="JSON list of class names for --cpm (default: class0, ...)")
     parser.add_argument(
-        "--names", type=names_file, help="JSON list of class names for --cpm (default: class0, class1, ...)"
+        "--g-max", type=common.positive_int, nargs="+", help="largest group, per level (50, or the run's)"
     )
     parser.add_argument(
-        "--g-max",
-        type=common.positive_int,
-        nargs="+",
-        default=None,
-        help="largest group size, per level (default 50, or the run's)",
+        "--p-min", type=common.nonneg_float, nargs="+", help="merge proximity per level (0.0075, or run's)"
     )
-    parser.add_argument(
-        "--p-min",
-        type=common.nonneg_float,
-        nargs="+",
-        default=None,
-        help="proximity a merge must exceed, per level (default 0.0075, or the run's)",
-    )
-    parser.add_argument(
-        "--depth",
-        type=common.positive_int,
-        default=None,
-        help="levels of groups (1: root -> groups -> classes; default 1, or the run's)",
-    )
+    parser.add_argument("--depth", type=common.positive_int, help="levels of groups (1: root -> groups -> classes)")
     parser.add_argument("--out", help="write the tree JSON here (and the printout beside it, .txt)")
     args = parser.parse_args(argv)
     saved = Path(args.run_dir) / "args.json" if args.run_dir else None
@@ -381,6 +366,13 @@ def confusion_probability_matrix(forward, loader, num_classes, *, device, dtype=
     return (sums / counts[:, None]).numpy()
 
 
+def write_tree_files(path, tree, names, **settings):
+    """The tree JSON at path (tree_json with settings), its printout (.txt) and graph (.dot) beside it."""
+    common.write_json(path, tree_json(tree, names, **settings))
+    common.write_text(path.with_suffix(".txt"), tree_text(tree, names))
+    common.write_text(path.with_suffix(".dot"), tree_dot(tree, names))
+
+
 # The command line: group a CPM again
 
 
@@ -412,21 +404,16 @@ def main(argv=None):
     args = get_args(argv)
     if args.cpm:
         cpm = np.load(args.cpm, allow_pickle=False)
-        names = [f"class{i}" for i in range(len(cpm))]
-        if args.names:
-            names = json.loads(Path(args.names).read_text())
-            if len(names) != len(cpm):
-                common.fail(f"--names {args.names}: {len(names)} names for a {len(cpm)}-class CPM")
+        names = args.names or [f"class{i}" for i in range(len(cpm))]
+        if len(names) != len(cpm):
+            common.fail(f"--names: {len(names)} names for a {len(cpm)}-class CPM")
     else:
         cpm, names = cpm_from_run(args.run_dir)
     tree = build_tree(cpm, args.depth, args.g_max, args.p_min)
-    text = tree_text(tree, names)
-    sys.stdout.write(text)
+    sys.stdout.write(tree_text(tree, names))
     if args.out:
         out = Path(args.out)
-        common.write_json(out, tree_json(tree, names, g_max=args.g_max, p_min=args.p_min))
-        common.atomic_write_bytes(out.with_suffix(".txt"), text.encode())
-        common.atomic_write_bytes(out.with_suffix(".dot"), tree_dot(tree, names).encode())
+        write_tree_files(out, tree, names, g_max=args.g_max, p_min=args.p_min)
         print(f"wrote {out}, {out.with_suffix('.txt')} and {out.with_suffix('.dot')}")
     return tree
 

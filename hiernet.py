@@ -148,8 +148,9 @@ def check_args(parser, args):
             )
         if not 0 <= extra <= blocks - split:
             parser.error(f"--extra-blocks {extra} at split {split}: valid range is 0..{blocks - split}")
-    for flag, path in (("--groups", args.groups), ("--backbone-ckpt", args.backbone_ckpt)):
-        if path and not args.resume and not Path(path).is_file():  # before stage 1 trains, not after
+    # Before stage 1 trains, not after (a resume reads its own tree.json, not --groups).
+    for flag, path in (("--groups", None if args.resume else args.groups), ("--backbone-ckpt", args.backbone_ckpt)):
+        if path and not Path(path).is_file():
             parser.error(f"{flag} {path}: file not found")
     if args.p_min is None:
         args.p_min = [PAPER_P_MIN[args.elu]]
@@ -873,9 +874,7 @@ def percent(mask):
 def train_backbone(args, data, train_loader, val_loader, run_dir, device):
     backbone = common.to_device_model(make_backbone(args, data.num_classes, data.train.images.shape[1]), device)
     if args.backbone_ckpt:
-        path = Path(args.backbone_ckpt)
-        if not path.is_file():
-            common.fail(f"--backbone-ckpt {path}: file not found")
+        path = Path(args.backbone_ckpt)  # check_args found the file
         state = common.load_checkpoint(path, device)
         try:
             backbone.load_state_dict(state.get("model", state))
@@ -983,11 +982,8 @@ def tree_from_data(args, data, backbone, val_loader, run_dir, device):
 
 def save_tree(run_dir, tree, tree_settings, names):
     """tree.json / tree.txt / tree.dot (and tree_copied.txt for a random tree), printed, with warnings."""
-    text = grouping.tree_text(tree, names)
-    print(text, end="", flush=True)
-    common.write_json(run_dir / "tree.json", grouping.tree_json(tree, names, **tree_settings))
-    common.write_text(run_dir / "tree.txt", text)
-    common.write_text(run_dir / "tree.dot", grouping.tree_dot(tree, names))
+    print(grouping.tree_text(tree, names), end="", flush=True)
+    grouping.write_tree_files(run_dir / "tree.json", tree, names, **tree_settings)
     if "random_tree" in tree_settings:  # the tree it copied the sizes of, readable beside it
         copied = grouping.tree_text(tree_settings["random_tree"]["from_tree"], names)
         common.write_text(run_dir / "tree_copied.txt", copied)
