@@ -62,13 +62,10 @@ def get_args(argv=None):
     source.add_argument("--cpm", type=cpm_file, help="a saved confusion probability matrix (.npy, C x C)")
     source.add_argument("--run-dir", help="a hiernet.py run directory: its cpm.npy is grouped again")
     parser.add_argument("--names", type=names_file, help="JSON list of class names for --cpm (default: class0, ...)")
-    parser.add_argument(
-        "--g-max", type=common.positive_int, nargs="+", help="largest group, per level (50, or the run's)"
-    )
-    parser.add_argument(
-        "--p-min", type=common.nonneg_float, nargs="+", help="merge proximity per level (0.0075, or run's)"
-    )
-    parser.add_argument("--depth", type=common.positive_int, help="levels of groups (1: root -> groups -> classes)")
+    pos, nonneg = common.positive_int, common.nonneg_float
+    parser.add_argument("--g-max", type=pos, nargs="+", help="largest group, per level (50, or the run's)")
+    parser.add_argument("--p-min", type=nonneg, nargs="+", help="merge proximity, per level (0.0075, or the run's)")
+    parser.add_argument("--depth", type=pos, help="levels of groups (1: root -> groups -> classes; or the run's)")
     parser.add_argument("--out", help="write the tree JSON here (and the printout beside it, .txt)")
     args = parser.parse_args(argv)
     saved = Path(args.run_dir) / "args.json" if args.run_dir else None
