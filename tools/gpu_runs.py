@@ -351,6 +351,13 @@ def expected_minutes(name, sharing=4):
     return minutes and minutes / 2 * (1 + (sharing - 1) / 3)
 
 
+def expected_now(name, waiting, running, parallel):
+    """(sharing, expected minutes) of a job started now, with `waiting` jobs queued (it among them) and
+    `running` running: at most `parallel` run at once from now on. The queue's gate and --plan both use it."""
+    sharing = min(parallel, waiting + running)
+    return sharing, expected_minutes(name, sharing)
+
+
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = ROOT / "runs" / "gpu"  # --runs-dir moves it (on the GPU machine: outside the checkout)
 PARKED = ROOT / "results" / "parked"  # stopped runs' finished stages, landed between sessions (--park)
@@ -631,8 +638,7 @@ def plan(names, minutes, parallel):
                 break
             if AFTER.get(name) in queue or AFTER.get(name) in [n for _, n in running]:
                 continue  # its base run has not finished by then
-            sharing = min(parallel, len(queue) + len(running))
-            need = expected_minutes(name, sharing)
+            sharing, need = expected_now(name, len(queue), len(running), parallel)
             queue.remove(name)
             if need is None:
                 lines.append(f"{t:5.1f} start {name}: length not measured; takes the rest")
@@ -685,6 +691,7 @@ def collect(src, results=ROOT / "results"):
     return names
 
 
+# The queue's own argument types: tools/ start on the standard library alone (common.py would import torch).
 def positive_int(text):
     value = int(text) if text.strip().lstrip("+").isdigit() else 0
     if value < 1:
@@ -789,10 +796,10 @@ def main(argv=None):
                     break
                 if waits(name):
                     continue  # its base run is not finished yet
-                sharing = min(a.parallel, len(queue) + len(running))  # at most this many at once from now on
                 if restore_parked(name):
                     print(f"{time.time() - t0:6.0f}s {name}: resumes the stages parked in results/parked", flush=True)
-                need, left = expected_minutes(name, sharing), (a.budget - (time.time() - t0)) / 60
+                _, need = expected_now(name, len(queue), len(running), a.parallel)
+                left = (a.budget - (time.time() - t0)) / 60
                 if need and need > left and name not in a.park and not (RUNS / name / "args.json").exists():
                     queue.remove(name)  # a new run that this call's end would stop: it could not land
                     print(

@@ -140,9 +140,10 @@ def plot_hiernet_cpm(run_dir, out):
     return save(fig, out)
 
 
-def hiernet_table_runs(results, n, elu):
-    """[metrics] of HierNet on CIFAR-100 at n: seed 0 is the plain run, then _seed1, _seed2..."""
-    base = f"hiernet_cifar100_n{n}" + ("_elu" if elu else "")
+def hiernet_table_runs(results, n, elu, variant=""):
+    """[metrics] of HierNet on CIFAR-100 at n (a variant: its name's suffix, e.g. _randomtree): seed 0 is the plain
+    run, then _seed1, _seed2..."""
+    base = f"hiernet_cifar100_n{n}" + ("_elu" if elu else "") + variant
     found = []
     for seed in range(10):
         metrics = results / (base + (f"_seed{seed}" if seed else "")) / "metrics.json"
@@ -229,32 +230,26 @@ def plot_hiernet_controls(results, out):
     """Where HierNet's gain comes from, per n on CIFAR-100 (ResNet): accuracy - backbone of HierNet on the
     CPM tree (every seed), on the random tree (--tree-from random) and of the backbone trained as long
     (--control, every seed that has it); bars are means, dots the runs, whiskers +-1 std where several."""
-    controlled = lambda n: any("control_acc" in m for m in hiernet_table_runs(results, n, False))
-    ns = [n for n in results_table.HIERNET_TABLE1 if random_tree_gains(results, n) or controlled(n)]
-    if not ns:
+    gains = {}  # n -> [per series: the runs' accuracy - backbone]
+    for n in results_table.HIERNET_TABLE1:
+        runs = hiernet_table_runs(results, n, False)
+        control = [m["control_acc"] - m["backbone_acc"] for m in runs if "control_acc" in m]
+        random = random_tree_gains(results, n)
+        if control or random:
+            gains[n] = ([m["slow_acc"] - m["backbone_acc"] for m in runs], random, control)
+    if not gains:
         raise Skip(f"no hiernet_cifar100_n*_randomtree run or --control run in {results}")
+    ns = list(gains)
     series = (
-        (
-            "HierNet, CPM tree (the paper's)",
-            OURS,
-            lambda n: [m["slow_acc"] - m["backbone_acc"] for m in hiernet_table_runs(results, n, False)],
-        ),
-        ("HierNet, random tree (same group sizes)", OTHER, lambda n: random_tree_gains(results, n)),
-        (
-            "backbone trained as long (--control)",
-            CONTROL,
-            lambda n: [
-                m["control_acc"] - m["backbone_acc"]
-                for m in hiernet_table_runs(results, n, False)
-                if "control_acc" in m
-            ],
-        ),
+        ("HierNet, CPM tree (the paper's)", OURS),
+        ("HierNet, random tree (same group sizes)", OTHER),
+        ("backbone trained as long (--control)", CONTROL),
     )
     width = 0.8 / len(series)
     fig, ax = plt.subplots(figsize=(6.5, 4.5), layout="constrained")
-    for k, (label, colour, gains) in enumerate(series):
+    for k, (label, colour) in enumerate(series):
         for i, n in enumerate(ns):
-            values = gains(n)
+            values = gains[n][k]
             if not values:
                 continue
             x = i + (k - (len(series) - 1) / 2) * width
@@ -289,13 +284,7 @@ def plot_hiernet_controls(results, out):
 
 def random_tree_gains(results, n):
     """accuracy - backbone of the random-tree runs at n (seed 0 the plain run, then _seedK)."""
-    found = []
-    for seed in range(10):
-        metrics = results / (f"hiernet_cifar100_n{n}_randomtree" + (f"_seed{seed}" if seed else "")) / "metrics.json"
-        if metrics.is_file():
-            m = read_json(metrics)
-            found.append(m["slow_acc"] - m["backbone_acc"])
-    return found
+    return [m["slow_acc"] - m["backbone_acc"] for m in hiernet_table_runs(results, n, False, "_randomtree")]
 
 
 # ---------------------------------------------------------------- merged ResNets

@@ -1807,23 +1807,8 @@ def speed_block(results):
             "",
             f"`{b['command']}`: {b['steps']} steps after {b['warmup']} warm-up steps, on {b['images']}.",
             "",
-            row(["backbone", "batch", "usual loop", "ours", "model-only ceiling", "ours / usual", "ours / ceiling"]),
-            row(["---"] * 7),
+            *bench_table(b),
         ]
-        for r in b["rows"]:
-            lines.append(
-                row(
-                    [
-                        r["backbone"],
-                        r["batch"],
-                        f"{r['usual']:.0f}",
-                        f"{r['ours']:.0f}",
-                        f"{r['ceiling']:.0f}",
-                        f2(r["ours_over_usual"]),
-                        f2(r["ours_over_ceiling"]),
-                    ]
-                )
-            )
         lines.append("")
         lines += figure_lines(results, ("bench.png", "bench.py: usual loop, ours, model-only ceiling"))
     lines += bench_reruns(results) + bench_mps(results)
@@ -1876,14 +1861,21 @@ def bench_reruns(results):
             + (f", `{b['command']}`" if "command" in b else "")
             + f", on {b['images']}):",
             "",
-            row(["backbone", "batch", "usual loop", "ours", "model-only ceiling", "ours / usual", "ours / ceiling"]),
-            row(["---"] * 7),
+            *bench_table(b),
+            "",
         ]
-        for r in b["rows"]:
-            cells = [r["backbone"], r["batch"], *(f"{r[k]:.0f}" for k in ("usual", "ours", "ceiling"))]
-            lines.append(row(cells + [f2(r["ours_over_usual"]), f2(r["ours_over_ceiling"])]))
-        lines.append("")
     return lines
+
+
+def bench_table(b):
+    """bench.py's rows (a results/bench*.json): the usual loop, ours, the model-only ceiling, their ratios."""
+    header = ["backbone", "batch", "usual loop", "ours", "model-only ceiling", "ours / usual", "ours / ceiling"]
+    body = [
+        [r["backbone"], r["batch"], *(f"{r[k]:.0f}" for k in ("usual", "ours", "ceiling"))]
+        + [f2(r["ours_over_usual"]), f2(r["ours_over_ceiling"])]
+        for r in b["rows"]
+    ]
+    return table(header, body)
 
 
 def bench_mps(results):
@@ -1896,17 +1888,16 @@ def bench_mps(results):
             f"Processes sharing one {b['device']} through MPS (`{b.get('command', 'python bench.py --mps')}`, {compiled}, "
             f"{b['steps']} steps on {b['images']}; `results/{path.name}`):",
             "",
-            row(["backbone", "batch", "processes", "images/s in all", "images/s each", "in all / one process"]),
-            row(["---"] * 6),
+            *table(
+                ["backbone", "batch", "processes", "images/s in all", "images/s each", "in all / one process"],
+                [
+                    [r["backbone"], r["batch"], r["k"], f"{r['total_images_per_s']:.0f}"]
+                    + [" / ".join(f"{v:.0f}" for v in r["per_process_images_per_s"]), f2(r["total_over_one"])]
+                    for r in b["rows"]
+                ],
+            ),
+            "",
         ]
-        for r in b["rows"]:
-            each = " / ".join(f"{v:.0f}" for v in r["per_process_images_per_s"])
-            lines.append(
-                row(
-                    [r["backbone"], r["batch"], r["k"], f"{r['total_images_per_s']:.0f}", each, f2(r["total_over_one"])]
-                )
-            )
-        lines.append("")
     return lines
 
 
