@@ -187,6 +187,21 @@ def test_a_new_job_that_the_budget_cannot_fit_is_skipped_and_a_shorter_one_start
     assert "skip long: needs about 10 min, 2.0 left" in capsys.readouterr().out
 
 
+def test_without_a_cuda_device_the_cifar_jobs_are_skipped_and_the_others_run(tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("the guard is for machines without a CUDA device")
+    gpu_runs = load("gpu_runs")
+    code = "import sys, pathlib; d = pathlib.Path(sys.argv[-1]); d.mkdir(); (d / 'metrics.json').write_text('{}')"
+    gpu_runs.JOBS = {"c100": ["-c", code, "--dataset", "cifar100"], "mnist": ["-c", code, "--dataset", "mnist"]}
+    assert [gpu_runs.needs_gpu(n) for n in gpu_runs.JOBS] == [True, False]
+    runs = tmp_path / "runs"
+    gpu_runs.main(["--only", "c100", "mnist", "--no-mps", "--runs-dir", str(runs), "--budget", "120"])
+    assert not (runs / "c100").exists() and not (runs / "c100.run.json").exists()
+    assert (runs / "mnist" / "metrics.json").exists()
+    assert "skip c100: a CIFAR run, and this machine has no CUDA device" in capsys.readouterr().out
+
+
 def test_every_queued_cifar100_paper_run_has_an_expected_length():
     gpu_runs = load("gpu_runs")
     cifar100 = [n for n, argv in gpu_runs.JOBS.items() if "cifar100" in argv and not n.startswith("latent_string")]

@@ -42,8 +42,9 @@ placed on their GPU while they run), for runs whose wall time is the measurement
 
     python tools/gpu_runs.py --gpus 2 --parallel 4 --alone hiernet_cifar100_n9_seed1 --only ... --out $OUT
 
-Without a CUDA device the jobs run on the CPU and run.json records the processor. The MNIST
-latent-string jobs (latent_string_mnist_cpu_*) are meant for that (LeNet on 2 cores: about 27 s an
+Without a CUDA device the jobs run on the CPU and run.json records the processor, except the CIFAR
+runs (hours there): they are skipped with a line each. The MNIST latent-string jobs
+(latent_string_mnist_cpu_*) are meant for the CPU (LeNet on 2 cores: about 27 s an
 epoch), one at a time:
 
     python tools/gpu_runs.py --parallel 1 --budget 20000 --only latent_string_mnist_cpu_seed0 ...
@@ -402,6 +403,12 @@ def git_state(root=ROOT):
     commit = git("rev-parse", "HEAD")
     status = git("status", "--porcelain") if commit else None
     return commit, None if status is None else bool(status)
+
+
+def needs_gpu(name):
+    """A job on CIFAR-10 or CIFAR-100: hours on a CPU, so a queue without a CUDA device skips it."""
+    argv = JOBS[name]
+    return "--dataset" in argv and argv[argv.index("--dataset") + 1] in ("cifar10", "cifar100")
 
 
 def cpu_device(torch):
@@ -798,6 +805,13 @@ def main(argv=None):
                     continue  # its base run is not finished yet
                 if restore_parked(name):
                     print(f"{time.time() - t0:6.0f}s {name}: resumes the stages parked in results/parked", flush=True)
+                if not on_gpu and needs_gpu(name):
+                    queue.remove(name)
+                    print(
+                        f"{time.time() - t0:6.0f}s skip {name}: a CIFAR run, and this machine has no CUDA device",
+                        flush=True,
+                    )
+                    continue
                 _, need = expected_now(name, len(queue), len(running), a.parallel)
                 left = (a.budget - (time.time() - t0)) / 60
                 if need and need > left and name not in a.park and not (RUNS / name / "args.json").exists():
