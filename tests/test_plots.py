@@ -97,6 +97,15 @@ def fake_hdl(run):
     (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
 
 
+def fake_hdl_sweep(folder):
+    """A sweep folder as --collect lands it: the baseline cell and one HDL cell, validation per epoch."""
+    for cell, method, lam in (("baseline", "baseline", 1.0), ("epoch_raw_0.1", "hdl", 0.1)):
+        args = {"script": "hdl_stack", "method": method, "center_update": "epoch", "center_features": "raw"}
+        write_json(folder / cell / "args.json", {**args, "lambda_center": lam})
+        lines = [{"stage": method, "epoch": epoch, "val_fine_acc": 20.0 + epoch} for epoch in (1, 2)]
+        (folder / cell / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
 def fake_outer_product(run):
     write_json(run / "args.json", {"script": "coarse_outer_product", "dataset": "cifar100"})
     write_json(run / "metrics.json", {"baseline": {"test_acc": 60.0}})
@@ -123,6 +132,7 @@ def results(tmp_path):
     fake_hdl(folder / "hdl_stack_x")
     fake_outer_product(folder / "coarse_outer_product_x")
     fake_bench(folder / "bench.json")
+    fake_hdl_sweep(folder / "hdl_sweep_cifar100")
     return folder
 
 
@@ -142,6 +152,7 @@ def test_every_plot_writes_a_png_of_the_expected_size(results, capsys):
         "hiernet_table1.png": (8, 4.5),
         "hiernet_controls.png": (6.5, 4.5),
         "bench.png": (7, 4),
+        "hdl_sweep_cifar100.png": (7, 4.5),
         "hiernet_cifar100_n3_cpm.png": plots.cpm_figsize(4),
         "hiernet_cifar100_n3_seed1_cpm.png": plots.cpm_figsize(4),
         "merged_resnet_x_alpha.png": (10, 4.2),

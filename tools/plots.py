@@ -15,7 +15,8 @@ Figures, each beside the paper's numbers where the paper gives them:
   the paper's figures (Tables I, III-VII) at the epoch each reports.
 - Latent strings: accuracy vs the string length L (Fig. 8) and vs the LSTM size (Fig. 7), with the
   paper's Table III point; the learnt prefix tree.
-- HDL: fine error per epoch, baseline vs HDL; the level errors beside the majority-category ones.
+- HDL: fine error per epoch, baseline vs HDL; the level errors beside the majority-category ones;
+  the centre-loss sweep's validation curves, cell by cell, beside its baseline (results mode only).
 - Speed: bench.py's usual loop / ours / model-only ceiling.
 
 A figure whose data a run does not have (a sweep not run, an older run without a field) is skipped
@@ -507,6 +508,44 @@ def plot_hdl_fine_error(run_dir, out):
     return save(fig, out)
 
 
+# The centre-loss sweep's line style per centre update and features (the paper's, per-epoch raw: solid).
+SWEEP_STYLES = {("epoch", "raw"): "-", ("epoch", "normalized"): "--", ("wen", "raw"): ":", ("sgd", "raw"): "-."}
+
+
+def plot_hdl_sweep(sweep_dir, out):
+    """Validation fine error per epoch of every cell of the centre-loss sweep (a folder of runs, one per
+    cell, as --collect lands them), the baseline in black, the cells coloured by lambda0."""
+    cells = []
+    for run in sorted(d for d in Path(sweep_dir).iterdir() if d.is_dir()) if Path(sweep_dir).is_dir() else []:
+        if (run / "args.json").is_file() and (run / "metrics.jsonl").is_file():
+            args = read_json(run / "args.json")
+            curve = sorted(
+                (r["epoch"], 100.0 - r["val_fine_acc"])
+                for r in read_jsonl(run / "metrics.jsonl")
+                if "val_fine_acc" in r
+            )
+            if curve:
+                cells.append((args, curve, run.name))
+    if not cells:
+        raise Skip(f"no sweep cell with a validation curve in {sweep_dir}")
+    lambdas = sorted({a["lambda_center"] for a, _, _ in cells if a["method"] == "hdl"})
+    colour = dict(zip(lambdas, plt.cm.viridis(np.linspace(0, 0.9, max(len(lambdas), 1)))))
+    fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
+    for args, curve, name in sorted(cells, key=lambda c: (c[0]["method"] != "baseline", -c[0]["lambda_center"])):
+        if args["method"] == "baseline":
+            ax.plot(*zip(*curve), color="black", lw=2, label=f"baseline ({curve[-1][1]:.1f})")
+            continue
+        style = SWEEP_STYLES.get((args["center_update"], args["center_features"]), "-")
+        label = f"{args['center_update']}/{args['center_features']} {args['lambda_center']:g} ({curve[-1][1]:.1f})"
+        ax.plot(*zip(*curve), style, color=colour[args["lambda_center"]], label=label)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation fine error %")
+    ax.set_title(f"{Path(sweep_dir).name}: centre update/features lambda0 (last epoch's error)", fontsize=10)
+    ax.legend(fontsize=7, ncol=2)
+    return save(fig, out)
+
+
 def plot_hdl_levels(run_dir, out):
     m = read_json(need(run_dir / "metrics.json"))
     if "hdl" not in m or "level_error" not in m["hdl"]:
@@ -630,6 +669,7 @@ def results_figures(results):
         ("hiernet_table2.png", lambda out: plot_hiernet_table(results, out, elu=True)),
         ("hiernet_controls.png", lambda out: plot_hiernet_controls(results, out)),
         ("bench.png", lambda out: plot_bench(results / "bench.json", out)),
+        ("hdl_sweep_cifar100.png", lambda out: plot_hdl_sweep(results / "hdl_sweep_cifar100", out)),
     ]
     for run_dir in sorted(d for d in results.iterdir() if d.is_dir()):
         figures += run_figures(run_dir)

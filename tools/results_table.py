@@ -1790,6 +1790,9 @@ def hdl_stack_block(results):
         ["CIFAR-100 centre-loss sweep on a tenth of train held out (`tools/results_table.py --sweep-table`):", ""]
         + hdl_sweep(sweep, queued_sweep_cells(sweep))[0].strip().splitlines()[2:]  # the table, no title
         + [""]
+        + figure_lines(
+            results, ("hdl_sweep_cifar100.png", "CIFAR-100 centre-loss sweep: validation fine error per epoch")
+        )
         if any(sweep.glob("*/metrics.json"))
         else ["CIFAR-100 centre-loss sweep (`hdl_sweep_cifar100_*` in tools/gpu_runs.py): not run yet.", ""]
     )
