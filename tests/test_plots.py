@@ -152,7 +152,7 @@ def test_every_plot_writes_a_png_of_the_expected_size(results, capsys):
         "hiernet_table1.png": (8, 4.5),
         "hiernet_controls.png": (6.5, 4.5),
         "bench.png": (7, 4),
-        "hdl_sweep_cifar100.png": (7, 4.5),
+        "hdl_sweep_cifar100.png": (10, 4.2),
         "hiernet_cifar100_n3_cpm.png": plots.cpm_figsize(4),
         "hiernet_cifar100_n3_seed1_cpm.png": plots.cpm_figsize(4),
         "merged_resnet_x_alpha.png": (10, 4.2),

@@ -401,6 +401,13 @@ def test_sweep_rule_picks_the_largest_lambda0_within_one_point_of_the_baseline(t
     ]
     assert "Pick: epoch_normalized_1" in text and tool.SWEEP_RULE in text and "| +15.00 |" in text
     assert "`python hdl_stack.py --dataset cifar100 --method hdl --heads cascade --center-update epoch" in text
+    # Cells landed by tools/gpu_runs.py carry their run.json: wall time, card and commit on their row.
+    run_json = {"wall_seconds": 210.0, "device": {"gpu": "NVIDIA H100 80GB HBM3"}}
+    call = {"jobs_sharing_gpu": 4, "git_commit": "0123456789abcdef"}
+    (tmp_path / "a" / "epoch_raw_1" / "run.json").write_text(json.dumps({**run_json, "calls": [call]}))
+    text = tool.write_hdl_sweep(tmp_path / "a")
+    assert "| epoch_raw_1 | 3.5 min, H100 (4 jobs shared the GPU), 0123456 |" in text
+    assert "| epoch_raw_0.1 |  |" in text  # no run.json: blank, never guessed
     # At equal lambda0 the paper's update and features go first, even at a higher error.
     plant_sweep(tmp_path / "b", 40.0, [("epoch", "raw", 1.0, 40.9)] + cells[1:])
     tool.write_hdl_sweep(tmp_path / "b")

@@ -514,7 +514,8 @@ SWEEP_STYLES = {("epoch", "raw"): "-", ("epoch", "normalized"): "--", ("wen", "r
 
 def plot_hdl_sweep(sweep_dir, out):
     """Validation fine error per epoch of every cell of the centre-loss sweep (a folder of runs, one per
-    cell, as --collect lands them), the baseline in black, the cells coloured by lambda0."""
+    cell, as --collect lands them): the paper's centre update and features (per-epoch, raw) on the left,
+    the other updates and features on the right, the baseline in black on both, cells coloured by lambda0."""
     cells = []
     for run in sorted(d for d in Path(sweep_dir).iterdir() if d.is_dir()) if Path(sweep_dir).is_dir() else []:
         if (run / "args.json").is_file() and (run / "metrics.jsonl").is_file():
@@ -525,24 +526,29 @@ def plot_hdl_sweep(sweep_dir, out):
                 if "val_fine_acc" in r
             )
             if curve:
-                cells.append((args, curve, run.name))
+                cells.append((args, curve))
     if not cells:
         raise Skip(f"no sweep cell with a validation curve in {sweep_dir}")
-    lambdas = sorted({a["lambda_center"] for a, _, _ in cells if a["method"] == "hdl"})
+    lambdas = sorted({a["lambda_center"] for a, _ in cells if a["method"] == "hdl"})
     colour = dict(zip(lambdas, plt.cm.viridis(np.linspace(0, 0.9, max(len(lambdas), 1)))))
-    fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
-    for args, curve, name in sorted(cells, key=lambda c: (c[0]["method"] != "baseline", -c[0]["lambda_center"])):
-        if args["method"] == "baseline":
-            ax.plot(*zip(*curve), color="black", lw=2, label=f"baseline ({curve[-1][1]:.1f})")
-            continue
-        style = SWEEP_STYLES.get((args["center_update"], args["center_features"]), "-")
-        label = f"{args['center_update']}/{args['center_features']} {args['lambda_center']:g} ({curve[-1][1]:.1f})"
-        ax.plot(*zip(*curve), style, color=colour[args["lambda_center"]], label=label)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("validation fine error %")
-    ax.set_title(f"{Path(sweep_dir).name}: centre update/features lambda0 (last epoch's error)", fontsize=10)
-    ax.legend(fontsize=7, ncol=2)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), layout="constrained", sharey=True)
+    titles = ("per-epoch centres, raw features (the paper's)", "other centre updates and features")
+    for paper_variant, ax, title in zip((True, False), axes, titles):
+        for args, curve in sorted(cells, key=lambda c: (c[0]["method"] != "baseline", -c[0]["lambda_center"])):
+            if args["method"] == "baseline":
+                ax.plot(*zip(*curve), color="black", lw=2, label=f"baseline ({curve[-1][1]:.1f})")
+                continue
+            variant = (args["center_update"], args["center_features"])
+            if (variant == ("epoch", "raw")) != paper_variant:
+                continue
+            label = f"{'/'.join(variant)} {args['lambda_center']:g} ({curve[-1][1]:.1f})"
+            ax.plot(*zip(*curve), SWEEP_STYLES.get(variant, "-"), color=colour[args["lambda_center"]], label=label)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch")
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=7, title="update/features lambda0 (last epoch)", title_fontsize=7)
+    axes[0].set_ylabel("validation fine error %")
+    fig.suptitle(f"{Path(sweep_dir).name}: HDL's centre-loss sweep", fontsize=10)
     return save(fig, out)
 
 

@@ -1274,7 +1274,14 @@ def hdl_sweep(sweep_dir, expected=None):
     sweep_dir = Path(sweep_dir)
     present = {path.parent.name for path in sweep_dir.glob("*/metrics.json")}
     missing = sorted(set(expected or ()) - present)
-    rows, baseline_runs = [], []
+    rows, baseline_runs, baseline_made = [], [], {}
+
+    def made(run_dir):  # "wall, card, commit" from the run.json that tools/gpu_runs.py wrote; "" without one
+        if not (run_dir / "run.json").is_file():
+            return ""
+        info = json.loads((run_dir / "run.json").read_text())
+        return ", ".join(filter(None, (wall(info), commit_cell(info))))
+
     for metrics_path in sorted(sweep_dir.glob("*/metrics.json")):
         m = json.loads(metrics_path.read_text())
         if m.get("eval_split") != "val":
@@ -1282,6 +1289,7 @@ def hdl_sweep(sweep_dir, expected=None):
         if "hdl" not in m:  # a baseline-only run: the cells' reference
             if "baseline" in m:
                 baseline_runs.append((metrics_path.parent.name, m["epochs"], m["baseline"]["fine_error"]))
+                baseline_made[metrics_path.parent.name] = made(metrics_path.parent)
             continue
         c = m["hdl_config"]
         rows.append(
@@ -1298,6 +1306,7 @@ def hdl_sweep(sweep_dir, expected=None):
                 "own_baseline_val_fine_error": m.get("baseline", {}).get("fine_error"),
                 "train_acc": m["hdl"].get("final_train_acc", {}).get("train_acc"),
                 "majority_error": m["majority_error"],
+                "made": made(metrics_path.parent),
             }
         )
     if not rows:
@@ -1319,8 +1328,8 @@ def hdl_sweep(sweep_dir, expected=None):
         "",
         "| variant (heads/update/features/alpha) | lambda0 | epochs | fine | fine - baseline | "
         + " | ".join(level_names)
-        + " | train acc | run |",
-        "|---" * (7 + len(level_names)) + "|",
+        + " | train acc | run | wall, card, commit |",
+        "|---" * (8 + len(level_names)) + "|",
     ]
     for r in rows:
         diff = r["val_fine_error"] - r["baseline_val_fine_error"] if r["baseline_val_fine_error"] is not None else None
@@ -1329,14 +1338,14 @@ def hdl_sweep(sweep_dir, expected=None):
             + ("-" if diff is None else f"{diff:+.2f}")
             + " | "
             + " | ".join(fmt(r["val_level_error"].get(n)) for n in level_names)
-            + f" | {fmt(r['train_acc'])} | {r['run']} |"
+            + f" | {fmt(r['train_acc'])} | {r['run']} | {r['made']} |"
         )
     lines.append(
         "| majority category | | | "
         + fmt(majority["fine"])
         + " | | "
         + " | ".join(fmt(majority.get(n)) for n in level_names)
-        + " | | |"
+        + " | | | |"
     )
     baseline_runs += [
         (r["run"], r["epochs"], r["own_baseline_val_fine_error"])
@@ -1347,7 +1356,10 @@ def hdl_sweep(sweep_dir, expected=None):
         lines += [
             "",
             "Baseline validation fine error: "
-            + ", ".join(f"{fmt(e)} ({run}, {n} epochs)" for run, n, e in baseline_runs),
+            + ", ".join(
+                f"{fmt(e)} ({run}, {n} epochs" + (f"; {baseline_made[run]})" if baseline_made.get(run) else ")")
+                for run, n, e in baseline_runs
+            ),
         ]
     lines += ["", f"Decision rule (fixed before the sweep ran; validation only): {SWEEP_RULE}", ""]
     if missing:
