@@ -322,17 +322,18 @@ AFTER = {
 # Minutes a job needs on one H100, compiled, four jobs sharing it through MPS (the run.json of the runs in
 # results/). A call starts a job only while that many minutes of --budget are left: a run that a lease's end
 # stops cannot land (its checkpoints do not outlive the machine), so starting it would spend the GPU for
-# nothing. HierNet by n: n = 3 11.8 and n = 5 20.9 measured; n = 7 27 (its HierNet stage took 6.3 s an epoch);
+# nothing. HierNet by n: n = 3 11.0-13.1 on an H200 and 14.5-14.6 on an H100 beside two HDL sweep cells (15),
+# n = 5 20.9 measured; n = 7 27 (its HierNet stage took 6.3 s an epoch);
 # n = 9 35 and n = 18 70 (n = 9 took 17.2 alone, and four sharing about halve a job's speed; n = 18 is twice
 # n = 9); --control adds 40% (n = 3's control stage: 165 epochs at the backbone's speed; on an H200 the
-# n = 3 seeds with it took 17.7-17.8 against 12 x 1.4 = 16.8). HDL at 800 epochs (40M training images) took
+# n = 3 seeds with it took 17.7-17.8; 15 x 1.4 = 21 is taken). HDL at 800 epochs (40M training images) took
 # 27 alone, eager; compiled, results/bench_mps_hdl.json measured 49,300 images/s alone and 37,900 each with
 # two sharing (H200), so 34 here: about 17 alone (13.6 of steps, 800 validation passes and epoch ends) and
-# 23 with two sharing. A 40-epoch sweep cell took 3.5-3.9 beside three HierNet jobs (H200): 4. Merged: a
+# 23 with two sharing. A 40-epoch sweep cell took 3.4-3.9 beside HierNet jobs on an H200, 3.1-4.9 on an H100: 5. Merged: a
 # run of the five architectures about 72 (four compiled trainings sharing: 14,691 images/s in all). Alone
 # a job takes about half as long (n = 9: 17.2); between one and four sharing, the length is taken as
 # linear in their number.
-HIERNET_MINUTES = {3: 12, 5: 21, 7: 27, 9: 35, 18: 70}
+HIERNET_MINUTES = {3: 15, 5: 21, 7: 27, 9: 35, 18: 70}
 
 
 def expected_minutes(name, sharing=4):
@@ -344,7 +345,7 @@ def expected_minutes(name, sharing=4):
         minutes = HIERNET_MINUTES.get(int(argv[argv.index("--n") + 1]))
         minutes = minutes * 1.4 if minutes and "--control" in argv else minutes
     elif name.startswith("hdl_sweep_cifar100_"):
-        minutes = 4
+        minutes = 5
     elif name.startswith("hdl_cifar100_") and name.endswith("_800"):
         minutes = 34
     elif name.startswith("merged_resnet_cifar100_resnet164_runs"):
