@@ -312,7 +312,11 @@ def test_hiernet_controls_table_and_commit_columns(tmp_path):
     controls = text.split("Controls: where HierNet's gain comes from.")[1].split("\n\n")[1].splitlines()
     assert controls[0].endswith("| groups | wall |")  # no run records a commit: no column
     rows = [line.split(" | ") for line in controls[2:]]
-    readings = ["CPM tree, option-B shortcuts (the authors' code)", "CPM tree, fp32 training"]  # n = 3 only
+    readings = [  # n = 3 only
+        "CPM tree, option-B shortcuts (the authors' code)",
+        "CPM tree, fp32 training",
+        "CPM tree, the authors' code's schedule (78k iterations, lr-proportional decay)",
+    ]
     assert [(r[0].strip("| "), r[1]) for r in rows] == [
         (n, tree)
         for n in ("3", "9")
@@ -325,12 +329,12 @@ def test_hiernet_controls_table_and_commit_columns(tmp_path):
     assert rows[0][3:6] == [f"{m['backbone_acc']:.2f}", f"{m['slow_acc']:.2f}", f"{gain:+.2f}"]
     assert rows[1][2] == "`hiernet_cifar100_n3_randomtree`: not run yet"
     assert rows[2][2] == "`hiernet_cifar100_n3_shortcutB`: not run yet"
-    assert rows[4][3:6] == [
+    assert rows[5][3:6] == [
         f"{m['backbone_acc']:.2f}",
         f"{m['control_acc']:.2f}",
         f"{m['control_acc'] - m['backbone_acc']:+.2f}",
     ]
-    assert all("not run yet" in r[2] for r in rows[5:])
+    assert all("not run yet" in r[2] for r in rows[6:])
     # The random tree's run (its own backbone), made at a recorded commit.
     random_run = tmp_path / "hiernet_cifar100_n3_randomtree"
     shutil.copytree(tmp_path / "hiernet_cifar100_n3", random_run)
