@@ -167,8 +167,11 @@ def test_every_plot_writes_a_png_of_the_expected_size(results, capsys):
     for name, (width, height) in inches.items():
         assert png_size(out / name) == (round(width * plots.DPI), round(height * plots.DPI)), name
         assert (out / name).stat().st_size < 400_000, name  # committed figures stay small
-    # No ELU run: Table 2 is skipped with one line, not drawn empty.
-    assert skipped == [f"skip hiernet_table2.png: no hiernet_cifar100_n*_elu run in {results}"]
+    # No ELU run, no reading of the backbone gap: those figures are skipped with one line each, not drawn empty.
+    assert skipped == [
+        f"skip hiernet_table2.png: no hiernet_cifar100_n*_elu run in {results}",
+        f"skip hiernet_backbone_readings.png: no hiernet_cifar100_n3 run beside a reading (_shortcutB, _fp32, ...) in {results}",
+    ]
     assert "skip hiernet_table2.png" in capsys.readouterr().out
 
 
@@ -256,3 +259,16 @@ def test_controls_figure_reads_the_random_tree_and_control_runs(tmp_path):
     assert plots.random_tree_gains(tmp_path, 3) == [4.0, -5.0] and plots.random_tree_gains(tmp_path, 9) == []
     plots.plot_hiernet_controls(tmp_path, tmp_path / "c.png")
     assert png_size(tmp_path / "c.png") == (round(6.5 * plots.DPI), round(4.5 * plots.DPI))
+
+
+def test_backbone_readings_figure_needs_a_reading_and_draws_the_seeds_beside_it(tmp_path):
+    plots = pytest.importorskip("plots")
+    pytest.importorskip("matplotlib")
+    results = tmp_path / "results"
+    fake_hiernet(results / "hiernet_cifar100_n3")
+    fake_hiernet(results / "hiernet_cifar100_n3_seed1", seed=1)
+    out = tmp_path / "readings.png"
+    with pytest.raises(plots.Skip, match="beside a reading"):  # our seeds alone: nothing to compare
+        plots.plot_hiernet_backbone_readings(results, out)
+    fake_hiernet(results / "hiernet_cifar100_n3_fp32", control=False)
+    assert png_size(plots.plot_hiernet_backbone_readings(results, out)) == (7 * plots.DPI, 4 * plots.DPI)

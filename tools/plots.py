@@ -8,7 +8,8 @@ Figures, each beside the paper's numbers where the paper gives them:
 - HierNet: the confusion probability matrix of a run, classes in the tree's order with the group
   borders; Tables 1-2 as slow - backbone per n, ours (seed bars) beside the paper's, with the
   training-length control (results mode only: it reads several runs); the controls: HierNet on the
-  CPM tree and on a random tree of the same group sizes, and the backbone trained as long.
+  CPM tree and on a random tree of the same group sizes, and the backbone trained as long; the readings of
+  the n = 3 backbone's gap to the paper's (option-B shortcuts, fp32, the authors' schedule) beside our seeds.
 - Merged ResNets: top-1 error vs alpha per architecture, coarse and fine, mean and a +-1 std band
   over the runs, the paper's optimum (alpha near 1, Figs. 3-4) marked.
 - Coarse network x VGG16: training-mode and validation accuracy per epoch of each table's network,
@@ -280,6 +281,61 @@ def plot_hiernet_controls(results, out):
     ax.legend(fontsize=8, loc="upper right")
     low, high = ax.get_ylim()
     ax.set_ylim(low - 0.5, high + 0.35 * (high - low))  # room for the labels and the legend
+    return save(fig, out)
+
+
+# The readings of why our n = 3 backbones sit above the paper's: each a seed-0 run of its own (tools/gpu_runs.py).
+BACKBONE_READINGS = (
+    ("option-B shortcuts", "_shortcutB"),
+    ("fp32 training", "_fp32"),
+    ("authors' schedule", "_schedulecode"),
+)
+
+
+def plot_hiernet_backbone_readings(results, out):
+    """HierNet n = 3 on CIFAR-100: backbone and slow accuracy of the paper's setting (every seed: mean bar,
+    dots the runs) and of each reading of the backbone gap run so far (one seed each), the paper's
+    Table 1 figures as lines."""
+    seeds = hiernet_table_runs(results, 3, False)
+    readings = [(label, hiernet_table_runs(results, 3, False, suffix)) for label, suffix in BACKBONE_READINGS]
+    readings = [(label, runs) for label, runs in readings if runs]
+    if not seeds or not readings:
+        raise Skip(f"no hiernet_cifar100_n3 run beside a reading (_shortcutB, _fp32, ...) in {results}")
+    _, paper_backbone, paper_slow, _ = results_table.HIERNET_TABLE1[3]
+    groups = [(f"ours ({len(seeds)} seeds)", seeds)] + [(label, runs) for label, runs in readings]
+    fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")
+    width = 0.38
+    for k, (key, colour, paper) in enumerate(
+        (("backbone_acc", CONTROL, paper_backbone), ("slow_acc", OURS, paper_slow))
+    ):
+        for i, (label, runs) in enumerate(groups):
+            values = [m[key] for m in runs]
+            x = i + (k - 0.5) * width
+            ax.bar(
+                x,
+                np.mean(values),
+                width,
+                color=colour,
+                label=("backbone" if k == 0 else "HierNet slow") if i == 0 else None,
+            )
+            ax.plot([x] * len(values), values, "k.", ms=4)
+            ax.annotate(
+                f"{np.mean(values):.2f}",
+                (x, max(values)),
+                xytext=(0, 3),
+                textcoords="offset points",
+                ha="center",
+                fontsize=7,
+            )
+        ax.axhline(paper, color=colour, ls="--", lw=1, label=f"paper, {'backbone' if k == 0 else 'slow'} {paper:.2f}")
+    ax.set_xticks(range(len(groups)), [label for label, _ in groups], fontsize=8)
+    low = min(m[key] for _, runs in groups for m in runs for key in ("backbone_acc", "slow_acc"))
+    ax.set_ylim(min(low, paper_backbone) - 2, None)
+    ax.set_ylabel("test-half accuracy %")
+    ax.set_title(
+        "HierNet n = 3, CIFAR-100: readings of our backbone's gap to the paper's (each reading one seed)", fontsize=9
+    )
+    ax.legend(fontsize=7, ncol=2, loc="lower right")
     return save(fig, out)
 
 
@@ -674,6 +730,7 @@ def results_figures(results):
         ("hiernet_table1.png", lambda out: plot_hiernet_table(results, out, elu=False)),
         ("hiernet_table2.png", lambda out: plot_hiernet_table(results, out, elu=True)),
         ("hiernet_controls.png", lambda out: plot_hiernet_controls(results, out)),
+        ("hiernet_backbone_readings.png", lambda out: plot_hiernet_backbone_readings(results, out)),
         ("bench.png", lambda out: plot_bench(results / "bench.json", out)),
         ("hdl_sweep_cifar100.png", lambda out: plot_hdl_sweep(results / "hdl_sweep_cifar100", out)),
     ]
