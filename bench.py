@@ -26,6 +26,7 @@ of the slowest (--compile: each model compiled, as the queued jobs). Writes --mp
 MPS daemon was found:
     python bench.py --mps 1 2 4 --mps-config preact164:128 --mps-config densenet100:128
     python bench.py --mps 1 2 4 --mps-config resnet18in:64 --compile --mps-out results/bench_mps_hdl.json
+    python bench.py --mps 1 2 --mps-config resnet18cifar:64 --compile --mps-out results/bench_mps_hdl_cifar_stem.json
 """
 
 import argparse
@@ -323,6 +324,7 @@ MPS_BACKBONES = {  # CIFAR-100's 100 classes, as in the sweeps
     "preact164": lambda: merged_resnet.PreActResNetCifar(164, 100),
     "densenet100": lambda: merged_resnet.DenseNetBC(100, 12, 100),
     "resnet18in": lambda: hdl_stack.ResNet18(100, stem="imagenet"),  # hdl_stack.py's (batch 64: latency-bound)
+    "resnet18cifar": lambda: hdl_stack.ResNet18(100, stem="cifar"),  # hdl_stack.py --stem cifar
     "preact11": lambda: merged_resnet.PreActResNetCifar(11, 100),  # tiny, for a CPU smoke test
 }
 MPS_CONFIGS = ["preact164:128", "densenet100:128"]

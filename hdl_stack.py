@@ -30,7 +30,7 @@ Paper vs ours, one line per decision (docs/hdl_stack.md, "Paper vs ours", has th
 - a short sweep cannot choose Table 3's setting; SWEEP_RULE picks one extra 800-epoch row, ours: tools/results_table.py
 - Adam lr 0.001 constant, batch 64, 800 epochs (CIFAR) / 20 (shapes, not given): get_args, default_epochs
 - no normalisation; crop + flip on CIFAR only: --normalize, --augment
-- ImageNet stem also on 32 px (--stem cifar: 3x3); PreAct ResNet-101 / 152 not included: build_model
+- ImageNet stem also on 32 px (--stem cifar: 3x3; Table 3's is under test); PreAct-101/152 not included: build_model
 - no validation in the paper, nothing selected; --val-fraction reports on a held-out split only: validation_split
 - extras: summed-fine level errors, majority-category errors, violation rates: level_results
 - not reproduced: VQA-Med, Animals Taxonomy8, ImageNet (experiments 1, 3-5): no data here

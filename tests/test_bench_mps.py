@@ -64,6 +64,9 @@ def test_mps_bench_workers_build_hdl_backbone_and_record_compile(tmp_path, monke
     assert json.loads(out.read_text())["compile"] is True
     model = bench.MPS_BACKBONES["resnet18in"]()
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 100) and isinstance(model.stem[-1], torch.nn.MaxPool2d)
+    cifar_stem = bench.MPS_BACKBONES["resnet18cifar"]()  # hdl_stack.py --stem cifar: no pooling in the stem
+    assert cifar_stem(torch.zeros(2, 3, 32, 32)).shape == (2, 100)
+    assert not any(isinstance(m, torch.nn.MaxPool2d) for m in cifar_stem.modules())
 
 
 def test_mps_bench_refuses_regional_compile(tmp_path):

@@ -125,6 +125,13 @@ def test_collect_puts_the_hdl_sweep_cells_into_one_folder(tmp_path):
     assert gpu_runs.collect(src, results) == ["hdl_stack_shapes", "hdl_sweep_cifar100_wen_raw_0.005"]
     assert (results / "hdl_sweep_cifar100" / "wen_raw_0.005" / "metrics.json").is_file()
     assert (results / "hdl_stack_shapes" / "run.json").is_file()
+    # The stem cells land where results_table.STEM_CELLS reads them, and carry the stem they test.
+    assert gpu_runs.landed_path("hdl_stem_cifar100_cifar_baseline", results) == (
+        results / "hdl_stem_cifar100" / "cifar_baseline"
+    )
+    for name in ("hdl_stem_cifar100_cifar_baseline", "hdl_stem_cifar100_cifar_hdl"):
+        argv = gpu_runs.JOBS[name]
+        assert argv[argv.index("--stem") + 1] == "cifar" and argv[argv.index("--epochs") + 1] == "40"
 
 
 def test_stage2_seed_variants_differ_from_their_base_runs_seed():

@@ -658,3 +658,28 @@ def test_a_missing_readme_or_results_folder_is_one_line(tmp_path):
         tool.main(["--write", str(tmp_path / "README.md")])
     with pytest.raises(SystemExit, match="--results .*nothing: no such folder"):
         tool.main(["--results", str(tmp_path / "nothing")])
+
+
+def test_stem_rule_names_the_stem_whose_baseline_ends_closer_to_table3_and_waits_for_every_cell(tmp_path):
+    tool = load_tool()
+
+    def plant(run, method, error):
+        (tmp_path / run).mkdir(parents=True)
+        m = {method: {"fine_error": error, "final_train_acc": {"train_acc": 80.0}}}
+        (tmp_path / run / "metrics.json").write_text(json.dumps(m))
+
+    plant("hdl_sweep_cifar100/baseline", "baseline", 52.0)
+    plant("hdl_sweep_cifar100/epoch_raw_1", "hdl", 82.0)
+    lines = tool.hdl_stem_block(tmp_path)
+    assert "Verdict: not yet (hdl_stem_cifar100/cifar_baseline, hdl_stem_cifar100/cifar_hdl to run)." in lines
+    assert any(line.startswith("| 3x3/1 (the cited CIFAR code) | not run yet |") for line in lines)
+    plant("hdl_stem_cifar100/cifar_baseline", "baseline", 38.0)  # 2.3 from Table 3's 35.70, the 7x7 16.3
+    plant("hdl_stem_cifar100/cifar_hdl", "hdl", 60.0)
+    lines = tool.hdl_stem_block(tmp_path)
+    assert "Verdict: the cifar stem (3x3/1 (the cited CIFAR code)), baseline 38.00 against 35.70." in lines
+    assert "| 3x3/1 (the cited CIFAR code) | 38.00 (80.00) |  | 60.00 (80.00) |  |" in lines
+    # The rule reads the baselines only: a 7x7 baseline closer to 35.70 keeps the 7x7 stem.
+    (tmp_path / "hdl_sweep_cifar100/baseline/metrics.json").write_text(
+        json.dumps({"baseline": {"fine_error": 36.0, "final_train_acc": {"train_acc": 80.0}}})
+    )
+    assert any(line.startswith("Verdict: the imagenet stem") for line in tool.hdl_stem_block(tmp_path))

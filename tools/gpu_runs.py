@@ -188,6 +188,13 @@ JOBS = {
     # Table 3's setting. --collect puts the cells into results/hdl_sweep_cifar100/; then `python
     # tools/results_table.py --sweep-table results/hdl_sweep_cifar100` writes its table and the rule's pick.
     "hdl_sweep_cifar100_baseline": [*HDL_SWEEP, "--method", "baseline"],
+    # Which ResNet-18 stem Table 3 trained: the 7x7/2 + max-pool stem of the paper's settings section (our
+    # default), or the 3x3/1 stem of the CIFAR code its Table 3 cites. The sweep's imagenet-stem baseline
+    # (52.08% validation fine error at 40 epochs, flat since epoch 20) is far from Table 3's 35.70. Two
+    # cells like the sweep's with --stem cifar; --collect puts them into results/hdl_stem_cifar100/, and
+    # results_table.py's STEM_RULE (written before they run) reads them beside the sweep's two.
+    "hdl_stem_cifar100_cifar_baseline": [*HDL_SWEEP, "--stem", "cifar", "--method", "baseline"],
+    "hdl_stem_cifar100_cifar_hdl": [*HDL_SWEEP, "--stem", "cifar", "--method", "hdl"],
     **{
         f"hdl_sweep_cifar100_{update}_{features}_{lam}": [
             *HDL_SWEEP,
@@ -350,6 +357,8 @@ def expected_minutes(name, sharing=4):
         minutes = minutes * 78 / 64 if minutes and "code" in argv else minutes  # --schedule code: 78k iterations
     elif name.startswith("hdl_sweep_cifar100_"):
         minutes = 5
+    elif name.startswith("hdl_stem_cifar100_"):  # not measured: the 3x3 stem keeps 32x32 maps (the 7x7: 8x8)
+        minutes = 12
     elif name.startswith("hdl_cifar100_") and name.endswith("_800"):
         minutes = 34
     elif name.startswith("merged_resnet_cifar100_resnet164_runs"):
@@ -624,6 +633,7 @@ def pack(out, with_checkpoints, park_names=()):
 # Runs collected into one folder of results/ together (prefix -> folder; each run a subfolder).
 GROUPED = {
     "hdl_sweep_cifar100_": "hdl_sweep_cifar100",
+    "hdl_stem_cifar100_": "hdl_stem_cifar100",
     "latent_string_mnist_cpu_": "latent_string_mnist_cpu",
     "latent_string_cifar100_seed1_": "latent_string_cifar100_seed1_variants",
 }

@@ -134,6 +134,14 @@ def commit_cell(info):
     return " / ".join(f"{commit[:7]}" + (" (dirty)" if dirty else "") for commit, dirty in dict.fromkeys(states))
 
 
+def made_cell(run_dir):
+    """ "wall, card, commit" of a run from the run.json that tools/gpu_runs.py wrote beside it; "" without one."""
+    if not (Path(run_dir) / "run.json").is_file():
+        return ""
+    info = json.loads((Path(run_dir) / "run.json").read_text())
+    return ", ".join(filter(None, (wall(info), commit_cell(info))))
+
+
 def without_blank_column(header, body, name):
     """The table without column `name` when no row fills it (tables of runs from before it existed stay as
     they were)."""
@@ -1278,13 +1286,6 @@ def hdl_sweep(sweep_dir, expected=None):
     present = {path.parent.name for path in sweep_dir.glob("*/metrics.json")}
     missing = sorted(set(expected or ()) - present)
     rows, baseline_runs, baseline_made = [], [], {}
-
-    def made(run_dir):  # "wall, card, commit" from the run.json that tools/gpu_runs.py wrote; "" without one
-        if not (run_dir / "run.json").is_file():
-            return ""
-        info = json.loads((run_dir / "run.json").read_text())
-        return ", ".join(filter(None, (wall(info), commit_cell(info))))
-
     for metrics_path in sorted(sweep_dir.glob("*/metrics.json")):
         m = json.loads(metrics_path.read_text())
         if m.get("eval_split") != "val":
@@ -1292,7 +1293,7 @@ def hdl_sweep(sweep_dir, expected=None):
         if "hdl" not in m:  # a baseline-only run: the cells' reference
             if "baseline" in m:
                 baseline_runs.append((metrics_path.parent.name, m["epochs"], m["baseline"]["fine_error"]))
-                baseline_made[metrics_path.parent.name] = made(metrics_path.parent)
+                baseline_made[metrics_path.parent.name] = made_cell(metrics_path.parent)
             continue
         c = m["hdl_config"]
         rows.append(
@@ -1309,7 +1310,7 @@ def hdl_sweep(sweep_dir, expected=None):
                 "own_baseline_val_fine_error": m.get("baseline", {}).get("fine_error"),
                 "train_acc": m["hdl"].get("final_train_acc", {}).get("train_acc"),
                 "majority_error": m["majority_error"],
-                "made": made(metrics_path.parent),
+                "made": made_cell(metrics_path.parent),
             }
         )
     if not rows:
@@ -1728,6 +1729,65 @@ def latent_string_block(results):
     return lines
 
 
+# Which ResNet-18 stem Table 3 trained (tools/gpu_runs.py's hdl_stem_cifar100_* cells beside the sweep's two),
+# fixed before the cells run.
+STEM_RULE = (
+    "Table 3's 800-epoch runs take the stem whose baseline, 40 epochs on the held-out tenth, ends closer to "
+    "Table 3's ResNet-18 error (35.70); the baseline has flattened by epoch 40 (Adam at a constant lr), so its "
+    "level there stands for its level at 800. Until all four cells have run, the 7x7 stem stays."
+)
+STEM_CELLS = {  # stem -> (baseline run, HDL run at the paper's setting), under results/
+    "imagenet": ("hdl_sweep_cifar100/baseline", "hdl_sweep_cifar100/epoch_raw_1"),
+    "cifar": ("hdl_stem_cifar100/cifar_baseline", "hdl_stem_cifar100/cifar_hdl"),
+}
+
+
+def hdl_stem_block(results):
+    """README lines: the two stems' baseline and HDL (the paper's setting) after 40 epochs on validation,
+    Table 3's ResNet-18 row beside them, and STEM_RULE's verdict once every cell has run."""
+    rows, errors, missing = [], {}, []
+    labels = {"imagenet": "7x7/2 + max-pool (the settings section)", "cifar": "3x3/1 (the cited CIFAR code)"}
+    for stem, runs in STEM_CELLS.items():
+        cells = []
+        for method, run in zip(("baseline", "hdl"), runs):
+            path = results / run
+            if not (path / "metrics.json").is_file():
+                missing.append(run)
+                cells += ["not run yet", ""]
+                continue
+            m = json.loads((path / "metrics.json").read_text())
+            errors[stem, method] = m[method]["fine_error"]
+            train = m[method].get("final_train_acc", {}).get("train_acc")
+            cells += [f"{f2(m[method]['fine_error'])} ({fmt(train)})", made_cell(path)]
+        rows.append([labels[stem], *cells])
+    paper = HDL_PAPER_TABLE3["resnet18"]
+    rows.append(["paper, Table 3 ResNet-18 (800 epochs, test)", f2(paper[0]), "", f2(paper[1]), ""])
+    header = [
+        "stem",
+        "baseline fine error (train acc)",
+        "wall, card, commit",
+        "HDL fine error (train acc)",
+        "wall, card, commit",
+    ]
+    lines = [
+        "CIFAR-100, which ResNet-18 stem: 40 epochs, validation fine error % (tools/gpu_runs.py `hdl_stem_cifar100_*` beside the sweep's baseline and paper cell):",
+        "",
+    ]
+    lines += table(header, rows) + [
+        "",
+        f"Rule (fixed before the cells ran): {STEM_RULE}",
+        "",
+    ]
+    if missing:
+        lines.append(f"Verdict: not yet ({', '.join(missing)} to run).")
+    else:
+        closer = min(STEM_CELLS, key=lambda stem: abs(errors[stem, "baseline"] - paper[0]))
+        lines.append(
+            f"Verdict: the {closer} stem ({labels[closer]}), baseline {f2(errors[closer, 'baseline'])} against 35.70."
+        )
+    return lines + [""]
+
+
 def hdl_stack_block(results):
     """HDL: Tables 3 and 4's errors beside the paper's, the centre-loss sweep."""
     lines = [
@@ -1811,7 +1871,7 @@ def hdl_stack_block(results):
         if any(sweep.glob("*/metrics.json"))
         else ["CIFAR-100 centre-loss sweep (`hdl_sweep_cifar100_*` in tools/gpu_runs.py): not run yet.", ""]
     )
-    return lines
+    return lines + hdl_stem_block(results)
 
 
 def speed_block(results):
