@@ -1783,7 +1783,7 @@ def hdl_stem_block(results):
     else:
         closer = min(STEM_CELLS, key=lambda stem: abs(errors[stem, "baseline"] - paper[0]))
         lines.append(
-            f"Verdict: the {closer} stem ({labels[closer]}), baseline {f2(errors[closer, 'baseline'])} against 35.70."
+            f"Verdict: the {closer} stem ({labels[closer]}), baseline {f2(errors[closer, 'baseline'])} against {f2(paper[0])}."
         )
     return lines + [""]
 
