@@ -1775,7 +1775,7 @@ def hdl_stem_block(results):
     ]
     lines += table(header, rows) + [
         "",
-        f"Rule (fixed before the cells ran): {STEM_RULE}",
+        f"Rule (fixed before the cells run): {STEM_RULE}",
         "",
     ]
     if missing:
