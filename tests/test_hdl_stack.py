@@ -639,3 +639,13 @@ def load_report():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_both_stems_are_resnet18_with_the_known_parameter_counts():
+    """--stem cifar is the CIFAR codes' ResNet-18 (3x3/1 stem, no pooling: 11,220,132 parameters at 100
+    classes); --stem imagenet swaps in the 7x7/2 + max-pool stem (7,680 weights more), same stages."""
+    cifar, imagenet = (hdl_stack.ResNet18(100, stem=stem) for stem in ("cifar", "imagenet"))
+    assert sum(p.numel() for p in cifar.parameters()) == 11_220_132
+    assert sum(p.numel() for p in imagenet.parameters()) - 11_220_132 == 64 * 3 * (7 * 7 - 3 * 3)
+    x = torch.zeros(2, 3, 32, 32)
+    assert cifar.stem(x).shape[-1] == 32 and imagenet.stem(x).shape[-1] == 8  # the maps the stages start from
