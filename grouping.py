@@ -364,10 +364,13 @@ def confusion_probability_matrix(forward, loader, num_classes, *, device, dtype=
 
 
 def write_tree_files(path, tree, names, **settings):
-    """The tree JSON at path (tree_json with settings), its printout (.txt) and graph (.dot) beside it."""
+    """The tree JSON at path (tree_json with settings), its printout (.txt) and graph (.dot) beside it;
+    returns the printout."""
+    text = tree_text(tree, names)
     common.write_json(path, tree_json(tree, names, **settings))
-    common.write_text(path.with_suffix(".txt"), tree_text(tree, names))
+    common.write_text(path.with_suffix(".txt"), text)
     common.write_text(path.with_suffix(".dot"), tree_dot(tree, names))
+    return text
 
 
 # The command line: group a CPM again
@@ -407,10 +410,11 @@ def main(argv=None):
     else:
         cpm, names = cpm_from_run(args.run_dir)
     tree = build_tree(cpm, args.depth, args.g_max, args.p_min)
-    sys.stdout.write(tree_text(tree, names))
-    if args.out:
+    if not args.out:
+        sys.stdout.write(tree_text(tree, names))
+    else:
         out = Path(args.out)
-        write_tree_files(out, tree, names, g_max=args.g_max, p_min=args.p_min)
+        sys.stdout.write(write_tree_files(out, tree, names, g_max=args.g_max, p_min=args.p_min))
         print(f"wrote {out}, {out.with_suffix('.txt')} and {out.with_suffix('.dot')}")
     return tree
 

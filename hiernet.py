@@ -982,8 +982,7 @@ def tree_from_data(args, data, backbone, val_loader, run_dir, device):
 
 def save_tree(run_dir, tree, tree_settings, names):
     """tree.json / tree.txt / tree.dot (and tree_copied.txt for a random tree), printed, with warnings."""
-    print(grouping.tree_text(tree, names), end="", flush=True)
-    grouping.write_tree_files(run_dir / "tree.json", tree, names, **tree_settings)
+    print(grouping.write_tree_files(run_dir / "tree.json", tree, names, **tree_settings), end="", flush=True)
     if "random_tree" in tree_settings:  # the tree it copied the sizes of, readable beside it
         copied = grouping.tree_text(tree_settings["random_tree"]["from_tree"], names)
         common.write_text(run_dir / "tree_copied.txt", copied)

@@ -346,15 +346,21 @@ AFTER = {
 HIERNET_MINUTES = {3: 15, 5: 21, 7: 27, 9: 35, 18: 70}
 
 
+def flag_value(argv, flag):
+    """The value given to `flag` in a job's argv, or None where the flag is absent."""
+    return argv[argv.index(flag) + 1] if flag in argv else None
+
+
 def expected_minutes(name, sharing=4):
     """The minutes above for a job, with `sharing` jobs at once on its GPU; None where none was measured
     (it starts whatever is left)."""
     argv = JOBS[name]
     minutes = None
-    if argv[0] == "hiernet.py" and "cifar100" in argv and "--n" in argv:
-        minutes = HIERNET_MINUTES.get(int(argv[argv.index("--n") + 1]))
+    if argv[0] == "hiernet.py" and flag_value(argv, "--dataset") == "cifar100" and "--n" in argv:
+        minutes = HIERNET_MINUTES.get(int(flag_value(argv, "--n")))
         minutes = minutes * 1.4 if minutes and "--control" in argv else minutes
-        minutes = minutes * 78 / 64 if minutes and "code" in argv else minutes  # --schedule code: 78k iterations
+        code_schedule = flag_value(argv, "--schedule") == "code"  # the authors' 78k iterations against 64k
+        minutes = minutes * 78 / 64 if minutes and code_schedule else minutes
     elif name.startswith("hdl_sweep_cifar100_"):
         minutes = 5
     elif name.startswith("hdl_stem_cifar100_"):  # not measured: the 3x3 stem keeps 32x32 maps (the 7x7: 8x8)
@@ -423,8 +429,7 @@ def git_state(root=ROOT):
 
 def needs_gpu(name):
     """A job on CIFAR-10 or CIFAR-100: hours on a CPU, so a queue without a CUDA device skips it."""
-    argv = JOBS[name]
-    return "--dataset" in argv and argv[argv.index("--dataset") + 1] in ("cifar10", "cifar100")
+    return flag_value(JOBS[name], "--dataset") in ("cifar10", "cifar100")
 
 
 def cpu_device(torch):
@@ -820,8 +825,6 @@ def main(argv=None):
                     break
                 if waits(name):
                     continue  # its base run is not finished yet
-                if restore_parked(name):
-                    print(f"{time.time() - t0:6.0f}s {name}: resumes the stages parked in results/parked", flush=True)
                 if not on_gpu and needs_gpu(name):
                     queue.remove(name)
                     print(
@@ -829,6 +832,8 @@ def main(argv=None):
                         flush=True,
                     )
                     continue
+                if restore_parked(name):
+                    print(f"{time.time() - t0:6.0f}s {name}: resumes the stages parked in results/parked", flush=True)
                 _, need = expected_now(name, len(queue), len(running), a.parallel)
                 left = (a.budget - (time.time() - t0)) / 60
                 if need and need > left and name not in a.park and not (RUNS / name / "args.json").exists():

@@ -284,25 +284,20 @@ def plot_hiernet_controls(results, out):
     return save(fig, out)
 
 
-# The readings of why our n = 3 backbones sit above the paper's: each a seed-0 run of its own (tools/gpu_runs.py).
-BACKBONE_READINGS = (
-    ("option-B shortcuts", "_shortcutB"),
-    ("fp32 training", "_fp32"),
-    ("authors' schedule", "_schedulecode"),
-)
-
-
 def plot_hiernet_backbone_readings(results, out):
     """HierNet n = 3 on CIFAR-100: backbone and slow accuracy of the paper's setting (every seed: mean bar,
     dots the runs) and of each reading of the backbone gap run so far (one seed each), the paper's
     Table 1 figures as lines."""
     seeds = hiernet_table_runs(results, 3, False)
-    readings = [(label, hiernet_table_runs(results, 3, False, suffix)) for label, suffix in BACKBONE_READINGS]
-    readings = [(label, runs) for label, runs in readings if runs]
+    readings = [
+        (label, runs)
+        for suffix, _, label in results_table.HIERNET_BACKBONE_READINGS
+        if (runs := hiernet_table_runs(results, 3, False, suffix))
+    ]
     if not seeds or not readings:
         raise Skip(f"no hiernet_cifar100_n3 run beside a reading (_shortcutB, _fp32, ...) in {results}")
     _, paper_backbone, paper_slow, _ = results_table.HIERNET_TABLE1[3]
-    groups = [(f"ours ({len(seeds)} seeds)", seeds)] + [(label, runs) for label, runs in readings]
+    groups = [(f"ours ({len(seeds)} seeds)", seeds), *readings]
     fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")
     width = 0.38
     for k, (key, colour, paper) in enumerate(

@@ -23,6 +23,7 @@ here, checked against the script by the tests.
 """
 
 import argparse
+import functools
 import importlib.util
 import json
 import math
@@ -135,7 +136,8 @@ def commit_cell(info):
 
 
 def made_cell(run_dir):
-    """ "wall, card, commit" of a run from the run.json that tools/gpu_runs.py wrote beside it; "" without one."""
+    """A run's wall time, card and commit as one cell, from the run.json that tools/gpu_runs.py wrote beside
+    it; empty without one."""
     if not (Path(run_dir) / "run.json").is_file():
         return ""
     info = json.loads((Path(run_dir) / "run.json").read_text())
@@ -490,6 +492,15 @@ def table(header, body):
     return [row(header), row(["---"] * len(header))] + [row(cells) for cells in body]
 
 
+# Readings of why our n = 3 backbones sit above the paper's (ours; a seed-0 run each in tools/gpu_runs.py):
+# (run name suffix, the controls table's label, tools/plots.py's short label).
+HIERNET_BACKBONE_READINGS = (
+    ("_shortcutB", "option-B shortcuts (the authors' code)", "option-B shortcuts"),
+    ("_fp32", "fp32 training", "fp32 training"),
+    ("_schedulecode", "the authors' code's schedule (78k iterations, lr-proportional decay)", "authors' schedule"),
+)
+
+
 def hiernet_control_rows(results):
     """Per n (3, 9): HierNet on the CPM tree and on the random tree (seed 0; the random tree is its own run:
     the same seed, so the same backbone up to GPU nondeterminism, the CPM tree's group sizes, classes
@@ -497,12 +508,7 @@ def hiernet_control_rows(results):
     the lowest seed's that has it); then ELU at n = 3 on Table 2's p_min and on the ReLU runs' (a coarser
     or a finer CPM tree). Each against its own run's backbone."""
     cpm_random = (("CPM tree (the paper's)", ""), ("random tree", "_randomtree"))
-    # Readings of the backbone at n = 3 (ours): the authors' shortcuts, training without bf16, their schedule.
-    readings = (
-        ("CPM tree, option-B shortcuts (the authors' code)", "_shortcutB"),
-        ("CPM tree, fp32 training", "_fp32"),
-        ("CPM tree, the authors' code's schedule (78k iterations, lr-proportional decay)", "_schedulecode"),
-    )
+    readings = tuple((f"CPM tree, {label}", suffix) for suffix, label, _ in HIERNET_BACKBONE_READINGS)
     elu_p_min = (("CPM tree, p_min 0.005 (Table 2's)", "_elu"), ("CPM tree, p_min 0.0075 (ours)", "_elu_pmin0.0075"))
     out = []
     # (row label, n, the trees compared, whether the backbone trained as long is a row)
@@ -557,8 +563,8 @@ def hiernet_control_table(results):
         "at random (seeded; `tree.json` records the seed and the CPM tree); everything else is the paper's run. "
         "The control trains the backbone on for HierNet's iterations on the same schedule. The ELU rows group the "
         "same kind of CPM at Table 2's p_min and at the ReLU runs' (a coarser or a finer tree). The option-B, fp32 "
-        "and authors'-schedule rows test three readings of why our n = 3 backbones sit above the paper's. Each row's gain is against its own "
-        "run's backbone.",
+        "and authors'-schedule rows test three readings of why our n = 3 backbones sit above the paper's. Each "
+        "row's gain is against its own run's backbone.",
         "",
         *table(*without_blank_column(header, hiernet_control_rows(results), COMMIT_HEADER)),
         "",
@@ -1270,11 +1276,17 @@ def queued_sweep_cells(sweep_dir):
     folder X); None for another folder, whose cells are whatever it holds."""
     if Path(sweep_dir).name != "hdl_sweep_cifar100":
         return None
+    prefix = "hdl_sweep_cifar100_"
+    return sorted(name[len(prefix) :] for name in gpu_runs_jobs() if name.startswith(prefix))
+
+
+@functools.cache
+def gpu_runs_jobs():
+    """tools/gpu_runs.py's job names, its module loaded once (tools/ import no training script)."""
     spec = importlib.util.spec_from_file_location("gpu_runs", Path(__file__).resolve().parent / "gpu_runs.py")
     gpu_runs = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_runs)
-    prefix = "hdl_sweep_cifar100_"
-    return sorted(name[len(prefix) :] for name in gpu_runs.JOBS if name.startswith(prefix))
+    return tuple(gpu_runs.JOBS)
 
 
 def hdl_sweep(sweep_dir, expected=None):
