@@ -544,6 +544,10 @@ def test_bad_flags_fail_with_one_line(tmp_path):
     with pytest.raises(SystemExit):
         hdl_stack.get_args(["--val-fraction", "1"])
     assert hdl_stack.get_args(["--center-update", "wen"]).center_alpha == 0.5
+    # --stem auto: the 3x3 stem on CIFAR (the README's stem test picked it for Table 3), the 7x7 elsewhere.
+    stems = {d: hdl_stack.get_args(["--dataset", d]).stem for d in ("cifar100", "cifar10", "shapes")}
+    assert stems == {"cifar100": "cifar", "cifar10": "cifar", "shapes": "imagenet"}
+    assert hdl_stack.get_args(["--dataset", "cifar100", "--stem", "imagenet"]).stem == "imagenet"
     assert hdl_stack.get_args(["--center-update", "sgd", "--center-alpha", "2"]).center_alpha == 2.0
     with pytest.raises(SystemExit, match="--fine-head off"):  # shapes' first level alone does not name the class
         hierarchy = tmp_path / "by_shape.json"  # one level (shape) above the 72 classes
