@@ -250,6 +250,7 @@ def test_a_parked_run_resumes_past_its_finished_stages_to_the_uninterrupted_runs
     parked = tmp_path / "parked" / "x"
     assert gpu_runs.park(stopped, parked, tmp_path / "record.json") == ["backbone", "control"]
     assert not (parked / "hiernet" / "checkpoint.pt").exists() and (parked / "run.json").exists()
+    assert (stopped / ".lock").exists() and not (parked / ".lock").exists()  # the stopped process's lock stays
     stages = [json.loads(line)["stage"] for line in (parked / "metrics.jsonl").read_text().splitlines()]
     assert set(stages) == {"backbone", "control"}
     checkpoint = torch.load(parked / "backbone" / "checkpoint.pt", weights_only=True)

@@ -578,7 +578,7 @@ def park(run_dir, dst, record_path=None):
         return []
     for path in run_dir.rglob("*"):
         small = path.is_file() and path.suffix != ".pt" and path.stat().st_size < 4 << 20
-        if small and path.name != "metrics.jsonl":
+        if small and path.name not in ("metrics.jsonl", ".lock"):  # the lock belonged to the stopped process
             (dst / path.relative_to(run_dir)).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(path, dst / path.relative_to(run_dir))
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
