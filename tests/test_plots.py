@@ -133,6 +133,10 @@ def results(tmp_path):
     fake_outer_product(folder / "coarse_outer_product_x")
     fake_bench(folder / "bench.json")
     fake_hdl_sweep(folder / "hdl_sweep_cifar100")
+    for cell in ("cifar_baseline", "cifar_hdl"):  # the 3x3 stem cells, beside the sweep's 7x7 baseline
+        lines = [{"stage": cell[6:], "epoch": epoch, "val_fine_acc": 60.0 + epoch} for epoch in (1, 2)]
+        (folder / "hdl_stem_cifar100" / cell).mkdir(parents=True)
+        (folder / "hdl_stem_cifar100" / cell / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     return folder
 
 
@@ -153,6 +157,7 @@ def test_every_plot_writes_a_png_of_the_expected_size(results, capsys):
         "hiernet_controls.png": (6.5, 4.5),
         "bench.png": (7, 4),
         "hdl_sweep_cifar100.png": (10, 4.2),
+        "hdl_stem_cifar100.png": (6, 4),
         "hiernet_cifar100_n3_cpm.png": plots.cpm_figsize(4),
         "hiernet_cifar100_n3_seed1_cpm.png": plots.cpm_figsize(4),
         "merged_resnet_x_alpha.png": (10, 4.2),
@@ -272,3 +277,20 @@ def test_backbone_readings_figure_needs_a_reading_and_draws_the_seeds_beside_it(
         plots.plot_hiernet_backbone_readings(results, out)
     fake_hiernet(results / "hiernet_cifar100_n3_fp32", control=False)
     assert png_size(plots.plot_hiernet_backbone_readings(results, out)) == (7 * plots.DPI, 4 * plots.DPI)
+
+
+def test_the_stem_figure_draws_each_landed_cell_once_and_skips_without_any(results, tmp_path, monkeypatch):
+    plots = pytest.importorskip("plots")
+    pytest.importorskip("matplotlib")
+    with pytest.raises(plots.Skip, match="no stem cell"):
+        plots.plot_hdl_stem(tmp_path, tmp_path / "x.png")
+    monkeypatch.setattr(plots, "save", lambda fig, out: fig)  # the figure itself, to read its legend
+    fig = plots.plot_hdl_stem(results, tmp_path / "x.png")
+    labels = fig.axes[0].get_legend_handles_labels()[1]
+    # The fixture has the 7x7 baseline (the sweep's) and both 3x3 cells, not the sweep's epoch_raw_1.
+    assert labels == [
+        "7x7 stem, baseline (78.0)",
+        "3x3 stem, baseline (38.0)",
+        "3x3 stem, hdl (38.0)",
+        "Table 3 ResNet-18, 800 epochs, test (35.70)",
+    ]

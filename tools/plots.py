@@ -603,6 +603,37 @@ def plot_hdl_sweep(sweep_dir, out):
     return save(fig, out)
 
 
+def plot_hdl_stem(results, out):
+    """Which ResNet-18 stem Table 3 trained: validation fine error per epoch of the baseline and of HDL at the
+    paper's setting, 7x7 stem (the sweep's two cells) against 3x3 (the stem cells), results_table.STEM_CELLS,
+    with Table 3's ResNet-18 error as a line."""
+    curves = []
+    for stem, runs in results_table.STEM_CELLS.items():
+        for method, run in zip(("baseline", "hdl"), runs):
+            if (results / run / "metrics.jsonl").is_file():
+                records = read_jsonl(results / run / "metrics.jsonl")
+                curve = sorted((r["epoch"], 100.0 - r["val_fine_acc"]) for r in records if "val_fine_acc" in r)
+                if curve:
+                    curves.append((stem, method, curve))
+    if not curves:
+        raise Skip(
+            f"no stem cell ({', '.join(r for runs in results_table.STEM_CELLS.values() for r in runs)}) in {results}"
+        )
+    fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
+    for stem, method, curve in curves:
+        style = "-" if stem == "cifar" else "--"
+        label = f"{results_table.STEM_NAMES[stem]} stem, {method} ({curve[-1][1]:.1f})"
+        ax.plot(*zip(*curve), style, color=CONTROL if method == "baseline" else OURS, label=label)
+    paper = results_table.HDL_PAPER_TABLE3["resnet18"][0]
+    ax.axhline(paper, color="grey", lw=1, ls=":", label=f"Table 3 ResNet-18, 800 epochs, test ({paper:.2f})")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation fine error %")
+    ax.set_title("HDL on CIFAR-100: which ResNet-18 stem (40 epochs, a tenth held out)", fontsize=10)
+    ax.legend(fontsize=8, title="stem, method (last epoch)", title_fontsize=8)
+    return save(fig, out)
+
+
 def plot_hdl_levels(run_dir, out):
     m = read_json(need(run_dir / "metrics.json"))
     if "hdl" not in m or "level_error" not in m["hdl"]:
@@ -728,6 +759,7 @@ def results_figures(results):
         ("hiernet_backbone_readings.png", lambda out: plot_hiernet_backbone_readings(results, out)),
         ("bench.png", lambda out: plot_bench(results / "bench.json", out)),
         ("hdl_sweep_cifar100.png", lambda out: plot_hdl_sweep(results / "hdl_sweep_cifar100", out)),
+        ("hdl_stem_cifar100.png", lambda out: plot_hdl_stem(results, out)),
     ]
     for run_dir in sorted(d for d in results.iterdir() if d.is_dir()):
         figures += run_figures(run_dir)

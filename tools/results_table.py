@@ -1799,7 +1799,8 @@ def hdl_stem_block(results):
         lines.append(
             f"Verdict: the {closer} stem ({labels[closer]}), baseline {f2(errors[closer, 'baseline'])} against {f2(paper[0])}."
         )
-    return lines + [""]
+    figure = ("hdl_stem_cifar100.png", "CIFAR-100, the two stems: validation fine error per epoch")
+    return lines + [""] + figure_lines(results, figure)
 
 
 def hdl_stack_block(results):
