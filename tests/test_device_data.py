@@ -14,6 +14,7 @@ import device_data
 
 ROOT = Path(__file__).resolve().parent.parent
 PART_BYTES = (53_257_219, 52_606_977)  # ../shared/data/cifar100_webp_{a,b}.npz
+CIFAR10_BYTES = 18_386_001  # ../shared/data/cifar10_jpeg.npz
 
 
 @pytest.fixture
@@ -72,13 +73,14 @@ def test_split_refuses_a_missing_part_in_one_line(tmp_path):
 
 
 def test_checkout_leaves_room_for_a_piece_in_one_device_call():
-    """A device call carries at most 64 MiB: the tracked files, one piece (a third of CIFAR-100's two parts),
-    the official order (0.2 MB) and the unpack script. This fails before the checkout outgrows that route."""
+    """A device call carries at most 64 MiB: the tracked files, one piece (a third of CIFAR-100's two parts and
+    CIFAR-10's copy, --with-cifar10), the official order (0.2 MB) and the unpack scripts. This fails before the
+    checkout outgrows that route."""
     listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=False)
     if listed.returncode != 0:
         pytest.skip("not a git checkout")
     tracked = sum(os.path.getsize(ROOT / f) for f in listed.stdout.decode().split("\0") if f and (ROOT / f).is_file())
-    piece = -(-sum(PART_BYTES) // 3)
+    piece = -(-(sum(PART_BYTES) + CIFAR10_BYTES) // 3)
     assert tracked + piece + 200_000 + 10_000 < 64 * 2**20 - 4 * 2**20, f"tracked files: {tracked / 2**20:.1f} MiB"
 
 
@@ -87,3 +89,37 @@ def test_a_folder_that_cannot_be_written_is_one_line(parts, tmp_path):
     blocker.write_text("not a folder")
     with pytest.raises(SystemExit, match="cannot write"):
         device_data.split(parts, blocker / "data", 3)
+
+
+def test_with_cifar10_the_pieces_carry_its_copy_too_and_the_queue_unpacks_it_in_the_data_root(
+    parts, tmp_path, monkeypatch
+):
+    """--with-cifar10: CIFAR-10's JPEG copy is spread over the same pieces and joined back byte for byte;
+    gpu_runs, given that folder as --data-root, unpacks it there (with the unpack script split copied)."""
+    rng = np.random.default_rng(1)
+    (parts / device_data.CIFAR10).write_bytes(rng.integers(0, 256, 555, dtype=np.uint8).tobytes())
+    unpack = "import pathlib, sys; d = pathlib.Path(sys.argv[1]) / 'cifar-10-batches-py'; d.mkdir(); (d / 'test_batch').write_text(sys.argv[-1])"
+    (parts / "unpack_cifar10_jpeg.py").write_text(unpack)
+    here, machine = tmp_path / "data", tmp_path / "root_data"
+    device_data.split(parts, here, 3, with_cifar10=True)
+    assert (here / "unpack_cifar10_jpeg.py").read_text() == unpack  # a companion, copied beside the pieces
+    pieces = sorted(p.name for p in here.glob("cifar100_piece*.bin"))
+    assert sum((here / p).stat().st_size for p in pieces) == 1001 + 777 + 555
+    machine_copy(here, machine, [*pieces, device_data.MANIFEST, "unpack_cifar10_jpeg.py"])
+    assert [p.name for p in device_data.join(machine)] == [*device_data.PARTS, device_data.CIFAR10]
+    assert (machine / device_data.CIFAR10).read_bytes() == (parts / device_data.CIFAR10).read_bytes()
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    import gpu_runs
+
+    monkeypatch.setattr(gpu_runs, "ROOT", tmp_path / "checkout")  # no data/ copy of its own: the root's is unpacked
+    (tmp_path / "checkout").mkdir()
+    gpu_runs.ensure_cifar10(machine)
+    assert (machine / "cifar-10-batches-py" / "test_batch").read_text() == str(machine / device_data.CIFAR10)
+    (machine / "cifar-10-batches-py" / "test_batch").unlink()
+    (machine / "unpack_cifar10_jpeg.py").unlink()
+    with pytest.raises(SystemExit, match="unpack_cifar10_jpeg.py not found beside"):  # one line, not a traceback
+        gpu_runs.ensure_cifar10(machine)
+    (machine / "cifar-10-batches-py" / "test_batch").write_text("unpacked")
+    gpu_runs.link_data(machine)
+    assert (gpu_runs.ROOT / "data" / "cifar-10-batches-py").resolve() == (machine / "cifar-10-batches-py").resolve()

@@ -1,18 +1,22 @@
-"""CIFAR-100's two WebP parts cut into pieces that travel to the GPU machine beside the checkout.
+"""CIFAR-100's two WebP parts (and, if asked, CIFAR-10's JPEG copy) cut into pieces that travel to the GPU
+machine beside the checkout.
 
 A device call carries at most 64 MiB, the checkout's tracked files included. One CIFAR-100 part
-(../shared/data/cifar100_webp_a.npz, 50.8 MiB) beside a checkout of 10 MiB leaves little room, and
-every landed run makes the checkout larger. So the two parts go as equal pieces (three of 33.7 MiB
-by default), one per call, and are joined and checked on the GPU machine:
+(../shared/data/cifar100_webp_a.npz, 50.8 MiB) beside a checkout of 14 MiB leaves little room, and
+every landed run makes the checkout larger. So the parts go as equal pieces (three of 33.7 MiB by
+default; 39.5 MiB with --with-cifar10's 17.5 MiB more), one per call, and are joined and checked on the
+GPU machine. split also copies the small companions (the official order, the unpack scripts) to dst:
 
-    python tools/device_data.py split ../shared/data data             # here: data/cifar100_piece{0,1,2}.bin
-                                                                      # and data/cifar100_pieces.json
+    python tools/device_data.py split ../shared/data data --with-cifar10   # here: data/cifar100_piece{0,1,2}.bin,
+                                                                          # data/cifar100_pieces.json, companions
     call 1, carry data/cifar100_piece0.bin data/cifar100_pieces.json data/cifar100_official_order.npz
-        data/unpack_cifar100.py:  mkdir -p /root/data && cp data/cifar100_* data/unpack_cifar100.py /root/data/
+        data/unpack_cifar100.py data/unpack_cifar10_jpeg.py:
+        mkdir -p /root/data && cp data/cifar100_* data/unpack_* /root/data/
     call 2, carry data/cifar100_piece1.bin:  cp data/cifar100_piece1.bin /root/data/
     call 3, carry data/cifar100_piece2.bin:  cp data/cifar100_piece2.bin /root/data/ &&
         python3 tools/device_data.py join /root/data &&
         python3 /root/data/unpack_cifar100.py /root/data --parts /root/data && <the queue>
+    (the queue, given --data-root /root/data, unpacks /root/data/cifar10_jpeg.npz there and links it into data/)
 
 Make the calls one after another (the machine stays warm about 30 s). `join` checks every piece's
 and every part's SHA-256 against the manifest and names a missing or damaged piece in one line.
@@ -39,6 +43,9 @@ import sys
 from pathlib import Path
 
 PARTS = ("cifar100_webp_a.npz", "cifar100_webp_b.npz")
+CIFAR10 = "cifar10_jpeg.npz"  # with --with-cifar10, a third part: the pieces then carry CIFAR-10 too
+# Small files of ../shared/data that the GPU machine needs beside the parts; split copies them to dst.
+COMPANIONS = ("cifar100_official_order.npz", "unpack_cifar100.py", "unpack_cifar10_jpeg.py")
 MANIFEST = "cifar100_pieces.json"
 
 
@@ -58,19 +65,24 @@ def write(path, data):
         sys.exit(f"device_data: cannot write {path}: {e.strerror or e}")
 
 
-def split(src, dst, pieces):
-    """The parts in src, concatenated and cut into `pieces` pieces in dst, with a manifest; returns its path."""
+def split(src, dst, pieces, with_cifar10=False):
+    """The parts in src (CIFAR-100's two, and CIFAR-10's JPEG copy if asked), concatenated and cut into
+    `pieces` equal pieces in dst, with a manifest, the companions copied beside them; returns its path."""
+    names = (*PARTS, CIFAR10) if with_cifar10 else PARTS
     parts = []
-    for name in PARTS:
+    for name in names:
         path = Path(src) / name
         if not path.is_file():
-            sys.exit(f"device_data: {path} not found; the CIFAR-100 parts are in ../shared/data")
+            sys.exit(f"device_data: {path} not found; the data sets' parts are in ../shared/data")
         parts.append(path.read_bytes())
+    for name in COMPANIONS:
+        if (Path(src) / name).is_file():
+            write(Path(dst) / name, (Path(src) / name).read_bytes())
     blob = b"".join(parts)
     size = -(-len(blob) // pieces)
     dst = Path(dst)
     manifest = {
-        "parts": [{"name": n, "bytes": len(p), "sha256": sha256(p)} for n, p in zip(PARTS, parts)],
+        "parts": [{"name": n, "bytes": len(p), "sha256": sha256(p)} for n, p in zip(names, parts)],
         "pieces": [],
     }
     for i in range(pieces):
@@ -113,13 +125,14 @@ def main(argv=None):
     s.add_argument("src", help="folder with cifar100_webp_a.npz and cifar100_webp_b.npz")
     s.add_argument("dst", help="folder for the pieces (git-ignored, e.g. data)")
     s.add_argument("--pieces", type=int, default=3, help="pieces, one per device call")
+    s.add_argument("--with-cifar10", action="store_true", help=f"also {CIFAR10}, spread over the same pieces")
     j = sub.add_parser("join", help="on the GPU machine: the pieces back into the parts, checked")
     j.add_argument("folder", help="where the pieces and the manifest were copied (e.g. /root/data)")
     a = p.parse_args(argv)
     if a.command == "split":
         if a.pieces < 1:
             p.error(f"--pieces must be at least 1, got {a.pieces}")
-        print(split(a.src, a.dst, a.pieces))
+        print(split(a.src, a.dst, a.pieces, a.with_cifar10))
     else:
         for path in join(a.folder):
             print(path)

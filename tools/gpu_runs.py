@@ -18,8 +18,9 @@ call too.
 
 CIFAR-100 travels to the GPU machine in three pieces, one per call, joined and checked there
 (tools/device_data.py gives the calls); --data-root links the unpacked folder into data/.
-CIFAR-10 comes from the JPEG copy: put cifar10_jpeg.npz and unpack_cifar10_jpeg.py in the ignored
-data/ folder (and carry both); the first call unpacks them there. Back on this machine, unpack
+CIFAR-10 comes from the JPEG copy: tools/device_data.py split --with-cifar10 spreads cifar10_jpeg.npz over
+the same pieces (join puts it into the data root), or put it and unpack_cifar10_jpeg.py in the ignored data/
+folder; the queue unpacks it where it lies. Back on this machine, unpack
 results.tar.gz into DIR; --collect copies each finished run into results/<name>/ (no checkpoints;
 <name>.log becomes train.log, <name>.run.json run.json). Then rebuild the README's tables with
 tools/results_table.py --write README.md.
@@ -459,16 +460,17 @@ def link_data(data_root):
             print(f"data/{name} -> {src}", flush=True)
 
 
-def ensure_cifar10():
-    npz = ROOT / "data" / "cifar10_jpeg.npz"
-    if not npz.exists():
-        return  # the CIFAR-10 jobs then fail with the loader's own message
-    if (ROOT / "data" / "cifar-10-batches-py" / "test_batch").exists():
-        return
-    unpack = ROOT / "data" / "unpack_cifar10_jpeg.py"  # carried beside the npz (shared/data/ has both)
-    subprocess.run(
-        [sys.executable, str(unpack), str(ROOT / "data"), "--format", "cifar", "--npz", str(npz)], check=True
-    )
+def ensure_cifar10(data_root=None):
+    """The CIFAR-10 JPEG copy (cifar10_jpeg.npz, unpack_cifar10_jpeg.py beside it) unpacked into
+    cifar-10-batches-py where it lies: data/, or data_root (where tools/device_data.py join puts it)."""
+    for folder in [ROOT / "data", *([Path(data_root)] if data_root else [])]:
+        npz = folder / "cifar10_jpeg.npz"
+        if not npz.exists() or (folder / "cifar-10-batches-py" / "test_batch").exists():
+            continue  # none here (the CIFAR-10 jobs then fail with the loader's own message), or unpacked
+        unpack = folder / "unpack_cifar10_jpeg.py"  # carried beside the npz (shared/data/ has both)
+        if not unpack.exists():
+            sys.exit(f"gpu_runs: {unpack} not found beside {npz}; copy it from ../shared/data and carry it")
+        subprocess.run([sys.executable, str(unpack), str(folder), "--format", "cifar", "--npz", str(npz)], check=True)
 
 
 def pick_gpu(name, placed, gpus, per_gpu, alone=()):
@@ -795,9 +797,9 @@ def main(argv=None):
     t0 = time.time()
     os.chdir(ROOT)
     os.environ["PYTHONUNBUFFERED"] = "1"
+    ensure_cifar10(a.data_root)  # before the links: an unpacked data_root/cifar-10-batches-py is linked too
     if a.data_root:
         link_data(a.data_root)
-    ensure_cifar10()
     RUNS.mkdir(parents=True, exist_ok=True)
     import torch
 
