@@ -350,3 +350,24 @@ def test_bad_queue_flags_are_refused_in_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as stop:
         gpu_runs.main(argv)
     assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_the_centre_loss_sweep_runs_on_both_stems_and_the_pick_job_reads_the_3x3_sweep():
+    """The 7x7 sweep's cells keep the stem they ran (explicit, now that CIFAR defaults to the 3x3); the 3x3
+    sweep has the same variants, its paper cell being the stem cell; the pick job reads the 3x3 sweep."""
+    gpu_runs = load("gpu_runs")
+    sweep_7x7 = {n: a for n, a in gpu_runs.JOBS.items() if n.startswith("hdl_sweep_cifar100_")}
+    sweep_3x3 = {n: a for n, a in gpu_runs.JOBS.items() if n.startswith("hdl_stem_cifar100_")}
+    assert all(gpu_runs.flag_value(a, "--stem") == "imagenet" for a in sweep_7x7.values()) and len(sweep_7x7) == 11
+    assert all(gpu_runs.flag_value(a, "--stem") == "cifar" for a in sweep_3x3.values()) and len(sweep_3x3) == 11
+    renamed = {"baseline": "baseline", "epoch_raw_1": "hdl"}  # the 3x3 sweep's own: the stem cells
+    for name, argv in sweep_7x7.items():
+        cell = name.removeprefix("hdl_sweep_cifar100_")
+        twin = f"hdl_stem_cifar100_cifar_{renamed.get(cell, cell)}"
+        flags_7x7, flags_3x3 = (dict(zip(a[1::2], a[2::2])) for a in (argv, sweep_3x3[twin]))
+        if cell == "epoch_raw_1":  # the stem cell leaves the paper's centre loss to hdl_stack.py's defaults
+            flags_7x7 = {k: v for k, v in flags_7x7.items() if not k.startswith(("--center-", "--lambda-center"))}
+        assert flags_3x3 == {**flags_7x7, "--stem": "cifar"}, twin  # the same cell but for the stem
+        assert gpu_runs.landed_path(twin).parent.name == "hdl_stem_cifar100"
+    default = gpu_runs.hdl_sweep_pick_job.__defaults__[0]
+    assert default.parent.name == "hdl_stem_cifar100" and default.name == "sweep.json"

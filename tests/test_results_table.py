@@ -683,3 +683,37 @@ def test_stem_rule_names_the_stem_whose_baseline_ends_closer_to_table3_and_waits
         json.dumps({"baseline": {"fine_error": 36.0, "final_train_acc": {"train_acc": 80.0}}})
     )
     assert any(line.startswith("Verdict: the imagenet stem") for line in tool.hdl_stem_block(tmp_path))
+
+
+def test_the_3x3_sweep_is_the_stem_cells_and_the_same_variants_and_only_its_pick_is_the_800_epoch_row(tmp_path):
+    """The queue's sweep on the 3x3 stem lands beside the stem cells (its baseline and paper cell) in
+    results/hdl_stem_cifar100; the 7x7 sweep's pick is shown but not queued; the README block waits for a
+    variant beyond the stem cells, then shows the table and, once all have run, the pick's 800-epoch row."""
+    import shutil
+
+    tool = load_tool()
+    sweep_7x7, sweep_3x3 = tmp_path / "hdl_sweep_cifar100", tmp_path / "hdl_stem_cifar100"
+    cells_7x7, cells_3x3 = tool.queued_sweep_cells(sweep_7x7), tool.queued_sweep_cells(sweep_3x3)
+    assert cells_3x3 == sorted(
+        ["cifar_baseline", "cifar_hdl"] + [f"cifar_{c}" for c in cells_7x7 if c not in ("baseline", "epoch_raw_1")]
+    )
+    assert tool.queued_sweep_cells(tmp_path / "my_sweep") is None  # any other folder: the cells it holds
+
+    cells = [("epoch", "raw", 0.1, 40.5), ("wen", "raw", 0.005, 41.0)]
+    plant_sweep(sweep_7x7, 40.0, cells)
+    text, _ = tool.hdl_sweep(sweep_7x7)  # every cell present: the rule picks
+    assert (
+        "Pick: epoch_raw_0.1" in text and "Not queued: the 800-epoch row takes the pick of the sweep on the 3x3" in text
+    )
+
+    plant_sweep(sweep_3x3, 33.0, [])
+    (sweep_3x3 / "baseline").rename(sweep_3x3 / "cifar_baseline")  # the stem cell only: the sweep has not run
+    assert tool.hdl_sweep_3x3_block(tmp_path)[0].startswith("The centre-loss sweep on the 3x3 stem")
+    plant_sweep(sweep_3x3, 33.0, [("epoch", "normalized", 1.0, 33.5)])
+    shutil.rmtree(sweep_3x3 / "baseline")  # plant_sweep's own baseline: the stem cell is the reference
+    lines = tool.hdl_sweep_3x3_block(tmp_path)
+    assert lines[0] == "CIFAR-100 centre-loss sweep, 3x3 stem (the stem cells and the same variants):"
+    assert any(line.startswith("| cascade/epoch/normalized/a1 | 1 | 40 | 33.50 | +0.50 |") for line in lines)
+    assert any(line.startswith("Pick: not yet;") for line in lines)  # the other queued cells have not run
+    text, _ = tool.hdl_sweep(sweep_3x3)  # read as a folder of its own cells: the pick is the 800-epoch row
+    assert "Its 800-epoch row (ours, not the paper's setting)" in text

@@ -72,10 +72,29 @@ HDL_SWEEP = [*HDL_CELL, "--stem", "imagenet"]  # the sweep ran the 7x7 stem, the
 HDL_800 = ["hdl_stack.py", *C100, "--compile"]
 
 
-def hdl_sweep_pick_job(path=Path(__file__).resolve().parent.parent / "results" / "hdl_sweep_cifar100" / "sweep.json"):
+# The centre-loss sweep's HDL cells (update, features, lambda0), besides its baseline; run on both stems.
+SWEEP_CELLS = (
+    ("epoch", "raw", "1"),  # the paper's text
+    ("epoch", "raw", "0.1"),
+    ("epoch", "raw", "0.01"),
+    ("epoch", "raw", "0.001"),
+    ("epoch", "normalized", "1"),
+    ("epoch", "normalized", "0.1"),
+    ("wen", "raw", "0.05"),
+    ("wen", "raw", "0.005"),  # Wen et al.'s lambda 0.01 (lambda0 = lambda / 2)
+    ("wen", "raw", "0.0015"),  # their 0.003
+    ("sgd", "raw", "0.005"),
+)
+
+
+def center_flags(update, features, lam):
+    return ["--center-update", update, "--center-features", features, "--lambda-center", lam]
+
+
+def hdl_sweep_pick_job(path=Path(__file__).resolve().parent.parent / "results" / "hdl_stem_cifar100" / "sweep.json"):
     """The centre-loss sweep's pick (results_table.SWEEP_RULE) as one extra 800-epoch HDL job, ours, not the
-    paper's setting; queued once results/hdl_sweep_cifar100/sweep.json (results_table.py --sweep-table) names a
-    pick."""
+    paper's setting; queued once the sweep on the 3x3 stem (the 800-epoch runs' stem), results/hdl_stem_cifar100/
+    sweep.json (results_table.py --sweep-table), names a pick. The 7x7 sweep's pick is not queued."""
     pick = json.loads(path.read_text()).get("pick") if path.exists() else None
     return {"hdl_cifar100_sweep_pick_800": [*HDL_800, "--method", "hdl", *pick["flags"]]} if pick else {}
 
@@ -190,10 +209,11 @@ JOBS = {
     # tools/results_table.py --sweep-table results/hdl_sweep_cifar100` writes its table and the rule's pick.
     "hdl_sweep_cifar100_baseline": [*HDL_SWEEP, "--method", "baseline"],
     # Which ResNet-18 stem Table 3 trained: the 7x7/2 + max-pool stem of the paper's settings section (the
-    # default until this test), or the 3x3/1 stem of the CIFAR code its Table 3 cites (the verdict: the 3x3). The sweep's imagenet-stem baseline
-    # (52.08% validation fine error at 40 epochs, flat since epoch 20) is far from Table 3's 35.70. Two
-    # cells like the sweep's with --stem cifar; --collect puts them into results/hdl_stem_cifar100/, and
-    # results_table.py's STEM_RULE (written before they run) reads them beside the sweep's two.
+    # default until this test), or the 3x3/1 stem of the CIFAR code its Table 3 cites (the verdict: the 3x3).
+    # The sweep's imagenet-stem baseline (52.08% validation fine error at 40 epochs, flat since epoch 20) is
+    # far from Table 3's 35.70. Two cells like the sweep's with --stem cifar; --collect puts them into
+    # results/hdl_stem_cifar100/, and results_table.py's STEM_RULE (written before they ran) reads them
+    # beside the sweep's two.
     "hdl_stem_cifar100_cifar_baseline": [*HDL_CELL, "--stem", "cifar", "--method", "baseline"],
     "hdl_stem_cifar100_cifar_hdl": [*HDL_CELL, "--stem", "cifar", "--method", "hdl"],
     **{
@@ -201,25 +221,21 @@ JOBS = {
             *HDL_SWEEP,
             "--method",
             "hdl",
-            "--center-update",
-            update,
-            "--center-features",
-            features,
-            "--lambda-center",
-            lam,
+            *center_flags(update, features, lam),
         ]
-        for update, features, lam in (
-            ("epoch", "raw", "1"),  # the paper's text
-            ("epoch", "raw", "0.1"),
-            ("epoch", "raw", "0.01"),
-            ("epoch", "raw", "0.001"),
-            ("epoch", "normalized", "1"),
-            ("epoch", "normalized", "0.1"),
-            ("wen", "raw", "0.05"),
-            ("wen", "raw", "0.005"),  # Wen et al.'s lambda 0.01 (lambda0 = lambda / 2)
-            ("wen", "raw", "0.0015"),  # their 0.003
-            ("sgd", "raw", "0.005"),
-        )
+        for update, features, lam in SWEEP_CELLS
+    },
+    # The same sweep on the 3x3 stem, the one Table 3's runs train: its baseline and paper cell are the stem
+    # cells above, so these land beside them in results/hdl_stem_cifar100/ (the sweep's folder there), and its
+    # pick, not the 7x7 sweep's, is the extra 800-epoch row (hdl_sweep_pick_job).
+    **{
+        f"hdl_stem_cifar100_cifar_{update}_{features}_{lam}": [
+            *HDL_CELL,
+            *("--stem", "cifar", "--method", "hdl"),
+            *center_flags(update, features, lam),
+        ]
+        for update, features, lam in SWEEP_CELLS
+        if (update, features, lam) != ("epoch", "raw", "1")  # the paper's: hdl_stem_cifar100_cifar_hdl
     },
     "coarse_outer_product_cifar100": ["coarse_outer_product.py", *C100, "--method", "all"],
     # Evidence for the weight-decay reading: the baseline under the other (Keras) convention, compared

@@ -1271,12 +1271,18 @@ def sweep_cell_flags(config, levels=None):
     ]
 
 
+# The queue's two sweeps, by their results/ folder: the 7x7 stem's, and the 3x3 stem's (the stem cells and the
+# same variants beside them). The 800-epoch pick row is the 3x3 sweep's, the stem Table 3's runs train.
+SWEEP_FOLDERS = ("hdl_sweep_cifar100", "hdl_stem_cifar100")
+PICK_SWEEP = "hdl_stem_cifar100"
+
+
 def queued_sweep_cells(sweep_dir):
-    """The cell folders tools/gpu_runs.py's queue lands in results/hdl_sweep_cifar100 (job hdl_sweep_cifar100_X:
-    folder X); None for another folder, whose cells are whatever it holds."""
-    if Path(sweep_dir).name != "hdl_sweep_cifar100":
+    """The cell folders tools/gpu_runs.py's queue lands in a SWEEP_FOLDERS folder (job <folder>_X: folder X);
+    None for another folder, whose cells are whatever it holds."""
+    if Path(sweep_dir).name not in SWEEP_FOLDERS:
         return None
-    prefix = "hdl_sweep_cifar100_"
+    prefix = Path(sweep_dir).name + "_"
     return sorted(name[len(prefix) :] for name in gpu_runs_jobs() if name.startswith(prefix))
 
 
@@ -1387,11 +1393,15 @@ def hdl_sweep(sweep_dir, expected=None):
     elif pick is None:
         lines.append("Pick: none (no cell within 1 point of its baseline, or no baseline): no extra 800-epoch row.")
     else:
+        row = (
+            "Its 800-epoch row (ours, not the paper's setting): "
+            f"`python hdl_stack.py --dataset cifar100 --method hdl {' '.join(pick['flags'])}`."
+            if sweep_dir.name not in SWEEP_FOLDERS or sweep_dir.name == PICK_SWEEP
+            else f"Not queued: the 800-epoch row takes the pick of the sweep on the 3x3 stem ({PICK_SWEEP})."
+        )
         lines += [
             f"Pick: {pick['run']} ({pick['variant']}, lambda0 {pick['lambda0']:g}), validation fine error "
-            f"{fmt(pick['val_fine_error'])} against the baseline's {fmt(pick['baseline_val_fine_error'])}. "
-            "Its 800-epoch row (ours, not the paper's setting): "
-            f"`python hdl_stack.py --dataset cifar100 --method hdl {' '.join(pick['flags'])}`.",
+            f"{fmt(pick['val_fine_error'])} against the baseline's {fmt(pick['baseline_val_fine_error'])}. {row}",
         ]
     text = "\n".join(lines) + "\n"
     return text, {"rule": SWEEP_RULE, "margin": SWEEP_MARGIN, "pick": pick, "missing": missing, "rows": rows}
@@ -1879,7 +1889,11 @@ def hdl_stack_block(results):
     )
     sweep = results / "hdl_sweep_cifar100"
     lines += (
-        ["CIFAR-100 centre-loss sweep on a tenth of train held out (`tools/results_table.py --sweep-table`):", ""]
+        [
+            "CIFAR-100 centre-loss sweep, 7x7 stem, on a tenth of train held out (`tools/results_table.py "
+            "--sweep-table`):",
+            "",
+        ]
         + hdl_sweep(sweep, queued_sweep_cells(sweep))[0].strip().splitlines()[2:]  # the table, no title
         + [""]
         + figure_lines(
@@ -1888,7 +1902,20 @@ def hdl_stack_block(results):
         if any(sweep.glob("*/metrics.json"))
         else ["CIFAR-100 centre-loss sweep (`hdl_sweep_cifar100_*` in tools/gpu_runs.py): not run yet.", ""]
     )
-    return lines + hdl_stem_block(results)
+    return lines + hdl_stem_block(results) + hdl_sweep_3x3_block(results)
+
+
+def hdl_sweep_3x3_block(results):
+    """The centre-loss sweep on the 3x3 stem (the stem cells and the variants beside them), once a variant
+    beyond the two stem cells has landed; its pick is the extra 800-epoch row."""
+    sweep = results / PICK_SWEEP
+    expected = queued_sweep_cells(sweep)
+    landed = {p.parent.name for p in sweep.glob("*/metrics.json")}
+    if not landed - {Path(run).name for run in STEM_CELLS["cifar"]}:
+        queued = len(expected) - len(landed)
+        return [f"The centre-loss sweep on the 3x3 stem (`{PICK_SWEEP}_cifar_*`, {queued} cells): not run yet.", ""]
+    table = hdl_sweep(sweep, expected)[0].strip().splitlines()[2:]  # the table, no title
+    return ["CIFAR-100 centre-loss sweep, 3x3 stem (the stem cells and the same variants):", ""] + table + [""]
 
 
 def speed_block(results):
