@@ -176,6 +176,7 @@ def test_every_plot_writes_a_png_of_the_expected_size(results, capsys):
     assert skipped == [
         f"skip hiernet_table2.png: no hiernet_cifar100_n*_elu run in {results}",
         f"skip hiernet_backbone_readings.png: no hiernet_cifar100_n3 run beside a reading (_shortcutB, _fp32, ...) in {results}",
+        f"skip hdl_sweep_3x3_cifar100.png: no cell of the 3x3 sweep beyond the stem cells in {results / 'hdl_stem_cifar100'}",
     ]
     assert "skip hiernet_table2.png" in capsys.readouterr().out
 
@@ -284,6 +285,10 @@ def test_the_stem_figure_draws_each_landed_cell_once_and_skips_without_any(resul
     pytest.importorskip("matplotlib")
     with pytest.raises(plots.Skip, match="no stem cell"):
         plots.plot_hdl_stem(tmp_path, tmp_path / "x.png")
+    with pytest.raises(plots.Skip, match="no cell of the 3x3 sweep beyond the stem cells"):  # the fixture's two
+        plots.plot_hdl_sweep_3x3(results, tmp_path / "x.png")
+    fake_hdl_sweep(results / "hdl_stem_cifar100")  # a variant (and a baseline) beside them: drawn as a sweep
+    assert plots.plot_hdl_sweep_3x3(results, tmp_path / "sweep.png").exists()
     monkeypatch.setattr(plots, "save", lambda fig, out: fig)  # the figure itself, to read its legend
     fig = plots.plot_hdl_stem(results, tmp_path / "x.png")
     labels = fig.axes[0].get_legend_handles_labels()[1]

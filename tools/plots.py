@@ -634,6 +634,16 @@ def plot_hdl_stem(results, out):
     return save(fig, out)
 
 
+def plot_hdl_sweep_3x3(results, out):
+    """The centre-loss sweep on the 3x3 stem (results_table.PICK_SWEEP: the stem cells and the variants beside
+    them), drawn as the 7x7 sweep once a variant beyond the two stem cells has its curve."""
+    sweep = results / results_table.PICK_SWEEP
+    stem_cells = {Path(run).name for run in results_table.STEM_CELLS["cifar"]}
+    if not {p.parent.name for p in sweep.glob("*/metrics.jsonl")} - stem_cells:
+        raise Skip(f"no cell of the 3x3 sweep beyond the stem cells in {sweep}")
+    return plot_hdl_sweep(sweep, out)
+
+
 def plot_hdl_levels(run_dir, out):
     m = read_json(need(run_dir / "metrics.json"))
     if "hdl" not in m or "level_error" not in m["hdl"]:
@@ -760,6 +770,7 @@ def results_figures(results):
         ("bench.png", lambda out: plot_bench(results / "bench.json", out)),
         ("hdl_sweep_cifar100.png", lambda out: plot_hdl_sweep(results / "hdl_sweep_cifar100", out)),
         ("hdl_stem_cifar100.png", lambda out: plot_hdl_stem(results, out)),
+        ("hdl_sweep_3x3_cifar100.png", lambda out: plot_hdl_sweep_3x3(results, out)),
     ]
     for run_dir in sorted(d for d in results.iterdir() if d.is_dir()):
         figures += run_figures(run_dir)

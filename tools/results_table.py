@@ -1915,7 +1915,9 @@ def hdl_sweep_3x3_block(results):
         queued = len(expected) - len(landed)
         return [f"The centre-loss sweep on the 3x3 stem (`{PICK_SWEEP}_cifar_*`, {queued} cells): not run yet.", ""]
     table = hdl_sweep(sweep, expected)[0].strip().splitlines()[2:]  # the table, no title
-    return ["CIFAR-100 centre-loss sweep, 3x3 stem (the stem cells and the same variants):", ""] + table + [""]
+    figure = ("hdl_sweep_3x3_cifar100.png", "CIFAR-100 centre-loss sweep, 3x3 stem: validation fine error per epoch")
+    lines = ["CIFAR-100 centre-loss sweep, 3x3 stem (the stem cells and the same variants):", ""] + table + [""]
+    return lines + figure_lines(results, figure)
 
 
 def speed_block(results):
