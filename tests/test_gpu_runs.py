@@ -209,8 +209,9 @@ def test_without_a_cuda_device_the_cifar_jobs_are_skipped_and_the_others_run(tmp
     assert "skip c100: a CIFAR run, and this machine has no CUDA device" in capsys.readouterr().out
 
 
-def test_every_queued_cifar100_paper_run_has_an_expected_length():
+def test_every_queued_cifar100_paper_run_has_an_expected_length(tmp_path):
     gpu_runs = load("gpu_runs")
+    gpu_runs.PARKED = tmp_path  # whole runs, whatever results/parked holds now
     cifar100 = [n for n, argv in gpu_runs.JOBS.items() if "cifar100" in argv and not n.startswith("latent_string")]
     cifar100 = [n for n in cifar100 if not n.startswith("coarse_outer_product")]  # done; lengths in their run.json
     assert all(gpu_runs.expected_minutes(n) for n in cifar100)
@@ -371,3 +372,21 @@ def test_the_centre_loss_sweep_runs_on_both_stems_and_the_pick_job_reads_the_3x3
         assert gpu_runs.landed_path(twin).parent.name == "hdl_stem_cifar100"
     default = gpu_runs.hdl_sweep_pick_job.__defaults__[0]
     assert default.parent.name == "hdl_stem_cifar100" and default.name == "sweep.json"
+
+
+def test_a_parked_hiernet_run_is_expected_to_take_only_its_stages_left(tmp_path, monkeypatch):
+    gpu_runs = load("gpu_runs")
+    monkeypatch.setattr(gpu_runs, "PARKED", tmp_path)  # nothing parked yet
+    whole = gpu_runs.expected_minutes("hiernet_cifar100_n7")
+    assert whole == gpu_runs.HIERNET_MINUTES[7]
+    (tmp_path / "hiernet_cifar100_n7").mkdir()
+    lines = [{"stage": "backbone", "epoch": e} for e in (1, 2)]
+    (tmp_path / "hiernet_cifar100_n7" / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    assert gpu_runs.parked_stages("hiernet_cifar100_n7") == {"backbone"}
+    assert gpu_runs.expected_minutes("hiernet_cifar100_n7") == pytest.approx(
+        whole * gpu_runs.HIERNET_STAGE_SHARE["hiernet"]
+    )
+    # 12 minutes: the whole n = 7 run (13.5 alone) is skipped, the parked one starts and says from where.
+    assert "skip hiernet_cifar100_n7_elu" in "\n".join(gpu_runs.plan(["hiernet_cifar100_n7_elu"], 12, 2))
+    plan = "\n".join(gpu_runs.plan(["hiernet_cifar100_n7"], 12, 2))
+    assert "start hiernet_cifar100_n7 (resumes after its parked backbone)" in plan

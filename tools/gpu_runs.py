@@ -363,6 +363,16 @@ AFTER = {
 # a job takes about half as long (n = 9: 17.2); between one and four sharing, the length is taken as
 # linear in their number.
 HIERNET_MINUTES = {3: 15, 5: 21, 7: 27, 9: 35, 18: 70}
+# A HierNet run's stages as shares of those minutes (n = 7, two sharing an H100: the backbone 2.6 s an epoch,
+# the HierNet stage 4.7, both 165 epochs); --control adds a backbone-speed stage (the 40% above).
+HIERNET_STAGE_SHARE = {"backbone": 0.36, "hiernet": 0.64, "control": 0.4}
+
+
+def parked_stages(name, parked=None):
+    """The stages of a job's run parked in results/parked/<name> (park keeps finished stages' log lines only)."""
+    path = (parked or PARKED) / name / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return {json.loads(line).get("stage") for line in lines if line.strip()}
 
 
 def flag_value(argv, flag):
@@ -377,7 +387,9 @@ def expected_minutes(name, sharing=4):
     minutes = None
     if argv[0] == "hiernet.py" and flag_value(argv, "--dataset") == "cifar100" and "--n" in argv:
         minutes = HIERNET_MINUTES.get(int(flag_value(argv, "--n")))
-        minutes = minutes * 1.4 if minutes and "--control" in argv else minutes
+        stages = ("backbone", "hiernet", "control") if "--control" in argv else ("backbone", "hiernet")
+        left = [stage for stage in stages if stage not in parked_stages(name)]  # a parked run goes on from there
+        minutes = minutes and minutes * sum(HIERNET_STAGE_SHARE[stage] for stage in left)
         code_schedule = flag_value(argv, "--schedule") == "code"  # the authors' 78k iterations against 64k
         minutes = minutes * 78 / 64 if minutes and code_schedule else minutes
     elif name.startswith("hdl_sweep_cifar100_"):
@@ -696,7 +708,11 @@ def plan(names, minutes, parallel):
                 lines.append(f"{t:5.1f} skip {name}: needs about {need:.0f} min, {minutes - t:.1f} left")
                 continue
             else:
-                lines.append(f"{t:5.1f} start {name}: about {need:.1f} min with {sharing} sharing, ends {t + need:.1f}")
+                parked = ", ".join(sorted(parked_stages(name)))
+                resumes = f" (resumes after its parked {parked})" if parked else ""
+                lines.append(
+                    f"{t:5.1f} start {name}{resumes}: about {need:.1f} min with {sharing} sharing, ends {t + need:.1f}"
+                )
             running.append((t + need, name))
             busy += need
         if not running:
