@@ -2437,15 +2437,17 @@ class CheckpointWriter:
     trains (serialising and fsync-ing HierNet's 48 MB state takes about a quarter of a second).
     One write at a time and in order: the state is copied before training goes on, and the next
     write, the end of fit and an interruption each wait for the one in flight. A write's error is
-    raised in the training thread at the next wait. The thread is not a daemon, so a process
-    that is exiting still finishes the write it started."""
+    raised in the training thread at the next wait. The wait is on an Event the write sets as it
+    ends, not on Thread.join: a join cut short by Ctrl-C can mark the running thread stopped
+    (CPython 3.11), after which neither a second join nor the interpreter's exit waits for it."""
 
     def __init__(self):
-        self.thread, self.error = None, None
+        self.done, self.error = None, None
 
     def submit(self, path, state, log_path=None, record=None):
         self.wait()
         state = _snapshot(state)
+        done = threading.Event()
 
         def write():
             try:
@@ -2454,14 +2456,16 @@ class CheckpointWriter:
                     append_jsonl(log_path, record)
             except BaseException as e:  # SystemExit from fail() included: raised again by wait()
                 self.error = e
+            finally:
+                done.set()
 
-        self.thread = threading.Thread(target=write, name="checkpoint-writer")
-        self.thread.start()
+        self.done = done
+        threading.Thread(target=write, name="checkpoint-writer").start()
 
     def wait(self):
-        if self.thread is not None:
-            self.thread.join()
-            self.thread = None
+        if self.done is not None:
+            self.done.wait()  # a Ctrl-C here leaves self.done set: the next wait waits again
+            self.done = None
         if self.error is not None:
             error, self.error = self.error, None
             raise error

@@ -4,6 +4,9 @@ loader's augmentation, hierarchies, backbones, and the training loop's resume an
 import argparse
 import json
 import pickle
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -426,3 +429,39 @@ def test_checkpoint_writer_saves_the_state_as_it_was_and_raises_its_errors(tmp_p
     with pytest.raises(SystemExit, match="cannot write"):
         writer.wait()
     writer.wait()  # the error is raised once
+
+
+def test_a_ctrl_c_during_the_wait_for_a_checkpoint_write_still_waits_for_it_after(tmp_path):
+    """Ctrl-C while fit waits for the write in flight: the interrupt handler's own wait must still block until
+    that write has ended. (On CPython 3.11 a Thread.join cut short by KeyboardInterrupt can mark the running
+    thread stopped, so a second join returns at once and the process exits mid-write, leaving a temp file.)
+    In a subprocess, so that the SIGINT cannot reach pytest."""
+    script = """
+import os, signal, sys, threading, time
+sys.path.insert(0, sys.argv[1])
+import common
+release, finished = threading.Event(), threading.Event()
+def slow_save(path, state):
+    release.wait()
+    time.sleep(0.2)
+    finished.set()
+common.save_checkpoint = slow_save  # the write in flight: held until released
+writer = common.CheckpointWriter()
+writer.submit("unused.pt", {"epoch": 1})
+threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+try:
+    writer.wait()
+    print("not interrupted")
+except KeyboardInterrupt:
+    threading.Timer(0.3, release.set).start()
+    writer.wait()  # as fit's interrupt handler does
+    print("finished" if finished.is_set() else "returned while the write was in flight")
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(Path(common.__file__).parent)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.stdout.strip() == "finished", done.stdout + done.stderr
