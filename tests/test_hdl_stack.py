@@ -548,6 +548,13 @@ def test_bad_flags_fail_with_one_line(tmp_path):
     stems = {d: hdl_stack.get_args(["--dataset", d]).stem for d in ("cifar100", "cifar10", "shapes")}
     assert stems == {"cifar100": "cifar", "cifar10": "cifar", "shapes": "imagenet"}
     assert hdl_stack.get_args(["--dataset", "cifar100", "--stem", "imagenet"]).stem == "imagenet"
+    # A CIFAR run from before --stem (its args.json has none) trained the 7x7, and resumes with it.
+    saved = {**vars(hdl_stack.get_args(["--dataset", "cifar100"])), "script": "hdl_stack", "resume": None}
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "args.json").write_text(json.dumps({k: v for k, v in saved.items() if k != "stem"}))
+    assert hdl_stack.get_args(["--resume", str(tmp_path / "old")]).stem == "imagenet"
+    (tmp_path / "old" / "args.json").write_text(json.dumps(saved))  # recorded: kept
+    assert hdl_stack.get_args(["--resume", str(tmp_path / "old")]).stem == "cifar"
     assert hdl_stack.get_args(["--center-update", "sgd", "--center-alpha", "2"]).center_alpha == 2.0
     with pytest.raises(SystemExit, match="--fine-head off"):  # shapes' first level alone does not name the class
         hierarchy = tmp_path / "by_shape.json"  # one level (shape) above the 72 classes

@@ -358,10 +358,9 @@ AFTER = {
 # an H100 and 13,900 with two (eager), so about 48 eager with two sharing, 38 compiled (1.27x): 60 here,
 # about 30 alone, more than a lease's queue (the 7x7 stem's took 27 alone, eager). A 40-epoch sweep cell
 # (7x7) took 3.4-3.9 beside HierNet jobs on an H200, 3.1-4.9 on an H100: 5; a 3x3 cell 3.3-3.6 with three
-# sharing an H100: 4. Merged: a
-# run of the five architectures about 72 (four compiled trainings sharing: 14,691 images/s in all). Alone
-# a job takes about half as long (n = 9: 17.2); between one and four sharing, the length is taken as
-# linear in their number.
+# sharing an H100: 4. Merged: a run of the five architectures about 72 (four compiled trainings sharing:
+# 14,691 images/s in all). Alone a job takes about half as long (n = 9: 17.2); between one and four sharing,
+# the length is taken as linear in their number.
 HIERNET_MINUTES = {3: 15, 5: 21, 7: 27, 9: 35, 18: 70}
 # A HierNet run's stages as shares of those minutes (n = 7, two sharing an H100: the backbone 2.6 s an epoch,
 # the HierNet stage 4.7, both 165 epochs); --control adds a backbone-speed stage (the 40% above).
