@@ -1709,8 +1709,12 @@ def _apply_dry_run_defaults(parser, argv, args, script_defaults):
         print(f"dry run: {shown} (a flag given keeps its value)", flush=True)
 
 
-def parse_args(parser, argv=None, *, script=None, resume_longer=("epochs",), resume_safe=(), dry_run=None):
-    """Parse argv; with --resume DIR, the run's saved settings fill every flag not given.
+def parse_args(
+    parser, argv=None, *, script=None, resume_longer=("epochs",), resume_safe=(), dry_run=None, before_flags=None
+):
+    """Parse argv; with --resume DIR, the run's saved settings fill every flag not given. A setting the
+    run's args.json lacks (the run predates its flag) takes the script's `before_flags` {dest: value},
+    what such a run did, else the flag's default.
 
     A new --dry-run takes DRY_RUN_DEFAULTS and the script's `dry_run` {dest: value} for the flags
     the command line does not give (the paper's defaults stay those of real runs).
@@ -1730,7 +1734,7 @@ def parse_args(parser, argv=None, *, script=None, resume_longer=("epochs",), res
     saved = read_run_args(args.resume)
     if script is not None:
         check_run_script(saved, script, args.resume)
-    settings = run_settings(saved)
+    settings = {**(before_flags or {}), **run_settings(saved)}
     defaults = {a.dest: a.default for a in parser._actions}
     options = {a.dest: a.option_strings[-1] for a in parser._actions if a.option_strings}
     allowed = (

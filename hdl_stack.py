@@ -78,7 +78,8 @@ def get_args(argv=None):
     p.add_argument("--normalize", action="store_true", help="normalise by the channel mean / std (the paper does not)")
     g.add_argument("--val-fraction", type=common.fraction, default=0.0, help="hold out; report on it, not on test")
     g.add_argument("--eval-batch-size", type=common.positive_int, default=500)
-    args = common.parse_args(parser, argv, script="hdl_stack")
+    # A run from before --stem trained the 7x7, the only stem there was.
+    args = common.parse_args(parser, argv, script="hdl_stack", before_flags={"stem": "imagenet"})
     check_args(parser, args)
     return args
 
@@ -86,9 +87,8 @@ def get_args(argv=None):
 def check_args(parser, args):
     """Range checks get_args leaves to after parsing; fills in --center-alpha's default per update rule and
     --stem's per dataset (the 3x3 stem on CIFAR: Table 3's, by the README's stem test; the 7x7 elsewhere)."""
-    if args.stem == "auto":  # a run from before --stem (none in its args.json) trained the 7x7, the only stem
-        before_stem = args.resume and "stem" not in common.read_run_args(args.resume)
-        args.stem = "cifar" if args.dataset in ("cifar10", "cifar100") and not before_stem else "imagenet"
+    if args.stem == "auto":
+        args.stem = "cifar" if args.dataset in ("cifar10", "cifar100") else "imagenet"
     if args.center_alpha is None:
         args.center_alpha = 1.0 if args.center_update == "epoch" else 0.5
     if args.center_update == "sgd" and not args.center_alpha > 0:
