@@ -563,6 +563,13 @@ def plot_hdl_fine_error(run_dir, out):
 SWEEP_STYLES = {("epoch", "raw"): "-", ("epoch", "normalized"): "--", ("wen", "raw"): ":", ("sgd", "raw"): "-."}
 
 
+def validation_error_curve(run_dir):
+    """[(epoch, validation fine error %)] of an hdl_stack.py --val-fraction run; [] without its metrics.jsonl."""
+    path = Path(run_dir) / "metrics.jsonl"
+    records = read_jsonl(path) if path.is_file() else []
+    return sorted((r["epoch"], 100.0 - r["val_fine_acc"]) for r in records if "val_fine_acc" in r)
+
+
 def plot_hdl_sweep(sweep_dir, out):
     """Validation fine error per epoch of every cell of the centre-loss sweep (a folder of runs, one per
     cell, as --collect lands them): the paper's centre update and features (per-epoch, raw) on the left,
@@ -570,14 +577,8 @@ def plot_hdl_sweep(sweep_dir, out):
     cells = []
     for run in sorted(d for d in Path(sweep_dir).iterdir() if d.is_dir()) if Path(sweep_dir).is_dir() else []:
         if (run / "args.json").is_file() and (run / "metrics.jsonl").is_file():
-            args = read_json(run / "args.json")
-            curve = sorted(
-                (r["epoch"], 100.0 - r["val_fine_acc"])
-                for r in read_jsonl(run / "metrics.jsonl")
-                if "val_fine_acc" in r
-            )
-            if curve:
-                cells.append((args, curve))
+            if curve := validation_error_curve(run):
+                cells.append((read_json(run / "args.json"), curve))
     if not cells:
         raise Skip(f"no sweep cell with a validation curve in {sweep_dir}")
     lambdas = sorted({a["lambda_center"] for a, _ in cells if a["method"] == "hdl"})
@@ -610,11 +611,8 @@ def plot_hdl_stem(results, out):
     curves = []
     for stem, runs in results_table.STEM_CELLS.items():
         for method, run in zip(("baseline", "hdl"), runs):
-            if (results / run / "metrics.jsonl").is_file():
-                records = read_jsonl(results / run / "metrics.jsonl")
-                curve = sorted((r["epoch"], 100.0 - r["val_fine_acc"]) for r in records if "val_fine_acc" in r)
-                if curve:
-                    curves.append((stem, method, curve))
+            if curve := validation_error_curve(results / run):
+                curves.append((stem, method, curve))
     if not curves:
         raise Skip(
             f"no stem cell ({', '.join(r for runs in results_table.STEM_CELLS.values() for r in runs)}) in {results}"

@@ -1889,15 +1889,12 @@ def hdl_stack_block(results):
     )
     sweep = results / "hdl_sweep_cifar100"
     lines += (
-        [
+        sweep_lines(
+            results,
+            sweep,
             "CIFAR-100 centre-loss sweep, 7x7 stem, on a tenth of train held out (`tools/results_table.py "
             "--sweep-table`):",
-            "",
-        ]
-        + hdl_sweep(sweep, queued_sweep_cells(sweep))[0].strip().splitlines()[2:]  # the table, no title
-        + [""]
-        + figure_lines(
-            results, ("hdl_sweep_cifar100.png", "CIFAR-100 centre-loss sweep: validation fine error per epoch")
+            ("hdl_sweep_cifar100.png", "CIFAR-100 centre-loss sweep: validation fine error per epoch"),
         )
         if any(sweep.glob("*/metrics.json"))
         else ["CIFAR-100 centre-loss sweep (`hdl_sweep_cifar100_*` in tools/gpu_runs.py): not run yet.", ""]
@@ -1905,19 +1902,28 @@ def hdl_stack_block(results):
     return lines + hdl_stem_block(results) + hdl_sweep_3x3_block(results)
 
 
+def sweep_lines(results, sweep, title, figure):
+    """README lines of a queued sweep folder: the title, hdl_sweep's table and rule (its own title left out),
+    the figure plots.py drew of it."""
+    return (
+        [title, ""]
+        + hdl_sweep(sweep, queued_sweep_cells(sweep))[0].strip().splitlines()[2:]
+        + [""]
+        + (figure_lines(results, figure))
+    )
+
+
 def hdl_sweep_3x3_block(results):
     """The centre-loss sweep on the 3x3 stem (the stem cells and the variants beside them), once a variant
     beyond the two stem cells has landed; its pick is the extra 800-epoch row."""
     sweep = results / PICK_SWEEP
-    expected = queued_sweep_cells(sweep)
     landed = {p.parent.name for p in sweep.glob("*/metrics.json")}
     if not landed - {Path(run).name for run in STEM_CELLS["cifar"]}:
-        queued = len(expected) - len(landed)
+        queued = len(queued_sweep_cells(sweep)) - len(landed)
         return [f"The centre-loss sweep on the 3x3 stem (`{PICK_SWEEP}_cifar_*`, {queued} cells): not run yet.", ""]
-    table = hdl_sweep(sweep, expected)[0].strip().splitlines()[2:]  # the table, no title
+    title = "CIFAR-100 centre-loss sweep, 3x3 stem (the stem cells and the same variants):"
     figure = ("hdl_sweep_3x3_cifar100.png", "CIFAR-100 centre-loss sweep, 3x3 stem: validation fine error per epoch")
-    lines = ["CIFAR-100 centre-loss sweep, 3x3 stem (the stem cells and the same variants):", ""] + table + [""]
-    return lines + figure_lines(results, figure)
+    return sweep_lines(results, sweep, title, figure)
 
 
 def speed_block(results):
