@@ -107,7 +107,11 @@ def get_args(argv=None):
     p.add_argument("--fast-mode", default="all", choices=("sorted", "all"), help="fast: routed branch only, or all")
     # No run length grows on resume: the tree and HierNet are built from the trained backbone.
     # A --dry-run's own default (flag not given): 720 test images, so that every shapes class can be halved.
-    args = common.parse_args(parser, argv, script="hiernet", resume_longer=(), dry_run={"test_size": 720})
+    # A run from before --elu-head / --shortcut had neither (no ELU before pooling, option A).
+    older = {"elu_head": False, "shortcut": "A"}
+    args = common.parse_args(
+        parser, argv, script="hiernet", resume_longer=(), dry_run={"test_size": 720}, before_flags=older
+    )
     return check_args(parser, args)
 
 
@@ -697,12 +701,11 @@ def build_hiernet(backbone, tree, splits, extras, leaf_init="backbone"):
 
 def make_backbone(args, num_classes, in_channels=3):
     """`CifarResNet(--n, --elu)` with the authors' details asked for: the ELU before pooling
-    (`--elu --elu-head`) and option-B shortcuts (`--shortcut B`). Reads settings missing from an
-    older run's args.json as that run's behaviour (no ELU head, option A)."""
+    (`--elu --elu-head`) and option-B shortcuts (`--shortcut B`)."""
     backbone = CifarResNet(args.n, num_classes, elu=args.elu, in_channels=in_channels)
-    if args.elu and getattr(args, "elu_head", False):
+    if args.elu and args.elu_head:
         backbone.head.pre = nn.ELU()
-    if getattr(args, "shortcut", "A") == "B":
+    if args.shortcut == "B":
         for block in backbone.blocks:
             if isinstance(block.shortcut, ShortcutA):
                 cin, cout = block.conv1.in_channels, block.conv1.out_channels

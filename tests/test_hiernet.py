@@ -489,3 +489,17 @@ def test_a_missing_input_file_is_refused_before_the_backbone_trains(flag, tmp_pa
     out = capsys.readouterr()
     assert stop.value.code == 2 and f"{flag} {tmp_path / 'missing'}: file not found" in out.err
     assert "[backbone] epoch" not in out.out and not (tmp_path / "run").exists()
+
+
+def test_a_run_from_before_elu_head_and_shortcut_resumes_as_it_trained(tmp_path):
+    """An ELU run whose args.json predates --elu-head / --shortcut had no ELU before pooling and option-A
+    shortcuts: a resume builds that backbone, not today's defaults (--elu-head on)."""
+    saved = {**vars(hiernet.get_args(["--n", "3", "--elu", "--dataset", "shapes"])), "script": "hiernet"}
+    old = {k: v for k, v in saved.items() if k not in ("elu_head", "shortcut")}
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "args.json").write_text(json.dumps({**old, "resume": None}))
+    args = hiernet.get_args(["--resume", str(tmp_path / "run")])
+    assert args.elu_head is False and args.shortcut == "A"
+    assert isinstance(hiernet.make_backbone(args, 10).head.pre, torch.nn.Identity)
+    (tmp_path / "run" / "args.json").write_text(json.dumps({**saved, "resume": None}))  # recorded: kept
+    assert hiernet.get_args(["--resume", str(tmp_path / "run")]).elu_head is True
