@@ -330,11 +330,12 @@ def test_left_leaves_out_the_runs_in_results_and_their_grouped_folders(tmp_path,
     assert gpu_runs.landed("hdl_sweep_cifar100_baseline", tmp_path) and not gpu_runs.landed(
         "hiernet_cifar100_n5", tmp_path
     )
-    # The checkout's own results/: every listed job is one whose run has not landed.
+    # The checkout's own results/: the listed jobs are exactly the queue's jobs whose runs have not
+    # landed, in queue order (hiernet_cifar100_n3 has landed; the list changes as runs land).
     gpu_runs.main(["--list", "--left"])
     listed = [line.split(":")[0] for line in capsys.readouterr().out.splitlines()]
-    assert listed and all(not gpu_runs.landed(name) for name in listed)
-    assert "hiernet_cifar100_n3" not in listed and "hiernet_cifar100_n7" in listed
+    assert listed == [name for name in gpu_runs.JOBS if not gpu_runs.landed(name)]
+    assert "hiernet_cifar100_n3" in gpu_runs.JOBS and "hiernet_cifar100_n3" not in listed
 
 
 @pytest.mark.parametrize(
