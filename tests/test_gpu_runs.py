@@ -391,3 +391,25 @@ def test_a_parked_hiernet_run_is_expected_to_take_only_its_stages_left(tmp_path,
     assert "skip hiernet_cifar100_n7_elu" in "\n".join(gpu_runs.plan(["hiernet_cifar100_n7_elu"], 12, 2))
     plan = "\n".join(gpu_runs.plan(["hiernet_cifar100_n7"], 12, 2))
     assert "start hiernet_cifar100_n7 (resumes after its parked backbone)" in plan
+
+
+def test_plan_starts_a_park_job_that_cannot_finish_and_names_the_stages_it_lands(tmp_path, monkeypatch):
+    gpu_runs = load("gpu_runs")
+    monkeypatch.setattr(gpu_runs, "PARKED", tmp_path)  # nothing parked
+    # Two sharing: a job takes (1 + 1/3) / 2 of its alone-at-four minutes; n = 9: 35 min in all, its
+    # backbone 0.36 of that (8.4 here); n = 18's backbone 16.8, past the 15 minutes.
+    names = ["hiernet_cifar100_n9_elu", "hiernet_cifar100_n18"]
+    lines = gpu_runs.plan(names, 15, 2)
+    assert all("skip" in line for line in lines[:2])  # without --park neither would land
+    lines = gpu_runs.plan(names, 15, 2, park=names)
+    backbone = gpu_runs.HIERNET_MINUTES[9] * gpu_runs.HIERNET_STAGE_SHARE["backbone"] * (1 + 1 / 3) / 2
+    assert backbone == pytest.approx(8.4)
+    assert lines[0] == (
+        f"  0.0 start hiernet_cifar100_n9_elu: needs about 23 min, runs to the end; parks backbone by {backbone:.1f}"
+    )
+    assert lines[1].endswith("runs to the end; no stage finishes by then: parks nothing")
+    assert lines[-1] == " 15.0 all done; 0 slot-minutes idle of 2 x 15.0"
+    # The stages' minutes add up to the whole job's expected length.
+    assert sum(m for _, m in gpu_runs.stages_left("hiernet_cifar100_n9_seed2", 2)) == pytest.approx(
+        gpu_runs.expected_minutes("hiernet_cifar100_n9_seed2", 2)
+    )

@@ -30,7 +30,7 @@ finished stages (their checkpoint's epoch is the stage's last) of those runs sti
 deadline into parked.tar.part*, each finished stage's checkpoint without its optimizer's momentum (a
 backbone of HierNet's n = 18: 7 MB); --collect lands them in results/parked/<name>/, which travels with
 the checkout, and the next call resumes the run from there. A --park job starts even when its expected
-length is more than the budget left.
+length is more than the budget left; --plan with the same --park shows which of its stages land.
 
 When the MPS control daemon starts, the jobs share the GPU through it (their small kernels then
 run side by side); otherwise they time-slice. Epoch times of jobs that shared the GPU are longer
@@ -379,18 +379,29 @@ def flag_value(argv, flag):
     return argv[argv.index(flag) + 1] if flag in argv else None
 
 
+def stages_left(name, sharing=4):
+    """[(stage, minutes)] of a CIFAR-100 HierNet job's stages still to run (a parked run goes on after its
+    parked stages), with `sharing` jobs at once on its GPU; [] for other jobs, whose stages are not timed."""
+    argv = JOBS[name]
+    if not (argv[0] == "hiernet.py" and flag_value(argv, "--dataset") == "cifar100" and "--n" in argv):
+        return []
+    minutes = HIERNET_MINUTES.get(int(flag_value(argv, "--n")))
+    if minutes is None:
+        return []
+    minutes *= 78 / 64 if flag_value(argv, "--schedule") == "code" else 1  # the authors' 78k iterations
+    stages = ("backbone", "hiernet", "control") if "--control" in argv else ("backbone", "hiernet")
+    parked = parked_stages(name)
+    scale = (1 + (sharing - 1) / 3) / 2
+    return [(stage, minutes * HIERNET_STAGE_SHARE[stage] * scale) for stage in stages if stage not in parked]
+
+
 def expected_minutes(name, sharing=4):
     """The minutes above for a job, with `sharing` jobs at once on its GPU; None where none was measured
     (it starts whatever is left)."""
     argv = JOBS[name]
     minutes = None
-    if argv[0] == "hiernet.py" and flag_value(argv, "--dataset") == "cifar100" and "--n" in argv:
-        minutes = HIERNET_MINUTES.get(int(flag_value(argv, "--n")))
-        stages = ("backbone", "hiernet", "control") if "--control" in argv else ("backbone", "hiernet")
-        left = [stage for stage in stages if stage not in parked_stages(name)]  # a parked run goes on from there
-        minutes = minutes and minutes * sum(HIERNET_STAGE_SHARE[stage] for stage in left)
-        code_schedule = flag_value(argv, "--schedule") == "code"  # the authors' 78k iterations against 64k
-        minutes = minutes * 78 / 64 if minutes and code_schedule else minutes
+    if stages_left(name):
+        return sum(need for _, need in stages_left(name, sharing))
     elif name.startswith("hdl_sweep_cifar100_"):
         minutes = 5
     elif name.startswith("hdl_stem_cifar100_"):
@@ -686,11 +697,12 @@ def landed(name, results=ROOT / "results"):
     return (landed_path(name, results) / "metrics.json").is_file()
 
 
-def plan(names, minutes, parallel):
+def plan(names, minutes, parallel, park=()):
     """The queue's gate played forward without a GPU: the jobs in order, each started when a slot is free and
-    its expected length (expected_minutes, at the sharing of that moment) fits what is left of `minutes`.
-    Lengths are held fixed, so a job that ends early (others having finished) is not credited: conservative.
-    Returns the lines to print."""
+    its expected length (expected_minutes, at the sharing of that moment) fits what is left of `minutes`;
+    a job in `park` that does not fit starts anyway and runs to the end, its stages that finish by then
+    parked. Lengths are held fixed, so a job that ends early (others having finished) is not credited:
+    conservative. Returns the lines to print."""
     t, running, queue, lines, busy = 0.0, [], list(names), [], 0.0
     while queue or running:
         for name in list(queue):
@@ -702,6 +714,14 @@ def plan(names, minutes, parallel):
             queue.remove(name)
             if need is None:
                 lines.append(f"{t:5.1f} start {name}: length not measured; takes the rest")
+                need = minutes - t
+            elif need > minutes - t and name in park:
+                ends, parks = t, []
+                for stage, stage_need in stages_left(name, sharing):
+                    ends += stage_need
+                    parks += [f"{stage} by {ends:.1f}"] if ends <= minutes else []
+                parks = "parks " + ", ".join(parks) if parks else "no stage finishes by then: parks nothing"
+                lines.append(f"{t:5.1f} start {name}: needs about {need:.0f} min, runs to the end; {parks}")
                 need = minutes - t
             elif need > minutes - t:
                 lines.append(f"{t:5.1f} skip {name}: needs about {need:.0f} min, {minutes - t:.1f} left")
@@ -808,7 +828,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     jobs = [n for n in (a.only or JOBS) if not (a.left and landed(n))]
     if a.plan is not None:
-        print("\n".join(plan(jobs, a.plan, a.parallel)))
+        print("\n".join(plan(jobs, a.plan, a.parallel, a.park)))
         return
     if a.budget < 60 and not (a.collect or a.list):  # the queue stops its jobs 30 s before the deadline
         p.error(f"--budget {a.budget:g}: seconds, not minutes; under 60 no job has time to start")
