@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -219,6 +220,9 @@ def test_every_queued_cifar100_paper_run_has_an_expected_length(tmp_path):
     # 25 minutes does not start one, since the lease's end would stop it before it could land.
     assert gpu_runs.expected_minutes("hdl_cifar100_hdl_800", sharing=1) > 25
     assert "skip hdl_cifar100_hdl_800" in "\n".join(gpu_runs.plan(["hdl_cifar100_hdl_800"], 25, 1))
+    # Tried (--try), it starts; its own ETA decides on the GPU.
+    tried = gpu_runs.plan(["hdl_cifar100_hdl_800"], 25, 1, tried=["hdl_cifar100_hdl_800"])
+    assert tried[0].startswith("  0.0 try hdl_cifar100_hdl_800: needs about 30 min, 25.0 left; stopped once its ETA")
     # --control trains the backbone on for HierNet's iterations: longer than the same run without it.
     assert gpu_runs.expected_minutes("hiernet_cifar100_n3_seed1") > gpu_runs.expected_minutes("hiernet_cifar100_n3_elu")
     assert gpu_runs.expected_minutes("hiernet_cifar100_n18") > gpu_runs.expected_minutes("hiernet_cifar100_n9_elu")
@@ -413,3 +417,41 @@ def test_plan_starts_a_park_job_that_cannot_finish_and_names_the_stages_it_lands
     assert sum(m for _, m in gpu_runs.stages_left("hiernet_cifar100_n9_seed2", 2)) == pytest.approx(
         gpu_runs.expected_minutes("hiernet_cifar100_n9_seed2", 2)
     )
+
+
+TRIED_RUN = """
+import pathlib, sys, time
+eta, rest, run_dir = sys.argv[1], float(sys.argv[2]), pathlib.Path(sys.argv[sys.argv.index("--out-dir") + 1])
+run_dir.mkdir(parents=True)
+print("[fake] epoch 1/3 loss 1 | 9.0s ETA 59:00", flush=True)  # the first epoch (compilation): not read
+time.sleep(2.5)
+print(f"[fake] epoch 2/3 loss 1 | 1.0s ETA {eta}", flush=True)
+time.sleep(rest)
+(run_dir / "metrics.json").write_text("{}")
+"""
+
+
+def test_a_tried_job_is_stopped_once_its_eta_passes_the_deadline_and_frees_its_slot(tmp_path, capsys):
+    gpu_runs = load("gpu_runs")
+    script = tmp_path / "tried_run.py"
+    script.write_text(TRIED_RUN)
+    assert gpu_runs.eta_seconds(tmp_path / "no.log") is None
+    (tmp_path / "a.log").write_text(
+        "[x] epoch 2/800 loss 3 | 2.1s ETA 1:02:03\n[x] epoch 3/800 loss 3 | 2.0s ETA 26:40\n"
+    )
+    assert gpu_runs.eta_seconds(tmp_path / "a.log") == 26 * 60 + 40
+    (tmp_path / "b.log").write_text("[x] epoch 1/800 loss 3 | 2.1s ETA 1:02:03\n")
+    assert gpu_runs.eta_seconds(tmp_path / "b.log") is None  # the first epoch holds compilation
+    jobs = {"late": ["1:02:03", "120"], "in_time": ["0:02", "0.5"], "next": ["1:00:00", "0.5"]}  # ETA, seconds
+    gpu_runs.JOBS = {name: [str(script), *job] for name, job in jobs.items()}
+    gpu_runs.AFTER, runs = {}, tmp_path / "runs"
+    argv = ["--no-mps", "--runs-dir", str(runs), "--budget", "300", "--parallel", "1", "--try", "late", "in_time"]
+    t0 = time.time()
+    gpu_runs.main([*argv, "--only", "late", "in_time", "next"])
+    out = capsys.readouterr().out
+    calls = {name: json.loads((runs / f"{name}.run.json").read_text())["calls"] for name in gpu_runs.JOBS}
+    assert calls["late"][0]["status"] == "dropped (ETA past the deadline)" and "stop late: its ETA 3723s" in out
+    assert not (runs / "late" / "metrics.json").exists()
+    assert calls["in_time"][0]["status"] == "done"
+    assert calls["next"][0]["status"] == "done"  # not tried: its ETA is not read
+    assert time.time() - t0 < 100  # the late job's two minutes were cut short, its slot freed

@@ -30,6 +30,8 @@ A lease end to end (the commands of the calls; M minutes of device time left onc
         cd /root/code && (setsid nohup python3 tools/gpu_runs.py --commit <HEAD, clean> --runs-dir /root/runs
         --data-root /root/data --parallel K --budget <SECONDS, about 60 M - 90> --out /root/pack --only NAME ...
         > /root/queue.log 2>&1 < /dev/null &); sleep 540; tail /root/queue.log
+        (a run that cannot stop and go on later and may not fit, such as HDL's 800 epochs: name it first
+        with --try NAME --alone NAME; it has the GPU alone until its ETA shows it cannot end in time)
     calls 4...: sleep and look (the machine goes back 30 s after a call ends, the queue with it)
     last call: wait for the queue to exit (it packs /root/pack/results.tar.gz at its deadline), cp /root/pack/* $OUT
     here:  tar xzf results.tar.gz -C /tmp/X; python tools/gpu_runs.py --collect /tmp/X; python tools/plots.py;

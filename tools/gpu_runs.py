@@ -32,6 +32,13 @@ backbone of HierNet's n = 18: 7 MB); --collect lands them in results/parked/<nam
 the checkout, and the next call resumes the run from there. A --park job starts even when its expected
 length is more than the budget left; --plan with the same --park shows which of its stages land.
 
+A run whose length is not known well enough to gate it (one that cannot stop and go on later, such as
+HDL's 800 epochs, whose Adam checkpoint is too large to park) can be tried: --try NAME... starts it
+whatever its expected length, and stops it as soon as the progress line of its log (the scripts' "epoch
+E/N ... ETA m:ss", from the second epoch on, the first holding compilation) says it would end less than
+a minute before the deadline; its GPU slot then goes to the jobs behind it. With --alone NAME as well it
+has the GPU to itself while it runs. The ETA is the current stage's: try single-stage runs.
+
 When the MPS control daemon starts, the jobs share the GPU through it (their small kernels then
 run side by side); otherwise they time-slice. Epoch times of jobs that shared the GPU are longer
 than those of a job alone: run.json says how many ran at once.
@@ -55,6 +62,7 @@ import argparse
 import io
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -398,15 +406,14 @@ def stages_left(name, sharing=4):
 def expected_minutes(name, sharing=4):
     """The minutes above for a job, with `sharing` jobs at once on its GPU; None where none was measured
     (it starts whatever is left)."""
-    argv = JOBS[name]
-    minutes = None
     if stages_left(name):
         return sum(need for _, need in stages_left(name, sharing))
-    elif name.startswith("hdl_sweep_cifar100_"):
+    minutes = None
+    if name.startswith("hdl_sweep_cifar100_"):
         minutes = 5
     elif name.startswith("hdl_stem_cifar100_"):
         minutes = 4
-    elif name.startswith("hdl_cifar100_") and name.endswith("_800"):
+    elif name.startswith("hdl_cifar100_") and name.endswith("_800"):  # 40M images; 18,700/s alone, eager
         minutes = 60
     elif name.startswith("merged_resnet_cifar100_resnet164_runs"):
         minutes = 72
@@ -566,6 +573,25 @@ def waits(name):
     return not (base / "metrics.json").exists()
 
 
+ETA_LINE = re.compile(r"epoch (\d+)/\d+ .*ETA (?:(\d+):)?(\d+):(\d+)\s*$")
+
+
+def eta_seconds(log_path, after_epoch=1):
+    """The seconds left by the last progress line of a job's log past epoch `after_epoch`, or None."""
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(max(0, f.seek(0, 2) - 16384))
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        match = ETA_LINE.search(line)
+        if match and int(match[1]) > after_epoch:
+            hours, minutes, seconds = (int(x or 0) for x in match.groups()[1:])
+            return 3600 * hours + 60 * minutes + seconds
+    return None
+
+
 def call_status(rc, over, finished):
     """A job's status at the end of a call. A job that the deadline's stop reached while it was
     exiting, its metrics.json written, is done, not stopped."""
@@ -697,11 +723,12 @@ def landed(name, results=ROOT / "results"):
     return (landed_path(name, results) / "metrics.json").is_file()
 
 
-def plan(names, minutes, parallel, park=()):
+def plan(names, minutes, parallel, park=(), tried=()):
     """The queue's gate played forward without a GPU: the jobs in order, each started when a slot is free and
     its expected length (expected_minutes, at the sharing of that moment) fits what is left of `minutes`;
     a job in `park` that does not fit starts anyway and runs to the end, its stages that finish by then
-    parked. Lengths are held fixed, so a job that ends early (others having finished) is not credited:
+    parked; a job in `tried` that does not fit starts too and holds its slot to the end unless its ETA
+    stops it (the queue's --try). Lengths are held fixed, so a job that ends early (others having finished) is not credited:
     conservative. Returns the lines to print."""
     t, running, queue, lines, busy = 0.0, [], list(names), [], 0.0
     while queue or running:
@@ -722,6 +749,12 @@ def plan(names, minutes, parallel, park=()):
                     parks += [f"{stage} by {ends:.1f}"] if ends <= minutes else []
                 parks = "parks " + ", ".join(parks) if parks else "no stage finishes by then: parks nothing"
                 lines.append(f"{t:5.1f} start {name}: needs about {need:.0f} min, runs to the end; {parks}")
+                need = minutes - t
+            elif need > minutes - t and name in tried:
+                lines.append(
+                    f"{t:5.1f} try {name}: needs about {need:.0f} min, {minutes - t:.1f} left; stopped once its ETA "
+                    "says it cannot end in time (counted here as running to the end)"
+                )
                 need = minutes - t
             elif need > minutes - t:
                 lines.append(f"{t:5.1f} skip {name}: needs about {need:.0f} min, {minutes - t:.1f} left")
@@ -817,6 +850,15 @@ def main(argv=None):
     p.add_argument(
         "--park", nargs="+", default=[], choices=tuple(JOBS), metavar="NAME", help="land these runs' finished stages"
     )
+    p.add_argument(
+        "--try",
+        dest="try_",
+        nargs="+",
+        default=[],
+        choices=tuple(JOBS),
+        metavar="NAME",
+        help="start these whatever their expected length; stop one once its ETA passes the deadline",
+    )
     p.add_argument("--no-mps", action="store_true")
     p.add_argument("--list", action="store_true")
     p.add_argument("--collect", metavar="DIR", help="copy the finished runs unpacked in DIR into results/")
@@ -828,7 +870,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     jobs = [n for n in (a.only or JOBS) if not (a.left and landed(n))]
     if a.plan is not None:
-        print("\n".join(plan(jobs, a.plan, a.parallel, a.park)))
+        print("\n".join(plan(jobs, a.plan, a.parallel, a.park, a.try_)))
         return
     if a.budget < 60 and not (a.collect or a.list):  # the queue stops its jobs 30 s before the deadline
         p.error(f"--budget {a.budget:g}: seconds, not minutes; under 60 no job has time to start")
@@ -891,7 +933,8 @@ def main(argv=None):
                     print(f"{time.time() - t0:6.0f}s {name}: resumes the stages parked in results/parked", flush=True)
                 _, need = expected_now(name, len(queue), len(running), a.parallel)
                 left = (a.budget - (time.time() - t0)) / 60
-                if need and need > left and name not in a.park and not (RUNS / name / "args.json").exists():
+                tried = name in a.park or name in a.try_
+                if need and need > left and not tried and not (RUNS / name / "args.json").exists():
                     queue.remove(name)  # a new run that this call's end would stop: it could not land
                     print(
                         f"{time.time() - t0:6.0f}s skip {name}: needs about {need:.0f} min, {left:.1f} left", flush=True
@@ -932,7 +975,13 @@ def main(argv=None):
             time.sleep(2)
             over = time.time() - t0 > a.budget
             for name, (proc, started, log) in list(running.items()):
-                if over and proc.poll() is None:
+                eta = eta_seconds(RUNS / f"{name}.log") if name in a.try_ and proc.poll() is None else None
+                late = eta is not None and eta > a.budget - (time.time() - t0) - 60
+                if late:
+                    print(
+                        f"{time.time() - t0:6.0f}s stop {name}: its ETA {eta:.0f}s ends past the deadline", flush=True
+                    )
+                if (over or late) and proc.poll() is None:
                     os.killpg(proc.pid, signal.SIGTERM)
                     try:
                         proc.wait(20)
@@ -945,6 +994,7 @@ def main(argv=None):
                 log.close()
                 del running[name], placed[name]
                 status = call_status(rc, over, finished=(RUNS / name / "metrics.json").exists())
+                status = "dropped (ETA past the deadline)" if late and status != "done" else status
                 record(
                     name,
                     call={
@@ -956,7 +1006,7 @@ def main(argv=None):
                     },
                 )
                 print(f"{time.time() - t0:6.0f}s {status} {name}", flush=True)
-                if rc != 0 and not over:
+                if rc != 0 and not over and not late:
                     print(sh(f"tail -5 {RUNS / (name + '.log')}"), flush=True)
             if over:
                 break
