@@ -323,6 +323,13 @@ def test_plan_plays_the_gate_forward_and_starts_a_job_when_a_slot_frees():
     assert lines[3] == "  6.0 start after_a: about 3.0 min with 2 sharing, ends 9.0"
     assert lines[4] == "  9.0 start d: about 5.0 min with 2 sharing, ends 14.0"  # b still runs
     assert lines[-1] == " 14.0 all done; 4 slot-minutes idle of 2 x 14.0"
+    # An alone job goes first, holds the GPU, and the others share it once it ends.
+    lines = gpu_runs.plan(["a", "b", "d"], minutes=20, parallel=2, alone=["d"])
+    assert lines[:3] == [
+        "  0.0 start d: about 5.0 min with 1 sharing, ends 5.0",
+        "  5.0 start a: about 6.0 min with 2 sharing, ends 11.0",
+        "  5.0 start b: about 10.0 min with 2 sharing, ends 15.0",
+    ]
 
 
 def test_left_leaves_out_the_runs_in_results_and_their_grouped_folders(tmp_path, capsys):

@@ -723,21 +723,25 @@ def landed(name, results=ROOT / "results"):
     return (landed_path(name, results) / "metrics.json").is_file()
 
 
-def plan(names, minutes, parallel, park=(), tried=()):
-    """The queue's gate played forward without a GPU: the jobs in order, each started when a slot is free and
-    its expected length (expected_minutes, at the sharing of that moment) fits what is left of `minutes`;
-    a job in `park` that does not fit starts anyway and runs to the end, its stages that finish by then
-    parked; a job in `tried` that does not fit starts too and holds its slot to the end unless its ETA
-    stops it (the queue's --try). Lengths are held fixed, so a job that ends early (others having finished) is not credited:
+def plan(names, minutes, parallel, park=(), tried=(), alone=()):
+    """The queue's gate played forward without a GPU (one GPU): the jobs in order (`alone` ones first), each
+    started when a slot is free and its expected length (expected_minutes, at the sharing of that moment)
+    fits what is left of `minutes`; a job in `park` that does not fit starts anyway and runs to the end,
+    its stages that finish by then parked; a job in `tried` that does not fit starts too and holds its slot
+    to the end unless its ETA stops it (the queue's --try); an `alone` job waits for an empty GPU and
+    holds it. Lengths are held fixed, so a job that ends early (others having finished) is not credited:
     conservative. Returns the lines to print."""
-    t, running, queue, lines, busy = 0.0, [], list(names), [], 0.0
+    t, running, lines, busy = 0.0, [], [], 0.0
+    queue = [n for n in names if n in alone] + [n for n in names if n not in alone]
     while queue or running:
         for name in list(queue):
-            if len(running) >= parallel:
+            if len(running) >= parallel or any(n in alone for _, n in running):
                 break
             if AFTER.get(name) in queue or AFTER.get(name) in [n for _, n in running]:
                 continue  # its base run has not finished by then
-            sharing, need = expected_now(name, len(queue), len(running), parallel)
+            if name in alone and running:
+                continue
+            sharing, need = expected_now(name, len(queue), len(running), 1 if name in alone else parallel)
             queue.remove(name)
             if need is None:
                 lines.append(f"{t:5.1f} start {name}: length not measured; takes the rest")
@@ -870,7 +874,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     jobs = [n for n in (a.only or JOBS) if not (a.left and landed(n))]
     if a.plan is not None:
-        print("\n".join(plan(jobs, a.plan, a.parallel, a.park, a.try_)))
+        print("\n".join(plan(jobs, a.plan, a.parallel, a.park, a.try_, a.alone)))
         return
     if a.budget < 60 and not (a.collect or a.list):  # the queue stops its jobs 30 s before the deadline
         p.error(f"--budget {a.budget:g}: seconds, not minutes; under 60 no job has time to start")
