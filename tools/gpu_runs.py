@@ -34,10 +34,11 @@ length is more than the budget left; --plan with the same --park shows which of 
 
 A run whose length is not known well enough to gate it (one that cannot stop and go on later, such as
 HDL's 800 epochs, whose Adam checkpoint is too large to park) can be tried: --try NAME... starts it
-whatever its expected length, and stops it as soon as the progress line of its log (the scripts' "epoch
-E/N ... ETA m:ss", from the second epoch on, the first holding compilation) says it would end less than
-a minute before the deadline; its GPU slot then goes to the jobs behind it. With --alone NAME as well it
-has the GPU to itself while it runs. The ETA is the current stage's: try single-stage runs.
+whatever its expected length, and stops it as soon as the progress lines of its log (the scripts' "epoch
+E/N ... | S s ETA": its last epochs' seconds, from the second epoch on, the first holding compilation,
+times the epochs left) say it would end less than a minute before the deadline; its GPU slot then goes
+to the jobs behind it. With --alone NAME as well it has the GPU to itself while it runs. The epochs left
+are the current stage's: try single-stage runs.
 
 When the MPS control daemon starts, the jobs share the GPU through it (their small kernels then
 run side by side); otherwise they time-slice. Epoch times of jobs that shared the GPU are longer
@@ -66,6 +67,7 @@ import re
 import shlex
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -573,23 +575,25 @@ def waits(name):
     return not (base / "metrics.json").exists()
 
 
-ETA_LINE = re.compile(r"epoch (\d+)/\d+ .*ETA (?:(\d+):)?(\d+):(\d+)\s*$")
+PROGRESS_LINE = re.compile(r"epoch (\d+)/(\d+) .*\| ([\d.]+)s ETA \S+\s*$")
 
 
-def eta_seconds(log_path, after_epoch=1):
-    """The seconds left by the last progress line of a job's log past epoch `after_epoch`, or None."""
+def eta_seconds(log_path, first_epoch=2):
+    """Seconds a job still needs by its log's progress lines ("epoch E/N ... | S s ETA ..."): the median of
+    its last three epochs' seconds (from `first_epoch`: the first holds compilation, which the scripts'
+    own ETA averages in) times the epochs left; None before two such lines (one epoch is no measure)."""
     try:
         with open(log_path, "rb") as f:
             f.seek(max(0, f.seek(0, 2) - 16384))
             lines = f.read().decode(errors="replace").splitlines()
     except OSError:
         return None
-    for line in reversed(lines):
-        match = ETA_LINE.search(line)
-        if match and int(match[1]) > after_epoch:
-            hours, minutes, seconds = (int(x or 0) for x in match.groups()[1:])
-            return 3600 * hours + 60 * minutes + seconds
-    return None
+    epochs = [PROGRESS_LINE.search(line) for line in lines]
+    epochs = [(int(m[1]), int(m[2]), float(m[3])) for m in epochs if m and int(m[1]) >= first_epoch]
+    if len(epochs) < 2:
+        return None
+    epoch, total, _ = epochs[-1]
+    return statistics.median(seconds for _, _, seconds in epochs[-3:]) * (total - epoch)
 
 
 def call_status(rc, over, finished):
@@ -982,9 +986,7 @@ def main(argv=None):
                 eta = eta_seconds(RUNS / f"{name}.log") if name in a.try_ and proc.poll() is None else None
                 late = eta is not None and eta > a.budget - (time.time() - t0) - 60
                 if late:
-                    print(
-                        f"{time.time() - t0:6.0f}s stop {name}: its ETA {eta:.0f}s ends past the deadline", flush=True
-                    )
+                    print(f"{time.time() - t0:6.0f}s stop {name}: needs {eta:.0f}s more, past the deadline", flush=True)
                 if (over or late) and proc.poll() is None:
                     os.killpg(proc.pid, signal.SIGTERM)
                     try:
