@@ -941,8 +941,8 @@ def main(argv=None):
                     print(f"{time.time() - t0:6.0f}s {name}: resumes the stages parked in results/parked", flush=True)
                 _, need = expected_now(name, len(queue), len(running), a.parallel)
                 left = (a.budget - (time.time() - t0)) / 60
-                tried = name in a.park or name in a.try_
-                if need and need > left and not tried and not (RUNS / name / "args.json").exists():
+                ungated = name in a.park or name in a.try_  # they start whatever their expected length
+                if need and need > left and not ungated and not (RUNS / name / "args.json").exists():
                     queue.remove(name)  # a new run that this call's end would stop: it could not land
                     print(
                         f"{time.time() - t0:6.0f}s skip {name}: needs about {need:.0f} min, {left:.1f} left", flush=True
