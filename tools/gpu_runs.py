@@ -865,7 +865,7 @@ def main(argv=None):
         default=[],
         choices=tuple(JOBS),
         metavar="NAME",
-        help="start these whatever their expected length; stop one once its ETA passes the deadline",
+        help="start these whatever their expected length; stop one once its epochs say it cannot end in time",
     )
     p.add_argument("--no-mps", action="store_true")
     p.add_argument("--list", action="store_true")
