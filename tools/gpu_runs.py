@@ -389,6 +389,11 @@ def flag_value(argv, flag):
     return argv[argv.index(flag) + 1] if flag in argv else None
 
 
+def sharing_factor(sharing):
+    """A job's length with `sharing` jobs on its GPU, as a share of its length with four (alone: half)."""
+    return (1 + (sharing - 1) / 3) / 2
+
+
 def stages_left(name, sharing=4):
     """[(stage, minutes)] of a CIFAR-100 HierNet job's stages still to run (a parked run goes on after its
     parked stages), with `sharing` jobs at once on its GPU; [] for other jobs, whose stages are not timed."""
@@ -401,15 +406,16 @@ def stages_left(name, sharing=4):
     minutes *= 78 / 64 if flag_value(argv, "--schedule") == "code" else 1  # the authors' 78k iterations
     stages = ("backbone", "hiernet", "control") if "--control" in argv else ("backbone", "hiernet")
     parked = parked_stages(name)
-    scale = (1 + (sharing - 1) / 3) / 2
+    scale = sharing_factor(sharing)
     return [(stage, minutes * HIERNET_STAGE_SHARE[stage] * scale) for stage in stages if stage not in parked]
 
 
 def expected_minutes(name, sharing=4):
     """The minutes above for a job, with `sharing` jobs at once on its GPU; None where none was measured
     (it starts whatever is left)."""
-    if stages_left(name):
-        return sum(need for _, need in stages_left(name, sharing))
+    stages = stages_left(name, sharing)
+    if stages:
+        return sum(need for _, need in stages)
     minutes = None
     if name.startswith("hdl_sweep_cifar100_"):
         minutes = 5
@@ -421,7 +427,7 @@ def expected_minutes(name, sharing=4):
         minutes = 72
     elif name == "latent_string_cifar10_val":  # latent_string_cifar10 (the same, no hold-out): 10.3, five sharing
         minutes = 11
-    return minutes and minutes / 2 * (1 + (sharing - 1) / 3)
+    return minutes and minutes * sharing_factor(sharing)
 
 
 def expected_now(name, waiting, running, parallel):
@@ -578,7 +584,7 @@ def waits(name):
 PROGRESS_LINE = re.compile(r"epoch (\d+)/(\d+) .*\| ([\d.]+)s ETA \S+\s*$")
 
 
-def eta_seconds(log_path, first_epoch=2):
+def seconds_left(log_path, first_epoch=2):
     """Seconds a job still needs by its log's progress lines ("epoch E/N ... | S s ETA ..."): the median of
     its last three epochs' seconds (from `first_epoch`: the first holds compilation, which the scripts'
     own ETA averages in) times the epochs left; None before two such lines (one epoch is no measure)."""
@@ -983,7 +989,7 @@ def main(argv=None):
             time.sleep(2)
             over = time.time() - t0 > a.budget
             for name, (proc, started, log) in list(running.items()):
-                eta = eta_seconds(RUNS / f"{name}.log") if name in a.try_ and proc.poll() is None else None
+                eta = seconds_left(RUNS / f"{name}.log") if name in a.try_ and proc.poll() is None else None
                 late = eta is not None and eta > a.budget - (time.time() - t0) - 60
                 if late:
                     print(f"{time.time() - t0:6.0f}s stop {name}: needs {eta:.0f}s more, past the deadline", flush=True)
