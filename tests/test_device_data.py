@@ -1,6 +1,6 @@
 """tools/device_data.py: CIFAR-100's parts cut into pieces for the device calls and joined back, checked."""
 
-import os
+import json
 import shutil
 import subprocess
 import sys
@@ -72,16 +72,70 @@ def test_split_refuses_a_missing_part_in_one_line(tmp_path):
     assert "cifar100_webp_a.npz not found" in result.stderr
 
 
-def test_checkout_leaves_room_for_a_piece_in_one_device_call():
-    """A device call carries at most 64 MiB: the tracked files, one piece (a third of CIFAR-100's two parts and
-    CIFAR-10's copy, --with-cifar10), the official order (0.2 MB) and the unpack scripts. This fails before the
-    checkout outgrows that route."""
-    listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=False)
-    if listed.returncode != 0:
+def test_checkout_leaves_room_for_three_pieces_in_three_device_calls():
+    """A device call carries at most 64 MiB: the checkout's travelling files, one piece (CIFAR-100's two parts and
+    CIFAR-10's copy, --with-cifar10, in equal pieces), the official order (0.2 MB) and the unpack scripts. split
+    adds pieces as the checkout grows; this fails before the route needs more than three calls."""
+    checkout = device_data.travelling_bytes()
+    if checkout is None:
         pytest.skip("not a git checkout")
-    tracked = sum(os.path.getsize(ROOT / f) for f in listed.stdout.decode().split("\0") if f and (ROOT / f).is_file())
-    piece = -(-(sum(PART_BYTES) + CIFAR10_BYTES) // 3)
-    assert tracked + piece + 200_000 + 10_000 < 64 * 2**20 - 4 * 2**20, f"tracked files: {tracked / 2**20:.1f} MiB"
+    pieces = device_data.pieces_needed(sum(PART_BYTES) + CIFAR10_BYTES, checkout, 200_000 + 10_000)
+    assert pieces <= 3, f"the checkout's {checkout / 2**20:.1f} MiB leave room for {pieces} pieces"
+
+
+@pytest.mark.parametrize("checkout_mib", [0, 16, 30, 45])
+def test_split_cuts_the_fewest_pieces_that_each_fit_a_call_beside_the_checkout(checkout_mib):
+    """Every piece, with the checkout, the first call's companions and manifest and the spare, fits 64 MiB; one
+    piece fewer would not."""
+    data, companions, checkout = sum(PART_BYTES) + CIFAR10_BYTES, 210_000, checkout_mib * 2**20
+    first_call = checkout + companions + 65536 + device_data.SPARE_BYTES
+    fits = lambda n: first_call + -(-data // n) <= 64 * 2**20  # noqa: E731
+    pieces = device_data.pieces_needed(data, checkout, companions)
+    assert fits(pieces) and (pieces == 1 or not fits(pieces - 1))
+    assert pieces == {0: 2, 16: 3, 30: 4, 45: 8}[checkout_mib]
+
+
+def test_split_adds_pieces_for_a_larger_checkout_and_refuses_a_count_that_does_not_fit(parts, tmp_path):
+    here = tmp_path / "data"
+    room = 600  # bytes of data a call has room for beside this checkout
+    checkout = device_data.CALL_BYTES - device_data.SPARE_BYTES - 65536 - room
+    device_data.split(parts, here, checkout_bytes=checkout)  # 1001 + 777 bytes: three pieces of at most 600
+    manifest = json.loads((here / device_data.MANIFEST).read_text())
+    assert [p["bytes"] for p in manifest["pieces"]] == [593, 593, 592]
+    with pytest.raises(SystemExit, match="2 pieces of .* do not fit a device call .* pass --pieces 3 or more"):
+        device_data.split(parts, tmp_path / "two", 2, checkout_bytes=checkout)
+    assert not (tmp_path / "two").exists()  # nothing written
+    for checkout in (device_data.CALL_BYTES, device_data.CALL_BYTES - device_data.SPARE_BYTES - 65536 - 200):
+        with pytest.raises(SystemExit, match="too little room in a device call of 64 MiB for the data in 8 calls"):
+            device_data.split(parts, tmp_path / "none", checkout_bytes=checkout)  # no room; 9 pieces of 200
+        assert not (tmp_path / "none").exists()
+
+
+def test_travelling_bytes_counts_tracked_and_unignored_files_not_ignored_ones(tmp_path, tmp_path_factory):
+    if shutil.which("git") is None:
+        pytest.skip("no git")
+    git = lambda *a: subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True)  # noqa: E731
+    git("init", "-q")
+    (tmp_path / ".gitignore").write_text("data/\n")  # 6 bytes
+    (tmp_path / "tracked.py").write_bytes(b"x" * 100)
+    git("add", ".gitignore", "tracked.py")
+    (tmp_path / "untracked.txt").write_bytes(b"y" * 20)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "piece.bin").write_bytes(b"z" * 5000)
+    assert device_data.travelling_bytes(tmp_path) == 6 + 100 + 20
+    (tmp_path / "tracked.py").unlink()  # deleted but still in the index: not copied, not counted
+    assert device_data.travelling_bytes(tmp_path) == 6 + 20
+    assert device_data.travelling_bytes(tmp_path / "data" / "..") == 6 + 20
+    plain = tmp_path_factory.mktemp("not_a_checkout")
+    if subprocess.run(["git", "rev-parse"], cwd=plain, capture_output=True).returncode != 0:  # /tmp outside any repo
+        assert device_data.travelling_bytes(plain) is None
+
+
+def test_split_outside_a_git_checkout_is_one_line(parts, tmp_path, monkeypatch):
+    monkeypatch.setattr(device_data, "travelling_bytes", lambda root=None: None)
+    with pytest.raises(SystemExit, match="cannot count the files that travel with a device call"):
+        device_data.split(parts, tmp_path / "data")
+    assert not (tmp_path / "data").exists()
 
 
 def test_a_folder_that_cannot_be_written_is_one_line(parts, tmp_path):

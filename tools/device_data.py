@@ -1,19 +1,21 @@
 """CIFAR-100's two WebP parts (and, if asked, CIFAR-10's JPEG copy) cut into pieces that travel to the GPU
 machine beside the checkout.
 
-A device call carries at most 64 MiB, the checkout's tracked files included. One CIFAR-100 part
-(../shared/data/cifar100_webp_a.npz, 50.8 MiB) beside a checkout of 14 MiB leaves little room, and
-every landed run makes the checkout larger. So the parts go as equal pieces (three of 33.7 MiB by
-default; 39.5 MiB with --with-cifar10's 17.5 MiB more), one per call, and are joined and checked on the
-GPU machine. split also copies the small companions (the official order, the unpack scripts) to dst:
+A device call carries at most 64 MiB, the checkout's travelling files included (tracked ones and untracked
+ones git does not ignore). One CIFAR-100 part (../shared/data/cifar100_webp_a.npz, 50.8 MiB) beside a
+checkout of 16 MiB leaves little room, and every landed run or parked stage makes the checkout larger. So
+the parts go as equal pieces, one per call, and are joined and checked on the GPU machine. split counts
+the checkout and cuts the fewest pieces of which each fits one call beside it (three today; --pieces N
+asks for N and is refused if a piece would not fit), and prints the count. It also copies the small
+companions (the official order, the unpack scripts) to dst:
 
-    python tools/device_data.py split ../shared/data data --with-cifar10   # here: data/cifar100_piece{0,1,2}.bin,
+    python tools/device_data.py split ../shared/data data --with-cifar10   # here: data/cifar100_piece{0..P-1}.bin,
                                                                           # data/cifar100_pieces.json, companions
     call 1, carry data/cifar100_piece0.bin data/cifar100_pieces.json data/cifar100_official_order.npz
         data/unpack_cifar100.py data/unpack_cifar10_jpeg.py:
         mkdir -p /root/data && cp data/cifar100_* data/unpack_* /root/data/
-    call 2, carry data/cifar100_piece1.bin:  cp data/cifar100_piece1.bin /root/data/
-    call 3, carry data/cifar100_piece2.bin:  cp data/cifar100_piece2.bin /root/data/ &&
+    calls 2 .. P-1, carry data/cifar100_piece<k>.bin:  cp data/cifar100_piece<k>.bin /root/data/
+    call P, carry the last piece:  cp data/cifar100_piece<P-1>.bin /root/data/ &&
         python3 tools/device_data.py join /root/data &&
         python3 /root/data/unpack_cifar100.py /root/data --parts /root/data && <the queue>
     (the queue, given --data-root /root/data, unpacks /root/data/cifar10_jpeg.npz there and links it into data/)
@@ -26,13 +28,13 @@ A lease end to end (the commands of the calls; M minutes of device time left onc
     here:  python tools/gpu_runs.py --left --plan M --parallel K --only NAME ...   # choose the jobs
     call 1 also copies the checkout out of the way of later calls:
         rm -rf /root/code && mkdir -p /root/code && cp -r $(ls -A | grep -v '^data$') /root/code/
-    call 3 ends with the queue, in its own session so that it outlives the call, then waits:
+    call P ends with the queue, in its own session so that it outlives the call, then waits:
         cd /root/code && (setsid nohup python3 tools/gpu_runs.py --commit <HEAD, clean> --runs-dir /root/runs
         --data-root /root/data --parallel K --budget <SECONDS, about 60 M - 90> --out /root/pack --only NAME ...
         > /root/queue.log 2>&1 < /dev/null &); sleep 540; tail /root/queue.log
         (a run that cannot stop and go on later and may not fit, such as HDL's 800 epochs: name it first
         with --try NAME --alone NAME; it has the GPU alone until its ETA shows it cannot end in time)
-    calls 4...: sleep and look (the machine goes back 30 s after a call ends, the queue with it)
+    calls P+1...: sleep and look (the machine goes back 30 s after a call ends, the queue with it)
     last call: wait for the queue to exit (it packs /root/pack/results.tar.gz at its deadline), cp /root/pack/* $OUT
     here:  tar xzf results.tar.gz -C /tmp/X; python tools/gpu_runs.py --collect /tmp/X; python tools/plots.py;
            python tools/results_table.py --write README.md
@@ -41,6 +43,7 @@ A lease end to end (the commands of the calls; M minutes of device time left onc
 import argparse
 import hashlib
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -49,6 +52,10 @@ CIFAR10 = "cifar10_jpeg.npz"  # with --with-cifar10, a third part: the pieces th
 # Small files of ../shared/data that the GPU machine needs beside the parts; split copies them to dst.
 COMPANIONS = ("cifar100_official_order.npz", "unpack_cifar100.py", "unpack_cifar10_jpeg.py")
 MANIFEST = "cifar100_pieces.json"
+ROOT = Path(__file__).resolve().parent.parent
+CALL_BYTES = 64 * 2**20  # what one device call carries, the checkout included
+SPARE_BYTES = 2 * 2**20  # room for files the checkout gains between split and the lease (a commit, a log)
+MOST_PIECES = 8  # each call costs device time (a start-up of seconds): more pieces than this, shrink the checkout
 
 
 def sha256(data):
@@ -67,9 +74,41 @@ def write(path, data):
         sys.exit(f"device_data: cannot write {path}: {e.strerror or e}")
 
 
-def split(src, dst, pieces, with_cifar10=False):
-    """The parts in src (CIFAR-100's two, and CIFAR-10's JPEG copy if asked), concatenated and cut into
-    `pieces` equal pieces in dst, with a manifest, the companions copied beside them; returns its path."""
+def travelling_bytes(root=ROOT):
+    """Bytes of the checkout that travel with every device call: its tracked files and the untracked ones git
+    does not ignore (as the device tool copies them); None outside a git checkout."""
+    try:
+        listed = subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=root, capture_output=True
+        )
+    except OSError:  # no git here
+        return None
+    if listed.returncode != 0:
+        return None
+    paths = {root / name for name in listed.stdout.decode().split("\0") if name}
+    return sum(path.stat().st_size for path in paths if path.is_file())
+
+
+def pieces_needed(data_bytes, checkout_bytes, companion_bytes):
+    """The fewest equal pieces of data_bytes of which each travels in one call beside the checkout (the first
+    call carries the companions and the manifest too); exits in one line when that takes more than MOST_PIECES
+    calls."""
+    room = CALL_BYTES - SPARE_BYTES - checkout_bytes - companion_bytes - 64 * 2**10  # 64 KiB: the manifest
+    pieces = -(-data_bytes // room) if room > 0 else None
+    if pieces is None or pieces > MOST_PIECES:
+        sys.exit(
+            f"device_data: the checkout's {checkout_bytes / 2**20:.1f} MiB leave too little room in a device call "
+            f"of {CALL_BYTES / 2**20:.0f} MiB for the data in {MOST_PIECES} calls or fewer; land or drop large files "
+            "(results/parked?) first"
+        )
+    return max(1, pieces)
+
+
+def split(src, dst, pieces=None, with_cifar10=False, checkout_bytes=None):
+    """The parts in src (CIFAR-100's two, and CIFAR-10's JPEG copy if asked), concatenated and cut into equal
+    pieces in dst, with a manifest, the companions copied beside them; returns the manifest's path. pieces None:
+    the fewest that each fit a device call beside the checkout (checkout_bytes, default: this checkout's
+    travelling files); a count whose pieces would not fit is refused in one line."""
     names = (*PARTS, CIFAR10) if with_cifar10 else PARTS
     parts = []
     for name in names:
@@ -77,10 +116,21 @@ def split(src, dst, pieces, with_cifar10=False):
         if not path.is_file():
             sys.exit(f"device_data: {path} not found; the data sets' parts are in ../shared/data")
         parts.append(path.read_bytes())
-    for name in COMPANIONS:
-        if (Path(src) / name).is_file():
-            write(Path(dst) / name, (Path(src) / name).read_bytes())
+    companions = [Path(src) / name for name in COMPANIONS if (Path(src) / name).is_file()]
     blob = b"".join(parts)
+    checkout_bytes = travelling_bytes() if checkout_bytes is None else checkout_bytes
+    if checkout_bytes is None:
+        sys.exit(f"device_data: cannot count the files that travel with a device call ({ROOT} is not a git checkout)")
+    fewest = pieces_needed(len(blob), checkout_bytes, sum(path.stat().st_size for path in companions))
+    if pieces is None:
+        pieces = fewest
+    elif pieces < fewest:
+        sys.exit(
+            f"device_data: {pieces} pieces of {len(blob) / pieces / 2**20:.1f} MiB do not fit a device call beside "
+            f"the checkout's {checkout_bytes / 2**20:.1f} MiB; pass --pieces {fewest} or more, or leave it out"
+        )
+    for path in companions:
+        write(Path(dst) / path.name, path.read_bytes())
     size = -(-len(blob) // pieces)
     dst = Path(dst)
     manifest = {
@@ -126,15 +176,20 @@ def main(argv=None):
     s = sub.add_parser("split", help="here: the parts into pieces and a manifest")
     s.add_argument("src", help="folder with cifar100_webp_a.npz and cifar100_webp_b.npz")
     s.add_argument("dst", help="folder for the pieces (git-ignored, e.g. data)")
-    s.add_argument("--pieces", type=int, default=3, help="pieces, one per device call")
+    s.add_argument("--pieces", type=int, help="pieces, one per device call (default: the fewest that fit)")
     s.add_argument("--with-cifar10", action="store_true", help=f"also {CIFAR10}, spread over the same pieces")
     j = sub.add_parser("join", help="on the GPU machine: the pieces back into the parts, checked")
     j.add_argument("folder", help="where the pieces and the manifest were copied (e.g. /root/data)")
     a = p.parse_args(argv)
     if a.command == "split":
-        if a.pieces < 1:
+        if a.pieces is not None and a.pieces < 1:
             p.error(f"--pieces must be at least 1, got {a.pieces}")
-        print(split(a.src, a.dst, a.pieces, a.with_cifar10))
+        manifest = split(a.src, a.dst, a.pieces, a.with_cifar10)
+        pieces = json.loads(manifest.read_text())["pieces"]
+        largest = max(piece["bytes"] for piece in pieces) / 2**20
+        print(
+            f"{manifest}: {len(pieces)} pieces of at most {largest:.1f} MiB, one per device call ({len(pieces)} calls)"
+        )
     else:
         for path in join(a.folder):
             print(path)
