@@ -16,8 +16,8 @@ call too.
 
     python tools/gpu_runs.py --collect DIR                                  # back here: into results/
 
-CIFAR-100 travels to the GPU machine in three pieces, one per call, joined and checked there
-(tools/device_data.py gives the calls); --data-root links the unpacked folder into data/.
+CIFAR-100 travels to the GPU machine in pieces, one per call (as many as fit beside the checkout), joined
+and checked there (tools/device_data.py gives the calls); --data-root links the unpacked folder into data/.
 CIFAR-10 comes from the JPEG copy: tools/device_data.py split --with-cifar10 spreads cifar10_jpeg.npz over
 the same pieces (join puts it into the data root), or put it and unpack_cifar10_jpeg.py in the ignored data/
 folder; the queue unpacks it where it lies. Back on this machine, unpack
