@@ -55,6 +55,7 @@ MANIFEST = "cifar100_pieces.json"
 ROOT = Path(__file__).resolve().parent.parent
 CALL_BYTES = 64 * 2**20  # what one device call carries, the checkout included
 SPARE_BYTES = 2 * 2**20  # room for files the checkout gains between split and the lease (a commit, a log)
+MANIFEST_BYTES = 64 * 2**10  # room kept for the manifest in the first call (it is about 1 KiB)
 MOST_PIECES = 8  # each call costs device time (a start-up of seconds): more pieces than this, shrink the checkout
 
 
@@ -93,7 +94,7 @@ def pieces_needed(data_bytes, checkout_bytes, companion_bytes):
     """The fewest equal pieces of data_bytes of which each travels in one call beside the checkout (the first
     call carries the companions and the manifest too); exits in one line when that takes more than MOST_PIECES
     calls."""
-    room = CALL_BYTES - SPARE_BYTES - checkout_bytes - companion_bytes - 64 * 2**10  # 64 KiB: the manifest
+    room = CALL_BYTES - SPARE_BYTES - checkout_bytes - companion_bytes - MANIFEST_BYTES
     pieces = -(-data_bytes // room) if room > 0 else None
     if pieces is None or pieces > MOST_PIECES:
         sys.exit(
