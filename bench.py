@@ -27,6 +27,10 @@ MPS daemon was found:
     python bench.py --mps 1 2 4 --mps-config preact164:128 --mps-config densenet100:128
     python bench.py --mps 1 2 4 --mps-config resnet18in:64 --compile --mps-out results/bench_mps_hdl.json
     python bench.py --mps 1 2 --mps-config resnet18cifar:64 --compile --mps-out results/bench_mps_hdl_cifar_stem.json
+--mps-optimizer NAME...: each row's steps with each optimizer in turn (sgd, the default; adam, hdl_stack.py's
+common.make_adam, fused on CUDA; adam_foreach, Adam's multi-tensor form, the baseline it replaced):
+    python bench.py --mps 1 --mps-config resnet18cifar:64 --mps-optimizer adam_foreach adam --steps 3000 \
+        --mps-out results/bench_mps_adam.json
 """
 
 import argparse
@@ -92,6 +96,13 @@ def get_args(argv=None):
         "--mps", type=common.positive_int, nargs="+", default=None, metavar="K", help="K training processes at once"
     )
     p.add_argument("--mps-config", action="append", default=None, help="backbone:batch for --mps (repeatable)")
+    p.add_argument(
+        "--mps-optimizer",
+        nargs="+",
+        default=["sgd"],
+        choices=tuple(MPS_OPTIMIZERS),
+        help="the step's optimizer for --mps, each measured in turn (adam: common.make_adam, as hdl_stack.py)",
+    )
     p.add_argument("--mps-out", default="results/bench_mps.json")
     p.add_argument("--mps-worker", default=None, help=argparse.SUPPRESS)  # one of the K processes
     args = p.parse_args(argv)
@@ -328,6 +339,12 @@ MPS_BACKBONES = {  # CIFAR-100's 100 classes, as in the sweeps
     "preact11": lambda: merged_resnet.PreActResNetCifar(11, 100),  # tiny, for a CPU smoke test
 }
 MPS_CONFIGS = ["preact164:128", "densenet100:128"]
+MPS_OPTIMIZERS = {  # (parameters, device) -> the optimizer the timed steps take
+    "sgd": lambda params, device: common.make_sgd(params, 0.1),  # the ResNet and VGG scripts'
+    "adam": lambda params, device: common.make_adam(params, 0.001, device=device),  # hdl_stack.py's
+    # Adam's multi-tensor form, graph-safe: what make_adam gave before it was fused (the baseline)
+    "adam_foreach": lambda params, device: torch.optim.Adam(params, lr=0.001, capturable=device.type == "cuda"),
+}
 
 
 def mps_status():
@@ -356,7 +373,7 @@ def mps_status():
 def mps_worker(args):
     """One of the K processes: warm up, say READY, wait for the go line on stdin, time the steps,
     print RESULT {start, end, images} (wall-clock seconds, comparable across processes)."""
-    name, batch, rank = args.mps_worker.split(":")
+    name, batch, rank, optimizer = args.mps_worker.split(":")
     batch, rank = int(batch), int(rank)
     common.seed_everything(rank)
     device = common.get_device(args.device)
@@ -367,7 +384,7 @@ def mps_worker(args):
     images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
     labels = torch.randint(0, 100, (n,), generator=g)
     model = common.to_device_model(MPS_BACKBONES[name](), device)
-    opt = common.make_sgd(model.parameters(), 0.1)
+    opt = MPS_OPTIMIZERS[optimizer](model.parameters(), device)
     step = common.make_train_step(model, common.cross_entropy_loss, opt, device=device, compile=bool(args.compile))
     loader = common.GpuLoader(
         images, labels, batch, device=device, mean=(0.5,) * 3, std=(0.25,) * 3, train=True, crop_pad=4, flip=True
@@ -399,7 +416,7 @@ def read_tagged_line(proc, tag):
     return None
 
 
-def run_processes(config, k, args):
+def run_processes(config, k, args, optimizer="sgd"):
     """Start k workers, let them warm up, start their timed steps together; one row of results."""
     name, batch = config.split(":")
     command = [sys.executable, str(Path(__file__).resolve()), "--steps", str(args.steps)]
@@ -407,7 +424,7 @@ def run_processes(config, k, args):
     command += ["--compile", args.compile] if args.compile else []
     procs = [
         subprocess.Popen(
-            command + ["--mps-worker", f"{name}:{batch}:{rank}"],
+            command + ["--mps-worker", f"{name}:{batch}:{rank}:{optimizer}"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -440,6 +457,7 @@ def run_processes(config, k, args):
     return {
         "backbone": name,
         "batch": int(batch),
+        "optimizer": optimizer,
         "k": k,
         "total_images_per_s": images / wall,
         "per_process_images_per_s": [r["images"] / (r["end"] - r["start"]) for r in results],
@@ -466,13 +484,17 @@ def bench_mps(args):
     rows = []
     for config in configs:
         name, _, batch = config.partition(":")
-        single = None
-        for k in args.mps:  # each at least 1 (its argparse type)
-            row = run_processes(config, k, args)
-            single = row["total_images_per_s"] if k == 1 else single
-            row["total_over_one"] = row["total_images_per_s"] / single if single else None
-            rows.append(row)
-            print(f"{name} batch {batch} x{k}: {row['total_images_per_s']:.0f} images/s in all", flush=True)
+        for optimizer in args.mps_optimizer:
+            single = None
+            for k in args.mps:  # each at least 1 (its argparse type)
+                row = run_processes(config, k, args, optimizer)
+                single = row["total_images_per_s"] if k == 1 else single
+                row["total_over_one"] = row["total_images_per_s"] / single if single else None
+                rows.append(row)
+                print(
+                    f"{name} batch {batch} {optimizer} x{k}: {row['total_images_per_s']:.0f} images/s in all",
+                    flush=True,
+                )
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     result = {
         "device": device_name,
@@ -488,11 +510,12 @@ def bench_mps(args):
     }
     common.write_json(args.mps_out, result)
     print(f"\n{device_name}, torch {torch.__version__}, MPS daemon {'on' if mps['clients_use_mps'] else 'off'}")
-    print(f"{'backbone':<12}{'batch':>6}{'k':>4}{'images/s':>10}{'x one':>7}")
+    print(f"{'backbone':<14}{'batch':>6}{'optimizer':>14}{'k':>4}{'images/s':>10}{'x one':>7}")
     for r in rows:
         ratio = r["total_over_one"]
         print(
-            f"{r['backbone']:<12}{r['batch']:>6}{r['k']:>4}{r['total_images_per_s']:>10.0f}{ratio or float('nan'):>7.2f}"
+            f"{r['backbone']:<14}{r['batch']:>6}{r['optimizer']:>14}{r['k']:>4}{r['total_images_per_s']:>10.0f}"
+            f"{ratio or float('nan'):>7.2f}"
         )
     return result
 

@@ -1042,8 +1042,12 @@ def make_sgd(params, lr, momentum=0.9, weight_decay=1e-4, nesterov=False):
 
 
 def make_adam(params, lr, weight_decay=0.0, device="cpu"):
-    # capturable keeps Adam's step counter on the device, which a CUDA graph needs.
-    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, capturable=torch.device(device).type == "cuda")
+    # On CUDA: capturable keeps Adam's step counter on the device, which a CUDA graph needs, and
+    # fused updates each parameter in one pass over its weights, gradient and moments (the
+    # multi-tensor form makes a pass per arithmetic step). The same update rule (L2 weight decay added to the gradient); `bench.py --mps
+    # --mps-optimizer adam_foreach adam` measures the two in one run.
+    on_cuda = torch.device(device).type == "cuda"
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, capturable=on_cuda, fused=on_cuda or None)
 
 
 def piecewise_lr(boundaries, values):

@@ -1,3 +1,4 @@
+import io
 import json
 
 import pytest
@@ -32,6 +33,31 @@ def test_mps_bench_times_k_processes_together(tmp_path):
         assert r["total_images_per_s"] <= sum(r["per_process_images_per_s"]) * (1 + 1e-9)
         assert r["start_spread_s"] < r["wall_s"]
     assert rows[0]["total_over_one"] == 1.0 and rows[1]["total_over_one"] > 0
+
+
+def test_mps_bench_measures_each_optimizer_against_its_own_one_process_figure(tmp_path):
+    out = tmp_path / "bench_mps.json"
+    argv = ["--mps", "1", "--mps-config", "preact11:4", "--mps-optimizer", "adam_foreach", "adam"]
+    bench.main(argv + ["--steps", "2", "--warmup", "1", "--device", "cpu", "--mps-out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["optimizer"], r["k"], r["total_over_one"]) for r in rows] == [("adam_foreach", 1, 1.0), ("adam", 1, 1.0)]
+
+
+def test_an_mps_worker_steps_with_the_optimizer_it_is_given(monkeypatch, capsys):
+    made = []
+    real = dict(bench.MPS_OPTIMIZERS)
+    for name in real:
+        monkeypatch.setitem(bench.MPS_OPTIMIZERS, name, lambda p, d, name=name: made.append(name) or real[name](p, d))
+    monkeypatch.setattr("sys.stdin", io.StringIO("go\n"))
+    args = bench.get_args(["--steps", "2", "--warmup", "1", "--device", "cpu", "--mps-worker", "preact11:4:0:adam"])
+    bench.mps_worker(args)
+    result = json.loads(capsys.readouterr().out.split("RESULT ")[1])
+    assert made == ["adam"] and result["images"] == 2 * 4
+    # The baseline stays Adam's multi-tensor form; the scripts' Adam is the fused one on CUDA.
+    cuda = torch.device("cuda")
+    foreach = real["adam_foreach"]([torch.nn.Parameter(torch.ones(2))], cuda).param_groups[0]
+    fused = real["adam"]([torch.nn.Parameter(torch.ones(2))], cuda).param_groups[0]
+    assert foreach["capturable"] and not foreach["fused"] and fused["capturable"] and fused["fused"]
 
 
 @pytest.mark.parametrize("bad", ["nope:8", "preact11:0", "preact11:x"])

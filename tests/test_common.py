@@ -415,6 +415,39 @@ def test_piecewise_lr_and_plateau():
     assert plateau.lr == pytest.approx(0.003)
 
 
+def reference_adam(param, grads, lr, weight_decay, beta1=0.9, beta2=0.999, eps=1e-8):
+    """Adam with L2 weight decay (Kingma & Ba, Algorithm 1, the decay added to the gradient),
+    step by step in float64 on a list of gradients: the parameter after each step."""
+    p, m, v, out = param.double().clone(), 0.0, 0.0, []
+    for t, g in enumerate(grads, 1):
+        g = g.double() + weight_decay * p
+        m = beta1 * m + (1 - beta1) * g
+        v = beta2 * v + (1 - beta2) * g * g
+        p = p - lr * (m / (1 - beta1**t)) / ((v / (1 - beta2**t)).sqrt() + eps)
+        out.append(p.clone())
+    return out
+
+
+def test_adam_on_cuda_is_fused_and_graph_safe_with_the_same_update_as_on_the_cpu():
+    """make_adam's CUDA form (fused, capturable) and its CPU form take the reference's steps.
+    The fused kernel also runs on the CPU, so its update rule is checked here; capturable (the
+    step counter kept on the device) only matters inside a CUDA graph, and is set aside."""
+    torch.manual_seed(0)
+    grads = [torch.randn(7) for _ in range(25)]
+    start = torch.randn(7)
+    want = reference_adam(start, grads, lr=0.01, weight_decay=0.1)
+    cuda_form = common.make_adam([torch.nn.Parameter(start.clone())], 0.01, weight_decay=0.1, device="cuda")
+    group = cuda_form.param_groups[0]
+    assert group["fused"] is True and group["capturable"] is True
+    group["capturable"] = False  # CPU parameters: the counter stays on the host
+    for optimizer in (cuda_form, common.make_adam([torch.nn.Parameter(start.clone())], 0.01, weight_decay=0.1)):
+        param = optimizer.param_groups[0]["params"][0]
+        for g, expected in zip(grads, want):
+            param.grad = g.clone()
+            optimizer.step()
+            torch.testing.assert_close(param.detach().double(), expected, rtol=0, atol=1e-5)
+
+
 def test_checkpoint_writer_saves_the_state_as_it_was_and_raises_its_errors(tmp_path):
     weights = torch.zeros(1000)
     writer = common.CheckpointWriter()

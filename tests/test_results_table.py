@@ -615,7 +615,11 @@ def test_speed_block_shows_a_rerun_on_another_card_and_the_mps_probe(tmp_path):
     assert (
         "The same measurement on Card X" in text and "| resnet56 | 128 | 5000 | 20000 | 25000 | 4.00 | 0.80 |" in text
     )
-    assert "compiled, 9 steps" in text and "| resnet18in | 64 | 2 | 150 | 80 / 70 | 1.50 |" in text
+    # Files written before bench --mps named the optimizer were SGD's steps.
+    assert "compiled, 9 steps" in text and "| resnet18in | 64 | sgd | 2 | 150 | 80 / 70 | 1.50 |" in text
+    probe["rows"] = [{**r, "optimizer": "adam"} for r in mps_rows]
+    (tmp_path / "bench_mps_probe.json").write_text(json.dumps(probe))
+    assert "| resnet18in | 64 | adam | 1 | 100 | 100 | 1.00 |" in "\n".join(tool.speed_block(tmp_path))
     assert text.count("The same measurement") == 1  # the MPS file is not taken for a rerun
 
 

@@ -2019,9 +2019,17 @@ def bench_mps(results):
             f"{b['steps']} steps on {b['images']}; `results/{path.name}`):",
             "",
             *table(
-                ["backbone", "batch", "processes", "images/s in all", "images/s each", "in all / one process"],
                 [
-                    [r["backbone"], r["batch"], r["k"], f"{r['total_images_per_s']:.0f}"]
+                    "backbone",
+                    "batch",
+                    "optimizer",
+                    "processes",
+                    "images/s in all",
+                    "images/s each",
+                    "in all / one process",
+                ],
+                [
+                    [r["backbone"], r["batch"], r.get("optimizer", "sgd"), r["k"], f"{r['total_images_per_s']:.0f}"]
                     + [" / ".join(f"{v:.0f}" for v in r["per_process_images_per_s"]), f2(r["total_over_one"])]
                     for r in b["rows"]
                 ],
