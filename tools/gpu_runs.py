@@ -365,8 +365,8 @@ AFTER = {
 # n = 9); --control adds 40% (n = 3's control stage: 165 epochs at the backbone's speed; on an H200 the
 # n = 3 seeds with it took 17.7-17.8; 15 x 1.4 = 21 is taken). HDL at 800 epochs (40M training images) on
 # the 3x3 stem (the stem test's verdict): its 40-epoch cells trained 10,000 images/s each with three sharing
-# an H100 and 13,900 with two (eager), so about 48 eager with two sharing, 38 compiled (1.27x): 60 here,
-# about 30 alone, more than a lease's queue (the 7x7 stem's took 27 alone, eager). A 40-epoch sweep cell
+# an H100 and 13,900 with two (eager); tried alone and compiled (code 87017ce) it trained 23,600 images/s, so
+# 28.7 minutes of epochs and about 29.5 with its start: 60 here, more than a lease's queue alone. A 40-epoch sweep cell
 # (7x7) took 3.4-3.9 beside HierNet jobs on an H200, 3.1-4.9 on an H100: 5; a 3x3 cell 3.3-3.6 with three
 # sharing an H100: 4. Merged: a run of the five architectures about 72 (four compiled trainings sharing:
 # 14,691 images/s in all). Alone a job takes about half as long (n = 9: 17.2); between one and four sharing,
@@ -421,8 +421,8 @@ def expected_minutes(name, sharing=4):
         minutes = 5
     elif name.startswith("hdl_stem_cifar100_"):
         minutes = 4
-    elif name.startswith("hdl_cifar100_") and name.endswith("_800"):  # 40M images at 18,700/s alone, eager;
-        minutes = 71  # compiled they are faster, by how much unmeasured: run them with --try
+    elif name.startswith("hdl_cifar100_") and name.endswith("_800"):  # 40M images; tried alone, compiled, on an
+        minutes = 60  # H100: 23,600/s (2.11 s an epoch after 32 s of compiling), 29.5 alone: run them with --try
     elif name.startswith("merged_resnet_cifar100_resnet164_runs"):
         minutes = 72
     elif name == "latent_string_cifar10_val":  # latent_string_cifar10 (the same, no hold-out): 10.3, five sharing
