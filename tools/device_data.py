@@ -35,7 +35,9 @@ A lease end to end (the commands of the calls; M minutes of device time left onc
         (a run that cannot stop and go on later and may not fit, such as HDL's 800 epochs: name it first
         with --try NAME --alone NAME; it has the GPU alone until its ETA shows it cannot end in time)
     calls P+1...: sleep and look (the machine goes back 30 s after a call ends, the queue with it)
-    last call: wait for the queue to exit (it packs /root/pack/results.tar.gz at its deadline), cp /root/pack/* $OUT
+    last call: wait for the queue to exit (it packs /root/pack/results.tar.gz at its deadline), cp /root/pack/* $OUT:
+        while pgrep -f '[g]pu_runs.py --commit' >/dev/null; do sleep 2; done; cp /root/pack/* $OUT/
+        (the brackets keep pgrep from finding the call's own command line, which names gpu_runs.py too)
     here:  tar xzf results.tar.gz -C /tmp/X; python tools/gpu_runs.py --collect /tmp/X; python tools/plots.py;
            python tools/results_table.py --write README.md
 """
