@@ -439,6 +439,41 @@ time.sleep(rest)
 """
 
 
+SLOW_CLOCK_RUN = """
+import pathlib, sys, time
+run_dir = pathlib.Path(sys.argv[sys.argv.index("--out-dir") + 1])
+run_dir.mkdir(parents=True)
+for epoch in range(1, 4001):  # each epoch's line claims a millisecond; the clock says a tenth of a second
+    time.sleep(0.1)
+    print(f"[fake] epoch {epoch}/4000 loss 1 | 0.001s ETA 0:00", flush=True)
+(run_dir / "metrics.json").write_text("{}")
+"""
+
+
+def test_a_tried_job_is_timed_by_the_clock_once_its_epochs_span_long_enough(tmp_path, capsys):
+    gpu_runs = load("gpu_runs")
+    # 60 epochs read 132 s apart: 2.2 s an epoch by the clock, whatever the lines' own seconds say.
+    assert gpu_runs.wall_seconds_left({2: 1000.0, 30: 1061.6, 62: 1132.0}, 800) == pytest.approx(2.2 * 738)
+    assert gpu_runs.wall_seconds_left({2: 1000.0, 40: 1080.0}, 800) is None  # 80 s: a 2-s poll is too coarse
+    assert gpu_runs.wall_seconds_left({2: 1000.0}, 800) is None
+    lines = "".join(f"[x] epoch {e}/800 loss 3 | 2.0s ETA 1:00:00\n" for e in range(2, 63))
+    (tmp_path / "a.log").write_text(lines)
+    seen = {2: 1000.0}
+    assert gpu_runs.tried_seconds_left(tmp_path / "a.log", seen, 1132.0) == pytest.approx(2.2 * 738)
+    assert seen == {2: 1000.0, 62: 1132.0}  # the last line, stamped when first read
+    assert gpu_runs.tried_seconds_left(tmp_path / "a.log", {}, 0.0) == pytest.approx(2.0 * 738)  # no span yet
+    # On the queue: the lines' seconds say 4 s are left, the clock 400; the budget's 300 s would end it
+    # at the deadline. Timed by the clock (a 1-s span here) it is dropped within seconds.
+    script = tmp_path / "slow_clock_run.py"
+    script.write_text(SLOW_CLOCK_RUN)
+    gpu_runs.WALL_SPAN_SECONDS = 1.0
+    gpu_runs.JOBS, gpu_runs.AFTER, runs = {"slow": [str(script)]}, {}, tmp_path / "runs"
+    t0 = time.time()
+    gpu_runs.main(["--no-mps", "--runs-dir", str(runs), "--budget", "300", "--parallel", "1", "--try", "slow"])
+    assert json.loads((runs / "slow.run.json").read_text())["calls"][0]["status"] == "dropped (ETA past the deadline)"
+    assert "stop slow: needs" in capsys.readouterr().out and time.time() - t0 < 60
+
+
 def test_a_tried_job_is_stopped_once_its_eta_passes_the_deadline_and_frees_its_slot(tmp_path, capsys):
     gpu_runs = load("gpu_runs")
     script = tmp_path / "tried_run.py"

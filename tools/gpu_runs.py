@@ -36,8 +36,9 @@ A run whose length is not known well enough to gate it (one that cannot stop and
 HDL's 800 epochs, whose Adam checkpoint is too large to park) can be tried: --try NAME... starts it
 whatever its expected length, and stops it as soon as the progress lines of its log (the scripts' "epoch
 E/N ... | S s ETA": its last epochs' seconds, from the second epoch on, the first holding compilation,
-times the epochs left) say it would end less than a minute before the deadline; its GPU slot then goes
-to the jobs behind it. With --alone NAME as well it has the GPU to itself while it runs. The epochs left
+times the epochs left; once the epochs the queue has read span two minutes, the clock's time per epoch
+too, if larger, since an epoch's own seconds leave out its checkpoint and log line) say it would end less
+than a minute before the deadline; its GPU slot then goes to the jobs behind it. With --alone NAME as well it has the GPU to itself while it runs. The epochs left
 are the current stage's: try single-stage runs.
 
 When the MPS control daemon starts, the jobs share the GPU through it (their small kernels then
@@ -582,24 +583,54 @@ def waits(name):
 
 
 PROGRESS_LINE = re.compile(r"epoch (\d+)/(\d+) .*\| ([\d.]+)s ETA \S+\s*$")
+WALL_SPAN_SECONDS = 120  # a tried job is timed by the clock too once the epochs the queue saw span this long
 
 
-def seconds_left(log_path, first_epoch=2):
-    """Seconds a job still needs by its log's progress lines ("epoch E/N ... | S s ETA ..."): the median of
-    its last three epochs' seconds (from `first_epoch`: the first holds compilation, which the scripts'
-    own ETA averages in) times the epochs left; None before two such lines (one epoch is no measure)."""
+def progress_lines(log_path, first_epoch=2):
+    """[(epoch, epochs, seconds)] of a job's log's progress lines ("epoch E/N ... | S s ETA ..."), from
+    `first_epoch` on (the first holds compilation, which the scripts' own ETA averages in); [] if none."""
     try:
         with open(log_path, "rb") as f:
             f.seek(max(0, f.seek(0, 2) - 16384))
             lines = f.read().decode(errors="replace").splitlines()
     except OSError:
-        return None
+        return []
     epochs = [PROGRESS_LINE.search(line) for line in lines]
-    epochs = [(int(m[1]), int(m[2]), float(m[3])) for m in epochs if m and int(m[1]) >= first_epoch]
+    return [(int(m[1]), int(m[2]), float(m[3])) for m in epochs if m and int(m[1]) >= first_epoch]
+
+
+def seconds_left(log_path, first_epoch=2):
+    """Seconds a job still needs by its epochs' own seconds: the median of its last three times the epochs
+    left; None before two progress lines (one epoch is no measure)."""
+    epochs = progress_lines(log_path, first_epoch)
     if len(epochs) < 2:
         return None
     epoch, total, _ = epochs[-1]
     return statistics.median(seconds for _, _, seconds in epochs[-3:]) * (total - epoch)
+
+
+def wall_seconds_left(seen, epochs):
+    """Seconds a job still needs by the clock: `seen` maps each epoch the queue read to when it first read it
+    (from the second epoch on); the wall time between the first and the last of them over the epochs
+    between, times the epochs left of `epochs`. It counts what an epoch's own seconds leave out (the
+    checkpoint's copy, the log line, an evaluation). None until they are WALL_SPAN_SECONDS apart: the queue
+    reads every 2 s, so a line is seen up to 2 s late, 2% of the span at most."""
+    if len(seen) < 2:
+        return None
+    (first, t_first), (last, t_last) = min(seen.items()), max(seen.items())
+    if t_last - t_first < WALL_SPAN_SECONDS:
+        return None
+    return (t_last - t_first) / (last - first) * (epochs - last)
+
+
+def tried_seconds_left(log_path, seen, now):
+    """A tried job's seconds still needed: the larger of seconds_left and wall_seconds_left (None while
+    neither can tell). Records in `seen` when the log's last progress line was first read."""
+    epochs = progress_lines(log_path)
+    if epochs:
+        seen.setdefault(epochs[-1][0], now)
+    estimates = [seconds_left(log_path), wall_seconds_left(seen, epochs[-1][1]) if epochs else None]
+    return max((e for e in estimates if e is not None), default=None)
 
 
 def call_status(rc, over, finished):
@@ -929,6 +960,7 @@ def main(argv=None):
     running = {}  # name -> (Popen, start time, log file)
     placed = {}  # name -> GPU index
     peak = {}
+    seen = {}  # a tried job's epochs -> when the queue first read each (its clock-time ETA)
     try:
         while queue or running:
             for name in list(queue):
@@ -989,7 +1021,10 @@ def main(argv=None):
             time.sleep(2)
             over = time.time() - t0 > a.budget
             for name, (proc, started, log) in list(running.items()):
-                eta = seconds_left(RUNS / f"{name}.log") if name in a.try_ and proc.poll() is None else None
+                tried = name in a.try_ and proc.poll() is None
+                eta = (
+                    tried_seconds_left(RUNS / f"{name}.log", seen.setdefault(name, {}), time.time()) if tried else None
+                )
                 late = eta is not None and eta > a.budget - (time.time() - t0) - 60
                 if late:
                     print(f"{time.time() - t0:6.0f}s stop {name}: needs {eta:.0f}s more, past the deadline", flush=True)
