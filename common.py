@@ -1044,8 +1044,8 @@ def make_sgd(params, lr, momentum=0.9, weight_decay=1e-4, nesterov=False):
 def make_adam(params, lr, weight_decay=0.0, device="cpu"):
     # On CUDA: capturable keeps Adam's step counter on the device, which a CUDA graph needs, and
     # fused updates each parameter in one pass over its weights, gradient and moments (the
-    # multi-tensor form makes a pass per arithmetic step). The same update rule (L2 weight decay added to the gradient); `bench.py --mps
-    # --mps-optimizer adam_foreach adam` measures the two in one run.
+    # multi-tensor form makes a pass per arithmetic step). The same update rule (L2 weight decay
+    # added to the gradient); `bench.py --mps --mps-optimizer adam_foreach adam` times the two.
     on_cuda = torch.device(device).type == "cuda"
     return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, capturable=on_cuda, fused=on_cuda or None)
 

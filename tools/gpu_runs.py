@@ -38,8 +38,9 @@ whatever its expected length, and stops it as soon as the progress lines of its 
 E/N ... | S s ETA": its last epochs' seconds, from the second epoch on, the first holding compilation,
 times the epochs left; once the epochs the queue has read span two minutes, the clock's time per epoch
 too, if larger, since an epoch's own seconds leave out its checkpoint and log line) say it would end less
-than a minute before the deadline; its GPU slot then goes to the jobs behind it. With --alone NAME as well it has the GPU to itself while it runs. The epochs left
-are the current stage's: try single-stage runs.
+than a minute before the deadline; its GPU slot then goes to the jobs behind it. With --alone NAME as
+well it has the GPU to itself while it runs. The epochs left are the current stage's: try single-stage
+runs.
 
 When the MPS control daemon starts, the jobs share the GPU through it (their small kernels then
 run side by side); otherwise they time-slice. Epoch times of jobs that shared the GPU are longer
@@ -366,12 +367,12 @@ AFTER = {
 # n = 9); --control adds 40% (n = 3's control stage: 165 epochs at the backbone's speed; on an H200 the
 # n = 3 seeds with it took 17.7-17.8; 15 x 1.4 = 21 is taken). HDL at 800 epochs (40M training images) on
 # the 3x3 stem (the stem test's verdict): its 40-epoch cells trained 10,000 images/s each with three sharing
-# an H100 and 13,900 with two (eager); tried alone and compiled (code 87017ce) it trained 23,600 images/s, so
-# 28.7 minutes of epochs and about 29.5 with its start: 60 here, more than a lease's queue alone. A 40-epoch sweep cell
-# (7x7) took 3.4-3.9 beside HierNet jobs on an H200, 3.1-4.9 on an H100: 5; a 3x3 cell 3.3-3.6 with three
-# sharing an H100: 4. Merged: a run of the five architectures about 72 (four compiled trainings sharing:
-# 14,691 images/s in all). Alone a job takes about half as long (n = 9: 17.2); between one and four sharing,
-# the length is taken as linear in their number.
+# an H100 and 13,900 with two (eager); tried alone and compiled (code 87017ce) it trained 23,600 images/s,
+# so 28.7 minutes of epochs and about 29.5 with its start: 60 here, more than a lease's queue alone. A
+# 40-epoch sweep cell (7x7) took 3.4-3.9 beside HierNet jobs on an H200, 3.1-4.9 on an H100: 5; a 3x3
+# cell 3.3-3.6 with three sharing an H100: 4. Merged: a run of the five architectures about 72 (four
+# compiled trainings sharing: 14,691 images/s in all). Alone a job takes about half as long (n = 9: 17.2);
+# between one and four sharing, the length is taken as linear in their number.
 HIERNET_MINUTES = {3: 15, 5: 21, 7: 27, 9: 35, 18: 70}
 # A HierNet run's stages as shares of those minutes (n = 7, two sharing an H100: the backbone 2.6 s an epoch,
 # the HierNet stage 4.7, both 165 epochs); --control adds a backbone-speed stage (the 40% above).
@@ -602,7 +603,11 @@ def progress_lines(log_path, first_epoch=2):
 def seconds_left(log_path, first_epoch=2):
     """Seconds a job still needs by its epochs' own seconds: the median of its last three times the epochs
     left; None before two progress lines (one epoch is no measure)."""
-    epochs = progress_lines(log_path, first_epoch)
+    return own_seconds_left(progress_lines(log_path, first_epoch))
+
+
+def own_seconds_left(epochs):
+    """seconds_left of progress_lines' [(epoch, epochs, seconds)]."""
     if len(epochs) < 2:
         return None
     epoch, total, _ = epochs[-1]
@@ -618,7 +623,7 @@ def wall_seconds_left(seen, epochs):
     if len(seen) < 2:
         return None
     (first, t_first), (last, t_last) = min(seen.items()), max(seen.items())
-    if t_last - t_first < WALL_SPAN_SECONDS:
+    if last <= first or t_last - t_first < WALL_SPAN_SECONDS:  # (a later stage's epochs count from 1 again)
         return None
     return (t_last - t_first) / (last - first) * (epochs - last)
 
@@ -629,7 +634,7 @@ def tried_seconds_left(log_path, seen, now):
     epochs = progress_lines(log_path)
     if epochs:
         seen.setdefault(epochs[-1][0], now)
-    estimates = [seconds_left(log_path), wall_seconds_left(seen, epochs[-1][1]) if epochs else None]
+    estimates = [own_seconds_left(epochs), wall_seconds_left(seen, epochs[-1][1]) if epochs else None]
     return max((e for e in estimates if e is not None), default=None)
 
 
