@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import re
 import time
 from pathlib import Path
 
@@ -459,9 +460,11 @@ def test_a_tried_job_is_timed_by_the_clock_once_its_epochs_span_long_enough(tmp_
     lines = "".join(f"[x] epoch {e}/800 loss 3 | 2.0s ETA 1:00:00\n" for e in range(2, 63))
     (tmp_path / "a.log").write_text(lines)
     seen = {2: 1000.0}
-    assert gpu_runs.tried_seconds_left(tmp_path / "a.log", seen, 1132.0) == pytest.approx(2.2 * 738)
+    own, wall = gpu_runs.tried_seconds_left(tmp_path / "a.log", seen, 1132.0)
+    assert own == pytest.approx(2.0 * 738) and wall == pytest.approx(2.2 * 738)
     assert seen == {2: 1000.0, 62: 1132.0}  # the last line, stamped when first read
-    assert gpu_runs.tried_seconds_left(tmp_path / "a.log", {}, 0.0) == pytest.approx(2.0 * 738)  # no span yet
+    own, wall = gpu_runs.tried_seconds_left(tmp_path / "a.log", {}, 0.0)
+    assert own == pytest.approx(2.0 * 738) and wall is None  # no span yet
     # On the queue: the lines' seconds say 4 s are left, the clock 400; the budget's 300 s would end it
     # at the deadline. Timed by the clock (a 1-s span here) it is dropped within seconds.
     script = tmp_path / "slow_clock_run.py"
@@ -471,7 +474,9 @@ def test_a_tried_job_is_timed_by_the_clock_once_its_epochs_span_long_enough(tmp_
     t0 = time.time()
     gpu_runs.main(["--no-mps", "--runs-dir", str(runs), "--budget", "300", "--parallel", "1", "--try", "slow"])
     assert json.loads((runs / "slow.run.json").read_text())["calls"][0]["status"] == "dropped (ETA past the deadline)"
-    assert "stop slow: needs" in capsys.readouterr().out and time.time() - t0 < 60
+    out = capsys.readouterr().out
+    assert "stop slow: needs" in out and time.time() - t0 < 60
+    assert re.search(r"slow: \d+s left by its epochs' own seconds, \d+s by the clock", out)
 
 
 def test_a_tried_job_is_stopped_once_its_eta_passes_the_deadline_and_frees_its_slot(tmp_path, capsys):

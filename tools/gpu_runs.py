@@ -38,7 +38,7 @@ whatever its expected length, and stops it as soon as the progress lines of its 
 E/N ... | S s ETA": its last epochs' seconds, from the second epoch on, the first holding compilation,
 times the epochs left; once the epochs the queue has read span two minutes, the clock's time per epoch
 too, if larger, since an epoch's own seconds leave out its checkpoint and log line) say it would end less
-than a minute before the deadline; its GPU slot then goes to the jobs behind it. With --alone NAME as
+than 30 s before the deadline; its GPU slot then goes to the jobs behind it. With --alone NAME as
 well it has the GPU to itself while it runs. The epochs left are the current stage's: try single-stage
 runs.
 
@@ -585,6 +585,7 @@ def waits(name):
 
 PROGRESS_LINE = re.compile(r"epoch (\d+)/(\d+) .*\| ([\d.]+)s ETA \S+\s*$")
 WALL_SPAN_SECONDS = 120  # a tried job is timed by the clock too once the epochs the queue saw span this long
+TRY_END_SECONDS = 30  # kept after a tried job's last epoch for its end (the test set's pass, metrics.json)
 
 
 def progress_lines(log_path, first_epoch=2):
@@ -629,13 +630,13 @@ def wall_seconds_left(seen, epochs):
 
 
 def tried_seconds_left(log_path, seen, now):
-    """A tried job's seconds still needed: the larger of seconds_left and wall_seconds_left (None while
-    neither can tell). Records in `seen` when the log's last progress line was first read."""
+    """A tried job's seconds still needed, (by its epochs' own seconds, by the clock): seconds_left and
+    wall_seconds_left, each None while it cannot tell; the queue takes the larger. Records in `seen` when
+    the log's last progress line was first read."""
     epochs = progress_lines(log_path)
     if epochs:
         seen.setdefault(epochs[-1][0], now)
-    estimates = [own_seconds_left(epochs), wall_seconds_left(seen, epochs[-1][1]) if epochs else None]
-    return max((e for e in estimates if e is not None), default=None)
+    return own_seconds_left(epochs), wall_seconds_left(seen, epochs[-1][1]) if epochs else None
 
 
 def call_status(rc, over, finished):
@@ -966,6 +967,7 @@ def main(argv=None):
     placed = {}  # name -> GPU index
     peak = {}
     seen = {}  # a tried job's epochs -> when the queue first read each (its clock-time ETA)
+    clocked = set()  # tried jobs whose two ETAs have been printed
     try:
         while queue or running:
             for name in list(queue):
@@ -1027,10 +1029,20 @@ def main(argv=None):
             over = time.time() - t0 > a.budget
             for name, (proc, started, log) in list(running.items()):
                 tried = name in a.try_ and proc.poll() is None
-                eta = (
-                    tried_seconds_left(RUNS / f"{name}.log", seen.setdefault(name, {}), time.time()) if tried else None
+                own, wall = (
+                    tried_seconds_left(RUNS / f"{name}.log", seen.setdefault(name, {}), time.time())
+                    if tried
+                    else (None, None)
                 )
-                late = eta is not None and eta > a.budget - (time.time() - t0) - 60
+                if wall is not None and name not in clocked:  # once: what the epochs' own seconds leave out
+                    clocked.add(name)
+                    print(
+                        f"{time.time() - t0:6.0f}s {name}: {own:.0f}s left by its epochs' own seconds, "
+                        f"{wall:.0f}s by the clock",
+                        flush=True,
+                    )
+                eta = max((e for e in (own, wall) if e is not None), default=None)
+                late = eta is not None and eta > a.budget - (time.time() - t0) - TRY_END_SECONDS
                 if late:
                     print(f"{time.time() - t0:6.0f}s stop {name}: needs {eta:.0f}s more, past the deadline", flush=True)
                 if (over or late) and proc.poll() is None:
