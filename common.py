@@ -1229,7 +1229,8 @@ def fit(
     stage="train",
     on_epoch_end=None,
 ):
-    """Train `epochs` epochs with a checkpoint after each; continue from stage_dir/checkpoint.pt.
+    """Train `epochs` epochs with a checkpoint after each (every --checkpoint-every epochs, and after
+    the last); continue from stage_dir/checkpoint.pt.
 
     evaluate(epoch) -> dict of metrics (validation only); on_epoch_end(epoch, record) may change
     state (e.g. a plateau schedule, class centres); extra_state maps names to objects with
@@ -1245,8 +1246,10 @@ def fit(
     records agree, and so do schedules that read them), and rank 0 alone writes the checkpoint
     and the log.
 
-    The checkpoint and the epoch's log line are written by a CheckpointWriter while the next
-    epoch trains; fit returns (or stops on Ctrl-C) only after the last write is on disk."""
+    The checkpoint and the epochs' log lines since the last one are written together by a
+    CheckpointWriter while the next epoch trains, so the log never runs ahead of the checkpoint (a
+    resume would log the epochs after it again); fit returns (or stops on Ctrl-C) only after the
+    last write is on disk."""
     stage_dir = Path(stage_dir)
     if writes_files():
         _claim(stage_dir)
@@ -1274,7 +1277,7 @@ def fit(
             print(f"[{stage}] resuming from {ckpt_path} at epoch {epoch}/{epochs}", flush=True)
     started = time.time()
     first_epoch = epoch
-    writer = CheckpointWriter()
+    writer, unsaved = CheckpointWriter(), []  # unsaved: records of the epochs since the last checkpoint
     try:
         while epoch < epochs:
             model.train()
@@ -1314,7 +1317,8 @@ def fit(
                 on_epoch_end(epoch + 1, record)
             epoch += 1
             history.append(record)
-            if writes_files():
+            unsaved.append(record)
+            if writes_files() and (epoch % _RUN["checkpoint_every"] == 0 or epoch == epochs):
                 writer.submit(
                     ckpt_path,
                     {
@@ -1329,8 +1333,9 @@ def fit(
                         "rng": get_rng_state(device),
                     },
                     log_path,
-                    record,
+                    unsaved,
                 )
+                unsaved = []
             if ddp_active():  # the ranks leave each epoch together; a sweep's processes train apart
                 barrier()
             elapsed = time.time() - started
@@ -1610,6 +1615,13 @@ def add_common_args(parser, *, epochs, batch_size, lr, dataset="shapes", dataset
         "--compile", action="store_true", help="torch.compile the model (then CUDA-graphed, unless --no-cuda-graph)"
     )
     g.add_argument(
+        "--checkpoint-every",
+        type=positive_int,
+        default=1,
+        metavar="EPOCHS",
+        help="checkpoint every EPOCHS epochs and at each stage's end; a resume goes on from the last one",
+    )
+    g.add_argument(
         "--distributed",
         default=distributed,
         choices=("ddp", "sweep"),
@@ -1628,7 +1640,7 @@ def add_common_args(parser, *, epochs, batch_size, lr, dataset="shapes", dataset
 # Flags a resume may change: where and how fast the same arithmetic runs. --dtype is not among
 # them (bf16 and fp32 are different experiments); --data-dir is, except for --dataset folder,
 # where the folder is the dataset. Run lengths that may grow are each script's resume_longer.
-RESUME_SAFE = ("device", "cuda_graph", "compile")
+RESUME_SAFE = ("device", "cuda_graph", "compile", "checkpoint_every")
 
 
 def read_run_args(run_dir, flag="--resume"):
@@ -1795,7 +1807,7 @@ def get_device(name="auto"):
 # This process's run: its directory, the lock files it holds, the directories it created, the
 # files waiting for the run's first written file (args.json; the replacement of an old run), the
 # args setup was called with, and the run's files it has recorded in WRITTEN.
-_RUN = {"dir": None, "pending": None, "locks": {}, "created": [], "args": None, "written": set()}
+_RUN = {"dir": None, "pending": None, "locks": {}, "created": [], "args": None, "written": set(), "checkpoint_every": 1}
 
 # A run directory's own list of the files the run wrote (paths relative to it, one a line): a run
 # reused or cleaned up removes these and nothing else, so a user's files beside them survive.
@@ -1844,7 +1856,7 @@ def setup(args, script):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     run_dir = _setup_run_dir(args, script)
-    _RUN.update(dir=run_dir, args=args)
+    _RUN.update(dir=run_dir, args=args, checkpoint_every=getattr(args, "checkpoint_every", 1))
     return run_dir, device
 
 
@@ -2452,7 +2464,8 @@ class CheckpointWriter:
     def __init__(self):
         self.done, self.error = None, None
 
-    def submit(self, path, state, log_path=None, record=None):
+    def submit(self, path, state, log_path=None, records=()):
+        """Write state to path, then append each of records (the epochs' log lines) to log_path."""
         self.wait()
         state = _snapshot(state)
         done = threading.Event()
@@ -2460,7 +2473,7 @@ class CheckpointWriter:
         def write():
             try:
                 save_checkpoint(path, state)
-                if log_path is not None:
+                for record in records if log_path is not None else ():
                     append_jsonl(log_path, record)
             except BaseException as e:  # SystemExit from fail() included: raised again by wait()
                 self.error = e

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch import nn
 import torch.nn.functional as F
 
 import coarse_outer_product
@@ -342,6 +343,63 @@ def test_resume_continues_exactly(tmp_path):
     assert json.loads((run_dir / "args.json").read_text())["epochs"] == 1  # the original args are kept
 
 
+def test_checkpoint_every_n_epochs_resumes_from_the_last_one_exactly(tmp_path, monkeypatch):
+    """--checkpoint-every 2 over 5 epochs: checkpoints after epochs 2, 4 and 5, each with the log lines of
+    its epochs. A run stopped in epoch 4 goes on from epoch 2 and ends as the straight run does, each epoch
+    logged once."""
+    monkeypatch.setitem(common._RUN, "checkpoint_every", 2)
+    saved_epochs, real_save = [], common.save_checkpoint
+    monkeypatch.setattr(
+        common, "save_checkpoint", lambda path, state: saved_epochs.append(state["epoch"]) or real_save(path, state)
+    )
+    g = torch.Generator().manual_seed(0)
+    images, labels = (
+        torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8, generator=g),
+        torch.randint(0, 4, (64,), generator=g),
+    )
+
+    def run(run_dir, init_seed, stop_at=None):
+        torch.manual_seed(init_seed)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(192, 4))
+        opt = common.make_sgd(model.parameters(), 0.1)
+        step = common.make_train_step(model, common.cross_entropy_loss, opt, device=torch.device("cpu"))
+        loader = common.GpuLoader(
+            images, labels, 16, device="cpu", mean=(0.5,) * 3, std=(0.25,) * 3, train=True, flip=True
+        )
+
+        def on_epoch_end(epoch, record):
+            if epoch == stop_at:
+                raise KeyboardInterrupt
+
+        common.seed_everything(0)
+        history = common.fit(
+            run_dir,
+            model,
+            opt,
+            step,
+            loader,
+            epochs=5,
+            lr_at=lambda s: 0.1,
+            log_path=run_dir / "log.jsonl",
+            on_epoch_end=on_epoch_end,
+        )
+        return history, model
+
+    straight, model_a = run(tmp_path / "straight", 0)
+    assert saved_epochs == [2, 4, 5]
+    with pytest.raises(SystemExit) as stop:
+        run(tmp_path / "split", 0, stop_at=4)
+    assert stop.value.code == 130 and saved_epochs[3:] == [2]
+    assert [r["epoch"] for r in common.read_jsonl(tmp_path / "split" / "log.jsonl")] == [1, 2]  # not ahead
+    resumed, model_b = run(tmp_path / "split", 123)  # another init: the checkpoint's weights replace it
+    assert saved_epochs[4:] == [4, 5]
+    keys = ["epoch", "step", "loss", "train_acc"]
+    assert [{k: r[k] for k in keys} for r in resumed] == [{k: r[k] for k in keys} for r in straight]
+    assert [r["loss"] for r in common.read_jsonl(tmp_path / "split" / "log.jsonl")] == [r["loss"] for r in straight]
+    for p, q in zip(model_a.state_dict().values(), model_b.state_dict().values()):
+        assert torch.equal(p, q)
+
+
 def test_existing_run_dir_needs_resume_or_force(tmp_path):
     parser = argparse.ArgumentParser()
     common.add_common_args(parser, epochs=1, batch_size=8, lr=0.1)
@@ -451,7 +509,7 @@ def test_adam_on_cuda_is_fused_and_graph_safe_with_the_same_update_as_on_the_cpu
 def test_checkpoint_writer_saves_the_state_as_it_was_and_raises_its_errors(tmp_path):
     weights = torch.zeros(1000)
     writer = common.CheckpointWriter()
-    writer.submit(tmp_path / "ckpt.pt", {"w": weights, "epoch": 1}, tmp_path / "log.jsonl", {"epoch": 1})
+    writer.submit(tmp_path / "ckpt.pt", {"w": weights, "epoch": 1}, tmp_path / "log.jsonl", [{"epoch": 1}])
     weights.add_(1.0)  # the next epoch changes the tensors in place while the write may be in flight
     writer.wait()
     saved = common.load_checkpoint(tmp_path / "ckpt.pt")

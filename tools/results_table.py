@@ -365,6 +365,7 @@ def mean_std(values):
 LH_NOT_VARIANT = {
     *("out_dir", "base_from", "lh_seed", "resume", "force", "dry_run", "data_dir", "device", "cuda_graph"),
     *("compile", "overrides", "script", "bits_sweep", "hidden_sweep", "sweep_bits", "sweep_hidden"),
+    "checkpoint_every",
 }
 
 
@@ -386,6 +387,7 @@ def cell(values):
 # them against latent_string.py's parser and every args.json under results/.
 LH_FLAGS_OLDER_RUNS_LACK = {
     "base_from": None,
+    "checkpoint_every": 1,
     "code_input": "soft",
     "distributed": "ddp",
     "hidden_sweep": "auto",
