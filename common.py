@@ -11,7 +11,8 @@ Plain functions and nn.Modules, in sections read top to bottom:
    merged_resnet.py, ResNet-18 / PreAct ResNet-18 in hdl_stack.py, the MNIST LeNet in
    latent_string.py
 4. training: optimizers, schedules, one train step (bf16 autocast, channels_last, optional
-   CUDA graph), `fit` with a checkpoint every epoch and resume
+   CUDA graph), `fit` with checkpoints (every epoch, or
+   every --checkpoint-every) and resume
 5. evaluation and metrics: `predict`, accuracies, hierarchical measures, images/s
 6. runs: the shared flags and what a resume may change, run directories (setup, locks, the
    files a run wrote), the data's fingerprint, atomic files, checkpoints and RNG states
@@ -1033,7 +1034,7 @@ def to_device_model(model, device):
 
 # =============================================================================================
 # 4. Training: optimizers, schedules, the train step (bf16 autocast, channels_last, CUDA graph),
-#    the epoch and `fit` (checkpoint every epoch, resume)
+#    the epoch and `fit` (checkpoints, resume)
 # =============================================================================================
 
 

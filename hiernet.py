@@ -901,7 +901,7 @@ def fit_plain_stage(args, model, stage, train_loader, val_loader, run_dir, devic
 
 
 def fit_stage(args, model, stage, loss_fn, train_loader, evaluate, run_dir, device):
-    """Train a stage on its schedule with common.fit (a checkpoint every epoch, resumable; the model ends in
+    """Train a stage on its schedule with common.fit (checkpointed, resumable; the model ends in
     eval mode) and return its history. evaluate(epoch) is the validation curve, in the training dtype: watched,
     never chosen on."""
     optimizer = make_optimizer(args, model)

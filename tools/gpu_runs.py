@@ -2,9 +2,10 @@
 
 Each job is one script command with its own run directory under runs/gpu/<name>. A call runs the
 queue for at most --budget seconds, several jobs at once, and stops the jobs still running at the
-deadline (their checkpoints are written atomically after every epoch); the next call continues
-them with --resume. A finished job (metrics.json written) is skipped, and so is a new one whose measured
-length (expected_minutes) is more than what is left of --budget: it could not land. A GROWN job starts as a copy of
+deadline (their checkpoints are written atomically after every epoch, or every --checkpoint-every);
+the next call continues them with --resume. A finished job (metrics.json written) is skipped, and so is
+a new one whose measured length (expected_minutes) is more than what is left of --budget: it could not
+land. A GROWN job starts as a copy of
 another's finished run (its trained models' predictions) and lengthens it (merged's --runs). Every job gets
 <name>.run.json beside it: its command, device, torch version, wall seconds per call, how many jobs shared the GPU,
 and the git commit of the code (git_commit; git_dirty: the checkout had uncommitted changes; null without git), per
