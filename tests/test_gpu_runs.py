@@ -224,6 +224,10 @@ def test_every_queued_cifar100_paper_run_has_an_expected_length(tmp_path):
     # Tried (--try), it starts; its own ETA decides on the GPU.
     tried = gpu_runs.plan(["hdl_cifar100_hdl_800"], 25, 1, tried=["hdl_cifar100_hdl_800"])
     assert tried[0].startswith("  0.0 try hdl_cifar100_hdl_800: needs about 30 min, 25.0 left; stopped once its ETA")
+    # The plan takes it as dropped once its ETA could tell (3 minutes), and the jobs behind it start then.
+    names = ["hdl_cifar100_hdl_800", "hiernet_cifar100_n18"]
+    tried = gpu_runs.plan(names, 25, 2, park=names[1:], tried=names[:1], alone=names[:1])
+    assert "taken here as dropped by 3.0" in tried[0] and tried[1].startswith("  3.0 start hiernet_cifar100_n18:")
     # --control trains the backbone on for HierNet's iterations: longer than the same run without it.
     assert gpu_runs.expected_minutes("hiernet_cifar100_n3_seed1") > gpu_runs.expected_minutes("hiernet_cifar100_n3_elu")
     assert gpu_runs.expected_minutes("hiernet_cifar100_n18") > gpu_runs.expected_minutes("hiernet_cifar100_n9_elu")

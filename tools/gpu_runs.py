@@ -589,6 +589,7 @@ def waits(name):
 PROGRESS_LINE = re.compile(r"epoch (\d+)/(\d+) .*\| ([\d.]+)s ETA \S+\s*$")
 WALL_SPAN_SECONDS = 120  # a tried job is timed by the clock too once the epochs the queue saw span this long
 TRY_END_SECONDS = 30  # kept after a tried job's last epoch for its end (the test set's pass, metrics.json)
+TRY_DROP_MINUTES = 3  # --plan: a tried job that cannot end is dropped after its compilation and the clock's span
 
 
 def progress_lines(log_path, first_epoch=2):
@@ -777,8 +778,8 @@ def plan(names, minutes, parallel, park=(), tried=(), alone=()):
     """The queue's gate played forward without a GPU (one GPU): the jobs in order (`alone` ones first), each
     started when a slot is free and its expected length (expected_minutes, at the sharing of that moment)
     fits what is left of `minutes`; a job in `park` that does not fit starts anyway and runs to the end,
-    its stages that finish by then parked; a job in `tried` that does not fit starts too and holds its slot
-    to the end unless its ETA stops it (the queue's --try); an `alone` job waits for an empty GPU and
+    its stages that finish by then parked; a job in `tried` that does not fit starts too and is taken as
+    dropped after TRY_DROP_MINUTES, as the queue's --try drops it once its ETA agrees; an `alone` job waits for an empty GPU and
     holds it. Lengths are held fixed, so a job that ends early (others having finished) is not credited:
     conservative. Returns the lines to print."""
     t, running, lines, busy = 0.0, [], [], 0.0
@@ -805,11 +806,13 @@ def plan(names, minutes, parallel, park=(), tried=(), alone=()):
                 lines.append(f"{t:5.1f} start {name}: needs about {need:.0f} min, runs to the end; {parks}")
                 need = minutes - t
             elif need > minutes - t and name in tried:
+                drop = min(t + TRY_DROP_MINUTES, minutes)
                 lines.append(
                     f"{t:5.1f} try {name}: needs about {need:.0f} min, {minutes - t:.1f} left; stopped once its ETA "
-                    "says it cannot end in time (counted here as running to the end)"
+                    f"says it cannot end in time: taken here as dropped by {drop:.1f} (one that can end holds its "
+                    "slot to the end)"
                 )
-                need = minutes - t
+                need = drop - t
             elif need > minutes - t:
                 lines.append(f"{t:5.1f} skip {name}: needs about {need:.0f} min, {minutes - t:.1f} left")
                 continue
