@@ -1807,7 +1807,8 @@ def get_device(name="auto"):
 
 # This process's run: its directory, the lock files it holds, the directories it created, the
 # files waiting for the run's first written file (args.json; the replacement of an old run), the
-# args setup was called with, and the run's files it has recorded in WRITTEN.
+# args setup was called with, the run's files it has recorded in WRITTEN, and how often fit
+# checkpoints (--checkpoint-every).
 _RUN = {"dir": None, "pending": None, "locks": {}, "created": [], "args": None, "written": set(), "checkpoint_every": 1}
 
 # A run directory's own list of the files the run wrote (paths relative to it, one a line): a run
