@@ -779,8 +779,8 @@ def plan(names, minutes, parallel, park=(), tried=(), alone=()):
     started when a slot is free and its expected length (expected_minutes, at the sharing of that moment)
     fits what is left of `minutes`; a job in `park` that does not fit starts anyway and runs to the end,
     its stages that finish by then parked; a job in `tried` that does not fit starts too and is taken as
-    dropped after TRY_DROP_MINUTES, as the queue's --try drops it once its ETA agrees; an `alone` job waits for an empty GPU and
-    holds it. Lengths are held fixed, so a job that ends early (others having finished) is not credited:
+    dropped after TRY_DROP_MINUTES, as the queue's --try drops it once its ETA agrees; an `alone` job
+    waits for an empty GPU and holds it. Lengths are held fixed, so a job that ends early (others having finished) is not credited:
     conservative. Returns the lines to print."""
     t, running, lines, busy = 0.0, [], [], 0.0
     queue = [n for n in names if n in alone] + [n for n in names if n not in alone]
