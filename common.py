@@ -1278,7 +1278,7 @@ def fit(
             print(f"[{stage}] resuming from {ckpt_path} at epoch {epoch}/{epochs}", flush=True)
     started = time.time()
     first_epoch = epoch
-    writer, unsaved = CheckpointWriter(), []  # unsaved: records of the epochs since the last checkpoint
+    writer, saved = CheckpointWriter(), epoch  # saved: the epochs in the checkpoint on disk (history[:saved])
     try:
         while epoch < epochs:
             model.train()
@@ -1318,7 +1318,6 @@ def fit(
                 on_epoch_end(epoch + 1, record)
             epoch += 1
             history.append(record)
-            unsaved.append(record)
             if writes_files() and (epoch % _RUN["checkpoint_every"] == 0 or epoch == epochs):
                 writer.submit(
                     ckpt_path,
@@ -1334,9 +1333,9 @@ def fit(
                         "rng": get_rng_state(device),
                     },
                     log_path,
-                    unsaved,
+                    history[saved:],  # the log lines of the epochs since the last checkpoint
                 )
-                unsaved = []
+                saved = epoch
             if ddp_active():  # the ranks leave each epoch together; a sweep's processes train apart
                 barrier()
             elapsed = time.time() - started

@@ -487,14 +487,18 @@ def test_a_tried_job_is_stopped_once_its_eta_passes_the_deadline_and_frees_its_s
     gpu_runs = load("gpu_runs")
     script = tmp_path / "tried_run.py"
     script.write_text(TRIED_RUN)
-    assert gpu_runs.seconds_left(tmp_path / "no.log") is None
+    assert gpu_runs.seconds_left(gpu_runs.progress_lines(tmp_path / "no.log")) is None
     # The scripts' own ETA averages the first epoch's compilation in; the queue reads the epochs' seconds.
     lines = ["epoch 1/800 loss 3 | 60.0s ETA 13:18:00", "epoch 2/800 loss 3 | 2.5s ETA 6:45:41"]
     lines += ["epoch 3/800 loss 3 | 2.0s ETA 4:31:20", "epoch 4/800 loss 3 | 2.1s ETA 3:24:00", "train done"]
     (tmp_path / "a.log").write_text("".join(f"[x] {line}\n" for line in lines))
-    assert gpu_runs.seconds_left(tmp_path / "a.log") == pytest.approx(2.1 * 796)  # median of 2.5, 2.0, 2.1
+    assert gpu_runs.seconds_left(gpu_runs.progress_lines(tmp_path / "a.log")) == pytest.approx(
+        2.1 * 796
+    )  # median of 2.5, 2.0, 2.1
     (tmp_path / "b.log").write_text("".join(f"[x] {line}\n" for line in lines[:2]))
-    assert gpu_runs.seconds_left(tmp_path / "b.log") is None  # the first epoch holds compilation; one is no measure
+    assert (
+        gpu_runs.seconds_left(gpu_runs.progress_lines(tmp_path / "b.log")) is None
+    )  # the first epoch holds compilation; one is no measure
     # An epoch's seconds (one epoch left after the third), then how long the job goes on.
     jobs = {"late": ["3723", "120"], "in_time": ["2", "0.5"], "next": ["3600", "0.5"]}
     gpu_runs.JOBS = {name: [str(script), *job] for name, job in jobs.items()}

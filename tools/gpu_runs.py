@@ -5,8 +5,8 @@ queue for at most --budget seconds, several jobs at once, and stops the jobs sti
 deadline (their checkpoints are written atomically after every epoch, or every --checkpoint-every);
 the next call continues them with --resume. A finished job (metrics.json written) is skipped, and so is
 a new one whose measured length (expected_minutes) is more than what is left of --budget: it could not
-land. A GROWN job starts as a copy of
-another's finished run (its trained models' predictions) and lengthens it (merged's --runs). Every job gets
+land. A GROWN job starts as a copy of another's finished run (its trained models' predictions) and
+lengthens it (merged's --runs). Every job gets
 <name>.run.json beside it: its command, device, torch version, wall seconds per call, how many jobs shared the GPU,
 and the git commit of the code (git_commit; git_dirty: the checkout had uncommitted changes; null without git), per
 call too.
@@ -605,14 +605,9 @@ def progress_lines(log_path, first_epoch=2):
     return [(int(m[1]), int(m[2]), float(m[3])) for m in epochs if m and int(m[1]) >= first_epoch]
 
 
-def seconds_left(log_path, first_epoch=2):
-    """Seconds a job still needs by its epochs' own seconds: the median of its last three times the epochs
-    left; None before two progress lines (one epoch is no measure)."""
-    return own_seconds_left(progress_lines(log_path, first_epoch))
-
-
-def own_seconds_left(epochs):
-    """seconds_left of progress_lines' [(epoch, epochs, seconds)]."""
+def seconds_left(epochs):
+    """Seconds a job still needs by its epochs' own seconds (progress_lines): the median of its last three
+    times the epochs left; None before two progress lines (one epoch is no measure)."""
     if len(epochs) < 2:
         return None
     epoch, total, _ = epochs[-1]
@@ -640,7 +635,7 @@ def tried_seconds_left(log_path, seen, now):
     epochs = progress_lines(log_path)
     if epochs:
         seen.setdefault(epochs[-1][0], now)
-    return own_seconds_left(epochs), wall_seconds_left(seen, epochs[-1][1]) if epochs else None
+    return seconds_left(epochs), wall_seconds_left(seen, epochs[-1][1]) if epochs else None
 
 
 def call_status(rc, over, finished):
@@ -780,8 +775,8 @@ def plan(names, minutes, parallel, park=(), tried=(), alone=()):
     fits what is left of `minutes`; a job in `park` that does not fit starts anyway and runs to the end,
     its stages that finish by then parked; a job in `tried` that does not fit starts too and is taken as
     dropped after TRY_DROP_MINUTES, as the queue's --try drops it once its ETA agrees; an `alone` job
-    waits for an empty GPU and holds it. Lengths are held fixed, so a job that ends early (others having finished) is not credited:
-    conservative. Returns the lines to print."""
+    waits for an empty GPU and holds it. Lengths are held fixed, so a job that ends early (others having
+    finished) is not credited: conservative. Returns the lines to print."""
     t, running, lines, busy = 0.0, [], [], 0.0
     queue = [n for n in names if n in alone] + [n for n in names if n not in alone]
     while queue or running:
