@@ -617,9 +617,15 @@ def test_speed_block_shows_a_rerun_on_another_card_and_the_mps_probe(tmp_path):
     )
     # Files written before bench --mps named the optimizer were SGD's steps.
     assert "compiled, 9 steps" in text and "| resnet18in | 64 | sgd | 2 | 150 | 80 / 70 | 1.50 |" in text
+    assert "Processes sharing one Card X through MPS" in text
     probe["rows"] = [{**r, "optimizer": "adam"} for r in mps_rows]
     (tmp_path / "bench_mps_probe.json").write_text(json.dumps(probe))
     assert "| resnet18in | 64 | adam | 1 | 100 | 100 | 1.00 |" in "\n".join(tool.speed_block(tmp_path))
+    # One process per optimizer (fused Adam against the multi-tensor form) shares the GPU with nothing.
+    probe["rows"] = [{**mps_rows[0], "optimizer": name} for name in ("adam_foreach", "adam")]
+    (tmp_path / "bench_mps_probe.json").write_text(json.dumps(probe))
+    alone = "\n".join(tool.speed_block(tmp_path))
+    assert "One training process on one Card X (" in alone and "through MPS" not in alone
     assert text.count("The same measurement") == 1  # the MPS file is not taken for a rerun
 
 

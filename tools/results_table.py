@@ -2022,8 +2022,15 @@ def bench_mps(results):
     for path in sorted(results.glob("bench_mps*.json")):
         b = json.loads(path.read_text())
         compiled = "compiled" if b.get("compile") else "eager"
+        # --mps 1 alone (an optimizer against another) shares nothing: say so rather than "through MPS".
+        alone = all(r["k"] == 1 for r in b["rows"])
+        how = (
+            f"One training process on one {b['device']}"
+            if alone
+            else f"Processes sharing one {b['device']} through MPS"
+        )
         lines += [
-            f"Processes sharing one {b['device']} through MPS (`{b.get('command', 'python bench.py --mps')}`, {compiled}, "
+            f"{how} (`{b.get('command', 'python bench.py --mps')}`, {compiled}, "
             f"{b['steps']} steps on {b['images']}; `results/{path.name}`):",
             "",
             *table(
