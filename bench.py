@@ -27,6 +27,10 @@ MPS daemon was found:
     python bench.py --mps 1 2 4 --mps-config preact164:128 --mps-config densenet100:128
     python bench.py --mps 1 2 4 --mps-config resnet18in:64 --compile --mps-out results/bench_mps_hdl.json
     python bench.py --mps 1 2 --mps-config resnet18cifar:64 --compile --mps-out results/bench_mps_hdl_cifar_stem.json
+HDL (`--hdl-step`): hdl_stack.py's compiled train step on CIFAR-100 (ResNet-18, 3x3 stem, the level stacks,
+eq. 5's loss, fused Adam, one random batch, one CUDA graph), the model compiled alone against the model and its
+loss compiled as one function (what hdl_stack.py's --compile does), in one run:
+    python bench.py --hdl-step --batch 64 --steps 2000 --out results/bench_hdl_step.json
 --mps-optimizer NAME...: each row's steps with each optimizer in turn (sgd, the default; adam, hdl_stack.py's
 common.make_adam, fused on CUDA; adam_foreach, Adam's multi-tensor form, the baseline it replaced):
     python bench.py --mps 1 --mps-config resnet18cifar:64 --mps-optimizer adam_foreach adam --steps 3000 \
@@ -92,6 +96,7 @@ def get_args(argv=None):
         help="torch.compile each model (then CUDA-graphed, as the scripts); 'regional': each residual block",
     )
     h.add_argument("--batched-only", action="store_true", help="skip the per-branch reference form")
+    p.add_argument("--hdl-step", action="store_true", help="hdl_stack.py's step: model compiled vs model and loss")
     p.add_argument(
         "--mps", type=common.positive_int, nargs="+", default=None, metavar="K", help="K training processes at once"
     )
@@ -107,7 +112,8 @@ def get_args(argv=None):
     p.add_argument("--mps-worker", default=None, help=argparse.SUPPRESS)  # one of the K processes
     args = p.parse_args(argv)
     args.command = "python bench.py " + shlex.join(sys.argv[1:] if argv is None else argv)  # recorded with the result
-    args.out = args.out or ("results/bench_hiernet.json" if args.hiernet else "results/bench.json")
+    default_out = "results/bench_hiernet.json" if args.hiernet else "results/bench.json"
+    args.out = args.out or ("results/bench_hdl_step.json" if args.hdl_step else default_out)
     args.config = args.config or ["resnet56:128", "resnet56:512", "vgg16:128"]
     return args
 
@@ -327,6 +333,42 @@ def bench_hiernet(args, device):
     return result
 
 
+def bench_hdl_step(args, device):
+    """hdl_stack.py's training images/s on CIFAR-100 with --compile: the model compiled alone (the loss's
+    cross-entropies, centre loss and statistics as kernels of their own) against the model and loss as one."""
+    rows = []
+    for compile_loss in (False, True):
+        common.seed_everything(0)
+        torch._dynamo.reset()
+        backbone = hdl_stack.ResNet18(100, stem="cifar")
+        model = hdl_stack.HDLNet(backbone, 100, [12, 6, 2], [100, 10, 4], heads="cascade", fine_head=True)
+        model = common.to_device_model(model, device).train()
+        loss_fn = hdl_stack.make_hdl_loss_fn(1.0, 1.0, [1.0, 1.0, 1.0])
+        opt = common.make_adam(model.parameters(), 0.001, device=device)
+        graph = device.type == "cuda"
+        step = common.make_train_step(
+            model, loss_fn, opt, device=device, cuda_graph=graph, compile=True, compile_loss=compile_loss
+        )
+        x = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device)
+        x = x.contiguous(memory_format=torch.channels_last) if graph else x
+        fine = torch.randint(0, 100, (args.batch,), device=device)
+        y = (fine, fine % 12, fine % 6, fine % 2)  # level labels of the right ranges: the speed ignores their values
+        first = timed_first_steps(step, x, y, device)
+        run_step, total = loader_steps(step, [(x, y)], device)
+        seconds = time_steps(run_step, args.steps, args.warmup, device)
+        if not torch.isfinite(total()):
+            common.fail("bench hdl-step: non-finite loss")
+        compiled = "model and loss" if compile_loss else "model"
+        rows.append({"compiled": compiled, "images_per_s": args.steps * args.batch / seconds, "first_steps_s": first})
+        print(f"hdl step, {compiled} compiled: {rows[-1]['images_per_s']:.0f} images/s", flush=True)
+    rows[1]["over_model_alone"] = rows[1]["images_per_s"] / rows[0]["images_per_s"]
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    result = {"device": device_name, "torch": torch.__version__, "batch": args.batch, "image_size": args.image_size}
+    result.update(steps=args.steps, warmup=args.warmup, rows=rows, command=args.command)
+    common.write_json(args.out, result)
+    return result
+
+
 # ---------------------------------------------------------------------------------------
 # K training processes sharing the GPU (MPS)
 # ---------------------------------------------------------------------------------------
@@ -532,6 +574,8 @@ def main(argv=None):
         torch.backends.cudnn.benchmark = True
     if args.hiernet:
         return bench_hiernet(args, device)
+    if args.hdl_step:
+        return bench_hdl_step(args, device)
     images, labels, source = load_images(args.data_dir)
     modes = args.modes.split(",")
     rows = []

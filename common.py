@@ -1079,7 +1079,9 @@ def _as_stats(out):
     return loss, {"loss": loss.detach(), **{k: v.detach() for k, v in stats.items()}}
 
 
-def make_train_step(model, loss_fn, optimizer, *, device, dtype="bf16", cuda_graph=True, compile=False):
+def make_train_step(
+    model, loss_fn, optimizer, *, device, dtype="bf16", cuda_graph=True, compile=False, compile_loss=False
+):
     """One optimisation step: step(x, y) -> dict of 0-dim device tensors (no host sync).
 
     loss_fn(model, x, y) returns the loss, or (loss, {name: 0-dim tensor}) for more statistics
@@ -1094,7 +1096,10 @@ def make_train_step(model, loss_fn, optimizer, *, device, dtype="bf16", cuda_gra
     captured and replayed like eager ones. compile=(block classes): regional compilation, each
     submodule of those classes compiled in place (nn.Module.compile) and the rest eager; the
     repeated blocks of a ResNet then compile once per shape, and the graph breaks between them
-    cost nothing once the step is a CUDA graph.
+    cost nothing once the step is a CUDA graph. compile=True with compile_loss=True: the model and
+    loss_fn compiled as one function, so that the loss's own small kernels (several cross-entropies,
+    gathers, the statistics) fuse too; for a loss with no graph break and nothing that changes between
+    steps (a Python value it reads would recompile it).
 
     Under --distributed ddp the model is wrapped by distributed_model (gradients averaged over
     the ranks in backward) and no CUDA graph is captured: DDP's gradient all-reduce runs from
@@ -1107,17 +1112,25 @@ def make_train_step(model, loss_fn, optimizer, *, device, dtype="bf16", cuda_gra
         model = distributed_model(model)
         model.register_forward_pre_hook(lambda *_: forward_calls.__setitem__(0, forward_calls[0] + 1))
         cuda_graph = False
+    # compile_loss: the model and its loss as one compiled function (under ddp, the model alone)
+    compile_both = bool(compile) and not isinstance(compile, tuple) and compile_loss and not ddp_active()
     if isinstance(compile, tuple):
         compile_blocks(model, compile)
-    elif compile:
+    elif compile and not compile_both:
         model = torch.compile(model)
+
+    def model_and_loss(x, y):
+        return loss_fn(model, x, y)
+
+    if compile_both:
+        model_and_loss = torch.compile(model_and_loss)
     graphed_compile = bool(compile) and cuda_graph and device.type == "cuda"
 
     def eager(x, y):
         optimizer.zero_grad(set_to_none=True)
         before = forward_calls[0]
         with autocast(device, dtype, cache_enabled=not graphed_compile):
-            loss, stats = _as_stats(loss_fn(model, x, y))
+            loss, stats = _as_stats(model_and_loss(x, y))
         if ddp_active() and forward_calls[0] == before:
             fail(
                 "--distributed ddp: this loss calls the model's parts but not the model itself, so DDP would "
@@ -1152,7 +1165,7 @@ def make_train_step(model, loss_fn, optimizer, *, device, dtype="bf16", cuda_gra
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 with autocast(device, dtype, cache_enabled=False):
-                    loss, stats = _as_stats(loss_fn(model, state["x"], state["y"]))
+                    loss, stats = _as_stats(model_and_loss(state["x"], state["y"]))
                 loss.backward()
                 optimizer.step()
             state.update(graph=graph, lr=lrs(), stats=stats)

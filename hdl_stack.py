@@ -310,8 +310,17 @@ def run_stage(name, args, model, loss_fn, train_loader, loaders, levels, run_dir
             checkpoint                                  # the centres are buffers: saved with the model
     """
     optimizer = common.make_adam(model.parameters(), args.lr, device=device)
+    # --compile: the loss's four cross-entropies, centre loss and statistics compile with the model (one graph,
+    # no break: tests/test_compile_flag.py), not as dozens of small kernels of their own in every step.
     step = common.make_train_step(
-        model, loss_fn, optimizer, device=device, dtype=args.dtype, cuda_graph=args.cuda_graph, compile=args.compile
+        model,
+        loss_fn,
+        optimizer,
+        device=device,
+        dtype=args.dtype,
+        cuda_graph=args.cuda_graph,
+        compile=args.compile,
+        compile_loss=True,
     )
 
     def on_epoch_end(epoch, record):  # common.fit: after the epoch's training and evaluation, before its checkpoint

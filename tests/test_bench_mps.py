@@ -98,3 +98,20 @@ def test_mps_bench_workers_build_hdl_backbone_and_record_compile(tmp_path, monke
 def test_mps_bench_refuses_regional_compile(tmp_path):
     with pytest.raises(SystemExit, match="regional"):
         bench.main(["--mps", "1", "--compile", "regional", "--device", "cpu", "--mps-out", str(tmp_path / "x")])
+
+
+def test_hdl_step_bench_times_the_model_compiled_alone_and_with_its_loss(tmp_path, monkeypatch):
+    """bench.py --hdl-step: two rows in one run, the second hdl_stack.py's form (the model and its loss compiled as
+    one function), with its ratio to the first. Dynamo's eager backend stands in for inductor on the CPU."""
+    real_compile, compiled = torch.compile, []
+    monkeypatch.setattr(torch, "compile", lambda fn: compiled.append(fn) or real_compile(fn, backend="eager"))
+    out = tmp_path / "bench_hdl_step.json"
+    argv = ["--hdl-step", "--batch", "4", "--image-size", "16", "--steps", "2", "--warmup", "1", "--device", "cpu"]
+    result = bench.main(argv + ["--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert [r["compiled"] for r in result["rows"]] == ["model", "model and loss"]
+    assert isinstance(compiled[0], torch.nn.Module) and not isinstance(compiled[1], torch.nn.Module)
+    assert all(r["images_per_s"] > 0 for r in result["rows"])
+    ratio = result["rows"][1]["images_per_s"] / result["rows"][0]["images_per_s"]
+    assert result["rows"][1]["over_model_alone"] == pytest.approx(ratio)
+    assert result["command"].startswith("python bench.py --hdl-step")

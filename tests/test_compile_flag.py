@@ -88,3 +88,46 @@ def test_regional_compilation_compiles_each_outermost_block_in_place(monkeypatch
     assert common.compile_blocks(outer, (torch.nn.Sequential,)) == 1 and compiled == [outer]
     with pytest.raises(SystemExit, match="no CifarBasicBlock"):
         common.compile_blocks(torch.nn.Linear(2, 2), (hiernet.CifarBasicBlock,))
+
+
+def test_hdl_compiles_its_loss_with_the_model_and_steps_as_eagerly(monkeypatch):
+    """hdl_stack.py's --compile: the model and eq. 5's loss are one compiled function, traced by dynamo in one
+    graph (no break), whose steps train the same weights and sum the same centre statistics as the eager
+    step. Dynamo traces for real here; its eager backend stands in for inductor (minutes on a CPU)."""
+    import hdl_stack
+
+    call = next(c for c in make_train_step_calls("hdl_stack.py"))
+    assert {k.arg: ast.unparse(k.value) for k in call.keywords}.get("compile_loss") == "True"
+
+    real_compile, compiled = torch.compile, []
+
+    def eager_backend(fn):
+        compiled.append(fn)
+        return real_compile(fn, backend="eager", fullgraph=True)  # fullgraph: a graph break fails the test
+
+    def train(compile):
+        torch.manual_seed(0)
+        backbone = hdl_stack.ResNet18(10, stem="cifar")
+        model = hdl_stack.HDLNet(backbone, 10, [4, 2], [8, 3], heads="cascade", fine_head=True)
+        loss_fn = hdl_stack.make_hdl_loss_fn(1.0, 1.0, [1.0, 1.0])
+        optimizer = common.make_adam(model.parameters(), 0.001, device=torch.device("cpu"))
+        step = common.make_train_step(
+            model, loss_fn, optimizer, device="cpu", dtype="fp32", compile=compile, compile_loss=True
+        )
+        g = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            x, fine = torch.randn(6, 3, 16, 16, generator=g), torch.randint(0, 10, (6,), generator=g)
+            stats = step(x, (fine, fine % 4, fine % 2))
+        return model, stats
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch, "compile", eager_backend)
+    compiled_model, compiled_stats = train(True)
+    assert len(compiled) == 1 and not isinstance(compiled[0], torch.nn.Module)  # the function, not the model
+    eager_model, eager_stats = train(False)
+    assert len(compiled) == 1
+    for (name, a), b in zip(compiled_model.state_dict().items(), eager_model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    assert compiled_model.center_count.sum() == 18  # three batches of six summed for the epoch's centres
+    for key in eager_stats:
+        torch.testing.assert_close(compiled_stats[key], eager_stats[key], rtol=1e-5, atol=1e-6)
