@@ -258,14 +258,20 @@ def random_batch_step(model, loss_fn, args, device):
     return step, x, y, timed_first_steps(step, x, y, device)
 
 
-def bench_hiernet_step(model, args, device):
-    """Training images/s of one HierNet form: hiernet.py's loss and step on one random batch."""
-    step, x, y, first = random_batch_step(model, hiernet.hiernet_loss, args, device)
+def batch_images_per_s(step, x, y, args, device, what):
+    """Training images/s of a train step replayed on one batch (--warmup untimed steps, then --steps); a
+    non-finite loss is one line."""
     run_step, total = loader_steps(step, [(x, y)], device)
     seconds = time_steps(run_step, args.steps, args.warmup, device)
     if not torch.isfinite(total()):
-        common.fail("bench hiernet: non-finite loss")
-    return args.steps * args.batch / seconds, first
+        common.fail(f"bench {what}: non-finite loss")
+    return args.steps * len(x) / seconds
+
+
+def bench_hiernet_step(model, args, device):
+    """Training images/s of one HierNet form: hiernet.py's loss and step on one random batch."""
+    step, x, y, first = random_batch_step(model, hiernet.hiernet_loss, args, device)
+    return batch_images_per_s(step, x, y, args, device, "hiernet"), first
 
 
 def bench_hiernet(args, device):
@@ -354,12 +360,9 @@ def bench_hdl_step(args, device):
         fine = torch.randint(0, 100, (args.batch,), device=device)
         y = (fine, fine % 12, fine % 6, fine % 2)  # level labels of the right ranges: the speed ignores their values
         first = timed_first_steps(step, x, y, device)
-        run_step, total = loader_steps(step, [(x, y)], device)
-        seconds = time_steps(run_step, args.steps, args.warmup, device)
-        if not torch.isfinite(total()):
-            common.fail("bench hdl-step: non-finite loss")
+        per_s = batch_images_per_s(step, x, y, args, device, "hdl-step")
         compiled = "model and loss" if compile_loss else "model"
-        rows.append({"compiled": compiled, "images_per_s": args.steps * args.batch / seconds, "first_steps_s": first})
+        rows.append({"compiled": compiled, "images_per_s": per_s, "first_steps_s": first})
         print(f"hdl step, {compiled} compiled: {rows[-1]['images_per_s']:.0f} images/s", flush=True)
     rows[1]["over_model_alone"] = rows[1]["images_per_s"] / rows[0]["images_per_s"]
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"

@@ -1112,18 +1112,16 @@ def make_train_step(
         model = distributed_model(model)
         model.register_forward_pre_hook(lambda *_: forward_calls.__setitem__(0, forward_calls[0] + 1))
         cuda_graph = False
-    # compile_loss: the model and its loss as one compiled function (under ddp, the model alone)
-    compile_both = bool(compile) and not isinstance(compile, tuple) and compile_loss and not ddp_active()
-    if isinstance(compile, tuple):
-        compile_blocks(model, compile)
-    elif compile and not compile_both:
-        model = torch.compile(model)
 
-    def model_and_loss(x, y):
+    def model_and_loss(x, y):  # reads `model` when called: the compiled one where it is replaced below
         return loss_fn(model, x, y)
 
-    if compile_both:
+    if isinstance(compile, tuple):
+        compile_blocks(model, compile)
+    elif compile and compile_loss and not ddp_active():  # the model and its loss as one (under ddp, the model)
         model_and_loss = torch.compile(model_and_loss)
+    elif compile:
+        model = torch.compile(model)
     graphed_compile = bool(compile) and cuda_graph and device.type == "cuda"
 
     def eager(x, y):

@@ -1035,7 +1035,7 @@ def main(argv=None):
                     if tried
                     else (None, None)
                 )
-                if wall is not None and name not in clocked:  # once: what the epochs' own seconds leave out
+                if wall is not None and own is not None and name not in clocked:  # once: what own seconds leave out
                     clocked.add(name)
                     print(
                         f"{time.time() - t0:6.0f}s {name}: {own:.0f}s left by its epochs' own seconds, "
