@@ -15,8 +15,8 @@ validation half, written by its grouping stage), again; it imports no training s
 
 With --run-dir, --g-max, --p-min and --depth not given are the run's own (its args.json);
 otherwise the paper's 50, 0.0075 and 1. Output: a tree JSON (`--out`; .txt and .dot beside it)
-and the printout. hiernet.py imports the algorithm, the trees of --tree-from random and dataset,
-and the tree files from here.
+and the printout. hiernet.py imports from here the algorithm, the trees of --tree-from random and
+dataset, the tree files and its whole tree stage (`run_tree`: section 4 as the run applies it).
 
 Paper vs ours:
 - The paper only says that the algorithm is "applied recursively on the created groups" for
@@ -32,6 +32,7 @@ Paper vs ours:
 """
 
 import argparse
+import io
 import json
 import sys
 from pathlib import Path
@@ -371,6 +372,79 @@ def write_tree_files(path, tree, names, **settings):
     common.write_text(path.with_suffix(".txt"), text)
     common.write_text(path.with_suffix(".dot"), tree_dot(tree, names))
     return text
+
+
+# The tree stage of a hiernet.py run (its stages 2-3)
+
+
+def run_tree(args, data, run_dir, backbone_cpm):
+    """Stages 2-3 of a hiernet.py run: the grouping of the backbone's CPM (backbone_cpm(), called only
+    when needed, or --cpm; saved as cpm.npy), the dataset's hierarchy (--tree-from dataset) or the
+    given tree (--groups); with --tree-from random, that tree's shape with the classes assigned at
+    random. A resumed run keeps its tree.json (its checkpoint was built on it). Returns (tree, what
+    tree.json records of how it was made)."""
+    settings = {"g_max": args.g_max, "p_min": args.p_min, "source": args.groups or args.tree_from}
+    saved = run_dir / "tree.json"
+    if args.resume and saved.is_file():
+        made = json.loads(saved.read_text())
+        kept = {k: v for k, v in made.items() if k not in ("depth", "tree", "named_tree", "groups", "class_names")}
+        return load_tree(saved, data.num_classes), {**settings, **kept}
+    if args.groups:
+        tree = load_tree(args.groups, data.num_classes)
+    elif args.tree_from == "dataset":
+        hierarchy = data.hierarchy
+        if hierarchy.n_levels - 1 < args.depth:
+            common.fail(
+                f"--tree-from dataset --depth {args.depth}: {data.name} has only "
+                f"{hierarchy.n_levels - 1} coarse level(s)"
+            )
+        levels = list(range(hierarchy.n_levels - 1 - args.depth, hierarchy.n_levels - 1))
+        tree = dataset_tree(hierarchy, levels, np.arange(data.num_classes))
+    else:
+        cpm = np.load(args.cpm, allow_pickle=False) if args.cpm else backbone_cpm()
+        if args.cpm and cpm.shape != (data.num_classes, data.num_classes):
+            common.fail(f"--cpm {args.cpm}: shape {cpm.shape}, expected {data.num_classes} x {data.num_classes}")
+        buffer = io.BytesIO()
+        np.save(buffer, np.asarray(cpm))
+        common.atomic_write_bytes(run_dir / "cpm.npy", buffer.getvalue())
+        tree = build_tree(cpm, args.depth, args.g_max, args.p_min)
+    if args.tree_from != "random":
+        return tree, settings
+    settings["source"] = "random"
+    settings["random_tree"] = {
+        "seed": args.seed,
+        "generator": f"grouping.random_tree(from_tree, seed): numpy default_rng([{RANDOM_TREE_STREAM}, seed])",
+        "from": args.groups or "cpm",
+        "from_tree": tree,
+        "from_sizes": tree_sizes(tree),
+    }
+    print(
+        f"[hiernet] random tree (seed {args.seed}): the {args.groups or 'CPM'} tree's group sizes "
+        f"{tree_sizes(tree)}, the classes assigned at random",
+        flush=True,
+    )
+    return random_tree(tree, args.seed), settings
+
+
+def save_run_tree(run_dir, tree, settings, names):
+    """tree.json / tree.txt / tree.dot (and tree_copied.txt for a random tree), printed, with warnings."""
+    print(write_tree_files(run_dir / "tree.json", tree, names, **settings), end="", flush=True)
+    if "random_tree" in settings:  # the tree it copied the sizes of, readable beside it
+        common.write_text(run_dir / "tree_copied.txt", tree_text(settings["random_tree"]["from_tree"], names))
+    if len(tree) == 1:
+        print(
+            "[hiernet] warning: one group only; the super-class node has nothing to decide "
+            "(lower --g-max or raise --p-min)",
+            file=sys.stderr,
+            flush=True,
+        )
+    if len(tree) > 32:  # e.g. a near-perfect backbone on easy data: few confusions, many singletons
+        print(
+            f"[hiernet] warning: {len(tree)} groups; every branch runs on every image in training, so the cost "
+            "grows with the group count (lower --p-min)",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 # The command line: group a CPM again

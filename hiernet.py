@@ -29,8 +29,8 @@ Paper vs ours, one line per decision (the reasons: docs/hiernet.md, "Paper vs ou
 - --control (ours): the backbone trained on as long, beside HierNet (`main`, stage 1)
 - metrics.json "hierarchical": metrics under the found groups and the dataset's (`hierarchical_report`)
 - --depth D > 1 (ours: the paper gives no settings): one --split / --extra-blocks per level (`check_args`)
-- super-class accuracy: the top node's routing decision (the authors' A_pred); --tree-from dataset (ours) (`make_tree`)
-- --tree-from random (ours): the CPM tree's group sizes, classes assigned at random, a control (`make_tree`)
+- super-class accuracy: the top node's routing decision (the authors' A_pred); --tree-from dataset (ours) (`grouping.run_tree`)
+- --tree-from random (ours): the CPM tree's group sizes, classes assigned at random, a control (`grouping.run_tree`)
 - split / extra blocks / p_min defaults: Tables 1-2 per n (`PAPER_SETTINGS`, `PAPER_P_MIN`)
 - augmentation: flip and 4 px translation (0.125 of the side), grey border, on the GPU loader (`make_loader`)
 """
@@ -695,8 +695,75 @@ def build_hiernet(backbone, tree, splits, extras, leaf_init="backbone"):
 
 
 # --------------------------------------------------------------------------------------------------
-# The backbone, the data halves, exact fp32
+# The backbone: He et al.'s CIFAR ResNet (6n+2 layers, option-A shortcuts, the ELU variant); the test
+# set's halves; exact fp32
 # --------------------------------------------------------------------------------------------------
+
+
+class ShortcutA(nn.Module):
+    """He et al.'s option A: subsample and pad the new channels with zeros (no parameters)."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.stride, self.extra = stride, cout - cin
+
+    def forward(self, x):
+        if self.stride > 1:
+            x = x[:, :, :: self.stride, :: self.stride]
+        if self.extra:
+            x = F.pad(x, (0, 0, 0, 0, self.extra // 2, self.extra - self.extra // 2))
+        return x
+
+
+class CifarBasicBlock(nn.Module):
+    """conv-BN-ReLU-conv-BN + shortcut, ReLU (He et al. 2016).
+
+    With elu=True, the block of Shah et al. (2016): conv-ELU-conv-BN + shortcut, no
+    activation after the addition."""
+
+    def __init__(self, cin, cout, stride=1, elu=False):
+        super().__init__()
+        self.elu = elu
+        self.conv1, self.conv2 = common.conv3x3(cin, cout, stride), common.conv3x3(cout, cout)
+        self.bn1 = nn.Identity() if elu else nn.BatchNorm2d(cout)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = ShortcutA(cin, cout, stride) if (stride > 1 or cin != cout) else nn.Identity()
+
+    def forward(self, x):
+        if self.elu:
+            out = self.bn2(self.conv2(F.elu(self.conv1(x))))
+            return out + self.shortcut(x)
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class CifarResNet(common.Backbone):
+    """The 6n+2-layer CIFAR ResNet of He et al. (2016), widths 16/32/64, option-A shortcuts.
+
+    n = 3, 5, 7, 9, 18 gives ResNet-20, 32, 44, 56, 110. `blocks` lists the 3n residual blocks
+    in order, which is what HierNet splits."""
+
+    def __init__(self, n=3, num_classes=10, elu=False, in_channels=3):
+        super().__init__()
+        self.n, self.elu = n, elu
+        act = nn.ELU() if elu else nn.ReLU()
+        self.stem = nn.Sequential(common.conv3x3(in_channels, 16), nn.BatchNorm2d(16), act)
+        stages, cin = [], 16
+        for i, width in enumerate((16, 32, 64)):
+            blocks = []
+            for j in range(n):
+                stride = 2 if (i > 0 and j == 0) else 1
+                blocks.append(CifarBasicBlock(cin, width, stride, elu))
+                cin = width
+            stages.append(nn.Sequential(*blocks))
+        self.stages = nn.ModuleList(stages)
+        self.head = common.Head(64, num_classes)
+        common.init_weights(self)
+
+    @property
+    def blocks(self):
+        return [b for stage in self.stages for b in stage]
 
 
 def make_backbone(args, num_classes, in_channels=3):
@@ -730,6 +797,12 @@ def test_halves(args, labels):
             "and let torchvision download it again), or pass --test-halves seeded"
         )
     return np.flatnonzero(~mask), np.flatnonzero(mask)
+
+
+def split_half(labels, seed):
+    """HierNet's split of a test set: half of every class for validation, half for test."""
+    counts = np.bincount(np.asarray(labels))
+    return common.stratified_split(labels, int(counts[counts > 0].min()) // 2, seed)
 
 
 @contextlib.contextmanager
@@ -922,175 +995,6 @@ def refuse_per_branch_checkpoint(path):
 
 
 # --------------------------------------------------------------------------------------------------
-# Stages 2-3: the tree
-# --------------------------------------------------------------------------------------------------
-
-
-def make_tree(args, data, backbone, val_loader, run_dir, device):
-    """Stages 2-3: the CPM on the validation split (saved as cpm.npy) and the grouping, or the given
-    tree; with --tree-from random, that tree's shape with the classes assigned at random. Returns
-    (tree, what tree.json records of how it was made)."""
-    settings = {"g_max": args.g_max, "p_min": args.p_min, "source": args.groups or args.tree_from}
-    saved = run_dir / "tree.json"
-    if args.resume and saved.is_file():  # the HierNet checkpoint was built on this tree
-        made = json.loads(saved.read_text())
-        kept = {k: v for k, v in made.items() if k not in ("depth", "tree", "named_tree", "groups", "class_names")}
-        return grouping.load_tree(saved, data.num_classes), {**settings, **kept}
-    if args.groups:
-        tree = grouping.load_tree(args.groups, data.num_classes)
-    else:
-        tree = tree_from_data(args, data, backbone, val_loader, run_dir, device)
-    if args.tree_from != "random":
-        return tree, settings
-    shuffled = grouping.random_tree(tree, args.seed)
-    settings["source"] = "random"
-    settings["random_tree"] = {
-        "seed": args.seed,
-        "generator": f"grouping.random_tree(from_tree, seed): numpy default_rng([{grouping.RANDOM_TREE_STREAM}, seed])",
-        "from": args.groups or "cpm",
-        "from_tree": tree,
-        "from_sizes": grouping.tree_sizes(tree),
-    }
-    print(
-        f"[hiernet] random tree (seed {args.seed}): the {args.groups or 'CPM'} tree's group sizes "
-        f"{grouping.tree_sizes(tree)}, the classes assigned at random",
-        flush=True,
-    )
-    return shuffled, settings
-
-
-def tree_from_data(args, data, backbone, val_loader, run_dir, device):
-    """The dataset's own hierarchy (--tree-from dataset) or the grouping of the backbone's CPM."""
-    if args.tree_from == "dataset":
-        hierarchy = data.hierarchy
-        if hierarchy.n_levels - 1 < args.depth:
-            common.fail(
-                f"--tree-from dataset --depth {args.depth}: {data.name} has only "
-                f"{hierarchy.n_levels - 1} coarse level(s)"
-            )
-        levels = list(range(hierarchy.n_levels - 1 - args.depth, hierarchy.n_levels - 1))
-        return grouping.dataset_tree(hierarchy, levels, np.arange(data.num_classes))
-    if args.cpm:
-        cpm = np.load(args.cpm, allow_pickle=False)
-        if cpm.shape != (data.num_classes, data.num_classes):
-            common.fail(f"--cpm {args.cpm}: shape {cpm.shape}, expected {data.num_classes} x {data.num_classes}")
-    else:
-        with exact_fp32():
-            cpm = grouping.confusion_probability_matrix(
-                backbone, val_loader, data.num_classes, device=device, dtype="fp32"
-            )
-    write_npy(run_dir / "cpm.npy", cpm)
-    return grouping.build_tree(cpm, args.depth, args.g_max, args.p_min)
-
-
-def save_tree(run_dir, tree, tree_settings, names):
-    """tree.json / tree.txt / tree.dot (and tree_copied.txt for a random tree), printed, with warnings."""
-    print(grouping.write_tree_files(run_dir / "tree.json", tree, names, **tree_settings), end="", flush=True)
-    if "random_tree" in tree_settings:  # the tree it copied the sizes of, readable beside it
-        copied = grouping.tree_text(tree_settings["random_tree"]["from_tree"], names)
-        common.write_text(run_dir / "tree_copied.txt", copied)
-    if len(tree) == 1:
-        print(
-            "[hiernet] warning: one group only; the super-class node has nothing to decide "
-            "(lower --g-max or raise --p-min)",
-            file=sys.stderr,
-            flush=True,
-        )
-    if len(tree) > 32:  # e.g. a near-perfect backbone on easy data: few confusions, many singletons
-        print(
-            f"[hiernet] warning: {len(tree)} groups; every branch runs on every image in training, so the cost "
-            "grows with the group count (lower --p-min)",
-            file=sys.stderr,
-            flush=True,
-        )
-
-
-# --------------------------------------------------------------------------------------------------
-# The CIFAR ResNet that HierNet cuts into a tree (6n+2 layers, option-A shortcuts, the ELU variant),
-# the test set's halves, the CPM's .npy file: used by this script alone
-# --------------------------------------------------------------------------------------------------
-
-
-class ShortcutA(nn.Module):
-    """He et al.'s option A: subsample and pad the new channels with zeros (no parameters)."""
-
-    def __init__(self, cin, cout, stride):
-        super().__init__()
-        self.stride, self.extra = stride, cout - cin
-
-    def forward(self, x):
-        if self.stride > 1:
-            x = x[:, :, :: self.stride, :: self.stride]
-        if self.extra:
-            x = F.pad(x, (0, 0, 0, 0, self.extra // 2, self.extra - self.extra // 2))
-        return x
-
-
-class CifarBasicBlock(nn.Module):
-    """conv-BN-ReLU-conv-BN + shortcut, ReLU (He et al. 2016).
-
-    With elu=True, the block of Shah et al. (2016): conv-ELU-conv-BN + shortcut, no
-    activation after the addition."""
-
-    def __init__(self, cin, cout, stride=1, elu=False):
-        super().__init__()
-        self.elu = elu
-        self.conv1, self.conv2 = common.conv3x3(cin, cout, stride), common.conv3x3(cout, cout)
-        self.bn1 = nn.Identity() if elu else nn.BatchNorm2d(cout)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut = ShortcutA(cin, cout, stride) if (stride > 1 or cin != cout) else nn.Identity()
-
-    def forward(self, x):
-        if self.elu:
-            out = self.bn2(self.conv2(F.elu(self.conv1(x))))
-            return out + self.shortcut(x)
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
-
-
-class CifarResNet(common.Backbone):
-    """The 6n+2-layer CIFAR ResNet of He et al. (2016), widths 16/32/64, option-A shortcuts.
-
-    n = 3, 5, 7, 9, 18 gives ResNet-20, 32, 44, 56, 110. `blocks` lists the 3n residual blocks
-    in order, which is what HierNet splits."""
-
-    def __init__(self, n=3, num_classes=10, elu=False, in_channels=3):
-        super().__init__()
-        self.n, self.elu = n, elu
-        act = nn.ELU() if elu else nn.ReLU()
-        self.stem = nn.Sequential(common.conv3x3(in_channels, 16), nn.BatchNorm2d(16), act)
-        stages, cin = [], 16
-        for i, width in enumerate((16, 32, 64)):
-            blocks = []
-            for j in range(n):
-                stride = 2 if (i > 0 and j == 0) else 1
-                blocks.append(CifarBasicBlock(cin, width, stride, elu))
-                cin = width
-            stages.append(nn.Sequential(*blocks))
-        self.stages = nn.ModuleList(stages)
-        self.head = common.Head(64, num_classes)
-        common.init_weights(self)
-
-    @property
-    def blocks(self):
-        return [b for stage in self.stages for b in stage]
-
-
-def split_half(labels, seed):
-    """HierNet's split of a test set: half of every class for validation, half for test."""
-    counts = np.bincount(np.asarray(labels))
-    return common.stratified_split(labels, int(counts[counts > 0].min()) // 2, seed)
-
-
-def write_npy(path, array):
-    """np.save, atomically."""
-    buffer = io.BytesIO()
-    np.save(buffer, np.asarray(array))
-    common.atomic_write_bytes(path, buffer.getvalue())
-
-
-# --------------------------------------------------------------------------------------------------
 # The pipeline
 # --------------------------------------------------------------------------------------------------
 
@@ -1112,8 +1016,12 @@ def main(argv=None):
         control_history = fit_plain_stage(args, control, "control", control_loader, val_loader, run_dir, device)
 
     # 2-3. CPM on the validation half and grouping into a tree (section 4, grouping.py); tree.json / .txt / .dot.
-    tree, tree_settings = make_tree(args, data, backbone, val_loader, run_dir, device)
-    save_tree(run_dir, tree, tree_settings, data.class_names)
+    cpm = functools.partial(
+        grouping.confusion_probability_matrix, backbone, val_loader, data.num_classes, device=device
+    )
+    with exact_fp32():  # the CPM in fp32 without TF32, computed only when the tree comes from it
+        tree, tree_settings = grouping.run_tree(args, data, run_dir, functools.partial(cpm, dtype="fp32"))
+    grouping.save_run_tree(run_dir, tree, tree_settings, data.class_names)
     top_groups, group_of = grouping.top_level_groups(tree, data.num_classes)
 
     # 4. HierNet from the backbone's weights (section 5.4; --no-transfer: from a fresh backbone).

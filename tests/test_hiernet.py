@@ -431,7 +431,7 @@ def test_random_tree_from_a_given_tree_is_recorded_and_kept_on_resume(tmp_path):
     )
     data = argparse.Namespace(num_classes=10)
     run_dir = tmp_path / "run"
-    tree, settings = hiernet.make_tree(args, data, None, None, run_dir, "cpu")
+    tree, settings = grouping.run_tree(args, data, run_dir, None)
     assert grouping.tree_sizes(tree) == grouping.tree_sizes(TREE) == [[2, 3], 5] and tree != TREE
     assert sorted(grouping.tree_leaves(tree)) == list(range(10))
     assert settings["source"] == "random"
@@ -441,7 +441,7 @@ def test_random_tree_from_a_given_tree_is_recorded_and_kept_on_resume(tmp_path):
     # On resume the saved tree and its record are kept (the checkpoint was built on them).
     common.write_json(run_dir / "tree.json", grouping.tree_json(tree, names, **settings))
     args.resume, args.seed = str(run_dir), 5
-    assert hiernet.make_tree(args, data, None, None, run_dir, "cpu") == (tree, settings)
+    assert grouping.run_tree(args, data, run_dir, None) == (tree, settings)
 
 
 def test_random_tree_pipeline_on_tiny_shapes(tmp_path):
