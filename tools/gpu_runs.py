@@ -366,8 +366,8 @@ AFTER = {
 # stops cannot land (its checkpoints do not outlive the machine), so starting it would spend the GPU for
 # nothing. HierNet by n: n = 3 11.0-13.1 on an H200 and 14.5-14.6 on an H100 beside two HDL sweep cells (15),
 # n = 5 20.9 measured; n = 7 27 (its HierNet stage took 6.3 s an epoch);
-# n = 9 35 and n = 18 70 (n = 9 took 17.2 alone, and four sharing about halve a job's speed; n = 18 is twice
-# n = 9); --control adds 40% (n = 3's control stage: 165 epochs at the backbone's speed; on an H200 the
+# n = 9 35 (n = 9 took 17.2 alone, and four sharing about halve a job's speed); n = 18 55 (alone on an H100 its
+# backbone stage took 10.9 and its HierNet stage 16.0 with the test: 27 alone, twice that shared); --control adds 40% (n = 3's control stage: 165 epochs at the backbone's speed; on an H200 the
 # n = 3 seeds with it took 17.7-17.8; 15 x 1.4 = 21 is taken). HDL at 800 epochs (40M training images) on
 # the 3x3 stem (the stem test's verdict): its 40-epoch cells trained 10,000 images/s each with three sharing
 # an H100 and 13,900 with two (eager); tried alone and compiled (code 87017ce) it trained 23,600 images/s,
@@ -376,7 +376,7 @@ AFTER = {
 # cell 3.3-3.6 with three sharing an H100: 4. Merged: a run of the five architectures about 72 (four
 # compiled trainings sharing: 14,691 images/s in all). Alone a job takes about half as long (n = 9: 17.2);
 # between one and four sharing, the length is taken as linear in their number.
-HIERNET_MINUTES = {3: 15, 5: 21, 7: 27, 9: 35, 18: 70}
+HIERNET_MINUTES = {3: 15, 5: 21, 7: 27, 9: 35, 18: 55}
 # A HierNet run's stages as shares of those minutes (n = 7, two sharing an H100: the backbone 2.6 s an epoch,
 # the HierNet stage 4.7, both 165 epochs); --control adds a backbone-speed stage (the 40% above).
 HIERNET_STAGE_SHARE = {"backbone": 0.36, "hiernet": 0.64, "control": 0.4}
