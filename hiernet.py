@@ -694,6 +694,15 @@ def build_hiernet(backbone, tree, splits, extras, leaf_init="backbone"):
     return HierNet(reference, [b - a for a, b in itertools.pairwise(bounds)])
 
 
+def refuse_per_branch_checkpoint(path):
+    """Checkpoints of the earlier per-branch HierNet (keys root.*) do not fit the batched model."""
+    if path.is_file() and any(k.startswith("root.") for k in common.load_checkpoint(path)["model"]):
+        common.fail(
+            f"{path} holds the per-branch HierNet of an earlier version, which the batched model cannot "
+            "resume; start a new run (reuse its backbone with --backbone-ckpt and its tree with --groups)"
+        )
+
+
 # --------------------------------------------------------------------------------------------------
 # The backbone: He et al.'s CIFAR ResNet (6n+2 layers, option-A shortcuts, the ELU variant); the test
 # set's halves; exact fp32
@@ -983,15 +992,6 @@ def fit_stage(args, model, stage, loss_fn, train_loader, evaluate, run_dir, devi
     step = common.make_train_step(model, loss_fn, optimizer, compile=args.compile, **gpu)
     per_epoch = {"evaluate": evaluate, "log_path": run_dir / "metrics.jsonl", "stage": stage}  # a line each epoch
     return common.fit(run_dir / stage, model, optimizer, step, train_loader, epochs=epochs, lr_at=lr_at, **per_epoch)
-
-
-def refuse_per_branch_checkpoint(path):
-    """Checkpoints of the earlier per-branch HierNet (keys root.*) do not fit the batched model."""
-    if path.is_file() and any(k.startswith("root.") for k in common.load_checkpoint(path)["model"]):
-        common.fail(
-            f"{path} holds the per-branch HierNet of an earlier version, which the batched model cannot "
-            "resume; start a new run (reuse its backbone with --backbone-ckpt and its tree with --groups)"
-        )
 
 
 # --------------------------------------------------------------------------------------------------

@@ -413,18 +413,18 @@ def test_plan_starts_a_park_job_that_cannot_finish_and_names_the_stages_it_lands
     gpu_runs = load("gpu_runs")
     monkeypatch.setattr(gpu_runs, "PARKED", tmp_path)  # nothing parked
     # Two sharing: a job takes (1 + 1/3) / 2 of its alone-at-four minutes; n = 9: 35 min in all, its
-    # backbone 0.36 of that (8.4 here); n = 18's backbone 16.8, past the 15 minutes.
+    # backbone 0.36 of that (8.4 here); n = 18's backbone 13.2, past the 12 minutes.
     names = ["hiernet_cifar100_n9_elu", "hiernet_cifar100_n18"]
-    lines = gpu_runs.plan(names, 15, 2)
+    lines = gpu_runs.plan(names, 12, 2)
     assert all("skip" in line for line in lines[:2])  # without --park neither would land
-    lines = gpu_runs.plan(names, 15, 2, park=names)
+    lines = gpu_runs.plan(names, 12, 2, park=names)
     backbone = gpu_runs.HIERNET_MINUTES[9] * gpu_runs.HIERNET_STAGE_SHARE["backbone"] * (1 + 1 / 3) / 2
     assert backbone == pytest.approx(8.4)
     assert lines[0] == (
         f"  0.0 start hiernet_cifar100_n9_elu: needs about 23 min, runs to the end; parks backbone by {backbone:.1f}"
     )
     assert lines[1].endswith("runs to the end; no stage finishes by then: parks nothing")
-    assert lines[-1] == " 15.0 all done; 0 slot-minutes idle of 2 x 15.0"
+    assert lines[-1] == " 12.0 all done; 0 slot-minutes idle of 2 x 12.0"
     # The stages' minutes add up to the whole job's expected length.
     assert sum(m for _, m in gpu_runs.stages_left("hiernet_cifar100_n9_seed2", 2)) == pytest.approx(
         gpu_runs.expected_minutes("hiernet_cifar100_n9_seed2", 2)
