@@ -686,12 +686,16 @@ class HierNet(nn.Module):
         return out
 
 
-def build_hiernet(backbone, tree, splits, extras, leaf_init="backbone"):
-    """The batched HierNet, built from the per-branch one (same weights, same function)."""
+def build_hiernet(backbone, tree, splits, extras, leaf_init="backbone", fast_mode="sorted"):
+    """The batched HierNet, built from the per-branch one (same weights, same function); its
+    `tree_params` counts the per-branch tree's parameters (the batched form adds only the leaf FCs'
+    zero padding)."""
     reference = build_per_branch(backbone, tree, splits, extras, leaf_init)
     depth = grouping.tree_depth(tree)
     bounds = list(splits[:depth]) + [len(backbone.blocks)]
-    return HierNet(reference, [b - a for a, b in itertools.pairwise(bounds)])
+    model = HierNet(reference, [b - a for a, b in itertools.pairwise(bounds)], fast_mode=fast_mode)
+    model.tree_params = common.count_params(reference)
+    return model
 
 
 def refuse_per_branch_checkpoint(path):
@@ -1026,15 +1030,11 @@ def main(argv=None):
 
     # 4. HierNet from the backbone's weights (section 5.4; --no-transfer: from a fresh backbone).
     source = make_backbone(args, data.num_classes, data.train.images.shape[1]) if args.no_transfer else backbone
-    reference = build_per_branch(source, tree, args.split, args.extra_blocks, args.leaf_init)
-    hiernet_params = common.count_params(reference)  # the batched form adds only the leaf FCs' zero padding
-    bounds = list(args.split[: grouping.tree_depth(tree)]) + [len(source.blocks)]
-    model = HierNet(reference, [b - a for a, b in itertools.pairwise(bounds)], fast_mode=args.fast_mode)
+    model = build_hiernet(source, tree, args.split, args.extra_blocks, args.leaf_init, fast_mode=args.fast_mode)
     model = common.to_device_model(model, device)
-    del reference
     print(
         f"[hiernet] backbone {common.count_params(backbone) / 1e6:.3f}M parameters, HierNet "
-        f"{hiernet_params / 1e6:.3f}M, {len(tree)} groups",
+        f"{model.tree_params / 1e6:.3f}M, {len(tree)} groups",
         flush=True,
     )
 
@@ -1054,7 +1054,7 @@ def main(argv=None):
     metrics = final_metrics(args, data, tree, tree_settings, top_groups, group_of, results, histories)
     metrics.update(val_accuracies("fp32"))  # the final validation figures, exact like the test's
     metrics.update(epoch_seconds(histories))
-    metrics.update(backbone_params=common.count_params(backbone), hiernet_params=hiernet_params)
+    metrics.update(backbone_params=common.count_params(backbone), hiernet_params=model.tree_params)
     metrics.update(measure_inference(args, backbone, model, next(iter(test_loader))[0], device))
     common.write_json(run_dir / "metrics.json", metrics)
     report(run_dir, data.class_names, top_groups, results, metrics)
