@@ -40,11 +40,8 @@ import base64
 import contextlib
 import copy
 import functools
-import io
 import itertools
-import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
