@@ -252,6 +252,10 @@ def test_a_parked_run_resumes_past_its_finished_stages_to_the_uninterrupted_runs
     gpu_runs = load("gpu_runs")
     whole = tmp_path / "whole"
     expected = hiernet.main(["--dry-run", "--control", "--device", "cpu", "--out-dir", str(whole)])
+    # --plan's stages of a --control job come in the order the script trains them (what a lease parks first).
+    trained = [json.loads(line)["stage"] for line in (whole / "metrics.jsonl").read_text().splitlines()]
+    planned = [stage for stage, _ in gpu_runs.stages_left("hiernet_cifar100_n9_seed2")]
+    assert list(dict.fromkeys(trained)) == planned == ["backbone", "control", "hiernet"]
     stopped = tmp_path / "stopped"  # the same run as a lease's end leaves it in HierNet's first epoch
     shutil.copytree(whole, stopped)
     (stopped / "metrics.json").unlink()
@@ -418,6 +422,9 @@ def test_plan_starts_a_park_job_that_cannot_finish_and_names_the_stages_it_lands
     lines = gpu_runs.plan(names, 12, 2)
     assert all("skip" in line for line in lines[:2])  # without --park neither would land
     lines = gpu_runs.plan(names, 12, 2, park=names)
+    # With --control the control stage (backbone-sized, 7.0 min alone here) ends before HierNet's.
+    control = "\n".join(gpu_runs.plan(["hiernet_cifar100_n9_seed2"], 20, 1, park=["hiernet_cifar100_n9_seed2"]))
+    assert "parks backbone by 6.3, control by 13.3" in control
     backbone = gpu_runs.HIERNET_MINUTES[9] * gpu_runs.HIERNET_STAGE_SHARE["backbone"] * (1 + 1 / 3) / 2
     assert backbone == pytest.approx(8.4)
     assert lines[0] == (

@@ -409,7 +409,8 @@ def stages_left(name, sharing=4):
     if minutes is None:
         return []
     minutes *= 78 / 64 if flag_value(argv, "--schedule") == "code" else 1  # the authors' 78k iterations
-    stages = ("backbone", "hiernet", "control") if "--control" in argv else ("backbone", "hiernet")
+    # In the order hiernet.py trains them: the control right after the backbone (its step 1), HierNet last.
+    stages = ("backbone", "control", "hiernet") if "--control" in argv else ("backbone", "hiernet")
     parked = parked_stages(name)
     scale = sharing_factor(sharing)
     return [(stage, minutes * HIERNET_STAGE_SHARE[stage] * scale) for stage in stages if stage not in parked]
