@@ -827,6 +827,12 @@ def exact_fp32():
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
 
 
+def backbone_cpm(backbone, val_loader, num_classes, device):
+    """The backbone's CPM on the validation half (section 4), in fp32 without TF32 (`exact_fp32`)."""
+    with exact_fp32():
+        return grouping.confusion_probability_matrix(backbone, val_loader, num_classes, device=device, dtype="fp32")
+
+
 def predict(forward, loader, device, dtype="fp32"):
     """common.predict, in fp32 without TF32 (`exact_fp32`) unless another dtype is asked for."""
     with exact_fp32() if dtype == "fp32" else contextlib.nullcontext():
@@ -1017,11 +1023,8 @@ def main(argv=None):
         control_history = fit_plain_stage(args, control, "control", control_loader, val_loader, run_dir, device)
 
     # 2-3. CPM on the validation half and grouping into a tree (section 4, grouping.py); tree.json / .txt / .dot.
-    cpm = functools.partial(
-        grouping.confusion_probability_matrix, backbone, val_loader, data.num_classes, device=device
-    )
-    with exact_fp32():  # the CPM in fp32 without TF32, computed only when the tree comes from it
-        tree, tree_settings = grouping.run_tree(args, data, run_dir, functools.partial(cpm, dtype="fp32"))
+    cpm = functools.partial(backbone_cpm, backbone, val_loader, data.num_classes, device)  # only if the tree needs it
+    tree, tree_settings = grouping.run_tree(args, data, run_dir, cpm)
     grouping.save_run_tree(run_dir, tree, tree_settings, data.class_names)
     top_groups, group_of = grouping.top_level_groups(tree, data.num_classes)
 
