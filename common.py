@@ -1290,6 +1290,7 @@ def fit(
     started = time.time()
     first_epoch = epoch
     writer, saved = CheckpointWriter(), epoch  # saved: the epochs in the checkpoint on disk (history[:saved])
+    every = getattr(_RUN["args"], "checkpoint_every", 1)  # --checkpoint-every of the run set up (1 without one)
     try:
         while epoch < epochs:
             model.train()
@@ -1329,7 +1330,7 @@ def fit(
                 on_epoch_end(epoch + 1, record)
             epoch += 1
             history.append(record)
-            if writes_files() and (epoch % _RUN["checkpoint_every"] == 0 or epoch == epochs):
+            if writes_files() and (epoch % every == 0 or epoch == epochs):
                 writer.submit(
                     ckpt_path,
                     {
@@ -1817,9 +1818,9 @@ def get_device(name="auto"):
 
 # This process's run: its directory, the lock files it holds, the directories it created, the
 # files waiting for the run's first written file (args.json; the replacement of an old run), the
-# args setup was called with, the run's files it has recorded in WRITTEN, and how often fit
-# checkpoints (--checkpoint-every).
-_RUN = {"dir": None, "pending": None, "locks": {}, "created": [], "args": None, "written": set(), "checkpoint_every": 1}
+# args setup was called with (fit reads --checkpoint-every from them), and the run's files it has
+# recorded in WRITTEN.
+_RUN = {"dir": None, "pending": None, "locks": {}, "created": [], "args": None, "written": set()}
 
 # A run directory's own list of the files the run wrote (paths relative to it, one a line): a run
 # reused or cleaned up removes these and nothing else, so a user's files beside them survive.
@@ -1868,7 +1869,7 @@ def setup(args, script):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     run_dir = _setup_run_dir(args, script)
-    _RUN.update(dir=run_dir, args=args, checkpoint_every=getattr(args, "checkpoint_every", 1))
+    _RUN.update(dir=run_dir, args=args)
     return run_dir, device
 
 

@@ -347,7 +347,7 @@ def test_checkpoint_every_n_epochs_resumes_from_the_last_one_exactly(tmp_path, m
     """--checkpoint-every 2 over 5 epochs: checkpoints after epochs 2, 4 and 5, each with the log lines of
     its epochs. A run stopped in epoch 4 goes on from epoch 2 and ends as the straight run does, each epoch
     logged once."""
-    monkeypatch.setitem(common._RUN, "checkpoint_every", 2)
+    monkeypatch.setitem(common._RUN, "args", argparse.Namespace(checkpoint_every=2))
     saved_epochs, real_save = [], common.save_checkpoint
     monkeypatch.setattr(
         common, "save_checkpoint", lambda path, state: saved_epochs.append(state["epoch"]) or real_save(path, state)
