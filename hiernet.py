@@ -29,7 +29,7 @@ Paper vs ours, one line per decision (the reasons: docs/hiernet.md, "Paper vs ou
 - --control (ours): the backbone trained on as long, beside HierNet (`main`, stage 1)
 - metrics.json "hierarchical": metrics under the found groups and the dataset's (`hierarchical_report`)
 - --depth D > 1 (ours: the paper gives no settings): one --split / --extra-blocks per level (`check_args`)
-- super-class accuracy: the top node's routing decision (the authors' A_pred); --tree-from dataset (ours) (`grouping.run_tree`)
+- super-class: the top node's routing decision (the authors' A_pred); --tree-from dataset (ours) (`grouping.run_tree`)
 - --tree-from random (ours): the CPM tree's group sizes, classes assigned at random, a control (`grouping.run_tree`)
 - split / extra blocks / p_min defaults: Tables 1-2 per n (`PAPER_SETTINGS`, `PAPER_P_MIN`)
 - augmentation: flip and 4 px translation (0.125 of the side), grey border, on the GPU loader (`make_loader`)

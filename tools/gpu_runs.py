@@ -367,8 +367,9 @@ AFTER = {
 # nothing. HierNet by n: n = 3 11.0-13.1 on an H200 and 14.5-14.6 on an H100 beside two HDL sweep cells (15),
 # n = 5 20.9 measured; n = 7 27 (its HierNet stage took 6.3 s an epoch);
 # n = 9 35 (n = 9 took 17.2 alone, and four sharing about halve a job's speed); n = 18 55 (alone on an H100 its
-# backbone stage took 10.9 and its HierNet stage 16.0 with the test: 27 alone, twice that shared); --control adds 40% (n = 3's control stage: 165 epochs at the backbone's speed; on an H200 the
-# n = 3 seeds with it took 17.7-17.8; 15 x 1.4 = 21 is taken). HDL at 800 epochs (40M training images) on
+# backbone stage took 10.9 and its HierNet stage 16.0 with the test: 27 alone, twice that shared); --control
+# adds 40% (n = 3's control stage: 165 epochs at the backbone's speed; on an H200 the n = 3 seeds with it took
+# 17.7-17.8; 15 x 1.4 = 21 is taken). HDL at 800 epochs (40M training images) on
 # the 3x3 stem (the stem test's verdict): its 40-epoch cells trained 10,000 images/s each with three sharing
 # an H100 and 13,900 with two (eager); tried alone and compiled (code 87017ce) it trained 23,600 images/s,
 # so 28.7 minutes of epochs and about 29.5 with its start: 60 here, more than a lease's queue alone. A
