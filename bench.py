@@ -342,15 +342,21 @@ def bench_hiernet(args, device):
 def bench_hdl_step(args, device):
     """hdl_stack.py's training images/s on CIFAR-100 with --compile: the model compiled alone (the loss's
     cross-entropies, centre loss and statistics as kernels of their own) against the model and loss as one."""
+    # The model and loss of hdl_stack.py's defaults on CIFAR-100 (Table 3's setting), through its own builders;
+    # the levels are experiment 6's 12 / 6 / 2 WordNet categories (only their counts matter here).
+    hdl = hdl_stack.get_args(["--dataset", "cifar100", "--compile"])
+    levels = [argparse.Namespace(name=name, num_classes=k) for name, k in (("l1", 12), ("l2", 6), ("l3", 2))]
+    hidden_sizes = hdl_stack.stack_hidden_sizes(hdl.stack_hidden, hdl, levels)
     rows = []
     for compile_loss in (False, True):
         common.seed_everything(0)
         torch._dynamo.reset()
-        backbone = hdl_stack.ResNet18(100, stem="cifar")
-        model = hdl_stack.HDLNet(backbone, 100, [12, 6, 2], [100, 10, 4], heads="cascade", fine_head=True)
-        model = common.to_device_model(model, device).train()
-        loss_fn = hdl_stack.make_hdl_loss_fn(1.0, 1.0, [1.0, 1.0, 1.0])
-        opt = common.make_adam(model.parameters(), 0.001, device=device)
+        model = hdl_stack.build_model(hdl, 100, levels, hidden_sizes, device, with_stacks=True).train()
+        lambdas = hdl_stack.level_weights(hdl, levels)
+        loss_fn = hdl_stack.make_hdl_loss_fn(
+            hdl.lambda_center, hdl.lambda_fine, lambdas, hdl.center_update, hdl.center_alpha, hdl.center_features
+        )
+        opt = common.make_adam(model.parameters(), hdl.lr, device=device)
         graph = device.type == "cuda"
         step = common.make_train_step(
             model, loss_fn, opt, device=device, cuda_graph=graph, compile=True, compile_loss=compile_loss

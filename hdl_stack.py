@@ -86,9 +86,12 @@ def get_args(argv=None):
 
 def check_args(parser, args):
     """Range checks get_args leaves to after parsing; fills in --center-alpha's default per update rule and
-    --stem's per dataset (the 3x3 stem on CIFAR: Table 3's, by the README's stem test; the 7x7 elsewhere)."""
+    --stem's per dataset (the 3x3 stem on CIFAR: Table 3's, by the README's stem test; the 7x7 elsewhere) and
+    --fine-head's (off on shapes without a --hierarchy file, whose levels tell the classes apart; else on)."""
     if args.stem == "auto":
         args.stem = "cifar" if args.dataset in ("cifar10", "cifar100") else "imagenet"
+    if args.fine_head == "auto":
+        args.fine_head = "off" if args.dataset == "shapes" and not args.hierarchy else "on"
     if args.center_alpha is None:
         args.center_alpha = 1.0 if args.center_update == "epoch" else 0.5
     if args.center_update == "sgd" and not args.center_alpha > 0:
@@ -784,8 +787,6 @@ def main(argv=None):
     args = get_args(argv)
     if args.epochs is None:
         args.epochs = default_epochs(args.dataset)
-    if args.fine_head == "auto":
-        args.fine_head = "off" if args.dataset == "shapes" and not args.hierarchy else "on"
     run_dir, device = common.setup(args, "hdl_stack")
     data = common.load_data(args)
 
