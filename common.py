@@ -1577,6 +1577,14 @@ positive_fraction = _number_check(  # a held-out share, a decay factor
 )
 
 
+def nonempty(text):
+    """A path or a text value: an empty (or blank) one is refused, not read as the flag left out
+    (`--resume ""` from an unset shell variable would otherwise start a new run)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a value, got an empty string")
+    return text
+
+
 def device_name(text):
     """auto, cpu, cuda, cuda:N or mps; whether the device exists is checked by get_device."""
     kind, _, index = text.partition(":")
@@ -1604,8 +1612,8 @@ def add_common_args(parser, *, epochs, batch_size, lr, dataset="shapes", dataset
     one_line_errors(parser)
     g = parser.add_argument_group("common")
     g.add_argument("--dataset", default=dataset, choices=datasets)
-    g.add_argument("--data-dir", default="./data", help="root of the on-disk datasets")
-    g.add_argument("--hierarchy", default=None, help="JSON {coarse: [fine, ...]} (nested for more levels)")
+    g.add_argument("--data-dir", type=nonempty, default="./data", help="root of the on-disk datasets")
+    g.add_argument("--hierarchy", type=nonempty, help="JSON {coarse: [fine, ...]} (nested for more levels)")
     g.add_argument("--image-size", type=positive_int, default=None, help="shapes/folder image side (shapes default 64)")
     g.add_argument("--train-size", type=positive_int, default=20000, help="shapes: number of training images")
     g.add_argument("--test-size", type=positive_int, default=6000, help="shapes: number of test images")
@@ -1615,8 +1623,8 @@ def add_common_args(parser, *, epochs, batch_size, lr, dataset="shapes", dataset
     g.add_argument("--batch-size", type=positive_int, default=batch_size)
     g.add_argument("--lr", type=positive_float, default=lr)
     g.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="autocast dtype on CUDA (CPU: fp32)")
-    g.add_argument("--out-dir", default=None, help="run directory (default runs/<script>-<time>)")
-    g.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR where it stopped")
+    g.add_argument("--out-dir", type=nonempty, help="run directory (default runs/<script>-<time>)")
+    g.add_argument("--resume", type=nonempty, metavar="DIR", help="continue the run in DIR where it stopped")
     g.add_argument("--force", action="store_true", help="overwrite an existing --out-dir")
     g.add_argument(
         "--dry-run",

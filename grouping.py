@@ -61,13 +61,13 @@ def get_args(argv=None):
     common.one_line_errors(parser)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--cpm", type=cpm_file, help="a saved confusion probability matrix (.npy, C x C)")
-    source.add_argument("--run-dir", help="a hiernet.py run directory: its cpm.npy is grouped again")
+    source.add_argument("--run-dir", type=common.nonempty, help="a hiernet.py run directory: its cpm.npy, regrouped")
     parser.add_argument("--names", type=names_file, help="JSON list of class names for --cpm (default: class0, ...)")
     pos, nonneg = common.positive_int, common.nonneg_float
     parser.add_argument("--g-max", type=pos, nargs="+", help="largest group, per level (50, or the run's)")
     parser.add_argument("--p-min", type=nonneg, nargs="+", help="merge proximity, per level (0.0075, or the run's)")
     parser.add_argument("--depth", type=pos, help="levels of groups (1: root -> groups -> classes; or the run's)")
-    parser.add_argument("--out", help="write the tree JSON here (and the printout beside it, .txt)")
+    parser.add_argument("--out", type=common.nonempty, help="write the tree JSON here (the printout beside it, .txt)")
     args = parser.parse_args(argv)
     saved = Path(args.run_dir) / "args.json" if args.run_dir else None
     run = json.loads(saved.read_text()) if saved is not None and saved.is_file() else {}

@@ -74,7 +74,7 @@ def get_args(argv=None):
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     common.add_common_args(parser, epochs=None, batch_size=128, lr=0.1, dataset="cifar100")
-    pos, nonneg = common.positive_int, common.nonneg_int
+    pos, nonneg, text = common.positive_int, common.nonneg_int, common.nonempty
     g = parser.add_argument_group("hiernet")
     g.add_argument("--n", type=pos, default=3, help="CIFAR ResNet size: 6n+2 layers, 3n residual blocks")
     g.add_argument("--elu", action="store_true", help="the ELU ResNet of Shah et al. (Table 2)")
@@ -87,9 +87,9 @@ def get_args(argv=None):
     g.add_argument("--backbone-iterations", type=pos, help="backbone run length (default --iterations)")
     g.add_argument("--weight-decay", type=common.nonneg_float, default=1e-4, help="coupled L2 of --schedule paper")
     g.add_argument("--momentum", type=common.fraction, default=0.9)
-    g.add_argument("--backbone-ckpt", help="a trained backbone (fit checkpoint or state dict): skip stage 1")
+    g.add_argument("--backbone-ckpt", type=text, help="a trained backbone (fit checkpoint or state dict): skip stage 1")
     g.add_argument("--cpm", type=grouping.cpm_file, help="a saved CPM (.npy): skip stage 2")
-    g.add_argument("--groups", help="a tree JSON from grouping.py: skip stages 2-3")
+    g.add_argument("--groups", type=text, help="a tree JSON from grouping.py: skip stages 2-3")
     g.add_argument("--eval-batch-size", type=pos, default=1000)
     p = parser.add_argument_group("paper fidelity and ablations (docs/hiernet.md, 'Paper vs ours')")
     p.add_argument("--schedule", default="paper", choices=tuple(SCHEDULES), help="paper: the text's; code: authors'")

@@ -75,16 +75,16 @@ def make_parser():
     b = parser.add_argument_group(BASE_GROUP)
     g = parser.add_argument_group("LH classifier, Class2Str, Str2Class (stage 2, Eq. 5)")
     p = parser.add_argument_group("paper fidelity and ablations (docs/latent_string.md)")
-    pos, posf, nonneg = common.positive_int, common.positive_float, common.nonneg_float
+    pos, posf, nonneg, text = common.positive_int, common.positive_float, common.nonneg_float, common.nonempty
     b.add_argument("--backbone", default="auto", choices=("auto", "vgg16", "lenet"), help="auto: Table I's per dataset")
     b.add_argument("--momentum", type=common.fraction, default=0.9)
     b.add_argument("--weight-decay", type=nonneg, default=5e-4)
     b.add_argument("--dropout", type=common.fraction, default=0.5, help="VGG FC dropout")
     b.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True, help="crop + flip, colour only")
     b.add_argument("--val-per-class", type=common.nonneg_int, default=0, help="hold out N train images per class")
-    b.add_argument("--base-from", default=None, metavar="RUN_DIR", help="reuse an earlier run's base model (checked)")
+    b.add_argument("--base-from", type=text, metavar="RUN_DIR", help="reuse an earlier run's base model (checked)")
     g.add_argument("--bits", type=pos, default=None, help="string length L (default ceil(log2 C))")
-    g.add_argument("--lstm-hidden", default=None, help="comma list of LSTM layer sizes (default from Table I)")
+    g.add_argument("--lstm-hidden", type=text, help="comma list of LSTM layer sizes (default from Table I)")
     g.add_argument("--code-hidden", type=pos, default=None, help="Class2Str / Str2Class hidden width (Table I)")
     g.add_argument("--alpha", type=nonneg, default=10.0, help="weight of H(l, l') (Str2Class)")
     g.add_argument("--beta", type=nonneg, default=1.0, help="weight of sum mu^i H(p_i, q_i)")
@@ -102,8 +102,8 @@ def make_parser():
     p.add_argument("--lh-schedule", default="constant", choices=("constant", "step"), help="step: /10 at 50%%, 75%%")
     g.add_argument("--lh-seed", type=common.seed_int, default=None, help="seed of stage 2; default --seed")
     g.add_argument("--lh-batch-size", type=pos, default=128)
-    p.add_argument("--bits-sweep", default="auto", help="L for Fig. 8, comma list; auto: L0-1 .. L0+2; none")
-    p.add_argument("--hidden-sweep", default="auto", help="LSTM sizes for Fig. 7, comma list; auto: h/4 .. 4h; none")
+    p.add_argument("--bits-sweep", type=text, default="auto", help="L for Fig. 8, comma list; auto: L0-1 .. L0+2; none")
+    p.add_argument("--hidden-sweep", type=text, default="auto", help="LSTM sizes (Fig. 7): list; auto h/4..4h; none")
     return parser
 
 

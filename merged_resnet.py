@@ -67,15 +67,15 @@ def get_args(argv=None):
     common.add_common_args(parser, epochs=None, batch_size=None, lr=0.1, dataset="shapes", distributed="sweep")
     g = parser.add_argument_group("merged architectures")
     p = parser.add_argument_group("paper fidelity and ablations (every default is the paper's; docs/merged_resnet.md)")
-    pos, nonneg = common.positive_int, common.nonneg_float
+    pos, nonneg, text = common.positive_int, common.nonneg_float, common.nonempty
     g.add_argument("--architectures", nargs="+", default=list(ARCHITECTURES), choices=ARCHITECTURES)
     g.add_argument("--runs", type=pos, default=5, help="repeats (mean +- std, t-tests); a resume may raise it")
     g.add_argument("--ensembles", type=pos, nargs="+", default=[1, 2, 4], help="ensemble sizes built from the runs")
-    g.add_argument("--coarse-level", default=None, help="level used as 'coarse' (default: the one above the fine)")
+    g.add_argument("--coarse-level", type=text, help="level used as 'coarse' (default: the one above the fine)")
     g.add_argument("--ttest-alpha", type=nonneg, default=1.0, help="alpha at which architectures are t-tested")
     g.add_argument("--eval-batch-size", type=pos, default=1000)
     # --tasks and --analyze-only pick what a call does in the run directory, not the experiment.
-    g.add_argument("--tasks", default=None, metavar="I/K", help="train only share I of K of the models (torchrun)")
+    g.add_argument("--tasks", type=text, metavar="I/K", help="train only share I of K of the models (torchrun)")
     g.add_argument("--analyze-only", action="store_true", help="with --resume DIR: tables from DIR/predictions")
     p.add_argument("--backbone", default="resnet", choices=tuple(BACKBONE_DEFAULTS), help="ResNet-164 / DenseNet-BC")
     p.add_argument("--depth", type=pos, default=None, help="backbone depth (default 164 / 100; small for tests)")

@@ -536,6 +536,21 @@ FLAG_CASES = [
     ("hdl_stack", ["--center-alpha", "0"], "--center-alpha"),
     ("hdl_stack", ["--val-fraction", "1"], "--val-fraction"),
     ("hdl_stack", ["--eval-batch-size", "0"], "--eval-batch-size"),
+    # An empty value (an unset shell variable) is refused, not read as the flag left out: `--resume ""`
+    # would start a new run, `--backbone-ckpt ""` train a backbone, `grouping.py --out ""` write nothing.
+    *((m, [flag, ""], flag) for m in ("hiernet", "hdl_stack") for flag in ("--out-dir", "--resume", "--data-dir")),
+    ("merged_resnet", ["--hierarchy", " "], "--hierarchy"),
+    ("hiernet", ["--backbone-ckpt", ""], "--backbone-ckpt"),
+    ("hiernet", ["--groups", ""], "--groups"),
+    ("grouping", ["--run-dir", ""], "--run-dir"),
+    ("grouping", ["--run-dir", "x", "--out", ""], "--out"),
+    ("latent_string", ["--base-from", ""], "--base-from"),
+    ("latent_string", ["--lstm-hidden", ""], "--lstm-hidden"),
+    ("latent_string", ["--bits-sweep", ""], "--bits-sweep"),
+    ("latent_string", ["--hidden-sweep", ""], "--hidden-sweep"),
+    ("merged_resnet", ["--coarse-level", ""], "--coarse-level"),
+    ("merged_resnet", ["--tasks", ""], "--tasks"),
+    ("hdl_stack", ["--stack-hidden", ""], "--stack-hidden"),
 ]
 SCRIPTS = ["hiernet", "coarse_outer_product", "merged_resnet", "latent_string", "hdl_stack"]
 
@@ -579,6 +594,7 @@ TYPE_CASES = {
     common.fraction: (["0", "0.9", "0.999"], ["1", "-0.1", "nan", "inf"]),
     common.positive_fraction: (["0.1", "0.5"], ["0", "1", "nan"]),
     common.device_name: (["auto", "cpu", "cuda", "cuda:0", "cuda:12", "mps"], ["gpu", "cuda:", "cuda:-1", "CPU", ""]),
+    common.nonempty: (["runs/x", ".", "0", "a b"], ["", " ", "\t\n"]),
 }
 
 
@@ -587,7 +603,7 @@ def test_argparse_types(check):
     good, bad = TYPE_CASES[check]
     for text in good:
         value = check(text)
-        assert value == text if check is common.device_name else value == float(text)
+        assert value == text if check in (common.device_name, common.nonempty) else value == float(text)
     for text in bad:
         with pytest.raises(argparse.ArgumentTypeError):
             check(text)
