@@ -311,6 +311,17 @@ def test_collect_lands_parked_stages_and_drops_them_once_the_run_finishes(tmp_pa
     assert not (results / "parked" / "job").exists() and (results / "job" / "metrics.json").is_file()
 
 
+def test_collect_refuses_a_folder_that_is_no_unpacked_pack_and_says_when_nothing_landed(tmp_path, capsys):
+    gpu_runs = load("gpu_runs")
+    with pytest.raises(SystemExit) as stop:  # results.tar.gz not unpacked into it yet
+        gpu_runs.main(["--collect", str(tmp_path)])
+    assert stop.value.code == 2 and "no NAME.run.json there" in capsys.readouterr().err
+    (tmp_path / "job.run.json").write_text("{}")  # a job that ran and did not finish
+    (tmp_path / "job").mkdir()
+    gpu_runs.main(["--collect", str(tmp_path)])
+    assert "no run finished there; nothing landed" in capsys.readouterr().out
+
+
 def test_a_budget_given_in_minutes_is_refused_in_one_line(tmp_path, capsys):
     gpu_runs = load("gpu_runs")
     with pytest.raises(SystemExit) as stop:

@@ -186,7 +186,8 @@ def test_a_missing_sweep_or_run_is_skipped_with_a_message(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     run = tmp_path / "latent_string_y"
     fake_latent(run, hidden_sweep=False)
-    plots.main([str(run), str(tmp_path / "no_such_run")])
+    with pytest.raises(SystemExit, match="not a run of this project: .*no_such_run"):  # after the others' figures
+        plots.main([str(run), str(tmp_path / "no_such_run")])
     out = capsys.readouterr().out.splitlines()
     assert f"skip latent_string_y_hidden.png: no hidden_sweep.tsv in {run}" in out
     assert f"skip {tmp_path / 'no_such_run'}: not a run directory (no args.json and metrics.json)" in out
@@ -330,3 +331,20 @@ def test_a_saved_figure_is_a_palette_png_that_keeps_its_pixels(tmp_path):
         assert where.sum() > 100 and (ours[where] == rgb).all(), colour
     error = np.abs(ours - theirs).max(-1)  # per pixel, in levels of 255
     assert error.mean() < 1.0 and np.percentile(error, 99) <= 8
+
+
+def test_damaged_inputs_are_one_line_and_a_torn_log_line_is_skipped(tmp_path, capsys):
+    plots = pytest.importorskip("plots")
+    pytest.importorskip("matplotlib")
+    run = tmp_path / "hiernet_x"
+    fake_hiernet(run)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(SystemExit, match="--out .*afile is a file, not a folder"):
+        plots.main([str(run), "--out", str(tmp_path / "afile")])
+    log = tmp_path / "metrics.jsonl"  # a run still writing: its last line torn
+    log.write_text('{"stage": "a", "epoch": 1, "val_acc": 5}\n{"stage": "a", "epo')
+    assert plots.read_jsonl(log) == [{"stage": "a", "epoch": 1, "val_acc": 5}]
+    assert "skipped 1 unreadable line" in capsys.readouterr().err
+    (run / "args.json").write_text("{bad")
+    with pytest.raises(SystemExit, match="args.json: unreadable JSON"):
+        plots.main([str(run)])

@@ -558,6 +558,12 @@ def test_run_tables_refuse_what_is_not_a_run(tmp_path):
         tool.main(["--run", str(tmp_path)])
     with pytest.raises(SystemExit, match="names no script of this project"):
         tool.main(["--run", str(plant_run(tmp_path / "other", "bench", {}))])
+    # A damaged args.json (or one that holds no object) is one line naming it, not a traceback.
+    for i, (text, message) in enumerate((("{bad", "args.json is unreadable"), ("[1]", "holds no JSON object"))):
+        run = plant_run(tmp_path / f"damaged{i}", "hiernet", {})
+        (run / "args.json").write_text(text)
+        with pytest.raises(SystemExit, match=message):
+            tool.main(["--run", str(run)])
 
 
 def test_what_the_report_holds_of_the_scripts_is_theirs():

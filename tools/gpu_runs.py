@@ -934,8 +934,13 @@ def main(argv=None):
     if a.collect:
         if not Path(a.collect).is_dir():
             p.error(f"--collect {a.collect}: no such folder (unpack results.tar.gz into it first)")
-        for name in collect(a.collect):
+        if not any(Path(a.collect).glob("*.run.json")):  # every job the queue started has one
+            p.error(f"--collect {a.collect}: no NAME.run.json there; not an unpacked results.tar.gz")
+        landed_names = collect(a.collect)
+        for name in landed_names:
             print(f"results/{name}")
+        if not landed_names:
+            print(f"--collect {a.collect}: no run finished there; nothing landed in results/")
         return
     if a.list:
         for name in jobs:

@@ -67,7 +67,11 @@ class Skip(Exception):
 
 
 def read_json(path):
-    return json.loads(Path(path).read_text())
+    """A run's JSON file; a damaged one stops with one line naming it."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        sys.exit(f"error: {path}: unreadable JSON ({e})")
 
 
 def need(path):
@@ -528,11 +532,17 @@ def plot_latent_prefix_tree(run_dir, out):
 
 def read_jsonl(path):
     """Records of metrics.jsonl; an epoch logged twice (a resumed run) keeps its last record."""
-    records = {}
-    for line in Path(path).read_text().splitlines():
-        if line.strip():
-            r = json.loads(line)
+    records, damaged = {}, 0
+    for line in Path(path).read_text(errors="replace").splitlines():
+        try:
+            r = json.loads(line) if line.strip() else None
+        except ValueError:  # a run still writing its last line, or a damaged one
+            damaged += 1
+            continue
+        if isinstance(r, dict):
             records[r.get("stage"), r.get("epoch")] = r
+    if damaged:
+        print(f"warning: {path}: skipped {damaged} unreadable line(s)", file=sys.stderr)
     return list(records.values())
 
 
@@ -806,11 +816,14 @@ def main(argv=None):
     a = p.parse_args(argv)
     if plt is None:
         sys.exit(NO_MATPLOTLIB)
+    if a.out and a.out.exists() and not a.out.is_dir():
+        sys.exit(f"error: --out {a.out} is a file, not a folder")
     if not a.runs:
         if not a.results.is_dir():
             sys.exit(f"error: --results {a.results}: no such folder")
         draw(results_figures(a.results), a.out or a.results / "figures")
         return
+    not_runs = []
     for run_dir in a.runs:
         if run_dir.is_file() and run_dir.suffix == ".json":  # bench.py --out FILE
             draw(
@@ -824,11 +837,14 @@ def main(argv=None):
                 f"skip {run_dir}: "
                 + ("its args.json names no script" if is_run else "not a run directory (no args.json and metrics.json)")
             )
+            not_runs.append(str(run_dir))
             continue
         figures = run_figures(run_dir)
         if not figures:
             print(f"skip {run_dir}: no figures for {run_script(run_dir)}.py runs")
         draw(figures, a.out or run_dir / "figures")
+    if not_runs:  # the others' figures are drawn; a named folder that is no run is still an error
+        sys.exit(f"error: not a run of this project: {', '.join(not_runs)}")
 
 
 if __name__ == "__main__":

@@ -1200,15 +1200,26 @@ RUN_TABLES = {
 }
 
 
+def read_run_json(run_dir, name):
+    """A run directory's JSON object; a damaged one is one line."""
+    try:
+        obj = json.loads((run_dir / name).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        fail(f"--run {run_dir}: {name} is unreadable ({e}); the run directory is damaged")
+    if not isinstance(obj, dict):
+        fail(f"--run {run_dir}: {name} holds no JSON object; the run directory is damaged")
+    return obj
+
+
 def run_tables(run_dir):
     """The tables of one run directory beside the paper's, by the script its args.json names."""
     run_dir = Path(run_dir)
     if not (run_dir / "metrics.json").is_file() or not (run_dir / "args.json").is_file():
         fail(f"--run {run_dir}: no metrics.json and args.json there; not a finished run directory")
-    m, args = json.loads((run_dir / "metrics.json").read_text()), json.loads((run_dir / "args.json").read_text())
+    m, args = (read_run_json(run_dir, name) for name in ("metrics.json", "args.json"))
     script = args.get("script")
     if script is None and (run_dir / "run.json").is_file():  # args.json of runs before it named its script
-        words = json.loads((run_dir / "run.json").read_text())["command"].split()
+        words = str(read_run_json(run_dir, "run.json").get("command", "")).split()
         script = next((Path(w).stem for w in words if w.endswith(".py")), None)
     if script not in RUN_TABLES:
         fail(
