@@ -965,16 +965,9 @@ def percent(mask):
 
 def train_backbone(args, data, train_loader, val_loader, run_dir, device):
     backbone = common.to_device_model(make_backbone(args, data.num_classes, data.train.images.shape[1]), device)
-    if args.backbone_ckpt:
-        path = Path(args.backbone_ckpt)  # check_args found the file
-        state = common.load_checkpoint(path, device)
-        try:
-            backbone.load_state_dict(state.get("model", state))
-        except RuntimeError as e:
-            common.fail(
-                f"--backbone-ckpt {path}: does not fit CifarResNet(n={args.n}, elu={args.elu}, "
-                f"shortcut {args.shortcut}, {data.num_classes} classes): {str(e).splitlines()[0]}"
-            )
+    if args.backbone_ckpt:  # check_args found the file; a fit checkpoint holds the weights under "model"
+        state = common.load_checkpoint(args.backbone_ckpt, device)
+        common.load_weights(backbone, state.get("model", state), f"--backbone-ckpt {args.backbone_ckpt}")
         return backbone.eval(), []
     return backbone, fit_plain_stage(args, backbone, "backbone", train_loader, val_loader, run_dir, device)
 

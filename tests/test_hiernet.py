@@ -491,6 +491,18 @@ def test_a_missing_input_file_is_refused_before_the_backbone_trains(flag, tmp_pa
     assert "[backbone] epoch" not in out.out and not (tmp_path / "run").exists()
 
 
+def test_a_backbone_checkpoint_of_another_size_is_one_line_naming_the_mismatch(tmp_path):
+    other = hiernet.CifarResNet(2, 72)  # n = 2; the run asks for n = 1 on the 72 shapes classes
+    torch.save({"model": other.state_dict()}, tmp_path / "other.pt")
+    argv = ["--dataset", "shapes", "--n", "1", "--split", "1", "--extra-blocks", "1", "--dry-run"]
+    argv += ["--out-dir", str(tmp_path / "run"), "--backbone-ckpt", str(tmp_path / "other.pt")]
+    with pytest.raises(SystemExit) as stop:  # common.fail: the message is the exit's, status 1, one line
+        hiernet.main(argv)
+    message = str(stop.value.code)
+    assert "\n" not in message and f"--backbone-ckpt {tmp_path / 'other.pt'}: does not fit this CifarResNet" in message
+    assert "Unexpected key(s)" in message  # the reason, not load_state_dict's first line ("Error(s) in ...")
+
+
 def test_a_run_from_before_elu_head_and_shortcut_resumes_as_it_trained(tmp_path):
     """An ELU run whose args.json predates --elu-head / --shortcut had no ELU before pooling and option-A
     shortcuts: a resume builds that backbone, not today's defaults (--elu-head on)."""
