@@ -392,10 +392,7 @@ def load_base_from(base, args, device):
     ckpt = common.load_checkpoint(path, device)
     if ckpt.get("epoch") != args.epochs:
         common.fail(f"--base-from {run_dir}: its base model stopped at epoch {ckpt.get('epoch')} of {args.epochs}")
-    try:
-        base.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        common.fail(f"--base-from {run_dir}: the base model does not fit: {str(e).splitlines()[0]}")
+    common.load_weights(base, ckpt.get("model", {}), f"--base-from {path}")
     print(f"[base] the trained base model of {run_dir} (epoch {ckpt['epoch']})", flush=True)
 
 

@@ -406,6 +406,13 @@ def test_base_from_reuses_an_earlier_runs_base_model_and_refuses_another_split(t
         ls.main([*argv, "--seed", "1", "--base-from", str(first), "--out-dir", str(tmp_path / "other")])
     with pytest.raises(SystemExit, match="no args.json"):
         ls.main([*argv, "--base-from", str(tmp_path), "--out-dir", str(tmp_path / "none")])
+    # A base checkpoint whose weights do not fit (altered after the run): one line with the reason.
+    checkpoint = first / "base" / "checkpoint.pt"
+    state = torch.load(checkpoint, weights_only=True)
+    state["model"] = {k: v for k, v in state["model"].items() if not k.startswith("head.")}
+    torch.save(state, checkpoint)
+    with pytest.raises(SystemExit, match=r"base/checkpoint.pt: does not fit this .*Missing key\(s\)"):
+        ls.main([*argv, "--base-from", str(first), "--out-dir", str(tmp_path / "altered")])
 
 
 def test_stage2_learning_rate_schedules():
