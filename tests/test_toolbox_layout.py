@@ -13,8 +13,6 @@ PROGRAMS = (*SCRIPTS, "grouping.py", "bench.py", *sorted(p.name for p in (ROOT /
 # Names that stay in common.py although one script alone uses them, each with its reason.
 ONE_SCRIPT_EXCEPTIONS = {
     "positive_fraction": "one of the argparse number checks that _number_check makes; the family stays together",
-    "load_weights": "the checkpoint family: a model's weights with the same one-line misfit error (_misfit) as "
-    "the resume code beside it",
 }
 
 
