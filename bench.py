@@ -342,10 +342,10 @@ def bench_hiernet(args, device):
 def bench_hdl_step(args, device):
     """hdl_stack.py's training images/s on CIFAR-100 with --compile: the model compiled alone (the loss's
     cross-entropies, centre loss and statistics as kernels of their own) against the model and loss as one."""
-    # The model and loss of hdl_stack.py's defaults on CIFAR-100 (Table 3's setting), through its own builders;
-    # the levels are experiment 6's 12 / 6 / 2 WordNet categories (only their counts matter here).
+    # The model and loss of hdl_stack.py's defaults on CIFAR-100 (Table 3's setting), through its own builders,
+    # with its levels: the WordNet table's categories (make_levels reads the data's name and class names only).
     hdl = hdl_stack.get_args(["--dataset", "cifar100", "--compile"])
-    levels = [argparse.Namespace(name=name, num_classes=k) for name, k in (("l1", 12), ("l2", 6), ("l3", 2))]
+    levels = hdl_stack.make_levels(argparse.Namespace(name="cifar100", class_names=hdl_stack.CIFAR100_CLASSES), hdl)
     hidden_sizes = hdl_stack.stack_hidden_sizes(hdl.stack_hidden, hdl, levels)
     rows = []
     for compile_loss in (False, True):
@@ -364,7 +364,7 @@ def bench_hdl_step(args, device):
         x = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device)
         x = x.contiguous(memory_format=torch.channels_last) if graph else x
         fine = torch.randint(0, 100, (args.batch,), device=device)
-        y = (fine, fine % 12, fine % 6, fine % 2)  # level labels of the right ranges: the speed ignores their values
+        y = (fine, *(level.labels(fine.cpu()).to(device) for level in levels))
         first = timed_first_steps(step, x, y, device)
         per_s = batch_images_per_s(step, x, y, args, device, "hdl-step")
         compiled = "model and loss" if compile_loss else "model"
@@ -374,6 +374,7 @@ def bench_hdl_step(args, device):
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     result = {"device": device_name, "torch": torch.__version__, "batch": args.batch, "image_size": args.image_size}
     result.update(steps=args.steps, warmup=args.warmup, rows=rows, command=args.command)
+    result["levels"] = {level.name: level.num_classes for level in levels}
     common.write_json(args.out, result)
     return result
 

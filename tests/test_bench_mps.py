@@ -115,3 +115,4 @@ def test_hdl_step_bench_times_the_model_compiled_alone_and_with_its_loss(tmp_pat
     ratio = result["rows"][1]["images_per_s"] / result["rows"][0]["images_per_s"]
     assert result["rows"][1]["over_model_alone"] == pytest.approx(ratio)
     assert result["command"].startswith("python bench.py --hdl-step")
+    assert result["levels"] == {"category12": 12, "category6": 6, "category2": 2}  # hdl_stack.py's own table
