@@ -311,6 +311,27 @@ def test_collect_lands_parked_stages_and_drops_them_once_the_run_finishes(tmp_pa
     assert not (results / "parked" / "job").exists() and (results / "job" / "metrics.json").is_file()
 
 
+def test_collect_replaces_only_run_directories(tmp_path, capsys):
+    """A finished run named like a folder of results/ that is no run (figures, parked, a user's) lands nowhere."""
+    gpu_runs = load("gpu_runs")
+    src, results = tmp_path / "out", tmp_path / "results"
+    for name in ("figures", "job"):
+        (src / name).mkdir(parents=True)
+        (src / name / "metrics.json").write_text("{}")
+        (src / name / "args.json").write_text("{}")
+        (src / f"{name}.run.json").write_text("{}")
+    (results / "figures").mkdir(parents=True)
+    (results / "figures" / "table1.png").write_text("png")
+    (results / "job").mkdir()
+    (results / "job" / "args.json").write_text('{"old": true}')  # an earlier landing of the job: replaced
+    assert gpu_runs.collect(src, results) == ["job"]
+    assert (results / "figures" / "table1.png").read_text() == "png" and not (
+        results / "figures" / "args.json"
+    ).exists()
+    assert json.loads((results / "job" / "args.json").read_text()) == {}
+    assert "skip figures:" in capsys.readouterr().out
+
+
 def test_collect_refuses_a_folder_that_is_no_unpacked_pack_and_says_when_nothing_landed(tmp_path, capsys):
     gpu_runs = load("gpu_runs")
     with pytest.raises(SystemExit) as stop:  # results.tar.gz not unpacked into it yet

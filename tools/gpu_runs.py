@@ -835,8 +835,12 @@ def collect(src, results=ROOT / "results"):
     results/<folder>/<rest of its name>/); returns their names."""
     src = Path(src)
     names = sorted(p.parent.name for p in src.glob("*/metrics.json") if (src / f"{p.parent.name}.run.json").exists())
-    for name in names:
+    for name in list(names):
         dst = landed_path(name, results)
+        if dst.exists() and not (dst / "args.json").is_file():  # results/figures, results/parked, a user's folder
+            print(f"skip {name}: {dst} exists and is not a run directory (no args.json); it is left as it is")
+            names.remove(name)
+            continue
         if dst.exists():
             shutil.rmtree(dst)
         shutil.copytree(
