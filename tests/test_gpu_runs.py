@@ -311,6 +311,28 @@ def test_collect_lands_parked_stages_and_drops_them_once_the_run_finishes(tmp_pa
     assert not (results / "parked" / "job").exists() and (results / "job" / "metrics.json").is_file()
 
 
+def test_collect_refuses_a_parked_pack_whose_members_lie_outside_a_jobs_folder(tmp_path):
+    """The old stages of each job named in the pack are deleted before it is unpacked: a member "../x" would
+    have named results/ itself."""
+    import io
+    import tarfile
+
+    gpu_runs = load("gpu_runs")
+    out, results = tmp_path / "out", tmp_path / "results"
+    out.mkdir()
+    (results / "figures").mkdir(parents=True)
+    (results / "figures" / "table1.png").write_text("png")
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        info = tarfile.TarInfo("../figures/x")
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"x"))
+    (out / "parked.tar.part00").write_bytes(buffer.getvalue())
+    with pytest.raises(SystemExit, match=r"members outside a job's folder \(\['\.\.'\]\)"):
+        gpu_runs.collect(out, results)
+    assert (results / "figures" / "table1.png").read_text() == "png"
+
+
 def test_collect_replaces_only_run_directories(tmp_path, capsys):
     """A finished run named like a folder of results/ that is no run (figures, parked, a user's) lands nowhere."""
     gpu_runs = load("gpu_runs")

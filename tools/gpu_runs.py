@@ -858,7 +858,11 @@ def collect(src, results=ROOT / "results"):
     parts = sorted(src.glob("parked.tar.part*"))
     if parts:  # stopped runs' finished stages (--park): results/parked/<name>, replaced as a whole
         with tarfile.open(fileobj=io.BytesIO(b"".join(p.read_bytes() for p in parts))) as tar:
-            for name in {member.name.split("/")[0] for member in tar.getmembers()}:
+            tops = {member.name.split("/")[0] for member in tar.getmembers()}
+            bad = sorted(t for t in tops if t in ("", ".", "..") or t.startswith("."))
+            if bad:  # each member lies under a job's folder; "..", "/..." would name results/ or parked/ itself
+                sys.exit(f"error: {parts[0]}: members outside a job's folder ({bad}); not a pack of this queue")
+            for name in tops:
                 shutil.rmtree(results / "parked" / name, ignore_errors=True)
             tar.extractall(results / "parked", filter="data")
     for name in names:  # a run that finished needs its parked stages no more
