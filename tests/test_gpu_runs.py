@@ -295,8 +295,12 @@ def test_collect_lands_parked_stages_and_drops_them_once_the_run_finishes(tmp_pa
     lines = [("a", 1), ("b", 1), ("a", 2), ("b", 2), ("a", 3)]
     (run / "metrics.jsonl").write_text("".join(json.dumps({"stage": s, "epoch": e}) + "\n" for s, e in lines))
     out, results = tmp_path / "out", tmp_path / "results"
+    (out / "parked").mkdir(parents=True)  # a folder of that name in --out (--out results: results/parked) stays
+    (out / "parked" / "mine.txt").write_text("keep")
     gpu_runs.pack(out, False, ["job"])
     assert [p.name for p in out.glob("parked.tar.part*")] == ["parked.tar.part00"]
+    assert (out / "parked" / "mine.txt").read_text() == "keep"
+    assert sorted(p.name for p in out.iterdir()) == ["parked", "parked.tar.part00", "results.tar.gz"]
     assert gpu_runs.collect(out, results) == []  # nothing finished: only the parked stages land
     assert (results / "parked" / "job" / "a" / "checkpoint.pt").is_file()
     assert not (results / "parked" / "job" / "b").exists()  # the stage in progress starts over

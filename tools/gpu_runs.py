@@ -74,6 +74,7 @@ import statistics
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -740,15 +741,15 @@ def pack(out, with_checkpoints, park_names=()):
                 cwd=RUNS,
                 check=True,
             )
-    staging = out / "parked"
+    staging = Path(tempfile.mkdtemp(prefix=".parked-", dir=out))  # ours alone: deleted once packed
     for name in park_names:
         run_dir = RUNS / name
         if run_dir.is_dir() and not (run_dir / "metrics.json").exists():
             stages = park(run_dir, staging / name, RUNS / f"{name}.run.json")
             print(f"park {name}: {', '.join(stages) or 'no finished stage'}", flush=True)
-    if staging.is_dir() and any(staging.iterdir()):
+    if any(staging.iterdir()):
         subprocess.run(f"tar cf - * | split -b 15m -d - {out}/parked.tar.part", shell=True, cwd=staging, check=True)
-        shutil.rmtree(staging)
+    shutil.rmtree(staging)
 
 
 # Runs collected into one folder of results/ together (prefix -> folder; each run a subfolder).
