@@ -302,6 +302,7 @@ def test_collect_lands_parked_stages_and_drops_them_once_the_run_finishes(tmp_pa
     assert (out / "parked" / "mine.txt").read_text() == "keep"
     assert sorted(p.name for p in out.iterdir()) == ["parked", "parked.tar.part00", "results.tar.gz"]
     assert gpu_runs.collect(out, results) == []  # nothing finished: only the parked stages land
+    assert [p.name for p in (results / "parked").iterdir()] == ["job"]  # the pack held the job alone
     assert (results / "parked" / "job" / "a" / "checkpoint.pt").is_file()
     assert not (results / "parked" / "job" / "b").exists()  # the stage in progress starts over
     parked_lines = (results / "parked" / "job" / "metrics.jsonl").read_text().splitlines()
