@@ -115,6 +115,12 @@ def get_args(argv=None):
     default_out = "results/bench_hiernet.json" if args.hiernet else "results/bench.json"
     args.out = args.out or ("results/bench_hdl_step.json" if args.hdl_step else default_out)
     args.config = args.config or ["resnet56:128", "resnet56:512", "vgg16:128"]
+    for flag, path in (("--out", args.out), ("--mps-out", args.mps_out)):  # before minutes of timing, not after
+        folder = Path(path).parent
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        if Path(path).is_dir() or not folder.is_dir() or not os.access(folder, os.W_OK):
+            p.error(f"{flag} {path}: cannot write a file there (a folder of that name, or no writable folder)")
     return args
 
 

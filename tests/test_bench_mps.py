@@ -116,3 +116,12 @@ def test_hdl_step_bench_times_the_model_compiled_alone_and_with_its_loss(tmp_pat
     assert result["rows"][1]["over_model_alone"] == pytest.approx(ratio)
     assert result["command"].startswith("python bench.py --hdl-step")
     assert result["levels"] == {"category12": 12, "category6": 6, "category2": 2}  # hdl_stack.py's own table
+
+
+def test_an_output_path_that_cannot_be_written_is_refused_before_the_timing(tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    for flag, path in (("--out", tmp_path / "afile" / "x.json"), ("--out", tmp_path), ("--mps-out", tmp_path)):
+        with pytest.raises(SystemExit) as stop:
+            bench.get_args([flag, str(path), "--device", "cpu"])
+        assert stop.value.code == 2 and f"{flag} {path}: cannot write a file there" in capsys.readouterr().err
+    assert bench.get_args(["--out", str(tmp_path / "new" / "x.json")]).out == str(tmp_path / "new" / "x.json")
