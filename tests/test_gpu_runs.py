@@ -43,7 +43,7 @@ def test_an_alone_job_gets_an_empty_gpu_and_keeps_it_to_itself():
     assert gpu_runs.pick_gpu("d", {"timed": 0}, gpus=1, per_gpu=4, alone=alone) is None
 
 
-def test_scaling_result_rebuilt_from_a_cut_log_with_speedups(tmp_path):
+def test_scaling_result_rebuilt_from_a_cut_log_with_speedups(tmp_path, capsys):
     scaling = load("scaling")
     rows = [
         {"name": "1gpu", "gpus": 1, "per_gpu_batch": 64, "images_per_s": 100, "wall_seconds": 30.0},
@@ -51,12 +51,20 @@ def test_scaling_result_rebuilt_from_a_cut_log_with_speedups(tmp_path):
         {"name": "1gpu", "gpus": 1, "models": 4, "wall_seconds": 50.0},
     ]
     log = tmp_path / "scaling.log"
-    log.write_text("$ python hdl_stack.py ...\n" + "\n".join(json.dumps(r) for r in rows) + "\n$ torchrun ...\n")
+    # The log ends with a row cut short by the call's end and holds a JSON line that is no measurement.
+    cut = '{"name": "2gpu_sweep", "gpus": 2, "mod'
+    log.write_text('$ python hdl_stack.py ...\n{"note": 1}\n' + "\n".join(json.dumps(r) for r in rows) + f"\n{cut}")
     out = tmp_path / "scaling.json"
+    (tmp_path / "scaling.tmp").write_text("a user's file")
     result = scaling.from_log(log, out, "GPU", "2.11", 2)
     assert json.loads(out.read_text()) == result
     assert [r["name"] for r in result["ddp"]] == ["1gpu", "2gpu"] and len(result["sweep"]) == 1
     assert [r["wall_speedup_vs_first"] for r in result["ddp"]] == [1.0, 1.5]
+    assert (tmp_path / "scaling.tmp").read_text() == "a user's file"  # the atomic write's temp is its own
+    for argv, message in ((["--gpus", "0"], "--gpus: '0'"), (["--from-log", str(tmp_path / "no")], "no such file")):
+        with pytest.raises(SystemExit) as stop:
+            scaling.main(argv)
+        assert stop.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_a_job_waits_for_the_run_it_reads_and_an_orphan_stops_the_queue(tmp_path, capsys):

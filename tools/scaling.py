@@ -31,6 +31,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def count(text):
+    """argparse type: a whole number of at least 1 (GPUs, epochs, runs, processes)."""
+    if not text.strip().lstrip("+").isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: want a whole number of at least 1")
+    return int(text)
+
+
 def torchrun(gpus):
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(gpus), "--"]
 
@@ -58,21 +65,25 @@ def epoch_rate(run_dir):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--gpus", type=int, default=2, help="GPUs of the multi-GPU runs")
+    p.add_argument("--gpus", type=count, default=2, help="GPUs of the multi-GPU runs")
     p.add_argument("--data-dir", default="data")
     p.add_argument("--runs-dir", default="runs/scaling")
-    p.add_argument("--epochs", type=int, default=3, help="hdl_stack epochs per ddp measurement")
-    p.add_argument("--sweep-epochs", type=int, default=2, help="merged_resnet epochs per model")
-    p.add_argument("--sweep-depth", type=int, default=56, help="merged_resnet backbone depth")
-    p.add_argument("--sweep-runs", type=int, default=2, help="merged_resnet runs per architecture")
+    p.add_argument("--epochs", type=count, default=3, help="hdl_stack epochs per ddp measurement")
+    p.add_argument("--sweep-epochs", type=count, default=2, help="merged_resnet epochs per model")
+    p.add_argument("--sweep-depth", type=count, default=56, help="merged_resnet backbone depth")
+    p.add_argument("--sweep-runs", type=count, default=2, help="merged_resnet runs per architecture")
     p.add_argument("--sweep-architectures", nargs="+", default=["separate", "merge-1"])
-    p.add_argument("--sweep-per-gpu", type=int, default=1, help="also time this many sweep processes per GPU")
+    p.add_argument("--sweep-per-gpu", type=count, default=1, help="also time this many sweep processes per GPU")
     p.add_argument("--skip", nargs="*", default=[], choices=("ddp", "sweep"))
     p.add_argument("--out", default="results/scaling.json")
     p.add_argument("--from-log", default=None, metavar="LOG", help="rebuild --out from a log's printed rows")
     p.add_argument("--device-name", default="NVIDIA H100 80GB HBM3", help="with --from-log: the GPU it ran on")
     p.add_argument("--torch", default=None, help="with --from-log: the torch version it ran with")
     a = p.parse_args(argv)
+    if Path(a.out).is_dir() or (Path(a.out).parent.exists() and not Path(a.out).parent.is_dir()):
+        p.error(f"--out {a.out}: cannot write a file there")
+    if a.from_log and not Path(a.from_log).is_file():
+        p.error(f"--from-log {a.from_log}: no such file")
     if a.from_log:
         from_log(a.from_log, a.out, a.device_name, a.torch, a.gpus)
         print(f"wrote {a.out}")
@@ -155,7 +166,7 @@ def write(result, out):
             r["wall_speedup_vs_first"] = round(rows[0]["wall_seconds"] / r["wall_seconds"], 2)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
+    tmp = out.with_name(out.name + ".scaling-tmp")  # ours alone, never a user's *.tmp
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     tmp.replace(out)
 
@@ -164,8 +175,11 @@ def from_log(log, out, device, torch_version, gpus):
     """Rebuild --out from the measurement rows printed in a log (a call that ended before the last)."""
     result = {"device": device, "gpus": gpus, "torch": torch_version, "ddp": [], "sweep": [], "from_log": str(log)}
     for line in Path(log).read_text().splitlines():
-        if line.startswith("{"):
-            row = json.loads(line)
+        try:
+            row = json.loads(line) if line.startswith("{") else None
+        except ValueError:  # a line cut short when the call ended
+            continue
+        if isinstance(row, dict) and "wall_seconds" in row:  # a measurement's row, as main prints it
             result["ddp" if "per_gpu_batch" in row else "sweep"].append(row)
     write(result, out)
     return result
