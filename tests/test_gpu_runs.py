@@ -83,6 +83,30 @@ def test_a_job_waits_for_the_run_it_reads_and_an_orphan_stops_the_queue(tmp_path
     assert "nothing can start: orphan (after never-queued)" in capsys.readouterr().out
 
 
+def test_relative_folders_are_the_callers_and_bad_ones_are_refused(tmp_path, monkeypatch, capsys):
+    """The queue runs from the checkout's root; --out, --runs-dir and --data-root name folders from where it was
+    called (a relative --out once landed in the checkout)."""
+    gpu_runs = load("gpu_runs")
+    code = "import sys, pathlib; d = pathlib.Path(sys.argv[-1]); d.mkdir(); (d / 'metrics.json').write_text('{}')"
+    gpu_runs.JOBS = {"job": ["-c", code]}
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data_root").mkdir()
+    argv = ["--only", "job", "--no-mps", "--budget", "120", "--runs-dir", "runs", "--out", "pack"]
+    gpu_runs.main([*argv, "--data-root", "data_root"])
+    assert (tmp_path / "runs" / "job" / "metrics.json").is_file() and (tmp_path / "pack" / "results.tar.gz").is_file()
+    assert not (ROOT / "pack").exists()
+    (tmp_path / "afile").write_text("x")
+    for extra, message in (
+        (["--out", "afile"], "--out afile is a file, not a folder"),
+        (["--data-root", "missing"], "--data-root"),
+        (["--budget", "nan"], "--budget nan: a number of seconds"),
+    ):
+        monkeypatch.chdir(tmp_path)  # main moved to the checkout's root
+        with pytest.raises(SystemExit) as stop:
+            gpu_runs.main([*argv, *extra])
+        assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
 FAKE_RUN = """
 import json, pathlib, sys
 argv = sys.argv[1:]

@@ -935,8 +935,18 @@ def main(argv=None):
     if a.plan is not None:
         print("\n".join(plan(jobs, a.plan, a.parallel, a.park, a.try_, a.alone)))
         return
+    if not a.budget < float("inf"):  # nan, inf
+        p.error(f"--budget {a.budget:g}: a number of seconds")
     if a.budget < 60 and not (a.collect or a.list):  # the queue stops its jobs 30 s before the deadline
         p.error(f"--budget {a.budget:g}: seconds, not minutes; under 60 no job has time to start")
+    # The folders, as the caller means them: the queue runs from the checkout's root (os.chdir below).
+    for flag in ("out", "runs_dir", "data_root"):
+        path = getattr(a, flag)
+        if path is not None and Path(path).exists() and not Path(path).is_dir():
+            p.error(f"--{flag.replace('_', '-')} {path} is a file, not a folder")
+        setattr(a, flag, path and str(Path(path).resolve()))
+    if a.data_root and not Path(a.data_root).is_dir() and not (a.collect or a.list):
+        p.error(f"--data-root {a.data_root}: no such folder")
     global RUNS
     if a.runs_dir:
         RUNS = Path(a.runs_dir).resolve()
