@@ -353,17 +353,17 @@ def bench_hdl_step(args, device):
     hdl = hdl_stack.get_args(["--dataset", "cifar100", "--compile"])
     levels = hdl_stack.make_levels(argparse.Namespace(name="cifar100", class_names=hdl_stack.CIFAR100_CLASSES), hdl)
     hidden_sizes = hdl_stack.stack_hidden_sizes(hdl.stack_hidden, hdl, levels)
+    lambdas = hdl_stack.level_weights(hdl, levels)
+    loss_fn = hdl_stack.make_hdl_loss_fn(
+        hdl.lambda_center, hdl.lambda_fine, lambdas, hdl.center_update, hdl.center_alpha, hdl.center_features
+    )
+    graph = device.type == "cuda"
     rows = []
     for compile_loss in (False, True):
         common.seed_everything(0)
         torch._dynamo.reset()
         model = hdl_stack.build_model(hdl, 100, levels, hidden_sizes, device, with_stacks=True).train()
-        lambdas = hdl_stack.level_weights(hdl, levels)
-        loss_fn = hdl_stack.make_hdl_loss_fn(
-            hdl.lambda_center, hdl.lambda_fine, lambdas, hdl.center_update, hdl.center_alpha, hdl.center_features
-        )
         opt = common.make_adam(model.parameters(), hdl.lr, device=device)
-        graph = device.type == "cuda"
         step = common.make_train_step(
             model, loss_fn, opt, device=device, cuda_graph=graph, compile=True, compile_loss=compile_loss
         )

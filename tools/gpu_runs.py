@@ -835,13 +835,14 @@ def collect(src, results=ROOT / "results"):
     """Copy the finished runs unpacked in src into results/<name>/ (a GROUPED run into
     results/<folder>/<rest of its name>/); returns their names."""
     src = Path(src)
-    names = sorted(p.parent.name for p in src.glob("*/metrics.json") if (src / f"{p.parent.name}.run.json").exists())
-    for name in list(names):
+    finished = sorted(p.parent.name for p in src.glob("*/metrics.json") if (src / f"{p.parent.name}.run.json").exists())
+    names = []
+    for name in finished:
         dst = landed_path(name, results)
         if dst.exists() and not (dst / "args.json").is_file():  # results/figures, results/parked, a user's folder
             print(f"skip {name}: {dst} exists and is not a run directory (no args.json); it is left as it is")
-            names.remove(name)
             continue
+        names.append(name)
         if dst.exists():
             shutil.rmtree(dst)
         shutil.copytree(
@@ -949,7 +950,7 @@ def main(argv=None):
         p.error(f"--data-root {a.data_root}: no such folder")
     global RUNS
     if a.runs_dir:
-        RUNS = Path(a.runs_dir).resolve()
+        RUNS = Path(a.runs_dir)
     if a.collect:
         if not Path(a.collect).is_dir():
             p.error(f"--collect {a.collect}: no such folder (unpack results.tar.gz into it first)")
