@@ -635,6 +635,21 @@ def test_speed_block_shows_a_rerun_on_another_card_and_the_mps_probe(tmp_path):
     assert text.count("The same measurement") == 1  # the MPS file is not taken for a rerun
 
 
+def test_speed_block_shows_the_hdl_step_bench_and_takes_it_for_no_other_table(tmp_path):
+    tool = load_tool()
+    rows = [
+        {"compiled": "model", "images_per_s": 1000.4, "first_steps_s": 5.5},
+        {"compiled": "model and loss", "images_per_s": 1250.0, "first_steps_s": 3.2, "over_model_alone": 1.2495},
+    ]
+    step = {"device": "Card X", "torch": "t", "batch": 64, "image_size": 32, "steps": 2000, "warmup": 30}
+    step.update(rows=rows, command="python bench.py --hdl-step", levels={"category12": 12, "category2": 2})
+    (tmp_path / "bench_hdl_step.json").write_text(json.dumps(step))
+    text = "\n".join(tool.speed_block(tmp_path))
+    assert "hdl_stack.py's training step on one Card X" in text and "levels category12 12, category2 2" in text
+    assert "| model | 1000 | 1.00 | 5.5 |" in text and "| model and loss | 1250 | 1.25 | 3.2 |" in text
+    assert "The same measurement" not in text and "through MPS" not in text
+
+
 def test_sweep_rule_waits_for_every_queued_cell(tmp_path):
     tool = load_tool()
     sweep = tmp_path / "hdl_sweep_cifar100"  # the queue's folder: its cells are gpu_runs' hdl_sweep_cifar100_* jobs

@@ -1960,7 +1960,7 @@ def speed_block(results):
         ]
         lines.append("")
         lines += figure_lines(results, ("bench.png", "bench.py: usual loop, ours, model-only ceiling"))
-    lines += bench_reruns(results) + bench_mps(results)
+    lines += bench_reruns(results) + bench_mps(results) + bench_hdl_step(results)
     bench = results / "bench_hiernet.json"
     if bench.exists():
         b = json.loads(bench.read_text())
@@ -2057,6 +2057,30 @@ def bench_mps(results):
                 [
                     [r["backbone"], r["batch"], r.get("optimizer", "sgd"), r["k"], f"{r['total_images_per_s']:.0f}"]
                     + [" / ".join(f"{v:.0f}" for v in r["per_process_images_per_s"]), f2(r["total_over_one"])]
+                    for r in b["rows"]
+                ],
+            ),
+            "",
+        ]
+    return lines
+
+
+def bench_hdl_step(results):
+    """bench.py --hdl-step: hdl_stack.py's compiled train step, the model compiled alone against model and loss."""
+    lines = []
+    for path in sorted(results.glob("bench_hdl_step*.json")):
+        b = json.loads(path.read_text())
+        levels = ", ".join(f"{name} {k}" for name, k in b["levels"].items())
+        lines += [
+            f"hdl_stack.py's training step on one {b['device']}, torch {b['torch']} (`{b['command']}`, compiled, "
+            f"CUDA graph, fused Adam, {b['steps']} steps of batch {b['batch']} on random {b['image_size']}x"
+            f"{b['image_size']} images, 100 classes, levels {levels}; `results/{path.name}`):",
+            "",
+            *table(
+                ["compiled", "images/s", "over the model alone", "first 4 steps, compiling (s)"],
+                [
+                    [r["compiled"], f"{r['images_per_s']:.0f}", f2(r.get("over_model_alone", 1.0))]
+                    + [f"{r['first_steps_s']:.1f}"]
                     for r in b["rows"]
                 ],
             ),
