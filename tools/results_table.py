@@ -2073,7 +2073,7 @@ def bench_hdl_step(results):
         levels = ", ".join(f"{name} {k}" for name, k in b["levels"].items())
         lines += [
             f"hdl_stack.py's training step on one {b['device']}, torch {b['torch']} (`{b['command']}`, compiled, "
-            f"CUDA graph, fused Adam, {b['steps']} steps of batch {b['batch']} on random {b['image_size']}x"
+            f"{b['steps']} steps of batch {b['batch']} on random {b['image_size']}x"
             f"{b['image_size']} images, 100 classes, levels {levels}; `results/{path.name}`):",
             "",
             *table(
