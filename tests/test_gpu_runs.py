@@ -366,9 +366,13 @@ def test_collect_refuses_a_parked_pack_whose_members_lie_outside_a_jobs_folder(t
         info.size = 1
         tar.addfile(info, io.BytesIO(b"x"))
     (out / "parked.tar.part00").write_bytes(buffer.getvalue())
+    (out / "job").mkdir()  # a finished run beside the bad pack: nothing lands before the pack is checked
+    (out / "job" / "metrics.json").write_text("{}")
+    (out / "job.run.json").write_text("{}")
     with pytest.raises(SystemExit, match=r"members outside a job's folder \(\['\.\.'\]\)"):
         gpu_runs.collect(out, results)
     assert (results / "figures" / "table1.png").read_text() == "png"
+    assert not (results / "job").exists()
 
 
 def test_collect_replaces_only_run_directories(tmp_path, capsys):

@@ -839,6 +839,14 @@ def collect(src, results=ROOT / "results"):
     """Copy the finished runs unpacked in src into results/<name>/ (a GROUPED run into
     results/<folder>/<rest of its name>/); returns their names."""
     src = Path(src)
+    parts = sorted(src.glob("parked.tar.part*"))
+    parked = io.BytesIO(b"".join(p.read_bytes() for p in parts)) if parts else None
+    if parked:  # checked before anything lands: each member lies under a job's folder
+        with tarfile.open(fileobj=parked) as tar:
+            tops = {member.name.split("/")[0] for member in tar.getmembers()}
+        bad = sorted(t for t in tops if t == "" or t.startswith("."))  # "..", "/..." would name results/ or parked/
+        if bad:
+            sys.exit(f"error: {parts[0]}: members outside a job's folder ({bad}); not a pack of this queue")
     finished = sorted(p.parent.name for p in src.glob("*/metrics.json") if (src / f"{p.parent.name}.run.json").exists())
     names = []
     for name in finished:
@@ -861,15 +869,11 @@ def collect(src, results=ROOT / "results"):
             shutil.copy(src / f"{name}.log", dst / "train.log")
         for stage in [d for d in dst.iterdir() if d.is_dir() and not any(d.iterdir())]:
             stage.rmdir()  # a stage folder that held only its checkpoint
-    parts = sorted(src.glob("parked.tar.part*"))
-    if parts:  # stopped runs' finished stages (--park): results/parked/<name>, replaced as a whole
-        with tarfile.open(fileobj=io.BytesIO(b"".join(p.read_bytes() for p in parts))) as tar:
-            tops = {member.name.split("/")[0] for member in tar.getmembers()}
-            bad = sorted(t for t in tops if t in ("", ".", "..") or t.startswith("."))
-            if bad:  # each member lies under a job's folder; "..", "/..." would name results/ or parked/ itself
-                sys.exit(f"error: {parts[0]}: members outside a job's folder ({bad}); not a pack of this queue")
-            for name in tops:
-                shutil.rmtree(results / "parked" / name, ignore_errors=True)
+    if parked:  # stopped runs' finished stages (--park): results/parked/<name>, replaced as a whole
+        for name in tops:
+            shutil.rmtree(results / "parked" / name, ignore_errors=True)
+        parked.seek(0)
+        with tarfile.open(fileobj=parked) as tar:
             tar.extractall(results / "parked", filter="data")
     for name in names:  # a run that finished needs its parked stages no more
         shutil.rmtree(results / "parked" / name, ignore_errors=True)
