@@ -154,7 +154,7 @@ def test_severity_column_only_where_a_run_carries_it(tmp_path):
     after = tool.section(tmp_path)
 
     hdl = after.split("### Hierarchical deep loss")[1].split("\n\n")[1].splitlines()
-    assert hdl[0].endswith(f"| wall | {tool.SEVERITY_HEADER} |") and hdl[1] == "| --- " * 7 + "|"
+    assert hdl[0].endswith(f"| wall, card, commit | {tool.SEVERITY_HEADER} |") and hdl[1] == "| --- " * 7 + "|"
     shapes_row = next(line for line in hdl if "--dataset shapes" in line)
     cifar_row = next(line for line in hdl if "--dataset cifar10" in line)
     assert shapes_row.endswith("| baseline 1.50, hdl - |")
@@ -184,6 +184,7 @@ def test_cifar100_rows_say_not_run_and_the_hdl_sweep_table_is_included(tmp_path)
     for run in (
         "merged_resnet_cifar100_resnet164",
         "coarse_outer_product_cifar100",
+        "hdl_cifar100_baseline_800",
         "hdl_cifar100_hdl_800",
         "hdl_cifar100_sweep_pick_800",
     ):
@@ -198,6 +199,40 @@ def test_cifar100_rows_say_not_run_and_the_hdl_sweep_table_is_included(tmp_path)
         "| variant (heads/update/features/alpha) | lambda0 |"
     )
     assert "held out (`tools/results_table.py --sweep-table`):\n\n" + "\n".join(expected) in text
+
+
+def test_hdl_800_baseline_row_reads_its_run_and_goes_beside_each_hdl_row(tmp_path):
+    """Table 3's baseline is a run of its own: its row has its command, fine error, the fine softmax summed per
+    level (it has no level heads), wall, card and commit; each HDL row's baseline column is its fine error."""
+    tool = load_tool()
+    run = tmp_path / "hdl_cifar100_baseline_800"
+    run.mkdir()
+    summed = {"category12": 12.5, "category6": 11.25, "category2": 1.5}
+    m = {"dataset": "cifar100", "baseline": {"fine_error": 29.5, "summed_fine_level_error": summed}}
+    (run / "metrics.json").write_text(json.dumps(m))
+    info = {
+        "command": "python hdl_stack.py --method baseline",
+        "device": {"gpu": "NVIDIA H100 80GB HBM3", "torch": "2.11"},
+    }
+    info |= {
+        "wall_seconds": 1362.0,
+        "calls": [{"seconds": 1362.0, "jobs_sharing_gpu": 1, "git_commit": "abcdef0123", "git_dirty": False}],
+    }
+    (run / "run.json").write_text(json.dumps(info))
+    hdl = tool.section(tmp_path).split("#### Hierarchical deep loss")[1].split("\n\n")[1].splitlines()
+    row = next(line for line in hdl if "--method baseline" in line).split(" | ")
+    assert row[1:4] == ["29.50", "", "fine summed: category12 12.50, category6 11.25, category2 1.50"]
+    assert row[5] == "22.7 min, H100, abcdef0 |"
+    assert "`hdl_cifar100_baseline_800`" not in "\n".join(hdl)
+    # An HDL run landed: the baseline's fine error goes beside it.
+    run = tmp_path / "hdl_cifar100_hdl_800"
+    run.mkdir()
+    hdl_result = {"fine_error": 30.25, "level_error": summed, "violation_rate": {"with_fine": 2.0}}
+    (run / "metrics.json").write_text(json.dumps({"dataset": "cifar100", "hdl": hdl_result}))
+    (run / "run.json").write_text(json.dumps(info | {"command": "python hdl_stack.py"}))
+    hdl = tool.section(tmp_path).split("#### Hierarchical deep loss")[1].split("\n\n")[1].splitlines()
+    row = next(line for line in hdl if "`python hdl_stack.py` (800" in line).split(" | ")
+    assert row[1:3] == ["29.50", "30.25"] and row[4:6] == ["2.00", "22.7 min, H100, abcdef0 |"]
 
 
 def plant_sweep_run(run, config, fine_error, epochs=40):
