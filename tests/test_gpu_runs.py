@@ -168,6 +168,23 @@ def test_collect_puts_the_hdl_sweep_cells_into_one_folder(tmp_path):
         assert argv[argv.index("--stem") + 1] == "cifar" and argv[argv.index("--epochs") + 1] == "40"
 
 
+def test_hdl_gap_checks_land_where_results_table_reads_them_and_hold_out_validation():
+    """The readings of the gap to Table 3 run on the held-out tenth (never the test set), each differing from
+    its reference in the one setting it tests, and land where results_table.GAP_CHECKS reads them."""
+    gpu_runs, tool = load("gpu_runs"), load("results_table")
+    for run, _, reference in tool.GAP_CHECKS:
+        name = "hdl_gap_cifar100_" + run.split("/")[1]
+        argv = gpu_runs.JOBS[name]
+        assert argv[argv.index("--val-fraction") + 1] == "0.1" and gpu_runs.expected_minutes(name)
+        assert gpu_runs.landed_path(name, Path("r")) == Path("r") / run
+        if reference:  # the reference is a landed job's run: the same flags but the one tested
+            base = gpu_runs.JOBS["hdl_stem_cifar100_" + reference.split("/")[1]]
+            assert [a for a in argv if a not in base] == ["--dtype", "fp32"]
+    stem = gpu_runs.JOBS["hdl_gap_cifar100_imagenet_stem_800"]
+    paper = gpu_runs.JOBS["hdl_cifar100_baseline_800"]
+    assert [a for a in stem if a not in paper] == ["--stem", "imagenet", "--val-fraction", "0.1"]
+
+
 def test_stage2_seed_variants_differ_from_their_base_runs_seed():
     # A base run's own stage 2 is seeded with its --seed: a variant repeating it is not a new seed.
     gpu_runs = load("gpu_runs")

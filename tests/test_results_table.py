@@ -235,6 +235,45 @@ def test_hdl_800_baseline_row_reads_its_run_and_goes_beside_each_hdl_row(tmp_pat
     assert row[1:3] == ["29.50", "30.25"] and row[4:6] == ["2.00", "22.7 min, H100, abcdef0 |"]
 
 
+def test_hdl_gap_block_applies_its_rule_to_each_landed_reading(tmp_path):
+    """Each reading of the gap: its validation error, the lowest point of its curve (metrics.jsonl), and
+    GAP_RULE's verdict against its reference (Table 3's 35.70, or a run not landed yet)."""
+    tool = load_tool()
+
+    def plant(run, fine_error, curve=()):
+        path = tmp_path / run
+        path.mkdir(parents=True)
+        m = {"epochs": 800, "baseline": {"fine_error": fine_error, "final_train_acc": {"train_acc": 99.5}}}
+        (path / "metrics.json").write_text(json.dumps(m))
+        lines = [json.dumps({"epoch": e, "val_fine_acc": 100 - err}) for e, err in enumerate(curve, 1)]
+        (path / "metrics.jsonl").write_text("\n".join(lines + [json.dumps({"epoch": 9, "loss": 1.0})]) + "\n")
+
+    def rows():
+        lines = tool.hdl_gap_block(tmp_path)
+        return [line.split(" | ") for line in lines if line.startswith(("| the settings", "| fp32"))]
+
+    assert all("not run yet" in r[1] for r in rows()) and len(rows()) == 2
+    plant("hdl_gap_cifar100/imagenet_stem_800", 36.5, curve=(50.0, 34.25, 36.5))
+    plant("hdl_gap_cifar100/fp32_40", 33.5)
+    stem, fp32 = rows()
+    assert stem[3:7] == ["36.50", "34.25 (epoch 2)", "99.50", "Table 3: 35.70; accounts for it"]
+    assert (
+        fp32[3] == "33.50"
+        and fp32[4] == ""
+        and fp32[6] == "`hdl_stem_cifar100/cifar_baseline`: not run yet; no reference yet"
+    )
+    plant("hdl_stem_cifar100/cifar_baseline", 33.0)
+    assert rows()[1][6] == "`hdl_stem_cifar100/cifar_baseline`: 33.00; does not"
+    (tmp_path / "hdl_gap_cifar100/fp32_40/metrics.json").write_text(
+        json.dumps({"epochs": 40, "baseline": {"fine_error": 35.25}})
+    )
+    assert rows()[1][6].endswith("33.00; accounts for it")
+    (tmp_path / "hdl_gap_cifar100/imagenet_stem_800/metrics.json").write_text(
+        json.dumps({"epochs": 800, "baseline": {"fine_error": 48.0}})
+    )
+    assert rows()[0][6] == "Table 3: 35.70; does not"
+
+
 def plant_sweep_run(run, config, fine_error, epochs=40):
     """A --val-fraction run of hdl_stack.py as metrics.json records it: the baseline (config None) or one
     HDL cell (center_update, center_features, lambda0)."""
