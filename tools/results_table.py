@@ -1955,7 +1955,7 @@ def hdl_stack_block(results):
                 f2(m["hdl"]["fine_error"]),
                 levels,
                 f2(m["hdl"]["violation_rate"]["with_fine"]),
-                f"{wall(info)}, {commit_cell(info)}",
+                made_cell(results / run),
                 severity_cell(m),
             ]
         )
@@ -2006,6 +2006,7 @@ def hdl_stack_block(results):
             "hdl_cifar100_baseline_800_fine_error.png",
             "CIFAR-100, 800 epochs: training fine error per epoch, test at the end",
         ),
+        ("hdl_cifar100_hdl_800_fine_error.png", "CIFAR-100, 800 epochs, HDL: training fine error per epoch, test"),
         ("hdl_stack_cifar10_fine_error.png", "CIFAR-10 fine error per epoch, baseline vs HDL"),
     )
     sweep = results / "hdl_sweep_cifar100"
