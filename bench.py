@@ -58,9 +58,9 @@ import hiernet
 import merged_resnet
 
 BACKBONES = {
-    "resnet20": lambda: hiernet.CifarResNet(3, 10),
-    "resnet56": lambda: hiernet.CifarResNet(9, 10),
-    "resnet110": lambda: hiernet.CifarResNet(18, 10),
+    "resnet20": lambda: common.CifarResNet(3, 10),
+    "resnet56": lambda: common.CifarResNet(9, 10),
+    "resnet110": lambda: common.CifarResNet(18, 10),
     "vgg16": lambda: common.VGG(16, 10),
     "preact164": lambda: merged_resnet.PreActResNetCifar(164, 10),
     "densenet100": lambda: merged_resnet.DenseNetBC(100, 12, 10),
@@ -235,7 +235,7 @@ def bench_ours(name, batch, images, labels, args, device, ceiling=False):
 
 def compile_arg(args):
     """make_train_step's compile for --compile: the whole model, or every residual block."""
-    blocks = (hiernet.CifarBasicBlock, hiernet.GroupedBlock, hiernet.TreeNode)
+    blocks = (common.CifarBasicBlock, hiernet.GroupedBlock, hiernet.TreeNode)
     return {None: False, "whole": True, "regional": blocks}[args.compile]
 
 
@@ -287,7 +287,7 @@ def bench_hiernet(args, device):
         common.fail(
             f"--hiernet-split {args.hiernet_split} / --hiernet-extra {args.hiernet_extra} do not fit n={args.hiernet_n}"
         )
-    backbone = hiernet.CifarResNet(args.hiernet_n, 100)
+    backbone = common.CifarResNet(args.hiernet_n, 100)
     rows = [{"model": "backbone", "groups": 0, "images_per_s": None}]
     common.seed_everything(0)
     step, x, y, rows[0]["first_steps_s"] = random_batch_step(

@@ -914,7 +914,8 @@ class GpuLoader:
 
 
 # =============================================================================================
-# 3. Backbones shared by several scripts: the interface (stem, stages, head), VGG, weight init.
+# 3. Backbones shared by several scripts: the interface (stem, stages, head), He et al.'s CIFAR ResNet
+#    (hiernet.py's backbone, bench.py's), VGG, weight init.
 #    A backbone that one script uses lives in that script.
 # =============================================================================================
 
@@ -952,6 +953,72 @@ class Backbone(nn.Module):
 
     def forward(self, x):
         return self.head.fc(self.features(x))
+
+
+class ShortcutA(nn.Module):
+    """He et al.'s option A: subsample and pad the new channels with zeros (no parameters)."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.stride, self.extra = stride, cout - cin
+
+    def forward(self, x):
+        if self.stride > 1:
+            x = x[:, :, :: self.stride, :: self.stride]
+        if self.extra:
+            x = F.pad(x, (0, 0, 0, 0, self.extra // 2, self.extra - self.extra // 2))
+        return x
+
+
+class CifarBasicBlock(nn.Module):
+    """conv-BN-ReLU-conv-BN + shortcut, ReLU (He et al. 2016).
+
+    With elu=True, the block of Shah et al. (2016): conv-ELU-conv-BN + shortcut, no
+    activation after the addition."""
+
+    def __init__(self, cin, cout, stride=1, elu=False):
+        super().__init__()
+        self.elu = elu
+        self.conv1, self.conv2 = conv3x3(cin, cout, stride), conv3x3(cout, cout)
+        self.bn1 = nn.Identity() if elu else nn.BatchNorm2d(cout)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = ShortcutA(cin, cout, stride) if (stride > 1 or cin != cout) else nn.Identity()
+
+    def forward(self, x):
+        if self.elu:
+            out = self.bn2(self.conv2(F.elu(self.conv1(x))))
+            return out + self.shortcut(x)
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class CifarResNet(Backbone):
+    """The 6n+2-layer CIFAR ResNet of He et al. (2016), widths 16/32/64, option-A shortcuts.
+
+    n = 3, 5, 7, 9, 18 gives ResNet-20, 32, 44, 56, 110. `blocks` lists the 3n residual blocks
+    in order, which is what HierNet splits."""
+
+    def __init__(self, n=3, num_classes=10, elu=False, in_channels=3):
+        super().__init__()
+        self.n, self.elu = n, elu
+        act = nn.ELU() if elu else nn.ReLU()
+        self.stem = nn.Sequential(conv3x3(in_channels, 16), nn.BatchNorm2d(16), act)
+        stages, cin = [], 16
+        for i, width in enumerate((16, 32, 64)):
+            blocks = []
+            for j in range(n):
+                stride = 2 if (i > 0 and j == 0) else 1
+                blocks.append(CifarBasicBlock(cin, width, stride, elu))
+                cin = width
+            stages.append(nn.Sequential(*blocks))
+        self.stages = nn.ModuleList(stages)
+        self.head = Head(64, num_classes)
+        init_weights(self)
+
+    @property
+    def blocks(self):
+        return [b for stage in self.stages for b in stage]
 
 
 VGG_CONFIGS = {

@@ -351,7 +351,7 @@ def bn_one(bn, x, g, groups):
 
 
 class GroupedBlock(nn.Module):
-    """G copies of a `CifarBasicBlock` (one per branch, same shapes) as one module.
+    """G copies of a `common.CifarBasicBlock` (one per branch, same shapes) as one module.
 
     Input B x (G cin) x H x W (branch g's channels at g cin ... (g+1) cin), or B x cin x H x W
     with `shared_input` (every branch reads the same features, e.g. the trunk's); output
@@ -373,7 +373,7 @@ class GroupedBlock(nn.Module):
                 stacked_conv([b.shortcut[0] for b in blocks], shared_input), stacked_bn([b.shortcut[1] for b in blocks])
             )
         else:  # option A (subsample, zero channels) or identity
-            self.stride, self.pad = (sc.stride, sc.extra) if isinstance(sc, ShortcutA) else (1, 0)
+            self.stride, self.pad = (sc.stride, sc.extra) if isinstance(sc, common.ShortcutA) else (1, 0)
             self.shortcut = None
 
     def residual(self, x):
@@ -705,86 +705,20 @@ def refuse_per_branch_checkpoint(path):
 
 
 # --------------------------------------------------------------------------------------------------
-# The backbone: He et al.'s CIFAR ResNet (6n+2 layers, option-A shortcuts, the ELU variant); the test
-# set's halves; exact fp32
+# The backbone (He et al.'s CIFAR ResNet, common.CifarResNet, with the authors' options); the test set's
+# halves; exact fp32
 # --------------------------------------------------------------------------------------------------
-
-
-class ShortcutA(nn.Module):
-    """He et al.'s option A: subsample and pad the new channels with zeros (no parameters)."""
-
-    def __init__(self, cin, cout, stride):
-        super().__init__()
-        self.stride, self.extra = stride, cout - cin
-
-    def forward(self, x):
-        if self.stride > 1:
-            x = x[:, :, :: self.stride, :: self.stride]
-        if self.extra:
-            x = F.pad(x, (0, 0, 0, 0, self.extra // 2, self.extra - self.extra // 2))
-        return x
-
-
-class CifarBasicBlock(nn.Module):
-    """conv-BN-ReLU-conv-BN + shortcut, ReLU (He et al. 2016).
-
-    With elu=True, the block of Shah et al. (2016): conv-ELU-conv-BN + shortcut, no
-    activation after the addition."""
-
-    def __init__(self, cin, cout, stride=1, elu=False):
-        super().__init__()
-        self.elu = elu
-        self.conv1, self.conv2 = common.conv3x3(cin, cout, stride), common.conv3x3(cout, cout)
-        self.bn1 = nn.Identity() if elu else nn.BatchNorm2d(cout)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut = ShortcutA(cin, cout, stride) if (stride > 1 or cin != cout) else nn.Identity()
-
-    def forward(self, x):
-        if self.elu:
-            out = self.bn2(self.conv2(F.elu(self.conv1(x))))
-            return out + self.shortcut(x)
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
-
-
-class CifarResNet(common.Backbone):
-    """The 6n+2-layer CIFAR ResNet of He et al. (2016), widths 16/32/64, option-A shortcuts.
-
-    n = 3, 5, 7, 9, 18 gives ResNet-20, 32, 44, 56, 110. `blocks` lists the 3n residual blocks
-    in order, which is what HierNet splits."""
-
-    def __init__(self, n=3, num_classes=10, elu=False, in_channels=3):
-        super().__init__()
-        self.n, self.elu = n, elu
-        act = nn.ELU() if elu else nn.ReLU()
-        self.stem = nn.Sequential(common.conv3x3(in_channels, 16), nn.BatchNorm2d(16), act)
-        stages, cin = [], 16
-        for i, width in enumerate((16, 32, 64)):
-            blocks = []
-            for j in range(n):
-                stride = 2 if (i > 0 and j == 0) else 1
-                blocks.append(CifarBasicBlock(cin, width, stride, elu))
-                cin = width
-            stages.append(nn.Sequential(*blocks))
-        self.stages = nn.ModuleList(stages)
-        self.head = common.Head(64, num_classes)
-        common.init_weights(self)
-
-    @property
-    def blocks(self):
-        return [b for stage in self.stages for b in stage]
 
 
 def make_backbone(args, num_classes, in_channels=3):
     """`CifarResNet(--n, --elu)` with the authors' details asked for: the ELU before pooling
     (`--elu --elu-head`) and option-B shortcuts (`--shortcut B`)."""
-    backbone = CifarResNet(args.n, num_classes, elu=args.elu, in_channels=in_channels)
+    backbone = common.CifarResNet(args.n, num_classes, elu=args.elu, in_channels=in_channels)
     if args.elu and args.elu_head:
         backbone.head.pre = nn.ELU()
     if args.shortcut == "B":
         for block in backbone.blocks:
-            if isinstance(block.shortcut, ShortcutA):
+            if isinstance(block.shortcut, common.ShortcutA):
                 cin, cout = block.conv1.in_channels, block.conv1.out_channels
                 block.shortcut = nn.Sequential(
                     nn.Conv2d(cin, cout, 1, block.shortcut.stride, bias=False), nn.BatchNorm2d(cout)

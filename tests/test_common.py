@@ -244,9 +244,9 @@ def test_folder_loader_png_jpeg_and_cache(tmp_path):
 @pytest.mark.parametrize(
     "make,published",
     [
-        (lambda: hiernet.CifarResNet(3, 10), 0.27e6),
-        (lambda: hiernet.CifarResNet(9, 10), 0.85e6),
-        (lambda: hiernet.CifarResNet(18, 10), 1.7e6),
+        (lambda: common.CifarResNet(3, 10), 0.27e6),
+        (lambda: common.CifarResNet(9, 10), 0.85e6),
+        (lambda: common.CifarResNet(18, 10), 1.7e6),
         (lambda: merged_resnet.PreActResNetCifar(164, 10), 1.7e6),
         (lambda: merged_resnet.DenseNetBC(100, 12, 10), 0.8e6),
         (lambda: hdl_stack.ResNet18(1000), 11.7e6),
@@ -260,7 +260,7 @@ def test_parameter_counts_match_published(make, published):
 @pytest.mark.parametrize(
     "make,shape",
     [
-        (lambda: hiernet.CifarResNet(1, 7, elu=True), (2, 3, 32, 32)),
+        (lambda: common.CifarResNet(1, 7, elu=True), (2, 3, 32, 32)),
         (lambda: merged_resnet.PreActResNetCifar(11, 7), (2, 3, 32, 32)),
         (lambda: merged_resnet.DenseNetBC(10, 4, 7), (2, 3, 32, 32)),
         (lambda: common.VGG(11, 7), (2, 3, 32, 32)),
@@ -280,7 +280,7 @@ def test_backbones_expose_stem_stages_head(make, shape):
 
 
 def test_cifar_resnet_blocks_in_order():
-    model = hiernet.CifarResNet(2, 10)
+    model = common.CifarResNet(2, 10)
     assert len(model.blocks) == 6 and model.blocks[2] is model.stages[1][0]
 
 
@@ -296,7 +296,7 @@ def tiny_run(tmp_path, epochs, name="run", loss_fn=common.cross_entropy_loss, se
     run_dir, device = common.setup(args, "tiny")
     data = common.load_data(args)
     torch.manual_seed(seed_model)
-    model = hiernet.CifarResNet(1, data.num_classes)
+    model = common.CifarResNet(1, data.num_classes)
     opt = common.make_sgd(model.parameters(), args.lr)
     step = common.make_train_step(model, loss_fn, opt, device=device)
     loader = common.GpuLoader(
@@ -429,7 +429,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
 def test_shapes_small_resnet_learns_every_level_on_cpu():
     data = common.Data("shapes", *common.load_shapes(2000, 500, 32, seed=0), mean=(0.1,) * 3, std=(0.25,) * 3)
     torch.manual_seed(0)
-    model = hiernet.CifarResNet(1, 72)
+    model = common.CifarResNet(1, 72)
     opt = common.make_sgd(model.parameters(), 0.05, weight_decay=5e-4)
     step = common.make_train_step(model, common.cross_entropy_loss, opt, device="cpu")
     loader = common.GpuLoader(

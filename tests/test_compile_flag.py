@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import common
-import hiernet
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAINING_SCRIPTS = ["hiernet.py", "coarse_outer_product.py", "merged_resnet.py", "latent_string.py", "hdl_stack.py"]
@@ -72,11 +71,11 @@ def test_regional_compilation_compiles_each_outermost_block_in_place(monkeypatch
     compiled = []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(self))
     monkeypatch.setattr(torch, "compile", lambda m: pytest.fail("regional compilation wrapped the whole model"))
-    model = hiernet.CifarResNet(1, 10)  # three residual blocks
-    blocks = [m for m in model.modules() if isinstance(m, hiernet.CifarBasicBlock)]
+    model = common.CifarResNet(1, 10)  # three residual blocks
+    blocks = [m for m in model.modules() if isinstance(m, common.CifarBasicBlock)]
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     step = common.make_train_step(
-        model, common.cross_entropy_loss, optimizer, device="cpu", compile=(hiernet.CifarBasicBlock,)
+        model, common.cross_entropy_loss, optimizer, device="cpu", compile=(common.CifarBasicBlock,)
     )
     assert compiled == blocks and len(blocks) == 3
     before = model.stem[0].weight.detach().clone()
@@ -87,7 +86,7 @@ def test_regional_compilation_compiles_each_outermost_block_in_place(monkeypatch
     outer = torch.nn.Sequential(torch.nn.Sequential(torch.nn.Linear(2, 2)), torch.nn.Linear(2, 2))
     assert common.compile_blocks(outer, (torch.nn.Sequential,)) == 1 and compiled == [outer]
     with pytest.raises(SystemExit, match="no CifarBasicBlock"):
-        common.compile_blocks(torch.nn.Linear(2, 2), (hiernet.CifarBasicBlock,))
+        common.compile_blocks(torch.nn.Linear(2, 2), (common.CifarBasicBlock,))
 
 
 def test_hdl_compiles_its_loss_with_the_model_and_steps_as_eagerly(monkeypatch):

@@ -12,13 +12,12 @@ import torch.nn.functional as F
 
 import common
 import hdl_stack
-import hiernet
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_hdl(num_fine=8, level_sizes=(4, 2), hidden=(5, 3)):
-    backbone = hiernet.CifarResNet(n=1, num_classes=num_fine)
+    backbone = common.CifarResNet(n=1, num_classes=num_fine)
     return hdl_stack.HDLNet(backbone, num_fine, list(level_sizes), list(hidden))
 
 
@@ -133,7 +132,7 @@ def test_cascade_passes_gradients_down_the_chain_and_parallel_does_not():
         assert model.backbone.stem[0].weight.grad.abs().sum() > 0
     # Without a fine classifier the first level's layer reads the pooled features; the fine loss of the
     # model with one still reaches the backbone through the fine classifier.
-    model = hdl_stack.HDLNet(hiernet.CifarResNet(n=1, num_classes=8), 8, [4, 2], heads="cascade")
+    model = hdl_stack.HDLNet(common.CifarResNet(n=1, num_classes=8), 8, [4, 2], heads="cascade")
     _, fine, _ = model(x)
     F.cross_entropy(fine, torch.tensor([0, 1, 2, 3])).backward()
     assert model.backbone.stem[0].weight.grad.abs().sum() > 0 and model.stacks[0][0].weight.grad is None

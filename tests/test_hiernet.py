@@ -492,7 +492,7 @@ def test_a_missing_input_file_is_refused_before_the_backbone_trains(flag, tmp_pa
 
 
 def test_a_backbone_checkpoint_of_another_size_is_one_line_naming_the_mismatch(tmp_path):
-    other = hiernet.CifarResNet(2, 72)  # n = 2; the run asks for n = 1 on the 72 shapes classes
+    other = common.CifarResNet(2, 72)  # n = 2; the run asks for n = 1 on the 72 shapes classes
     torch.save({"model": other.state_dict()}, tmp_path / "other.pt")
     argv = ["--dataset", "shapes", "--n", "1", "--split", "1", "--extra-blocks", "1", "--dry-run"]
     argv += ["--out-dir", str(tmp_path / "run"), "--backbone-ckpt", str(tmp_path / "other.pt")]
