@@ -97,6 +97,25 @@ def fake_hdl(run):
     (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
 
 
+def test_hdl_fine_error_title_names_the_stages_the_run_trained(tmp_path, monkeypatch):
+    """A run of both methods is titled 'baseline vs HDL'; a run of one --method (Table 3's are two runs) names
+    that stage alone."""
+    plots = pytest.importorskip("plots")
+    import matplotlib.axes
+
+    titles, set_title = [], matplotlib.axes.Axes.set_title
+    monkeypatch.setattr(
+        matplotlib.axes.Axes, "set_title", lambda ax, label, **kw: titles.append(label) or set_title(ax, label, **kw)
+    )
+    run = tmp_path / "hdl_800"
+    fake_hdl(run)
+    plots.plot_hdl_fine_error(run, tmp_path / "both.png")
+    lines = [line for line in (run / "metrics.jsonl").read_text().splitlines() if '"hdl"' not in line]
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    plots.plot_hdl_fine_error(run, tmp_path / "one.png")
+    assert titles == ["hdl_800: fine error per epoch, baseline vs HDL", "hdl_800: fine error per epoch, baseline"]
+
+
 def fake_hdl_sweep(folder):
     """A sweep folder as --collect lands it: the baseline cell and one HDL cell, validation per epoch."""
     for cell, method, lam in (("baseline", "baseline", 1.0), ("epoch_raw_0.1", "hdl", 0.1)):
