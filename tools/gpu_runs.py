@@ -381,16 +381,28 @@ AFTER = {
 # n = 9 35 (n = 9 took 17.2 alone, and four sharing about halve a job's speed); n = 18 55 (alone on an H100 its
 # backbone stage took 10.9 and its HierNet stage 16.0 with the test: 27 alone, twice that shared); --control
 # adds 40% (n = 3's control stage: 165 epochs at the backbone's speed; on an H200 the n = 3 seeds with it took
-# 17.7-17.8; 15 x 1.4 = 21 is taken). HDL at 800 epochs (40M training images) on
-# the 3x3 stem (the stem test's verdict): its 40-epoch cells trained 10,000 images/s each with three sharing
-# an H100 and 13,900 with two (eager); tried alone and compiled (code 87017ce) it trained 23,600 images/s,
-# so 28.7 minutes of epochs and about 29.5 with its start; with fused Adam and the compiled loss since, the
-# baseline's 800 epochs took 22.7 alone on an H100 (46 here), HDL's about 24 taken (48 here). A
-# 40-epoch sweep cell (7x7) took 3.4-3.9 beside HierNet jobs on an H200, 3.1-4.9 on an H100: 5; a 3x3
-# cell 3.3-3.6 with three sharing an H100: 4. Merged: a run of the five architectures about 72 (four
-# compiled trainings sharing: 14,691 images/s in all). Alone a job takes about half as long (n = 9: 17.2);
-# between one and four sharing, the length is taken as linear in their number.
+# 17.7-17.8; 15 x 1.4 = 21 is taken). The other jobs: JOB_MINUTES. Alone a job takes about half as long
+# (n = 9: 17.2); between one and four sharing, the length is taken as linear in their number.
 HIERNET_MINUTES = {3: 15, 5: 21, 7: 27, 9: 35, 18: 55}
+# The other jobs' minutes (four sharing, as above) by the start of their name, the first match taken.
+JOB_MINUTES = (
+    ("hdl_sweep_cifar100_", 5),  # a 40-epoch 7x7 cell: 3.4-3.9 beside HierNet jobs on an H200, 3.1-4.9 on an H100
+    ("hdl_stem_cifar100_", 4),  # a 40-epoch 3x3 cell: 3.3-3.6 with three sharing an H100
+    ("hdl_gap_cifar100_fp32_40", 6),  # a 3x3 cell in fp32: no bf16 tensor cores, taken as 1.5x
+    # 36M images; bench.py --mps on an H200: the 7x7-stem ResNet-18 at batch 64, compiled, 49,300/s alone
+    # (results/bench_mps_hdl.json, SGD): 12 min of steps; 17 alone taken for Adam, the loader, the epochs' ends
+    # and 800 validation passes. Not parkable: --try it.
+    ("hdl_gap_cifar100_imagenet_stem_800", 34),
+    # 800 epochs (40M images), alone, compiled, on an H100: tried with multi-tensor Adam (code 87017ce) 23,600/s,
+    # 29.5 alone; with fused Adam and the compiled loss the baseline took 22.7 (results/hdl_cifar100_baseline_800:
+    # 1.65 s an epoch, 30,300/s). HDL's step adds the level stacks and eq. 5's loss (its 40-epoch cells: 19%
+    # longer epochs, eager, loss not compiled); compiled, about 10% is taken: 24 alone. Not parkable: --try them.
+    ("hdl_cifar100_baseline_800", 46),
+    ("hdl_cifar100_", 48),  # hdl_800, sweep_pick_800
+    # A run of the five architectures: four compiled trainings sharing, 14,691 images/s in all.
+    ("merged_resnet_cifar100_resnet164_runs", 72),
+    ("latent_string_cifar10_val", 11),  # latent_string_cifar10 (the same, no hold-out): 10.3, five sharing
+)
 # A HierNet run's stages as shares of those minutes (n = 7, two sharing an H100: the backbone 2.6 s an epoch,
 # the HierNet stage 4.7, both 165 epochs); --control adds a backbone-speed stage (the 40% above).
 HIERNET_STAGE_SHARE = {"backbone": 0.36, "hiernet": 0.64, "control": 0.4}
@@ -436,26 +448,7 @@ def expected_minutes(name, sharing=4):
     stages = stages_left(name, sharing)
     if stages:
         return sum(need for _, need in stages)
-    minutes = None
-    if name.startswith("hdl_sweep_cifar100_"):
-        minutes = 5
-    elif name.startswith("hdl_stem_cifar100_"):
-        minutes = 4
-    elif name == "hdl_gap_cifar100_fp32_40":  # a stem cell (4) in fp32: no bf16 tensor cores, taken as 1.5x
-        minutes = 6
-    elif name == "hdl_gap_cifar100_imagenet_stem_800":  # 36M images; bench.py --mps on an H200: the 7x7-stem
-        # ResNet-18 at batch 64, compiled, 49,300/s alone (results/bench_mps_hdl.json, SGD): 12 min of steps; 17
-        # alone taken for Adam, the loader, the epochs' ends and 800 validation passes. Not parkable: --try it.
-        minutes = 34
-    elif name.startswith("hdl_cifar100_") and name.endswith("_800"):  # 40M images, alone, compiled, on an H100:
-        # the baseline took 22.7 (results/hdl_cifar100_baseline_800: 1.65 s an epoch, 30,300/s, fused Adam). HDL's
-        # step adds the level stacks and eq. 5's loss (its 40-epoch cells: 19% longer epochs, eager, loss not
-        # compiled); compiled, about 10% is taken: 24 alone. Run them with --try: the run's own epochs decide.
-        minutes = 46 if name == "hdl_cifar100_baseline_800" else 48
-    elif name.startswith("merged_resnet_cifar100_resnet164_runs"):
-        minutes = 72
-    elif name == "latent_string_cifar10_val":  # latent_string_cifar10 (the same, no hold-out): 10.3, five sharing
-        minutes = 11
+    minutes = next((m for prefix, m in JOB_MINUTES if name.startswith(prefix)), None)
     return minutes and minutes * sharing_factor(sharing)
 
 

@@ -546,9 +546,6 @@ def read_jsonl(path):
     return list(records.values())
 
 
-STAGE_NAMES = {"baseline": "baseline", "hdl": "HDL"}  # a run of one --method plots that stage alone
-
-
 def plot_hdl_fine_error(run_dir, out):
     records = read_jsonl(need(run_dir / "metrics.jsonl"))
     m = read_json(need(run_dir / "metrics.json"))
@@ -575,7 +572,9 @@ def plot_hdl_fine_error(run_dir, out):
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("fine error %")
-    ax.set_title(f"{run_dir.name}: fine error per epoch, {' vs '.join(STAGE_NAMES[s] for s in stages)}", fontsize=10)
+    ax.set_title(
+        f"{run_dir.name}: fine error per epoch, {' vs '.join({'hdl': 'HDL'}.get(s, s) for s in stages)}", fontsize=10
+    )
     ax.legend(fontsize=8)
     return save(fig, out)
 
