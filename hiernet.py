@@ -219,14 +219,6 @@ class TreeNode(nn.Module):
             start += count
         return out
 
-    def leaf_group_outputs(self, x):
-        """[(classes, pooled features, logits)] of every leaf group: its root-to-leaf path."""
-        h = self.edge(x)
-        if self.is_leaf_group:
-            pooled = torch.flatten(F.adaptive_avg_pool2d(self.extra(h), 1), 1)
-            return [(self.classes, pooled, self.fc(pooled))]
-        return [out for branch in self.branches for out in branch.leaf_group_outputs(h)]
-
 
 class PerBranchHierNet(nn.Module):
     """The tree of TreeNodes, one module per branch: the readable reference of `HierNet`.
@@ -245,10 +237,6 @@ class PerBranchHierNet(nn.Module):
 
     def forward(self, x):
         return self.root.log_probs(x)[0]
-
-    def outputs(self, x):
-        """(log p in tree order, the super-class node's logits)."""
-        return self.root.log_probs(x)
 
     def route(self, x):
         """Fast evaluation: the predicted tree position per image."""
@@ -729,10 +717,12 @@ def make_backbone(args, num_classes, in_channels=3):
 
 def test_halves(args, labels):
     """(validation indices, test indices) of the test set: the authors' halves (checked: 50 +
-    50 per class with these labels, which catches a test set in another order) or seeded."""
+    50 per class with these labels, which catches a test set in another order) or seeded, half of
+    every class each."""
     labels = np.asarray(labels)
     if args.test_halves == "seeded":
-        return split_half(labels, args.seed)
+        counts = np.bincount(labels)
+        return common.stratified_split(labels, int(counts[counts > 0].min()) // 2, args.seed)
     mask = authors_test_mask()
     if len(labels) != len(mask) or any((np.bincount(labels[m], minlength=100) != 50).any() for m in (~mask, mask)):
         common.fail(
@@ -741,12 +731,6 @@ def test_halves(args, labels):
             "and let torchvision download it again), or pass --test-halves seeded"
         )
     return np.flatnonzero(~mask), np.flatnonzero(mask)
-
-
-def split_half(labels, seed):
-    """HierNet's split of a test set: half of every class for validation, half for test."""
-    counts = np.bincount(np.asarray(labels))
-    return common.stratified_split(labels, int(counts[counts > 0].min()) // 2, seed)
 
 
 @contextlib.contextmanager

@@ -122,7 +122,7 @@ def test_stratified_split_balanced_disjoint_deterministic():
     val2, _ = common.stratified_split(labels, 4, seed=1)
     val3, _ = common.stratified_split(labels, 4, seed=2)
     assert np.array_equal(val, val2) and not np.array_equal(val, val3)
-    half_a, half_b = hiernet.split_half(labels, seed=0)
+    half_a, half_b = hiernet.test_halves(argparse.Namespace(test_halves="seeded", seed=0), labels)
     assert np.bincount(labels[half_a]).tolist() == [10] * 5 and np.bincount(labels[half_b]).tolist() == [10] * 5
     with pytest.raises(SystemExit):
         common.stratified_split(labels, 21, seed=0)

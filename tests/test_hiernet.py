@@ -107,12 +107,21 @@ def test_fast_routing_picks_the_slow_class_when_every_node_is_confident():
     assert len(seen) == 2
 
 
+def leaf_group_outputs(node, x):
+    """[(classes, pooled features, logits)] of every leaf group of a TreeNode: its root-to-leaf path."""
+    h = node.edge(x)
+    if node.is_leaf_group:
+        pooled = torch.flatten(torch.nn.functional.adaptive_avg_pool2d(node.extra(h), 1), 1)
+        return [(node.classes, pooled, node.fc(pooled))]
+    return [out for branch in node.branches for out in leaf_group_outputs(branch, h)]
+
+
 @torch.no_grad()
 def test_weight_transfer_reproduces_the_backbone_on_every_path():
     backbone, model, batched = make_model(fc_scale=1.0)
     x = torch.randn(5, 3, 16, 16)
     features, logits = backbone.features(x), backbone(x)
-    outputs = model.root.leaf_group_outputs(x)
+    outputs = leaf_group_outputs(model.root, x)
     assert sorted(c for classes, _, _ in outputs for c in classes) == list(range(10))
     for classes, pooled, leaf_logits in outputs:
         torch.testing.assert_close(pooled, features, rtol=1e-5, atol=1e-5)
