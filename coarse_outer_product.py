@@ -91,33 +91,11 @@ def get_args(argv=None):
     g.add_argument("--recovery-l1", type=nf, default=0.005, help="L1 on the recovery layer's weights")
     g.add_argument("--ch-restarts", type=pi, default=3, help="recovery-layer restarts; the most balanced is kept")
     g = parser.add_argument_group("paper fidelity and ablations (docs/coarse_outer_product.md, Paper vs ours)")
-    g.add_argument(
-        "--wd-convention",
-        default="pytorch",
-        choices=("pytorch", "keras"),
-        help="pytorch: SGD weight_decay on every parameter; keras: + wd * sum(w^2) of conv/linear weights",
-    )
-    g.add_argument(
-        "--stopping",
-        default="fixed",
-        choices=("fixed", "early"),
-        help="fixed: each network its table's epoch count; early: early-stop every network (count = maximum)",
-    )
+    g.add_argument("--wd-convention", default="pytorch", choices=("pytorch", "keras"), help="keras: L2 on kernels")
+    g.add_argument("--stopping", default="fixed", choices=("fixed", "early"), help="fixed: each table's epochs")
     g.add_argument("--ch-rule", default="sum", choices=("sum", "vote"), help="CH: summed activation or per-image votes")
-    g.add_argument(
-        "--diversity",
-        nargs="+",
-        default=["none"],
-        choices=DIVERSITY_LOSSES,
-        help="ETE networks: none (Table VII); eq3 / eq4 add the Eq. 3 / 4 diversity losses (ours)",
-    )
-    g.add_argument(
-        "--diversity-scales",
-        nargs="+",
-        type=pf,
-        default=[0.1, 1.0, 10.0],
-        help="Eq. 3 / 4: one ETE per factor on the lambdas; best on validation with >= 2 categories kept",
-    )
+    g.add_argument("--diversity", nargs="+", default=["none"], choices=DIVERSITY_LOSSES, help="ETE: eq3/eq4 ours")
+    g.add_argument("--diversity-scales", nargs="+", type=pf, default=[0.1, 1.0, 10.0], help="factors on Eq. 3/4")
     g.add_argument("--lambda1", type=nf, default=1e-3, help="Eq. 3: weight of the Mexican hat")
     g.add_argument("--lambda2", type=nf, default=3e-3, help="Eq. 3: quartic coefficient of the hat")
     g.add_argument("--lambda3", type=nf, default=1e-4, help="Eq. 3: weight of the overlap term")

@@ -83,12 +83,7 @@ def get_args(argv=None):
     p.add_argument("--val-fraction", type=common.fraction, default=0.0, help="held out to choose alpha (0: paper)")
     p.add_argument("--momentum", type=common.fraction, default=0.9)
     p.add_argument("--weight-decay", type=nonneg, default=1e-4)
-    p.add_argument(
-        "--nesterov",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="Nesterov momentum (DenseNet yes, ResNet no)",
-    )
+    p.add_argument("--nesterov", action=argparse.BooleanOptionalAction, help="(default: DenseNet yes, ResNet no)")
     p.add_argument("--warmup-iters", type=common.nonneg_int, default=None, help="at lr/10 (ResNet 400, DenseNet 0)")
     # --runs may grow: every model's seed is its (architecture, run)'s, whatever --runs was.
     # A --dry-run's own defaults (flags not given): the smallest backbone of each kind, two runs.
