@@ -1596,12 +1596,12 @@ def merged_resnet_block(results):
         lines.append(
             f"The paper's runs (ResNet-164 and DenseNet-BC-100 on CIFAR-100, 164 / 300 epochs, 5 runs) are not run "
             f"yet; ResNet-164 is queued in tools/gpu_runs.py as `{MERGED_C100}_runs1` to `_runs5`, one run a job. "
-            "A run is eight ResNet-164 trainings of 164 epochs, about 72 minutes of one H100 with four sharing it "
-            "(14,691 images/s in all), and merge-0 trains its two networks as one model (about 27 minutes alone at "
-            "the 10,088 images/s one compiled training measured), longer than the 25-27 minutes of queue a "
-            "30-minute lease leaves; a model stopped mid-training does not outlive the lease, so no run can "
-            "complete on such leases. The runs wait for a machine held longer, or several GPUs "
-            "(`tools/gpu_runs.py --gpus N`)."
+            "A run is eight ResNet-164 trainings of 164 epochs. By a throughput probe on an H100 whose file was not "
+            "kept (the first run's own epochs will measure it), that is about 72 minutes with four compiled "
+            "trainings sharing the GPU, and merge-0, which trains its two networks as one model, takes about 27 "
+            "minutes alone: longer than the 25-27 minutes of queue a 30-minute lease leaves. A model stopped "
+            "mid-training does not outlive the lease, so no run can complete on such leases. The runs wait for a "
+            "machine held longer, or several GPUs (`tools/gpu_runs.py --gpus N`)."
         )
     lines.append("")
     for run in (cifar100, "merged_resnet_cifar10"):
