@@ -30,7 +30,9 @@ A lease end to end (the commands of the calls; M minutes of device time left onc
         rm -rf /root/code && mkdir -p /root/code && cp -r $(ls -A | grep -v '^data$') /root/code/
         (a GPU job that needs no data, such as a bench.py measurement, can start here in the background,
         setsid nohup like the queue below, and use the GPU while the pieces travel; call P waits for it
-        with pgrep before it starts the queue, so that neither times the other's kernels)
+        with pgrep before it starts the queue, so that neither times the other's kernels; the GPU tests
+        that CI skips, python3 -m pytest -q tests/test_cuda_graph.py > $OUT/gpu_tests.log, take about a
+        minute in the foreground of call 1)
     call P ends with the queue, in its own session so that it outlives the call, then waits:
         cd /root/code && (setsid nohup python3 tools/gpu_runs.py --commit <HEAD, clean> --runs-dir /root/runs
         --data-root /root/data --parallel K --budget <SECONDS, about 60 M - 90> --out /root/pack --only NAME ...
