@@ -663,3 +663,41 @@ def test_both_stems_are_resnet18_with_the_known_parameter_counts():
     assert sum(p.numel() for p in imagenet.parameters()) - 11_220_132 == 64 * 3 * (7 * 7 - 3 * 3)
     x = torch.zeros(2, 3, 32, 32)
     assert cifar.stem(x).shape[-1] == 32 and imagenet.stem(x).shape[-1] == 8  # the maps the stages start from
+
+
+def test_level_results_count_planted_errors_and_violations():
+    # 6 fine classes; level A (3 categories) and level B (2), each head right except on a planted set of images.
+    a = hdl_stack.Level("A", ["a0", "a1", "a2"], np.array([0, 0, 1, 1, 2, 2]))
+    b = hdl_stack.Level("B", ["b0", "b1"], np.array([0, 0, 0, 0, 1, 1]))
+    y = torch.arange(12) % 6
+    fine_pred = y.clone()
+    fine_pred[[0, 2, 5, 7]] = torch.tensor([1, 4, 0, 3])  # a sibling, then moves across A and / or B
+    pa, pb = a.labels(y).clone(), b.labels(y).clone()
+    pa[[1, 4]] = (pa[[1, 4]] + 1) % 3
+    pb[[4, 6, 9]] = 1 - pb[[4, 6, 9]]
+    fine_logits = 10 * F.one_hot(fine_pred, 6).float()  # summed probabilities follow the predicted fine class
+    result = hdl_stack.level_results(
+        fine_logits, [5 * F.one_hot(pa, 3).float(), 5 * F.one_hot(pb, 2).float()], y, [a, b]
+    )
+
+    def pct(wrong):
+        return 100 * sum(bool(w) for w in wrong) / 12
+
+    assert result["fine_error"] == pytest.approx(pct(fine_pred[i] != y[i] for i in range(12)))
+    assert result["level_error"] == pytest.approx(
+        {"A": pct(pa[i] != a.parent[y[i]] for i in range(12)), "B": pct(pb[i] != b.parent[y[i]] for i in range(12))}
+    )
+    summed = {l.name: pct(l.parent[fine_pred[i]] != l.parent[y[i]] for i in range(12)) for l in (a, b)}
+    assert result["summed_fine_level_error"] == pytest.approx(summed)
+    valid = {(a.parent[f], b.parent[f]) for f in range(6)}
+    with_fine = pct(pa[i] != a.parent[fine_pred[i]] or pb[i] != b.parent[fine_pred[i]] for i in range(12))
+    levels_only = pct((pa[i].item(), pb[i].item()) not in valid for i in range(12))
+    assert result["violation_rate"] == pytest.approx({"with_fine": with_fine, "levels_only": levels_only})
+    assert 0 < levels_only < with_fine < 100
+    # The planted counts (heads: 2 and 3 images wrong; fine: 3 and 2 cross A and B), unlike across levels.
+    assert [result["level_error"][k] for k in "AB"] == pytest.approx([100 * 2 / 12, 100 * 3 / 12])
+    assert [summed[k] for k in "AB"] == pytest.approx([100 * 3 / 12, 100 * 2 / 12])
+    # Without level heads (the baseline): the summed-fine errors alone, no head errors or violations.
+    baseline = hdl_stack.level_results(fine_logits, [], y, [a, b])
+    assert set(baseline) == {"fine_error", "summed_fine_level_error"}
+    assert baseline["summed_fine_level_error"] == pytest.approx(summed)

@@ -435,3 +435,53 @@ def test_bit_mlp_control_has_the_lstms_parameter_count_and_one_distribution_per_
     log_p = stage.classifier(torch.rand(5, in_features))
     assert log_p.shape == (5, bits, 2)
     assert torch.allclose(log_p.exp().sum(-1), torch.ones(5, bits), atol=1e-6)
+
+
+def test_class_log_scores_sum_the_bit_log_probabilities_of_each_class_code():
+    torch.manual_seed(0)
+    N, C, L = 40, 6, 3
+    log_p = torch.randn(N, L, 2).log_softmax(-1)
+    code_bits = ls.random_code(C, L, seed=1)  # 6 of the 8 strings: some argmax strings are no class's
+    scores = ls.class_log_scores(log_p, code_bits)
+    loop = [[sum(log_p[n, i, code_bits[c, i]].item() for i in range(L)) for c in range(C)] for n in range(N)]
+    assert scores.shape == (N, C)
+    assert torch.allclose(scores, torch.tensor(loop), atol=1e-6)
+    # An image whose most probable string is class c's code has c as its top class score.
+    table = ls.lookup_table(code_bits)[ls.bits_to_int(log_p.argmax(-1))]
+    hits = table >= 0
+    assert 0 < hits.sum() < N
+    assert torch.equal(scores[hits].argmax(1), table[hits])
+
+
+def test_repair_trains_on_from_the_lh_weights_with_the_repaired_code_fixed(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    C, D, bits = 8, 6, 3  # 8 classes on 3 bits: every string is needed, so one epoch leaves duplicates
+    x, y = torch.randn(64, D), torch.arange(64) % C
+    cached = {"train": (x, y), "test": (x[:16], y[:16])}
+    args = ls.get_args(["--lh-epochs", "1", "--repair-epochs", "1", "--lh-batch-size", "32", "--device", "cpu"])
+    trained = {}  # stage name -> (classifier weights on entry, the stage returned, its weights on return)
+    original = ls.train_lh_stage
+
+    def recording(name, stage, *a, **k):
+        entry = {key: v.clone() for key, v in stage.classifier.state_dict().items()}
+        out = original(name, stage, *a, **k)
+        trained[name] = (entry, out, {key: v.clone() for key, v in out.classifier.state_dict().items()})
+        return out
+
+    monkeypatch.setattr(ls, "train_lh_stage", recording)
+    result, codes, _, stage = ls.train_lh_model(
+        "lh", cached, args, tmp_path, "cpu", sizes=(D, C, 8), bits=bits, hidden=(4,)
+    )
+    assert set(trained) == {"lh", "lh_repaired"} and result["before_repair"]["duplicate_strings"]
+    _, first, first_weights = trained["lh"]
+    repaired_entry, repaired, _ = trained["lh_repaired"]
+    assert stage is repaired and isinstance(stage.class2str, ls.FixedCode)
+    # The repaired stage starts from the LH classifier as trained, not from a fresh initialisation.
+    assert repaired_entry.keys() == first_weights.keys()
+    assert all(torch.equal(repaired_entry[k], first_weights[k]) for k in first_weights)
+    # Its fixed code is repair_code's output on the LH stage's code and q.
+    with torch.no_grad():
+        q = first.class2str(torch.eye(C))
+    expected, moves = ls.repair_code(ls.class_code_bits(first.class2str, C, "cpu"), q)
+    assert torch.equal(stage.class2str.q_table.argmax(-1), expected) and torch.equal(codes, expected)
+    assert result["repair_moves"] == moves and result["duplicate_strings"] == []
