@@ -1,11 +1,13 @@
 import ast
 import json
+import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import common
 import grouping
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -122,6 +124,28 @@ def test_recursive_grouping_gives_a_valid_tree():
     for child in tree:
         if not grouping.is_leaf_group(child):
             assert all(len(g) <= 2 for g in child)
+
+
+def test_dataset_tree_of_shapes_nests_the_coarse_levels_coarsest_first(tmp_path):
+    hierarchy = common.shapes_hierarchy()  # shape (2) > shape_fill (12) > fine (72)
+    data = types.SimpleNamespace(name="shapes", num_classes=72, hierarchy=hierarchy)
+
+    def tree_at(depth):  # as hiernet.py --tree-from dataset --depth D builds it
+        args = types.SimpleNamespace(depth=depth, tree_from="dataset", groups=None, resume=None, g_max=[50], p_min=[0])
+        return grouping.run_tree(args, data, tmp_path, None)[0]
+
+    def one_parent(classes, level):
+        return len(set(hierarchy.parents[level][classes])) == 1
+
+    tree = tree_at(2)
+    grouping.validate_tree(tree, 72)
+    assert grouping.tree_depth(tree) == 2 and len(tree) == 2
+    for child in tree:  # one shape per top-level child, one shape_fill class per leaf group, each whole
+        assert one_parent(grouping.tree_leaves(child), 0) and len(child) == 6
+        for group in child:
+            assert one_parent(group, 1) and group == hierarchy.children(1, hierarchy.parents[1][group[0]]).tolist()
+    tree = tree_at(1)  # depth 1: the finest coarse level
+    assert len(tree) == 12 and all(one_parent(g, 1) and len(g) == 6 for g in tree)
 
 
 def test_validate_tree_rejects_a_missing_class():

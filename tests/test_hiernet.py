@@ -1,6 +1,7 @@
 import argparse
 import copy
 import json
+import types
 from pathlib import Path
 
 import numpy as np
@@ -206,6 +207,83 @@ def test_fast_evaluation_equals_algorithm_1_image_by_image(tree, splits):
     torch.testing.assert_close(log_p, batched(x))
     torch.testing.assert_close(super_logits, batched.outputs(x)[1])
     assert torch.equal(routed, one_by_one)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("fast_mode", ["sorted", "all"])
+def test_evaluate_hiernet_gives_slow_fast_and_super_class_in_dataset_class_indices(fast_mode):
+    _, reference, _ = make_model(fc_scale=20.0)
+    x, y = torch.randn(40, 3, 16, 16), torch.randint(0, 10, (40,), generator=torch.Generator().manual_seed(1))
+    centre_biases(reference, x)
+    model = batched_from(reference, TREE, (1, 2), 3)
+    model.fast_mode = fast_mode
+    assert not torch.equal(model.order, model.rank)  # TREE's order is not its own inverse: a mix-up shows
+    _, group_of = grouping.top_level_groups(TREE, 10)
+    loader = [(x[i : i + 16], y[i : i + 16]) for i in range(0, 40, 16)]  # three batches, the last short
+    out = hiernet.evaluate_hiernet(model, loader, group_of, device="cpu")
+    probs = brute_force_probs(reference, x)  # dataset class order
+    torch.testing.assert_close(out["log_p"].exp(), probs, rtol=1e-5, atol=1e-6)
+    assert torch.equal(out["slow"], probs.argmax(1))
+    assert torch.equal(out["fast"], reference.order[reference.route(x)])  # Algorithm 1, mapped to dataset ids
+    root = reference.root
+    assert torch.equal(out["super"], root.classify(root.edge(x)).argmax(1))
+    assert torch.equal(out["super_true"], torch.as_tensor(group_of)[y]) and torch.equal(out["labels"], y)
+    # Not trivial: many classes predicted, and fast differs from slow somewhere (a swap of the two shows).
+    assert len(set(out["slow"].tolist())) > 3 and (out["fast"] != out["slow"]).any()
+
+
+def test_hierarchical_report_scores_backbone_slow_and_fast_under_the_found_groups():
+    top_groups, group_of = grouping.top_level_groups(FLAT_TREE, 10)
+    g = torch.Generator().manual_seed(0)
+    log_p = torch.log_softmax(3 * torch.randn(12, 10, generator=g), 1)
+    ranked = log_p.argsort(1, descending=True)  # slow's ranking
+    fast = ranked[:, -1]  # fast predicts slow's worst class
+    # Labels: fast's class (rows 0-3), slow's second (4-7), slow's fifth (8-11).
+    labels = torch.cat([fast[:4], ranked[4:8, 1], ranked[8:, 4]])
+    super_pred = torch.as_tensor(group_of)[fast]
+    super_pred[6:] = (super_pred[6:] + 1) % 3  # the super-class node agrees with fast on rows 0-5 only
+    results = {
+        "labels": labels,
+        "log_p": log_p,
+        "fast": fast,
+        "super": super_pred,
+        "backbone_logits": torch.randn(12, 10, generator=g),
+    }
+    names = [f"c{c}" for c in range(10)]
+    data = types.SimpleNamespace(
+        class_names=names, num_classes=10, hierarchy=common.Hierarchy(["fine"], [names], [np.arange(10)])
+    )
+    report = hiernet.hierarchical_report(data, top_groups, group_of, results)
+    assert report.keys() == {"groups"}  # the dataset has no coarse level
+    groups = common.Hierarchy(["group", "fine"], [["g1", "g2", "g3"], names], [group_of, np.arange(10)])
+    by_group = {"group": super_pred.numpy()}
+    expected = {
+        "backbone": common.hierarchical_metrics(results["backbone_logits"], labels, groups),
+        "slow": common.hierarchical_metrics(log_p, labels, groups, level_preds=by_group),
+    }
+    assert {k: report["groups"][k] for k in expected} == expected
+    fast_report = report["groups"]["fast"]
+    # Fast's ranking: its class first, then slow's order; top-1 is fast's accuracy, top-5 holds rows 0-7.
+    assert fast_report["top1"] == pytest.approx(100 * 4 / 12)
+    assert fast_report["top5"] == pytest.approx(100 * 8 / 12)
+    assert report["groups"]["slow"]["top1"] == 0 and report["groups"]["slow"]["top5"] == pytest.approx(100 * 8 / 12)
+    height = [0 if f == t else 1 if group_of[f] == group_of[t] else 2 for f, t in zip(fast.tolist(), labels.tolist())]
+    assert fast_report["hdist@1"] == pytest.approx(np.mean(height))  # LCA height of fast's class and the label
+    assert fast_report["consistency"] == pytest.approx(100 * 6 / 12)
+    # Every ranking measure equals that of any scores with fast's class on top and slow's order below.
+    on_top = log_p.clone()
+    on_top[torch.arange(12), fast] = 1e3
+    reference = common.hierarchical_metrics(on_top, labels, groups, level_preds=by_group)
+    assert {k: v for k, v in fast_report.items() if k != "level_acc"} == {
+        k: v for k, v in reference.items() if k != "level_acc"
+    }
+    # A dataset with a coarse level adds its own measures, under its hierarchy, not the found groups.
+    data.hierarchy = common.Hierarchy(["parity", "fine"], [["even", "odd"], names], [np.arange(10) % 2, np.arange(10)])
+    report = hiernet.hierarchical_report(data, top_groups, group_of, results)
+    assert report["dataset"]["slow"] == common.hierarchical_metrics(log_p, labels, data.hierarchy)
+    assert report["dataset"]["backbone"] == common.hierarchical_metrics(
+        results["backbone_logits"], labels, data.hierarchy
+    )
 
 
 @torch.no_grad()
