@@ -239,6 +239,188 @@ def test_end_to_end_coarse_head_is_a_distribution(tiny_vgg):
     torch.testing.assert_close(coarse.sum(1), torch.ones(4))
 
 
+def vgg_features_by_hand(vgg, x):
+    # the conv stages, then global average pooling: VGG's features without calling Backbone.features
+    for stage in vgg.stages:
+        x = stage(x)
+    return x.mean((2, 3))
+
+
+def test_end_to_end_forward_is_classifier_of_softmax_outer_features(tiny_vgg):
+    torch.manual_seed(10)
+    net = cop.EndToEndNet(num_classes=7, k=3).eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        f = vgg_features_by_hand(net.main, x)
+        coarse = net.coarse_layers.layers(f).softmax(1)
+        expected = net.main.head.layers(torch.einsum("bk,bd->bkd", coarse, f).reshape(4, 3 * 512))
+        logits, got_coarse = net.forward_with_coarse(x)
+        torch.testing.assert_close(got_coarse, coarse)
+        torch.testing.assert_close(logits, expected)
+        torch.testing.assert_close(net(x), expected)
+
+
+def test_end_to_end_fine_loss_trains_the_coarse_layers(tiny_vgg):
+    # Table VII: ETE has no coarse labels; the coarse head learns only through the fine cross-entropy,
+    # and the shared conv features get gradient through both branches (eval mode: no dropout noise)
+    torch.manual_seed(11)
+    net = cop.EndToEndNet(num_classes=7, k=3).eval()
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    F.cross_entropy(net(x), y).backward()
+    for name, p in net.coarse_layers.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    f = vgg_features_by_hand(net.main, x)
+    coarse = net.coarse_layers.layers(f).softmax(1)
+    hand = F.cross_entropy(net.main.head.layers(torch.einsum("bk,bd->bkd", coarse, f).flatten(1)), y)
+    params = list(net.parameters())
+    for p, g in zip(params, torch.autograd.grad(hand, params)):
+        torch.testing.assert_close(p.grad, g)
+
+
+def projection_net(seed=12, num_classes=7, k=3):
+    torch.manual_seed(seed)
+    vgg = cop.make_vgg(16, num_classes).eval()
+    net = cop.CoarseProjectionNet(vgg, num_classes, k)
+    with torch.no_grad():  # non-trivial batch-norm statistics and affine parameters, so the norm matters
+        net.norm.running_mean.uniform_(-1, 1)
+        net.norm.running_var.uniform_(0.5, 2)
+        net.norm.weight.uniform_(0.5, 2)
+        net.norm.bias.uniform_(-1, 1)
+    return vgg, net
+
+
+def test_coarse_projection_forward_is_norm_relu_coarse_then_recovery(tiny_vgg):
+    vgg, net = projection_net()
+    net.eval()
+    x = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        z = vgg.head.layers(vgg_features_by_hand(vgg, x))
+        bn = net.norm
+        normed = (z - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps) * bn.weight + bn.bias
+        hidden = (normed @ net.coarse_layer.weight.t() + net.coarse_layer.bias).clamp(min=0)
+        expected = hidden @ net.recovery_layer.weight.t() + net.recovery_layer.bias
+        torch.testing.assert_close(net.coarse_activations(x), hidden)
+        torch.testing.assert_close(net(x), expected)
+    assert (hidden == 0).any() and (hidden > 0).any()  # the ReLU is exercised
+
+
+def test_coarse_projection_keeps_the_vgg_frozen_and_in_eval_mode(tiny_vgg):
+    vgg, net = projection_net()
+    net.train()
+    assert not vgg.training and not any(m.training for m in vgg.modules()) and net.norm.training
+    buffers = [b.clone() for b in vgg.buffers()]
+    F.cross_entropy(net(torch.randn(6, 3, 32, 32)), torch.tensor([0, 1, 2, 3, 4, 5])).backward()
+    assert all(p.grad is None for p in vgg.parameters())
+    assert all(p.grad is not None for m in (net.norm, net.coarse_layer, net.recovery_layer) for p in m.parameters())
+    for before, after in zip(buffers, vgg.buffers()):
+        torch.testing.assert_close(before, after)  # batch-norm statistics of the frozen VGG untouched
+
+
+def test_recovery_loss_is_cross_entropy_plus_l1_of_the_recovery_weights(tiny_vgg, tmp_path, monkeypatch):
+    # loss_fn is local to train_recovery_layers: stub train_stage to capture it instead of training
+    captured = {}
+
+    def fake_train_stage(ctx, name, model, loss_fn, train_loader, validate, epochs, params=None, **kw):
+        captured.update(loss_fn=loss_fn, params=params, epochs=epochs)
+        return model, {}
+
+    monkeypatch.setattr(cop, "train_stage", fake_train_stage)
+    args = cop.get_args(["--recovery-l1", "0.5", "--coarse-k", "3", "--recovery-epochs", "4"])
+    labels = torch.arange(7).repeat(2)
+    ctx = {
+        "args": args,
+        "run_dir": tmp_path,
+        "device": "cpu",
+        "num_classes": 7,
+        "fine": {"train": labels, "val": labels},
+        "train_loader": lambda y: None,
+    }
+    torch.manual_seed(13)
+    pretrained = cop.make_vgg(16, 7).eval()
+    net, _ = cop.train_recovery_layers(ctx, pretrained, restart=0)
+    trainable = [*net.norm.parameters(), *net.coarse_layer.parameters(), *net.recovery_layer.parameters()]
+    assert {id(p) for p in captured["params"]} == {id(p) for p in trainable} and captured["epochs"] == 4
+    net.train()
+    x, y = torch.randn(6, 3, 32, 32), torch.tensor([0, 1, 2, 3, 4, 6])
+    loss, stats = captured["loss_fn"](net, x, y)
+    logits = net(x)
+    l1 = 0.5 * torch.linalg.vector_norm(net.recovery_layer.weight.flatten(), ord=1)
+    torch.testing.assert_close(stats["l1"], l1)
+    torch.testing.assert_close(loss, F.cross_entropy(logits, y) + l1)
+    assert stats["correct"] == (logits.argmax(1) == y).sum()
+
+
+def test_build_coarse_categories_keeps_the_balanced_restart_and_maps_cvc_per_image(tmp_path, monkeypatch):
+    num_classes, k = 6, 3
+    planted = np.array([0, 1, 2, 0, 1, 2])  # restart 1's hierarchy: 2 labels per category
+    rng = np.random.default_rng(14)
+    fine_train = torch.tensor(np.repeat(np.arange(num_classes), 6))
+    balanced = rng.random((len(fine_train), k))
+    balanced[np.arange(len(fine_train)), planted[fine_train]] += 2.0
+    balanced[::6, 0] += 3.0  # one image per label strays to neuron 0: CVC differs from the label's CH category
+    sizes = {"train": len(fine_train), "val": 9, "test": 11}
+    planted_acts = {
+        0: {s: rng.random((n, k)) * 0.1 + np.array([1.0, 0.0, 0.0]) for s, n in sizes.items()},  # collapsed
+        1: {"train": balanced, "val": rng.random((9, k)), "test": rng.random((11, k))},
+    }
+    planted_acts = {r: {s: torch.tensor(a, dtype=torch.float32) for s, a in d.items()} for r, d in planted_acts.items()}
+
+    class StubNet:
+        def __init__(self, restart):
+            self.restart = restart
+
+        def coarse_activations(self, x):
+            raise AssertionError("the stubbed run_outputs never calls it")
+
+    def fake_run_outputs(ctx, forward, split):
+        # outputs come in a shuffled loader order; the index maps each row back to its image
+        acts = planted_acts[forward.__self__.restart][split.removesuffix("_full")]
+        perm = torch.tensor(np.random.default_rng(len(acts)).permutation(len(acts)))
+        return acts[perm], perm
+
+    monkeypatch.setattr(cop, "train_recovery_layers", lambda ctx, pretrained, r: (StubNet(r), {"epochs": 1}))
+    monkeypatch.setattr(cop, "run_outputs", fake_run_outputs)
+    args = cop.get_args(["--coarse-k", str(k), "--ch-restarts", "2"])
+    ctx = {"args": args, "run_dir": tmp_path, "num_classes": num_classes, "fine": {"train": fine_train}}
+    hierarchy, cvc, report = cop.build_coarse_categories(ctx, pretrained=None)
+    assert report["chosen_restart"] == 1
+    assert [r["normalised_entropy"] for r in report["restarts"]] == [0.0, pytest.approx(1.0)]
+    np.testing.assert_array_equal(hierarchy.numpy(), planted)
+    assert (planted_acts[1]["train"].argmax(1) != torch.tensor(planted)[fine_train]).any()
+    for split in sizes:
+        np.testing.assert_array_equal(cvc[split].numpy(), planted_acts[1][split].argmax(1).numpy())
+
+
+def test_coarse_usage_counts_categories_and_the_one_percent_rule(monkeypatch):
+    k, counts = 5, [120, 77, 2, 1, 0]  # category 2 holds exactly 1% of 200 images (kept), category 3 0.5%
+    labels = torch.tensor(np.repeat(np.arange(k), counts))
+    max_prob = torch.linspace(0.4, 0.9, len(labels))
+    coarse = ((1 - max_prob) / (k - 1))[:, None].repeat(1, k)
+    coarse[torch.arange(len(labels)), labels] = max_prob
+    monkeypatch.setattr(cop, "run_outputs", lambda ctx, forward, split: ((None, coarse), torch.arange(len(labels))))
+    ctx = {"args": cop.get_args(["--coarse-k", str(k)])}
+    usage = cop.coarse_usage(ctx, type("Model", (), {"forward_with_coarse": None}), "val")
+    assert usage["counts"] == counts and usage["used"] == 4 and usage["used_over_1pct"] == 3
+    assert usage["normalised_entropy"] == pytest.approx(cop.normalised_entropy(counts))
+    assert usage["mean_max_prob"] == pytest.approx(0.65)  # mean of a linspace from 0.4 to 0.9
+
+
+def test_per_category_accuracy_is_recall_and_none_for_an_absent_category():
+    targets = torch.tensor([0, 0, 0, 0, 1, 1])
+    logits = torch.tensor(
+        [[2.0, 0.0, 0.0], [1.0, 0.5, 0.0], [3.0, 0.0, 2.0], [0.0, 0.1, 0.2], [0.9, 0.3, 0.0], [0.0, 1.0, 0.5]]
+    )  # predictions 0, 0, 0, 2, 0, 1
+    # category 0: 3 of its 4 images; category 1: 1 of 2 (precision would give 75 / 100); category 2: no image
+    assert cop.per_category_accuracy(logits, targets, 3) == [pytest.approx(75.0), pytest.approx(50.0), None]
+
+
+def test_normalised_entropy_hand_values():
+    # H(1/2, 1/4, 1/4) = 1.5 ln 2 over ln 4 = 2 ln 2: the empty category counts in the maximum
+    assert cop.normalised_entropy([2, 1, 1, 0]) == pytest.approx(0.75)
+    assert cop.normalised_entropy([1, 1, 0, 0]) == pytest.approx(0.5)
+    assert cop.normalised_entropy([0, 0, 0]) == 0.0
+
+
 def test_balance_and_purity():
     assert cop.normalised_entropy([5, 5, 5]) == pytest.approx(1.0)
     assert cop.normalised_entropy([9, 0, 0]) == 0.0
