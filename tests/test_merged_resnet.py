@@ -1,6 +1,9 @@
+import argparse
 import csv
+import itertools
 import json
 import math
+import statistics
 
 import numpy as np
 import pytest
@@ -289,6 +292,166 @@ def test_what_the_runs_support_is_said_plainly():
     assert "4 degrees of freedom" in five and "|t| > 2.78" in five and "+-35%" in five
     assert "ensemble-2: 10 combinations" in five and "ensemble-4: 5 combinations" in five
     assert "Bands: none" in " ".join(mr.runs_support(1, [1]))
+
+
+def test_lr_schedule_warmup_then_drops_at_half_and_three_quarters():
+    lr, epochs, steps_per_epoch = 0.1, 4, 100
+    total = epochs * steps_per_epoch  # drops after 200 and 300 steps; the warm-up is at most 1% = 4 steps
+
+    def documented(step, warmup):
+        if step < warmup:
+            return lr / 10
+        if step < 0.5 * total:
+            return lr
+        return lr / 10 if step < 0.75 * total else lr / 100
+
+    for warmup_iters in (400, 3, 0):  # capped at 1%, under the cap, none
+        warmup = min(warmup_iters, total // 100)
+        lr_at = mr.make_lr_schedule(
+            argparse.Namespace(epochs=epochs, lr=lr, warmup_iters=warmup_iters), steps_per_epoch
+        )
+        assert [lr_at(s) for s in range(total + 5)] == [documented(s, warmup) for s in range(total + 5)], warmup_iters
+    lr_at = mr.make_lr_schedule(argparse.Namespace(epochs=epochs, lr=lr, warmup_iters=400), steps_per_epoch)
+    assert [lr_at(s) for s in (3, 4, 199, 200, 299, 300)] == [lr / 10, lr, lr, lr / 10, lr / 10, lr / 100]
+
+
+def test_t_tests_compare_the_planted_columns():
+    """Random curves, merge-1 5 points better at the t-test alpha (0.7) at the fine level only."""
+    rng = np.random.default_rng(0)
+    archs, levels, runs, a_test = ("separate", "merge-1", "merge-3"), ("coarse", "fine"), 5, 7
+    curves = {(a, 1): {"test": 30 + rng.normal(0, 1, (runs, len(mr.ALPHAS), 2))} for a in archs}
+    curves["merge-1", 1]["test"][:, a_test, 1] -= 5
+    curves["merge-3", 2] = {"test": rng.normal(0, 1, (10, len(mr.ALPHAS), 2))}  # ensembles are not t-tested
+    ref = {("separate", "coarse"): 0, ("merge-1", "coarse"): 20, ("merge-3", "coarse"): 9}  # the curve's ends
+    ref |= {("separate", "fine"): 1, ("merge-1", "fine"): 12, ("merge-3", "fine"): 19}
+    reference = {f"{a}/ensemble-1/{level}": {"alpha_index": i} for (a, level), i in ref.items()}
+    results = mr.t_tests(curves, reference, levels, 0.7)
+    got = {(r["kind"], r["level"], r["a"], r["b"], r["alpha_a"], r["alpha_b"]): r for r in results}
+    assert len(got) == len(results)
+    alpha = [float(v) for v in mr.ALPHAS]
+    expected = {}  # key -> (the first's errors, the second's errors), the columns picked by hand
+    for li, level in enumerate(levels):
+        for x, y in itertools.combinations(archs, 2):
+            columns = curves[x, 1]["test"][:, a_test, li], curves[y, 1]["test"][:, a_test, li]
+            expected["architectures", level, x, y, 0.7, 0.7] = columns
+        for arch in archs:
+            i = ref[arch, level]
+            for j in range(max(i - 2, 0), min(i + 2, len(alpha) - 1) + 1):
+                if j != i:
+                    columns = curves[arch, 1]["test"][:, i, li], curves[arch, 1]["test"][:, j, li]
+                    expected["alpha", level, arch, arch, alpha[i], alpha[j]] = columns
+    assert set(got) == set(expected)
+    for key, (first, second) in expected.items():
+        d = first - second
+        t = d.mean() / (d.std(ddof=1) / math.sqrt(runs))
+        assert got[key]["df"] == runs - 1 and math.isclose(got[key]["mean_diff"], d.mean(), rel_tol=1e-12), key
+        assert math.isclose(got[key]["t"], t, rel_tol=1e-9), key
+        assert math.isclose(got[key]["p"], mr.student_t_pvalue(t, runs - 1), rel_tol=1e-9), key
+    assert got["architectures", "fine", "separate", "merge-1", 0.7, 0.7]["p"] < 0.01
+    assert got["architectures", "coarse", "separate", "merge-1", 0.7, 0.7]["p"] > 0.05
+
+
+def test_reference_alphas_chosen_on_validation_ties_to_the_smaller_alpha():
+    rng = np.random.default_rng(1)
+    val = 20 + rng.uniform(0, 1, (3, len(mr.ALPHAS), 2))
+    val[:, 13, 0] -= 5  # coarse: the least mean validation error at alpha 1.3 ...
+    val[0, 2, 0] -= 6  # ... though run 0 alone has its minimum at 0.2
+    val[:, 4, 1] -= 5
+    val[:, 16, 1] = val[:, 4, 1]  # fine: equal means at 0.4 and 1.6
+    test = 20 + rng.uniform(0, 1, (3, len(mr.ALPHAS), 2))
+    test[:, 8, :] -= 10  # the test minimum (0.8) is not the validation choice
+    curves = {("merge-2", 1): {"val": val, "test": test}, ("merge-2", 3): {"val": val[:1], "test": test[:1]}}
+    reference = mr.reference_alphas(curves, ("coarse", "fine"), "val")
+    assert set(reference) == {f"merge-2/ensemble-{n}/{level}" for n in (1, 3) for level in ("coarse", "fine")}
+    for level_index, level, chosen in ((0, "coarse", 13), (1, "fine", 4)):
+        entry = reference[f"merge-2/ensemble-1/{level}"]
+        assert entry["alpha"] == float(mr.ALPHAS[chosen]) and entry["alpha_index"] == chosen
+        assert entry["source"] == "validation" and math.isclose(entry["val_err"], val[:, chosen, level_index].mean())
+        for suffix, column in (("", chosen), ("_alpha0", 0), ("_alpha1", 10)):
+            errors = list(test[:, column, level_index])
+            assert math.isclose(entry[f"test_err{suffix}_mean"], statistics.mean(errors)), suffix
+            assert math.isclose(entry[f"test_err{suffix}_std"], statistics.stdev(errors)), suffix
+    assert reference["merge-2/ensemble-3/coarse"]["alpha"] == 0.2  # one combination: run 0's own minimum
+    assert reference["merge-2/ensemble-3/coarse"]["test_err_std"] == 0.0
+    # Without validation: the test curve's minimum, described as such.
+    on_test = mr.reference_alphas(curves, ("coarse", "fine"), "test")["merge-2/ensemble-1/fine"]
+    assert on_test["alpha"] == 0.8 and "val_err" not in on_test and "descriptive" in on_test["source"]
+    assert math.isclose(on_test["test_err_mean"], test[:, 8, 1].mean())
+
+
+def test_mean_of_records_leaves_out_none():
+    records = [
+        {"top1": 50.0, "severity": None, "acc": {"coarse": 80.0, "fine": None}, "never": None},
+        {"top1": 70.0, "severity": 2.0, "acc": {"coarse": 60.0, "fine": 30.0}, "never": None},
+        {"top1": 90.0, "severity": 1.0, "acc": {"coarse": 70.0, "fine": None}, "never": None},
+    ]
+    expected = {"top1": 70.0, "severity": 1.5, "acc": {"coarse": 70.0, "fine": 30.0}, "never": None}
+    assert mr.mean_of_records(records) == expected
+
+
+def test_hierarchy_metrics_equal_direct_metrics_of_the_adapted_scores_averaged_over_runs():
+    """Every image is fine class 2 (coarse 1); four kinds of prediction, mixed differently in each run."""
+    fine_coarse = np.array([0, 0, 1, 1, 1])
+    kinds = {  # (coarse probabilities, fine probabilities)
+        "right": ([0.2, 0.8], [0.05, 0.05, 0.7, 0.1, 0.1]),
+        # fine top-1 is class 0, the coarse head says 1; adapted at alpha 1, both agree on class 2
+        "flip": ([0.1, 0.9], [0.38, 0.02, 0.3, 0.28, 0.02]),
+        # the coarse head says 0 against fine mass 0.9 under coarse 1: adapted at alpha 1, it says 1
+        "coarse flip": ([0.55, 0.45], [0.05, 0.05, 0.7, 0.1, 0.1]),
+        "near": ([0.2, 0.8], [0.05, 0.05, 0.2, 0.6, 0.1]),  # wrong sibling (LCA height 1) at every alpha
+        "far": ([0.9, 0.1], [0.6, 0.1, 0.1, 0.1, 0.1]),  # wrong coarse class (height 2) at every alpha
+    }
+    runs = {
+        "merge-2": [
+            ["right", "right", "coarse flip", "flip"],
+            ["flip", "flip", "near", "right"],
+            ["far", "near", "flip", "right"],
+        ],
+        "merge-3": [["right"] * 4, ["near", "right", "right", "right"], ["right"] * 4],
+    }
+    probs = {
+        (arch, r): tuple(torch.tensor([kinds[k][level] for k in run]) for level in (0, 1))
+        for arch, arch_runs in runs.items()
+        for r, run in enumerate(arch_runs)
+    }
+    models = {key: {"logits": {"test": {"coarse": pc.log(), "fine": pf.log()}}} for key, (pc, pf) in probs.items()}
+    labels = {
+        "fine_to_coarse": torch.as_tensor(fine_coarse),
+        "level_names": ["coarse", "fine"],
+        "class_names": [["c0", "c1"], [f"f{j}" for j in range(5)]],
+        "splits": {"test": {"coarse": torch.ones(4, dtype=torch.long), "fine": torch.full((4,), 2)}},
+    }
+    hierarchy = common.Hierarchy(["coarse", "fine"], labels["class_names"], [fine_coarse, np.arange(5)])
+
+    def average(values):
+        values = [v for v in values if v is not None]
+        return sum(values) / len(values) if values else None
+
+    result = mr.hierarchy_metrics(models, labels, list(runs), 3, 1.0)
+    for arch in runs:
+        assert result[arch]["alpha"] == 1.0
+        for point, alpha in (("at_alpha0", 0.0), ("at_alpha", 1.0)):
+            per_run = []
+            for r in range(3):
+                adj_coarse, adj_fine = algorithm1_loops(*(p.numpy() for p in probs[arch, r]), fine_coarse, alpha)
+                preds = {"coarse": adj_coarse.argmax(1)}
+                per_run.append(
+                    common.hierarchical_metrics(adj_fine, labels["splits"]["test"]["fine"], hierarchy, preds)
+                )
+            got = result[arch][point]
+            assert set(got) == set(per_run[0])
+            for key, value in per_run[0].items():
+                if isinstance(value, dict):
+                    for level in value:
+                        assert got[key][level] == pytest.approx(average([m[key][level] for m in per_run])), key
+                else:
+                    assert got[key] == pytest.approx(average([m[key] for m in per_run])), (arch, point, key)
+    # The planted effect, counted by hand: "flip" turns right, it and "coarse flip" consistent at alpha 1.
+    at0, at1 = result["merge-2"]["at_alpha0"], result["merge-2"]["at_alpha"]
+    assert at0["top1"] == pytest.approx(100 * (3 / 4 + 1 / 4 + 1 / 4) / 3)
+    assert at1["top1"] == pytest.approx(100 * (4 / 4 + 3 / 4 + 2 / 4) / 3)
+    assert at0["consistency"] == pytest.approx(100 * (2 / 4 + 2 / 4 + 3 / 4) / 3) and at1["consistency"] == 100
+    assert at1["mistake_severity"] == pytest.approx((1 + 1.5) / 2)  # run 0 has no mistake: left out, not 0
 
 
 HIER_KEYS = {"top1", "top5", "level_acc", "mistake_severity", "hdist@1", "hdist@5", "hprecision", "hrecall", "hf1"}
