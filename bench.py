@@ -31,6 +31,8 @@ HDL (`--hdl-step`): hdl_stack.py's compiled train step on CIFAR-100 (ResNet-18, 
 eq. 5's loss, fused Adam, one random batch, one CUDA graph), the model compiled alone against the model and its
 loss compiled as one function (what hdl_stack.py's --compile does), in one run:
     python bench.py --hdl-step --batch 64 --steps 2000 --out results/bench_hdl_step.json
+Every result file records the command, the wall time and the code's git commit (this checkout's HEAD, or
+--commit SHA on a machine whose copy of the checkout has no .git of its own).
 --mps-optimizer NAME...: each row's steps with each optimizer in turn (sgd, the default; adam, hdl_stack.py's
 common.make_adam, fused on CUDA; adam_foreach, Adam's multi-tensor form, the baseline it replaced):
     python bench.py --mps 1 --mps-config resnet18cifar:64 --mps-optimizer adam_foreach adam --steps 3000 \
@@ -110,8 +112,10 @@ def get_args(argv=None):
     )
     p.add_argument("--mps-out", default="results/bench_mps.json")
     p.add_argument("--mps-worker", default=None, help=argparse.SUPPRESS)  # one of the K processes
+    p.add_argument("--commit", default=None, help="the clean commit of the code, where its .git is not its own")
     args = p.parse_args(argv)
     args.command = "python bench.py " + shlex.join(sys.argv[1:] if argv is None else argv)  # recorded with the result
+    args.started = time.time()
     default_out = "results/bench_hiernet.json" if args.hiernet else "results/bench.json"
     args.out = args.out or ("results/bench_hdl_step.json" if args.hdl_step else default_out)
     args.config = args.config or ["resnet56:128", "resnet56:512", "vgg16:128"]
@@ -137,6 +141,24 @@ class PILDataset(torch.utils.data.Dataset):
         from PIL import Image
 
         return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
+
+
+def provenance(args):
+    """What a result file records of how it was made: the command, the code's git commit (--commit where
+    the checkout's .git is not the code's own, else this checkout's HEAD and whether it had uncommitted
+    changes) and the wall time since the command started."""
+    commit, dirty = args.commit, False
+    if commit is None:  # this checkout's HEAD, where it is a git checkout
+        git = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True, cwd=Path(__file__).parent)
+        head = git("rev-parse", "HEAD")
+        commit = head.stdout.strip() if head.returncode == 0 else None
+        dirty = bool(git("status", "--porcelain").stdout.strip()) if commit else None
+    return {
+        "command": args.command,
+        "git_commit": commit,
+        "git_dirty": dirty,
+        "wall_seconds": round(time.time() - args.started, 1),
+    }
 
 
 def load_images(data_dir):
@@ -339,7 +361,7 @@ def bench_hiernet(args, device):
         "steps": args.steps,
         "warmup": args.warmup,
         "rows": rows,
-        "command": args.command,
+        **provenance(args),
     }
     common.write_json(args.out, result)
     return result
@@ -379,7 +401,7 @@ def bench_hdl_step(args, device):
     rows[1]["over_model_alone"] = rows[1]["images_per_s"] / rows[0]["images_per_s"]
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     result = {"device": device_name, "torch": torch.__version__, "batch": args.batch, "image_size": args.image_size}
-    result.update(steps=args.steps, warmup=args.warmup, rows=rows, command=args.command)
+    result.update(steps=args.steps, warmup=args.warmup, rows=rows, **provenance(args))
     result["levels"] = {level.name: level.num_classes for level in levels}
     common.write_json(args.out, result)
     return result
@@ -564,7 +586,7 @@ def bench_mps(args):
         "warmup": args.warmup,
         "compile": bool(args.compile),
         "rows": rows,
-        "command": args.command,
+        **provenance(args),
     }
     common.write_json(args.mps_out, result)
     print(f"\n{device_name}, torch {torch.__version__}, MPS daemon {'on' if mps['clients_use_mps'] else 'off'}")
@@ -623,7 +645,7 @@ def main(argv=None):
         "warmup": args.warmup,
         "workers": args.workers,
         "rows": rows,
-        "command": args.command,
+        **provenance(args),
     }
     common.write_json(args.out, result)
     print(f"\n{device_name}, torch {torch.__version__}, {source}; images/s over {args.steps} steps")

@@ -1,10 +1,14 @@
 import io
 import json
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
 
 import bench
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_mps_status_finds_the_pipe_it_is_pointed_at(tmp_path, monkeypatch):
@@ -85,7 +89,8 @@ def test_mps_bench_workers_build_hdl_backbone_and_record_compile(tmp_path, monke
 
     monkeypatch.setattr(bench.subprocess, "Popen", FakeProcess)
     out = tmp_path / "bench_mps.json"
-    bench.main(["--mps", "2", "--mps-config", "resnet18in:64", "--compile", "--device", "cpu", "--mps-out", str(out)])
+    argv = ["--mps", "2", "--mps-config", "resnet18in:64", "--compile", "--device", "cpu", "--mps-out", str(out)]
+    bench.main(argv + ["--commit", "0123abc"])  # named: git itself would start a FakeProcess
     assert len(commands) == 2 and all(c[c.index("--compile") + 1] == "whole" for c in commands)
     assert json.loads(out.read_text())["compile"] is True
     model = bench.MPS_BACKBONES["resnet18in"]()
@@ -125,3 +130,18 @@ def test_an_output_path_that_cannot_be_written_is_refused_before_the_timing(tmp_
             bench.get_args([flag, str(path), "--device", "cpu"])
         assert stop.value.code == 2 and f"{flag} {path}: cannot write a file there" in capsys.readouterr().err
     assert bench.get_args(["--out", str(tmp_path / "new" / "x.json")]).out == str(tmp_path / "new" / "x.json")
+
+
+def test_a_bench_file_records_the_code_commit_and_the_wall_time(tmp_path):
+    """A speed figure is only worth its provenance: the command, the code's commit and the wall time."""
+    argv = ["--config", "resnet20:4", "--steps", "1", "--warmup", "1", "--modes", "ours", "--device", "cpu"]
+    argv += ["--data-dir", str(tmp_path)]  # no CIFAR-10 there: random images
+    bench.main(argv + ["--out", str(tmp_path / "given.json"), "--commit", "0123abc"])
+    given = json.loads((tmp_path / "given.json").read_text())
+    assert (given["git_commit"], given["git_dirty"]) == ("0123abc", False)  # the copy's code, named by the caller
+    assert given["command"].endswith("--commit 0123abc") and given["wall_seconds"] > 0
+    bench.main(argv + ["--out", str(tmp_path / "here.json")])
+    here = json.loads((tmp_path / "here.json").read_text())
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    assert here["git_commit"] == (head.stdout.strip() if head.returncode == 0 else None)
+    assert isinstance(here["git_dirty"], bool) or here["git_commit"] is None

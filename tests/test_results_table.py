@@ -722,6 +722,18 @@ def test_speed_block_shows_the_hdl_step_bench_and_takes_it_for_no_other_table(tm
     assert "hdl_stack.py's training step on one Card X" in text and "levels category12 12, category2 2" in text
     assert "| model | 1000 | 1.00 | 5.5 |" in text and "| model and loss | 1250 | 1.25 | 3.2 |" in text
     assert "The same measurement" not in text and "through MPS" not in text
+    assert "commit" not in text  # a file from before bench.py recorded its commit
+
+
+def test_a_bench_file_that_records_its_commit_and_wall_time_shows_them(tmp_path):
+    tool = load_tool()
+    rows = [{"compiled": "model", "images_per_s": 1000.0, "first_steps_s": 5.5}]
+    step = {"device": "Card X", "torch": "t", "batch": 64, "image_size": 32, "steps": 2000, "warmup": 30}
+    step.update(rows=rows, command="python bench.py --hdl-step", levels={"category12": 12})
+    step.update(git_commit="0123abcdef", git_dirty=True, wall_seconds=95.4)
+    (tmp_path / "bench_hdl_step.json").write_text(json.dumps(step))
+    text = "\n".join(tool.speed_block(tmp_path))
+    assert "(`python bench.py --hdl-step`, commit 0123abc (dirty), 95 s, compiled, 2000 steps" in text
 
 
 def test_sweep_rule_waits_for_every_queued_cell(tmp_path):

@@ -28,7 +28,8 @@ A lease end to end (the commands of the calls; M minutes of device time left onc
     here:  python tools/gpu_runs.py --left --plan M --parallel K --only NAME ...   # choose the jobs
     call 1 also copies the checkout out of the way of later calls:
         rm -rf /root/code && mkdir -p /root/code && cp -r $(ls -A | grep -v '^data$') /root/code/
-        (a GPU job that needs no data, such as a bench.py measurement, can start here in the background,
+        (a GPU job that needs no data, such as a bench.py measurement with --commit <HEAD, clean> so that its
+        file names the code, can start here in the background,
         setsid nohup like the queue below, and use the GPU while the pieces travel; call P waits for it
         with pgrep before it starts the queue, so that neither times the other's kernels; the GPU tests
         that CI skips, python3 -m pytest -q tests/test_cuda_graph.py > $OUT/gpu_tests.log, take about a

@@ -135,6 +135,13 @@ def commit_cell(info):
     return " / ".join(f"{commit[:7]}" + (" (dirty)" if dirty else "") for commit, dirty in dict.fromkeys(states))
 
 
+def bench_made(b):
+    """', commit C, W s' of a bench.py file that records them (its files do since they record provenance);
+    '' for an older file."""
+    commit = f", commit {commit_cell(b)}" if b.get("git_commit") else ""
+    return commit + (f", {b['wall_seconds']:.0f} s" if "wall_seconds" in b else "")
+
+
 def made_cell(run_dir):
     """A run's wall time, card and commit as one cell, from the run.json that tools/gpu_runs.py wrote beside
     it; empty without one."""
@@ -2057,7 +2064,7 @@ def speed_block(results):
         lines += [
             f"### Speed (`bench.py`), training images/s, {b['device']}, torch {b['torch']}",
             "",
-            f"`{b['command']}`: {b['steps']} steps after {b['warmup']} warm-up steps, on {b['images']}.",
+            f"`{b['command']}`{bench_made(b)}: {b['steps']} steps after {b['warmup']} warm-up steps, on {b['images']}.",
             "",
             *bench_table(b),
         ]
@@ -2111,6 +2118,7 @@ def bench_reruns(results):
         lines += [
             f"The same measurement on {b['device']}, torch {b['torch']} (`results/{path.name}`"
             + (f", `{b['command']}`" if "command" in b else "")
+            + bench_made(b)
             + f", on {b['images']}):",
             "",
             *bench_table(b),
@@ -2144,7 +2152,7 @@ def bench_mps(results):
             else f"Processes sharing one {b['device']} through MPS"
         )
         lines += [
-            f"{how} (`{b.get('command', 'python bench.py --mps')}`, {compiled}, "
+            f"{how} (`{b.get('command', 'python bench.py --mps')}`{bench_made(b)}, {compiled}, "
             f"{b['steps']} steps on {b['images']}; `results/{path.name}`):",
             "",
             *table(
@@ -2175,7 +2183,8 @@ def bench_hdl_step(results):
         b = json.loads(path.read_text())
         levels = ", ".join(f"{name} {k}" for name, k in b["levels"].items())
         lines += [
-            f"hdl_stack.py's training step on one {b['device']}, torch {b['torch']} (`{b['command']}`, compiled, "
+            f"hdl_stack.py's training step on one {b['device']}, torch {b['torch']} (`{b['command']}`{bench_made(b)}, "
+            "compiled, "
             f"{b['steps']} steps of batch {b['batch']} on random {b['image_size']}x"
             f"{b['image_size']} images, 100 classes, levels {levels}; `results/{path.name}`):",
             "",
