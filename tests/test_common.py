@@ -2,6 +2,7 @@
 loader's augmentation, hierarchies, backbones, and the training loop's resume and failure paths."""
 
 import argparse
+import itertools
 import json
 import pickle
 import subprocess
@@ -110,6 +111,21 @@ def test_shapes_images_show_their_fill_colour():
         dist = torch.cdist(bright, colours)
         nearest = dist.argmin(1)[dist.min(1).values < 30]
         hits += int(torch.bincount(nearest, minlength=6).argmax() == fill)
+    assert hits >= 95
+
+
+def test_shapes_images_show_their_outline_colour():
+    images, labels = common.make_shapes(100, 32, seed=0)
+    colours = torch.tensor(list(common.FILL_COLOURS.values()) + list(common.OUTLINE_COLOURS.values()))
+    hits = 0
+    for img, outline in zip(images.float(), labels["outline"]):
+        shape = img.max(0).values > 60  # every colour has a channel >= 120; the background stays below 25
+        background = ~F.pad(shape, (1, 1, 1, 1))
+        # A shape pixel with a background 4-neighbour lies within 1 pixel of the edge, so inside the
+        # outline ring (width >= 1.5 pixels), never the fill.
+        edge = shape & (background[:-2, 1:-1] | background[2:, 1:-1] | background[1:-1, :-2] | background[1:-1, 2:])
+        nearest = torch.cdist(img[:, edge].T, colours.float()).argmin(1)
+        hits += int(torch.bincount(nearest, minlength=12).argmax() == 6 + outline)
     assert hits >= 95
 
 
@@ -282,6 +298,76 @@ def test_backbones_expose_stem_stages_head(make, shape):
 def test_cifar_resnet_blocks_in_order():
     model = common.CifarResNet(2, 10)
     assert len(model.blocks) == 6 and model.blocks[2] is model.stages[1][0]
+
+
+@pytest.mark.parametrize("cin,cout,stride", [(16, 32, 2), (3, 8, 2), (8, 8, 2), (16, 16, 1), (4, 10, 1)])
+def test_shortcut_a_is_identity_on_old_channels_and_zero_on_new(cin, cout, stride):
+    x = torch.randn(2, cin, 7, 7)  # odd size: the subsample must keep pixel 0 and match a padded stride-2 conv
+    out = common.ShortcutA(cin, cout, stride)(x)
+    assert out.shape[2:] == common.conv3x3(cin, cout, stride)(x).shape[2:]
+    lo = (cout - cin) // 2  # the new channels split evenly, the odd one after
+    assert torch.equal(out[:, lo : lo + cin], x[:, :, ::stride, ::stride])
+    assert not out[:, :lo].any() and not out[:, lo + cin :].any() and out.shape[1] == cout
+
+
+VGG_LAYERS = {  # Simonyan & Zisserman (2015), Table 1, configurations A and D (convolutions only)
+    11: [64, 128, 256, 256, 512, 512, 512, 512],
+    16: [64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512],
+}
+
+
+@pytest.mark.parametrize("depth,num_classes", [(16, 10), (16, 100), (11, 10)])
+def test_vgg_parameter_count_from_its_layer_list(depth, num_classes):
+    widths = [3] + VGG_LAYERS[depth]
+    convs = sum(9 * a * b + 2 * b for a, b in itertools.pairwise(widths))  # 3x3 weights, no bias; BN scale and shift
+    sizes = [512, 512, 512, num_classes]  # 1x1x512 features, two hidden layers of 512, the classes
+    classifier = sum(a * b + b for a, b in itertools.pairwise(sizes))
+    assert common.count_params(common.VGG(depth, num_classes)) == convs + classifier
+
+
+def test_init_weights_he_fan_out_for_convs_bn_one_zero_linear_untouched():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(64, 256, 3), nn.BatchNorm2d(256), nn.Linear(100, 10))
+    for p in model.parameters():
+        nn.init.uniform_(p, 0.5, 1.5)  # so that each value set below is seen to be set
+    linear = [p.clone() for p in model[2].parameters()]
+    common.init_weights(model)
+    w = model[0].weight
+    std = (2 / (256 * 9)) ** 0.5  # fan_out = cout * k * k, ReLU gain; fan_in would give twice this
+    assert abs(w.std().item() / std - 1) < 0.03 and abs(w.mean().item()) < 0.01 * std
+    assert w.abs().max() > 3 * std  # normal, not a uniform of that std (bounded by 1.73 std)
+    assert not model[0].bias.any()
+    assert torch.equal(model[1].weight, torch.ones(256)) and not model[1].bias.any()
+    assert all(torch.equal(p, q) for p, q in zip(model[2].parameters(), linear))
+
+
+@pytest.mark.parametrize("cin,cout,stride", [(8, 8, 1), (8, 16, 2)])
+def test_preact_block_is_bn_relu_conv_twice_plus_shortcut(cin, cout, stride):
+    torch.manual_seed(0)
+    block = hdl_stack.PreActBlock(cin, cout, stride).double()
+    for bn in (block.bn1, block.bn2):
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.data.normal_()
+        bn.bias.data.normal_()
+    x = torch.randn(2, cin, 8, 8, dtype=torch.float64)
+
+    def bn_relu(h, bn):
+        return F.relu(
+            (h - bn.running_mean[:, None, None])
+            / (bn.running_var[:, None, None] + bn.eps).sqrt()
+            * bn.weight[:, None, None]
+            + bn.bias[:, None, None]
+        )
+
+    pre = bn_relu(x, block.bn1)
+    # Identity mappings (He et al. 2016): the identity shortcut carries x itself; a projection
+    # (new width or stride) takes the pre-activated input.
+    shortcut = x if stride == 1 and cin == cout else F.conv2d(pre, block.shortcut.weight, stride=stride)
+    h = F.conv2d(
+        bn_relu(F.conv2d(pre, block.conv1.weight, stride=stride, padding=1), block.bn2), block.conv2.weight, padding=1
+    )
+    torch.testing.assert_close(block.eval()(x), h + shortcut)
 
 
 def tiny_run(tmp_path, epochs, name="run", loss_fn=common.cross_entropy_loss, seed_model=0):
