@@ -190,6 +190,28 @@ def test_batched_model_gives_the_per_branch_logits_and_gradients(tree, splits, e
     assert bool(batched.leaf_fc.pad.isinf().any()) == (len({len(g) for g in leaf_groups(tree)}) > 1)
 
 
+def test_gather_groups_picks_whole_branches_in_either_memory_layout():
+    """The channels-last form (GPU training's layout) and the contiguous one pick the same branches
+    as slicing each branch's channels out by hand."""
+    h = torch.randn(2, 4 * 3, 5, 6)  # 4 branches of 3 channels
+    index = torch.tensor([2, 0, 3, 3])
+    by_hand = torch.cat([h[:, 3 * g : 3 * g + 3] for g in index.tolist()], 1)
+    assert torch.equal(hiernet.gather_groups(h, index, 4), by_hand)
+    channels_last = h.contiguous(memory_format=torch.channels_last)
+    assert not channels_last.is_contiguous()  # the channels-last branch is the one taken
+    assert torch.equal(hiernet.gather_groups(channels_last, index, 4), by_hand)
+
+
+def test_batched_model_in_channels_last_gives_the_per_branch_log_p():
+    _, reference, batched = make_model()
+    reference.train(), batched.train()
+    x = torch.randn(8, 3, 16, 16)
+    batched = batched.to(memory_format=torch.channels_last)
+    torch.testing.assert_close(
+        batched(x.contiguous(memory_format=torch.channels_last)), reference(x), rtol=1e-5, atol=1e-5
+    )
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("tree,splits", [(FLAT_TREE, (1,)), (TREE, (1, 2))])
 def test_fast_evaluation_equals_algorithm_1_image_by_image(tree, splits):
