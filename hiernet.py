@@ -68,7 +68,7 @@ SCHEDULES = {"paper": (64000, (2000, 32000, 48000)), "code": (78000, (2000, 3400
 
 
 def get_args(argv=None):
-    """The flags: 19 shared (common.add_common_args) and HierNet's own; the paper-fidelity and ablation
+    """The flags: the shared ones (common.add_common_args) and HierNet's own; the paper-fidelity and ablation
     flags in their own group (docs/hiernet.md, "Paper vs ours", gives each one's reason)."""
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter

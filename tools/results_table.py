@@ -1766,7 +1766,7 @@ def latent_string_block(results):
     lines += [
         "",
         "Each run's learnt prefix tree with class names is `prefix_tree.txt` in its folder, the L sweep "
-        "(Fig. 8) `bits_sweep.tsv` and the hidden-size sweep (Fig. 7) `hidden_sweep.tsv`.",
+        "(Fig. 8) `bits_sweep.tsv` and, where the run swept it, the hidden-size sweep (Fig. 7) `hidden_sweep.tsv`.",
         "",
     ]
     lines += figure_lines(
@@ -2144,6 +2144,7 @@ def bench_mps(results):
     for path in sorted(results.glob("bench_mps*.json")):
         b = json.loads(path.read_text())
         compiled = "compiled" if b.get("compile") else "eager"
+        command = f"`{b['command']}`" if "command" in b else "bench.py --mps, its command not recorded"
         # --mps 1 alone (an optimizer against another) shares nothing: say so rather than "through MPS".
         alone = all(r["k"] == 1 for r in b["rows"])
         how = (
@@ -2152,7 +2153,7 @@ def bench_mps(results):
             else f"Processes sharing one {b['device']} through MPS"
         )
         lines += [
-            f"{how} (`{b.get('command', 'python bench.py --mps')}`{bench_made(b)}, {compiled}, "
+            f"{how} ({command}{bench_made(b)}, {compiled}, "
             f"{b['steps']} steps on {b['images']}; `results/{path.name}`):",
             "",
             *table(
