@@ -112,7 +112,7 @@ def get_args(argv=None):
     )
     p.add_argument("--mps-out", default="results/bench_mps.json")
     p.add_argument("--mps-worker", default=None, help=argparse.SUPPRESS)  # one of the K processes
-    p.add_argument("--commit", default=None, help="the clean commit of the code, where its .git is not its own")
+    p.add_argument("--commit", type=common.nonempty, help="the clean commit of the code, where its .git is not its own")
     args = p.parse_args(argv)
     args.command = "python bench.py " + shlex.join(sys.argv[1:] if argv is None else argv)  # recorded with the result
     args.started = time.time()

@@ -145,3 +145,6 @@ def test_a_bench_file_records_the_code_commit_and_the_wall_time(tmp_path):
     head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT)
     assert here["git_commit"] == (head.stdout.strip() if head.returncode == 0 else None)
     assert isinstance(here["git_dirty"], bool) or here["git_commit"] is None
+    with pytest.raises(SystemExit):  # an empty name is refused, not recorded as the commit
+        bench.main(argv + ["--out", str(tmp_path / "empty.json"), "--commit", ""])
+    assert not (tmp_path / "empty.json").exists()
