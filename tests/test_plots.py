@@ -362,7 +362,7 @@ def test_damaged_inputs_are_one_line_and_a_torn_log_line_is_skipped(tmp_path, ca
         plots.main([str(run), "--out", str(tmp_path / "afile")])
     log = tmp_path / "metrics.jsonl"  # a run still writing: its last line torn
     log.write_text('{"stage": "a", "epoch": 1, "val_acc": 5}\n{"stage": "a", "epo')
-    assert plots.read_jsonl(log) == [{"stage": "a", "epoch": 1, "val_acc": 5}]
+    assert plots.results_table.read_jsonl(log) == [{"stage": "a", "epoch": 1, "val_acc": 5}]
     assert "skipped 1 unreadable line" in capsys.readouterr().err
     (run / "args.json").write_text("{bad")
     with pytest.raises(SystemExit, match="args.json: unreadable JSON"):

@@ -405,7 +405,7 @@ OUTER_PRODUCT_STAGES = (
 def plot_outer_product_curves(run_dir, out):
     """Training-mode and validation accuracy per epoch of each table's network; crosses: the paper's
     figures at the epoch its table reports."""
-    records = read_jsonl(need(run_dir / "metrics.jsonl"))
+    records = results_table.read_jsonl(need(run_dir / "metrics.jsonl"))
     stages = [(s, label) for s, label in OUTER_PRODUCT_STAGES if any(r.get("stage") == s for r in records)]
     if not stages:
         raise Skip(f"{run_dir / 'metrics.jsonl'} has no epochs of the tables' networks")
@@ -530,24 +530,8 @@ def plot_latent_prefix_tree(run_dir, out):
 # ---------------------------------------------------------------- HDL
 
 
-def read_jsonl(path):
-    """Records of metrics.jsonl; an epoch logged twice (a resumed run) keeps its last record."""
-    records, damaged = {}, 0
-    for line in Path(path).read_text(errors="replace").splitlines():
-        try:
-            r = json.loads(line) if line.strip() else None
-        except ValueError:  # a run still writing its last line, or a damaged one
-            damaged += 1
-            continue
-        if isinstance(r, dict):
-            records[r.get("stage"), r.get("epoch")] = r
-    if damaged:
-        print(f"warning: {path}: skipped {damaged} unreadable line(s)", file=sys.stderr)
-    return list(records.values())
-
-
 def plot_hdl_fine_error(run_dir, out):
-    records = read_jsonl(need(run_dir / "metrics.jsonl"))
+    records = results_table.read_jsonl(need(run_dir / "metrics.jsonl"))
     m = read_json(need(run_dir / "metrics.json"))
     stages = [s for s in ("baseline", "hdl") if any(r.get("stage") == s for r in records)]
     if not stages:
@@ -586,7 +570,7 @@ SWEEP_STYLES = {("epoch", "raw"): "-", ("epoch", "normalized"): "--", ("wen", "r
 def validation_error_curve(run_dir):
     """[(epoch, validation fine error %)] of an hdl_stack.py --val-fraction run; [] without its metrics.jsonl."""
     path = Path(run_dir) / "metrics.jsonl"
-    records = read_jsonl(path) if path.is_file() else []
+    records = results_table.read_jsonl(path) if path.is_file() else []
     return sorted((r["epoch"], 100.0 - r["val_fine_acc"]) for r in records if "val_fine_acc" in r)
 
 

@@ -28,6 +28,7 @@ import importlib.util
 import json
 import math
 import re
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,6 +39,22 @@ def load(run, results):
     if not (path / "metrics.json").exists():
         return None, None
     return json.loads((path / "metrics.json").read_text()), json.loads((path / "run.json").read_text())
+
+
+def read_jsonl(path):
+    """Records of metrics.jsonl; an epoch logged twice (a resumed run) keeps its last record."""
+    records, damaged = {}, 0
+    for line in Path(path).read_text(errors="replace").splitlines():
+        try:
+            r = json.loads(line) if line.strip() else None
+        except ValueError:  # a run still writing its last line, or a damaged one
+            damaged += 1
+            continue
+        if isinstance(r, dict):
+            records[r.get("stage"), r.get("epoch")] = r
+    if damaged:
+        print(f"warning: {path}: skipped {damaged} unreadable line(s)", file=sys.stderr)
+    return list(records.values())
 
 
 def card(info):
@@ -1862,7 +1879,7 @@ def val_curve_lowest(run_dir):
     """(lowest validation fine error %, its epoch) along a run's per-epoch curve (metrics.jsonl's
     val_fine_acc): a description of the curve, nothing is chosen by it; None without a curve."""
     path = Path(run_dir) / "metrics.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    rows = read_jsonl(path) if path.is_file() else []
     curve = [(100.0 - r["val_fine_acc"], r["epoch"]) for r in rows if "val_fine_acc" in r]
     return min(curve) if curve else None
 
