@@ -9,7 +9,7 @@ import torch
 
 import common
 import hdl_stack
-import hiernet
+from test_hiernet import make_model  # the per-branch tree and its batched form
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -110,18 +110,8 @@ def test_graphed_adam_step_trains_hdl_and_moves_its_centres_as_the_eager_step(ce
 def test_batched_hiernet_on_channels_last_cuda_gives_the_per_branch_log_probs():
     """The batched HierNet's grouped convolutions and gathers on channels-last CUDA tensors (the training
     layout) against the per-branch tree on the CPU; fast evaluation as Algorithm 1."""
-    torch.manual_seed(0)
-    backbone = common.CifarResNet(1, 10).eval()
-    for m in backbone.modules():  # BatchNorm statistics as after training, so that the branches differ
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-    tree = [[[3, 7], [0, 5, 9]], [[1, 2], [4, 6, 8]]]
-    reference = hiernet.build_per_branch(backbone, tree, [1, 2], [1, 1]).eval()  # splits after blocks 1 and 2
-    # From the same per-branch tree (its inner nodes' new classifiers are drawn at random), as build_hiernet does;
-    # the two segments are the one block before each level's nodes.
-    model = hiernet.HierNet(copy.deepcopy(reference), [1, 1], fast_mode="all")
-    model = common.to_device_model(model, CUDA).eval()
+    _, reference, batched = make_model()  # a two-level tree on a backbone with trained-like BatchNorm
+    model = common.to_device_model(copy.deepcopy(batched), CUDA).eval()
     x = torch.randn(24, 3, 16, 16)
     log_p = model(x.to(CUDA, memory_format=torch.channels_last)).cpu()
     torch.testing.assert_close(log_p, reference(x), rtol=1e-4, atol=1e-4)
